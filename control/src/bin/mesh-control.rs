@@ -1,0 +1,139 @@
+//! `mesh-control`: the manager server of a mesh cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use control::cluster::{self, DEFAULT_CERT_LIFETIME, ManagerConfig};
+use control::server::{self, Manager};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-control",
+    version,
+    about = "The manager server of a mesh cluster: CA, join, cluster state, admin API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new cluster: root CA, this manager's identity, join tokens and an admin bundle.
+    Init {
+        /// Directory for the cluster's state; created with mode 0700. Must not hold a cluster.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Address the control API listens on.
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], cluster::DEFAULT_CONTROL_PORT)))]
+        listen: SocketAddr,
+        /// Address nodes and admins use to reach this manager (default: --listen, or
+        /// 127.0.0.1 with its port when --listen is 0.0.0.0).
+        #[arg(long)]
+        advertise: Option<SocketAddr>,
+        /// Lifetime of node certificates (minimum 1h; default 24h), e.g. `24h`, `90m`, `7days`.
+        #[arg(long, value_parser = parse_duration)]
+        cert_expiry: Option<Duration>,
+        /// After creating the cluster, serve it (as `run` would).
+        #[arg(long)]
+        run: bool,
+    },
+    /// Serve an existing cluster (same CA, tokens and nodes as before a restart).
+    Run {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); examples: 24h, 90m, 7days"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Init {
+            state_dir,
+            listen,
+            advertise,
+            cert_expiry,
+            run,
+        } => {
+            let config = ManagerConfig::new(listen, advertise);
+            let created = cluster::init(
+                &state_dir,
+                config,
+                cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME),
+            )?;
+            println!(
+                "Cluster {} created in {}.",
+                created.cluster_id,
+                state_dir.display()
+            );
+            println!("Manager node ID: {}", created.manager_id);
+            println!(
+                "Admin bundle: {} (export MESHCTL_ADMIN={})",
+                created.admin_dir.display(),
+                created.admin_dir.display()
+            );
+            println!();
+            println!("To add a worker, run on it:");
+            println!(
+                "    meshd join --control {} --token {} --state-dir /var/lib/meshd",
+                created.config.advertise, created.worker_token
+            );
+            println!();
+            println!("For a manager token: meshctl join-token manager");
+            if run {
+                serve(state_dir).await?;
+            }
+        }
+        Cmd::Run { state_dir } => serve(state_dir).await?,
+    }
+    Ok(())
+}
+
+async fn serve(state_dir: PathBuf) -> anyhow::Result<()> {
+    let opened = cluster::open(&state_dir)?;
+    let config = opened.config.clone();
+    let (cluster_id, lifetime, nodes) = opened
+        .store
+        .read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    info!(
+        cluster = %cluster_id,
+        listen = %config.listen,
+        advertise = %config.advertise,
+        cert_lifetime = %humantime::format_duration(lifetime),
+        nodes,
+        state_dir = %state_dir.display(),
+        "serving the control API"
+    );
+    let manager = Manager::new(opened)?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+    };
+    server::serve(manager, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! The cluster's certificate authority: a root CA (ECDSA P-256) that signs node, manager and admin
+//! certificates. Nodes send CSRs; the issuer takes only the public key from them, and the subject
+//! (node ID, role, cluster) is always control's own.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::ids::{self, ClusterId, NodeId};
+use crate::tokens::Role;
+
+/// The DNS name every manager's server certificate carries and every client checks. A node
+/// certificate never carries it, so no worker can pose as a manager.
+pub const CONTROL_SERVER_NAME: &str = "mesh-control";
+/// The OU of admin client certificates.
+pub const ADMIN_OU: &str = "mesh-admin";
+/// The CN of admin client certificates.
+pub const ADMIN_CN: &str = "admin";
+/// Lifetime of the root CA.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of an admin certificate: admins are people with a bundle, not renewing daemons.
+pub const ADMIN_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Certificates start this much in the past, to tolerate small clock differences between hosts.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+/// Why a certificate could not be issued or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("the CSR is not a valid PEM certificate signing request with a valid signature: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("the CSR's key is {found}; only ECDSA P-256 keys are accepted")]
+    CsrAlgorithm { found: String },
+    #[error("could not sign a certificate: {0}")]
+    Sign(rcgen::Error),
+    #[error("could not load the CA from its PEM files: {0}")]
+    Load(rcgen::Error),
+    #[error("not a PEM certificate: {0}")]
+    BadPem(String),
+    #[error("could not parse the certificate: {0}")]
+    Parse(String),
+    #[error("the certificate has no subject field {0}")]
+    MissingField(&'static str),
+}
+
+/// The subject and lifetime of a certificate this CA issues.
+#[derive(Clone, Debug)]
+pub struct Subject {
+    pub common_name: String,
+    pub unit: String,
+    pub cluster: ClusterId,
+    pub dns_names: Vec<String>,
+    pub uris: Vec<String>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Subject {
+    /// A node's subject: CN = node ID, OU = role, O = cluster, valid from now for `lifetime`.
+    pub fn node(cluster: &ClusterId, node: &NodeId, role: Role, lifetime: Duration) -> Subject {
+        let now = OffsetDateTime::now_utc();
+        let mut dns_names = Vec::new();
+        if role == Role::Manager {
+            dns_names.push(CONTROL_SERVER_NAME.to_owned());
+        }
+        Subject {
+            common_name: node.to_string(),
+            unit: role.ou().to_owned(),
+            cluster: cluster.clone(),
+            dns_names,
+            uris: vec![format!("spiffe://{cluster}/node/{node}")],
+            not_before: now - BACKDATE,
+            not_after: now + lifetime,
+        }
+    }
+
+    /// The admin client's subject.
+    pub fn admin(cluster: &ClusterId) -> Subject {
+        let now = OffsetDateTime::now_utc();
+        Subject {
+            common_name: ADMIN_CN.to_owned(),
+            unit: ADMIN_OU.to_owned(),
+            cluster: cluster.clone(),
+            dns_names: Vec::new(),
+            uris: Vec::new(),
+            not_before: now - BACKDATE,
+            not_after: now + ADMIN_CERT_LIFETIME,
+        }
+    }
+}
+
+/// The root CA: its certificate and signing key.
+pub struct ClusterCa {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl ClusterCa {
+    /// A new root CA for `cluster`.
+    pub fn generate(cluster: &ClusterId) -> Result<ClusterCa, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "mesh root CA");
+        dn.push(DnType::OrganizationName, cluster.to_string());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + CA_LIFETIME;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key).map_err(CaError::Sign)?;
+        let cert_pem = cert.pem();
+        ClusterCa::load(&cert_pem, &key.serialize_pem())
+    }
+
+    /// The CA from its certificate and key (PEM), as stored in the manager's state directory.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(CaError::Load)?;
+        let cert_der = pem_to_der(cert_pem)?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(CaError::Load)?;
+        Ok(ClusterCa {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The signing key (PEM), to be stored with mode 0600.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// The digest of the CA certificate that join tokens pin.
+    pub fn digest(&self) -> String {
+        ids::digest_base36(&self.cert_der)
+    }
+
+    /// Signs a certificate for the public key in `csr_pem` with `subject`. Nothing of the CSR but
+    /// its public key (and the proof that its sender holds the private key) is used.
+    pub fn issue_for_csr(&self, csr_pem: &str, subject: &Subject) -> Result<String, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::CsrAlgorithm {
+                found: format!("{:?}", csr.public_key.algorithm()),
+            });
+        }
+        self.issue(&csr.public_key, subject)
+    }
+
+    /// Signs a certificate for `public_key` with `subject`.
+    pub fn issue(
+        &self,
+        public_key: &impl PublicKeyData,
+        subject: &Subject,
+    ) -> Result<String, CaError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, subject.common_name.clone());
+        dn.push(DnType::OrganizationalUnitName, subject.unit.clone());
+        dn.push(DnType::OrganizationName, subject.cluster.to_string());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        for name in &subject.dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                name.clone().try_into().map_err(CaError::Sign)?,
+            ));
+        }
+        for uri in &subject.uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.clone().try_into().map_err(CaError::Sign)?));
+        }
+        params.not_before = subject.not_before;
+        params.not_after = subject.not_after;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(CaError::Sign)?;
+        Ok(cert.pem())
+    }
+
+    /// Generates a key pair here and issues a certificate for it: for control's own identities
+    /// (its server certificate, the admin bundle). Returns (certificate PEM, key PEM).
+    pub fn issue_with_new_key(&self, subject: &Subject) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+        let cert = self.issue(&key, subject)?;
+        Ok((cert, key.serialize_pem()))
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = ids::random_bytes::<16>();
+    bytes[0] &= 0x7f; // a positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+/// The DER of the first certificate in `pem`.
+pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, CaError> {
+    match CertificateDer::pem_slice_iter(pem.as_bytes()).next() {
+        Some(Ok(der)) => Ok(der.to_vec()),
+        Some(Err(e)) => Err(CaError::BadPem(e.to_string())),
+        None => Err(CaError::BadPem("no CERTIFICATE block".to_owned())),
+    }
+}
+
+/// What a certificate says about its holder, read from its subject and validity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub common_name: String,
+    pub unit: String,
+    pub organization: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl CertInfo {
+    pub fn from_pem(pem: &str) -> Result<CertInfo, CaError> {
+        CertInfo::from_der(&pem_to_der(pem)?)
+    }
+
+    pub fn from_der(der: &[u8]) -> Result<CertInfo, CaError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| CaError::Parse(e.to_string()))?;
+        let subject = cert.subject();
+        fn field<'a>(
+            name: &'static str,
+            mut values: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
+        ) -> Result<String, CaError> {
+            values
+                .next()
+                .and_then(|a| a.as_str().ok())
+                .map(str::to_owned)
+                .ok_or(CaError::MissingField(name))
+        }
+        let validity = cert.validity();
+        Ok(CertInfo {
+            common_name: field("CN", subject.iter_common_name())?,
+            unit: field("OU", subject.iter_organizational_unit())?,
+            organization: field("O", subject.iter_organization())?,
+            not_before: validity.not_before.to_datetime(),
+            not_after: validity.not_after.to_datetime(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_node_certificate_has_controls_subject_not_the_csrs() {
+        let cluster = ClusterId::random();
+        let ca = ClusterCa::generate(&cluster).unwrap();
+        // The CSR asks to be a manager of another cluster with a chosen name.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "chosen-id");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "mesh-manager");
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+
+        let node = NodeId::random();
+        let pem = ca
+            .issue_for_csr(
+                &csr,
+                &Subject::node(&cluster, &node, Role::Worker, Duration::from_secs(3600)),
+            )
+            .unwrap();
+        let info = CertInfo::from_pem(&pem).unwrap();
+        assert_eq!(info.common_name, node.to_string());
+        assert_eq!(info.unit, "mesh-worker");
+        assert_eq!(info.organization, cluster.to_string());
+        let der = pem_to_der(&pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let sans = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(!format!("{:?}", sans.value).contains("evil.example"));
+        // The public key is the CSR's.
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+    }
+
+    #[test]
+    fn a_ca_survives_a_round_trip_through_pem() {
+        let cluster = ClusterId::random();
+        let ca = ClusterCa::generate(&cluster).unwrap();
+        let again = ClusterCa::load(ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(ca.digest(), again.digest());
+    }
+
+    #[test]
+    fn garbage_csr_is_a_clear_error() {
+        let cluster = ClusterId::random();
+        let ca = ClusterCa::generate(&cluster).unwrap();
+        let subject = Subject::node(
+            &cluster,
+            &NodeId::random(),
+            Role::Worker,
+            Duration::from_secs(3600),
+        );
+        let err = ca.issue_for_csr("not a csr", &subject).unwrap_err();
+        assert!(
+            err.to_string().contains("certificate signing request"),
+            "{err}"
+        );
+    }
+}

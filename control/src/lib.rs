@@ -1,0 +1,15 @@
+//! The control plane: the cluster CA and identities, join tokens, the cluster state, and the
+//! gRPC API (identity and admin) that nodes and `meshctl` call.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod ca;
+pub mod client;
+pub mod cluster;
+pub mod files;
+pub mod ids;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod tokens;

@@ -1,0 +1,116 @@
+//! The gRPC wire types (generated from `proto/mesh.proto`) and their conversions to and from the
+//! domain types. Nothing outside this module and the API edges uses the generated types.
+
+use time::OffsetDateTime;
+
+use crate::ids::{InvalidId, NodeId};
+use crate::store::{NodeRecord, NodeState};
+use crate::tokens::Role;
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("mesh.v1");
+}
+
+/// A wire message with a missing or malformed field.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("field `{0}` is missing or unspecified")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Id(#[from] InvalidId),
+}
+
+impl From<Role> for pb::Role {
+    fn from(role: Role) -> pb::Role {
+        match role {
+            Role::Worker => pb::Role::Worker,
+            Role::Manager => pb::Role::Manager,
+        }
+    }
+}
+
+impl TryFrom<pb::Role> for Role {
+    type Error = InvalidMessage;
+    fn try_from(role: pb::Role) -> Result<Role, InvalidMessage> {
+        match role {
+            pb::Role::Worker => Ok(Role::Worker),
+            pb::Role::Manager => Ok(Role::Manager),
+            pb::Role::Unspecified => Err(InvalidMessage::Missing("role")),
+        }
+    }
+}
+
+impl From<NodeState> for pb::NodeState {
+    fn from(state: NodeState) -> pb::NodeState {
+        match state {
+            NodeState::Active => pb::NodeState::Active,
+            NodeState::Removed => pb::NodeState::Removed,
+        }
+    }
+}
+
+impl TryFrom<pb::NodeState> for NodeState {
+    type Error = InvalidMessage;
+    fn try_from(state: pb::NodeState) -> Result<NodeState, InvalidMessage> {
+        match state {
+            pb::NodeState::Active => Ok(NodeState::Active),
+            pb::NodeState::Removed => Ok(NodeState::Removed),
+            pb::NodeState::Unspecified => Err(InvalidMessage::Missing("state")),
+        }
+    }
+}
+
+/// A node as an admin sees it: the stored record and when control last heard from it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub hostname: String,
+    pub role: Role,
+    pub state: NodeState,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub cert_not_after: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub joined_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+}
+
+fn unix(t: i64) -> Option<OffsetDateTime> {
+    (t > 0)
+        .then(|| OffsetDateTime::from_unix_timestamp(t).ok())
+        .flatten()
+}
+
+impl pb::Node {
+    pub fn from_record(record: &NodeRecord, last_seen: Option<i64>) -> pb::Node {
+        pb::Node {
+            id: record.id.to_string(),
+            hostname: record.hostname.clone(),
+            role: pb::Role::from(record.role).into(),
+            state: pb::NodeState::from(record.state).into(),
+            cert_not_after: record.cert_not_after,
+            joined_at: record.joined_at,
+            last_seen: last_seen.unwrap_or(0),
+        }
+    }
+}
+
+impl TryFrom<pb::Node> for NodeView {
+    type Error = InvalidMessage;
+    fn try_from(node: pb::Node) -> Result<NodeView, InvalidMessage> {
+        Ok(NodeView {
+            id: node.id.parse()?,
+            hostname: node.hostname,
+            role: pb::Role::try_from(node.role)
+                .unwrap_or(pb::Role::Unspecified)
+                .try_into()?,
+            state: pb::NodeState::try_from(node.state)
+                .unwrap_or(pb::NodeState::Unspecified)
+                .try_into()?,
+            cert_not_after: unix(node.cert_not_after),
+            joined_at: unix(node.joined_at),
+            last_seen: unix(node.last_seen),
+        })
+    }
+}

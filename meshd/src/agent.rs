@@ -1,0 +1,107 @@
+//! The long-running node agent. For now it keeps the node's identity alive: it renews the
+//! certificate at a random point between 50 % and 80 % of its lifetime and retries failures with
+//! exponential backoff. (The session with control and the data plane join it in later issues.)
+
+use std::path::Path;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tracing::{error, info, warn};
+
+use crate::identity::{self, IdentityError, NodeDir};
+
+/// First retry delay after a failed renewal.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "the node certificate expired at {0} before it could be renewed; the node must join again"
+    )]
+    Expired(OffsetDateTime),
+    #[error("control refused this node: {0}")]
+    Refused(IdentityError),
+}
+
+/// The delay before retry number `attempt` (0-based): doubling from [`RETRY_MIN`] up to
+/// [`RETRY_MAX`], with up to 25 % random jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = RETRY_MIN
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(RETRY_MAX);
+    let jitter = rand::random_range(0.0..0.25);
+    base.mul_f64(1.0 + jitter).min(RETRY_MAX)
+}
+
+/// Keeps the identity in `dir` renewed until an unrecoverable error.
+pub async fn run(dir: &Path) -> Result<(), AgentError> {
+    let node_dir = NodeDir::new(dir);
+    let mut current = node_dir.load()?;
+    info!(
+        node = %current.id,
+        role = %current.info.unit,
+        control = %current.control,
+        cert_expires = %current.info.not_after,
+        "meshd running"
+    );
+    loop {
+        let delay = identity::renewal_delay(
+            current.info.not_before,
+            current.info.not_after,
+            OffsetDateTime::now_utc(),
+            &mut rand::rng(),
+        );
+        info!(node = %current.id, in_secs = delay.as_secs(), "next certificate renewal scheduled");
+        tokio::time::sleep(delay).await;
+        let mut attempt = 0;
+        current = loop {
+            if OffsetDateTime::now_utc() >= current.info.not_after {
+                error!(node = %current.id, "certificate expired before renewal succeeded");
+                return Err(AgentError::Expired(current.info.not_after));
+            }
+            match identity::renew(dir).await {
+                Ok(renewed) => {
+                    info!(node = %renewed.id, cert_expires = %renewed.info.not_after, "certificate renewed");
+                    break renewed;
+                }
+                Err(IdentityError::Client(e))
+                    if e.code() == Some(tonic::Code::PermissionDenied) =>
+                {
+                    error!(node = %current.id, error = %e, "control refuses this node");
+                    return Err(AgentError::Refused(IdentityError::Client(e)));
+                }
+                Err(e) => {
+                    let wait = backoff(attempt);
+                    warn!(node = %current.id, error = %e, retry_in_ms = wait.as_millis() as u64, "renewal failed");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            let base = RETRY_MIN
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(RETRY_MAX);
+            assert!(
+                d >= base && d <= RETRY_MAX && d <= base.mul_f64(1.25),
+                "{attempt}: {d:?}"
+            );
+        }
+        assert_eq!(backoff(30), RETRY_MAX);
+    }
+}

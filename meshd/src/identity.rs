@@ -1,0 +1,299 @@
+//! The node's identity: joining the cluster (CA pinned by the join token, key generated here,
+//! CSR sent with the token) and renewing the certificate over mTLS with a fresh key.
+//!
+//! ```text
+//! DIR/ca.crt     the cluster's root CA, checked against the token's digest at join
+//! DIR/node.crt   this node's certificate (CN = node ID, OU = role, O = cluster ID)
+//! DIR/node.key   its private key, never sent anywhere (0600)
+//! DIR/control    the control address to renew against
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use control::ca::{self, CertInfo};
+use control::client::{self, ClientError};
+use control::files::{self, FileError, PUBLIC, SECRET};
+use control::ids::{self, NodeId};
+use control::proto::pb;
+use control::tls::Identity;
+use control::tokens::{JoinToken, TokenError};
+use rand::Rng;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0} already holds a joined node ({1} exists); refusing to join again")]
+    AlreadyJoined(PathBuf, PathBuf),
+    #[error("{0} holds no node identity; run `meshd join` first")]
+    NotJoined(PathBuf),
+    #[error("malformed join token: {0}")]
+    Token(TokenError),
+    #[error(
+        "the CA served by {control} has digest {served}, but the join token pins {pinned}; \
+         refusing to join (nothing was sent or written)"
+    )]
+    CaMismatch {
+        control: String,
+        served: String,
+        pinned: String,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("key generation or CSR failed: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("control returned a certificate that {0}")]
+    BadCertificate(String),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+}
+
+/// Paths in a node's state directory.
+#[derive(Clone, Debug)]
+pub struct NodeDir {
+    pub root: PathBuf,
+}
+
+impl NodeDir {
+    pub fn new(root: &Path) -> NodeDir {
+        NodeDir {
+            root: root.to_owned(),
+        }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.root.join("ca.crt")
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.root.join("node.crt")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.root.join("node.key")
+    }
+    /// The next key, written before the certificate for it during a renewal.
+    fn next_key(&self) -> PathBuf {
+        self.root.join("node.key.next")
+    }
+    pub fn control(&self) -> PathBuf {
+        self.root.join("control")
+    }
+
+    /// The node's current identity. Completes a renewal a crash interrupted between writing the
+    /// new certificate and moving its key into place.
+    pub fn load(&self) -> Result<NodeIdentity, IdentityError> {
+        if !self.cert().exists() {
+            return Err(IdentityError::NotJoined(self.root.clone()));
+        }
+        let cert_pem = files::read_string(&self.cert())?;
+        let mut key_pem = files::read_string(&self.key())?;
+        if !key_matches(&cert_pem, &key_pem)? && self.next_key().exists() {
+            let next = files::read_string(&self.next_key())?;
+            if key_matches(&cert_pem, &next)? {
+                std::fs::rename(self.next_key(), self.key())
+                    .map_err(|e| FileError::new("renaming into place", &self.key(), e))?;
+                key_pem = next;
+            }
+        }
+        let ca_pem = files::read_string(&self.ca())?;
+        let control = files::read_string(&self.control())?.trim().to_owned();
+        let info = CertInfo::from_pem(&cert_pem)?;
+        let id = info
+            .common_name
+            .parse()
+            .map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
+        Ok(NodeIdentity {
+            id,
+            info,
+            ca_pem,
+            identity: Identity { cert_pem, key_pem },
+            control,
+        })
+    }
+}
+
+/// What a joined node holds.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub id: NodeId,
+    pub info: CertInfo,
+    pub ca_pem: String,
+    pub identity: Identity,
+    pub control: String,
+}
+
+fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, IdentityError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    let der = ca::pem_to_der(cert_pem)?;
+    let (_, cert) = X509Certificate::from_der(&der)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
+/// A fresh P-256 key pair and a CSR for it. The CSR's subject is left empty: control assigns it.
+fn key_and_csr() -> Result<(KeyPair, String), IdentityError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)?
+        .pem()?;
+    Ok((key, csr))
+}
+
+/// Checks that `cert_pem` was signed by the CA, is for `key`, and (when given) names `expected`.
+fn check_issued(
+    cert_pem: &str,
+    ca_pem: &str,
+    key: &KeyPair,
+    expected: Option<&NodeId>,
+) -> Result<NodeId, IdentityError> {
+    let bad = |what: &str| IdentityError::BadCertificate(what.to_owned());
+    let ca_der = ca::pem_to_der(ca_pem)?;
+    let (_, ca_cert) = X509Certificate::from_der(&ca_der).map_err(|e| bad(&e.to_string()))?;
+    let der = ca::pem_to_der(cert_pem)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| bad(&e.to_string()))?;
+    cert.verify_signature(Some(ca_cert.public_key()))
+        .map_err(|_| bad("is not signed by the cluster CA"))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(bad("is not for the key this node generated"));
+    }
+    let id: NodeId = CertInfo::from_der(&der)?
+        .common_name
+        .parse()
+        .map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
+    if let Some(expected) = expected
+        && &id != expected
+    {
+        return Err(bad(&format!("names node {id}, not this node {expected}")));
+    }
+    Ok(id)
+}
+
+/// Joins the cluster at `control` with `token`, storing the identity in `dir`.
+pub async fn join(
+    control: &str,
+    token: &str,
+    dir: &Path,
+    hostname: &str,
+) -> Result<NodeId, IdentityError> {
+    let node_dir = NodeDir::new(dir);
+    for existing in [node_dir.cert(), node_dir.key()] {
+        if existing.exists() {
+            return Err(IdentityError::AlreadyJoined(dir.to_owned(), existing));
+        }
+    }
+    let token: JoinToken = token.parse().map_err(IdentityError::Token)?;
+
+    // Pin the CA before trusting or sending anything.
+    let ca_pem = client::fetch_root_ca(control).await?;
+    let ca_der = ca::pem_to_der(&ca_pem)?;
+    let served = ids::digest_base36(&ca_der);
+    if served != token.ca_digest() {
+        return Err(IdentityError::CaMismatch {
+            control: control.to_owned(),
+            served,
+            pinned: token.ca_digest().to_owned(),
+        });
+    }
+
+    let (key, csr_pem) = key_and_csr()?;
+    let channel = client::authenticated_channel(control, &ca_der, None).await?;
+    let response = pb::identity_client::IdentityClient::new(channel)
+        .join(pb::JoinRequest {
+            token: token.to_string(),
+            csr_pem,
+            hostname: hostname.to_owned(),
+        })
+        .await
+        .map_err(|s| ClientError::refused(control, s))?
+        .into_inner();
+    let id = check_issued(&response.cert_pem, &ca_pem, &key, None)?;
+    if response.node_id != id.as_str() {
+        return Err(IdentityError::BadCertificate(format!(
+            "names node {id}, but control said {}",
+            response.node_id
+        )));
+    }
+
+    files::create_private_dir(dir)?;
+    files::write_atomic(&node_dir.ca(), ca_pem.as_bytes(), PUBLIC)?;
+    files::write_atomic(
+        &node_dir.control(),
+        format!("{control}\n").as_bytes(),
+        PUBLIC,
+    )?;
+    files::write_atomic(&node_dir.key(), key.serialize_pem().as_bytes(), SECRET)?;
+    files::write_atomic(&node_dir.cert(), response.cert_pem.as_bytes(), PUBLIC)?;
+    Ok(id)
+}
+
+/// Renews the node's certificate: a fresh key pair, a CSR sent over mTLS with the current
+/// certificate, and the new pair stored (key first, so a crash never leaves a certificate
+/// without its key).
+pub async fn renew(dir: &Path) -> Result<NodeIdentity, IdentityError> {
+    let node_dir = NodeDir::new(dir);
+    let current = node_dir.load()?;
+    let ca_der = ca::pem_to_der(&current.ca_pem)?;
+    let (key, csr_pem) = key_and_csr()?;
+    let channel =
+        client::authenticated_channel(&current.control, &ca_der, Some(&current.identity)).await?;
+    let response = pb::identity_client::IdentityClient::new(channel)
+        .renew(pb::RenewRequest { csr_pem })
+        .await
+        .map_err(|s| ClientError::refused(&current.control, s))?
+        .into_inner();
+    check_issued(&response.cert_pem, &current.ca_pem, &key, Some(&current.id))?;
+    files::write_atomic(&node_dir.next_key(), key.serialize_pem().as_bytes(), SECRET)?;
+    files::write_atomic(&node_dir.cert(), response.cert_pem.as_bytes(), PUBLIC)?;
+    std::fs::rename(node_dir.next_key(), node_dir.key())
+        .map_err(|e| FileError::new("renaming into place", &node_dir.key(), e))?;
+    node_dir.load()
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`: a random point between
+/// 50 % and 80 % of its lifetime (so a fleet does not renew at once), as a delay from `now`.
+pub fn renewal_delay(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+    rng: &mut impl Rng,
+) -> Duration {
+    let lifetime = not_after - not_before;
+    let fraction: f64 = rng.random_range(0.5..=0.8);
+    let at: OffsetDateTime = not_before + lifetime * fraction;
+    let delay: time::Duration = at - now;
+    if delay.is_negative() {
+        Duration::ZERO
+    } else {
+        delay.unsigned_abs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn renewal_falls_between_half_and_four_fifths_of_the_lifetime() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let start = OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let end = start + time::Duration::hours(24);
+        let (mut min, mut max) = (Duration::MAX, Duration::ZERO);
+        for _ in 0..2000 {
+            let d = renewal_delay(start, end, start, &mut rng);
+            min = min.min(d);
+            max = max.max(d);
+        }
+        assert!(min >= Duration::from_secs(12 * 3600), "{min:?}");
+        assert!(max <= Duration::from_secs(24 * 3600 * 8 / 10), "{max:?}");
+        // Spread, not a constant.
+        assert!(
+            max - min > Duration::from_secs(6 * 3600),
+            "{min:?}..{max:?}"
+        );
+        // Already past the point: renew now.
+        assert_eq!(renewal_delay(start, end, end, &mut rng), Duration::ZERO);
+    }
+}

@@ -1,0 +1,91 @@
+//! `meshd`: the per-host agent of a mesh cluster.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use meshd::{agent, identity};
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "The per-host agent of a mesh cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join a cluster: pin its CA by the token's digest, generate a key here, get a certificate.
+    Join {
+        /// The control address (host:port), as printed by `mesh-control init`.
+        #[arg(long)]
+        control: String,
+        /// A join token `MESHTKN-1-...` (`meshctl join-token worker`).
+        #[arg(long, env = "MESHD_JOIN_TOKEN")]
+        token: String,
+        /// Where the node's identity is kept (created with mode 0700).
+        #[arg(long, default_value = "/var/lib/meshd")]
+        state_dir: PathBuf,
+        /// The name this node reports (default: the host's name).
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Run the agent: keep the node's certificate renewed.
+    Run {
+        #[arg(long, default_value = "/var/lib/meshd")]
+        state_dir: PathBuf,
+    },
+    /// Renew the node's certificate now (a fresh key pair, same node ID).
+    Renew {
+        #[arg(long, default_value = "/var/lib/meshd")]
+        state_dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Cmd::Join {
+            control,
+            token,
+            state_dir,
+            hostname,
+        } => {
+            let hostname = hostname.unwrap_or_else(control::cluster::hostname);
+            identity::join(&control, &token, &state_dir, &hostname)
+                .await
+                .map(|id| {
+                    println!("{id}");
+                    eprintln!(
+                        "Joined as node {id}; identity stored in {}.",
+                        state_dir.display()
+                    );
+                })
+                .map_err(anyhow::Error::from)
+        }
+        Cmd::Run { state_dir } => agent::run(&state_dir).await.map_err(anyhow::Error::from),
+        Cmd::Renew { state_dir } => identity::renew(&state_dir)
+            .await
+            .map(|node| {
+                println!(
+                    "{} renewed; certificate valid until {}",
+                    node.id, node.info.not_after
+                );
+            })
+            .map_err(anyhow::Error::from),
+    };
+    if let Err(e) = result {
+        eprintln!("meshd: {e:#}");
+        std::process::exit(1);
+    }
+}

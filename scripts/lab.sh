@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The main job: a local cluster in network namespaces. Hosts are namespaces joined by veth pairs
+# to a bridge that lives in a namespace of its own; mesh-control runs in the first host, meshd in
+# every other. The script joins them, then exercises the cluster's identity the way an operator
+# and an attacker would, and prints a summary. Everything it creates is removed on exit (unless
+# --keep, which leaves the lab running and prints how to take it down).
+#
+#   sudo ./scripts/lab.sh [--hosts N] [--keep]
+#
+# Needs root. Installs iproute2 (apt) if missing and builds the binaries (cargo, release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+hosts=4; keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --hosts) hosts=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "lab.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "lab.sh: needs root (network namespaces); run it with sudo" >&2; exit 1; }
+[[ "$hosts" =~ ^[0-9]+$ ]] && [ "$hosts" -ge 3 ] && [ "$hosts" -le 50 ] \
+  || { echo "lab.sh: --hosts must be between 3 and 50" >&2; exit 2; }
+command -v ip >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+pass=0; fail=0
+check() { # description, then a command that must succeed
+  local what=$1; shift
+  if "$@" >/dev/null 2>&1; then echo "  ok    $what"; pass=$((pass+1)); else echo "  FAIL  $what"; fail=$((fail+1)); fi
+}
+refused() { ! "$@"; }
+
+step "Building mesh-control, meshctl and meshd (release)"
+cargo build --release --locked -q -p control -p meshd
+bin=$PWD/target/release
+
+p="mlab$$"; work=$(mktemp -d /tmp/mesh-lab.XXXXXX); br="$p-br"
+host() { echo "$p-h$1"; }
+addr() { echo "10.77.0.$((10 + $1))"; }
+cleanup() {
+  for i in $(seq 1 "$hosts"); do
+    ip netns pids "$(host "$i")" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  done
+  sleep 0.3
+  for i in $(seq 1 "$hosts"); do ip netns del "$(host "$i")" 2>/dev/null || true; done
+  ip netns del "$br" 2>/dev/null || true
+  rm -rf "$work"
+}
+if [ "$keep" = 0 ]; then trap cleanup EXIT; fi
+
+step "Creating $hosts hosts on an underlay bridge (namespaces $p-*)"
+ip netns add "$br"
+ip -n "$br" link add br0 type bridge
+ip -n "$br" link set br0 up
+for i in $(seq 1 "$hosts"); do
+  h=$(host "$i"); ip netns add "$h"
+  ip link add eth0 netns "$h" type veth peer name "v$i" netns "$br"
+  ip -n "$br" link set "v$i" master br0 up
+  ip -n "$h" addr add "$(addr "$i")/24" dev eth0
+  ip -n "$h" link set eth0 up; ip -n "$h" link set lo up
+  echo "  $h  $(addr "$i")"
+done
+in_host() { local i=$1; shift; ip netns exec "$(host "$i")" "$@"; }
+
+control="$(addr 1):7400"
+step "Starting mesh-control on $(host 1) ($control)"
+in_host 1 "$bin/mesh-control" init --state-dir "$work/h1/control" --listen "$control" | sed 's/^/  /'
+in_host 1 "$bin/mesh-control" run --state-dir "$work/h1/control" >"$work/control.log" 2>&1 &
+export MESHCTL_ADMIN="$work/h1/control/admin"
+meshctl() { in_host 1 "$bin/meshctl" "$@"; }
+for _ in $(seq 50); do meshctl node ls >/dev/null 2>&1 && break; sleep 0.1; done
+
+step "Joining meshd on hosts 2..$hosts"
+token=$(meshctl join-token worker -q)
+for i in $(seq 2 "$hosts"); do
+  id=$(in_host "$i" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/h$i/meshd" --hostname "$(host "$i")" 2>/dev/null)
+  echo "$id" >"$work/h$i/id"
+  in_host "$i" "$bin/meshd" run --state-dir "$work/h$i/meshd" >"$work/meshd-$i.log" 2>&1 &
+  echo "  $(host "$i") joined as $id"
+done
+meshctl node ls | sed 's/^/  /'
+
+step "Checks"
+last=$hosts
+check "every host is listed" test "$(meshctl node ls --format json | grep -c '"id"')" -eq "$hosts"
+check "node keys are private (0600)" test "$(stat -c %a "$work/h2/meshd/node.key")" = 600
+check "a node renews its certificate (same ID, new key)" in_host 2 "$bin/meshd" renew --state-dir "$work/h2/meshd"
+bad="${token%?}$( [ "${token: -1}" = 0 ] && echo 1 || echo 0 )"
+check "a wrong token is refused" refused in_host "$last" "$bin/meshd" join --control "$control" --token "$bad" --state-dir "$work/bad1"
+check "a node joined with the worker token is a worker" \
+  sh -c "ip netns exec $(host 1) $bin/meshctl node inspect $(cat "$work/h2/id") | grep -q '\"role\": \"worker\"'"
+meshctl join-token worker --rotate -q >"$work/new-token"
+check "a rotated token is refused at once" refused in_host "$last" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/bad2"
+check "the new token works" in_host "$last" "$bin/meshd" join --control "$control" --token "$(cat "$work/new-token")" --state-dir "$work/h$last/extra"
+check "joined nodes are unaffected by the rotation" in_host 3 "$bin/meshd" renew --state-dir "$work/h3/meshd"
+victim=$(cat "$work/h2/id")
+meshctl node rm "$victim" | sed 's/^/  /'
+check "a removed node is refused on renewal" refused in_host 2 "$bin/meshd" renew --state-dir "$work/h2/meshd"
+check "a node certificate cannot call the admin API" refused env MESHCTL_ADMIN="$work/fake-admin" sh -c "
+  mkdir -p $work/fake-admin && cp $work/h3/meshd/ca.crt $work/fake-admin/ca.crt &&
+  cp $work/h3/meshd/node.crt $work/fake-admin/admin.crt && cp $work/h3/meshd/node.key $work/fake-admin/admin.key &&
+  echo $control > $work/fake-admin/control && ip netns exec $(host 1) $bin/meshctl node ls"
+meshctl node ls | sed 's/^/  /'
+
+step "Summary"
+echo "  hosts: $hosts (control on $(host 1), meshd on the rest)"
+echo "  checks: $pass passed, $fail failed"
+if [ "$keep" = 1 ]; then
+  echo "  the lab is still running; state in $work"
+  echo "  try: MESHCTL_ADMIN=$MESHCTL_ADMIN ip netns exec $(host 1) $bin/meshctl node ls"
+  echo "  take it down: ip netns pids <ns> | xargs kill; ip netns del <ns> for each of: $(ip netns list | grep "^$p" | cut -d' ' -f1 | tr '\n' ' ')"
+fi
+[ "$fail" = 0 ]
