@@ -5,7 +5,7 @@ use tonic::{Request, Status};
 
 use crate::ca::{ADMIN_CN, ADMIN_OU, CertInfo};
 use crate::ids::NodeId;
-use crate::store::{ClusterState, StoreError};
+use crate::state::{ClusterState, StateError};
 use crate::tokens::Role;
 
 /// An authenticated caller.
@@ -21,9 +21,7 @@ fn peer_info<T>(request: &Request<T>) -> Result<CertInfo, Status> {
     let certs = request.peer_certs().ok_or_else(|| {
         Status::unauthenticated("this call needs a client certificate issued by the cluster CA")
     })?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
     CertInfo::from_der(leaf)
         .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))
 }
@@ -41,15 +39,11 @@ pub fn caller<T>(request: &Request<T>, state: &ClusterState) -> Result<Caller, S
     if info.unit == ADMIN_OU && info.common_name == ADMIN_CN {
         return Ok(Caller::Admin);
     }
-    let role = Role::from_ou(&info.unit).ok_or_else(|| {
-        Status::permission_denied(format!("unknown certificate role `{}`", info.unit))
-    })?;
-    let id: NodeId = info
-        .common_name
-        .parse()
-        .map_err(|e| Status::permission_denied(format!("{e}")))?;
+    let role = Role::from_ou(&info.unit)
+        .ok_or_else(|| Status::permission_denied(format!("unknown certificate role `{}`", info.unit)))?;
+    let id: NodeId = info.common_name.parse().map_err(|e| Status::permission_denied(format!("{e}")))?;
     let record = state.active_node(&id).map_err(|e| match e {
-        StoreError::NodeRemoved(_) => Status::permission_denied(e.to_string()),
+        StateError::NodeRemoved(_) => Status::permission_denied(e.to_string()),
         other => Status::unauthenticated(other.to_string()),
     })?;
     if record.role != role {

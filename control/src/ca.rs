@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -127,13 +127,8 @@ impl ClusterCa {
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::Load)?;
         let cert_der = pem_to_der(cert_pem)?;
-        let issuer =
-            Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(CaError::Load)?;
-        Ok(ClusterCa {
-            cert_pem: cert_pem.to_owned(),
-            cert_der,
-            issuer,
-        })
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(CaError::Load)?;
+        Ok(ClusterCa { cert_pem: cert_pem.to_owned(), cert_der, issuer })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -159,19 +154,13 @@ impl ClusterCa {
     pub fn issue_for_csr(&self, csr_pem: &str, subject: &Subject) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::CsrAlgorithm {
-                found: format!("{:?}", csr.public_key.algorithm()),
-            });
+            return Err(CaError::CsrAlgorithm { found: format!("{:?}", csr.public_key.algorithm()) });
         }
         self.issue(&csr.public_key, subject)
     }
 
     /// Signs a certificate for `public_key` with `subject`.
-    pub fn issue(
-        &self,
-        public_key: &impl PublicKeyData,
-        subject: &Subject,
-    ) -> Result<String, CaError> {
+    pub fn issue(&self, public_key: &impl PublicKeyData, subject: &Subject) -> Result<String, CaError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, subject.common_name.clone());
@@ -180,27 +169,19 @@ impl ClusterCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         for name in &subject.dns_names {
-            params.subject_alt_names.push(SanType::DnsName(
-                name.clone().try_into().map_err(CaError::Sign)?,
-            ));
+            params.subject_alt_names.push(SanType::DnsName(name.clone().try_into().map_err(CaError::Sign)?));
         }
         for uri in &subject.uris {
-            params
-                .subject_alt_names
-                .push(SanType::URI(uri.clone().try_into().map_err(CaError::Sign)?));
+            params.subject_alt_names.push(SanType::URI(uri.clone().try_into().map_err(CaError::Sign)?));
         }
         params.not_before = subject.not_before;
         params.not_after = subject.not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(public_key, &self.issuer)
-            .map_err(CaError::Sign)?;
+        let cert = params.signed_by(public_key, &self.issuer).map_err(CaError::Sign)?;
         Ok(cert.pem())
     }
 
@@ -244,18 +225,13 @@ impl CertInfo {
     }
 
     pub fn from_der(der: &[u8]) -> Result<CertInfo, CaError> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| CaError::Parse(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| CaError::Parse(e.to_string()))?;
         let subject = cert.subject();
         fn field<'a>(
             name: &'static str,
             mut values: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
         ) -> Result<String, CaError> {
-            values
-                .next()
-                .and_then(|a| a.as_str().ok())
-                .map(str::to_owned)
-                .ok_or(CaError::MissingField(name))
+            values.next().and_then(|a| a.as_str().ok()).map(str::to_owned).ok_or(CaError::MissingField(name))
         }
         let validity = cert.validity();
         Ok(CertInfo {
@@ -279,20 +255,13 @@ mod tests {
         // The CSR asks to be a manager of another cluster with a chosen name.
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "chosen-id");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, "mesh-manager");
+        params.distinguished_name.push(DnType::CommonName, "chosen-id");
+        params.distinguished_name.push(DnType::OrganizationalUnitName, "mesh-manager");
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
 
         let node = NodeId::random();
         let pem = ca
-            .issue_for_csr(
-                &csr,
-                &Subject::node(&cluster, &node, Role::Worker, Duration::from_secs(3600)),
-            )
+            .issue_for_csr(&csr, &Subject::node(&cluster, &node, Role::Worker, Duration::from_secs(3600)))
             .unwrap();
         let info = CertInfo::from_pem(&pem).unwrap();
         assert_eq!(info.common_name, node.to_string());
@@ -303,10 +272,7 @@ mod tests {
         let sans = cert.subject_alternative_name().unwrap().unwrap();
         assert!(!format!("{:?}", sans.value).contains("evil.example"));
         // The public key is the CSR's.
-        assert_eq!(
-            cert.public_key().subject_public_key.data.as_ref(),
-            key.public_key_raw()
-        );
+        assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
     }
 
     #[test]
@@ -321,16 +287,8 @@ mod tests {
     fn garbage_csr_is_a_clear_error() {
         let cluster = ClusterId::random();
         let ca = ClusterCa::generate(&cluster).unwrap();
-        let subject = Subject::node(
-            &cluster,
-            &NodeId::random(),
-            Role::Worker,
-            Duration::from_secs(3600),
-        );
+        let subject = Subject::node(&cluster, &NodeId::random(), Role::Worker, Duration::from_secs(3600));
         let err = ca.issue_for_csr("not a csr", &subject).unwrap_err();
-        assert!(
-            err.to_string().contains("certificate signing request"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("certificate signing request"), "{err}");
     }
 }

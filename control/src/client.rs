@@ -12,30 +12,25 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ca::CONTROL_SERVER_NAME;
-use crate::proto::{NodeView, pb};
+use crate::proto::{NetworkView, NodeView, ServiceView, pb};
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
 
 /// How long to wait for a manager to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 ping interval, and how long a ping may go unanswered.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// How long a single call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach control at {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    Connect { addr: String, source: tonic::transport::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("control at {addr} refused the call: {message} ({code:?})")]
-    Refused {
-        addr: String,
-        code: tonic::Code,
-        message: String,
-    },
+    Refused { addr: String, code: tonic::Code, message: String },
 }
 
 impl ClientError {
@@ -56,11 +51,7 @@ impl ClientError {
             message.push_str(&format!(": {cause}"));
             source = cause.source();
         }
-        ClientError::Refused {
-            addr: addr.to_owned(),
-            code: status.code(),
-            message,
-        }
+        ClientError::Refused { addr: addr.to_owned(), code: status.code(), message }
     }
 }
 
@@ -82,12 +73,13 @@ pub async fn channel(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, C
     Endpoint::from_static("http://mesh-control")
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
+        // Long-lived sessions notice a dead manager within seconds.
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })
+        .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })
 }
 
 /// A channel that trusts only the cluster CA and presents `identity` when given.
@@ -104,10 +96,8 @@ pub async fn authenticated_channel(
 pub async fn fetch_root_ca(addr: &str) -> Result<String, ClientError> {
     let config = tls::client_config(ServerTrust::FetchCaOnly, None)?;
     let mut client = pb::identity_client::IdentityClient::new(channel(addr, config).await?);
-    let response = client
-        .get_root_ca(pb::GetRootCaRequest {})
-        .await
-        .map_err(|s| ClientError::refused(addr, s))?;
+    let response =
+        client.get_root_ca(pb::GetRootCaRequest {}).await.map_err(|s| ClientError::refused(addr, s))?;
     Ok(response.into_inner().ca_pem)
 }
 
@@ -120,22 +110,15 @@ pub struct AdminClient {
 impl AdminClient {
     pub async fn connect(bundle: &crate::cluster::AdminBundle) -> Result<AdminClient, ClientError> {
         let ca_der = crate::ca::pem_to_der(&bundle.ca_pem).map_err(|e| {
-            ClientError::Tls(tls::TlsError::Pem {
-                what: "admin bundle CA",
-                detail: e.to_string(),
-            })
+            ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
         })?;
-        let channel =
-            authenticated_channel(&bundle.control, &ca_der, Some(&bundle.identity)).await?;
+        let channel = authenticated_channel(&bundle.control, &ca_der, Some(&bundle.identity)).await?;
         Ok(AdminClient::from_channel(&bundle.control, channel))
     }
 
     /// An admin client over an existing channel (whose TLS identity decides what it may do).
     pub fn from_channel(addr: &str, channel: Channel) -> AdminClient {
-        AdminClient {
-            addr: addr.to_owned(),
-            inner: pb::admin_client::AdminClient::new(channel),
-        }
+        AdminClient { addr: addr.to_owned(), inner: pb::admin_client::AdminClient::new(channel) }
     }
 
     fn refused(&self, status: tonic::Status) -> ClientError {
@@ -174,13 +157,96 @@ impl AdminClient {
     pub async fn join_token(&mut self, role: Role, rotate: bool) -> Result<String, ClientError> {
         let response = self
             .inner
-            .join_token(pb::JoinTokenRequest {
-                role: pb::Role::from(role).into(),
-                rotate,
-            })
+            .join_token(pb::JoinTokenRequest { role: pb::Role::from(role).into(), rotate })
             .await
             .map_err(|s| self.refused(s))?;
         Ok(response.into_inner().token)
+    }
+
+    pub async fn update_node(
+        &mut self,
+        id: &str,
+        label_add: Vec<String>,
+        label_rm: Vec<String>,
+    ) -> Result<NodeView, ClientError> {
+        let node = self
+            .inner
+            .update_node(pb::UpdateNodeRequest { id: id.to_owned(), label_add, label_rm })
+            .await
+            .map_err(|s| self.refused(s))?;
+        self.view(node.into_inner())
+    }
+
+    pub async fn create_network(
+        &mut self,
+        name: &str,
+        subnet: &str,
+        encrypted: bool,
+    ) -> Result<NetworkView, ClientError> {
+        let request =
+            pb::CreateNetworkRequest { name: name.into(), subnet: subnet.into(), unencrypted: !encrypted };
+        let n = self.inner.create_network(request).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn list_networks(&mut self) -> Result<Vec<NetworkView>, ClientError> {
+        let list = self.inner.list_networks(pb::ListNetworksRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().networks.into_iter().map(|n| self.convert(n)).collect()
+    }
+
+    pub async fn inspect_network(&mut self, name: &str) -> Result<NetworkView, ClientError> {
+        let n = self.inner.inspect_network(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn remove_network(&mut self, name: &str) -> Result<NetworkView, ClientError> {
+        let n = self.inner.remove_network(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn rotate_network_key(&mut self, name: &str) -> Result<NetworkView, ClientError> {
+        let n = self.inner.rotate_network_key(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn create_service(
+        &mut self,
+        request: pb::CreateServiceRequest,
+    ) -> Result<ServiceView, ClientError> {
+        let s = self.inner.create_service(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn list_services(&mut self) -> Result<Vec<ServiceView>, ClientError> {
+        let list = self.inner.list_services(pb::ListServicesRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().services.into_iter().map(|s| self.convert(s)).collect()
+    }
+
+    pub async fn inspect_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
+        let s = self.inner.inspect_service(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn scale_service(&mut self, name: &str, replicas: u32) -> Result<ServiceView, ClientError> {
+        let request = pb::ScaleServiceRequest { name: name.into(), replicas };
+        let s = self.inner.scale_service(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn remove_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
+        let s = self.inner.remove_service(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    fn convert<W, V>(&self, wire: W) -> Result<V, ClientError>
+    where
+        V: TryFrom<W, Error = crate::proto::InvalidMessage>,
+    {
+        V::try_from(wire).map_err(|e| ClientError::Refused {
+            addr: self.addr.clone(),
+            code: tonic::Code::Internal,
+            message: format!("control sent a malformed message: {e}"),
+        })
     }
 
     fn view(&self, node: pb::Node) -> Result<NodeView, ClientError> {
@@ -190,4 +256,8 @@ impl AdminClient {
             message: format!("control sent a malformed node: {e}"),
         })
     }
+}
+
+fn name_request(name: &str) -> pb::NameRequest {
+    pb::NameRequest { name: name.to_owned() }
 }

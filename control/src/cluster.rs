@@ -1,7 +1,8 @@
 //! Creating a cluster and opening it again: the manager's state directory.
 //!
 //! ```text
-//! DIR/cluster.json       the cluster state (0600)
+//! DIR/cluster.state      the cluster state, sealed with the data key (0600)
+//! DIR/data.key           the data key that seals the state at rest (0600)
 //! DIR/ca.crt, ca.key     the root CA (key 0600)
 //! DIR/manager.crt, .key  this manager's own certificate (key 0600)
 //! DIR/join-tokens.json   the current join tokens, for `meshctl join-token` (0600)
@@ -19,7 +20,9 @@ use time::OffsetDateTime;
 use crate::ca::{CaError, CertInfo, ClusterCa, Subject};
 use crate::files::{self, FileError, PUBLIC, SECRET};
 use crate::ids::{ClusterId, NodeId};
-use crate::store::{ClusterState, Command, NodeRecord, NodeState, Store, StoreError};
+use crate::seal::{DataKey, SealError};
+use crate::state::{ClusterState, Command, NodeRecord, NodeState};
+use crate::store::{Store, StoreError};
 use crate::tls::Identity;
 use crate::tokens::{JoinToken, Role};
 
@@ -44,16 +47,12 @@ pub enum ClusterError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
     #[error("{path} is corrupt: {error}")]
-    Corrupt {
-        path: PathBuf,
-        error: serde_json::Error,
-    },
+    Corrupt { path: PathBuf, error: serde_json::Error },
     #[error("the join token in {path} is malformed: {error}")]
-    BadToken {
-        path: PathBuf,
-        error: crate::tokens::TokenError,
-    },
+    BadToken { path: PathBuf, error: crate::tokens::TokenError },
 }
 
 /// Where the manager listens and what address it tells others to use.
@@ -92,12 +91,13 @@ pub struct ManagerDir {
 
 impl ManagerDir {
     pub fn new(root: &Path) -> ManagerDir {
-        ManagerDir {
-            root: root.to_owned(),
-        }
+        ManagerDir { root: root.to_owned() }
     }
     pub fn state(&self) -> PathBuf {
-        self.root.join("cluster.json")
+        self.root.join("cluster.state")
+    }
+    pub fn data_key(&self) -> PathBuf {
+        self.root.join("data.key")
     }
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.crt")
@@ -145,21 +145,9 @@ impl AdminBundle {
     fn write(&self, dir: &Path) -> Result<(), FileError> {
         files::create_private_dir(dir)?;
         files::write_atomic(&dir.join("ca.crt"), self.ca_pem.as_bytes(), PUBLIC)?;
-        files::write_atomic(
-            &dir.join("admin.crt"),
-            self.identity.cert_pem.as_bytes(),
-            PUBLIC,
-        )?;
-        files::write_atomic(
-            &dir.join("admin.key"),
-            self.identity.key_pem.as_bytes(),
-            SECRET,
-        )?;
-        files::write_atomic(
-            &dir.join("control"),
-            format!("{}\n", self.control).as_bytes(),
-            PUBLIC,
-        )
+        files::write_atomic(&dir.join("admin.crt"), self.identity.cert_pem.as_bytes(), PUBLIC)?;
+        files::write_atomic(&dir.join("admin.key"), self.identity.key_pem.as_bytes(), SECRET)?;
+        files::write_atomic(&dir.join("control"), format!("{}\n", self.control).as_bytes(), PUBLIC)
     }
 }
 
@@ -175,18 +163,14 @@ pub struct Created {
 }
 
 /// Creates a cluster in `root`: CA, this manager's identity, join tokens, state, admin bundle.
-pub fn init(
-    root: &Path,
-    config: ManagerConfig,
-    cert_lifetime: Duration,
-) -> Result<Created, ClusterError> {
+pub fn init(root: &Path, config: ManagerConfig, cert_lifetime: Duration) -> Result<Created, ClusterError> {
     if cert_lifetime < MIN_CERT_LIFETIME {
         return Err(ClusterError::LifetimeTooShort {
             given: humantime::format_duration(cert_lifetime).to_string(),
         });
     }
     let dir = ManagerDir::new(root);
-    for existing in [dir.state(), dir.ca_key(), dir.tokens()] {
+    for existing in [dir.state(), dir.ca_key(), dir.tokens(), dir.data_key()] {
         if existing.exists() {
             return Err(ClusterError::Exists(root.to_owned(), existing));
         }
@@ -198,84 +182,51 @@ pub fn init(
     let worker_token = JoinToken::generate(&ca.digest());
     let manager_token = JoinToken::generate(&ca.digest());
     let manager_id = NodeId::random();
-    let (manager_cert, manager_key) = ca.issue_with_new_key(&Subject::node(
-        &cluster_id,
-        &manager_id,
-        Role::Manager,
-        cert_lifetime,
-    ))?;
+    let (manager_cert, manager_key) =
+        ca.issue_with_new_key(&Subject::node(&cluster_id, &manager_id, Role::Manager, cert_lifetime))?;
     let (admin_cert, admin_key) = ca.issue_with_new_key(&Subject::admin(&cluster_id))?;
 
     files::write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), PUBLIC)?;
     files::write_atomic(&dir.ca_key(), ca.key_pem().as_bytes(), SECRET)?;
     files::write_atomic(&dir.manager_cert(), manager_cert.as_bytes(), PUBLIC)?;
     files::write_atomic(&dir.manager_key(), manager_key.as_bytes(), SECRET)?;
-    let tokens = TokenFile {
-        worker: worker_token.to_string(),
-        manager: manager_token.to_string(),
-    };
-    files::write_atomic(
-        &dir.tokens(),
-        &serde_json::to_vec_pretty(&tokens).expect("serializes"),
-        SECRET,
-    )?;
-    files::write_atomic(
-        &dir.config(),
-        &serde_json::to_vec_pretty(&config).expect("serializes"),
-        SECRET,
-    )?;
+    let tokens = TokenFile { worker: worker_token.to_string(), manager: manager_token.to_string() };
+    files::write_atomic(&dir.tokens(), &serde_json::to_vec_pretty(&tokens).expect("serializes"), SECRET)?;
+    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
     AdminBundle {
         control: config.advertise.to_string(),
         ca_pem: ca.cert_pem().to_owned(),
-        identity: Identity {
-            cert_pem: admin_cert,
-            key_pem: admin_key,
-        },
+        identity: Identity { cert_pem: admin_cert, key_pem: admin_key },
     }
     .write(&dir.admin())?;
 
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let commands = [
-        Command::SetToken {
-            role: Role::Worker,
-            hash: worker_token.secret_hash(),
-        },
-        Command::SetToken {
-            role: Role::Manager,
-            hash: manager_token.secret_hash(),
-        },
+        Command::SetToken { role: Role::Worker, hash: worker_token.secret_hash() },
+        Command::SetToken { role: Role::Manager, hash: manager_token.secret_hash() },
         Command::AddNode(NodeRecord {
             id: manager_id.clone(),
             hostname: hostname(),
             role: Role::Manager,
             state: NodeState::Active,
             joined_at: now,
-            cert_not_after: CertInfo::from_pem(&manager_cert)?
-                .not_after
-                .unix_timestamp(),
+            cert_not_after: CertInfo::from_pem(&manager_cert)?.not_after.unix_timestamp(),
+            labels: Default::default(),
+            underlay: None,
         }),
     ];
     // The state file is written last: its presence is what marks a complete cluster.
-    let staging = dir.root.join(".cluster.json.init");
-    let store = Store::create(
-        &staging,
-        ClusterState::new(cluster_id.clone(), cert_lifetime),
-    )?;
-    for command in commands {
-        store.apply(command)?;
-    }
+    let data_key = DataKey::generate();
+    data_key.save(&dir.data_key())?;
+    let staging = dir.root.join(".cluster.state.init");
+    let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
+    let store = Store::create(&staging, data_key, initial)?;
+    store.apply_all(commands.into())?;
     drop(store);
     std::fs::rename(&staging, dir.state())
         .map_err(|e| FileError::new("renaming into place", &dir.state(), e))?;
 
-    Ok(Created {
-        cluster_id,
-        manager_id,
-        worker_token,
-        manager_token,
-        admin_dir: dir.admin(),
-        config,
-    })
+    Ok(Created { cluster_id, manager_id, worker_token, manager_token, admin_dir: dir.admin(), config })
 }
 
 /// An existing cluster, opened to be served.
@@ -293,65 +244,37 @@ pub fn open(root: &Path) -> Result<Opened, ClusterError> {
         return Err(ClusterError::Missing(root.to_owned(), dir.state()));
     }
     let config_path = dir.config();
-    let config = serde_json::from_str(&files::read_string(&config_path)?).map_err(|error| {
-        ClusterError::Corrupt {
-            path: config_path,
-            error,
-        }
-    })?;
-    let store = Store::open(&dir.state())?;
-    let ca = ClusterCa::load(
-        &files::read_string(&dir.ca_cert())?,
-        &files::read_string(&dir.ca_key())?,
-    )?;
+    let config = serde_json::from_str(&files::read_string(&config_path)?)
+        .map_err(|error| ClusterError::Corrupt { path: config_path, error })?;
+    let store = Store::open(&dir.state(), DataKey::load(&dir.data_key())?)?;
+    let ca = ClusterCa::load(&files::read_string(&dir.ca_cert())?, &files::read_string(&dir.ca_key())?)?;
     let manager_identity = open_identity(&dir)?;
-    Ok(Opened {
-        dir,
-        config,
-        store,
-        ca,
-        manager_identity,
-    })
+    Ok(Opened { dir, config, store, ca, manager_identity })
 }
 
 impl ManagerDir {
     /// The current plaintext token for `role`.
     pub fn read_token(&self, role: Role) -> Result<JoinToken, ClusterError> {
         let path = self.tokens();
-        let file: TokenFile =
-            serde_json::from_str(&files::read_string(&path)?).map_err(|error| {
-                ClusterError::Corrupt {
-                    path: path.clone(),
-                    error,
-                }
-            })?;
+        let file: TokenFile = serde_json::from_str(&files::read_string(&path)?)
+            .map_err(|error| ClusterError::Corrupt { path: path.clone(), error })?;
         let text = match role {
             Role::Worker => file.worker,
             Role::Manager => file.manager,
         };
-        text.parse()
-            .map_err(|error| ClusterError::BadToken { path, error })
+        text.parse().map_err(|error| ClusterError::BadToken { path, error })
     }
 
     /// Records a new plaintext token for `role`.
     pub fn write_token(&self, role: Role, token: &JoinToken) -> Result<(), ClusterError> {
         let path = self.tokens();
-        let mut file: TokenFile =
-            serde_json::from_str(&files::read_string(&path)?).map_err(|error| {
-                ClusterError::Corrupt {
-                    path: path.clone(),
-                    error,
-                }
-            })?;
+        let mut file: TokenFile = serde_json::from_str(&files::read_string(&path)?)
+            .map_err(|error| ClusterError::Corrupt { path: path.clone(), error })?;
         match role {
             Role::Worker => file.worker = token.to_string(),
             Role::Manager => file.manager = token.to_string(),
         }
-        files::write_atomic(
-            &path,
-            &serde_json::to_vec_pretty(&file).expect("serializes"),
-            SECRET,
-        )?;
+        files::write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serializes"), SECRET)?;
         Ok(())
     }
 

@@ -22,11 +22,7 @@ pub struct FileError {
 
 impl FileError {
     pub fn new(action: &'static str, path: &Path, error: io::Error) -> FileError {
-        FileError {
-            action,
-            path: path.to_owned(),
-            error,
-        }
+        FileError { action, path: path.to_owned(), error }
     }
 }
 
@@ -34,18 +30,11 @@ impl FileError {
 /// renames it into place and syncs the directory.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let write = || -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The umask may have narrowed the mode; set it exactly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
@@ -79,14 +68,7 @@ mod tests {
         write_atomic(&path, b"one", SECRET).unwrap();
         write_atomic(&path, b"two", SECRET).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temporary file left"
-        );
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
     }
 }

@@ -32,17 +32,13 @@ pub fn base36(bytes: &[u8], len: usize) -> String {
 }
 
 fn is_base36(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
 }
 
 /// `N` bytes from the OS CSPRNG. A failing OS generator leaves nothing safe to do but stop.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
-    rand::rngs::OsRng
-        .try_fill_bytes(&mut bytes)
-        .expect("the OS random number generator failed");
+    rand::rngs::OsRng.try_fill_bytes(&mut bytes).expect("the OS random number generator failed");
     bytes
 }
 
@@ -88,10 +84,7 @@ macro_rules! id_type {
                 if is_base36(s, ID_LEN) {
                     Ok(Self(s.to_owned()))
                 } else {
-                    Err(InvalidId {
-                        kind: $kind,
-                        value: s.to_owned(),
-                    })
+                    Err(InvalidId { kind: $kind, value: s.to_owned() })
                 }
             }
         }
@@ -117,16 +110,8 @@ macro_rules! id_type {
     };
 }
 
-id_type!(
-    NodeId,
-    "node",
-    "A node's identity: assigned by control at join, the CN of its certificate."
-);
-id_type!(
-    ClusterId,
-    "cluster",
-    "The cluster's identity: the O of every certificate it issues."
-);
+id_type!(NodeId, "node", "A node's identity: assigned by control at join, the CN of its certificate.");
+id_type!(ClusterId, "cluster", "The cluster's identity: the O of every certificate it issues.");
 
 /// Whether `s` has the shape of a base36 digest as used in tokens.
 pub fn is_digest(s: &str) -> bool {
@@ -162,13 +147,7 @@ mod tests {
 
     #[test]
     fn bad_ids_are_rejected_with_the_value() {
-        for bad in [
-            "",
-            "short",
-            &"A".repeat(25),
-            &"0".repeat(26),
-            &"-".repeat(25),
-        ] {
+        for bad in ["", "short", &"A".repeat(25), &"0".repeat(26), &"-".repeat(25)] {
             let err = bad.parse::<NodeId>().unwrap_err();
             assert_eq!(err.value, bad);
             assert!(err.to_string().contains("node ID"));

@@ -2,14 +2,23 @@
 //! gRPC API (identity and admin) that nodes and `meshctl` call.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod client;
 pub mod cluster;
+pub mod dispatcher;
 pub mod files;
 pub mod ids;
+pub mod ipam;
+pub mod keys;
+pub mod orchestrator;
+pub mod placement;
 pub mod proto;
+pub mod seal;
 pub mod server;
+pub mod slice;
+pub mod state;
 pub mod store;
 pub mod tls;
 pub mod tokens;

@@ -4,7 +4,7 @@
 use time::OffsetDateTime;
 
 use crate::ids::{InvalidId, NodeId};
-use crate::store::{NodeRecord, NodeState};
+use crate::state::{NodeRecord, NodeState};
 use crate::tokens::Role;
 
 #[allow(clippy::all, missing_docs)]
@@ -17,6 +17,8 @@ pub mod pb {
 pub enum InvalidMessage {
     #[error("field `{0}` is missing or unspecified")]
     Missing(&'static str),
+    #[error("field `{0}` is malformed")]
+    Field(&'static str),
     #[error(transparent)]
     Id(#[from] InvalidId),
 }
@@ -74,16 +76,16 @@ pub struct NodeView {
     pub joined_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_seen: Option<OffsetDateTime>,
+    pub connected: bool,
+    pub labels: Vec<String>,
 }
 
 fn unix(t: i64) -> Option<OffsetDateTime> {
-    (t > 0)
-        .then(|| OffsetDateTime::from_unix_timestamp(t).ok())
-        .flatten()
+    (t > 0).then(|| OffsetDateTime::from_unix_timestamp(t).ok()).flatten()
 }
 
 impl pb::Node {
-    pub fn from_record(record: &NodeRecord, last_seen: Option<i64>) -> pb::Node {
+    pub fn from_record(record: &NodeRecord, last_seen: Option<i64>, connected: bool) -> pb::Node {
         pb::Node {
             id: record.id.to_string(),
             hostname: record.hostname.clone(),
@@ -92,6 +94,8 @@ impl pb::Node {
             cert_not_after: record.cert_not_after,
             joined_at: record.joined_at,
             last_seen: last_seen.unwrap_or(0),
+            connected,
+            labels: record.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         }
     }
 }
@@ -102,15 +106,102 @@ impl TryFrom<pb::Node> for NodeView {
         Ok(NodeView {
             id: node.id.parse()?,
             hostname: node.hostname,
-            role: pb::Role::try_from(node.role)
-                .unwrap_or(pb::Role::Unspecified)
-                .try_into()?,
-            state: pb::NodeState::try_from(node.state)
-                .unwrap_or(pb::NodeState::Unspecified)
-                .try_into()?,
+            role: pb::Role::try_from(node.role).unwrap_or(pb::Role::Unspecified).try_into()?,
+            state: pb::NodeState::try_from(node.state).unwrap_or(pb::NodeState::Unspecified).try_into()?,
             cert_not_after: unix(node.cert_not_after),
             joined_at: unix(node.joined_at),
             last_seen: unix(node.last_seen),
+            connected: node.connected,
+            labels: node.labels,
+        })
+    }
+}
+
+/// A network as an admin sees it (no key bytes, ever).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NetworkView {
+    pub name: String,
+    pub id: u32,
+    pub subnet: ipnet::Ipv4Net,
+    pub encrypted: bool,
+    pub key_epoch: Option<u32>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub rotated_at: Option<OffsetDateTime>,
+    pub endpoints: u32,
+    pub nodes: Vec<NodeId>,
+}
+
+impl TryFrom<pb::Network> for NetworkView {
+    type Error = InvalidMessage;
+    fn try_from(n: pb::Network) -> Result<NetworkView, InvalidMessage> {
+        Ok(NetworkView {
+            name: n.name,
+            id: n.id,
+            subnet: n.subnet.parse().map_err(|_| InvalidMessage::Field("subnet"))?,
+            encrypted: n.encrypted,
+            key_epoch: n.encrypted.then_some(n.current_epoch),
+            rotated_at: unix(n.rotated_at),
+            endpoints: n.endpoints,
+            nodes: n.nodes.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// One endpoint of a service, as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointView {
+    pub slot: u32,
+    pub node: NodeId,
+    pub addresses: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+}
+
+/// A service as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub networks: Vec<String>,
+    pub ports: Vec<String>,
+    pub replicas: u32,
+    pub constraints: Vec<String>,
+    pub command: Option<String>,
+    pub vips: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+fn ipv4(s: &str, field: &'static str) -> Result<std::net::Ipv4Addr, InvalidMessage> {
+    s.parse().map_err(|_| InvalidMessage::Field(field))
+}
+
+impl TryFrom<pb::Service> for ServiceView {
+    type Error = InvalidMessage;
+    fn try_from(s: pb::Service) -> Result<ServiceView, InvalidMessage> {
+        Ok(ServiceView {
+            name: s.name,
+            networks: s.networks,
+            ports: s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect(),
+            replicas: s.replicas,
+            constraints: s.constraints,
+            command: Some(s.command).filter(|c| !c.is_empty()),
+            vips: s
+                .vips
+                .into_iter()
+                .map(|v| Ok((v.network, ipv4(&v.address, "vip")?)))
+                .collect::<Result<_, InvalidMessage>>()?,
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .map(|e| {
+                    Ok(EndpointView {
+                        slot: e.slot,
+                        node: e.node.parse()?,
+                        addresses: e
+                            .addresses
+                            .into_iter()
+                            .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
+                            .collect::<Result<_, InvalidMessage>>()?,
+                    })
+                })
+                .collect::<Result<_, InvalidMessage>>()?,
         })
     }
 }

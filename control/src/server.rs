@@ -1,14 +1,15 @@
-//! The control API served over TLS: the identity service (CA fetch, join, renewal) and the admin
-//! service, and the connection handling that lets a removed node's connections be cut at once.
+//! The running manager: the cluster state and CA, who is connected, the one path by which
+//! changes are made, the background loops (reconcile, key rotation, its own certificate), and the
+//! TLS listener whose connections can be cut when a node is removed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
 use time::OffsetDateTime;
@@ -19,47 +20,122 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 use tracing::{debug, info, warn};
 
+use crate::api::{admin::AdminApi, identity::IdentityApi};
 use crate::auth::{self, Caller};
 use crate::ca::{CertInfo, ClusterCa, Subject};
 use crate::cluster::{self, ManagerDir, Opened};
+use crate::dispatcher::DispatcherApi;
 use crate::ids::NodeId;
+use crate::orchestrator::{self, Liveness, PlanError};
 use crate::proto::pb;
-use crate::store::{Command, NodeRecord, NodeState, Store};
+use crate::state::{ClusterState, Command, NodeState};
+use crate::store::{Store, StoreError};
 use crate::tls::{self, Identity};
-use crate::tokens::{JoinToken, Role};
+use crate::tokens::Role;
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the manager checks whether its own certificate is due for renewal.
 const SELF_RENEW_CHECK: Duration = Duration::from_secs(60);
-/// Longest hostname accepted in a join.
-const MAX_HOSTNAME: usize = 253;
+/// How often placement and key rotation are checked.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
-/// The running manager: the cluster state, the CA, and the live connections.
+/// Network key rotation interval unless told otherwise.
+pub const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
+/// How long a node may be without a session before its endpoints move elsewhere.
+pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(15);
+
+/// How the manager runs.
+#[derive(Clone, Debug)]
+pub struct ManagerOptions {
+    pub key_rotation: Duration,
+    pub down_after: Duration,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions { key_rotation: DEFAULT_KEY_ROTATION, down_after: DEFAULT_DOWN_AFTER }
+    }
+}
+
+/// Open sessions of a node, and since when it has had none.
+#[derive(Clone, Copy, Debug)]
+struct Presence {
+    open: usize,
+    since: Instant,
+}
+
+/// Why a change could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ChangeError> for Status {
+    fn from(e: ChangeError) -> Status {
+        use crate::state::StateError as S;
+        let message = e.to_string();
+        match e {
+            ChangeError::Plan(p) => match p {
+                PlanError::UnknownNetwork(_) | PlanError::UnknownService(_) | PlanError::UnknownNode(_) => {
+                    Status::not_found(message)
+                }
+                PlanError::State(S::UnknownNode(_)) => Status::not_found(message),
+                PlanError::NetworkExists(_) | PlanError::ServiceExists(_) => Status::already_exists(message),
+                PlanError::TooFewNodes { .. } | PlanError::State(_) | PlanError::Unencrypted(_) => {
+                    Status::failed_precondition(message)
+                }
+                PlanError::Ipam(crate::ipam::IpamError::Exhausted { .. }) => {
+                    Status::resource_exhausted(message)
+                }
+                _ => Status::invalid_argument(message),
+            },
+            ChangeError::Store(StoreError::State(_)) => Status::failed_precondition(message),
+            ChangeError::Store(_) => {
+                warn!(error = %message, "storing a change failed");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// The running manager.
 pub struct Manager {
-    dir: ManagerDir,
-    store: Store,
-    ca: ClusterCa,
+    pub(crate) dir: ManagerDir,
+    pub(crate) store: Store,
+    pub(crate) ca: ClusterCa,
+    pub(crate) options: ManagerOptions,
     server_tls: Mutex<Arc<ServerConfig>>,
-    last_seen: Mutex<HashMap<NodeId, i64>>,
+    pub(crate) last_seen: Mutex<HashMap<NodeId, i64>>,
     connections: Mutex<HashMap<NodeId, Vec<CancellationToken>>>,
-    join_attempts: AtomicU64,
+    presence: Mutex<HashMap<NodeId, Presence>>,
+    started: Instant,
+    pub(crate) join_attempts: AtomicU64,
+    /// Serializes changes: a plan is made and applied with no other change in between.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
-    pub fn new(opened: Opened) -> Result<Arc<Manager>, tls::TlsError> {
+    pub fn new(opened: Opened, options: ManagerOptions) -> Result<Arc<Manager>, tls::TlsError> {
         let server_tls = tls::server_config(opened.ca.cert_der(), &opened.manager_identity)?;
         Ok(Arc::new(Manager {
             dir: opened.dir,
             store: opened.store,
             ca: opened.ca,
+            options,
             server_tls: Mutex::new(server_tls),
             last_seen: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
+            started: Instant::now(),
             join_attempts: AtomicU64::new(0),
+            writer: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -76,8 +152,59 @@ impl Manager {
         self.join_attempts.load(Ordering::Relaxed)
     }
 
+    /// Makes a change: `plan` reads the state and liveness and returns commands; key rotations
+    /// for networks that a node leaves are added; all are applied together or not at all.
+    pub async fn change<F>(&self, plan: F) -> Result<(), ChangeError>
+    where
+        F: FnOnce(&ClusterState, &Liveness) -> Result<Vec<Command>, PlanError>,
+    {
+        let _writer = self.writer.lock().await;
+        let live = self.liveness();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let commands = self.store.read(|state| {
+            let commands = plan(state, &live)?;
+            orchestrator::with_rotations(state, commands, now)
+        })?;
+        if !commands.is_empty() {
+            self.store.apply_all(commands)?;
+        }
+        Ok(())
+    }
+
+    /// Which nodes have a session now, and which are not (yet) considered down.
+    pub fn liveness(&self) -> Liveness {
+        let presence = self.presence.lock().expect("lock").clone();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        self.store.read(|s| {
+            for node in s.nodes.values().filter(|n| n.state == NodeState::Active) {
+                let p = presence.get(&node.id).copied().unwrap_or(Presence { open: 0, since: self.started });
+                if p.open > 0 {
+                    live.connected.insert(node.id.clone());
+                }
+                if p.open > 0 || now.duration_since(p.since) < self.options.down_after {
+                    live.not_down.insert(node.id.clone());
+                }
+            }
+        });
+        live
+    }
+
+    /// Nodes with an open session.
+    pub fn connected(&self) -> BTreeSet<NodeId> {
+        self.liveness().connected
+    }
+
+    /// Notes a session opened by `node`; the guard notes its end when dropped.
+    pub(crate) fn session_opened(self: &Arc<Self>, node: &NodeId) -> SessionGuard {
+        let mut presence = self.presence.lock().expect("lock");
+        let p = presence.entry(node.clone()).or_insert(Presence { open: 0, since: Instant::now() });
+        p.open += 1;
+        SessionGuard { manager: self.clone(), node: node.clone() }
+    }
+
     /// Identifies the caller and, for nodes, notes that it was seen.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    pub(crate) fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let caller = self.store.read(|state| auth::caller(request, state))?;
         if let Caller::Node { id, .. } = &caller {
             let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -87,13 +214,8 @@ impl Manager {
     }
 
     /// Cuts every open connection of `node`.
-    fn cut(&self, node: &NodeId) {
-        let tokens = self
-            .connections
-            .lock()
-            .expect("lock")
-            .remove(node)
-            .unwrap_or_default();
+    pub(crate) fn cut(&self, node: &NodeId) {
+        let tokens = self.connections.lock().expect("lock").remove(node).unwrap_or_default();
         let open = tokens.iter().filter(|t| !t.is_cancelled()).count();
         for token in tokens {
             token.cancel();
@@ -109,6 +231,38 @@ impl Manager {
         list.push(token);
     }
 
+    /// Issues a node certificate for `csr_pem`.
+    pub(crate) fn issue_node_certificate(
+        &self,
+        csr_pem: &str,
+        id: &NodeId,
+        role: Role,
+    ) -> Result<(String, i64), Status> {
+        let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
+        let cert_pem = self
+            .ca
+            .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let not_after = CertInfo::from_pem(&cert_pem)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .not_after
+            .unix_timestamp();
+        Ok((cert_pem, not_after))
+    }
+
+    /// Moves endpoints off down or ineligible nodes, fills missing replicas, and turns key rings
+    /// that are due.
+    async fn reconcile(&self) -> Result<(), ChangeError> {
+        let interval = self.options.key_rotation.as_secs() as i64;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        self.change(|state, live| {
+            let mut commands = orchestrator::reconcile(state, live);
+            commands.extend(orchestrator::due_rotations(state, interval, now));
+            Ok(commands)
+        })
+        .await
+    }
+
     /// Re-issues this manager's own server certificate once past half its lifetime.
     fn renew_own_certificate_if_due(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let current = cluster::open_identity(&self.dir)?;
@@ -119,28 +273,35 @@ impl Manager {
             return Ok(());
         }
         let id: NodeId = info.common_name.parse()?;
-        let (cluster_id, lifetime) = self
-            .store
-            .read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
-        let (cert_pem, key_pem) = self.ca.issue_with_new_key(&Subject::node(
-            &cluster_id,
-            &id,
-            Role::Manager,
-            lifetime,
-        ))?;
+        let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
+        let (cert_pem, key_pem) =
+            self.ca.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime))?;
         let identity = Identity { cert_pem, key_pem };
         let config = tls::server_config(self.ca.cert_der(), &identity)?;
         self.dir.write_manager_identity(&identity)?;
-        let not_after = CertInfo::from_pem(&identity.cert_pem)?
-            .not_after
-            .unix_timestamp();
-        self.store.apply(Command::RecordCertificate {
-            id: id.clone(),
-            not_after,
-        })?;
+        let not_after = CertInfo::from_pem(&identity.cert_pem)?.not_after.unix_timestamp();
+        self.store.apply(Command::RecordCertificate { id: id.clone(), not_after })?;
         *self.server_tls.lock().expect("lock") = config;
         info!(node = %id, "renewed the manager's own certificate");
         Ok(())
+    }
+}
+
+/// Marks a node's session closed when dropped.
+pub(crate) struct SessionGuard {
+    manager: Arc<Manager>,
+    node: NodeId,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut presence = self.manager.presence.lock().expect("lock");
+        if let Some(p) = presence.get_mut(&self.node) {
+            p.open = p.open.saturating_sub(1);
+            if p.open == 0 {
+                p.since = Instant::now();
+            }
+        }
     }
 }
 
@@ -151,7 +312,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Cuttable>>(64);
-    let acceptor_manager = manager.clone();
+    let acceptor = manager.clone();
     let _accept = AbortOnDrop(tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -162,7 +323,7 @@ pub async fn serve(
                     continue;
                 }
             };
-            let manager = acceptor_manager.clone();
+            let manager = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
@@ -187,20 +348,26 @@ pub async fn serve(
             });
         }
     }));
-    let renew_manager = manager.clone();
-    let _renew = AbortOnDrop(tokio::spawn(async move {
+    let background = manager.clone();
+    let _background = AbortOnDrop(tokio::spawn(async move {
+        let mut last_self_check: Option<Instant> = None;
         loop {
-            if let Err(e) = renew_manager.renew_own_certificate_if_due() {
-                warn!(error = %e, "renewing the manager's own certificate failed; will retry");
+            if last_self_check.is_none_or(|t| t.elapsed() >= SELF_RENEW_CHECK) {
+                last_self_check = Some(Instant::now());
+                if let Err(e) = background.renew_own_certificate_if_due() {
+                    warn!(error = %e, "renewing the manager's own certificate failed; will retry");
+                }
             }
-            tokio::time::sleep(SELF_RENEW_CHECK).await;
+            if let Err(e) = background.reconcile().await {
+                warn!(error = %e, "reconcile failed; will retry");
+            }
+            tokio::time::sleep(RECONCILE_EVERY).await;
         }
     }));
     tonic::transport::Server::builder()
-        .add_service(pb::identity_server::IdentityServer::new(IdentityApi(
-            manager.clone(),
-        )))
-        .add_service(pb::admin_server::AdminServer::new(AdminApi(manager)))
+        .add_service(pb::identity_server::IdentityServer::new(IdentityApi(manager.clone())))
+        .add_service(pb::admin_server::AdminServer::new(AdminApi(manager.clone())))
+        .add_service(pb::dispatcher_server::DispatcherServer::new(DispatcherApi(manager)))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await
 }
@@ -232,19 +399,12 @@ pub struct Cuttable {
 
 impl Cuttable {
     fn new(inner: TlsStream<TcpStream>, token: CancellationToken) -> Cuttable {
-        Cuttable {
-            inner,
-            cut: Box::pin(token.clone().cancelled_owned()),
-            token,
-        }
+        Cuttable { inner, cut: Box::pin(token.clone().cancelled_owned()), token }
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         match self.cut.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "node removed",
-            )),
+            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "node removed")),
             Poll::Pending => Ok(()),
         }
     }
@@ -276,11 +436,7 @@ impl AsyncRead for Cuttable {
 }
 
 impl AsyncWrite for Cuttable {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -290,233 +446,5 @@ impl AsyncWrite for Cuttable {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    warn!(error = %e, "internal error");
-    Status::internal(e.to_string())
-}
-
-/// Issues a node certificate for `csr_pem` and records its expiry.
-fn issue_node_certificate(
-    manager: &Manager,
-    csr_pem: &str,
-    id: &NodeId,
-    role: Role,
-) -> Result<(String, i64), Status> {
-    let (cluster_id, lifetime) = manager
-        .store
-        .read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
-    let cert_pem = manager
-        .ca
-        .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let not_after = CertInfo::from_pem(&cert_pem)
-        .map_err(internal)?
-        .not_after
-        .unix_timestamp();
-    Ok((cert_pem, not_after))
-}
-
-struct IdentityApi(Arc<Manager>);
-
-#[tonic::async_trait]
-impl pb::identity_server::Identity for IdentityApi {
-    async fn get_root_ca(
-        &self,
-        _request: Request<pb::GetRootCaRequest>,
-    ) -> Result<Response<pb::GetRootCaResponse>, Status> {
-        Ok(Response::new(pb::GetRootCaResponse {
-            ca_pem: self.0.ca.cert_pem().to_owned(),
-        }))
-    }
-
-    async fn join(
-        &self,
-        request: Request<pb::JoinRequest>,
-    ) -> Result<Response<pb::JoinResponse>, Status> {
-        let manager = &self.0;
-        manager.join_attempts.fetch_add(1, Ordering::Relaxed);
-        let req = request.into_inner();
-        let token: JoinToken = req
-            .token
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("malformed join token: {e}")))?;
-        if token.ca_digest() != manager.ca.digest() {
-            return Err(Status::permission_denied(format!(
-                "the join token pins CA digest {}, but this cluster's CA digest is {}",
-                token.ca_digest(),
-                manager.ca.digest()
-            )));
-        }
-        let role = manager
-            .store
-            .read(|s| s.role_for_token(&token.secret_hash()))
-            .ok_or_else(|| {
-                warn!("join refused: the token's secret matches no current join token");
-                Status::permission_denied(
-                    "invalid join token: its secret matches no current token (rotated or wrong)",
-                )
-            })?;
-        let hostname = req.hostname.trim();
-        if hostname.is_empty()
-            || hostname.len() > MAX_HOSTNAME
-            || !hostname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
-        {
-            return Err(Status::invalid_argument(format!(
-                "hostname `{}` is not valid: 1 to {MAX_HOSTNAME} characters of a-z, 0-9, `-`, `.`, `_`",
-                hostname.escape_default()
-            )));
-        }
-        let id = NodeId::random();
-        let (cert_pem, not_after) = issue_node_certificate(manager, &req.csr_pem, &id, role)?;
-        manager
-            .store
-            .apply(Command::AddNode(NodeRecord {
-                id: id.clone(),
-                hostname: hostname.to_owned(),
-                role,
-                state: NodeState::Active,
-                joined_at: OffsetDateTime::now_utc().unix_timestamp(),
-                cert_not_after: not_after,
-            }))
-            .map_err(internal)?;
-        info!(node = %id, %role, hostname, "node joined");
-        Ok(Response::new(pb::JoinResponse {
-            node_id: id.to_string(),
-            cert_pem,
-            ca_pem: manager.ca.cert_pem().to_owned(),
-        }))
-    }
-
-    async fn renew(
-        &self,
-        request: Request<pb::RenewRequest>,
-    ) -> Result<Response<pb::RenewResponse>, Status> {
-        let manager = &self.0;
-        let (id, role) = match manager.caller(&request)? {
-            Caller::Node { id, role } => (id, role),
-            Caller::Admin => {
-                return Err(Status::permission_denied("only nodes renew certificates"));
-            }
-        };
-        let (cert_pem, not_after) =
-            issue_node_certificate(manager, &request.get_ref().csr_pem, &id, role)?;
-        manager
-            .store
-            .apply(Command::RecordCertificate {
-                id: id.clone(),
-                not_after,
-            })
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
-        info!(node = %id, "renewed a node certificate");
-        Ok(Response::new(pb::RenewResponse { cert_pem }))
-    }
-}
-
-struct AdminApi(Arc<Manager>);
-
-impl AdminApi {
-    fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        auth::require_admin(&self.0.caller(request)?)
-    }
-
-    fn node(&self, id: &str) -> Result<pb::Node, Status> {
-        let id: NodeId = id
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        let last_seen = self.0.last_seen.lock().expect("lock").get(&id).copied();
-        self.0.store.read(|s| {
-            s.nodes
-                .get(&id)
-                .map(|record| pb::Node::from_record(record, last_seen))
-                .ok_or_else(|| Status::not_found(format!("no node with ID {id}")))
-        })
-    }
-}
-
-#[tonic::async_trait]
-impl pb::admin_server::Admin for AdminApi {
-    async fn list_nodes(
-        &self,
-        request: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        self.admin(&request)?;
-        let last_seen = self.0.last_seen.lock().expect("lock").clone();
-        let nodes = self.0.store.read(|s| {
-            s.nodes
-                .values()
-                .map(|record| pb::Node::from_record(record, last_seen.get(&record.id).copied()))
-                .collect()
-        });
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
-    }
-
-    async fn inspect_node(
-        &self,
-        request: Request<pb::InspectNodeRequest>,
-    ) -> Result<Response<pb::Node>, Status> {
-        self.admin(&request)?;
-        Ok(Response::new(self.node(&request.get_ref().id)?))
-    }
-
-    async fn remove_node(
-        &self,
-        request: Request<pb::RemoveNodeRequest>,
-    ) -> Result<Response<pb::Node>, Status> {
-        self.admin(&request)?;
-        let id: NodeId = request
-            .get_ref()
-            .id
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        self.0
-            .store
-            .apply(Command::RemoveNode { id: id.clone() })
-            .map_err(|e| match e {
-                crate::store::StoreError::UnknownNode(_) => Status::not_found(e.to_string()),
-                crate::store::StoreError::NodeRemoved(_) => {
-                    Status::failed_precondition(e.to_string())
-                }
-                other => internal(other),
-            })?;
-        self.0.cut(&id);
-        info!(node = %id, "node removed");
-        Ok(Response::new(self.node(id.as_str())?))
-    }
-
-    async fn join_token(
-        &self,
-        request: Request<pb::JoinTokenRequest>,
-    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
-        self.admin(&request)?;
-        let role: Role = pb::Role::try_from(request.get_ref().role)
-            .unwrap_or(pb::Role::Unspecified)
-            .try_into()
-            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        let manager = &self.0;
-        if request.get_ref().rotate {
-            let token = JoinToken::generate(&manager.ca.digest());
-            // The hash goes into the state first: from that moment the old token is refused.
-            manager
-                .store
-                .apply(Command::SetToken {
-                    role,
-                    hash: token.secret_hash(),
-                })
-                .map_err(internal)?;
-            manager.dir.write_token(role, &token).map_err(internal)?;
-            info!(%role, "join token rotated");
-            return Ok(Response::new(pb::JoinTokenResponse {
-                token: token.to_string(),
-            }));
-        }
-        let token = manager.dir.read_token(role).map_err(internal)?;
-        Ok(Response::new(pb::JoinTokenResponse {
-            token: token.to_string(),
-        }))
     }
 }

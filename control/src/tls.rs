@@ -43,9 +43,7 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("key_pem", &"<redacted>")
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("key_pem", &"<redacted>").finish_non_exhaustive()
     }
 }
 
@@ -53,30 +51,19 @@ impl Identity {
     fn parse(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Pem {
-                what: "certificate",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| TlsError::Pem { what: "certificate", detail: e.to_string() })?;
         if certs.is_empty() {
-            return Err(TlsError::Pem {
-                what: "certificate",
-                detail: "no CERTIFICATE block".into(),
-            });
+            return Err(TlsError::Pem { what: "certificate", detail: "no CERTIFICATE block".into() });
         }
-        let key =
-            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| TlsError::Pem {
-                what: "private key",
-                detail: e.to_string(),
-            })?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem { what: "private key", detail: e.to_string() })?;
         Ok((certs, key))
     }
 }
 
 fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca_der.to_vec()))
-        .map_err(|e| TlsError::Anchor(e.to_string()))?;
+    roots.add(CertificateDer::from(ca_der.to_vec())).map_err(|e| TlsError::Anchor(e.to_string()))?;
     Ok(Arc::new(roots))
 }
 
@@ -118,9 +105,9 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match trust {
         ServerTrust::Ca(ca_der) => builder.with_root_certificates(roots(ca_der)?),
-        ServerTrust::FetchCaOnly => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyForCaFetch(provider))),
+        ServerTrust::FetchCaOnly => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyForCaFetch(provider)))
+        }
     };
     let mut config = match identity {
         Some(id) => {
@@ -155,12 +142,7 @@ impl ServerCertVerifier for AcceptAnyForCaFetch {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -169,12 +151,7 @@ impl ServerCertVerifier for AcceptAnyForCaFetch {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

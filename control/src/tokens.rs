@@ -60,9 +60,7 @@ impl FromStr for Role {
         match s {
             "worker" => Ok(Role::Worker),
             "manager" => Ok(Role::Manager),
-            other => Err(format!(
-                "unknown role `{other}`: expected `worker` or `manager`"
-            )),
+            other => Err(format!("unknown role `{other}`: expected `worker` or `manager`")),
         }
     }
 }
@@ -99,10 +97,7 @@ impl fmt::Debug for JoinToken {
 impl JoinToken {
     /// A fresh token for the CA with this digest.
     pub fn generate(ca_digest: &str) -> JoinToken {
-        JoinToken {
-            ca_digest: ca_digest.to_owned(),
-            secret: ids::random_base36_128(),
-        }
+        JoinToken { ca_digest: ca_digest.to_owned(), secret: ids::random_base36_128() }
     }
 
     /// The base36 SHA-256 digest of the root CA certificate (DER) this token pins.
@@ -130,19 +125,14 @@ impl FromStr for JoinToken {
             return Err(TokenError::Length(rest.chars().count()));
         }
         let (digest, secret) = rest.split_at(DIGEST_LEN);
-        let secret = secret
-            .strip_prefix('-')
-            .ok_or(TokenError::Length(rest.len()))?;
+        let secret = secret.strip_prefix('-').ok_or(TokenError::Length(rest.len()))?;
         if !ids::is_digest(digest) {
             return Err(TokenError::Digest);
         }
         if !ids::is_id(secret) {
             return Err(TokenError::Secret);
         }
-        Ok(JoinToken {
-            ca_digest: digest.to_owned(),
-            secret: secret.to_owned(),
-        })
+        Ok(JoinToken { ca_digest: digest.to_owned(), secret: secret.to_owned() })
     }
 }
 
@@ -208,18 +198,8 @@ mod tests {
         let good = JoinToken::generate(&digest()).to_string();
         let cases: Vec<(String, TokenError)> = vec![
             ("garbage".into(), TokenError::Prefix),
-            (
-                good[..good.len() - 3].into(),
-                TokenError::Length(DIGEST_LEN + ID_LEN - 2),
-            ),
-            (
-                format!(
-                    "{}X{}",
-                    &good[..PREFIX.len() + 3],
-                    &good[PREFIX.len() + 4..]
-                ),
-                TokenError::Digest,
-            ),
+            (good[..good.len() - 3].into(), TokenError::Length(DIGEST_LEN + ID_LEN - 2)),
+            (format!("{}X{}", &good[..PREFIX.len() + 3], &good[PREFIX.len() + 4..]), TokenError::Digest),
             (format!("{}Z", &good[..good.len() - 1]), TokenError::Secret),
             (
                 good.replacen(

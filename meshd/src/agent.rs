@@ -1,14 +1,19 @@
-//! The long-running node agent. For now it keeps the node's identity alive: it renews the
-//! certificate at a random point between 50 % and 80 % of its lifetime and retries failures with
-//! exponential backoff. (The session with control and the data plane join it in later issues.)
+//! The long-running node agent: it keeps the node's identity alive (renewing the certificate at
+//! a random point between 50 % and 80 % of its lifetime, retrying with exponential backoff),
+//! holds the session with control, and answers `meshd status`.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use time::OffsetDateTime;
 use tracing::{error, info, warn};
 
 use crate::identity::{self, IdentityError, NodeDir};
+use crate::session::{self, SessionConfig, SessionError, SessionEvent};
+use crate::status::{self, Status};
 
 /// First retry delay after a failed renewal.
 pub const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -20,26 +25,62 @@ pub const RETRY_MAX: Duration = Duration::from_secs(300);
 pub enum AgentError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error(
-        "the node certificate expired at {0} before it could be renewed; the node must join again"
-    )]
+    #[error("the node certificate expired at {0} before it could be renewed; the node must join again")]
     Expired(OffsetDateTime),
     #[error("control refused this node: {0}")]
     Refused(IdentityError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("the status socket failed: {0}")]
+    Status(String),
 }
 
 /// The delay before retry number `attempt` (0-based): doubling from [`RETRY_MIN`] up to
 /// [`RETRY_MAX`], with up to 25 % random jitter.
 pub fn backoff(attempt: u32) -> Duration {
-    let base = RETRY_MIN
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(RETRY_MAX);
+    let base = RETRY_MIN.saturating_mul(1u32 << attempt.min(16)).min(RETRY_MAX);
     let jitter = rand::random_range(0.0..0.25);
     base.mul_f64(1.0 + jitter).min(RETRY_MAX)
 }
 
+/// Runs the agent until an unrecoverable error: renewal, the session, the status socket.
+pub async fn run(config: SessionConfig) -> Result<(), AgentError> {
+    let dir = config.state_dir.clone();
+    let node = NodeDir::new(&dir).load()?;
+    let status = Arc::new(Mutex::new(Status {
+        node: node.id.to_string(),
+        control: node.control.clone(),
+        underlay: config.underlay.to_string(),
+        ..Status::default()
+    }));
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let holder = status.clone();
+    let follow = async move {
+        while let Some(event) = events.recv().await {
+            let mut status = holder.lock().expect("lock");
+            match event {
+                SessionEvent::Connected => {
+                    status.connected = true;
+                    status.last_error = None;
+                }
+                SessionEvent::Disconnected(why) => {
+                    status.connected = false;
+                    status.last_error = Some(why);
+                }
+                SessionEvent::Slice(slice) => status.apply(&slice),
+            }
+        }
+    };
+    tokio::select! {
+        result = keep_identity(&dir) => result,
+        refused = session::run(config.clone(), events_tx) => Err(AgentError::Session(refused)),
+        served = status::serve(&dir, status.clone()) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
+        _ = follow => Ok(()),
+    }
+}
+
 /// Keeps the identity in `dir` renewed until an unrecoverable error.
-pub async fn run(dir: &Path) -> Result<(), AgentError> {
+pub async fn keep_identity(dir: &Path) -> Result<(), AgentError> {
     let node_dir = NodeDir::new(dir);
     let mut current = node_dir.load()?;
     info!(
@@ -69,9 +110,7 @@ pub async fn run(dir: &Path) -> Result<(), AgentError> {
                     info!(node = %renewed.id, cert_expires = %renewed.info.not_after, "certificate renewed");
                     break renewed;
                 }
-                Err(IdentityError::Client(e))
-                    if e.code() == Some(tonic::Code::PermissionDenied) =>
-                {
+                Err(IdentityError::Client(e)) if e.code() == Some(tonic::Code::PermissionDenied) => {
                     error!(node = %current.id, error = %e, "control refuses this node");
                     return Err(AgentError::Refused(IdentityError::Client(e)));
                 }
@@ -94,13 +133,8 @@ mod tests {
     fn backoff_doubles_and_is_capped() {
         for attempt in 0..40 {
             let d = backoff(attempt);
-            let base = RETRY_MIN
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(RETRY_MAX);
-            assert!(
-                d >= base && d <= RETRY_MAX && d <= base.mul_f64(1.25),
-                "{attempt}: {d:?}"
-            );
+            let base = RETRY_MIN.saturating_mul(1u32 << attempt.min(16)).min(RETRY_MAX);
+            assert!(d >= base && d <= RETRY_MAX && d <= base.mul_f64(1.25), "{attempt}: {d:?}");
         }
         assert_eq!(backoff(30), RETRY_MAX);
     }

@@ -35,11 +35,7 @@ pub enum IdentityError {
         "the CA served by {control} has digest {served}, but the join token pins {pinned}; \
          refusing to join (nothing was sent or written)"
     )]
-    CaMismatch {
-        control: String,
-        served: String,
-        pinned: String,
-    },
+    CaMismatch { control: String, served: String, pinned: String },
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error(transparent)]
@@ -60,9 +56,7 @@ pub struct NodeDir {
 
 impl NodeDir {
     pub fn new(root: &Path) -> NodeDir {
-        NodeDir {
-            root: root.to_owned(),
-        }
+        NodeDir { root: root.to_owned() }
     }
     pub fn ca(&self) -> PathBuf {
         self.root.join("ca.crt")
@@ -100,17 +94,8 @@ impl NodeDir {
         let ca_pem = files::read_string(&self.ca())?;
         let control = files::read_string(&self.control())?.trim().to_owned();
         let info = CertInfo::from_pem(&cert_pem)?;
-        let id = info
-            .common_name
-            .parse()
-            .map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
-        Ok(NodeIdentity {
-            id,
-            info,
-            ca_pem,
-            identity: Identity { cert_pem, key_pem },
-            control,
-        })
+        let id = info.common_name.parse().map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
+        Ok(NodeIdentity { id, info, ca_pem, identity: Identity { cert_pem, key_pem }, control })
     }
 }
 
@@ -127,17 +112,15 @@ pub struct NodeIdentity {
 fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, IdentityError> {
     let key = KeyPair::from_pem(key_pem)?;
     let der = ca::pem_to_der(cert_pem)?;
-    let (_, cert) = X509Certificate::from_der(&der)
-        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
 }
 
 /// A fresh P-256 key pair and a CSR for it. The CSR's subject is left empty: control assigns it.
 fn key_and_csr() -> Result<(KeyPair, String), IdentityError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default()
-        .serialize_request(&key)?
-        .pem()?;
+    let csr = CertificateParams::default().serialize_request(&key)?.pem()?;
     Ok((key, csr))
 }
 
@@ -153,8 +136,7 @@ fn check_issued(
     let (_, ca_cert) = X509Certificate::from_der(&ca_der).map_err(|e| bad(&e.to_string()))?;
     let der = ca::pem_to_der(cert_pem)?;
     let (_, cert) = X509Certificate::from_der(&der).map_err(|e| bad(&e.to_string()))?;
-    cert.verify_signature(Some(ca_cert.public_key()))
-        .map_err(|_| bad("is not signed by the cluster CA"))?;
+    cert.verify_signature(Some(ca_cert.public_key())).map_err(|_| bad("is not signed by the cluster CA"))?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(bad("is not for the key this node generated"));
     }
@@ -171,12 +153,7 @@ fn check_issued(
 }
 
 /// Joins the cluster at `control` with `token`, storing the identity in `dir`.
-pub async fn join(
-    control: &str,
-    token: &str,
-    dir: &Path,
-    hostname: &str,
-) -> Result<NodeId, IdentityError> {
+pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Result<NodeId, IdentityError> {
     let node_dir = NodeDir::new(dir);
     for existing in [node_dir.cert(), node_dir.key()] {
         if existing.exists() {
@@ -200,11 +177,7 @@ pub async fn join(
     let (key, csr_pem) = key_and_csr()?;
     let channel = client::authenticated_channel(control, &ca_der, None).await?;
     let response = pb::identity_client::IdentityClient::new(channel)
-        .join(pb::JoinRequest {
-            token: token.to_string(),
-            csr_pem,
-            hostname: hostname.to_owned(),
-        })
+        .join(pb::JoinRequest { token: token.to_string(), csr_pem, hostname: hostname.to_owned() })
         .await
         .map_err(|s| ClientError::refused(control, s))?
         .into_inner();
@@ -218,11 +191,7 @@ pub async fn join(
 
     files::create_private_dir(dir)?;
     files::write_atomic(&node_dir.ca(), ca_pem.as_bytes(), PUBLIC)?;
-    files::write_atomic(
-        &node_dir.control(),
-        format!("{control}\n").as_bytes(),
-        PUBLIC,
-    )?;
+    files::write_atomic(&node_dir.control(), format!("{control}\n").as_bytes(), PUBLIC)?;
     files::write_atomic(&node_dir.key(), key.serialize_pem().as_bytes(), SECRET)?;
     files::write_atomic(&node_dir.cert(), response.cert_pem.as_bytes(), PUBLIC)?;
     Ok(id)
@@ -236,8 +205,7 @@ pub async fn renew(dir: &Path) -> Result<NodeIdentity, IdentityError> {
     let current = node_dir.load()?;
     let ca_der = ca::pem_to_der(&current.ca_pem)?;
     let (key, csr_pem) = key_and_csr()?;
-    let channel =
-        client::authenticated_channel(&current.control, &ca_der, Some(&current.identity)).await?;
+    let channel = client::authenticated_channel(&current.control, &ca_der, Some(&current.identity)).await?;
     let response = pb::identity_client::IdentityClient::new(channel)
         .renew(pb::RenewRequest { csr_pem })
         .await
@@ -263,11 +231,7 @@ pub fn renewal_delay(
     let fraction: f64 = rng.random_range(0.5..=0.8);
     let at: OffsetDateTime = not_before + lifetime * fraction;
     let delay: time::Duration = at - now;
-    if delay.is_negative() {
-        Duration::ZERO
-    } else {
-        delay.unsigned_abs()
-    }
+    if delay.is_negative() { Duration::ZERO } else { delay.unsigned_abs() }
 }
 
 #[cfg(test)]
@@ -289,10 +253,7 @@ mod tests {
         assert!(min >= Duration::from_secs(12 * 3600), "{min:?}");
         assert!(max <= Duration::from_secs(24 * 3600 * 8 / 10), "{max:?}");
         // Spread, not a constant.
-        assert!(
-            max - min > Duration::from_secs(6 * 3600),
-            "{min:?}..{max:?}"
-        );
+        assert!(max - min > Duration::from_secs(6 * 3600), "{min:?}..{max:?}");
         // Already past the point: renew now.
         assert_eq!(renewal_delay(start, end, end, &mut rng), Duration::ZERO);
     }

@@ -4,3 +4,5 @@
 
 pub mod agent;
 pub mod identity;
+pub mod session;
+pub mod status;

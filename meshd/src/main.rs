@@ -3,14 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use meshd::{agent, identity};
+use meshd::session::{self, SessionConfig};
+use meshd::{agent, identity, status};
 
 #[derive(Parser)]
-#[command(
-    name = "meshd",
-    version,
-    about = "The per-host agent of a mesh cluster"
-)]
+#[command(name = "meshd", version, about = "The per-host agent of a mesh cluster")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -33,10 +30,22 @@ enum Cmd {
         #[arg(long)]
         hostname: Option<String>,
     },
-    /// Run the agent: keep the node's certificate renewed.
+    /// Run the agent: keep the node's certificate renewed and hold the session with control.
     Run {
         #[arg(long, default_value = "/var/lib/meshd")]
         state_dir: PathBuf,
+        /// Where this node receives overlay traffic: IP or IP:PORT (default: this host's address
+        /// towards control, port 4800).
+        #[arg(long)]
+        underlay: Option<String>,
+    },
+    /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
+    Status {
+        #[arg(long, default_value = "/var/lib/meshd")]
+        state_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Renew the node's certificate now (a fresh key pair, same node ID).
     Renew {
@@ -55,32 +64,37 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Cmd::Join {
-            control,
-            token,
-            state_dir,
-            hostname,
-        } => {
+        Cmd::Join { control, token, state_dir, hostname } => {
             let hostname = hostname.unwrap_or_else(control::cluster::hostname);
             identity::join(&control, &token, &state_dir, &hostname)
                 .await
                 .map(|id| {
                     println!("{id}");
-                    eprintln!(
-                        "Joined as node {id}; identity stored in {}.",
-                        state_dir.display()
-                    );
+                    eprintln!("Joined as node {id}; identity stored in {}.", state_dir.display());
                 })
                 .map_err(anyhow::Error::from)
         }
-        Cmd::Run { state_dir } => agent::run(&state_dir).await.map_err(anyhow::Error::from),
+        Cmd::Run { state_dir, underlay } => {
+            match session::underlay_address(underlay.as_deref(), &state_dir) {
+                Ok(underlay) => {
+                    agent::run(SessionConfig { state_dir, underlay }).await.map_err(anyhow::Error::from)
+                }
+                Err(e) => Err(anyhow::anyhow!(e)),
+            }
+        }
+        Cmd::Status { state_dir, json } => {
+            status::query(&state_dir).await.map_err(anyhow::Error::msg).map(|s| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).expect("status serializes"));
+                } else {
+                    print!("{}", s.render());
+                }
+            })
+        }
         Cmd::Renew { state_dir } => identity::renew(&state_dir)
             .await
             .map(|node| {
-                println!(
-                    "{} renewed; certificate valid until {}",
-                    node.id, node.info.not_after
-                );
+                println!("{} renewed; certificate valid until {}", node.id, node.info.not_after);
             })
             .map_err(anyhow::Error::from),
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 use control::client::AdminClient;
 use control::cluster::{self, AdminBundle, ManagerConfig, ManagerDir};
 use control::ids::NodeId;
-use control::server::{self, Manager};
+use control::server::{self, Manager, ManagerOptions};
 use control::tokens::Role;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -21,6 +21,7 @@ pub struct TestCluster {
     pub dir: TempDir,
     pub addr: SocketAddr,
     pub manager: Arc<Manager>,
+    pub options: ManagerOptions,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -28,24 +29,22 @@ pub struct TestCluster {
 impl TestCluster {
     /// Creates a cluster whose node certificates live `cert_lifetime`, and serves it.
     pub async fn start(cert_lifetime: Duration) -> TestCluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        cluster::init(
-            &state_dir(&dir),
-            ManagerConfig::new(addr, None),
-            cert_lifetime,
-        )
-        .expect("init");
-        TestCluster::serve(dir, listener).await
+        TestCluster::start_with(cert_lifetime, ManagerOptions::default()).await
     }
 
-    async fn serve(dir: TempDir, listener: TcpListener) -> TestCluster {
+    /// As [`TestCluster::start`], with the manager's options.
+    pub async fn start_with(cert_lifetime: Duration, options: ManagerOptions) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        let manager =
-            Manager::new(cluster::open(&state_dir(&dir)).expect("open")).expect("manager");
+        cluster::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime).expect("init");
+        TestCluster::serve(dir, listener, options).await
+    }
+
+    async fn serve(dir: TempDir, listener: TcpListener, options: ManagerOptions) -> TestCluster {
+        let addr = listener.local_addr().expect("local addr");
+        let opened = cluster::open(&state_dir(&dir)).expect("open");
+        let manager = Manager::new(opened, options.clone()).expect("manager");
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = server::serve(manager.clone(), listener, async {
             let _ = stopped.await;
@@ -55,23 +54,16 @@ impl TestCluster {
                 eprintln!("control server stopped: {e}");
             }
         });
-        TestCluster {
-            dir,
-            addr,
-            manager,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestCluster { dir, addr, manager, options, stop: Some(stop), task: Some(task) }
     }
 
     /// Stops the manager and serves the same state directory again on the same address.
     pub async fn restart(mut self) -> TestCluster {
         self.shutdown().await;
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .expect("rebind the same address");
+        let listener = TcpListener::bind(self.addr).await.expect("rebind the same address");
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        TestCluster::serve(dir, listener).await
+        let options = self.options.clone();
+        TestCluster::serve(dir, listener, options).await
     }
 
     async fn shutdown(&mut self) {
@@ -102,29 +94,19 @@ impl TestCluster {
     }
 
     pub async fn admin(&self) -> AdminClient {
-        AdminClient::connect(&self.admin_bundle())
-            .await
-            .expect("admin client")
+        AdminClient::connect(&self.admin_bundle()).await.expect("admin client")
     }
 
     pub fn token(&self, role: Role) -> String {
-        self.manager_dir()
-            .read_token(role)
-            .expect("token")
-            .to_string()
+        self.manager_dir().read_token(role).expect("token").to_string()
     }
 
     /// Joins a new node with `role`'s token; returns its state directory and ID.
     pub async fn join(&self, role: Role) -> (TempDir, NodeId) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let id = meshd::identity::join(
-            &self.control(),
-            &self.token(role),
-            &node_dir(&dir),
-            "test-host",
-        )
-        .await
-        .expect("join");
+        let id = meshd::identity::join(&self.control(), &self.token(role), &node_dir(&dir), "test-host")
+            .await
+            .expect("join");
         (dir, id)
     }
 }
@@ -150,9 +132,5 @@ pub fn node_dir(dir: &TempDir) -> PathBuf {
 /// The permission bits of `path`.
 pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .expect("metadata")
-        .permissions()
-        .mode()
-        & 0o777
+    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
 }

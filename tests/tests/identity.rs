@@ -8,7 +8,7 @@ use control::ca::{self, CertInfo, Subject};
 use control::client::{self, AdminClient};
 use control::ids;
 use control::proto::pb;
-use control::store::NodeState;
+use control::state::NodeState;
 use control::tokens::Role;
 use mesh_tests::{TestCluster, mode, node_dir};
 use meshd::identity::{self, IdentityError, NodeDir};
@@ -37,15 +37,9 @@ async fn raw_join(
     csr_pem: &str,
 ) -> Result<pb::JoinResponse, tonic::Status> {
     let ca_der = cluster.manager.ca().cert_der().to_vec();
-    let channel = client::authenticated_channel(&cluster.control(), &ca_der, None)
-        .await
-        .unwrap();
+    let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
     pb::identity_client::IdentityClient::new(channel)
-        .join(pb::JoinRequest {
-            token: token.into(),
-            csr_pem: csr_pem.into(),
-            hostname: "h".into(),
-        })
+        .join(pb::JoinRequest { token: token.into(), csr_pem: csr_pem.into(), hostname: "h".into() })
         .await
         .map(|r| r.into_inner())
 }
@@ -53,12 +47,8 @@ async fn raw_join(
 fn csr(subject_cn: &str, subject_ou: &str) -> (KeyPair, String) {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, subject_cn);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, subject_ou);
+    params.distinguished_name.push(DnType::CommonName, subject_cn);
+    params.distinguished_name.push(DnType::OrganizationalUnitName, subject_ou);
     let pem = params.serialize_request(&key).unwrap().pem().unwrap();
     (key, pem)
 }
@@ -82,21 +72,13 @@ async fn join_works_end_to_end_and_issues_the_documented_certificate() {
     assert_eq!(info.organization, cluster_id.to_string());
     let ku = cert.key_usage().unwrap().expect("key usage present").value;
     assert!(ku.digital_signature() && !ku.key_cert_sign());
-    let eku = cert
-        .extended_key_usage()
-        .unwrap()
-        .expect("extended key usage")
-        .value;
+    let eku = cert.extended_key_usage().unwrap().expect("extended key usage").value;
     assert!(eku.client_auth);
     assert!(!cert.is_ca());
     let (_, ca_cert) = X509Certificate::from_der(cluster.manager.ca().cert_der()).unwrap();
-    cert.verify_signature(Some(ca_cert.public_key()))
-        .expect("signed by the cluster CA");
+    cert.verify_signature(Some(ca_cert.public_key())).expect("signed by the cluster CA");
     let lifetime = info.not_after - OffsetDateTime::now_utc();
-    assert!(
-        lifetime > time::Duration::hours(23) && lifetime <= time::Duration::hours(24),
-        "{lifetime}"
-    );
+    assert!(lifetime > time::Duration::hours(23) && lifetime <= time::Duration::hours(24), "{lifetime}");
 
     let nodes = cluster.admin().await.list_nodes().await.unwrap();
     let listed = nodes.iter().find(|n| n.id == id).expect("node listed");
@@ -104,10 +86,7 @@ async fn join_works_end_to_end_and_issues_the_documented_certificate() {
         (listed.role, listed.state, listed.hostname.as_str()),
         (Role::Worker, NodeState::Active, "test-host")
     );
-    assert_eq!(
-        listed.cert_not_after.unwrap().unix_timestamp(),
-        info.not_after.unix_timestamp()
-    );
+    assert_eq!(listed.cert_not_after.unwrap().unix_timestamp(), info.not_after.unix_timestamp());
 }
 
 #[tokio::test]
@@ -115,11 +94,7 @@ async fn a_wrong_secret_is_refused_and_nothing_is_written() {
     let cluster = TestCluster::start(HOUR).await;
     let token = cluster.token(Role::Worker);
     let last = token.chars().last().unwrap();
-    let wrong = format!(
-        "{}{}",
-        &token[..token.len() - 1],
-        if last == '0' { '1' } else { '0' }
-    );
+    let wrong = format!("{}{}", &token[..token.len() - 1], if last == '0' { '1' } else { '0' });
     let dir = tempfile::tempdir().unwrap();
     let before = node_count(&cluster).await;
     let message = refused_with(
@@ -138,24 +113,13 @@ async fn a_ca_digest_mismatch_is_refused_before_any_csr_is_sent() {
     let impostor = TestCluster::start(HOUR).await;
     let token = real.token(Role::Worker);
     let dir = tempfile::tempdir().unwrap();
-    let err = identity::join(&impostor.control(), &token, &node_dir(&dir), "h")
-        .await
-        .unwrap_err();
-    let IdentityError::CaMismatch { served, pinned, .. } = &err else {
-        panic!("{err:?}")
-    };
+    let err = identity::join(&impostor.control(), &token, &node_dir(&dir), "h").await.unwrap_err();
+    let IdentityError::CaMismatch { served, pinned, .. } = &err else { panic!("{err:?}") };
     assert_eq!(served, &impostor.manager.ca().digest());
     assert_eq!(pinned, &real.manager.ca().digest());
     let message = err.to_string();
-    assert!(
-        message.contains(served.as_str()) && message.contains(pinned.as_str()),
-        "{message}"
-    );
-    assert_eq!(
-        impostor.manager.join_attempts(),
-        0,
-        "no CSR reached the impostor"
-    );
+    assert!(message.contains(served.as_str()) && message.contains(pinned.as_str()), "{message}");
+    assert_eq!(impostor.manager.join_attempts(), 0, "no CSR reached the impostor");
     assert!(!node_dir(&dir).exists(), "nothing written");
 }
 
@@ -164,22 +128,15 @@ async fn the_role_comes_from_the_token_never_from_the_csr() {
     let cluster = TestCluster::start(HOUR).await;
     // A worker token with a CSR that asks to be a manager named by the attacker.
     let (_, asking) = csr("0000000000000000000000000", "mesh-manager");
-    let issued = raw_join(&cluster, &cluster.token(Role::Worker), &asking)
-        .await
-        .unwrap();
+    let issued = raw_join(&cluster, &cluster.token(Role::Worker), &asking).await.unwrap();
     let info = CertInfo::from_pem(&issued.cert_pem).unwrap();
     assert_eq!(info.unit, "mesh-worker");
     assert_ne!(info.common_name, "0000000000000000000000000");
     assert_eq!(info.common_name, issued.node_id);
     // The manager token does give a manager certificate.
     let (_, plain) = csr("", "");
-    let issued = raw_join(&cluster, &cluster.token(Role::Manager), &plain)
-        .await
-        .unwrap();
-    assert_eq!(
-        CertInfo::from_pem(&issued.cert_pem).unwrap().unit,
-        "mesh-manager"
-    );
+    let issued = raw_join(&cluster, &cluster.token(Role::Manager), &plain).await.unwrap();
+    assert_eq!(CertInfo::from_pem(&issued.cert_pem).unwrap().unit, "mesh-manager");
 }
 
 #[tokio::test]
@@ -188,41 +145,18 @@ async fn a_rotated_token_is_refused_at_once_and_joined_nodes_are_unaffected() {
     let (dir, id) = cluster.join(Role::Worker).await;
     let old = cluster.token(Role::Worker);
     let manager_token = cluster.token(Role::Manager);
-    let new = cluster
-        .admin()
-        .await
-        .join_token(Role::Worker, true)
-        .await
-        .unwrap();
+    let new = cluster.admin().await.join_token(Role::Worker, true).await.unwrap();
     assert_ne!(old, new);
-    assert_eq!(
-        cluster
-            .admin()
-            .await
-            .join_token(Role::Worker, false)
-            .await
-            .unwrap(),
-        new
-    );
-    assert_eq!(
-        cluster.token(Role::Manager),
-        manager_token,
-        "only the worker token changed"
-    );
+    assert_eq!(cluster.admin().await.join_token(Role::Worker, false).await.unwrap(), new);
+    assert_eq!(cluster.token(Role::Manager), manager_token, "only the worker token changed");
 
     let other = tempfile::tempdir().unwrap();
     refused_with(
         identity::join(&cluster.control(), &old, &node_dir(&other), "h").await,
         Code::PermissionDenied,
     );
-    assert!(
-        identity::join(&cluster.control(), &new, &node_dir(&other), "h")
-            .await
-            .is_ok()
-    );
-    let renewed = identity::renew(&node_dir(&dir))
-        .await
-        .expect("the joined node still renews");
+    assert!(identity::join(&cluster.control(), &new, &node_dir(&other), "h").await.is_ok());
+    let renewed = identity::renew(&node_dir(&dir)).await.expect("the joined node still renews");
     assert_eq!(renewed.id, id);
 }
 
@@ -239,16 +173,8 @@ async fn renewal_keeps_the_node_id_with_a_new_key_and_a_later_expiry() {
     assert_ne!(after.identity.key_pem, before.identity.key_pem);
     assert!(after.info.not_after > before.info.not_after);
     assert_eq!(mode(&NodeDir::new(&node_dir(&dir)).key()), 0o600);
-    let listed = cluster
-        .admin()
-        .await
-        .inspect_node(id.as_str())
-        .await
-        .unwrap();
-    assert_eq!(
-        listed.cert_not_after.unwrap().unix_timestamp(),
-        after.info.not_after.unix_timestamp()
-    );
+    let listed = cluster.admin().await.inspect_node(id.as_str()).await.unwrap();
+    assert_eq!(listed.cert_not_after.unwrap().unix_timestamp(), after.info.not_after.unix_timestamp());
     assert!(listed.last_seen.is_some());
 }
 
@@ -267,22 +193,12 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
     .unwrap();
     let tcp = tokio::net::TcpStream::connect(cluster.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(ca::CONTROL_SERVER_NAME).unwrap();
-    let mut open = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut open = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Start HTTP/2 so the server treats it as a live connection.
-    open.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .unwrap();
+    open.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
 
-    let removed = cluster
-        .admin()
-        .await
-        .remove_node(id.as_str())
-        .await
-        .unwrap();
+    let removed = cluster.admin().await.remove_node(id.as_str()).await.unwrap();
     assert_eq!(removed.state, NodeState::Removed);
 
     // The connection is closed by the manager.
@@ -298,29 +214,13 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
     .await;
     assert!(closed.is_ok(), "the removed node's connection stayed open");
 
-    let message = refused_with(
-        identity::renew(&node_dir(&dir)).await,
-        Code::PermissionDenied,
-    );
+    let message = refused_with(identity::renew(&node_dir(&dir)).await, Code::PermissionDenied);
     assert!(message.contains("removed"), "{message}");
     // Removing again is a clear error; the other node is untouched.
-    let again = cluster
-        .admin()
-        .await
-        .remove_node(id.as_str())
-        .await
-        .unwrap_err();
+    let again = cluster.admin().await.remove_node(id.as_str()).await.unwrap_err();
     assert_eq!(again.code(), Some(Code::FailedPrecondition));
-    assert_eq!(
-        identity::renew(&node_dir(&other_dir)).await.unwrap().id,
-        other
-    );
-    let listed = cluster
-        .admin()
-        .await
-        .inspect_node(id.as_str())
-        .await
-        .unwrap();
+    assert_eq!(identity::renew(&node_dir(&other_dir)).await.unwrap().id, other);
+    let listed = cluster.admin().await.inspect_node(id.as_str()).await.unwrap();
     assert_eq!(listed.state, NodeState::Removed);
 }
 
@@ -345,14 +245,10 @@ async fn node_certificates_cannot_call_the_admin_api() {
         assert_eq!(err.code(), Some(Code::PermissionDenied));
     }
     // Without any client certificate: unauthenticated.
-    let channel =
-        client::authenticated_channel(&cluster.control(), cluster.manager.ca().cert_der(), None)
-            .await
-            .unwrap();
-    let err = AdminClient::from_channel(&cluster.control(), channel)
-        .list_nodes()
+    let channel = client::authenticated_channel(&cluster.control(), cluster.manager.ca().cert_der(), None)
         .await
-        .unwrap_err();
+        .unwrap();
+    let err = AdminClient::from_channel(&cluster.control(), channel).list_nodes().await.unwrap_err();
     assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
 }
 
@@ -360,12 +256,7 @@ async fn node_certificates_cannot_call_the_admin_api() {
 async fn an_expired_certificate_is_refused() {
     let cluster = TestCluster::start(HOUR).await;
     let (dir, id) = cluster.join(Role::Worker).await;
-    let before = cluster
-        .admin()
-        .await
-        .inspect_node(id.as_str())
-        .await
-        .unwrap();
+    let before = cluster.admin().await.inspect_node(id.as_str()).await.unwrap();
     // The same node, with a certificate from the cluster CA that expired a minute ago.
     let cluster_id = cluster.manager.store().read(|s| s.cluster_id.clone());
     let mut subject = Subject::node(&cluster_id, &id, Role::Worker, HOUR);
@@ -379,16 +270,8 @@ async fn an_expired_certificate_is_refused() {
     let err = identity::renew(&node_dir(&dir)).await.unwrap_err();
     assert!(matches!(err, IdentityError::Client(_)), "{err:?}");
     assert!(err.to_string().contains("CertificateExpired"), "{err}");
-    let after = cluster
-        .admin()
-        .await
-        .inspect_node(id.as_str())
-        .await
-        .unwrap();
-    assert_eq!(
-        after.cert_not_after, before.cert_not_after,
-        "nothing issued"
-    );
+    let after = cluster.admin().await.inspect_node(id.as_str()).await.unwrap();
+    assert_eq!(after.cert_not_after, before.cert_not_after, "nothing issued");
 }
 
 #[tokio::test]
@@ -407,18 +290,12 @@ async fn a_certificate_from_another_cluster_is_refused() {
     let refused = match channel {
         Err(_) => true,
         Ok(channel) => pb::identity_client::IdentityClient::new(channel)
-            .renew(pb::RenewRequest {
-                csr_pem: csr("", "").1,
-            })
+            .renew(pb::RenewRequest { csr_pem: csr("", "").1 })
             .await
             .is_err(),
     };
     assert!(refused);
-    assert_eq!(
-        cluster.manager.store().read(|s| s.nodes.len()),
-        1,
-        "only the manager"
-    );
+    assert_eq!(cluster.manager.store().read(|s| s.nodes.len()), 1, "only the manager");
 }
 
 #[tokio::test]
@@ -426,14 +303,9 @@ async fn state_files_holding_secrets_are_0600() {
     let cluster = TestCluster::start(HOUR).await;
     let (dir, _) = cluster.join(Role::Worker).await;
     let m = cluster.manager_dir();
-    for secret in [
-        m.ca_key(),
-        m.manager_key(),
-        m.tokens(),
-        m.state(),
-        m.config(),
-        m.admin().join("admin.key"),
-    ] {
+    for secret in
+        [m.ca_key(), m.manager_key(), m.tokens(), m.state(), m.config(), m.admin().join("admin.key")]
+    {
         assert_eq!(mode(&secret), 0o600, "{}", secret.display());
     }
     assert_eq!(mode(&m.root), 0o700);
@@ -445,11 +317,7 @@ async fn state_files_holding_secrets_are_0600() {
     for entry in walk(&m.root) {
         if mode(&entry) & 0o044 != 0 {
             let text = std::fs::read_to_string(&entry).unwrap_or_default();
-            assert!(
-                !text.contains(&token) && !text.contains(key.trim()),
-                "{}",
-                entry.display()
-            );
+            assert!(!text.contains(&token) && !text.contains(key.trim()), "{}", entry.display());
             assert!(!text.contains("PRIVATE KEY"), "{}", entry.display());
         }
     }
@@ -459,11 +327,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path))
-        } else {
-            out.push(path)
-        }
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
     }
     out
 }
@@ -481,47 +345,27 @@ async fn malformed_input_gets_clear_errors_and_the_server_keeps_serving() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("certificate signing request"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("certificate signing request"), "{}", err.message());
 
-    let err = raw_join(&cluster, &token[..token.len() - 5], &csr("", "").1)
-        .await
-        .unwrap_err();
+    let err = raw_join(&cluster, &token[..token.len() - 5], &csr("", "").1).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("malformed join token"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("malformed join token"), "{}", err.message());
 
-    let err = raw_join(&cluster, "\u{0}garbage\u{7f}", &csr("", "").1)
-        .await
-        .unwrap_err();
+    let err = raw_join(&cluster, "\u{0}garbage\u{7f}", &csr("", "").1).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("MESHTKN-1-"), "{}", err.message());
 
     // The CLI path refuses a truncated token before contacting anyone.
     let dir = tempfile::tempdir().unwrap();
-    let err = identity::join(&cluster.control(), &token[..30], &node_dir(&dir), "h")
-        .await
-        .unwrap_err();
+    let err = identity::join(&cluster.control(), &token[..30], &node_dir(&dir), "h").await.unwrap_err();
     assert!(matches!(err, IdentityError::Token(_)), "{err:?}");
 
     // A bad hostname.
     let err = {
         let ca_der = cluster.manager.ca().cert_der().to_vec();
-        let channel = client::authenticated_channel(&cluster.control(), &ca_der, None)
-            .await
-            .unwrap();
+        let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
         pb::identity_client::IdentityClient::new(channel)
-            .join(pb::JoinRequest {
-                token: token.clone(),
-                csr_pem: csr("", "").1,
-                hostname: "a\nb".into(),
-            })
+            .join(pb::JoinRequest { token: token.clone(), csr_pem: csr("", "").1, hostname: "a\nb".into() })
             .await
             .unwrap_err()
     };
@@ -531,26 +375,12 @@ async fn malformed_input_gets_clear_errors_and_the_server_keeps_serving() {
     {
         use tokio::io::AsyncWriteExt;
         let mut raw = tokio::net::TcpStream::connect(cluster.addr).await.unwrap();
-        raw.write_all(b"GET / HTTP/1.0\r\n\r\n\x16\x03\x01\xff\xff garbage")
-            .await
-            .unwrap();
+        raw.write_all(b"GET / HTTP/1.0\r\n\r\n\x16\x03\x01\xff\xff garbage").await.unwrap();
     }
 
-    assert_eq!(
-        cluster.manager.store().read(|s| s.nodes.len()),
-        1,
-        "nothing was added"
-    );
+    assert_eq!(cluster.manager.store().read(|s| s.nodes.len()), 1, "nothing was added");
     let (_, id) = cluster.join(Role::Worker).await;
-    assert!(
-        cluster
-            .admin()
-            .await
-            .inspect_node(id.as_str())
-            .await
-            .is_ok(),
-        "still serving"
-    );
+    assert!(cluster.admin().await.inspect_node(id.as_str()).await.is_ok(), "still serving");
 }
 
 #[tokio::test]
@@ -559,35 +389,16 @@ async fn a_restarted_manager_serves_the_same_cluster() {
     let (dir, id) = cluster.join(Role::Worker).await;
     let digest = cluster.manager.ca().digest();
     let token = cluster.token(Role::Worker);
-    let rotated = cluster
-        .admin()
-        .await
-        .join_token(Role::Manager, true)
-        .await
-        .unwrap();
+    let rotated = cluster.admin().await.join_token(Role::Manager, true).await.unwrap();
 
     let cluster = cluster.restart().await;
     assert_eq!(cluster.manager.ca().digest(), digest);
-    assert_eq!(
-        cluster
-            .admin()
-            .await
-            .join_token(Role::Manager, false)
-            .await
-            .unwrap(),
-        rotated
-    );
+    assert_eq!(cluster.admin().await.join_token(Role::Manager, false).await.unwrap(), rotated);
     let nodes = cluster.admin().await.list_nodes().await.unwrap();
-    assert!(
-        nodes
-            .iter()
-            .any(|n| n.id == id && n.state == NodeState::Active)
-    );
+    assert!(nodes.iter().any(|n| n.id == id && n.state == NodeState::Active));
     assert_eq!(identity::renew(&node_dir(&dir)).await.unwrap().id, id);
     let other = tempfile::tempdir().unwrap();
-    identity::join(&cluster.control(), &token, &node_dir(&other), "h")
-        .await
-        .expect("same worker token");
+    identity::join(&cluster.control(), &token, &node_dir(&other), "h").await.expect("same worker token");
 }
 
 #[tokio::test]
@@ -615,18 +426,9 @@ async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
 async fn joining_an_already_joined_state_dir_is_refused() {
     let cluster = TestCluster::start(HOUR).await;
     let (dir, id) = cluster.join(Role::Worker).await;
-    let err = identity::join(
-        &cluster.control(),
-        &cluster.token(Role::Worker),
-        &node_dir(&dir),
-        "h",
-    )
-    .await
-    .unwrap_err();
+    let err = identity::join(&cluster.control(), &cluster.token(Role::Worker), &node_dir(&dir), "h")
+        .await
+        .unwrap_err();
     assert!(matches!(err, IdentityError::AlreadyJoined(..)), "{err:?}");
-    assert_eq!(
-        NodeDir::new(&node_dir(&dir)).load().unwrap().id,
-        id,
-        "identity untouched"
-    );
+    assert_eq!(NodeDir::new(&node_dir(&dir)).load().unwrap().id, id, "identity untouched");
 }

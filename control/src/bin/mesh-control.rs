@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control::cluster::{self, DEFAULT_CERT_LIFETIME, ManagerConfig};
-use control::server::{self, Manager};
+use control::server::{self, Manager, ManagerOptions};
 use tracing::info;
 
 #[derive(Parser)]
@@ -41,12 +41,33 @@ enum Cmd {
         /// After creating the cluster, serve it (as `run` would).
         #[arg(long)]
         run: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Serve an existing cluster (same CA, tokens and nodes as before a restart).
     Run {
         #[arg(long)]
         state_dir: PathBuf,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// How often each encrypted network's key rotates (also at once when a node leaves it).
+    #[arg(long, value_parser = parse_duration, default_value = "12h")]
+    key_rotation: Duration,
+    /// How long a node may be without a session before its endpoints are placed elsewhere.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    down_after: Duration,
+}
+
+impl ServeArgs {
+    fn options(&self) -> anyhow::Result<ManagerOptions> {
+        anyhow::ensure!(self.key_rotation >= Duration::from_secs(1), "--key-rotation must be at least 1s");
+        Ok(ManagerOptions { key_rotation: self.key_rotation, down_after: self.down_after })
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -65,24 +86,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Init {
-            state_dir,
-            listen,
-            advertise,
-            cert_expiry,
-            run,
-        } => {
+        Cmd::Init { state_dir, listen, advertise, cert_expiry, run, serve: args } => {
             let config = ManagerConfig::new(listen, advertise);
-            let created = cluster::init(
-                &state_dir,
-                config,
-                cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME),
-            )?;
-            println!(
-                "Cluster {} created in {}.",
-                created.cluster_id,
-                state_dir.display()
-            );
+            let created = cluster::init(&state_dir, config, cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME))?;
+            println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
             println!("Manager node ID: {}", created.manager_id);
             println!(
                 "Admin bundle: {} (export MESHCTL_ADMIN={})",
@@ -98,20 +105,19 @@ async fn main() -> anyhow::Result<()> {
             println!();
             println!("For a manager token: meshctl join-token manager");
             if run {
-                serve(state_dir).await?;
+                serve(state_dir, args.options()?).await?;
             }
         }
-        Cmd::Run { state_dir } => serve(state_dir).await?,
+        Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?).await?,
     }
     Ok(())
 }
 
-async fn serve(state_dir: PathBuf) -> anyhow::Result<()> {
+async fn serve(state_dir: PathBuf, options: ManagerOptions) -> anyhow::Result<()> {
     let opened = cluster::open(&state_dir)?;
     let config = opened.config.clone();
-    let (cluster_id, lifetime, nodes) = opened
-        .store
-        .read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));
+    let (cluster_id, lifetime, nodes) =
+        opened.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -121,10 +127,12 @@ async fn serve(state_dir: PathBuf) -> anyhow::Result<()> {
         advertise = %config.advertise,
         cert_lifetime = %humantime::format_duration(lifetime),
         nodes,
+        key_rotation = %humantime::format_duration(options.key_rotation),
+        down_after = %humantime::format_duration(options.down_after),
         state_dir = %state_dir.display(),
         "serving the control API"
     );
-    let manager = Manager::new(opened)?;
+    let manager = Manager::new(opened, options)?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

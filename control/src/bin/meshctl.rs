@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use control::client::AdminClient;
 use control::cluster::AdminBundle;
-use control::proto::NodeView;
+use control::proto::{NodeView, pb};
+use control::state::NodeState;
 use control::tokens::Role;
 use time::OffsetDateTime;
 
@@ -25,6 +26,12 @@ enum Cmd {
     /// Nodes of the cluster.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Services and their endpoints.
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -51,8 +58,88 @@ enum NodeCmd {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
-    /// Remove a node: it is refused on every call from now on and its connections are cut.
+    /// Remove a node: it is refused on every call from now on, its connections are cut, its
+    /// endpoints move elsewhere and the keys of its networks rotate.
     Rm { id: String },
+    /// Change a node's labels (used by placement constraints).
+    Update {
+        id: String,
+        /// KEY=VALUE
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        /// KEY
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create a network (encrypted unless --unencrypted).
+    Create {
+        name: String,
+        /// IPv4 subnet in CIDR form, at most /29, not overlapping another network.
+        #[arg(long)]
+        subnet: String,
+        #[arg(long)]
+        unencrypted: bool,
+    },
+    /// List networks.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show one network (never its key bytes).
+    Inspect { name: String },
+    /// Remove a network (refused while services are attached).
+    Rm { name: String },
+    /// Rotate a network's key now.
+    RotateKey { name: String },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service and place its endpoints.
+    Create {
+        name: String,
+        /// A network the service is on (repeat for several).
+        #[arg(long = "network", required = true)]
+        networks: Vec<String>,
+        /// PORT[/tcp|/udp] (repeat for several).
+        #[arg(long = "port")]
+        ports: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// node.labels.KEY==VALUE or node.id==ID (repeat for several; all must hold).
+        #[arg(long = "constraint")]
+        constraints: Vec<String>,
+        /// The command each endpoint's workload runs.
+        #[arg(long)]
+        command: Option<String>,
+    },
+    /// List services.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show one service with its endpoints.
+    Inspect { name: String },
+    /// Change the number of endpoints.
+    Scale { name: String, replicas: u32 },
+    /// Remove a service and its endpoints.
+    Rm { name: String },
+}
+
+fn parse_port(text: &str) -> anyhow::Result<pb::Port> {
+    let (port, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).with_context(|| {
+        format!("port `{text}` is not valid: expected PORT[/tcp|/udp] with PORT in 1-65535")
+    })?;
+    anyhow::ensure!(
+        protocol == "tcp" || protocol == "udp",
+        "port `{text}` has protocol `{protocol}`: expected tcp or udp"
+    );
+    Ok(pb::Port { port: port.into(), protocol: protocol.to_owned() })
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,20 +183,108 @@ async fn run() -> anyhow::Result<()> {
             let node = client.remove_node(&id).await?;
             println!("{} removed", node.id);
         }
-        Cmd::JoinToken {
-            role,
-            rotate,
-            quiet,
-        } => {
+        Cmd::Node(NodeCmd::Update { id, label_add, label_rm }) => {
+            let node = client.update_node(&id, label_add, label_rm).await?;
+            println!(
+                "{} labels: {}",
+                node.id,
+                if node.labels.is_empty() { "-".to_owned() } else { node.labels.join(", ") }
+            );
+        }
+        Cmd::Network(NetworkCmd::Create { name, subnet, unencrypted }) => {
+            let n = client.create_network(&name, &subnet, !unencrypted).await?;
+            println!(
+                "network {} created: {} (ID {}, {})",
+                n.name,
+                n.subnet,
+                n.id,
+                if n.encrypted { "encrypted" } else { "unencrypted" }
+            );
+        }
+        Cmd::Network(NetworkCmd::Ls { format }) => {
+            let networks = client.list_networks().await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&networks)?),
+                Format::Table => print!(
+                    "{}",
+                    render(
+                        &["NAME", "ID", "SUBNET", "ENCRYPTED", "KEY EPOCH", "ENDPOINTS", "NODES"],
+                        networks.iter().map(|n| vec![
+                            n.name.clone(),
+                            n.id.to_string(),
+                            n.subnet.to_string(),
+                            if n.encrypted { "yes" } else { "no" }.to_owned(),
+                            n.key_epoch.map_or("-".to_owned(), |e| e.to_string()),
+                            n.endpoints.to_string(),
+                            n.nodes.len().to_string(),
+                        ])
+                    )
+                ),
+            }
+        }
+        Cmd::Network(NetworkCmd::Inspect { name }) => {
+            println!("{}", serde_json::to_string_pretty(&client.inspect_network(&name).await?)?)
+        }
+        Cmd::Network(NetworkCmd::Rm { name }) => {
+            println!("network {} removed", client.remove_network(&name).await?.name)
+        }
+        Cmd::Network(NetworkCmd::RotateKey { name }) => {
+            let n = client.rotate_network_key(&name).await?;
+            println!("network {} key rotated: epoch {}", n.name, n.key_epoch.unwrap_or(0));
+        }
+        Cmd::Service(ServiceCmd::Create { name, networks, ports, replicas, constraints, command }) => {
+            let ports = ports.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            let request = pb::CreateServiceRequest {
+                name,
+                networks,
+                ports,
+                replicas,
+                constraints,
+                command: command.unwrap_or_default(),
+            };
+            let s = client.create_service(request).await?;
+            println!("service {} created with {} endpoint(s)", s.name, s.endpoints.len());
+            for (network, vip) in &s.vips {
+                println!("  {network}: virtual IP {vip}");
+            }
+        }
+        Cmd::Service(ServiceCmd::Ls { format }) => {
+            let services = client.list_services().await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+                Format::Table => print!(
+                    "{}",
+                    render(
+                        &["NAME", "NETWORKS", "PORTS", "REPLICAS", "VIRTUAL IPS"],
+                        services.iter().map(|s| vec![
+                            s.name.clone(),
+                            s.networks.join(","),
+                            if s.ports.is_empty() { "-".to_owned() } else { s.ports.join(",") },
+                            format!("{}/{}", s.endpoints.len(), s.replicas),
+                            s.vips.values().map(|v| v.to_string()).collect::<Vec<_>>().join(","),
+                        ])
+                    )
+                ),
+            }
+        }
+        Cmd::Service(ServiceCmd::Inspect { name }) => {
+            println!("{}", serde_json::to_string_pretty(&client.inspect_service(&name).await?)?)
+        }
+        Cmd::Service(ServiceCmd::Scale { name, replicas }) => {
+            let s = client.scale_service(&name, replicas).await?;
+            println!("service {} scaled: {}/{} endpoint(s)", s.name, s.endpoints.len(), s.replicas);
+        }
+        Cmd::Service(ServiceCmd::Rm { name }) => {
+            println!("service {} removed", client.remove_service(&name).await?.name)
+        }
+        Cmd::JoinToken { role, rotate, quiet } => {
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
             let token = client.join_token(role, rotate).await?;
             if quiet {
                 println!("{token}");
             } else {
                 if rotate {
-                    println!(
-                        "The {role} join token was rotated; the previous one no longer works."
-                    );
+                    println!("The {role} join token was rotated; the previous one no longer works.");
                 }
                 println!("To add a {role}, run on it:");
                 match role {
@@ -134,42 +309,36 @@ fn when(t: Option<OffsetDateTime>) -> String {
     let secs = (t - now).whole_seconds();
     let span = humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()));
     // Keep the two largest units: "23h 59m", not "23h 59m 58s".
-    let short: Vec<_> = span
-        .to_string()
-        .split(' ')
-        .take(2)
-        .map(str::to_owned)
-        .collect();
-    if secs >= 0 {
-        format!("in {}", short.join(" "))
-    } else {
-        format!("{} ago", short.join(" "))
-    }
+    let short: Vec<_> = span.to_string().split(' ').take(2).map(str::to_owned).collect();
+    if secs >= 0 { format!("in {}", short.join(" ")) } else { format!("{} ago", short.join(" ")) }
 }
 
 fn table(nodes: &[NodeView]) -> String {
-    let header = [
-        "ID",
-        "HOSTNAME",
-        "ROLE",
-        "STATE",
-        "CERT EXPIRES",
-        "LAST SEEN",
-    ];
-    let rows: Vec<[String; 6]> = nodes
-        .iter()
-        .map(|n| {
-            [
+    render(
+        &["ID", "HOSTNAME", "ROLE", "STATE", "LABELS", "CERT EXPIRES", "LAST SEEN"],
+        nodes.iter().map(|n| {
+            let state = match n.state {
+                NodeState::Removed => "removed",
+                NodeState::Active if n.connected => "ready",
+                NodeState::Active => "down",
+            };
+            vec![
                 n.id.to_string(),
                 n.hostname.clone(),
                 n.role.to_string(),
-                format!("{:?}", n.state).to_lowercase(),
+                state.to_owned(),
+                if n.labels.is_empty() { "-".to_owned() } else { n.labels.join(",") },
                 when(n.cert_not_after),
                 when(n.last_seen),
             ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
+        }),
+    )
+}
+
+/// Columns padded to their widest cell.
+fn render(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -177,11 +346,7 @@ fn table(nodes: &[NodeView]) -> String {
     }
     let mut out = String::new();
     let mut line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(padded.join("  ").trim_end());
         out.push('\n');
     };

@@ -1,0 +1,312 @@
+//! The admin service: nodes, join tokens, networks and services. Admin certificate only.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::internal;
+use crate::auth;
+use crate::ids::NodeId;
+use crate::orchestrator::{self, ServiceSpec};
+use crate::proto::pb;
+use crate::server::Manager;
+use crate::state::{ClusterState, Command, Network, PortSpec, Service};
+use crate::tokens::{JoinToken, Role};
+
+pub(crate) struct AdminApi(pub(crate) Arc<Manager>);
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn node_id(text: &str) -> Result<NodeId, Status> {
+    text.parse().map_err(|e| Status::invalid_argument(format!("{e}")))
+}
+
+/// A network as admins see it: everything but key bytes.
+fn network_pb(state: &ClusterState, n: &Network) -> pb::Network {
+    pb::Network {
+        name: n.name.clone(),
+        subnet: n.subnet.to_string(),
+        id: n.id,
+        encrypted: n.keys.is_some(),
+        current_epoch: n.keys.as_ref().map_or(0, |k| k.current.epoch),
+        rotated_at: n.keys.as_ref().map_or(0, |k| k.rotated_at),
+        endpoints: state.endpoints().filter(|(_, e)| e.addresses.contains_key(&n.name)).count() as u32,
+        nodes: state.nodes_on_network(&n.name).into_iter().map(|id| id.to_string()).collect(),
+    }
+}
+
+fn service_pb(s: &Service) -> pb::Service {
+    pb::Service {
+        name: s.name.clone(),
+        networks: s.networks.clone(),
+        ports: s.ports.iter().copied().map(pb::Port::from).collect(),
+        replicas: s.replicas,
+        constraints: s.constraints.iter().map(|c| c.to_string()).collect(),
+        command: s.command.clone().unwrap_or_default(),
+        vips: s
+            .vips
+            .iter()
+            .map(|(n, a)| pb::ServiceVip { network: n.clone(), address: a.to_string() })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .values()
+            .map(|e| pb::Endpoint {
+                service: s.name.clone(),
+                slot: e.slot,
+                node: e.node.to_string(),
+                addresses: e
+                    .addresses
+                    .iter()
+                    .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
+                    .collect(),
+                command: String::new(),
+            })
+            .collect(),
+    }
+}
+
+impl AdminApi {
+    fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        auth::require_admin(&self.0.caller(request)?)
+    }
+
+    fn node(&self, id: &NodeId) -> Result<pb::Node, Status> {
+        let last_seen = self.0.last_seen.lock().expect("lock").get(id).copied();
+        let connected = self.0.connected().contains(id);
+        self.0.store.read(|s| {
+            s.nodes
+                .get(id)
+                .map(|record| pb::Node::from_record(record, last_seen, connected))
+                .ok_or_else(|| Status::not_found(format!("no node with ID {id}")))
+        })
+    }
+
+    fn network(&self, name: &str) -> Result<pb::Network, Status> {
+        self.0.store.read(|s| {
+            s.networks
+                .get(name)
+                .map(|n| network_pb(s, n))
+                .ok_or_else(|| Status::not_found(format!("no network named `{name}`")))
+        })
+    }
+
+    fn service(&self, name: &str) -> Result<pb::Service, Status> {
+        self.0.store.read(|s| {
+            s.services
+                .get(name)
+                .map(service_pb)
+                .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.admin(&request)?;
+        let last_seen = self.0.last_seen.lock().expect("lock").clone();
+        let connected = self.0.connected();
+        let nodes = self.0.store.read(|s| {
+            s.nodes
+                .values()
+                .map(|r| pb::Node::from_record(r, last_seen.get(&r.id).copied(), connected.contains(&r.id)))
+                .collect()
+        });
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn inspect_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.node(&node_id(&request.get_ref().id)?)?))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        let id = node_id(&request.get_ref().id)?;
+        self.0.change(|state, live| orchestrator::remove_node(state, &id, live)).await?;
+        self.0.cut(&id);
+        info!(node = %id, "node removed");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn update_node(
+        &self,
+        request: Request<pb::UpdateNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let id = node_id(&req.id)?;
+        self.0
+            .change(|state, live| {
+                orchestrator::update_labels(state, &id, &req.label_add, &req.label_rm, live)
+            })
+            .await?;
+        info!(node = %id, add = ?req.label_add, rm = ?req.label_rm, "node labels updated");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn join_token(
+        &self,
+        request: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
+        self.admin(&request)?;
+        let role: Role = pb::Role::try_from(request.get_ref().role)
+            .unwrap_or(pb::Role::Unspecified)
+            .try_into()
+            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let manager = &self.0;
+        if request.get_ref().rotate {
+            let token = JoinToken::generate(&manager.ca.digest());
+            // The hash goes into the state first: from that moment the old token is refused.
+            manager.store.apply(Command::SetToken { role, hash: token.secret_hash() }).map_err(internal)?;
+            manager.dir.write_token(role, &token).map_err(internal)?;
+            info!(%role, "join token rotated");
+            return Ok(Response::new(pb::JoinTokenResponse { token: token.to_string() }));
+        }
+        let token = manager.dir.read_token(role).map_err(internal)?;
+        Ok(Response::new(pb::JoinTokenResponse { token: token.to_string() }))
+    }
+
+    async fn create_network(
+        &self,
+        request: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        self.0
+            .change(|state, _| {
+                orchestrator::create_network(state, &req.name, &req.subnet, !req.unencrypted, now())
+            })
+            .await?;
+        info!(network = %req.name, subnet = %req.subnet, encrypted = !req.unencrypted, "network created");
+        Ok(Response::new(self.network(&req.name)?))
+    }
+
+    async fn list_networks(
+        &self,
+        request: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        self.admin(&request)?;
+        let networks = self.0.store.read(|s| s.networks.values().map(|n| network_pb(s, n)).collect());
+        Ok(Response::new(pb::ListNetworksResponse { networks }))
+    }
+
+    async fn inspect_network(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.network(&request.get_ref().name)?))
+    }
+
+    async fn remove_network(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        let before = self.network(&name)?;
+        self.0.change(|state, _| orchestrator::remove_network(state, &name)).await?;
+        info!(network = %name, "network removed");
+        Ok(Response::new(before))
+    }
+
+    async fn rotate_network_key(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        self.0.change(|state, _| orchestrator::rotate_key(state, &name, now())).await?;
+        let network = self.network(&name)?;
+        info!(network = %name, epoch = network.current_epoch, "network key rotated");
+        Ok(Response::new(network))
+    }
+
+    async fn create_service(
+        &self,
+        request: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let ports = req
+            .ports
+            .iter()
+            .map(|p| {
+                PortSpec::try_from(p.clone()).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "port `{}/{}` is not valid ({e}): a port is 1-65535, its protocol tcp or udp",
+                        p.port, p.protocol
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let spec = ServiceSpec {
+            name: req.name.clone(),
+            networks: req.networks,
+            ports,
+            replicas: req.replicas,
+            constraints: req.constraints,
+            command: Some(req.command).filter(|c| !c.is_empty()),
+        };
+        self.0.change(|state, live| orchestrator::create_service(state, spec, live)).await?;
+        info!(service = %req.name, "service created");
+        Ok(Response::new(self.service(&req.name)?))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.admin(&request)?;
+        let services = self.0.store.read(|s| s.services.values().map(service_pb).collect());
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn inspect_service(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.service(&request.get_ref().name)?))
+    }
+
+    async fn scale_service(
+        &self,
+        request: Request<pb::ScaleServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        self.0
+            .change(|state, live| orchestrator::scale_service(state, &req.name, req.replicas, live))
+            .await?;
+        info!(service = %req.name, replicas = req.replicas, "service scaled");
+        Ok(Response::new(self.service(&req.name)?))
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        let before = self.service(&name)?;
+        self.0.change(|state, _| orchestrator::remove_service(state, &name)).await?;
+        info!(service = %name, "service removed");
+        Ok(Response::new(before))
+    }
+}

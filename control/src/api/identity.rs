@@ -1,0 +1,100 @@
+//! The identity service: the root CA for anyone, join with a token, renewal over mTLS.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::internal;
+use crate::auth::Caller;
+use crate::ids::NodeId;
+use crate::proto::pb;
+use crate::server::Manager;
+use crate::state::{Command, NodeRecord, NodeState};
+use crate::tokens::JoinToken;
+
+/// Longest hostname accepted in a join.
+const MAX_HOSTNAME: usize = 253;
+
+pub(crate) struct IdentityApi(pub(crate) Arc<Manager>);
+
+#[tonic::async_trait]
+impl pb::identity_server::Identity for IdentityApi {
+    async fn get_root_ca(
+        &self,
+        _request: Request<pb::GetRootCaRequest>,
+    ) -> Result<Response<pb::GetRootCaResponse>, Status> {
+        Ok(Response::new(pb::GetRootCaResponse { ca_pem: self.0.ca.cert_pem().to_owned() }))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let manager = &self.0;
+        manager.join_attempts.fetch_add(1, Ordering::Relaxed);
+        let req = request.into_inner();
+        let token: JoinToken =
+            req.token.parse().map_err(|e| Status::invalid_argument(format!("malformed join token: {e}")))?;
+        if token.ca_digest() != manager.ca.digest() {
+            return Err(Status::permission_denied(format!(
+                "the join token pins CA digest {}, but this cluster's CA digest is {}",
+                token.ca_digest(),
+                manager.ca.digest()
+            )));
+        }
+        let role = manager.store.read(|s| s.role_for_token(&token.secret_hash())).ok_or_else(|| {
+            warn!("join refused: the token's secret matches no current join token");
+            Status::permission_denied(
+                "invalid join token: its secret matches no current token (rotated or wrong)",
+            )
+        })?;
+        let hostname = req.hostname.trim();
+        if hostname.is_empty()
+            || hostname.len() > MAX_HOSTNAME
+            || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
+            return Err(Status::invalid_argument(format!(
+                "hostname `{}` is not valid: 1 to {MAX_HOSTNAME} characters of a-z, 0-9, `-`, `.`, `_`",
+                hostname.escape_default()
+            )));
+        }
+        let id = NodeId::random();
+        let (cert_pem, not_after) = manager.issue_node_certificate(&req.csr_pem, &id, role)?;
+        manager
+            .store
+            .apply(Command::AddNode(NodeRecord {
+                id: id.clone(),
+                hostname: hostname.to_owned(),
+                role,
+                state: NodeState::Active,
+                joined_at: OffsetDateTime::now_utc().unix_timestamp(),
+                cert_not_after: not_after,
+                labels: Default::default(),
+                underlay: None,
+            }))
+            .map_err(internal)?;
+        info!(node = %id, %role, hostname, "node joined");
+        Ok(Response::new(pb::JoinResponse {
+            node_id: id.to_string(),
+            cert_pem,
+            ca_pem: manager.ca.cert_pem().to_owned(),
+        }))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let manager = &self.0;
+        let (id, role) = match manager.caller(&request)? {
+            Caller::Node { id, role } => (id, role),
+            Caller::Admin => {
+                return Err(Status::permission_denied("only nodes renew certificates"));
+            }
+        };
+        let (cert_pem, not_after) = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role)?;
+        manager
+            .store
+            .apply(Command::RecordCertificate { id: id.clone(), not_after })
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        info!(node = %id, "renewed a node certificate");
+        Ok(Response::new(pb::RenewResponse { cert_pem }))
+    }
+}

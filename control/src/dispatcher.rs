@@ -1,0 +1,156 @@
+//! The dispatcher: each node's one session with control, over which it is pushed its slice of
+//! the cluster and nothing else.
+//!
+//! A node's slice: its endpoints; for each network it has an endpoint on, the network, its keys,
+//! its peers (overlay address -> node underlay address) and its service records. A network the
+//! node has no endpoint on does not appear at all; its keys never leave control for that node.
+//! Every message carries the whole slice, versioned by the state's revision, and is sent only when
+//! the slice changed, so after any reconnect the node converges to the current slice at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use crate::auth::Caller;
+use crate::ids::NodeId;
+use crate::proto::pb;
+use crate::server::Manager;
+use crate::slice::{LocalEndpoint, NodeSlice, Peer, ServiceRecord, SliceNetwork};
+use crate::state::{ClusterState, Command};
+
+/// The slice of `state` that `node` may know.
+pub fn slice_for(state: &ClusterState, node: &NodeId) -> NodeSlice {
+    let mut endpoints = Vec::new();
+    let mut networks: BTreeSet<&str> = BTreeSet::new();
+    for (service, e) in state.endpoints().filter(|(_, e)| &e.node == node) {
+        networks.extend(e.addresses.keys().map(String::as_str));
+        endpoints.push(LocalEndpoint {
+            service: service.name.clone(),
+            slot: e.slot,
+            addresses: e.addresses.clone(),
+            command: service.command.clone(),
+        });
+    }
+    let networks = networks
+        .into_iter()
+        .filter_map(|name| state.networks.get(name))
+        .map(|network| {
+            let name = &network.name;
+            let mut peers: Vec<Peer> = state
+                .endpoints()
+                .filter_map(|(_, e)| {
+                    Some(Peer {
+                        address: *e.addresses.get(name)?,
+                        node: e.node.clone(),
+                        underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
+                    })
+                })
+                .collect();
+            peers.sort_by_key(|p| p.address);
+            let services = state
+                .services
+                .values()
+                .filter_map(|s| {
+                    let mut endpoints: Vec<_> =
+                        s.endpoints.values().filter_map(|e| e.addresses.get(name).copied()).collect();
+                    endpoints.sort();
+                    Some(ServiceRecord {
+                        name: s.name.clone(),
+                        vip: *s.vips.get(name)?,
+                        ports: s.ports.clone(),
+                        endpoints,
+                    })
+                })
+                .collect();
+            SliceNetwork {
+                name: name.clone(),
+                id: network.id,
+                subnet: network.subnet,
+                encrypted: network.keys.is_some(),
+                keys: network.keys.iter().flat_map(|r| r.keys().map(|(u, k)| (u, k.clone()))).collect(),
+                peers,
+                services,
+            }
+        })
+        .collect();
+    NodeSlice { version: state.revision, node: node.clone(), endpoints, networks }
+}
+
+pub(crate) struct DispatcherApi(pub(crate) Arc<Manager>);
+
+#[tonic::async_trait]
+impl pb::dispatcher_server::Dispatcher for DispatcherApi {
+    type SessionStream = ReceiverStream<Result<pb::NodeSlice, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<pb::SessionRequest>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let manager = self.0.clone();
+        let node = match manager.caller(&request)? {
+            Caller::Node { id, .. } => id,
+            Caller::Admin => {
+                return Err(Status::permission_denied(
+                    "sessions are for nodes; the admin certificate has none",
+                ));
+            }
+        };
+        let underlay = request.get_ref().underlay.trim();
+        if !underlay.is_empty() {
+            let underlay: std::net::SocketAddr = underlay.parse().map_err(|_| {
+                Status::invalid_argument(format!("underlay `{underlay}` is not an address ip:port"))
+            })?;
+            let known = manager.store.read(|s| s.nodes.get(&node).and_then(|n| n.underlay));
+            if known != Some(underlay) {
+                let id = node.clone();
+                manager.change(move |_, _| Ok(vec![Command::SetNodeUnderlay { id, underlay }])).await?;
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let guard = manager.session_opened(&node);
+        info!(node = %node, "session opened");
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut revisions = manager.store.subscribe();
+            let mut last: Option<NodeSlice> = None;
+            loop {
+                let (slice, removed) =
+                    manager.store.read(|s| (slice_for(s, &node), s.active_node(&node).is_err()));
+                if removed {
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "node {node} has been removed from the cluster"
+                        ))))
+                        .await;
+                    break;
+                }
+                if last.as_ref().is_none_or(|l| !l.same_content(&slice)) {
+                    debug!(node = %node, version = slice.version, "sending slice");
+                    if tx.send(Ok(pb::NodeSlice::from(&slice))).await.is_err() {
+                        break;
+                    }
+                    last = Some(slice);
+                }
+                tokio::select! {
+                    changed = revisions.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+            info!(node = %node, "session closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The networks (by name) whose keys `slice` carries.
+pub fn keyed_networks(slice: &NodeSlice) -> BTreeMap<String, Vec<u32>> {
+    slice
+        .networks
+        .iter()
+        .filter(|n| !n.keys.is_empty())
+        .map(|n| (n.name.clone(), n.keys.iter().map(|(_, k)| k.epoch).collect()))
+        .collect()
+}

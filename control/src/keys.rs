@@ -1,0 +1,162 @@
+//! Overlay network keys: AES-256-GCM keys from the OS CSPRNG, held per network in a ring of three.
+//!
+//! ```text
+//!            rotate                      rotate
+//! next (rx) ───────▶ current (tx + rx) ───────▶ previous (rx) ───▶ dropped
+//! ```
+//!
+//! A node that learns of a rotation late still accepts what its peers send with the new key
+//! (it was already `next`) and what they sent just before (now `previous`), so a rotation loses
+//! no packets as long as every node hears of it within one rotation interval.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids;
+
+/// Bytes in an AES-256-GCM key.
+pub const KEY_LEN: usize = 32;
+
+/// One key and its epoch. Epochs increase by one at every rotation of a network's ring (a u32
+/// lasts 136 years at one rotation a second).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkKey {
+    pub epoch: u32,
+    #[serde(with = "hex_key")]
+    pub key: [u8; KEY_LEN],
+}
+
+impl fmt::Debug for NetworkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetworkKey {{ epoch: {}, key: <redacted> }}", self.epoch)
+    }
+}
+
+impl NetworkKey {
+    pub fn random(epoch: u32) -> NetworkKey {
+        NetworkKey { epoch, key: ids::random_bytes::<KEY_LEN>() }
+    }
+}
+
+/// What a key of the ring may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyUse {
+    Next,
+    Current,
+    Previous,
+}
+
+/// A network's three keys and when the ring last turned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRing {
+    pub next: NetworkKey,
+    pub current: NetworkKey,
+    pub previous: Option<NetworkKey>,
+    /// Unix seconds of the last rotation (or creation).
+    pub rotated_at: i64,
+}
+
+impl KeyRing {
+    /// A fresh ring: current at epoch 1, next at epoch 2.
+    pub fn new(now: i64) -> KeyRing {
+        KeyRing::from_keys(NetworkKey::random(1), NetworkKey::random(2), now)
+    }
+
+    fn from_keys(current: NetworkKey, next: NetworkKey, now: i64) -> KeyRing {
+        KeyRing { next, current, previous: None, rotated_at: now }
+    }
+
+    /// The ring after one rotation, with `fresh` as the new next key.
+    pub fn rotated(&self, fresh: [u8; KEY_LEN], now: i64) -> KeyRing {
+        KeyRing {
+            previous: Some(self.current.clone()),
+            current: self.next.clone(),
+            next: NetworkKey { epoch: self.next.epoch.wrapping_add(1), key: fresh },
+            rotated_at: now,
+        }
+    }
+
+    /// The ring after one rotation with a key from the OS CSPRNG.
+    pub fn rotate(&self, now: i64) -> KeyRing {
+        self.rotated(ids::random_bytes::<KEY_LEN>(), now)
+    }
+
+    /// Every key with its use, newest first.
+    pub fn keys(&self) -> impl Iterator<Item = (KeyUse, &NetworkKey)> {
+        [
+            (KeyUse::Next, Some(&self.next)),
+            (KeyUse::Current, Some(&self.current)),
+            (KeyUse::Previous, self.previous.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(u, k)| k.map(|k| (u, k)))
+    }
+}
+
+mod hex_key {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::KEY_LEN;
+
+    pub fn serialize<S: Serializer>(key: &[u8; KEY_LEN], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&key.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; KEY_LEN], D::Error> {
+        let hex = String::deserialize(d)?;
+        if hex.len() != 2 * KEY_LEN || !hex.is_ascii() {
+            return Err(D::Error::custom("expected 64 hex digits"));
+        }
+        let mut out = [0u8; KEY_LEN];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(D::Error::custom)?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// After any number of rotations: epochs are consecutive (previous < current < next), the
+        /// old current is the new previous, the old next is the new current, and the new next is
+        /// a key never seen in the ring before.
+        #[test]
+        fn ring_transitions_hold(rotations in 1usize..64, seeds in proptest::collection::vec(any::<[u8; 32]>(), 64)) {
+            let mut ring = KeyRing::new(0);
+            let mut seen = vec![ring.current.key, ring.next.key];
+            for (i, fresh) in seeds.into_iter().take(rotations).enumerate() {
+                prop_assume!(!seen.contains(&fresh));
+                let next = ring.rotated(fresh, i as i64 + 1);
+                prop_assert_eq!(next.previous.as_ref(), Some(&ring.current));
+                prop_assert_eq!(&next.current, &ring.next);
+                prop_assert_eq!(next.next.key, fresh);
+                prop_assert_eq!(next.current.epoch, next.previous.as_ref().unwrap().epoch + 1);
+                prop_assert_eq!(next.next.epoch, next.current.epoch + 1);
+                prop_assert_eq!(next.rotated_at, i as i64 + 1);
+                let uses: Vec<KeyUse> = next.keys().map(|(u, _)| u).collect();
+                prop_assert_eq!(uses, vec![KeyUse::Next, KeyUse::Current, KeyUse::Previous]);
+                seen.push(fresh);
+                ring = next;
+            }
+            prop_assert_eq!(ring.current.epoch as usize, 1 + rotations);
+        }
+    }
+
+    #[test]
+    fn fresh_rings_have_distinct_keys_and_no_previous() {
+        let a = KeyRing::new(5);
+        let b = KeyRing::new(5);
+        assert_ne!(a.current.key, b.current.key);
+        assert_ne!(a.current.key, a.next.key);
+        assert_eq!((a.current.epoch, a.next.epoch, a.previous.is_none()), (1, 2, true));
+        let debug = format!("{a:?}");
+        let hex: String = a.current.key.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(debug.contains("redacted") && !debug.contains(&hex));
+    }
+}

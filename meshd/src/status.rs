@@ -1,0 +1,156 @@
+//! What the node holds, for `meshd status`: served by the running agent on a Unix socket in its
+//! state directory (mode 0700, so only its owner can ask). Key epochs only, never key bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use control::slice::NodeSlice;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+/// Where the agent answers status requests.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("meshd.sock")
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub node: String,
+    pub control: String,
+    pub underlay: String,
+    pub connected: bool,
+    pub last_error: Option<String>,
+    pub version: u64,
+    pub endpoints: Vec<EndpointStatus>,
+    pub networks: Vec<NetworkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointStatus {
+    pub service: String,
+    pub slot: u32,
+    /// network=address
+    pub addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkStatus {
+    pub name: String,
+    pub id: u32,
+    pub subnet: String,
+    pub encrypted: bool,
+    /// use:epoch, e.g. `current:4`
+    pub keys: Vec<String>,
+    /// address -> node (underlay)
+    pub peers: Vec<String>,
+    /// name vip -> endpoints
+    pub services: Vec<String>,
+}
+
+impl Status {
+    /// Takes in a new slice.
+    pub fn apply(&mut self, slice: &NodeSlice) {
+        self.version = slice.version;
+        self.endpoints = slice
+            .endpoints
+            .iter()
+            .map(|e| EndpointStatus {
+                service: e.service.clone(),
+                slot: e.slot,
+                addresses: e.addresses.iter().map(|(n, a)| format!("{n}={a}")).collect(),
+            })
+            .collect();
+        self.networks = slice
+            .networks
+            .iter()
+            .map(|n| NetworkStatus {
+                name: n.name.clone(),
+                id: n.id,
+                subnet: n.subnet.to_string(),
+                encrypted: n.encrypted,
+                keys: n
+                    .epochs()
+                    .iter()
+                    .map(|(u, e)| format!("{}:{e}", format!("{u:?}").to_lowercase()))
+                    .collect(),
+                peers: n
+                    .peers
+                    .iter()
+                    .map(|p| {
+                        let underlay = p.underlay.map_or("?".to_owned(), |u| u.to_string());
+                        format!("{} -> {} ({underlay})", p.address, p.node)
+                    })
+                    .collect(),
+                services: n
+                    .services
+                    .iter()
+                    .map(|s| {
+                        let eps: Vec<String> = s.endpoints.iter().map(|a| a.to_string()).collect();
+                        format!("{} {} -> [{}]", s.name, s.vip, eps.join(", "))
+                    })
+                    .collect(),
+            })
+            .collect();
+    }
+
+    /// A human-readable report.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "node      {}\ncontrol   {} ({})\nunderlay  {}\nslice     version {}\n",
+            self.node,
+            self.control,
+            if self.connected {
+                "connected".to_owned()
+            } else {
+                format!("disconnected: {}", self.last_error.as_deref().unwrap_or("-"))
+            },
+            self.underlay,
+            self.version
+        );
+        out.push_str(&format!("endpoints ({})\n", self.endpoints.len()));
+        for e in &self.endpoints {
+            out.push_str(&format!("  {}.{}  {}\n", e.service, e.slot, e.addresses.join(" ")));
+        }
+        out.push_str(&format!("networks ({})\n", self.networks.len()));
+        for n in &self.networks {
+            let keys = if n.encrypted { n.keys.join(" ") } else { "unencrypted".to_owned() };
+            out.push_str(&format!("  {} (ID {}, {})  keys: {}\n", n.name, n.id, n.subnet, keys));
+            for p in &n.peers {
+                out.push_str(&format!("    peer     {p}\n"));
+            }
+            for s in &n.services {
+                out.push_str(&format!("    service  {s}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// Answers every connection on the socket with the current status as JSON.
+pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>) -> std::io::Result<()> {
+    let path = socket_path(state_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let json = serde_json::to_vec(&*status.lock().expect("lock")).expect("status serializes");
+        tokio::spawn(async move {
+            if let Err(e) = conn.write_all(&json).await {
+                warn!(error = %e, "status request failed");
+            }
+        });
+    }
+}
+
+/// Asks a running agent for its status.
+pub async fn query(state_dir: &Path) -> Result<Status, String> {
+    let path = socket_path(state_dir);
+    let mut conn = UnixStream::connect(&path)
+        .await
+        .map_err(|e| format!("cannot reach meshd at {} ({e}); is `meshd run` running?", path.display()))?;
+    let mut json = Vec::new();
+    conn.read_to_end(&mut json).await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&json).map_err(|e| format!("malformed status from meshd: {e}"))
+}
