@@ -7,7 +7,7 @@
 //! Every message carries the whole slice, versioned by the state's revision, and is sent only when
 //! the slice changed, so after any reconnect the node converges to the current slice at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
@@ -143,14 +143,4 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
-}
-
-/// The networks (by name) whose keys `slice` carries.
-pub fn keyed_networks(slice: &NodeSlice) -> BTreeMap<String, Vec<u32>> {
-    slice
-        .networks
-        .iter()
-        .filter(|n| !n.keys.is_empty())
-        .map(|n| (n.name.clone(), n.keys.iter().map(|(_, k)| k.epoch).collect()))
-        .collect()
 }

@@ -83,6 +83,21 @@ impl KeyRing {
         self.rotated(ids::random_bytes::<KEY_LEN>(), now)
     }
 
+    /// The ring after a node that held it leaves: that node knew `next` as well as `current`,
+    /// so both are replaced with fresh keys. The old current stays as `previous` (receive only)
+    /// so packets already in flight from nodes that have not heard yet are not lost; it is
+    /// dropped at the next rotation. Receivers that have not heard yet drop packets under the new
+    /// epoch until they do: the price of cutting the leaver off at once.
+    pub fn rekeyed(&self, now: i64) -> KeyRing {
+        let epoch = self.next.epoch.wrapping_add(1);
+        KeyRing {
+            previous: Some(self.current.clone()),
+            current: NetworkKey::random(epoch),
+            next: NetworkKey::random(epoch.wrapping_add(1)),
+            rotated_at: now,
+        }
+    }
+
     /// Every key with its use, newest first.
     pub fn keys(&self) -> impl Iterator<Item = (KeyUse, &NetworkKey)> {
         [
@@ -146,6 +161,16 @@ mod tests {
             }
             prop_assert_eq!(ring.current.epoch as usize, 1 + rotations);
         }
+    }
+
+    #[test]
+    fn a_rekey_replaces_both_keys_a_leaver_knew() {
+        let ring = KeyRing::new(0).rotate(1);
+        let rekeyed = ring.rekeyed(2);
+        assert_eq!(rekeyed.previous.as_ref(), Some(&ring.current));
+        assert!(rekeyed.current.key != ring.next.key && rekeyed.next.key != ring.next.key);
+        assert!(rekeyed.current.key != ring.current.key);
+        assert_eq!((rekeyed.current.epoch, rekeyed.next.epoch), (ring.next.epoch + 1, ring.next.epoch + 2));
     }
 
     #[test]

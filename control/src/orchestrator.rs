@@ -272,8 +272,9 @@ pub fn reconcile(state: &ClusterState, live: &Liveness) -> Vec<Command> {
     commands
 }
 
-/// Appends a key rotation for every encrypted network that some node stops being on once
-/// `commands` are applied: a node that leaves a network must not be able to read what follows.
+/// Appends a rekey for every encrypted network that some node stops being on once `commands`
+/// are applied: a node that leaves a network must not be able to read what follows, so both
+/// keys it knew (current and next) are replaced ([`KeyRing::rekeyed`]).
 pub fn with_rotations(
     state: &ClusterState,
     mut commands: Vec<Command>,
@@ -293,7 +294,7 @@ pub fn with_rotations(
                 .into_iter()
                 .any(|n| before.contains(n) && state.nodes[n].state != NodeState::Removed);
         if left {
-            commands.push(Command::SetKeyRing { network: network.name.clone(), ring: ring.rotate(now) });
+            commands.push(Command::SetKeyRing { network: network.name.clone(), ring: ring.rekeyed(now) });
         }
     }
     Ok(commands)

@@ -113,7 +113,8 @@ pub struct Manager {
     pub(crate) options: ManagerOptions,
     server_tls: Mutex<Arc<ServerConfig>>,
     pub(crate) last_seen: Mutex<HashMap<NodeId, i64>>,
-    connections: Mutex<HashMap<NodeId, Vec<CancellationToken>>>,
+    /// Open connections by the node they authenticated as (`None`: admin or unauthenticated).
+    connections: Mutex<HashMap<Option<NodeId>, Vec<CancellationToken>>>,
     presence: Mutex<HashMap<NodeId, Presence>>,
     started: Instant,
     pub(crate) join_attempts: AtomicU64,
@@ -215,7 +216,7 @@ impl Manager {
 
     /// Cuts every open connection of `node`.
     pub(crate) fn cut(&self, node: &NodeId) {
-        let tokens = self.connections.lock().expect("lock").remove(node).unwrap_or_default();
+        let tokens = self.connections.lock().expect("lock").remove(&Some(node.clone())).unwrap_or_default();
         let open = tokens.iter().filter(|t| !t.is_cancelled()).count();
         for token in tokens {
             token.cancel();
@@ -223,8 +224,16 @@ impl Manager {
         info!(node = %node, connections = open, "cut the connections of a removed node");
     }
 
-    /// Registers a connection authenticated as `node` so it can be cut; prunes closed ones.
-    fn track(&self, node: NodeId, token: CancellationToken) {
+    /// Cuts every open connection (at shutdown: sessions are long-lived and would hold a graceful
+    /// shutdown open forever).
+    pub fn close_all(&self) {
+        for token in self.connections.lock().expect("lock").drain().flat_map(|(_, t)| t) {
+            token.cancel();
+        }
+    }
+
+    /// Registers a connection (authenticated as `node`, if any) so it can be cut; prunes closed ones.
+    fn track(&self, node: Option<NodeId>, token: CancellationToken) {
         let mut connections = self.connections.lock().expect("lock");
         let list = connections.entry(node).or_default();
         list.retain(|t| !t.is_cancelled());
@@ -341,9 +350,7 @@ pub async fn serve(
                     }
                 };
                 let token = CancellationToken::new();
-                if let Some(node) = peer_node(&tls) {
-                    manager.track(node, token.clone());
-                }
+                manager.track(peer_node(&tls), token.clone());
                 let _ = tx.send(Ok(Cuttable::new(tls, token))).await;
             });
         }
@@ -364,6 +371,11 @@ pub async fn serve(
             tokio::time::sleep(RECONCILE_EVERY).await;
         }
     }));
+    let closer = manager.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_all();
+    };
     tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(IdentityApi(manager.clone())))
         .add_service(pb::admin_server::AdminServer::new(AdminApi(manager.clone())))

@@ -10,7 +10,9 @@ use control::client::AdminClient;
 use control::cluster::{self, AdminBundle, ManagerConfig, ManagerDir};
 use control::ids::NodeId;
 use control::server::{self, Manager, ManagerOptions};
+use control::slice::NodeSlice;
 use control::tokens::Role;
+use meshd::session::{SessionConfig, SessionError, SessionEvent};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -67,6 +69,8 @@ impl TestCluster {
     }
 
     async fn shutdown(&mut self) {
+        // As a process exit would: every connection goes.
+        self.manager.close_all();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -133,4 +137,93 @@ pub fn node_dir(dir: &TempDir) -> PathBuf {
 pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+/// A joined node holding a real session with control (meshd's session code), recording every
+/// slice and event it was sent.
+pub struct SimNode {
+    pub dir: TempDir,
+    pub id: NodeId,
+    pub underlay: SocketAddr,
+    pub events: Arc<std::sync::Mutex<Vec<SessionEvent>>>,
+    session: JoinHandle<SessionError>,
+}
+
+impl SimNode {
+    /// Joins `cluster` as a worker and opens the session, reporting `underlay`.
+    pub async fn start(cluster: &TestCluster, underlay: SocketAddr) -> SimNode {
+        let (dir, id) = cluster.join(Role::Worker).await;
+        let config = SessionConfig { state_dir: node_dir(&dir), underlay };
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                sink.lock().expect("lock").push(event);
+            }
+        });
+        let session = tokio::spawn(meshd::session::run(config, tx));
+        let node = SimNode { dir, id, underlay, events, session };
+        node.wait_connected().await;
+        node
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        node_dir(&self.dir)
+    }
+
+    /// Every slice received so far, in order.
+    pub fn slices(&self) -> Vec<NodeSlice> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|e| if let SessionEvent::Slice(s) = e { Some(s.clone()) } else { None })
+            .collect()
+    }
+
+    /// The last slice received.
+    pub fn latest(&self) -> Option<NodeSlice> {
+        self.slices().pop()
+    }
+
+    /// Connected events so far.
+    pub fn connects(&self) -> usize {
+        self.events.lock().expect("lock").iter().filter(|e| matches!(e, SessionEvent::Connected)).count()
+    }
+
+    async fn wait_connected(&self) {
+        eventually("the session to open", || self.connects() > 0 && self.latest().is_some()).await;
+    }
+
+    /// Waits until the latest slice satisfies `check`; returns it.
+    pub async fn wait_for(&self, what: &str, check: impl Fn(&NodeSlice) -> bool) -> NodeSlice {
+        eventually(what, || self.latest().is_some_and(|s| check(&s))).await;
+        self.latest().expect("a slice")
+    }
+
+    /// Stops the session (as if meshd died), keeping what it recorded.
+    pub fn stop(&self) {
+        self.session.abort();
+    }
+
+    /// Whether the session gave up, and why.
+    pub async fn ended(&mut self) -> Option<SessionError> {
+        if self.session.is_finished() { (&mut self.session).await.ok() } else { None }
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        self.session.abort();
+    }
+}
+
+/// Polls `check` every 20 ms for up to 10 s; panics naming `what` if it never holds.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
