@@ -22,6 +22,8 @@ use crate::tokens::Role;
 pub const CONTROL_SERVER_NAME: &str = "mesh-control";
 /// The OU of admin client certificates.
 pub const ADMIN_OU: &str = "mesh-admin";
+/// The OU of the root CA certificate.
+pub const CA_OU: &str = "mesh-ca";
 /// The CN of admin client certificates.
 pub const ADMIN_CN: &str = "admin";
 /// Lifetime of the root CA.
@@ -110,6 +112,7 @@ impl ClusterCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "mesh root CA");
+        dn.push(DnType::OrganizationalUnitName, CA_OU);
         dn.push(DnType::OrganizationName, cluster.to_string());
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

@@ -1,7 +1,7 @@
 //! Creating a cluster and opening it again: the manager's state directory.
 //!
 //! ```text
-//! DIR/cluster.state      the cluster state, sealed with the data key (0600)
+//! DIR/cluster.redb       the replicated store: raft log, vote, snapshots, sealed with the data key
 //! DIR/data.key           the data key that seals the state at rest (0600)
 //! DIR/ca.crt, ca.key     the root CA (key 0600)
 //! DIR/manager.crt, .key  this manager's own certificate (key 0600)
@@ -50,7 +50,7 @@ pub enum ClusterError {
     #[error(transparent)]
     Seal(#[from] SealError),
     #[error("{path} is corrupt: {error}")]
-    Corrupt { path: PathBuf, error: serde_json::Error },
+    Corrupt { path: PathBuf, error: String },
     #[error("the join token in {path} is malformed: {error}")]
     BadToken { path: PathBuf, error: crate::tokens::TokenError },
 }
@@ -60,6 +60,9 @@ pub enum ClusterError {
 pub struct ManagerConfig {
     pub listen: SocketAddr,
     pub advertise: SocketAddr,
+    /// This manager's ID in the store's raft group.
+    #[serde(default = "first_raft_id")]
+    pub raft_id: u64,
 }
 
 impl ManagerConfig {
@@ -72,8 +75,12 @@ impl ManagerConfig {
                 listen
             }
         });
-        ManagerConfig { listen, advertise }
+        ManagerConfig { listen, advertise, raft_id: first_raft_id() }
     }
+}
+
+fn first_raft_id() -> u64 {
+    1
 }
 
 /// The plaintext join tokens, kept by the manager for display; the cluster state holds hashes.
@@ -94,7 +101,7 @@ impl ManagerDir {
         ManagerDir { root: root.to_owned() }
     }
     pub fn state(&self) -> PathBuf {
-        self.root.join("cluster.state")
+        self.root.join("cluster.redb")
     }
     pub fn data_key(&self) -> PathBuf {
         self.root.join("data.key")
@@ -163,7 +170,11 @@ pub struct Created {
 }
 
 /// Creates a cluster in `root`: CA, this manager's identity, join tokens, state, admin bundle.
-pub fn init(root: &Path, config: ManagerConfig, cert_lifetime: Duration) -> Result<Created, ClusterError> {
+pub async fn init(
+    root: &Path,
+    config: ManagerConfig,
+    cert_lifetime: Duration,
+) -> Result<Created, ClusterError> {
     if cert_lifetime < MIN_CERT_LIFETIME {
         return Err(ClusterError::LifetimeTooShort {
             given: humantime::format_duration(cert_lifetime).to_string(),
@@ -192,7 +203,6 @@ pub fn init(root: &Path, config: ManagerConfig, cert_lifetime: Duration) -> Resu
     files::write_atomic(&dir.manager_key(), manager_key.as_bytes(), SECRET)?;
     let tokens = TokenFile { worker: worker_token.to_string(), manager: manager_token.to_string() };
     files::write_atomic(&dir.tokens(), &serde_json::to_vec_pretty(&tokens).expect("serializes"), SECRET)?;
-    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
     AdminBundle {
         control: config.advertise.to_string(),
         ca_pem: ca.cert_pem().to_owned(),
@@ -218,13 +228,16 @@ pub fn init(root: &Path, config: ManagerConfig, cert_lifetime: Duration) -> Resu
     // The state file is written last: its presence is what marks a complete cluster.
     let data_key = DataKey::generate();
     data_key.save(&dir.data_key())?;
-    let staging = dir.root.join(".cluster.state.init");
     let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
-    let store = Store::create(&staging, data_key, initial)?;
-    store.apply_all(commands.into())?;
+    let store =
+        Store::open(&dir.state(), data_key, initial, config.raft_id, &config.advertise.to_string(), true)
+            .await?;
+    store.apply_all(commands.into()).await?;
+    store.snapshot().await?;
+    store.shutdown().await;
     drop(store);
-    std::fs::rename(&staging, dir.state())
-        .map_err(|e| FileError::new("renaming into place", &dir.state(), e))?;
+    // The config is written last: its presence is what marks a complete cluster.
+    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
 
     Ok(Created { cluster_id, manager_id, worker_token, manager_token, admin_dir: dir.admin(), config })
 }
@@ -238,16 +251,24 @@ pub struct Opened {
     pub manager_identity: Identity,
 }
 
-pub fn open(root: &Path) -> Result<Opened, ClusterError> {
+pub async fn open(root: &Path) -> Result<Opened, ClusterError> {
     let dir = ManagerDir::new(root);
-    if !dir.state().exists() {
-        return Err(ClusterError::Missing(root.to_owned(), dir.state()));
+    if !dir.config().exists() {
+        return Err(ClusterError::Missing(root.to_owned(), dir.config()));
     }
     let config_path = dir.config();
-    let config = serde_json::from_str(&files::read_string(&config_path)?)
-        .map_err(|error| ClusterError::Corrupt { path: config_path, error })?;
-    let store = Store::open(&dir.state(), DataKey::load(&dir.data_key())?)?;
+    let config: ManagerConfig = serde_json::from_str(&files::read_string(&config_path)?)
+        .map_err(|e| ClusterError::Corrupt { path: config_path, error: e.to_string() })?;
     let ca = ClusterCa::load(&files::read_string(&dir.ca_cert())?, &files::read_string(&dir.ca_key())?)?;
+    let cluster_id =
+        CertInfo::from_pem(ca.cert_pem())?.organization.parse().map_err(|e: crate::ids::InvalidId| {
+            ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() }
+        })?;
+    // The state comes from the store's snapshot and log; this is only the empty shape.
+    let initial = ClusterState::new(cluster_id, DEFAULT_CERT_LIFETIME);
+    let key = DataKey::load(&dir.data_key())?;
+    let store =
+        Store::open(&dir.state(), key, initial, config.raft_id, &config.advertise.to_string(), false).await?;
     let manager_identity = open_identity(&dir)?;
     Ok(Opened { dir, config, store, ca, manager_identity })
 }
@@ -257,7 +278,7 @@ impl ManagerDir {
     pub fn read_token(&self, role: Role) -> Result<JoinToken, ClusterError> {
         let path = self.tokens();
         let file: TokenFile = serde_json::from_str(&files::read_string(&path)?)
-            .map_err(|error| ClusterError::Corrupt { path: path.clone(), error })?;
+            .map_err(|e| ClusterError::Corrupt { path: path.clone(), error: e.to_string() })?;
         let text = match role {
             Role::Worker => file.worker,
             Role::Manager => file.manager,
@@ -269,7 +290,7 @@ impl ManagerDir {
     pub fn write_token(&self, role: Role, token: &JoinToken) -> Result<(), ClusterError> {
         let path = self.tokens();
         let mut file: TokenFile = serde_json::from_str(&files::read_string(&path)?)
-            .map_err(|error| ClusterError::Corrupt { path: path.clone(), error })?;
+            .map_err(|e| ClusterError::Corrupt { path: path.clone(), error: e.to_string() })?;
         match role {
             Role::Worker => file.worker = token.to_string(),
             Role::Manager => file.manager = token.to_string(),

@@ -167,7 +167,7 @@ impl Manager {
             orchestrator::with_rotations(state, commands, now)
         })?;
         if !commands.is_empty() {
-            self.store.apply_all(commands)?;
+            self.store.apply_all(commands).await?;
         }
         Ok(())
     }
@@ -273,7 +273,7 @@ impl Manager {
     }
 
     /// Re-issues this manager's own server certificate once past half its lifetime.
-    fn renew_own_certificate_if_due(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn renew_own_certificate_if_due(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let current = cluster::open_identity(&self.dir)?;
         let info = CertInfo::from_pem(&current.cert_pem)?;
         let now = OffsetDateTime::now_utc();
@@ -289,7 +289,7 @@ impl Manager {
         let config = tls::server_config(self.ca.cert_der(), &identity)?;
         self.dir.write_manager_identity(&identity)?;
         let not_after = CertInfo::from_pem(&identity.cert_pem)?.not_after.unix_timestamp();
-        self.store.apply(Command::RecordCertificate { id: id.clone(), not_after })?;
+        self.store.apply(Command::RecordCertificate { id: id.clone(), not_after }).await?;
         *self.server_tls.lock().expect("lock") = config;
         info!(node = %id, "renewed the manager's own certificate");
         Ok(())
@@ -361,7 +361,7 @@ pub async fn serve(
         loop {
             if last_self_check.is_none_or(|t| t.elapsed() >= SELF_RENEW_CHECK) {
                 last_self_check = Some(Instant::now());
-                if let Err(e) = background.renew_own_certificate_if_due() {
+                if let Err(e) = background.renew_own_certificate_if_due().await {
                     warn!(error = %e, "renewing the manager's own certificate failed; will retry");
                 }
             }

@@ -150,10 +150,12 @@ pub enum Command {
     RemoveService {
         name: String,
     },
+    /// Several commands applied in order, all or nothing: one plan.
+    Batch(Vec<Command>),
 }
 
 /// Why a command was refused. The state is unchanged.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateError {
     #[error("no node with ID {0}")]
     UnknownNode(NodeId),
@@ -345,6 +347,11 @@ impl ClusterState {
             }
             Command::RemoveService { name } => {
                 self.services.remove(&name).ok_or(StateError::UnknownService(name))?;
+            }
+            Command::Batch(commands) => {
+                for command in commands {
+                    self.apply_in_place(command)?;
+                }
             }
         }
         Ok(())

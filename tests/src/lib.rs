@@ -39,13 +39,13 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        cluster::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime).expect("init");
+        cluster::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime).await.expect("init");
         TestCluster::serve(dir, listener, options).await
     }
 
     async fn serve(dir: TempDir, listener: TcpListener, options: ManagerOptions) -> TestCluster {
         let addr = listener.local_addr().expect("local addr");
-        let opened = cluster::open(&state_dir(&dir)).expect("open");
+        let opened = cluster::open(&state_dir(&dir)).await.expect("open");
         let manager = Manager::new(opened, options.clone()).expect("manager");
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = server::serve(manager.clone(), listener, async {
@@ -69,8 +69,9 @@ impl TestCluster {
     }
 
     async fn shutdown(&mut self) {
-        // As a process exit would: every connection goes.
+        // As a process exit would: every connection goes, and the store closes.
         self.manager.close_all();
+        self.manager.store().shutdown().await;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

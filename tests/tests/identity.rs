@@ -409,6 +409,7 @@ async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
         control::cluster::ManagerConfig::new(cluster.addr, None),
         HOUR,
     )
+    .await
     .unwrap_err();
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
     let fresh = tempfile::tempdir().unwrap();
@@ -417,6 +418,7 @@ async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
         control::cluster::ManagerConfig::new(cluster.addr, None),
         Duration::from_secs(59 * 60),
     )
+    .await
     .unwrap_err();
     assert!(err.to_string().contains("minimum is 1h"), "{err}");
     assert!(!fresh.path().join("ca.key").exists());

@@ -172,7 +172,11 @@ impl pb::admin_server::Admin for AdminApi {
         if request.get_ref().rotate {
             let token = JoinToken::generate(&manager.ca.digest());
             // The hash goes into the state first: from that moment the old token is refused.
-            manager.store.apply(Command::SetToken { role, hash: token.secret_hash() }).map_err(internal)?;
+            manager
+                .store
+                .apply(Command::SetToken { role, hash: token.secret_hash() })
+                .await
+                .map_err(internal)?;
             manager.dir.write_token(role, &token).map_err(internal)?;
             info!(%role, "join token rotated");
             return Ok(Response::new(pb::JoinTokenResponse { token: token.to_string() }));

@@ -72,6 +72,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 labels: Default::default(),
                 underlay: None,
             }))
+            .await
             .map_err(internal)?;
         info!(node = %id, %role, hostname, "node joined");
         Ok(Response::new(pb::JoinResponse {
@@ -93,6 +94,7 @@ impl pb::identity_server::Identity for IdentityApi {
         manager
             .store
             .apply(Command::RecordCertificate { id: id.clone(), not_after })
+            .await
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         info!(node = %id, "renewed a node certificate");
         Ok(Response::new(pb::RenewResponse { cert_pem }))

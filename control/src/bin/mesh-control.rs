@@ -88,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Init { state_dir, listen, advertise, cert_expiry, run, serve: args } => {
             let config = ManagerConfig::new(listen, advertise);
-            let created = cluster::init(&state_dir, config, cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME))?;
+            let created =
+                cluster::init(&state_dir, config, cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME)).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
             println!("Manager node ID: {}", created.manager_id);
             println!(
@@ -114,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(state_dir: PathBuf, options: ManagerOptions) -> anyhow::Result<()> {
-    let opened = cluster::open(&state_dir)?;
+    let opened = cluster::open(&state_dir).await?;
     let config = opened.config.clone();
     let (cluster_id, lifetime, nodes) =
         opened.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));
