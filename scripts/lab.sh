@@ -78,7 +78,7 @@ token=$(meshctl join-token worker -q)
 for i in $(seq 2 "$hosts"); do
   id=$(in_host "$i" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/h$i/meshd" --hostname "$(host "$i")" 2>/dev/null)
   echo "$id" >"$work/h$i/id"
-  in_host "$i" "$bin/meshd" run --state-dir "$work/h$i/meshd" >"$work/meshd-$i.log" 2>&1 &
+  in_host "$i" "$bin/meshd" run --state-dir "$work/h$i/meshd" --underlay "$(addr "$i")" >"$work/meshd-$i.log" 2>&1 &
   echo "  $(host "$i") joined as $id"
 done
 meshctl node ls | sed 's/^/  /'
@@ -96,13 +96,43 @@ meshctl join-token worker --rotate -q >"$work/new-token"
 check "a rotated token is refused at once" refused in_host "$last" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/bad2"
 check "the new token works" in_host "$last" "$bin/meshd" join --control "$control" --token "$(cat "$work/new-token")" --state-dir "$work/h$last/extra"
 check "joined nodes are unaffected by the rotation" in_host 3 "$bin/meshd" renew --state-dir "$work/h3/meshd"
-victim=$(cat "$work/h2/id")
-meshctl node rm "$victim" | sed 's/^/  /'
-check "a removed node is refused on renewal" refused in_host 2 "$bin/meshd" renew --state-dir "$work/h2/meshd"
 check "a node certificate cannot call the admin API" refused env MESHCTL_ADMIN="$work/fake-admin" sh -c "
   mkdir -p $work/fake-admin && cp $work/h3/meshd/ca.crt $work/fake-admin/ca.crt &&
   cp $work/h3/meshd/node.crt $work/fake-admin/admin.crt && cp $work/h3/meshd/node.key $work/fake-admin/admin.key &&
   echo $control > $work/fake-admin/control && ip netns exec $(host 1) $bin/meshctl node ls"
+
+step "Networks and services"
+for _ in $(seq 100); do
+  [ "$(meshctl node ls --format json | grep -c '"connected": true')" -ge $((hosts - 1)) ] && break; sleep 0.1
+done
+zone_node=$(cat "$work/h2/id")
+meshctl node update "$zone_node" --label-add zone=secure | sed 's/^/  /'
+meshctl network create front --subnet 10.10.0.0/24 | sed 's/^/  /'
+meshctl network create back --subnet 10.20.0.0/24 | sed 's/^/  /'
+meshctl service create web --network front --port 80 --replicas 2 | sed 's/^/  /'
+meshctl service create db --network back --port 5432 --constraint node.labels.zone==secure | sed 's/^/  /'
+meshctl service ls | sed 's/^/  /'
+meshctl network ls | sed 's/^/  /'
+status() { in_host "$1" "$bin/meshd" status --state-dir "$work/h$1/meshd" --json; }
+sleep 0.5
+for i in $(seq 2 "$hosts"); do echo "  --- $(host "$i")"; in_host "$i" "$bin/meshd" status --state-dir "$work/h$i/meshd" | sed 's/^/  /'; done
+holds() { status "$1" | grep -q "\"name\": \"$2\""; }
+check "only the labelled host holds network back" sh -c "$(declare -f status holds in_host host); p=$p; bin=$bin; work=$work
+  holds 2 back && for i in \$(seq 3 $hosts); do ! holds \$i back || exit 1; done"
+check "a constraint that no node meets is refused" refused meshctl service create x --network back --constraint node.labels.zone==nowhere
+check "an overlapping subnet is refused" refused meshctl network create overlap --subnet 10.10.0.0/16
+epoch() { meshctl network inspect front | grep -o '"key_epoch": [0-9]*' | grep -o '[0-9]*$'; }
+before=$(epoch); meshctl network rotate-key front | sed 's/^/  /'
+check "a key rotation advances the epoch" test "$(epoch)" -gt "$before"
+web_host=$(meshctl service inspect web | grep -o '"node": "[a-z0-9]*"' | head -1 | grep -o '[a-z0-9]\{25\}')
+
+step "Removing a node"
+before=$(epoch)
+meshctl node rm "$web_host" | sed 's/^/  /'
+for i in $(seq 2 "$hosts"); do [ "$(cat "$work/h$i/id")" = "$web_host" ] && victim_host=$i; done
+check "removing a node with an endpoint on front rekeys front" test "$(epoch)" -gt "$before"
+check "its endpoint moved to another node" sh -c "! ip netns exec $(host 1) env MESHCTL_ADMIN=$MESHCTL_ADMIN $bin/meshctl service inspect web | grep -q $web_host"
+check "the removed node is refused on renewal" refused in_host "$victim_host" "$bin/meshd" renew --state-dir "$work/h$victim_host/meshd"
 meshctl node ls | sed 's/^/  /'
 
 step "Summary"

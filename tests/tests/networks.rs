@@ -425,3 +425,43 @@ fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         if path.is_dir() { collect(&path, out) } else { out.push(path) }
     }
 }
+
+#[tokio::test]
+async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_bytes() {
+    let cluster = TestCluster::start(HOUR).await;
+    let (dir, id) = cluster.join(control::tokens::Role::Worker).await;
+    let state_dir = mesh_tests::node_dir(&dir);
+    let config = meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) };
+    let agent = tokio::spawn(meshd::agent::run(config));
+    let mut admin = cluster.admin().await;
+    eventually("the agent's session", || cluster.manager.connected().contains(&id)).await;
+    admin.create_network("front", "10.72.0.0/24", true).await.unwrap();
+    admin.create_service(service("web", &["front"], 1, &[])).await.unwrap();
+    admin.rotate_network_key("front").await.unwrap();
+
+    let mut status = meshd::status::query(&state_dir).await.unwrap();
+    for _ in 0..200 {
+        if status.networks.first().is_some_and(|n| n.keys.contains(&"current:2".to_owned())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = meshd::status::query(&state_dir).await.unwrap();
+    }
+    assert!(status.connected);
+    assert_eq!(status.node, id.to_string());
+    assert_eq!(status.endpoints.len(), 1);
+    assert_eq!(status.endpoints[0].service, "web");
+    let net = &status.networks[0];
+    assert_eq!((net.name.as_str(), net.encrypted), ("front", true));
+    assert_eq!(net.keys, vec!["next:3", "current:2", "previous:1"]);
+    assert_eq!(net.peers.len(), 1);
+    assert!(net.peers[0].contains("127.0.0.9:4800"));
+    // No key bytes anywhere in what status exposes.
+    let state_keys = cluster.manager.store().read(|s| s.networks["front"].keys.clone().unwrap());
+    let json = serde_json::to_string(&status).unwrap() + &status.render();
+    for (_, key) in state_keys.keys() {
+        let hex: String = key.key.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!json.contains(&hex[..12]));
+    }
+    agent.abort();
+}

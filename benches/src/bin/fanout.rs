@@ -1,0 +1,247 @@
+//! Key rotation fan-out: how long a rotation takes to reach every node's session, and the
+//! manager's memory per session.
+//!
+//! Runs the real `mesh-control` binary in its own process (so its memory can be read alone),
+//! joins N nodes through meshd's join code, opens N real sessions (gRPC over mTLS, in this
+//! process), places one endpoint on every node on one encrypted network, then rotates the key
+//! several times and times each rotation until the last node holds the new epoch.
+//!
+//!     cargo build --release -p control
+//!     cargo run --release -p benches --bin fanout -- --nodes 100,1000
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use control::client::AdminClient;
+use control::cluster::AdminBundle;
+use control::keys::KeyUse;
+use control::proto::pb;
+use control::tokens::Role;
+use meshd::session::{SessionConfig, SessionEvent};
+
+#[derive(Parser)]
+#[command(about = "Time for a network key rotation to reach N nodes; manager memory per session")]
+struct Args {
+    /// Node counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    nodes: Vec<usize>,
+    /// Rotations timed per node count.
+    #[arg(long, default_value_t = 5)]
+    rotations: usize,
+    /// The mesh-control binary.
+    #[arg(long, default_value = "target/release/mesh-control")]
+    mesh_control: PathBuf,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The manager process; killed when dropped.
+struct ManagerProcess {
+    child: Child,
+    _dir: tempfile::TempDir,
+    bundle: AdminBundle,
+}
+
+impl Drop for ManagerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ManagerProcess {
+    async fn start(binary: &PathBuf) -> anyhow::Result<ManagerProcess> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let state = dir.path().join("control");
+        let listen = format!("127.0.0.1:{port}");
+        let status = Command::new(binary)
+            .args(["init", "--state-dir"])
+            .arg(&state)
+            .args(["--listen", &listen])
+            .stdout(Stdio::null())
+            .status()
+            .with_context(|| {
+                format!("running {} (build it: cargo build --release -p control)", binary.display())
+            })?;
+        if !status.success() {
+            bail!("mesh-control init failed");
+        }
+        let child = Command::new(binary)
+            .args(["run", "--state-dir"])
+            .arg(&state)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()?;
+        let bundle = AdminBundle::load(&state.join("admin"))?;
+        for _ in 0..100 {
+            if AdminClient::connect(&bundle).await.is_ok() {
+                return Ok(ManagerProcess { child, _dir: dir, bundle });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("mesh-control did not come up")
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Measured {
+    nodes: usize,
+    rotation_ms: Vec<f64>,
+    median_ms: f64,
+    max_ms: f64,
+    manager_rss_before_kib: u64,
+    manager_rss_after_kib: u64,
+    kib_per_session: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let limit = rlimit::increase_nofile_limit(1 << 16)?;
+    let mut results = Vec::new();
+    for &n in &args.nodes {
+        anyhow::ensure!((n as u64) * 3 + 100 < limit, "open file limit {limit} is too low for {n} nodes");
+        results.push(measure(&args, n).await?);
+    }
+    println!("\n| nodes | rotation reaches all (median) | max | manager RSS per session |");
+    println!("|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {:.1} KiB |",
+            r.nodes, r.median_ms, r.max_ms, r.kib_per_session
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
+    eprintln!("== {n} nodes: starting mesh-control");
+    let manager = ManagerProcess::start(&args.mesh_control).await?;
+    let mut admin = AdminClient::connect(&manager.bundle).await?;
+    let token = admin.join_token(Role::Worker, false).await?;
+    let nodes_dir = tempfile::tempdir()?;
+    eprintln!("   joining {n} nodes");
+    let mut joined = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let mut tasks = Vec::new();
+        for &i in chunk {
+            let dir = nodes_dir.path().join(format!("n{i}"));
+            let control = manager.bundle.control.clone();
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                meshd::identity::join(&control, &token, &dir, &format!("sim{i}")).await.map(|_| dir)
+            }));
+        }
+        for t in tasks {
+            joined.push(t.await??);
+        }
+    }
+    let before = manager.rss_kib()?;
+    eprintln!("   opening {n} sessions");
+    let epochs: Arc<Mutex<HashMap<usize, (u32, Instant)>>> = Arc::new(Mutex::new(HashMap::new()));
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for (i, dir) in joined.iter().enumerate() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let underlay = SocketAddr::from(([127, 0, (i / 250) as u8, (i % 250) as u8 + 1], 4800));
+        tokio::spawn(meshd::session::run(SessionConfig { state_dir: dir.clone(), underlay }, tx));
+        let epochs = epochs.clone();
+        let connected = connected.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                match event {
+                    SessionEvent::Connected => {
+                        connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    SessionEvent::Slice(slice) => {
+                        let epoch = slice
+                            .networks
+                            .iter()
+                            .flat_map(|n| n.keys.iter())
+                            .find(|(u, _)| *u == KeyUse::Current)
+                            .map(|(_, k)| k.epoch);
+                        if let Some(epoch) = epoch {
+                            epochs.lock().unwrap().insert(i, (epoch, Instant::now()));
+                        }
+                    }
+                    SessionEvent::Disconnected(_) => {}
+                }
+            }
+        });
+    }
+    wait(|| connected.load(std::sync::atomic::Ordering::Relaxed) >= n, "every session to open").await?;
+    // Let the manager see every session as connected before placing.
+    for _ in 0..100 {
+        if admin.list_nodes().await?.iter().filter(|x| x.connected).count() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = manager.rss_kib()?;
+    admin.create_network("bench", "10.200.0.0/16", true).await?;
+    admin
+        .create_service(pb::CreateServiceRequest {
+            name: "fan".into(),
+            networks: vec!["bench".into()],
+            ports: vec![pb::Port { port: 80, protocol: "tcp".into() }],
+            replicas: n as u32,
+            constraints: vec![],
+            command: String::new(),
+        })
+        .await?;
+    wait(|| epochs.lock().unwrap().len() >= n, "every node to hold the network").await?;
+
+    let mut times = Vec::new();
+    for r in 0..args.rotations {
+        let target = admin.inspect_network("bench").await?.key_epoch.unwrap_or(0) + 1;
+        let start = Instant::now();
+        admin.rotate_network_key("bench").await?;
+        wait(
+            || epochs.lock().unwrap().values().filter(|(e, _)| *e >= target).count() >= n,
+            "the rotation to reach every node",
+        )
+        .await?;
+        let last = epochs.lock().unwrap().values().map(|(_, t)| *t).max().unwrap();
+        let ms = last.duration_since(start).as_secs_f64() * 1000.0;
+        eprintln!("   rotation {}: {ms:.1} ms to reach all {n}", r + 1);
+        times.push(ms);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    Ok(Measured {
+        nodes: n,
+        median_ms: sorted[sorted.len() / 2],
+        max_ms: *sorted.last().unwrap(),
+        rotation_ms: times,
+        manager_rss_before_kib: before,
+        manager_rss_after_kib: after,
+        kib_per_session: (after.saturating_sub(before)) as f64 / n as f64,
+    })
+}
+
+async fn wait(mut done: impl FnMut() -> bool, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
