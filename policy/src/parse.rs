@@ -1,0 +1,560 @@
+//! Reading a policy file: TOML into a validated [`Policy`], every error naming the file, line and
+//! column, the value, and what is allowed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// A policy error at a place in a file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// What a rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+/// What a rule inspects: HTTP requests (methods, paths, headers) or TCP connections (L4 only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// HTTP methods a rule may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Connect,
+    Options,
+    Trace,
+    Patch,
+}
+
+impl Method {
+    pub const ALL: [(&'static str, Method); 9] = [
+        ("GET", Method::Get),
+        ("HEAD", Method::Head),
+        ("POST", Method::Post),
+        ("PUT", Method::Put),
+        ("DELETE", Method::Delete),
+        ("CONNECT", Method::Connect),
+        ("OPTIONS", Method::Options),
+        ("TRACE", Method::Trace),
+        ("PATCH", Method::Patch),
+    ];
+
+    pub fn parse(s: &str) -> Option<Method> {
+        Method::ALL.iter().find(|(n, _)| *n == s).map(|(_, m)| *m)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Method::ALL.iter().find(|(_, m)| *m == self).map(|(n, _)| *n).expect("every method is listed")
+    }
+}
+
+/// A path pattern: exact, or a prefix written with a trailing `/*`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PathMatch {
+    Exact(String),
+    /// `/v1/items/*` is stored as `/v1/items/` and matches any path starting with it.
+    Prefix(String),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::Exact(p) => f.write_str(p),
+            PathMatch::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// How a header must look.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum HeaderMatch {
+    Present,
+    Exact(String),
+    Prefix(String),
+}
+
+/// A header condition of a rule; the name is lower-case.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HeaderRule {
+    pub name: String,
+    pub matches: HeaderMatch,
+}
+
+/// A validated rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    /// Line of the rule's `[[rule]]` header in its file.
+    pub line: usize,
+    pub action: Action,
+    /// `None`: any source (`*`).
+    pub from: Option<BTreeSet<String>>,
+    pub to: BTreeSet<String>,
+    /// Empty: any port.
+    pub ports: BTreeSet<u16>,
+    pub protocol: Protocol,
+    /// Empty: any method.
+    pub methods: BTreeSet<Method>,
+    /// Empty: any path.
+    pub paths: Vec<PathMatch>,
+    pub headers: Vec<HeaderRule>,
+    pub dry_run: bool,
+}
+
+/// A test carried in the policy: a request and the verdict it must get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestCase {
+    pub line: usize,
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    /// `None` for a TCP connection.
+    pub method: Option<Method>,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub expect: Action,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub file: String,
+    pub default: Action,
+    pub rules: Vec<Rule>,
+    pub tests: Vec<TestCase>,
+}
+
+// The file as written. Every field a user writes is spanned so errors can point at it.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    default: Option<Spanned<String>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    test: Vec<Spanned<RawTest>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    action: Spanned<String>,
+    from: Spanned<Vec<Spanned<String>>>,
+    to: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    ports: Vec<Spanned<i64>>,
+    protocol: Option<Spanned<String>>,
+    #[serde(default)]
+    methods: Vec<Spanned<String>>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    headers: Vec<Spanned<RawHeader>>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: Spanned<String>,
+    present: Option<bool>,
+    exact: Option<String>,
+    prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    from: Spanned<String>,
+    to: Spanned<String>,
+    port: Spanned<i64>,
+    method: Option<Spanned<String>>,
+    #[serde(default = "root")]
+    path: Spanned<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    expect: Spanned<String>,
+}
+
+fn root() -> Spanned<String> {
+    Spanned::new(0..0, "/".to_owned())
+}
+
+/// Turns byte offsets into 1-based lines and columns.
+struct Locator<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> PolicyError {
+        let offset = span.start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(offset, |i| offset - i - 1) + 1;
+        PolicyError { file: self.file.to_owned(), line, column, message: message.into() }
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.at(span.clone(), "").line
+    }
+}
+
+/// A valid service name: 1-63 of a-z, 0-9, `-`, starting with a letter (as control requires).
+fn valid_service(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
+}
+
+fn action(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Action, PolicyError> {
+    match value.get_ref().as_str() {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        other => Err(loc.at(value.span(), format!("unknown action `{other}`: expected `allow` or `deny`"))),
+    }
+}
+
+fn port(loc: &Locator<'_>, value: &Spanned<i64>) -> Result<u16, PolicyError> {
+    u16::try_from(*value.get_ref()).ok().filter(|p| *p != 0).ok_or_else(|| {
+        loc.at(value.span(), format!("port `{}` is out of range: expected 1-65535", value.get_ref()))
+    })
+}
+
+fn method(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Method, PolicyError> {
+    Method::parse(value.get_ref()).ok_or_else(|| {
+        let allowed: Vec<&str> = Method::ALL.iter().map(|(n, _)| *n).collect();
+        loc.at(
+            value.span(),
+            format!("unknown method `{}`: expected one of {}", value.get_ref(), allowed.join(", ")),
+        )
+    })
+}
+
+fn path_pattern(loc: &Locator<'_>, value: &Spanned<String>) -> Result<PathMatch, PolicyError> {
+    let p = value.get_ref();
+    let bad = |why: &str| loc.at(value.span(), format!("path `{p}` is not valid: {why}"));
+    if !p.starts_with('/') {
+        return Err(bad("a path starts with `/`"));
+    }
+    if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("no spaces or control characters"));
+    }
+    match p.find('*') {
+        None => Ok(PathMatch::Exact(p.clone())),
+        Some(i) if i == p.len() - 1 && p.ends_with("/*") => Ok(PathMatch::Prefix(p[..i].to_owned())),
+        Some(_) => Err(bad("`*` may only end a path, after a `/`, as in `/v1/items/*`")),
+    }
+}
+
+impl Policy {
+    /// Parses and validates `text`, read from `file` (used in error messages).
+    pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+        let loc = Locator { file, text };
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            loc.at(span, e.message().trim().to_owned())
+        })?;
+        let default = match &raw.default {
+            Some(d) => action(&loc, d)?,
+            None => Action::Deny,
+        };
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut rules = Vec::new();
+        for spanned in &raw.rule {
+            let line = loc.line(&spanned.span());
+            let r = spanned.get_ref();
+            let name = r.name.get_ref().clone();
+            if name.is_empty()
+                || name.len() > 63
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(loc.at(
+                    r.name.span(),
+                    format!("rule name `{name}` is not valid: 1-63 characters of a-z, A-Z, 0-9, `-`, `_`"),
+                ));
+            }
+            if let Some(first) = names.insert(name.clone(), line) {
+                return Err(loc
+                    .at(r.name.span(), format!("rule name `{name}` is used twice (first at line {first})")));
+            }
+            let from = if r.from.get_ref().iter().any(|s| s.get_ref() == "*") {
+                if r.from.get_ref().len() > 1 {
+                    return Err(loc.at(r.from.span(), "`*` stands for every service; list it alone"));
+                }
+                None
+            } else {
+                if r.from.get_ref().is_empty() {
+                    return Err(
+                        loc.at(r.from.span(), "`from` is empty: list source services, or `*` for any")
+                    );
+                }
+                Some(services(&loc, r.from.get_ref())?)
+            };
+            if r.to.get_ref().is_empty() {
+                return Err(loc.at(r.to.span(), "`to` is empty: list the destination services"));
+            }
+            if let Some(star) = r.to.get_ref().iter().find(|s| s.get_ref() == "*") {
+                return Err(
+                    loc.at(star.span(), "`to` names destination services; `*` is allowed only in `from`")
+                );
+            }
+            let to = services(&loc, r.to.get_ref())?;
+            let protocol = match &r.protocol {
+                None => Protocol::Http,
+                Some(p) => match p.get_ref().as_str() {
+                    "http" => Protocol::Http,
+                    "tcp" => Protocol::Tcp,
+                    other => {
+                        return Err(
+                            loc.at(p.span(), format!("unknown protocol `{other}`: expected `http` or `tcp`"))
+                        );
+                    }
+                },
+            };
+            let methods = r.methods.iter().map(|m| method(&loc, m)).collect::<Result<BTreeSet<_>, _>>()?;
+            let paths = r.paths.iter().map(|p| path_pattern(&loc, p)).collect::<Result<Vec<_>, _>>()?;
+            let mut headers = Vec::new();
+            for h in &r.headers {
+                let raw = h.get_ref();
+                let hname = raw.name.get_ref().to_ascii_lowercase();
+                if !valid_header_name(&hname) {
+                    return Err(loc.at(
+                        raw.name.span(),
+                        format!("header name `{}` is not a valid HTTP header name", raw.name.get_ref()),
+                    ));
+                }
+                let matches = match (raw.present, &raw.exact, &raw.prefix) {
+                    (Some(true), None, None) => HeaderMatch::Present,
+                    (None, Some(v), None) => HeaderMatch::Exact(v.clone()),
+                    (None, None, Some(v)) => HeaderMatch::Prefix(v.clone()),
+                    _ => {
+                        return Err(loc.at(
+                            h.span(),
+                            format!("header `{hname}` needs exactly one of `present = true`, `exact = \"...\"`, `prefix = \"...\"`"),
+                        ));
+                    }
+                };
+                headers.push(HeaderRule { name: hname, matches });
+            }
+            if protocol == Protocol::Tcp && (!methods.is_empty() || !paths.is_empty() || !headers.is_empty())
+            {
+                return Err(loc.at(
+                    spanned.span(),
+                    format!(
+                        "rule `{name}` is `protocol = \"tcp\"`: it cannot match methods, paths or headers"
+                    ),
+                ));
+            }
+            rules.push(Rule {
+                name,
+                line,
+                action: action(&loc, &r.action)?,
+                from,
+                to,
+                ports: r.ports.iter().map(|p| port(&loc, p)).collect::<Result<_, _>>()?,
+                protocol,
+                methods,
+                paths,
+                headers,
+                dry_run: r.dry_run,
+            });
+        }
+        let mut tests = Vec::new();
+        for spanned in &raw.test {
+            let t = spanned.get_ref();
+            for s in [&t.from, &t.to] {
+                if !valid_service(s.get_ref()) {
+                    return Err(loc.at(
+                        s.span(),
+                        format!(
+                            "service name `{}` is not valid: 1-63 characters of a-z, 0-9, `-`",
+                            s.get_ref()
+                        ),
+                    ));
+                }
+            }
+            let expect = action(&loc, &t.expect)?;
+            let path = t.path.get_ref().clone();
+            if !path.starts_with('/') {
+                return Err(
+                    loc.at(t.path.span(), format!("path `{path}` is not valid: a path starts with `/`"))
+                );
+            }
+            tests.push(TestCase {
+                line: loc.line(&spanned.span()),
+                from: t.from.get_ref().clone(),
+                to: t.to.get_ref().clone(),
+                port: port(&loc, &t.port)?,
+                method: t.method.as_ref().map(|m| method(&loc, m)).transpose()?,
+                path,
+                headers: t.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+                expect,
+            });
+        }
+        Ok(Policy { file: file.to_owned(), default, rules, tests })
+    }
+
+    /// Checks every service named in the policy against the cluster's services; suggests the
+    /// closest name when one is near.
+    pub fn validate_services(&self, text: &str, known: &BTreeSet<String>) -> Result<(), PolicyError> {
+        let loc = Locator { file: &self.file, text };
+        let raw: RawPolicy =
+            toml::from_str(text).map_err(|e| loc.at(e.span().unwrap_or(0..0), e.message().to_owned()))?;
+        let mut named: Vec<&Spanned<String>> = Vec::new();
+        for r in &raw.rule {
+            named.extend(r.get_ref().from.get_ref().iter().filter(|s| s.get_ref() != "*"));
+            named.extend(r.get_ref().to.get_ref().iter());
+        }
+        for t in &raw.test {
+            named.push(&t.get_ref().from);
+            named.push(&t.get_ref().to);
+        }
+        for s in named {
+            let name = s.get_ref();
+            if !known.contains(name) {
+                let closest =
+                    known.iter().map(|k| (strsim::levenshtein(k, name), k)).filter(|(d, _)| *d <= 2).min();
+                let hint = match closest {
+                    Some((_, k)) => format!("; did you mean `{k}`?"),
+                    None if known.is_empty() => "; the cluster has no services".to_owned(),
+                    None => String::new(),
+                };
+                return Err(loc.at(s.span(), format!("service `{name}` does not exist{hint}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every service a rule names as a destination.
+    pub fn destinations(&self) -> BTreeSet<&str> {
+        self.rules.iter().flat_map(|r| r.to.iter().map(String::as_str)).collect()
+    }
+
+    /// The same policy with only the rules whose destinations include one of `services`, and no
+    /// tests: what a node hosting those services needs, and no more.
+    pub fn restricted_to(&self, services: &BTreeSet<String>) -> Policy {
+        Policy {
+            file: self.file.clone(),
+            default: self.default,
+            rules: self.rules.iter().filter(|r| r.to.iter().any(|t| services.contains(t))).cloned().collect(),
+            tests: Vec::new(),
+        }
+    }
+
+    /// Writes the policy back as TOML that [`Policy::parse`] reads to the same rules (tests
+    /// omitted). Used to send a node its rules.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct OutPolicy<'a> {
+            default: Action,
+            rule: Vec<OutRule<'a>>,
+        }
+        #[derive(Serialize)]
+        struct OutRule<'a> {
+            name: &'a str,
+            action: Action,
+            from: Vec<&'a str>,
+            to: Vec<&'a str>,
+            ports: Vec<u16>,
+            protocol: Protocol,
+            methods: Vec<&'static str>,
+            paths: Vec<String>,
+            headers: Vec<BTreeMap<&'static str, toml::Value>>,
+            dry_run: bool,
+        }
+        let rule = self
+            .rules
+            .iter()
+            .map(|r| OutRule {
+                name: &r.name,
+                action: r.action,
+                from: r.from.as_ref().map_or(vec!["*"], |f| f.iter().map(String::as_str).collect()),
+                to: r.to.iter().map(String::as_str).collect(),
+                ports: r.ports.iter().copied().collect(),
+                protocol: r.protocol,
+                methods: r.methods.iter().map(|m| m.as_str()).collect(),
+                paths: r.paths.iter().map(|p| p.to_string()).collect(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let mut m = BTreeMap::new();
+                        m.insert("name", toml::Value::String(h.name.clone()));
+                        match &h.matches {
+                            HeaderMatch::Present => m.insert("present", toml::Value::Boolean(true)),
+                            HeaderMatch::Exact(v) => m.insert("exact", toml::Value::String(v.clone())),
+                            HeaderMatch::Prefix(v) => m.insert("prefix", toml::Value::String(v.clone())),
+                        };
+                        m
+                    })
+                    .collect(),
+                dry_run: r.dry_run,
+            })
+            .collect();
+        toml::to_string(&OutPolicy { default: self.default, rule }).expect("a policy serializes")
+    }
+}
+
+fn services(loc: &Locator<'_>, list: &[Spanned<String>]) -> Result<BTreeSet<String>, PolicyError> {
+    let mut out = BTreeSet::new();
+    for s in list {
+        if !valid_service(s.get_ref()) {
+            return Err(loc.at(
+                s.span(),
+                format!("service name `{}` is not valid: 1-63 characters of a-z, 0-9, `-`, starting with a letter", s.get_ref()),
+            ));
+        }
+        out.insert(s.get_ref().clone());
+    }
+    Ok(out)
+}

@@ -1,0 +1,232 @@
+//! The policy language: parsing, line-precise errors, evaluation, tests in the policy.
+
+use std::collections::BTreeSet;
+
+use policy::{Action, Engine, Method, Policy, Request};
+
+const EXAMPLE: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "web-reads-items"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [80]
+methods = ["GET", "HEAD"]
+paths = ["/v1/items", "/v1/items/*"]
+
+[[rule]]
+name = "admins-write"
+action = "allow"
+from = ["web"]
+to = ["api"]
+methods = ["POST", "DELETE"]
+paths = ["/v1/items/*"]
+headers = [{ name = "X-Role", exact = "admin" }]
+
+[[rule]]
+name = "no-internal"
+action = "deny"
+from = ["*"]
+to = ["api"]
+paths = ["/internal/*"]
+
+[[rule]]
+name = "db-from-api"
+action = "allow"
+from = ["api"]
+to = ["db"]
+ports = [5432]
+protocol = "tcp"
+
+[[rule]]
+name = "try-tracing"
+action = "deny"
+from = ["*"]
+to = ["api"]
+headers = [{ name = "x-debug", present = true }]
+dry_run = true
+
+[[test]]
+from = "web"
+to = "api"
+port = 80
+method = "GET"
+path = "/v1/items/7"
+expect = "allow"
+
+[[test]]
+from = "web"
+to = "api"
+port = 80
+method = "DELETE"
+path = "/v1/items/7"
+expect = "deny"
+"#;
+
+fn get<'a>(
+    from: &'a str,
+    to: &'a str,
+    port: u16,
+    method: &str,
+    path: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+) -> Request<'a> {
+    Request { from, to, port, method: Some(Method::parse(method).unwrap()), path, headers }
+}
+
+#[test]
+fn the_example_parses_and_its_tests_pass() {
+    let policy = Policy::parse("example.toml", EXAMPLE).unwrap();
+    assert_eq!(policy.rules.len(), 5);
+    assert_eq!(policy.rules[0].line, 4, "a rule knows its line");
+    let engine = Engine::compile(&policy);
+    assert!(engine.run_tests(&policy.tests).is_empty());
+}
+
+#[test]
+fn decisions_follow_the_rules() {
+    let engine = Engine::compile(&Policy::parse("p.toml", EXAMPLE).unwrap());
+    let admin = [("x-role", "admin")];
+    let debug = [("x-debug", "1")];
+    let cases: Vec<(Request<'_>, Action, Option<&str>)> = vec![
+        (get("web", "api", 80, "GET", "/v1/items", &[]), Action::Allow, Some("web-reads-items")),
+        (get("web", "api", 80, "GET", "/v1/items/7", &[]), Action::Allow, Some("web-reads-items")),
+        (get("web", "api", 80, "GET", "/v1/itemsX", &[]), Action::Deny, None),
+        (get("web", "api", 8080, "GET", "/v1/items", &[]), Action::Deny, None),
+        (get("web", "api", 80, "POST", "/v1/items", &[]), Action::Deny, None),
+        (get("web", "api", 80, "DELETE", "/v1/items/7", &[]), Action::Deny, None),
+        (get("web", "api", 80, "DELETE", "/v1/items/7", &admin), Action::Allow, Some("admins-write")),
+        (get("other", "api", 80, "GET", "/v1/items", &[]), Action::Deny, None),
+        // Deny wins over an allow that also matches.
+        (get("web", "api", 80, "POST", "/internal/x", &admin), Action::Deny, Some("no-internal")),
+        // A dry-run deny changes nothing.
+        (get("web", "api", 80, "GET", "/v1/items", &debug), Action::Allow, Some("web-reads-items")),
+        // A tcp rule allows requests on its port too.
+        (get("api", "db", 5432, "GET", "/", &[]), Action::Allow, Some("db-from-api")),
+    ];
+    for (req, verdict, rule) in cases {
+        let d = engine.evaluate(&req);
+        assert_eq!(d.verdict, verdict, "{}", policy::describe(&req));
+        assert_eq!(d.rule.as_ref().map(|r| &*r.name), rule, "{}", policy::describe(&req));
+    }
+    let d = engine.evaluate(&get("web", "api", 80, "GET", "/v1/items", &debug));
+    assert_eq!(d.dry_run.len(), 1);
+    assert_eq!((&*d.dry_run[0].0.name, d.dry_run[0].1), ("try-tracing", Action::Deny));
+    // TCP connections: only tcp rules.
+    let tcp = |from, to, port| Request { from, to, port, method: None, path: "/", headers: &[] };
+    assert_eq!(engine.evaluate(&tcp("api", "db", 5432)).verdict, Action::Allow);
+    assert_eq!(engine.evaluate(&tcp("web", "db", 5432)).verdict, Action::Deny);
+    assert_eq!(
+        engine.evaluate(&tcp("web", "api", 80)).verdict,
+        Action::Deny,
+        "http rules never match a raw connection"
+    );
+    assert_eq!(engine.evaluate(&tcp("web", "api", 80)).reason(), "deny by default");
+}
+
+#[test]
+fn a_default_of_allow_applies_when_nothing_matches() {
+    let p = Policy::parse("p.toml", "default = \"allow\"\n").unwrap();
+    let e = Engine::compile(&p);
+    assert_eq!(e.evaluate(&get("a", "b", 1, "GET", "/", &[])).verdict, Action::Allow);
+    let p = Policy::parse("p.toml", "").unwrap();
+    assert_eq!(p.default, Action::Deny, "deny unless said otherwise");
+}
+
+#[test]
+fn errors_name_file_line_column_value_and_what_is_allowed() {
+    let rule = |body: &str| {
+        format!(
+            "default = \"deny\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [\"api\"]\n{body}\n"
+        )
+    };
+    let cases: Vec<(String, usize, usize, &str)> = vec![
+        (rule("methods = [\"GIT\"]"), 7, 12, "unknown method `GIT`: expected one of GET, HEAD"),
+        (rule("ports = [70000]"), 7, 10, "port `70000` is out of range"),
+        (rule("paths = [\"v1\"]"), 7, 10, "path `v1` is not valid: a path starts with `/`"),
+        (rule("paths = [\"/a/*/b\"]"), 7, 10, "`*` may only end a path"),
+        (rule("protocol = \"udp\""), 7, 12, "unknown protocol `udp`"),
+        (rule("colour = \"red\""), 7, 1, "unknown field `colour`"),
+        (rule("headers = [{ name = \"x\", present = true, exact = \"y\" }]"), 7, 12, "exactly one of"),
+        (rule("protocol = \"tcp\"\nmethods = [\"GET\"]"), 2, 1, "cannot match methods"),
+        ("default = \"maybe\"\n".to_owned(), 1, 11, "unknown action `maybe`: expected `allow` or `deny`"),
+        ("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"Web!\"]\nto = [\"api\"]\n".to_owned(), 4, 9, "service name `Web!` is not valid"),
+        ("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [\"*\"]\n".to_owned(), 5, 7, "`*` is allowed only in `from`"),
+        ("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\n".to_owned(), 1, 1, "missing field `to`"),
+        ("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [\"a\"]\n[[rule]]\nname = \"r\"\naction = \"deny\"\nfrom = [\"web\"]\nto = [\"a\"]\n".to_owned(), 7, 8, "rule name `r` is used twice (first at line 1)"),
+        ("default = \n".to_owned(), 1, 11, ""),
+        ("[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nmethod = \"FETCH\"\nexpect = \"allow\"\n".to_owned(), 5, 10, "unknown method `FETCH`"),
+        ("[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nexpect = \"yes\"\n".to_owned(), 5, 10, "unknown action `yes`"),
+    ];
+    for (text, line, column, message) in cases {
+        let err = Policy::parse("policy.toml", &text).unwrap_err();
+        assert_eq!(
+            (err.file.as_str(), err.line, err.column),
+            ("policy.toml", line, column),
+            "{err}\n---\n{text}"
+        );
+        assert!(err.message.contains(message), "{err}");
+        assert!(err.to_string().starts_with(&format!("policy.toml:{line}:{column}: ")), "{err}");
+    }
+}
+
+#[test]
+fn services_are_validated_against_the_cluster_with_a_suggestion() {
+    let text = "[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [\"apii\"]\n";
+    let p = Policy::parse("p.toml", text).unwrap();
+    let known: BTreeSet<String> = ["web", "api", "db"].iter().map(|s| s.to_string()).collect();
+    let err = p.validate_services(text, &known).unwrap_err();
+    assert_eq!((err.line, err.column), (5, 7));
+    assert!(err.message.contains("service `apii` does not exist; did you mean `api`?"), "{err}");
+    let far = text.replace("apii", "zzzzzz");
+    let err = Policy::parse("p.toml", &far).unwrap().validate_services(&far, &known).unwrap_err();
+    assert!(err.message.ends_with("does not exist"), "{err}");
+    let ok = text.replace("apii", "api");
+    Policy::parse("p.toml", &ok).unwrap().validate_services(&ok, &known).unwrap();
+}
+
+#[test]
+fn failing_tests_are_reported_with_their_line_and_the_rule_behind() {
+    let text = format!(
+        "{EXAMPLE}\n[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nmethod = \"GET\"\npath = \"/internal/x\"\nexpect = \"allow\"\n"
+    );
+    let p = Policy::parse("p.toml", &text).unwrap();
+    let failures = Engine::compile(&p).run_tests(&p.tests);
+    assert_eq!(failures.len(), 1);
+    let f = &failures[0];
+    let line_of = |needle: &str, nth: usize| {
+        text.lines().enumerate().filter(|(_, l)| *l == needle).nth(nth).unwrap().0 + 1
+    };
+    let test_line = line_of("[[test]]", 2);
+    let rule_line = line_of("[[rule]]", 2);
+    assert_eq!(f.line, test_line);
+    assert_eq!(
+        f.to_string(),
+        format!(
+            "test at line {test_line}: web -> api:80 GET /internal/x expected allow, got deny by rule `no-internal` (line {rule_line})"
+        )
+    );
+}
+
+#[test]
+fn a_restricted_policy_round_trips_through_toml() {
+    let p = Policy::parse("p.toml", EXAMPLE).unwrap();
+    let only_db = p.restricted_to(&["db".to_owned()].into());
+    assert_eq!(only_db.rules.len(), 1);
+    assert_eq!(only_db.rules[0].name, "db-from-api");
+    let again = Policy::parse("slice", &p.to_toml()).unwrap();
+    assert_eq!(again.rules.len(), p.rules.len());
+    for (a, b) in again.rules.iter().zip(&p.rules) {
+        assert_eq!(
+            (&a.name, a.action, &a.from, &a.to, &a.ports, a.protocol),
+            (&b.name, b.action, &b.from, &b.to, &b.ports, b.protocol)
+        );
+        assert_eq!(
+            (&a.methods, &a.paths, &a.headers, a.dry_run),
+            (&b.methods, &b.paths, &b.headers, b.dry_run)
+        );
+    }
+    assert_eq!(again.default, p.default);
+}
