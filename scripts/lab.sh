@@ -124,6 +124,27 @@ check "an overlapping subnet is refused" refused meshctl network create overlap 
 epoch() { meshctl network inspect front | grep -o '"key_epoch": [0-9]*' | grep -o '[0-9]*$'; }
 before=$(epoch); meshctl network rotate-key front | sed 's/^/  /'
 check "a key rotation advances the epoch" test "$(epoch)" -gt "$before"
+
+step "Policy"
+meshctl service create api --network front --port 80 | sed 's/^/  /'
+check "the example policy's own tests pass locally" meshctl policy test "$PWD/examples/policy.toml"
+meshctl policy apply "$PWD/examples/policy.toml" | sed 's/^/  /'
+sed 's/methods = \["GET", "HEAD"\]/methods = ["HEAD"]/' examples/policy.toml >"$work/broken-policy.toml"
+check "a policy whose tests fail is refused" refused meshctl policy apply "$work/broken-policy.toml"
+check "and the previous one stays in force" sh -c "ip netns exec $(host 1) env MESHCTL_ADMIN=$MESHCTL_ADMIN $bin/meshctl policy history | grep -c '^[0-9]' | grep -qx 1"
+meshctl policy explain --from web --to api --port 80 GET /v1/items/7 | sed 's/^/  /'
+meshctl policy explain --from web --to api --port 80 DELETE /v1/items/7 | sed 's/^/  /'
+api_host=$(meshctl service inspect api | grep -o '"node": "[a-z0-9]*"' | head -1 | grep -o '[a-z0-9]\{25\}')
+for i in $(seq 2 "$hosts"); do [ "$(cat "$work/h$i/id")" = "$api_host" ] && api_i=$i; done
+sleep 0.5
+in_host "$api_i" "$bin/meshd" status --state-dir "$work/h$api_i/meshd" | grep '^policy' | sed 's/^/  api host: /'
+check "the api host holds the api rules" sh -c "ip netns exec $(host "$api_i") $bin/meshd status --state-dir $work/h$api_i/meshd | grep -q web-reads-items"
+for i in $(seq 2 "$hosts"); do
+  if [ "$i" != "$api_i" ]; then
+    check "$(host "$i") (no api endpoint) holds no api rule" sh -c "! ip netns exec $(host "$i") $bin/meshd status --state-dir $work/h$i/meshd | grep -q web-reads-items"
+  fi
+done
+
 web_host=$(meshctl service inspect web | grep -o '"node": "[a-z0-9]*"' | head -1 | grep -o '[a-z0-9]\{25\}')
 
 step "Removing a node"

@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ca::CONTROL_SERVER_NAME;
-use crate::proto::{NetworkView, NodeView, ServiceView, pb};
+use crate::proto::{NetworkView, NodeView, PolicyView, ServiceView, pb};
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
 
@@ -236,6 +236,34 @@ impl AdminClient {
     pub async fn remove_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
         let s = self.inner.remove_service(name_request(name)).await.map_err(|s| self.refused(s))?;
         self.convert(s.into_inner())
+    }
+
+    pub async fn apply_policy(&mut self, file: &str, text: &str) -> Result<PolicyView, ClientError> {
+        let request = pb::ApplyPolicyRequest { file: file.into(), text: text.into() };
+        let p = self.inner.apply_policy(request).await.map_err(|s| self.refused(s))?;
+        self.convert(p.into_inner())
+    }
+
+    /// Version `version`, or the policy in force when `None`.
+    pub async fn get_policy(&mut self, version: Option<u64>) -> Result<PolicyView, ClientError> {
+        let request = pb::GetPolicyRequest { version: version.unwrap_or(0) };
+        let p = self.inner.get_policy(request).await.map_err(|s| self.refused(s))?;
+        self.convert(p.into_inner())
+    }
+
+    pub async fn policy_history(&mut self) -> Result<Vec<PolicyView>, ClientError> {
+        let list =
+            self.inner.policy_history(pb::PolicyHistoryRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().versions.into_iter().map(|p| self.convert(p)).collect()
+    }
+
+    pub async fn rollback_policy(&mut self, version: u64) -> Result<PolicyView, ClientError> {
+        let p = self
+            .inner
+            .rollback_policy(pb::RollbackPolicyRequest { version })
+            .await
+            .map_err(|s| self.refused(s))?;
+        self.convert(p.into_inner())
     }
 
     fn convert<W, V>(&self, wire: W) -> Result<V, ClientError>

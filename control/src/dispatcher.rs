@@ -18,11 +18,32 @@ use crate::auth::Caller;
 use crate::ids::NodeId;
 use crate::proto::pb;
 use crate::server::Manager;
-use crate::slice::{LocalEndpoint, NodeSlice, Peer, ServiceRecord, SliceNetwork};
+use crate::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, ServiceRecord, SliceNetwork};
 use crate::state::{ClusterState, Command};
 
+/// The policy in force, parsed once per version.
+#[derive(Default)]
+pub struct PolicyCache(std::sync::Mutex<Option<(u64, Arc<policy::Policy>)>>);
+
+impl PolicyCache {
+    /// The parsed policy in force in `state`, if any.
+    pub fn current(&self, state: &ClusterState) -> Option<(u64, Arc<policy::Policy>)> {
+        let record = state.policy()?;
+        let mut cached = self.0.lock().expect("lock");
+        if let Some((v, p)) = cached.as_ref()
+            && *v == record.version
+        {
+            return Some((*v, p.clone()));
+        }
+        // It parsed when it was applied; a failure here would be a bug, and sends no rules.
+        let parsed = Arc::new(policy::Policy::parse(&record.file, &record.text).ok()?);
+        *cached = Some((record.version, parsed.clone()));
+        Some((record.version, parsed))
+    }
+}
+
 /// The slice of `state` that `node` may know.
-pub fn slice_for(state: &ClusterState, node: &NodeId) -> NodeSlice {
+pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) -> NodeSlice {
     let mut endpoints = Vec::new();
     let mut networks: BTreeSet<&str> = BTreeSet::new();
     for (service, e) in state.endpoints().filter(|(_, e)| &e.node == node) {
@@ -76,7 +97,11 @@ pub fn slice_for(state: &ClusterState, node: &NodeId) -> NodeSlice {
             }
         })
         .collect();
-    NodeSlice { version: state.revision, node: node.clone(), endpoints, networks }
+    let hosted: std::collections::BTreeSet<String> = endpoints.iter().map(|e| e.service.clone()).collect();
+    let policy = policies
+        .current(state)
+        .map(|(version, p)| NodePolicy { version, text: p.restricted_to(&hosted).to_toml() });
+    NodeSlice { version: state.revision, node: node.clone(), endpoints, networks, policy }
 }
 
 pub(crate) struct DispatcherApi(pub(crate) Arc<Manager>);
@@ -117,8 +142,9 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
             let mut revisions = manager.store.subscribe();
             let mut last: Option<NodeSlice> = None;
             loop {
-                let (slice, removed) =
-                    manager.store.read(|s| (slice_for(s, &node), s.active_node(&node).is_err()));
+                let (slice, removed) = manager
+                    .store
+                    .read(|s| (slice_for(s, &node, &manager.policies), s.active_node(&node).is_err()));
                 if removed {
                     let _ = tx
                         .send(Err(Status::permission_denied(format!(

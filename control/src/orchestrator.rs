@@ -11,7 +11,9 @@ use crate::ids::{self, NodeId};
 use crate::ipam::{self, IpamError};
 use crate::keys::KeyRing;
 use crate::placement::{self, Constraint, InvalidConstraint, valid_label_part};
-use crate::state::{ClusterState, Command, Endpoint, Network, NodeState, PortSpec, Service, StateError};
+use crate::state::{
+    ClusterState, Command, Endpoint, Network, NodeState, PolicyRecord, PortSpec, Service, StateError,
+};
 
 /// Longest network or service name.
 pub const MAX_NAME: usize = 63;
@@ -55,6 +57,14 @@ pub enum PlanError {
     BadLabel(String),
     #[error("network `{0}` is unencrypted: it has no keys to rotate")]
     Unencrypted(String),
+    #[error("{0}")]
+    Policy(String),
+    #[error(
+        "the policy was rejected: {count} of its tests failed; the previous policy stays in force\n{list}"
+    )]
+    PolicyTests { count: usize, list: String },
+    #[error("no policy version {0}")]
+    UnknownPolicyVersion(u64),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -388,4 +398,41 @@ fn place(
     }
     service.endpoints = kept;
     Ok(service)
+}
+
+/// A new policy version from `text`: it must parse, name only services the cluster has, and pass
+/// its own tests; otherwise nothing changes and the error says why (every failing test listed).
+pub fn apply_policy(
+    state: &ClusterState,
+    file: &str,
+    text: &str,
+    source: &str,
+    now: i64,
+) -> Result<Vec<Command>, PlanError> {
+    let parsed = policy::Policy::parse(file, text).map_err(|e| PlanError::Policy(e.to_string()))?;
+    let known = state.services.keys().cloned().collect();
+    parsed.validate_services(text, &known).map_err(|e| PlanError::Policy(e.to_string()))?;
+    let failures = policy::Engine::compile(&parsed).run_tests(&parsed.tests);
+    if !failures.is_empty() {
+        let list = failures.iter().map(|f| format!("  {file}: {f}")).collect::<Vec<_>>().join("\n");
+        return Err(PlanError::PolicyTests { count: failures.len(), list });
+    }
+    let version = state.policy().map_or(1, |p| p.version + 1);
+    Ok(vec![Command::SetPolicy(PolicyRecord {
+        version,
+        file: file.to_owned(),
+        text: text.to_owned(),
+        applied_at: now,
+        source: source.to_owned(),
+    })])
+}
+
+/// Puts version `version` back in force, as a new version (checked again like any apply).
+pub fn rollback_policy(state: &ClusterState, version: u64, now: i64) -> Result<Vec<Command>, PlanError> {
+    let old = state
+        .policies
+        .iter()
+        .find(|p| p.version == version)
+        .ok_or(PlanError::UnknownPolicyVersion(version))?;
+    apply_policy(state, &old.file, &old.text, &format!("rollback to {version}"), now)
 }

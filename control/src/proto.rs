@@ -205,3 +205,35 @@ impl TryFrom<pb::Service> for ServiceView {
         })
     }
 }
+
+/// A policy version as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyView {
+    pub version: u64,
+    pub file: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub text: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub applied_at: Option<OffsetDateTime>,
+    pub source: String,
+    pub rules: u32,
+    pub current: bool,
+}
+
+impl TryFrom<pb::PolicyVersion> for PolicyView {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::PolicyVersion) -> Result<PolicyView, InvalidMessage> {
+        if p.version == 0 {
+            return Err(InvalidMessage::Missing("version"));
+        }
+        Ok(PolicyView {
+            version: p.version,
+            file: p.file,
+            text: p.text,
+            applied_at: unix(p.applied_at),
+            source: p.source,
+            rules: p.rules,
+            current: p.current,
+        })
+    }
+}

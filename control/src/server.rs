@@ -88,9 +88,11 @@ impl From<ChangeError> for Status {
                 }
                 PlanError::State(S::UnknownNode(_)) => Status::not_found(message),
                 PlanError::NetworkExists(_) | PlanError::ServiceExists(_) => Status::already_exists(message),
-                PlanError::TooFewNodes { .. } | PlanError::State(_) | PlanError::Unencrypted(_) => {
-                    Status::failed_precondition(message)
-                }
+                PlanError::UnknownPolicyVersion(_) => Status::not_found(message),
+                PlanError::TooFewNodes { .. }
+                | PlanError::State(_)
+                | PlanError::Unencrypted(_)
+                | PlanError::PolicyTests { .. } => Status::failed_precondition(message),
                 PlanError::Ipam(crate::ipam::IpamError::Exhausted { .. }) => {
                     Status::resource_exhausted(message)
                 }
@@ -118,6 +120,7 @@ pub struct Manager {
     presence: Mutex<HashMap<NodeId, Presence>>,
     started: Instant,
     pub(crate) join_attempts: AtomicU64,
+    pub(crate) policies: crate::dispatcher::PolicyCache,
     /// Serializes changes: a plan is made and applied with no other change in between.
     writer: tokio::sync::Mutex<()>,
 }
@@ -136,6 +139,7 @@ impl Manager {
             presence: Mutex::new(HashMap::new()),
             started: Instant::now(),
             join_attempts: AtomicU64::new(0),
+            policies: Default::default(),
             writer: tokio::sync::Mutex::new(()),
         }))
     }

@@ -75,6 +75,14 @@ impl SliceNetwork {
     }
 }
 
+/// The policy rules a node enforces: those whose destination it hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodePolicy {
+    pub version: u64,
+    /// The rules, in the policy language.
+    pub text: String,
+}
+
 /// The whole slice.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodeSlice {
@@ -82,12 +90,16 @@ pub struct NodeSlice {
     pub node: NodeId,
     pub endpoints: Vec<LocalEndpoint>,
     pub networks: Vec<SliceNetwork>,
+    pub policy: Option<NodePolicy>,
 }
 
 impl NodeSlice {
     /// Whether two slices carry the same content, whatever their versions.
     pub fn same_content(&self, other: &NodeSlice) -> bool {
-        self.node == other.node && self.endpoints == other.endpoints && self.networks == other.networks
+        self.node == other.node
+            && self.endpoints == other.endpoints
+            && self.networks == other.networks
+            && self.policy == other.policy
     }
 }
 
@@ -128,6 +140,8 @@ fn key_use(u: KeyUse) -> pb::KeyUse {
 impl From<&NodeSlice> for pb::NodeSlice {
     fn from(s: &NodeSlice) -> pb::NodeSlice {
         pb::NodeSlice {
+            policy_version: s.policy.as_ref().map_or(0, |p| p.version),
+            policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
             version: s.version,
             node_id: s.node.to_string(),
             endpoints: s
@@ -272,6 +286,8 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                 })
             })
             .collect::<Result<_, InvalidMessage>>()?;
-        Ok(NodeSlice { version: s.version, node: s.node_id.parse()?, endpoints, networks })
+        let policy =
+            (s.policy_version > 0).then_some(NodePolicy { version: s.policy_version, text: s.policy });
+        Ok(NodeSlice { version: s.version, node: s.node_id.parse()?, endpoints, networks, policy })
     }
 }

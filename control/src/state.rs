@@ -96,6 +96,19 @@ pub struct Service {
     pub endpoints: BTreeMap<u32, Endpoint>,
 }
 
+/// One applied version of the ACL policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    /// The file name it was applied from, for error messages.
+    pub file: String,
+    pub text: String,
+    /// Unix seconds.
+    pub applied_at: i64,
+    /// `apply`, or `rollback to N`.
+    pub source: String,
+}
+
 /// The whole replicated cluster state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -109,6 +122,9 @@ pub struct ClusterState {
     pub networks: BTreeMap<String, Network>,
     #[serde(default)]
     pub services: BTreeMap<String, Service>,
+    /// Every policy version applied, oldest first; the last is in force.
+    #[serde(default)]
+    pub policies: Vec<PolicyRecord>,
     /// Bumped by every applied command: the version of node slices.
     #[serde(default)]
     pub revision: u64,
@@ -152,6 +168,8 @@ pub enum Command {
     },
     /// Several commands applied in order, all or nothing: one plan.
     Batch(Vec<Command>),
+    /// A new policy version, in force from now on.
+    SetPolicy(PolicyRecord),
 }
 
 /// Why a command was refused. The state is unchanged.
@@ -187,6 +205,8 @@ pub enum StateError {
     AddressMismatch { service: String, network: String },
     #[error("endpoint {service}.{slot} is placed on node {node}, which is not an active node")]
     EndpointNode { service: String, slot: u32, node: NodeId },
+    #[error("policy version {got} is out of order: the next version is {expected}")]
+    PolicyVersion { expected: u64, got: u64 },
     #[error("service `{service}` has two endpoints on node {node}")]
     TwoEndpointsOnNode { service: String, node: NodeId },
 }
@@ -200,6 +220,7 @@ impl ClusterState {
             nodes: BTreeMap::new(),
             networks: BTreeMap::new(),
             services: BTreeMap::new(),
+            policies: Vec::new(),
             revision: 0,
         }
     }
@@ -256,6 +277,11 @@ impl ClusterState {
             }
         }
         held
+    }
+
+    /// The policy in force, if one was applied.
+    pub fn policy(&self) -> Option<&PolicyRecord> {
+        self.policies.last()
     }
 
     /// Applies `command`, or refuses it and changes nothing.
@@ -347,6 +373,13 @@ impl ClusterState {
             }
             Command::RemoveService { name } => {
                 self.services.remove(&name).ok_or(StateError::UnknownService(name))?;
+            }
+            Command::SetPolicy(record) => {
+                let next = self.policies.last().map_or(1, |p| p.version + 1);
+                if record.version != next {
+                    return Err(StateError::PolicyVersion { expected: next, got: record.version });
+                }
+                self.policies.push(record);
             }
             Command::Batch(commands) => {
                 for command in commands {

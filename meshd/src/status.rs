@@ -25,6 +25,9 @@ pub struct Status {
     pub version: u64,
     pub endpoints: Vec<EndpointStatus>,
     pub networks: Vec<NetworkStatus>,
+    /// The policy version held and the names of the rules this node enforces.
+    pub policy_version: Option<u64>,
+    pub policy_rules: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,6 +56,13 @@ impl Status {
     /// Takes in a new slice.
     pub fn apply(&mut self, slice: &NodeSlice) {
         self.version = slice.version;
+        self.policy_version = slice.policy.as_ref().map(|p| p.version);
+        self.policy_rules = slice
+            .policy
+            .as_ref()
+            .and_then(|p| policy::Policy::parse("slice", &p.text).ok())
+            .map(|p| p.rules.into_iter().map(|r| r.name).collect())
+            .unwrap_or_default();
         self.endpoints = slice
             .endpoints
             .iter()
@@ -112,6 +122,10 @@ impl Status {
         out.push_str(&format!("endpoints ({})\n", self.endpoints.len()));
         for e in &self.endpoints {
             out.push_str(&format!("  {}.{}  {}\n", e.service, e.slot, e.addresses.join(" ")));
+        }
+        match self.policy_version {
+            Some(v) => out.push_str(&format!("policy    version {v}, rules: {}\n", if self.policy_rules.is_empty() { "none for this node".to_owned() } else { self.policy_rules.join(", ") })),
+            None => out.push_str("policy    none applied (everything denied by default)\n"),
         }
         out.push_str(&format!("networks ({})\n", self.networks.len()));
         for n in &self.networks {

@@ -313,4 +313,80 @@ impl pb::admin_server::Admin for AdminApi {
         info!(service = %name, "service removed");
         Ok(Response::new(before))
     }
+
+    async fn apply_policy(
+        &self,
+        request: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let file = if req.file.is_empty() { "policy.toml".to_owned() } else { req.file };
+        self.0.change(|state, _| orchestrator::apply_policy(state, &file, &req.text, "apply", now())).await?;
+        let applied = self.policy_version(0)?;
+        info!(version = applied.version, rules = applied.rules, file = %file, "policy applied");
+        Ok(Response::new(applied))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.policy_version(request.get_ref().version)?))
+    }
+
+    async fn policy_history(
+        &self,
+        request: Request<pb::PolicyHistoryRequest>,
+    ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
+        self.admin(&request)?;
+        let versions = self.0.store.read(|s| {
+            let current = s.policy().map(|p| p.version);
+            s.policies.iter().map(|p| policy_pb(p, current == Some(p.version), false)).collect()
+        });
+        Ok(Response::new(pb::PolicyHistoryResponse { versions }))
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        self.admin(&request)?;
+        let version = request.get_ref().version;
+        self.0.change(|state, _| orchestrator::rollback_policy(state, version, now())).await?;
+        let applied = self.policy_version(0)?;
+        info!(version = applied.version, from = version, "policy rolled back");
+        Ok(Response::new(applied))
+    }
+}
+
+fn policy_pb(p: &crate::state::PolicyRecord, current: bool, with_text: bool) -> pb::PolicyVersion {
+    let rules = policy::Policy::parse(&p.file, &p.text).map_or(0, |parsed| parsed.rules.len() as u32);
+    pb::PolicyVersion {
+        version: p.version,
+        file: p.file.clone(),
+        text: if with_text { p.text.clone() } else { String::new() },
+        applied_at: p.applied_at,
+        source: p.source.clone(),
+        rules,
+        current,
+    }
+}
+
+impl AdminApi {
+    /// Version `version` (0: the one in force), with its text.
+    fn policy_version(&self, version: u64) -> Result<pb::PolicyVersion, Status> {
+        self.0.store.read(|s| {
+            let current = s.policy().map(|p| p.version);
+            let found =
+                if version == 0 { s.policy() } else { s.policies.iter().find(|p| p.version == version) };
+            found.map(|p| policy_pb(p, current == Some(p.version), true)).ok_or_else(|| {
+                if version == 0 {
+                    Status::not_found("no policy has been applied; everything is denied by default")
+                } else {
+                    Status::not_found(format!("no policy version {version}"))
+                }
+            })
+        })
+    }
 }

@@ -32,6 +32,9 @@ enum Cmd {
     /// Services and their endpoints.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// The service-to-service ACL policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -130,6 +133,98 @@ enum ServiceCmd {
     Rm { name: String },
 }
 
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Run a policy file's own tests locally (no cluster needed).
+    Test { file: PathBuf },
+    /// Validate a policy against the cluster, run its tests, and put it in force.
+    Apply { file: PathBuf },
+    /// Print the policy in force (or version N).
+    Get {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List the policy versions.
+    History,
+    /// Put version N back in force (as a new version).
+    Rollback { version: u64 },
+    /// Show the verdict for a request and the rule behind it.
+    Explain {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        /// HTTP method; leave out METHOD and PATH to ask about a TCP connection.
+        method: Option<String>,
+        /// Request path.
+        path: Option<String>,
+        /// A request header, `NAME: VALUE` (repeat for several).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Explain against this file instead of the policy in force.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+fn read_policy(file: &PathBuf) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok((file.display().to_string(), text))
+}
+
+/// `meshctl policy test`: parse, compile, run the file's tests.
+fn policy_test(file: &PathBuf) -> anyhow::Result<()> {
+    let (name, text) = read_policy(file)?;
+    let policy = policy::Policy::parse(&name, &text)?;
+    let failures = policy::Engine::compile(&policy).run_tests(&policy.tests);
+    for f in &failures {
+        println!("FAIL  {name}: {f}");
+    }
+    println!(
+        "{name}: {} rule(s), {} test(s), {} passed, {} failed",
+        policy.rules.len(),
+        policy.tests.len(),
+        policy.tests.len() - failures.len(),
+        failures.len()
+    );
+    anyhow::ensure!(failures.is_empty(), "{} test(s) failed", failures.len());
+    Ok(())
+}
+
+fn explain(
+    policy: &policy::Policy,
+    from: &str,
+    to: &str,
+    port: u16,
+    method: Option<&str>,
+    path: Option<&str>,
+    headers: &[String],
+) -> anyhow::Result<()> {
+    let method = method
+        .map(|m| {
+            let upper = m.to_ascii_uppercase();
+            policy::Method::parse(&upper).with_context(|| format!("unknown method `{m}`"))
+        })
+        .transpose()?;
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|h| {
+            let (k, v) = h.split_once(':').with_context(|| format!("header `{h}` is not `NAME: VALUE`"))?;
+            Ok((k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let request = policy::Request { from, to, port, method, path: path.unwrap_or("/"), headers: &pairs };
+    let decision = policy::Engine::compile(policy).evaluate(&request);
+    println!("{}: {}", policy::describe(&request), decision.reason());
+    for (rule, action) in &decision.dry_run {
+        println!("  dry run: {rule} would {action}");
+    }
+    Ok(())
+}
+
 fn parse_port(text: &str) -> anyhow::Result<pb::Port> {
     let (port, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
     let port: u16 = port.parse().ok().filter(|p| *p != 0).with_context(|| {
@@ -158,6 +253,16 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Local commands: no cluster needed.
+    match &cli.command {
+        Cmd::Policy(PolicyCmd::Test { file }) => return policy_test(file),
+        Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, file: Some(file) }) => {
+            let (name, text) = read_policy(file)?;
+            let p = policy::Policy::parse(&name, &text)?;
+            return explain(&p, from, to, *port, method.as_deref(), path.as_deref(), headers);
+        }
+        _ => {}
+    }
     let admin_dir = cli.admin.context(
         "no admin bundle: pass --admin DIR or set MESHCTL_ADMIN (mesh-control init writes it to STATE_DIR/admin)",
     )?;
@@ -273,6 +378,41 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Service(ServiceCmd::Scale { name, replicas }) => {
             let s = client.scale_service(&name, replicas).await?;
             println!("service {} scaled: {}/{} endpoint(s)", s.name, s.endpoints.len(), s.replicas);
+        }
+        Cmd::Policy(PolicyCmd::Test { .. }) => unreachable!("handled before connecting"),
+        Cmd::Policy(PolicyCmd::Apply { file }) => {
+            let (name, text) = read_policy(&file)?;
+            // Parse locally first: the same errors, without a round trip.
+            policy::Policy::parse(&name, &text)?;
+            let applied = client.apply_policy(&name, &text).await?;
+            println!("policy version {} in force ({} rule(s))", applied.version, applied.rules);
+        }
+        Cmd::Policy(PolicyCmd::Get { version }) => print!("{}", client.get_policy(version).await?.text),
+        Cmd::Policy(PolicyCmd::History) => {
+            let versions = client.policy_history().await?;
+            print!(
+                "{}",
+                render(
+                    &["VERSION", "APPLIED", "SOURCE", "FILE", "RULES", "IN FORCE"],
+                    versions.iter().map(|p| vec![
+                        p.version.to_string(),
+                        when(p.applied_at),
+                        p.source.clone(),
+                        p.file.clone(),
+                        p.rules.to_string(),
+                        if p.current { "yes" } else { "" }.to_owned(),
+                    ])
+                )
+            );
+        }
+        Cmd::Policy(PolicyCmd::Rollback { version }) => {
+            let applied = client.rollback_policy(version).await?;
+            println!("policy version {version} is back in force as version {}", applied.version);
+        }
+        Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, .. }) => {
+            let current = client.get_policy(None).await?;
+            let p = policy::Policy::parse(&format!("policy version {}", current.version), &current.text)?;
+            explain(&p, &from, &to, port, method.as_deref(), path.as_deref(), &headers)?;
         }
         Cmd::Service(ServiceCmd::Rm { name }) => {
             println!("service {} removed", client.remove_service(&name).await?.name)
