@@ -124,7 +124,14 @@ impl Status {
             out.push_str(&format!("  {}.{}  {}\n", e.service, e.slot, e.addresses.join(" ")));
         }
         match self.policy_version {
-            Some(v) => out.push_str(&format!("policy    version {v}, rules: {}\n", if self.policy_rules.is_empty() { "none for this node".to_owned() } else { self.policy_rules.join(", ") })),
+            Some(v) => out.push_str(&format!(
+                "policy    version {v}, rules: {}\n",
+                if self.policy_rules.is_empty() {
+                    "none for this node".to_owned()
+                } else {
+                    self.policy_rules.join(", ")
+                }
+            )),
             None => out.push_str("policy    none applied (everything denied by default)\n"),
         }
         out.push_str(&format!("networks ({})\n", self.networks.len()));

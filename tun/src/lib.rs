@@ -1,3 +1,27 @@
-//! The overlay data plane: a sans-IO packet core (header codec, AES-256-GCM seal/open, key ring,
-//! replay window, filter) and the Linux I/O around it. (It lands with the data plane issue.)
+//! The overlay data plane.
+//!
+//! A sans-IO packet core ([`core`]: bytes and time in, actions out): the [`header`] codec,
+//! AES-256-GCM seal and open behind one [`aead`] trait with two backends, key lookup by epoch,
+//! a [`replay`] window per sender and key, and the inbound filter. Every packet that fails a
+//! check is dropped with a [`core::DropReason`] and counted, never delivered.
+//!
+//! # Nonces
+//!
+//! The 96-bit AES-GCM nonce is `sender index (32 bits) || counter (64 bits)`.
+//!
+//! * Across senders sharing a network key: control gives every node a cluster-unique index at
+//!   join and never reuses one, and a node only ever sends with its own index, so two senders'
+//!   nonces differ in their first 32 bits.
+//! * Within one sender: the counter's top 16 bits are the node's boot number, which meshd
+//!   increments and syncs to disk before it sends anything; the low 48 bits count packets within
+//!   a boot from 0 and never wrap (a boot that reaches 2^48 packets stops sending). A restarted
+//!   meshd therefore never repeats a counter it used before, under any key.
+//!
+//! So no nonce repeats under one key. (Keys rotate every 12 hours and whenever a node leaves a
+//! network, well before the 2^32-packet guidance for random-free GCM nonces would matter.)
 #![forbid(unsafe_code)]
+
+pub mod aead;
+pub mod core;
+pub mod header;
+pub mod replay;

@@ -1,0 +1,331 @@
+//! The packet core: what to do with a packet from a workload (seal it for a peer) and with a
+//! datagram from the underlay (open it, check it, deliver it), as pure functions of the tables
+//! and the bytes. No sockets, no devices.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::aead::{Aead, Backend};
+use crate::header::{HEADER_LEN, Header, PacketType};
+use crate::replay::ReplayWindow;
+
+/// Why a packet was dropped. Each has a counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a header, or not an IPv4 packet inside.
+    Malformed,
+    UnknownNetwork,
+    UnknownSender,
+    UnknownEpoch,
+    Replay,
+    BadTag,
+    /// The inner source is not an endpoint the sender hosts on that network.
+    NotSenderEndpoint,
+    /// Inbound: the inner destination is not a local endpoint on that network. Outbound: the
+    /// inner source is not the sending workload's own address.
+    Filtered,
+    /// Outbound: no endpoint on the network has the destination address.
+    NoRoute,
+    /// Outbound: this boot's counter space is spent.
+    CounterExhausted,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::UnknownNetwork,
+        DropReason::UnknownSender,
+        DropReason::UnknownEpoch,
+        DropReason::Replay,
+        DropReason::BadTag,
+        DropReason::NotSenderEndpoint,
+        DropReason::Filtered,
+        DropReason::NoRoute,
+        DropReason::CounterExhausted,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownNetwork => "unknown_network",
+            DropReason::UnknownSender => "unknown_sender",
+            DropReason::UnknownEpoch => "unknown_epoch",
+            DropReason::Replay => "replay",
+            DropReason::BadTag => "bad_tag",
+            DropReason::NotSenderEndpoint => "not_sender_endpoint",
+            DropReason::Filtered => "filtered",
+            DropReason::NoRoute => "no_route",
+            DropReason::CounterExhausted => "counter_exhausted",
+        }
+    }
+}
+
+/// Packet and drop counters, shared by the send and receive paths.
+#[derive(Debug, Default)]
+pub struct Counters {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+impl Counters {
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every reason with its count.
+    pub fn all_drops(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL.iter().map(|r| (*r, self.drops(*r))).collect()
+    }
+}
+
+/// A key of a network's ring as the data plane uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRole {
+    Next,
+    Current,
+    Previous,
+}
+
+/// An endpoint on a network: its address and the node that hosts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub address: Ipv4Addr,
+    pub node_index: u32,
+    pub underlay: Option<SocketAddr>,
+}
+
+/// One network as this node holds it.
+#[derive(Clone, Debug)]
+pub struct NetworkConfig {
+    pub id: u32,
+    pub name: String,
+    pub encrypted: bool,
+    pub keys: Vec<(KeyRole, u32, [u8; 32])>,
+    /// Every endpoint on the network, local ones included.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Everything the core needs: who this node is and what it holds.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub local_index: u32,
+    pub networks: Vec<NetworkConfig>,
+}
+
+struct Net {
+    id: u32,
+    encrypted: bool,
+    send: Option<(u32, Arc<dyn Aead>)>,
+    receive: HashMap<u32, Arc<dyn Aead>>,
+    /// Overlay address -> (node index, underlay).
+    route: HashMap<Ipv4Addr, (u32, Option<SocketAddr>)>,
+    /// Node indexes with an endpoint on the network.
+    senders: std::collections::HashSet<u32>,
+}
+
+/// The tables built from a [`Config`]; rebuilt whole when the config changes.
+pub struct Tables {
+    local_index: u32,
+    networks: HashMap<u32, Net>,
+}
+
+impl Tables {
+    pub fn new(config: &Config, backend: Backend) -> Tables {
+        let networks = config
+            .networks
+            .iter()
+            .map(|n| {
+                let receive: HashMap<u32, Arc<dyn Aead>> =
+                    n.keys.iter().map(|(_, epoch, key)| (*epoch, Arc::from(backend.key(key)))).collect();
+                let send = n
+                    .keys
+                    .iter()
+                    .find(|(role, _, _)| *role == KeyRole::Current)
+                    .map(|(_, epoch, _)| (*epoch, receive[epoch].clone()));
+                let route = n.peers.iter().map(|p| (p.address, (p.node_index, p.underlay))).collect();
+                let senders = n.peers.iter().map(|p| p.node_index).collect();
+                (n.id, Net { id: n.id, encrypted: n.encrypted, send, receive, route, senders })
+            })
+            .collect();
+        Tables { local_index: config.local_index, networks }
+    }
+
+    /// Whether `address` on network `id` is an endpoint of this node.
+    pub fn is_local(&self, id: u32, address: Ipv4Addr) -> bool {
+        self.networks
+            .get(&id)
+            .and_then(|n| n.route.get(&address))
+            .is_some_and(|(node, _)| *node == self.local_index)
+    }
+}
+
+/// Source and destination of an IPv4 packet.
+pub fn ipv4_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 || (packet[0] & 0x0f) < 5 {
+        return None;
+    }
+    let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    Some((src, dst))
+}
+
+/// The send side: one per node (its counter is the nonce source), shared by every sending task.
+pub struct Sealer {
+    counter: AtomicU64,
+    limit: u64,
+    pub counters: Arc<Counters>,
+}
+
+/// Low bits of the counter that count packets within one boot.
+pub const BOOT_SHIFT: u32 = 48;
+
+impl Sealer {
+    /// A sealer for boot number `boot` (see the crate docs on nonces).
+    pub fn new(boot: u16, counters: Arc<Counters>) -> Sealer {
+        let start = u64::from(boot) << BOOT_SHIFT;
+        Sealer { counter: AtomicU64::new(start), limit: start + ((1 << BOOT_SHIFT) - 1), counters }
+    }
+
+    /// Seals `inner`, a packet a local workload sent on network `network` from `from`: writes the
+    /// datagram into `out` and returns where to send it.
+    pub fn seal(
+        &self,
+        tables: &Tables,
+        network: u32,
+        from: Ipv4Addr,
+        inner: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<SocketAddr, DropReason> {
+        let result = self.seal_inner(tables, network, from, inner, out);
+        match result {
+            Ok(_) => {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.counters.bytes_sent.fetch_add(inner.len() as u64, Ordering::Relaxed);
+            }
+            Err(reason) => self.counters.count_drop(reason),
+        }
+        result
+    }
+
+    fn seal_inner(
+        &self,
+        tables: &Tables,
+        network: u32,
+        from: Ipv4Addr,
+        inner: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<SocketAddr, DropReason> {
+        let net = tables.networks.get(&network).ok_or(DropReason::UnknownNetwork)?;
+        let (src, dst) = ipv4_addresses(inner).ok_or(DropReason::Malformed)?;
+        if src != from {
+            return Err(DropReason::Filtered);
+        }
+        let (_, underlay) = net.route.get(&dst).ok_or(DropReason::NoRoute)?;
+        let underlay = underlay.ok_or(DropReason::NoRoute)?;
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        if counter > self.limit {
+            return Err(DropReason::CounterExhausted);
+        }
+        let (kind, epoch, key) = match (&net.send, net.encrypted) {
+            (Some((epoch, key)), true) => (PacketType::Sealed, *epoch, Some(key)),
+            (None, true) => return Err(DropReason::UnknownEpoch),
+            (_, false) => (PacketType::Plain, 0, None),
+        };
+        let header = Header { kind, network: net.id, epoch, sender: tables.local_index, counter };
+        let mut h = [0u8; HEADER_LEN];
+        header.encode(&mut h);
+        out.clear();
+        out.extend_from_slice(&h);
+        out.extend_from_slice(inner);
+        if let Some(key) = key {
+            key.seal_in_place(&header.nonce(), &h, out, HEADER_LEN);
+        }
+        Ok(underlay)
+    }
+}
+
+/// A packet to hand to a local workload.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub network: u32,
+    pub destination: Ipv4Addr,
+    /// Where the inner packet lies in the datagram buffer.
+    pub range: std::ops::Range<usize>,
+}
+
+/// The receive side: owns the replay windows (one task receives, so no lock per packet).
+#[derive(Default)]
+pub struct Opener {
+    windows: HashMap<(u32, u32, u32), ReplayWindow>,
+}
+
+impl Opener {
+    /// Opens `datagram` in place, checks it, and says which workload gets the inner packet.
+    pub fn open(
+        &mut self,
+        tables: &Tables,
+        counters: &Counters,
+        datagram: &mut [u8],
+    ) -> Result<Delivery, DropReason> {
+        let result = self.open_inner(tables, datagram);
+        match &result {
+            Ok(d) => {
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                counters.bytes_received.fetch_add(d.range.len() as u64, Ordering::Relaxed);
+            }
+            Err(reason) => counters.count_drop(*reason),
+        }
+        result
+    }
+
+    fn open_inner(&mut self, tables: &Tables, datagram: &mut [u8]) -> Result<Delivery, DropReason> {
+        let header = Header::decode(datagram).map_err(|_| DropReason::Malformed)?;
+        let net = tables.networks.get(&header.network).ok_or(DropReason::UnknownNetwork)?;
+        if header.sender == tables.local_index || !net.senders.contains(&header.sender) {
+            return Err(DropReason::UnknownSender);
+        }
+        let inner_len = match (header.kind, net.encrypted) {
+            (PacketType::Sealed, true) => {
+                let key = net.receive.get(&header.epoch).ok_or(DropReason::UnknownEpoch)?;
+                let window = self.windows.entry((header.network, header.sender, header.epoch)).or_default();
+                if !window.check(header.counter) {
+                    return Err(DropReason::Replay);
+                }
+                let (aad, body) = datagram.split_at_mut(HEADER_LEN);
+                let len = key.open_in_place(&header.nonce(), aad, body).ok_or(DropReason::BadTag)?;
+                window.update(header.counter);
+                len
+            }
+            // A plain packet on an encrypted network (or the reverse) is refused outright.
+            (PacketType::Plain, true) => return Err(DropReason::BadTag),
+            (PacketType::Sealed, false) => return Err(DropReason::Malformed),
+            (PacketType::Plain, false) => datagram.len() - HEADER_LEN,
+        };
+        let range = HEADER_LEN..HEADER_LEN + inner_len;
+        let (src, dst) = ipv4_addresses(&datagram[range.clone()]).ok_or(DropReason::Malformed)?;
+        match net.route.get(&src) {
+            Some((node, _)) if *node == header.sender => {}
+            _ => return Err(DropReason::NotSenderEndpoint),
+        }
+        if !tables.is_local(header.network, dst) {
+            return Err(DropReason::Filtered);
+        }
+        Ok(Delivery { network: header.network, destination: dst, range })
+    }
+
+    /// Forgets windows of keys no longer held (after a rotation).
+    pub fn retain_epochs(&mut self, tables: &Tables) {
+        self.windows.retain(|(net, _, epoch), _| {
+            tables.networks.get(net).is_some_and(|n| n.receive.contains_key(epoch))
+        });
+    }
+}
