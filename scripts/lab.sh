@@ -44,8 +44,12 @@ cleanup() {
   for i in $(seq 1 "$hosts"); do
     ip netns pids "$(host "$i")" 2>/dev/null | xargs -r kill 2>/dev/null || true
   done
-  sleep 0.3
-  for i in $(seq 1 "$hosts"); do ip netns del "$(host "$i")" 2>/dev/null || true; done
+  # meshd removes its workload namespaces as it stops; wait for that, then remove any left.
+  for _ in $(seq 30); do ls /var/run/netns 2>/dev/null | grep -q "^$p-h[0-9]*-" || break; sleep 0.1; done
+  for ns in $(ls /var/run/netns 2>/dev/null | grep "^$p-"); do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
   ip netns del "$br" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -64,6 +68,9 @@ for i in $(seq 1 "$hosts"); do
   echo "  $h  $(addr "$i")"
 done
 in_host() { local i=$1; shift; ip netns exec "$(host "$i")" "$@"; }
+# meshd enters only the host's network namespace (not a private mount namespace, as `ip netns
+# exec` would make), so the workload namespaces it creates are visible from everywhere.
+in_host_net() { local i=$1; shift; nsenter --net="/var/run/netns/$(host "$i")" "$@"; }
 
 control="$(addr 1):7400"
 step "Starting mesh-control on $(host 1) ($control)"
@@ -78,7 +85,7 @@ token=$(meshctl join-token worker -q)
 for i in $(seq 2 "$hosts"); do
   id=$(in_host "$i" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/h$i/meshd" --hostname "$(host "$i")" 2>/dev/null)
   echo "$id" >"$work/h$i/id"
-  in_host "$i" "$bin/meshd" run --state-dir "$work/h$i/meshd" --underlay "$(addr "$i")" >"$work/meshd-$i.log" 2>&1 &
+  in_host_net "$i" "$bin/meshd" run --state-dir "$work/h$i/meshd" --underlay "$(addr "$i")" --netns-prefix "$(host "$i")" >"$work/meshd-$i.log" 2>&1 &
   echo "  $(host "$i") joined as $id"
 done
 meshctl node ls | sed 's/^/  /'

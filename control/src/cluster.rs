@@ -223,6 +223,7 @@ pub async fn init(
             cert_not_after: CertInfo::from_pem(&manager_cert)?.not_after.unix_timestamp(),
             labels: Default::default(),
             underlay: None,
+            index: 0,
         }),
     ];
     // The state file is written last: its presence is what marks a complete cluster.

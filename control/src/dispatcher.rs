@@ -67,6 +67,7 @@ pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) ->
                         address: *e.addresses.get(name)?,
                         node: e.node.clone(),
                         underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
+                        node_index: state.nodes.get(&e.node).map_or(0, |n| n.index),
                     })
                 })
                 .collect();
@@ -101,7 +102,8 @@ pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) ->
     let policy = policies
         .current(state)
         .map(|(version, p)| NodePolicy { version, text: p.restricted_to(&hosted).to_toml() });
-    NodeSlice { version: state.revision, node: node.clone(), endpoints, networks, policy }
+    let node_index = state.nodes.get(node).map_or(0, |n| n.index);
+    NodeSlice { version: state.revision, node: node.clone(), endpoints, networks, policy, node_index }
 }
 
 pub(crate) struct DispatcherApi(pub(crate) Arc<Manager>);

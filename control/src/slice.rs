@@ -30,6 +30,8 @@ pub struct Peer {
     pub node: NodeId,
     /// `None` until that node has reported its underlay address.
     pub underlay: Option<SocketAddr>,
+    /// The node's index in overlay headers.
+    pub node_index: u32,
 }
 
 /// A service as seen from one network.
@@ -91,6 +93,8 @@ pub struct NodeSlice {
     pub endpoints: Vec<LocalEndpoint>,
     pub networks: Vec<SliceNetwork>,
     pub policy: Option<NodePolicy>,
+    /// This node's index in overlay headers.
+    pub node_index: u32,
 }
 
 impl NodeSlice {
@@ -140,6 +144,7 @@ fn key_use(u: KeyUse) -> pb::KeyUse {
 impl From<&NodeSlice> for pb::NodeSlice {
     fn from(s: &NodeSlice) -> pb::NodeSlice {
         pb::NodeSlice {
+            node_index: s.node_index,
             policy_version: s.policy.as_ref().map_or(0, |p| p.version),
             policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
             version: s.version,
@@ -183,6 +188,7 @@ impl From<&NodeSlice> for pb::NodeSlice {
                             address: p.address.to_string(),
                             node: p.node.to_string(),
                             underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
+                            node_index: p.node_index,
                         })
                         .collect(),
                     services: n
@@ -256,6 +262,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                             } else {
                                 Some(p.underlay.parse().map_err(|_| InvalidMessage::Field("underlay"))?)
                             },
+                            node_index: p.node_index,
                         })
                     })
                     .collect::<Result<_, InvalidMessage>>()?;
@@ -288,6 +295,13 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             .collect::<Result<_, InvalidMessage>>()?;
         let policy =
             (s.policy_version > 0).then_some(NodePolicy { version: s.policy_version, text: s.policy });
-        Ok(NodeSlice { version: s.version, node: s.node_id.parse()?, endpoints, networks, policy })
+        Ok(NodeSlice {
+            version: s.version,
+            node: s.node_id.parse()?,
+            endpoints,
+            networks,
+            policy,
+            node_index: s.node_index,
+        })
     }
 }

@@ -44,6 +44,10 @@ pub struct NodeRecord {
     /// Where the node receives overlay traffic, as it reported in its session.
     #[serde(default)]
     pub underlay: Option<SocketAddr>,
+    /// The node's index in overlay headers: unique in the cluster, never reused, assigned when
+    /// the node is added (whatever the command carried).
+    #[serde(default)]
+    pub index: u32,
 }
 
 /// An overlay network.
@@ -125,6 +129,9 @@ pub struct ClusterState {
     /// Every policy version applied, oldest first; the last is in force.
     #[serde(default)]
     pub policies: Vec<PolicyRecord>,
+    /// The index the next added node gets (indexes start at 1).
+    #[serde(default)]
+    pub next_node_index: u32,
     /// Bumped by every applied command: the version of node slices.
     #[serde(default)]
     pub revision: u64,
@@ -221,6 +228,7 @@ impl ClusterState {
             networks: BTreeMap::new(),
             services: BTreeMap::new(),
             policies: Vec::new(),
+            next_node_index: 1,
             revision: 0,
         }
     }
@@ -306,10 +314,12 @@ impl ClusterState {
             Command::SetToken { role, hash } => {
                 self.tokens.insert(role, hash);
             }
-            Command::AddNode(record) => {
+            Command::AddNode(mut record) => {
                 if self.nodes.contains_key(&record.id) {
                     return Err(StateError::NodeExists(record.id));
                 }
+                record.index = self.next_node_index.max(1);
+                self.next_node_index = record.index + 1;
                 self.nodes.insert(record.id.clone(), record);
             }
             Command::RecordCertificate { id, not_after } => self.node_mut(&id)?.cert_not_after = not_after,

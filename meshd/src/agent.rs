@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use time::OffsetDateTime;
 use tracing::{error, info, warn};
 
+use crate::dataplane::Dataplane;
 use crate::identity::{self, IdentityError, NodeDir};
 use crate::session::{self, SessionConfig, SessionError, SessionEvent};
 use crate::status::{self, Status};
@@ -33,6 +34,8 @@ pub enum AgentError {
     Session(#[from] SessionError),
     #[error("the status socket failed: {0}")]
     Status(String),
+    #[error("data plane: {0}")]
+    Dataplane(String),
 }
 
 /// The delay before retry number `attempt` (0-based): doubling from [`RETRY_MIN`] up to
@@ -43,8 +46,32 @@ pub fn backoff(attempt: u32) -> Duration {
     base.mul_f64(1.0 + jitter).min(RETRY_MAX)
 }
 
-/// Runs the agent until an unrecoverable error: renewal, the session, the status socket.
-pub async fn run(config: SessionConfig) -> Result<(), AgentError> {
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub session: SessionConfig,
+    /// Prefix of the workload namespaces (unique per meshd on a machine).
+    pub netns_prefix: String,
+    /// Whether to run the data plane (namespaces, tun devices, the underlay socket; needs root).
+    pub dataplane: bool,
+}
+
+/// The next boot number, stored (and synced) before it is used: part of every nonce's counter,
+/// so a restarted meshd never repeats one (see the `tun` crate docs).
+pub fn next_boot(dir: &Path) -> Result<u16, AgentError> {
+    let path = dir.join("boot");
+    let last: u16 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let next = last.checked_add(1).ok_or_else(|| {
+        AgentError::Dataplane(format!("{} is spent (65535 starts): join this node again", path.display()))
+    })?;
+    control::files::write_atomic(&path, format!("{next}\n").as_bytes(), control::files::SECRET)
+        .map_err(|e| AgentError::Dataplane(e.to_string()))?;
+    Ok(next)
+}
+
+/// Runs the agent until an unrecoverable error: renewal, the session, the data plane, status.
+pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
+    let config = agent.session.clone();
     let dir = config.state_dir.clone();
     let node = NodeDir::new(&dir).load()?;
     let status = Arc::new(Mutex::new(Status {
@@ -53,11 +80,27 @@ pub async fn run(config: SessionConfig) -> Result<(), AgentError> {
         underlay: config.underlay.to_string(),
         ..Status::default()
     }));
+    let dataplane = if agent.dataplane {
+        let boot = next_boot(&dir)?;
+        let dp = Dataplane::start(config.underlay, &agent.netns_prefix, boot).await.map_err(|e| {
+            AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
+        })?;
+        Some(Arc::new(dp))
+    } else {
+        None
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let holder = status.clone();
+    let plane = dataplane.clone();
     let follow = async move {
         while let Some(event) = events.recv().await {
+            if let (SessionEvent::Slice(slice), Some(dp)) = (&event, &plane) {
+                dp.apply(slice).await;
+            }
             let mut status = holder.lock().expect("lock");
+            if let Some(dp) = &plane {
+                status.counters = Some(dp.counters.clone());
+            }
             match event {
                 SessionEvent::Connected => {
                     status.connected = true;
@@ -71,12 +114,28 @@ pub async fn run(config: SessionConfig) -> Result<(), AgentError> {
             }
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         result = keep_identity(&dir) => result,
         refused = session::run(config.clone(), events_tx) => Err(AgentError::Session(refused)),
         served = status::serve(&dir, status.clone()) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
         _ = follow => Ok(()),
+        _ = shutdown_signal() => Ok(()),
+    };
+    if let Some(dp) = dataplane {
+        dp.shutdown().await;
     }
+    result
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
 }
 
 /// Keeps the identity in `dir` renewed until an unrecoverable error.

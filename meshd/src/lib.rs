@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod dataplane;
 pub mod identity;
 pub mod session;
 pub mod status;
+pub mod workload;

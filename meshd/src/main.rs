@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use meshd::agent::AgentConfig;
 use meshd::session::{self, SessionConfig};
 use meshd::{agent, identity, status};
 
@@ -38,6 +39,12 @@ enum Cmd {
         /// towards control, port 4800).
         #[arg(long)]
         underlay: Option<String>,
+        /// Prefix of workload namespaces (`PREFIX-SERVICE-SLOT`); unique per meshd on a machine.
+        #[arg(long, default_value = "mesh")]
+        netns_prefix: String,
+        /// Hold the session only: no namespaces, devices or overlay socket (no root needed).
+        #[arg(long)]
+        no_dataplane: bool,
     },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
@@ -74,11 +81,15 @@ async fn main() {
                 })
                 .map_err(anyhow::Error::from)
         }
-        Cmd::Run { state_dir, underlay } => {
+        Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane } => {
             match session::underlay_address(underlay.as_deref(), &state_dir) {
-                Ok(underlay) => {
-                    agent::run(SessionConfig { state_dir, underlay }).await.map_err(anyhow::Error::from)
-                }
+                Ok(underlay) => agent::run(AgentConfig {
+                    session: SessionConfig { state_dir, underlay },
+                    netns_prefix,
+                    dataplane: !no_dataplane,
+                })
+                .await
+                .map_err(anyhow::Error::from),
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }

@@ -15,7 +15,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("meshd.sock")
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
     pub control: String,
@@ -28,7 +28,21 @@ pub struct Status {
     /// The policy version held and the names of the rules this node enforces.
     pub policy_version: Option<u64>,
     pub policy_rules: Vec<String>,
+    /// Data plane packets: sent, received, and drops by reason (`reason=count`).
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub drops: Vec<String>,
+    #[serde(skip)]
+    pub counters: Option<std::sync::Arc<tun::core::Counters>>,
 }
+
+impl PartialEq for Status {
+    fn eq(&self, other: &Status) -> bool {
+        serde_json::to_value(self).ok() == serde_json::to_value(other).ok()
+    }
+}
+
+impl Eq for Status {}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointStatus {
@@ -134,6 +148,15 @@ impl Status {
             )),
             None => out.push_str("policy    none applied (everything denied by default)\n"),
         }
+        if self.counters.is_some() || self.packets_sent + self.packets_received > 0 || !self.drops.is_empty()
+        {
+            out.push_str(&format!(
+                "packets   sent {}, received {}, dropped: {}\n",
+                self.packets_sent,
+                self.packets_received,
+                if self.drops.is_empty() { "none".to_owned() } else { self.drops.join(" ") }
+            ));
+        }
         out.push_str(&format!("networks ({})\n", self.networks.len()));
         for n in &self.networks {
             let keys = if n.encrypted { n.keys.join(" ") } else { "unencrypted".to_owned() };
@@ -156,7 +179,21 @@ pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>) -> std::io::Res
     let listener = UnixListener::bind(&path)?;
     loop {
         let (mut conn, _) = listener.accept().await?;
-        let json = serde_json::to_vec(&*status.lock().expect("lock")).expect("status serializes");
+        let json = {
+            let mut s = status.lock().expect("lock");
+            if let Some(c) = s.counters.clone() {
+                use std::sync::atomic::Ordering::Relaxed;
+                s.packets_sent = c.sent.load(Relaxed);
+                s.packets_received = c.received.load(Relaxed);
+                s.drops = c
+                    .all_drops()
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(r, n)| format!("{}={n}", r.name()))
+                    .collect();
+            }
+            serde_json::to_vec(&*s).expect("status serializes")
+        };
         tokio::spawn(async move {
             if let Err(e) = conn.write_all(&json).await {
                 warn!(error = %e, "status request failed");

@@ -431,7 +431,11 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
     let cluster = TestCluster::start(HOUR).await;
     let (dir, id) = cluster.join(control::tokens::Role::Worker).await;
     let state_dir = mesh_tests::node_dir(&dir);
-    let config = meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) };
+    let config = meshd::agent::AgentConfig {
+        session: meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) },
+        netns_prefix: "unused".into(),
+        dataplane: false,
+    };
     let agent = tokio::spawn(meshd::agent::run(config));
     let mut admin = cluster.admin().await;
     eventually("the agent's session", || cluster.manager.connected().contains(&id)).await;

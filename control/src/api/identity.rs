@@ -71,6 +71,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 cert_not_after: not_after,
                 labels: Default::default(),
                 underlay: None,
+                index: 0,
             }))
             .await
             .map_err(internal)?;

@@ -1,0 +1,298 @@
+//! The data plane's I/O: a tun device per workload and network, one UDP socket on the underlay,
+//! and the packet core between them. Tables are swapped whole when the slice changes (readers
+//! never lock); one task receives from the underlay and owns the replay windows.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use control::keys::KeyUse;
+use control::slice::NodeSlice;
+use tokio::net::UdpSocket;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use tun::aead::Backend;
+use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, Sealer, Tables};
+
+use crate::workload;
+
+/// The workload interfaces by (network ID, local address), swapped whole on change.
+type Devices = Arc<ArcSwap<HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>>>>;
+
+/// Largest datagram read from the underlay.
+const MAX_DATAGRAM: usize = 65535;
+
+/// One endpoint's namespace and what runs for it.
+struct Workload {
+    /// Network ID -> (address, device).
+    devices: Vec<(u32, Ipv4Addr, Arc<tun_rs::AsyncDevice>)>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The running data plane.
+pub struct Dataplane {
+    prefix: String,
+    socket: Arc<UdpSocket>,
+    tables: Arc<ArcSwap<Tables>>,
+    /// (network ID, local address) -> device.
+    devices: Devices,
+    sealer: Arc<Sealer>,
+    pub counters: Arc<Counters>,
+    workloads: Mutex<HashMap<String, Workload>>,
+    receiver: JoinHandle<()>,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.receiver.abort();
+    }
+}
+
+fn empty_tables() -> Tables {
+    Tables::new(&Config { local_index: 0, networks: vec![] }, Backend::DEFAULT)
+}
+
+/// The core's view of a slice.
+pub fn config(slice: &NodeSlice) -> Config {
+    Config {
+        local_index: slice.node_index,
+        networks: slice
+            .networks
+            .iter()
+            .map(|n| NetworkConfig {
+                id: n.id,
+                name: n.name.clone(),
+                encrypted: n.encrypted,
+                keys: n
+                    .keys
+                    .iter()
+                    .map(|(u, k)| {
+                        let role = match u {
+                            KeyUse::Next => KeyRole::Next,
+                            KeyUse::Current => KeyRole::Current,
+                            KeyUse::Previous => KeyRole::Previous,
+                        };
+                        (role, k.epoch, k.key)
+                    })
+                    .collect(),
+                peers: n
+                    .peers
+                    .iter()
+                    .map(|p| PeerConfig {
+                        address: p.address,
+                        node_index: p.node_index,
+                        underlay: p.underlay,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+impl Dataplane {
+    /// Binds the underlay socket and starts receiving. `boot` is this run's boot number.
+    pub async fn start(underlay: SocketAddr, prefix: &str, boot: u16) -> std::io::Result<Dataplane> {
+        let bind = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), underlay.port());
+        let socket = Arc::new(UdpSocket::bind(bind).await?);
+        let counters = Arc::new(Counters::default());
+        let tables = Arc::new(ArcSwap::from_pointee(empty_tables()));
+        let devices = Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        let receiver =
+            tokio::spawn(receive(socket.clone(), tables.clone(), devices.clone(), counters.clone()));
+        // Leftovers of an earlier run under this prefix are removed; what is wanted is rebuilt.
+        for ns in workload::list(prefix).await.unwrap_or_default() {
+            info!(namespace = %ns, "removing a namespace left by an earlier run");
+            let _ = workload::delete(&ns).await;
+        }
+        info!(%bind, prefix, boot, "data plane listening");
+        Ok(Dataplane {
+            prefix: prefix.to_owned(),
+            socket,
+            tables,
+            devices,
+            sealer: Arc::new(Sealer::new(boot, counters.clone())),
+            counters,
+            workloads: Mutex::new(HashMap::new()),
+            receiver,
+        })
+    }
+
+    /// Brings workloads and tables in line with `slice`.
+    pub async fn apply(&self, slice: &NodeSlice) {
+        self.tables.store(Arc::new(Tables::new(&config(slice), Backend::DEFAULT)));
+        let mut workloads = self.workloads.lock().await;
+        let wanted: HashMap<String, &control::slice::LocalEndpoint> = slice
+            .endpoints
+            .iter()
+            .map(|e| (workload::namespace(&self.prefix, &e.service, e.slot), e))
+            .collect();
+        let stale: Vec<String> = workloads.keys().filter(|ns| !wanted.contains_key(*ns)).cloned().collect();
+        for ns in stale {
+            workloads.remove(&ns);
+            if let Err(e) = workload::delete(&ns).await {
+                warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+            }
+            info!(namespace = %ns, "workload removed");
+        }
+        for (ns, endpoint) in wanted {
+            let mut addresses: Vec<(u32, Ipv4Addr, u8)> = Vec::new();
+            for (name, address) in &endpoint.addresses {
+                if let Some(n) = slice.networks.iter().find(|n| &n.name == name) {
+                    addresses.push((n.id, *address, n.subnet.prefix_len()));
+                }
+            }
+            addresses.sort();
+            if let Some(existing) = workloads.get(&ns) {
+                let have: Vec<(u32, Ipv4Addr)> =
+                    existing.devices.iter().map(|(id, a, _)| (*id, *a)).collect();
+                let want: Vec<(u32, Ipv4Addr)> = addresses.iter().map(|(id, a, _)| (*id, *a)).collect();
+                if have == want {
+                    continue;
+                }
+                workloads.remove(&ns);
+            }
+            match self.build(&ns, &addresses, endpoint.command.clone()).await {
+                Ok(w) => {
+                    info!(namespace = %ns, addresses = ?addresses, "workload ready");
+                    workloads.insert(ns, w);
+                }
+                Err(e) => warn!(namespace = %ns, error = %e, "building the workload failed"),
+            }
+        }
+        let devices: HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>> = workloads
+            .values()
+            .flat_map(|w| w.devices.iter().map(|(id, a, d)| ((*id, *a), d.clone())))
+            .collect();
+        self.devices.store(Arc::new(devices));
+    }
+
+    async fn build(
+        &self,
+        ns: &str,
+        addresses: &[(u32, Ipv4Addr, u8)],
+        command: Option<String>,
+    ) -> std::io::Result<Workload> {
+        workload::create(ns).await?;
+        let mut devices = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, (id, address, prefix_len)) in addresses.iter().enumerate() {
+            let sync = workload::open_tun(ns, &format!("{}{i}", workload::INTERFACE), *address, *prefix_len)?;
+            let device = Arc::new(tun_rs::AsyncDevice::new(sync)?);
+            tasks.push(tokio::spawn(send(
+                device.clone(),
+                *id,
+                *address,
+                self.socket.clone(),
+                self.tables.clone(),
+                self.devices.clone(),
+                self.sealer.clone(),
+            )));
+            devices.push((*id, *address, device));
+        }
+        if let Some(command) = command {
+            tasks.push(workload::supervise(ns.to_owned(), command));
+        }
+        Ok(Workload { devices, tasks })
+    }
+
+    /// Removes every workload (at shutdown).
+    pub async fn shutdown(&self) {
+        let mut workloads = self.workloads.lock().await;
+        let names: Vec<String> = workloads.keys().cloned().collect();
+        workloads.clear();
+        for ns in names {
+            let _ = workload::delete(&ns).await;
+        }
+    }
+
+    /// Names of the namespaces this data plane holds.
+    pub async fn namespaces(&self) -> HashSet<String> {
+        self.workloads.lock().await.keys().cloned().collect()
+    }
+}
+
+/// Workload -> underlay: read a packet, seal it, send it (or, for a workload on this node, hand
+/// it straight to that workload's interface).
+async fn send(
+    device: Arc<tun_rs::AsyncDevice>,
+    network: u32,
+    address: Ipv4Addr,
+    socket: Arc<UdpSocket>,
+    tables: Arc<ArcSwap<Tables>>,
+    devices: Devices,
+    sealer: Arc<Sealer>,
+) {
+    let mut packet = vec![0u8; MAX_DATAGRAM];
+    let mut out = Vec::with_capacity(MAX_DATAGRAM);
+    loop {
+        let n = match device.recv(&mut packet).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, %address, "reading the workload's interface failed; stopping");
+                return;
+            }
+        };
+        let tables = tables.load();
+        if let Some((src, dst)) = tun::core::ipv4_addresses(&packet[..n])
+            && src == address
+            && tables.is_local(network, dst)
+        {
+            if let Some(local) = devices.load().get(&(network, dst)) {
+                let _ = local.send(&packet[..n]).await;
+            }
+            continue;
+        }
+        if let Ok(to) = sealer.seal(&tables, network, address, &packet[..n], &mut out)
+            && let Err(e) = socket.send_to(&out, to).await
+        {
+            debug!(error = %e, %to, "sending to a peer failed");
+        }
+    }
+}
+
+/// Underlay -> workload: receive, open, check, write to the workload's interface.
+async fn receive(
+    socket: Arc<UdpSocket>,
+    tables: Arc<ArcSwap<Tables>>,
+    devices: Devices,
+    counters: Arc<Counters>,
+) {
+    let mut opener = Opener::default();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut seen_tables = 0usize;
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "receiving from the underlay failed");
+                continue;
+            }
+        };
+        let t = tables.load();
+        let identity = Arc::as_ptr(&t) as usize;
+        if identity != seen_tables {
+            opener.retain_epochs(&t);
+            seen_tables = identity;
+        }
+        match opener.open(&t, &counters, &mut buf[..n]) {
+            Ok(d) => {
+                if let Some(device) = devices.load().get(&(d.network, d.destination))
+                    && let Err(e) = device.send(&buf[d.range]).await
+                {
+                    debug!(error = %e, "writing to a workload failed");
+                }
+            }
+            Err(reason) => debug!(%from, reason = reason.name(), "datagram dropped"),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Workloads: one network namespace per local endpoint, named `<prefix>-<service>-<slot>`, with a
+//! tun interface per network (the endpoint's address, a route for the subnet) whose file
+//! descriptor meshd holds, and the service's command run inside and restarted when it exits.
+//!
+//! Namespaces are made with iproute2 (`ip netns`), so `ip netns exec` reaches them too.
+
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns};
+use tokio::process::Command;
+use tracing::{info, warn};
+
+/// MTU of the workload interfaces: a 1500-byte underlay less the outer IPv6 (40) or IPv4 (20)
+/// header, UDP (8), and the overlay header (21) and tag (16). 1500 - 40 - 8 - 37 = 1415.
+pub const MTU: u16 = 1415;
+/// Name of the interface in each workload namespace, suffixed by the network's position.
+pub const INTERFACE: &str = "mesh";
+
+/// The namespace name of an endpoint.
+pub fn namespace(prefix: &str, service: &str, slot: u32) -> String {
+    format!("{prefix}-{service}-{slot}")
+}
+
+async fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Named namespaces that start with `prefix-`.
+pub async fn list(prefix: &str) -> io::Result<Vec<String>> {
+    let out = Command::new("ip").args(["netns", "list"]).output().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Creates namespace `name` (replacing a stale one left by an earlier run) with loopback up.
+pub async fn create(name: &str) -> io::Result<()> {
+    let _ = delete(name).await;
+    ip(&["netns", "add", name]).await?;
+    ip(&["-n", name, "link", "set", "lo", "up"]).await?;
+    // The overlay is IPv4: no IPv6 chatter (router solicitations) on the workload's interfaces.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])
+        .output()
+        .await?;
+    if !out.status.success() {
+        warn!(namespace = name, error = %String::from_utf8_lossy(&out.stderr).trim(), "cannot turn IPv6 off");
+    }
+    Ok(())
+}
+
+/// Removes namespace `name`, killing what still runs in it.
+pub async fn delete(name: &str) -> io::Result<()> {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output().await {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status().await;
+        }
+    }
+    ip(&["netns", "del", name]).await
+}
+
+/// Creates a tun interface inside namespace `ns` with `address/prefix_len` (which also routes
+/// the subnet to it) and returns its device. The creating thread enters the namespace alone; the
+/// descriptor stays valid in meshd's own namespace.
+pub fn open_tun(ns: &str, ifname: &str, address: Ipv4Addr, prefix_len: u8) -> io::Result<tun_rs::SyncDevice> {
+    let path = format!("/var/run/netns/{ns}");
+    let ifname = ifname.to_owned();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = File::open(&path)?;
+                setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                tun_rs::DeviceBuilder::new()
+                    .name(ifname.clone())
+                    .ipv4(address, prefix_len, None)
+                    .mtu(MTU)
+                    .build_sync()
+            })
+            .join()
+            .map_err(|_| io::Error::other("the thread creating the tun device panicked"))?
+    })
+}
+
+/// Runs `command` in namespace `ns` with `sh -c`, restarting it when it exits, until dropped.
+pub fn supervise(ns: String, command: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut restarts = 0u32;
+        loop {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns, "sh", "-c", &command])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            match child {
+                Ok(mut child) => {
+                    info!(namespace = %ns, command = %command, "workload started");
+                    let status = child.wait().await;
+                    warn!(namespace = %ns, ?status, "workload exited; restarting");
+                }
+                Err(e) => warn!(namespace = %ns, error = %e, "cannot start workload"),
+            }
+            restarts += 1;
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(restarts.min(10)))).await;
+        }
+    })
+}
