@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in ip:iproute2 ping:iputils-ping; do
+for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux python3:python3; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -22,4 +22,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust (rustup.rs) first" >&2; exit 1; }
 
+# The end-to-end tests run the real binaries: build them first.
+cargo build --workspace --locked
 cargo test --workspace --locked "$@"

@@ -1,5 +1,8 @@
 //! Helpers shared by the end-to-end tests: a real control plane served in-process over gRPC and
-//! TLS on 127.0.0.1:0, and nodes joined to it through meshd's own join code.
+//! TLS on 127.0.0.1:0, and nodes joined to it through meshd's own join code; and ([`lab`]) a lab
+//! of network namespaces running the real binaries.
+
+pub mod lab;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

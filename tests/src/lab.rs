@@ -1,0 +1,324 @@
+//! A lab of network namespaces for end-to-end tests, as root: hosts joined by veth pairs to a
+//! bridge in a namespace of its own, the real `mesh-control` in the first host and the real
+//! `meshd` in the others. Names carry a per-lab prefix; everything is removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails the test (never skips it) when not root.
+pub fn require_root() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        uid, "0",
+        "this test builds network namespaces and tun devices: it needs root (run the tests as root, e.g. sudo ./scripts/test.sh)"
+    );
+}
+
+/// The directory with the workspace's binaries (built by `cargo build` before the tests).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.ancestors().nth(2).expect("target dir").to_owned();
+    for b in ["mesh-control", "meshd", "meshctl"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the binaries first (cargo build --workspace)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// The lab's helper scripts.
+pub fn script(name: &str) -> String {
+    format!("{}/lab/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    out
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running lab.
+pub struct Lab {
+    pub prefix: String,
+    pub hosts: usize,
+    pub work: tempfile::TempDir,
+    bin: PathBuf,
+    children: Vec<Child>,
+    /// Host number -> its meshd.
+    meshd: Vec<(usize, Child)>,
+}
+
+impl Lab {
+    /// Underlay address of host `i` (1-based).
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.99.0.{}", 10 + i)
+    }
+
+    pub fn host(&self, i: usize) -> String {
+        format!("{}-h{i}", self.prefix)
+    }
+
+    pub fn bridge(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+
+    /// Starts a lab of `hosts` hosts: control in host 1, meshd joined and running in the others.
+    pub fn start(hosts: usize) -> Lab {
+        require_root();
+        let bin = bin_dir();
+        let prefix = format!("t{}{}", std::process::id() % 100000, rand_suffix());
+        let mut lab = Lab {
+            prefix,
+            hosts,
+            work: tempfile::tempdir().expect("temp dir"),
+            bin,
+            children: vec![],
+            meshd: vec![],
+        };
+        let br = lab.bridge();
+        ok(Command::new("ip").args(["netns", "add", &br]));
+        ok(Command::new("ip").args(["-n", &br, "link", "add", "br0", "type", "bridge"]));
+        ok(Command::new("ip").args(["-n", &br, "link", "set", "br0", "up"]));
+        for i in 1..=hosts {
+            let h = lab.host(i);
+            ok(Command::new("ip").args(["netns", "add", &h]));
+            ok(Command::new("ip").args([
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &h,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("v{i}"),
+                "netns",
+                &br,
+            ]));
+            ok(Command::new("ip").args(["-n", &br, "link", "set", &format!("v{i}"), "master", "br0", "up"]));
+            ok(Command::new("ip").args([
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("{}/24", lab.addr(i)),
+                "dev",
+                "eth0",
+            ]));
+            ok(Command::new("ip").args(["-n", &h, "link", "set", "eth0", "up"]));
+            ok(Command::new("ip").args(["-n", &h, "link", "set", "lo", "up"]));
+        }
+        let control = format!("{}:7400", lab.addr(1));
+        let state = lab.work.path().join("control");
+        ok(lab
+            .in_host(1, &lab.bin.join("mesh-control"))
+            .args(["init", "--state-dir"])
+            .arg(&state)
+            .args(["--listen", &control]));
+        let log = std::fs::File::create(lab.work.path().join("control.log")).expect("log");
+        let child = lab
+            .in_host(1, &lab.bin.join("mesh-control"))
+            .args(["run", "--state-dir"])
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mesh-control");
+        lab.children.push(child);
+        lab.wait("control to answer", || lab.meshctl_status(&["node", "ls"]).status.success());
+        let token = lab.meshctl(&["join-token", "worker", "-q"]).trim().to_owned();
+        for i in 2..=hosts {
+            let dir = lab.node_dir(i);
+            ok(lab
+                .in_host(i, &lab.bin.join("meshd"))
+                .args(["join", "--control", &control, "--token", &token, "--state-dir"])
+                .arg(&dir)
+                .args(["--hostname", &lab.host(i)]));
+            lab.start_meshd(i);
+        }
+        lab.wait("every meshd to hold a session", || {
+            lab.meshctl(&["node", "ls", "--format", "json"]).matches("\"connected\": true").count()
+                == hosts - 1
+        });
+        lab
+    }
+
+    /// (Re)starts host `i`'s meshd.
+    pub fn start_meshd(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.path().join(format!("meshd-{i}.log")))
+            .expect("log");
+        // Only the host's network namespace: workload namespaces it makes stay visible.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.host(i)))
+            .arg(self.bin.join("meshd"))
+            .args(["run", "--state-dir"])
+            .arg(self.node_dir(i))
+            .args(["--underlay", &self.addr(i), "--netns-prefix", &self.host(i)])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("meshd");
+        self.meshd.push((i, child));
+    }
+
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.work.path().join(format!("h{i}"))
+    }
+
+    fn in_host(&self, i: usize, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host(i)]).arg(program);
+        c
+    }
+
+    fn meshctl_status(&self, args: &[&str]) -> Output {
+        run(self
+            .in_host(1, &self.bin.join("meshctl"))
+            .env("MESHCTL_ADMIN", self.work.path().join("control/admin"))
+            .args(args))
+    }
+
+    /// Runs meshctl in the control host; panics with its output on failure.
+    pub fn meshctl(&self, args: &[&str]) -> String {
+        let out = self.meshctl_status(args);
+        assert!(out.status.success(), "meshctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The node ID of host `i`.
+    pub fn node_id(&self, i: usize) -> String {
+        let cert = self.node_dir(i).join("node.crt");
+        let pem = std::fs::read_to_string(cert).expect("node certificate");
+        control::ca::CertInfo::from_pem(&pem).expect("certificate").common_name
+    }
+
+    /// meshd status of host `i`, as JSON.
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let out = ok(self
+            .in_host(i, &self.bin.join("meshd"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(self.node_dir(i)));
+        serde_json::from_str(&out).expect("status JSON")
+    }
+
+    /// A drop counter of host `i`'s data plane.
+    pub fn drops(&self, i: usize, reason: &str) -> u64 {
+        self.status(i)["drops"]
+            .as_array()
+            .expect("drops")
+            .iter()
+            .filter_map(|d| {
+                d.as_str()?.strip_prefix(&format!("{reason}=")).and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    pub fn received(&self, i: usize) -> u64 {
+        self.status(i)["packets_received"].as_u64().unwrap_or(0)
+    }
+
+    /// A command in namespace `ns` (a host or a workload).
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).args(args);
+        c
+    }
+
+    /// The namespace of `service`'s endpoint `slot` on host `i`.
+    pub fn workload(&self, i: usize, service: &str, slot: u32) -> String {
+        format!("{}-{service}-{slot}", self.host(i))
+    }
+
+    /// Waits up to 20 s for `check`.
+    pub fn wait(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            if Instant::now() > deadline {
+                let logs: String = std::fs::read_dir(self.work.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                    .map(|e| {
+                        format!(
+                            "--- {}\n{}",
+                            e.path().display(),
+                            std::fs::read_to_string(e.path()).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                panic!("timed out waiting for {what}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops host `i`'s meshd (SIGTERM; it removes its workloads).
+    pub fn stop_meshd(&mut self, i: usize) {
+        for (_, child) in self.meshd.iter_mut().filter(|(h, _)| *h == i) {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+        self.meshd.retain(|(h, _)| *h != i);
+    }
+}
+
+fn rand_suffix() -> String {
+    let n: u32 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}", n % 0xfff)
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.meshd {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+        }
+        for (_, child) in &mut self.meshd {
+            let _ = child.wait();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let names: Vec<String> = std::fs::read_dir("/var/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .collect();
+        for n in names {
+            let _ =
+                Command::new("sh").arg("-c").arg(format!("ip netns pids {n} | xargs -r kill -9")).status();
+            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+        }
+    }
+}
