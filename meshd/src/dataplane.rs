@@ -62,6 +62,20 @@ fn empty_tables() -> Tables {
     Tables::new(&Config { local_index: 0, networks: vec![] }, Backend::DEFAULT)
 }
 
+/// Socket buffer size asked for: bursts of a fast TCP flow fit without drops.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// The underlay UDP socket, with large buffers.
+fn underlay_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&bind.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// The core's view of a slice.
 pub fn config(slice: &NodeSlice) -> Config {
     Config {
@@ -103,7 +117,7 @@ impl Dataplane {
     /// Binds the underlay socket and starts receiving. `boot` is this run's boot number.
     pub async fn start(underlay: SocketAddr, prefix: &str, boot: u16) -> std::io::Result<Dataplane> {
         let bind = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), underlay.port());
-        let socket = Arc::new(UdpSocket::bind(bind).await?);
+        let socket = Arc::new(underlay_socket(bind)?);
         let counters = Arc::new(Counters::default());
         let tables = Arc::new(ArcSwap::from_pointee(empty_tables()));
         let devices = Arc::new(ArcSwap::from_pointee(HashMap::new()));
