@@ -76,6 +76,7 @@ import json,sys
 d=json.loads(sys.argv[1]); bps=d['end']['sum_received']['bits_per_second']; gbit=d['end']['sum_received']['bytes']*8/1e9
 cpu=($c1-$c0)/$tick
 print(f'{bps/1e9:.2f} {cpu/gbit:.2f}')" "$json")
+for i in 2 3; do ip netns exec "$(host "$i")" "$bin/meshd" status --state-dir "$work/h$i" | grep '^packets' | sed "s/^/  h$i /" >&2; done
 echo "mesh        $mesh" | awk '{printf "%-10s %6s Gbit/s  %s CPU s per Gbit (both meshd)\n", $1, $2, $3}'
 echo "{\"mesh_gbps\": ${mesh% *}, \"mesh_cpu_s_per_gbit\": ${mesh#* }, \"seconds\": $secs, \"streams\": $streams}" >"${OUT:-$work/../mesh-throughput.json}"
 if [ -x "$peers" ]; then

@@ -67,7 +67,8 @@ const SOCKET_BUFFER: usize = 8 << 20;
 
 /// The underlay UDP socket, with large buffers.
 fn underlay_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     socket.set_nonblocking(true)?;
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
@@ -235,8 +236,60 @@ impl Dataplane {
     }
 }
 
-/// Workload -> underlay: read a packet, seal it, send it (or, for a workload on this node, hand
-/// it straight to that workload's interface).
+/// Most payload bytes in one GSO send: the whole must fit one (64 KiB) UDP datagram.
+const MAX_GSO_BYTES: usize = 65000;
+
+/// Sealed datagrams for one peer, sent with one `sendmsg` (UDP GSO) when the kernel allows.
+struct Batch {
+    buf: Vec<u8>,
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+}
+
+impl Batch {
+    /// Whether `datagram` for `to` can join the batch: same peer, and every datagram but the
+    /// last exactly `segment` long.
+    fn fits(&self, to: SocketAddr, len: usize, max: usize) -> bool {
+        self.count == 0
+            || (self.to == Some(to)
+                && self.count < max
+                && len <= self.segment
+                && self.buf.len() == self.count * self.segment
+                && self.buf.len() + len <= MAX_GSO_BYTES)
+    }
+
+    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.segment = datagram.len();
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+    }
+
+    async fn flush(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) {
+        let Some(destination) = self.to.take() else { return };
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents: &self.buf,
+            segment_size: (self.count > 1).then_some(self.segment),
+            src_ip: None,
+        };
+        let sent =
+            socket.async_io(tokio::io::Interest::WRITABLE, || state.try_send(socket.into(), &transmit)).await;
+        if let Err(e) = sent {
+            debug!(error = %e, %destination, "sending to a peer failed");
+        }
+        self.buf.clear();
+        self.count = 0;
+    }
+}
+
+/// Workload -> underlay: read a burst (one TSO segment split into packets), seal each, send them
+/// to each peer in as few calls as GSO allows; a packet for a workload on this node goes straight
+/// to that workload's interface.
 async fn send(
     device: Arc<tun_rs::AsyncDevice>,
     network: u32,
@@ -246,10 +299,21 @@ async fn send(
     devices: Devices,
     sealer: Arc<Sealer>,
 ) {
-    let mut packet = vec![0u8; MAX_DATAGRAM];
+    let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot set up the underlay socket for batching; stopping");
+            return;
+        }
+    };
+    let max_segments = state.max_gso_segments().max(1);
+    let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs = vec![vec![0u8; 65535]; tun_rs::IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut out = Vec::with_capacity(MAX_DATAGRAM);
+    let mut batch = Batch { buf: Vec::with_capacity(MAX_DATAGRAM * 2), to: None, segment: 0, count: 0 };
     loop {
-        let n = match device.recv(&mut packet).await {
+        let n = match device.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
             Ok(n) => n,
             Err(e) => {
                 warn!(error = %e, %address, "reading the workload's interface failed; stopping");
@@ -257,56 +321,100 @@ async fn send(
             }
         };
         let tables = tables.load();
-        if let Some((src, dst)) = tun::core::ipv4_addresses(&packet[..n])
-            && src == address
-            && tables.is_local(network, dst)
-        {
-            if let Some(local) = devices.load().get(&(network, dst)) {
-                let _ = local.send(&packet[..n]).await;
+        for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+            let packet = &buf[..size];
+            if let Some((src, dst)) = tun::core::ipv4_addresses(packet)
+                && src == address
+                && tables.is_local(network, dst)
+            {
+                if let Some(local) = devices.load().get(&(network, dst)) {
+                    let _ = local.send(packet).await;
+                }
+                continue;
             }
-            continue;
+            if let Ok(to) = sealer.seal(&tables, network, address, packet, &mut out) {
+                if !batch.fits(to, out.len(), max_segments) {
+                    batch.flush(&socket, &state).await;
+                }
+                batch.push(to, &out);
+            }
         }
-        if let Ok(to) = sealer.seal(&tables, network, address, &packet[..n], &mut out)
-            && let Err(e) = socket.send_to(&out, to).await
-        {
-            debug!(error = %e, %to, "sending to a peer failed");
-        }
+        batch.flush(&socket, &state).await;
     }
 }
 
-/// Underlay -> workload: receive, open, check, write to the workload's interface.
+/// Room before each inner packet handed to a tun device: its virtio-net header goes there.
+const TUN_HEADROOM: usize = 16;
+
+/// Underlay -> workload: receive (one call may carry many coalesced datagrams: UDP GRO), open
+/// and check each, and write them to each workload's interface coalesced again (tun GRO).
 async fn receive(
     socket: Arc<UdpSocket>,
     tables: Arc<ArcSwap<Tables>>,
     devices: Devices,
     counters: Arc<Counters>,
 ) {
+    let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot set up the underlay socket for batching; not receiving");
+            return;
+        }
+    };
     let mut opener = Opener::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut buf = vec![0u8; 65535 * 2];
+    let mut meta = [quinn_udp::RecvMeta::default()];
     let mut seen_tables = 0usize;
+    let mut gro = tun_rs::GROTable::default();
+    // Inner packets waiting for each device, in reusable buffers.
+    let mut pending: HashMap<(u32, Ipv4Addr), Vec<Vec<u8>>> = HashMap::new();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(error = %e, "receiving from the underlay failed");
-                continue;
-            }
-        };
+        let received = socket
+            .async_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                state.recv((&*socket).into(), &mut iov, &mut meta)
+            })
+            .await;
+        if let Err(e) = received {
+            debug!(error = %e, "receiving from the underlay failed");
+            continue;
+        }
+        let m = meta[0];
         let t = tables.load();
         let identity = Arc::as_ptr(&t) as usize;
         if identity != seen_tables {
             opener.retain_epochs(&t);
             seen_tables = identity;
         }
-        match opener.open(&t, &counters, &mut buf[..n]) {
-            Ok(d) => {
-                if let Some(device) = devices.load().get(&(d.network, d.destination))
-                    && let Err(e) = device.send(&buf[d.range]).await
-                {
-                    debug!(error = %e, "writing to a workload failed");
+        let stride = if m.stride == 0 { m.len } else { m.stride };
+        let mut at = 0;
+        while at < m.len {
+            let end = (at + stride).min(m.len);
+            let datagram = &mut buf[at..end];
+            at = end;
+            match opener.open(&t, &counters, datagram) {
+                Ok(d) => {
+                    let mut b = spare.pop().unwrap_or_default();
+                    b.clear();
+                    b.resize(TUN_HEADROOM, 0);
+                    b.extend_from_slice(&datagram[d.range]);
+                    pending.entry((d.network, d.destination)).or_default().push(b);
                 }
+                Err(reason) => debug!(from = %m.addr, reason = reason.name(), "datagram dropped"),
             }
-            Err(reason) => debug!(%from, reason = reason.name(), "datagram dropped"),
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        let devs = devices.load();
+        for (key, mut packets) in pending.drain() {
+            if let Some(device) = devs.get(&key)
+                && let Err(e) = device.send_multiple(&mut gro, &mut packets, TUN_HEADROOM).await
+            {
+                debug!(error = %e, "writing to a workload failed");
+            }
+            spare.append(&mut packets);
         }
     }
 }
