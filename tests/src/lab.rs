@@ -277,6 +277,11 @@ impl Lab {
         }
     }
 
+    /// The process ID of host `i`'s meshd.
+    pub fn meshd_pid(&self, i: usize) -> u32 {
+        self.meshd.iter().find(|(h, _)| *h == i).map(|(_, c)| c.id()).expect("a running meshd")
+    }
+
     /// Stops host `i`'s meshd (SIGTERM; it removes its workloads).
     pub fn stop_meshd(&mut self, i: usize) {
         for (_, child) in self.meshd.iter_mut().filter(|(h, _)| *h == i) {

@@ -321,3 +321,62 @@ fn a_removed_nodes_datagrams_are_dropped() {
     assert!(s.lab.drops(3, "unknown_sender") > 0, "the removed node is no sender any more");
     assert_eq!(s.lab.received(3), received);
 }
+
+fn namespaces(lab: &Lab, host: usize) -> Vec<String> {
+    let prefix = format!("{}-", lab.host(host));
+    let mut names: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn workloads_run_their_command_are_torn_down_and_rebuilt_after_a_crash() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    let h3 = s.lab.node_id(3);
+    // A command that records each start and exits soon: meshd restarts it.
+    let log = s.lab.work.path().join("starts.log");
+    let command = format!("echo started >> {}; sleep 0.3", log.display());
+    s.lab.meshctl(&[
+        "service",
+        "create",
+        "job",
+        "--network",
+        "front",
+        "--constraint",
+        &format!("node.id=={h3}"),
+        "--command",
+        &command,
+    ]);
+    s.lab.wait("the command to be restarted", || {
+        std::fs::read_to_string(&log).map(|t| t.lines().count() >= 3).unwrap_or(false)
+    });
+    let job = s.lab.workload(3, "job", 1);
+    assert!(namespaces(&s.lab, 3).contains(&job));
+
+    // Scaling to zero removes the namespace (and what ran in it).
+    s.lab.meshctl(&["service", "scale", "job", "0"]);
+    s.lab.wait("the job namespace to go", || !namespaces(&s.lab, 3).contains(&job));
+    let starts = std::fs::read_to_string(&log).unwrap().lines().count();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), starts, "the command no longer runs");
+
+    // A crash (SIGKILL) leaves namespaces behind; the restarted meshd rebuilds them, no more.
+    let before = namespaces(&s.lab, 3);
+    let pid = s.lab.meshd_pid(3);
+    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    s.lab.stop_meshd(3);
+    assert_eq!(namespaces(&s.lab, 3), before, "left behind by the crash");
+    s.lab.start_meshd(3);
+    s.lab.wait("web to reach api again", || ping(&s.lab, &s.web, &s.api_front));
+    assert_eq!(namespaces(&s.lab, 3), before, "rebuilt, nothing leaked");
+
+    // A clean stop removes every workload namespace of the host.
+    s.lab.stop_meshd(3);
+    assert!(namespaces(&s.lab, 3).is_empty(), "{:?}", namespaces(&s.lab, 3));
+}
