@@ -128,6 +128,20 @@ check "only the labelled host holds network back" sh -c "$(declare -f status hol
   holds 2 back && for i in \$(seq 3 $hosts); do ! holds \$i back || exit 1; done"
 check "a constraint that no node meets is refused" refused meshctl service create x --network back --constraint node.labels.zone==nowhere
 check "an overlapping subnet is refused" refused meshctl network create overlap --subnet 10.10.0.0/16
+
+step "Traffic over the overlay"
+svc_addr() { meshctl service inspect "$1" | python3 -c "import json,sys; e=json.load(sys.stdin)['endpoints']; print(e[$2]['addresses']['$3'], e[$2]['node'])"; }
+read -r web1_addr web1_node <<<"$(svc_addr web 0 front)"; read -r web2_addr web2_node <<<"$(svc_addr web 1 front)"
+read -r db_addr db_node <<<"$(svc_addr db 0 back)"
+host_of() { for i in $(seq 2 "$hosts"); do [ "$(cat "$work/h$i/id")" = "$1" ] && echo "$i"; done; }
+web1_ns="$(host "$(host_of "$web1_node")")-web-1"; web2_ns="$(host "$(host_of "$web2_node")")-web-2"
+for _ in $(seq 50); do ip netns exec "$web1_ns" ping -c1 -W1 "$web2_addr" >/dev/null 2>&1 && break; sleep 0.1; done
+ip netns exec "$web1_ns" ping -c 3 -i 0.2 "$web2_addr" | sed 's/^/  /' | tail -2
+check "web.1 reaches web.2 on another host through the encrypted overlay" ip netns exec "$web1_ns" ping -c1 -W1 "$web2_addr"
+ip netns exec "$web1_ns" ip route add 10.20.0.0/24 dev mesh0 2>/dev/null || true
+check "web (network front) cannot reach db (network back), even with a route" refused ip netns exec "$web1_ns" ping -c1 -W1 "$db_addr"
+in_host "$(host_of "$web1_node")" "$bin/meshd" status --state-dir "$work/h$(host_of "$web1_node")/meshd" | grep '^packets' | sed 's/^/  /'
+
 epoch() { meshctl network inspect front | grep -o '"key_epoch": [0-9]*' | grep -o '[0-9]*$'; }
 before=$(epoch); meshctl network rotate-key front | sed 's/^/  /'
 check "a key rotation advances the epoch" test "$(epoch)" -gt "$before"
