@@ -105,6 +105,13 @@ impl TestCluster {
         AdminClient::connect(&self.admin_bundle()).await.expect("admin client")
     }
 
+    /// A channel to control trusting the cluster CA, presenting `identity` when given.
+    pub async fn channel_as(&self, identity: Option<&control::tls::Identity>) -> tonic::transport::Channel {
+        control::client::authenticated_channel(&self.control(), self.manager.ca().cert_der(), identity)
+            .await
+            .expect("a channel to control")
+    }
+
     pub fn token(&self, role: Role) -> String {
         self.manager_dir().read_token(role).expect("token").to_string()
     }

@@ -230,13 +230,7 @@ async fn node_certificates_cannot_call_the_admin_api() {
     for role in [Role::Worker, Role::Manager] {
         let (dir, _) = cluster.join(role).await;
         let node = NodeDir::new(&node_dir(&dir)).load().unwrap();
-        let channel = client::authenticated_channel(
-            &cluster.control(),
-            cluster.manager.ca().cert_der(),
-            Some(&node.identity),
-        )
-        .await
-        .unwrap();
+        let channel = cluster.channel_as(Some(&node.identity)).await;
         let mut admin = AdminClient::from_channel(&cluster.control(), channel);
         let err = admin.list_nodes().await.unwrap_err();
         assert_eq!(err.code(), Some(Code::PermissionDenied), "{role}: {err}");
@@ -245,9 +239,7 @@ async fn node_certificates_cannot_call_the_admin_api() {
         assert_eq!(err.code(), Some(Code::PermissionDenied));
     }
     // Without any client certificate: unauthenticated.
-    let channel = client::authenticated_channel(&cluster.control(), cluster.manager.ca().cert_der(), None)
-        .await
-        .unwrap();
+    let channel = cluster.channel_as(None).await;
     let err = AdminClient::from_channel(&cluster.control(), channel).list_nodes().await.unwrap_err();
     assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
 }

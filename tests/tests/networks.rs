@@ -170,13 +170,7 @@ async fn a_removed_node_triggers_a_rotation_and_cannot_reconnect() {
 
     // A fresh attempt with its certificate is refused.
     let node = meshd::identity::NodeDir::new(&removed.state_dir()).load().unwrap();
-    let channel = control::client::authenticated_channel(
-        &cluster.control(),
-        cluster.manager.ca().cert_der(),
-        Some(&node.identity),
-    )
-    .await
-    .unwrap();
+    let channel = cluster.channel_as(Some(&node.identity)).await;
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
         .session(pb::SessionRequest { underlay: String::new() })
         .await
@@ -257,13 +251,7 @@ async fn a_restarted_manager_keeps_networks_services_endpoints_and_keys_and_sess
 async fn node_certificates_cannot_manage_networks_and_sessions_carry_only_their_own_node() {
     let (cluster, nodes) = cluster_with_nodes(2, ManagerOptions::default()).await;
     let node = meshd::identity::NodeDir::new(&nodes[0].state_dir()).load().unwrap();
-    let channel = control::client::authenticated_channel(
-        &cluster.control(),
-        cluster.manager.ca().cert_der(),
-        Some(&node.identity),
-    )
-    .await
-    .unwrap();
+    let channel = cluster.channel_as(Some(&node.identity)).await;
     let mut as_node = AdminClient::from_channel(&cluster.control(), channel);
     let err = as_node.create_network("evil", "10.66.0.0/24", true).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::PermissionDenied));
@@ -283,13 +271,7 @@ async fn node_certificates_cannot_manage_networks_and_sessions_carry_only_their_
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // A bad underlay is refused.
-    let channel = control::client::authenticated_channel(
-        &cluster.control(),
-        cluster.manager.ca().cert_der(),
-        Some(&node.identity),
-    )
-    .await
-    .unwrap();
+    let channel = cluster.channel_as(Some(&node.identity)).await;
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
         .session(pb::SessionRequest { underlay: "not-an-address".into() })
         .await
