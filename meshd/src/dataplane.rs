@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use tun::aead::Backend;
 use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, Sealer, Tables};
 
+use crate::dns::{Upstream, Zone};
 use crate::workload;
 
 /// The workload interfaces by (network ID, local address), swapped whole on change.
@@ -28,6 +29,9 @@ const MAX_DATAGRAM: usize = 65535;
 struct Workload {
     /// Network ID -> (address, device).
     devices: Vec<(u32, Ipv4Addr, Arc<tun_rs::AsyncDevice>)>,
+    /// The networks it is on (by name) and the names its DNS server answers.
+    networks: std::collections::BTreeSet<String>,
+    zone: Arc<ArcSwap<Zone>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -49,6 +53,7 @@ pub struct Dataplane {
     sealer: Arc<Sealer>,
     pub counters: Arc<Counters>,
     workloads: Mutex<HashMap<String, Workload>>,
+    upstream: Arc<Upstream>,
     receiver: JoinHandle<()>,
 }
 
@@ -138,6 +143,7 @@ impl Dataplane {
             sealer: Arc::new(Sealer::new(boot, counters.clone())),
             counters,
             workloads: Mutex::new(HashMap::new()),
+            upstream: Arc::new(Upstream::from_system()),
             receiver,
         })
     }
@@ -176,13 +182,18 @@ impl Dataplane {
                 }
                 workloads.remove(&ns);
             }
-            match self.build(&ns, &addresses, endpoint.command.clone()).await {
+            let networks = endpoint.addresses.keys().cloned().collect();
+            match self.build(&ns, &addresses, networks, endpoint.command.clone()).await {
                 Ok(w) => {
                     info!(namespace = %ns, addresses = ?addresses, "workload ready");
                     workloads.insert(ns, w);
                 }
                 Err(e) => warn!(namespace = %ns, error = %e, "building the workload failed"),
             }
+        }
+        // Every workload's names follow the slice at once.
+        for w in workloads.values() {
+            w.zone.store(Arc::new(Zone::for_workload(slice, &w.networks)));
         }
         let devices: HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>> = workloads
             .values()
@@ -195,11 +206,20 @@ impl Dataplane {
         &self,
         ns: &str,
         addresses: &[(u32, Ipv4Addr, u8)],
+        networks: std::collections::BTreeSet<String>,
         command: Option<String>,
     ) -> std::io::Result<Workload> {
         workload::create(ns).await?;
+        let (udp, tcp) = workload::bind_dns(ns)?;
+        let zone = Arc::new(ArcSwap::from_pointee(Zone::default()));
+        let dns = tokio::spawn(crate::dns::serve(
+            UdpSocket::from_std(udp)?,
+            tokio::net::TcpListener::from_std(tcp)?,
+            zone.clone(),
+            self.upstream.clone(),
+        ));
         let mut devices = Vec::new();
-        let mut tasks = Vec::new();
+        let mut tasks = vec![dns];
         for (i, (id, address, prefix_len)) in addresses.iter().enumerate() {
             let sync = workload::open_tun(ns, &format!("{}{i}", workload::INTERFACE), *address, *prefix_len)?;
             let device = Arc::new(tun_rs::AsyncDevice::new(sync)?);
@@ -217,7 +237,7 @@ impl Dataplane {
         if let Some(command) = command {
             tasks.push(workload::supervise(ns.to_owned(), command));
         }
-        Ok(Workload { devices, tasks })
+        Ok(Workload { devices, networks, zone, tasks })
     }
 
     /// Removes every workload (at shutdown).

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod dns;
 pub mod identity;
 pub mod session;
 pub mod status;

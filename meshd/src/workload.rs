@@ -81,31 +81,55 @@ pub async fn delete(name: &str) -> io::Result<()> {
             let _ = Command::new("kill").args(["-9", pid]).status().await;
         }
     }
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(name));
     ip(&["netns", "del", name]).await
 }
 
-/// Creates a tun interface inside namespace `ns` with `address/prefix_len` (which also routes
-/// the subnet to it) and returns its device. The creating thread enters the namespace alone; the
-/// descriptor stays valid in meshd's own namespace.
-pub fn open_tun(ns: &str, ifname: &str, address: Ipv4Addr, prefix_len: u8) -> io::Result<tun_rs::SyncDevice> {
+/// Runs `f` on a thread that has entered namespace `ns` (and only that thread: meshd stays in
+/// its own). Descriptors it opens keep their namespace when handed back.
+fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     let path = format!("/var/run/netns/{ns}");
-    let ifname = ifname.to_owned();
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 let file = File::open(&path)?;
                 setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-                tun_rs::DeviceBuilder::new()
-                    .name(ifname.clone())
-                    .ipv4(address, prefix_len, None)
-                    .mtu(MTU)
-                    // TSO/GRO: one read hands over a whole TCP burst, one write takes many.
-                    .offload(true)
-                    .build_sync()
+                f()
             })
             .join()
-            .map_err(|_| io::Error::other("the thread creating the tun device panicked"))?
+            .map_err(|_| io::Error::other("a thread working in a workload namespace panicked"))?
     })
+}
+
+/// Creates a tun interface inside namespace `ns` with `address/prefix_len` (which also routes
+/// the subnet to it) and returns its device.
+pub fn open_tun(ns: &str, ifname: &str, address: Ipv4Addr, prefix_len: u8) -> io::Result<tun_rs::SyncDevice> {
+    in_namespace(ns, || {
+        tun_rs::DeviceBuilder::new()
+            .name(ifname)
+            .ipv4(address, prefix_len, None)
+            .mtu(MTU)
+            // TSO/GRO: one read hands over a whole TCP burst, one write takes many.
+            .offload(true)
+            .build_sync()
+    })
+}
+
+/// Binds the workload's DNS server sockets (UDP and TCP on 127.0.0.11:53) inside `ns`, and
+/// points the namespace's resolver at them (`/etc/netns/<ns>/resolv.conf`, which `ip netns exec`
+/// puts in place for the commands meshd starts).
+pub fn bind_dns(ns: &str) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let (udp, tcp) = in_namespace(ns, || {
+        let udp = std::net::UdpSocket::bind(crate::dns::DNS_ADDRESS)?;
+        let tcp = std::net::TcpListener::bind(crate::dns::DNS_ADDRESS)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok((udp, tcp))
+    })?;
+    let dir = std::path::Path::new("/etc/netns").join(ns);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.11\noptions ndots:0\n")?;
+    Ok((udp, tcp))
 }
 
 /// Runs `command` in namespace `ns` with `sh -c`, restarting it when it exits, until dropped.
