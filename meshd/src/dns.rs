@@ -147,7 +147,9 @@ pub async fn respond(zone: &Zone, upstream: &Upstream, request: &[u8]) -> Option
     let query = match Message::from_vec(request) {
         Ok(q) if q.metadata.message_type == MessageType::Query && q.queries.len() == 1 => q,
         Ok(q) => {
-            return Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::FormErr).to_vec().ok();
+            return Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::FormErr)
+                .to_vec()
+                .ok();
         }
         Err(_) if request.len() >= 2 => {
             let id = u16::from_be_bytes([request[0], request[1]]);

@@ -380,3 +380,69 @@ fn workloads_run_their_command_are_torn_down_and_rebuilt_after_a_crash() {
     s.lab.stop_meshd(3);
     assert!(namespaces(&s.lab, 3).is_empty(), "{:?}", namespaces(&s.lab, 3));
 }
+
+fn dig(lab: &Lab, ns: &str, args: &[&str]) -> String {
+    let mut all = vec!["dig", "+time=2", "+tries=1"];
+    all.extend_from_slice(args);
+    let out = lab.exec(ns, &all).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dig_in_a_workload_resolves_only_its_networks_and_follows_moves_within_a_second() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    // The namespace's resolver is the mesh's (for `ip netns exec` and the commands meshd starts).
+    let resolv = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", s.web)).unwrap();
+    assert!(resolv.contains("nameserver 127.0.0.11"));
+    let vip: serde_json::Value =
+        serde_json::from_str(&s.lab.meshctl(&["service", "inspect", "api"])).unwrap();
+    let api_vip = vip["vips"]["front"].as_str().unwrap().to_owned();
+    // api and web share two networks (front, plain): the bare name has a VIP on each.
+    let both = dig(&s.lab, &s.web, &["@127.0.0.11", "+short", "api"]);
+    assert_eq!(both.lines().count(), 2, "{both}");
+    assert!(both.contains(&api_vip));
+    assert_eq!(dig(&s.lab, &s.web, &["@127.0.0.11", "+short", "api.front"]).trim(), api_vip);
+    assert_eq!(dig(&s.lab, &s.web, &["@127.0.0.11", "+short", "tasks.api.front"]).trim(), s.api_front);
+    assert!(dig(&s.lab, &s.web, &["@127.0.0.11", "+tcp", "+short", "api"]).contains(&api_vip), "over TCP");
+    // `other` is on `back`, which web is not on: it does not exist for web, but does for itself.
+    assert!(dig(&s.lab, &s.web, &["@127.0.0.11", "other"]).contains("status: NXDOMAIN"));
+    assert_eq!(dig(&s.lab, &s.other, &["@127.0.0.11", "+short", "tasks.other"]).trim(), s.other_back);
+
+    // Move api's endpoint from host 3 to host 2; web's answer follows within a second.
+    let (h2, h3) = (s.lab.node_id(2), s.lab.node_id(3));
+    s.lab.meshctl(&["node", "update", &h2, "--label-add", "api=here"]);
+    s.lab.meshctl(&["service", "rm", "api"]);
+    s.lab.meshctl(&[
+        "service",
+        "create",
+        "api",
+        "--network",
+        "front",
+        "--constraint",
+        "node.labels.api==here",
+    ]);
+    let moved = address(&s.lab, "api", "front");
+    s.lab.wait("web to see api's new endpoint", || {
+        dig(&s.lab, &s.web, &["@127.0.0.11", "+short", "tasks.api.front"]).trim() == moved
+    });
+    // An endpoint added, then removed: web's answers follow each change within a second.
+    s.lab.meshctl(&["node", "update", &h3, "--label-add", "api=here"]);
+    let within_a_second = |want: usize| {
+        let changed = std::time::Instant::now();
+        loop {
+            let answer = dig(&s.lab, &s.web, &["@127.0.0.11", "+short", "tasks.api.front"]);
+            if answer.lines().count() == want {
+                return answer;
+            }
+            assert!(changed.elapsed() < Duration::from_secs(1), "still {answer:?} a second after the change");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    s.lab.meshctl(&["service", "scale", "api", "2"]);
+    let two = within_a_second(2);
+    assert!(two.contains(&moved));
+    s.lab.meshctl(&["service", "scale", "api", "1"]);
+    let one = within_a_second(1);
+    assert_eq!(one.trim(), address(&s.lab, "api", "front"));
+}

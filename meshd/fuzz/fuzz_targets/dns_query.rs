@@ -1,0 +1,42 @@
+//! Any bytes sent to a workload's DNS server: parsed, answered from the zone or refused, never
+//! a panic.
+#![no_main]
+
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
+
+use control::ids::NodeId;
+use control::slice::{NodeSlice, ServiceRecord, SliceNetwork};
+use control::state::{PortSpec, Protocol};
+use libfuzzer_sys::fuzz_target;
+use meshd::dns::{Upstream, Zone};
+
+static ZONE: LazyLock<Zone> = LazyLock::new(|| {
+    let service = ServiceRecord {
+        name: "api".into(),
+        vip: [10, 1, 0, 2].into(),
+        ports: vec![PortSpec { port: 80, protocol: Protocol::Tcp }],
+        endpoints: vec![[10, 1, 0, 3].into()],
+    };
+    let net = SliceNetwork {
+        name: "front".into(),
+        id: 1,
+        subnet: "10.1.0.0/24".parse().unwrap(),
+        encrypted: true,
+        keys: vec![],
+        peers: vec![],
+        services: vec![service],
+    };
+    let slice = NodeSlice { version: 1, node: NodeId::random(), endpoints: vec![], networks: vec![net], policy: None, node_index: 1 };
+    Zone::for_workload(&slice, &BTreeSet::from(["front".to_owned()]))
+});
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
+
+fuzz_target!(|data: &[u8]| {
+    let upstream = Upstream::none();
+    if let Some(reply) = RUNTIME.block_on(meshd::dns::respond(&ZONE, &upstream, data)) {
+        assert!(hickory_proto::op::Message::from_vec(&reply).is_ok(), "every reply parses");
+    }
+});
