@@ -103,7 +103,48 @@ pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) ->
         .current(state)
         .map(|(version, p)| NodePolicy { version, text: p.restricted_to(&hosted).to_toml() });
     let node_index = state.nodes.get(node).map_or(0, |n| n.index);
-    NodeSlice { version: state.revision, node: node.clone(), endpoints, networks, policy, node_index }
+    let all: Vec<&str> = state.services.keys().map(String::as_str).collect();
+    let visibility = match policies.current(state) {
+        Some((_, p)) => hosted.iter().map(|s| (s.clone(), reachable(&p, s, &all))).collect(),
+        None => hosted.iter().map(|s| (s.clone(), Default::default())).collect(),
+    };
+    NodeSlice {
+        version: state.revision,
+        node: node.clone(),
+        endpoints,
+        networks,
+        policy,
+        node_index,
+        visibility,
+    }
+}
+
+/// The services `source` may reach under `policy`, coarsely: those some enforced allow rule
+/// names for it (whatever its ports, methods or paths), less those an unconditional enforced deny
+/// shuts off entirely; with a default of allow, every service but the shut-off ones.
+pub fn reachable(
+    policy: &policy::Policy,
+    source: &str,
+    services: &[&str],
+) -> std::collections::BTreeSet<String> {
+    let from_matches = |r: &policy::Rule| r.from.as_ref().is_none_or(|f| f.contains(source));
+    let unconditional = |r: &policy::Rule| {
+        r.ports.is_empty() && r.methods.is_empty() && r.paths.is_empty() && r.headers.is_empty()
+    };
+    let enforced = || policy.rules.iter().filter(|r| !r.dry_run && from_matches(r));
+    let shut: std::collections::BTreeSet<&str> = enforced()
+        .filter(|r| r.action == policy::Action::Deny && unconditional(r))
+        .flat_map(|r| r.to.iter().map(String::as_str))
+        .collect();
+    let allowed: std::collections::BTreeSet<&str> = if policy.default == policy::Action::Allow {
+        services.iter().copied().collect()
+    } else {
+        enforced()
+            .filter(|r| r.action == policy::Action::Allow)
+            .flat_map(|r| r.to.iter().map(String::as_str))
+            .collect()
+    };
+    allowed.into_iter().filter(|s| !shut.contains(s) && services.contains(s)).map(str::to_owned).collect()
 }
 
 pub(crate) struct DispatcherApi(pub(crate) Arc<Manager>);

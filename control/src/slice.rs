@@ -95,6 +95,8 @@ pub struct NodeSlice {
     pub policy: Option<NodePolicy>,
     /// This node's index in overlay headers.
     pub node_index: u32,
+    /// Hosted service -> the services the policy may let it reach.
+    pub visibility: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl NodeSlice {
@@ -104,6 +106,7 @@ impl NodeSlice {
             && self.endpoints == other.endpoints
             && self.networks == other.networks
             && self.policy == other.policy
+            && self.visibility == other.visibility
     }
 }
 
@@ -144,6 +147,14 @@ fn key_use(u: KeyUse) -> pb::KeyUse {
 impl From<&NodeSlice> for pb::NodeSlice {
     fn from(s: &NodeSlice) -> pb::NodeSlice {
         pb::NodeSlice {
+            visibility: s
+                .visibility
+                .iter()
+                .map(|(service, reachable)| pb::ServiceVisibility {
+                    service: service.clone(),
+                    reachable: reachable.iter().cloned().collect(),
+                })
+                .collect(),
             node_index: s.node_index,
             policy_version: s.policy.as_ref().map_or(0, |p| p.version),
             policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
@@ -302,6 +313,11 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             networks,
             policy,
             node_index: s.node_index,
+            visibility: s
+                .visibility
+                .into_iter()
+                .map(|v| (v.service, v.reachable.into_iter().collect()))
+                .collect(),
         })
     }
 }

@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub netns_prefix: String,
     /// Whether to run the data plane (namespaces, tun devices, the underlay socket; needs root).
     pub dataplane: bool,
+    /// Which services workloads' DNS shows.
+    pub dns_visibility: crate::dns::Visibility,
 }
 
 /// The next boot number, stored (and synced) before it is used: part of every nonce's counter,
@@ -82,9 +84,11 @@ pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
     }));
     let dataplane = if agent.dataplane {
         let boot = next_boot(&dir)?;
-        let dp = Dataplane::start(config.underlay, &agent.netns_prefix, boot).await.map_err(|e| {
-            AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
-        })?;
+        let dp = Dataplane::start(config.underlay, &agent.netns_prefix, boot, agent.dns_visibility)
+            .await
+            .map_err(|e| {
+                AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
+            })?;
         Some(Arc::new(dp))
     } else {
         None

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use tun::aead::Backend;
 use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, Sealer, Tables};
 
-use crate::dns::{Upstream, Zone};
+use crate::dns::{Upstream, Visibility, Zone};
 use crate::workload;
 
 /// The workload interfaces by (network ID, local address), swapped whole on change.
@@ -31,6 +31,7 @@ struct Workload {
     devices: Vec<(u32, Ipv4Addr, Arc<tun_rs::AsyncDevice>)>,
     /// The networks it is on (by name) and the names its DNS server answers.
     networks: std::collections::BTreeSet<String>,
+    service: String,
     zone: Arc<ArcSwap<Zone>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -54,6 +55,7 @@ pub struct Dataplane {
     pub counters: Arc<Counters>,
     workloads: Mutex<HashMap<String, Workload>>,
     upstream: Arc<Upstream>,
+    visibility: Visibility,
     receiver: JoinHandle<()>,
 }
 
@@ -121,7 +123,12 @@ pub fn config(slice: &NodeSlice) -> Config {
 
 impl Dataplane {
     /// Binds the underlay socket and starts receiving. `boot` is this run's boot number.
-    pub async fn start(underlay: SocketAddr, prefix: &str, boot: u16) -> std::io::Result<Dataplane> {
+    pub async fn start(
+        underlay: SocketAddr,
+        prefix: &str,
+        boot: u16,
+        visibility: Visibility,
+    ) -> std::io::Result<Dataplane> {
         let bind = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), underlay.port());
         let socket = Arc::new(underlay_socket(bind)?);
         let counters = Arc::new(Counters::default());
@@ -144,6 +151,7 @@ impl Dataplane {
             counters,
             workloads: Mutex::new(HashMap::new()),
             upstream: Arc::new(Upstream::from_system()),
+            visibility,
             receiver,
         })
     }
@@ -183,7 +191,7 @@ impl Dataplane {
                 workloads.remove(&ns);
             }
             let networks = endpoint.addresses.keys().cloned().collect();
-            match self.build(&ns, &addresses, networks, endpoint.command.clone()).await {
+            match self.build(&ns, &addresses, networks, &endpoint.service, endpoint.command.clone()).await {
                 Ok(w) => {
                     info!(namespace = %ns, addresses = ?addresses, "workload ready");
                     workloads.insert(ns, w);
@@ -193,7 +201,12 @@ impl Dataplane {
         }
         // Every workload's names follow the slice at once.
         for w in workloads.values() {
-            w.zone.store(Arc::new(Zone::for_workload(slice, &w.networks)));
+            let visible = (self.visibility == Visibility::Policy).then(|| {
+                let mut v = slice.visibility.get(&w.service).cloned().unwrap_or_default();
+                v.insert(w.service.clone());
+                v
+            });
+            w.zone.store(Arc::new(Zone::visible_to(slice, &w.networks, visible.as_ref())));
         }
         let devices: HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>> = workloads
             .values()
@@ -207,6 +220,7 @@ impl Dataplane {
         ns: &str,
         addresses: &[(u32, Ipv4Addr, u8)],
         networks: std::collections::BTreeSet<String>,
+        service: &str,
         command: Option<String>,
     ) -> std::io::Result<Workload> {
         workload::create(ns).await?;
@@ -237,7 +251,7 @@ impl Dataplane {
         if let Some(command) = command {
             tasks.push(workload::supervise(ns.to_owned(), command));
         }
-        Ok(Workload { devices, networks, zone, tasks })
+        Ok(Workload { devices, networks, service: service.to_owned(), zone, tasks })
     }
 
     /// Removes every workload (at shutdown).

@@ -25,6 +25,16 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
+/// Which services a workload's DNS shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Visibility {
+    /// Every service on the workload's networks.
+    #[default]
+    All,
+    /// Only the services the policy in force may let the workload reach (and its own).
+    Policy,
+}
+
 /// Where the server listens inside each workload namespace.
 pub const DNS_ADDRESS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11)), 53);
 /// TTL of the mesh's own answers: short, so moves are seen quickly even by caching clients.
@@ -54,10 +64,19 @@ fn key(name: &str) -> String {
 impl Zone {
     /// The zone of the workload whose endpoint is on `networks`, from the node's slice.
     pub fn for_workload(slice: &NodeSlice, networks: &BTreeSet<String>) -> Zone {
+        Zone::visible_to(slice, networks, None)
+    }
+
+    /// As [`Zone::for_workload`], limited to the services `visible` names when given.
+    pub fn visible_to(
+        slice: &NodeSlice,
+        networks: &BTreeSet<String>,
+        visible: Option<&BTreeSet<String>>,
+    ) -> Zone {
         let mut zone = Zone::default();
         for net in slice.networks.iter().filter(|n| networks.contains(&n.name)) {
             zone.subnets.push(net.subnet);
-            for s in &net.services {
+            for s in net.services.iter().filter(|s| visible.is_none_or(|v| v.contains(&s.name))) {
                 let full = format!("{}.{}", s.name, net.name);
                 for name in [s.name.clone(), full.clone()] {
                     zone.a.entry(name.clone()).or_default().insert(s.vip);

@@ -45,6 +45,10 @@ enum Cmd {
         /// Hold the session only: no namespaces, devices or overlay socket (no root needed).
         #[arg(long)]
         no_dataplane: bool,
+        /// Which services a workload can resolve: all on its networks, or only those the policy
+        /// in force may let it reach.
+        #[arg(long, value_enum, default_value_t = meshd::dns::Visibility::All)]
+        dns_visibility: meshd::dns::Visibility,
     },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
@@ -81,12 +85,13 @@ async fn main() {
                 })
                 .map_err(anyhow::Error::from)
         }
-        Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane } => {
+        Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility } => {
             match session::underlay_address(underlay.as_deref(), &state_dir) {
                 Ok(underlay) => agent::run(AgentConfig {
                     session: SessionConfig { state_dir, underlay },
                     netns_prefix,
                     dataplane: !no_dataplane,
+                    dns_visibility,
                 })
                 .await
                 .map_err(anyhow::Error::from),

@@ -55,6 +55,7 @@ fn slice(api_endpoints: &[[u8; 4]]) -> NodeSlice {
         ],
         policy: None,
         node_index: 1,
+        visibility: Default::default(),
     }
 }
 
@@ -182,4 +183,20 @@ async fn answers_over_tcp_too() {
     let mut buf = vec![0u8; len];
     conn.read_exact(&mut buf).await.unwrap();
     assert_eq!(addresses(&Message::from_vec(&buf).unwrap()), [Ipv4Addr::new(10, 1, 0, 5)]);
+}
+
+#[tokio::test]
+async fn with_policy_visibility_only_reachable_services_have_names() {
+    let visible = BTreeSet::from(["web".to_owned()]);
+    let zone =
+        Zone::visible_to(&slice(&[[10, 1, 0, 3]]), &BTreeSet::from(["front".to_owned()]), Some(&visible));
+    let (addr, _zone, _t) = server(zone, Upstream::none()).await;
+    assert_eq!(addresses(&ask(addr, "web", RecordType::A).await), [Ipv4Addr::new(10, 1, 0, 5)]);
+    for name in ["api", "tasks.api"] {
+        assert_eq!(
+            ask(addr, name, RecordType::A).await.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
+    }
 }

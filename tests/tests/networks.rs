@@ -417,6 +417,7 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
         session: meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) },
         netns_prefix: "unused".into(),
         dataplane: false,
+        dns_visibility: meshd::dns::Visibility::All,
     };
     let agent = tokio::spawn(meshd::agent::run(config));
     let mut admin = cluster.admin().await;

@@ -61,6 +61,14 @@ async fn each_node_receives_only_the_rules_for_the_services_it_hosts() {
         ["api-uses-db"],
         "db is on this node, web has no rules"
     );
+    // For DNS that shows only what the policy may let a workload reach.
+    let reach = |slice: &control::slice::NodeSlice, service: &str| -> Vec<String> {
+        slice.visibility.get(service).map(|v| v.iter().cloned().collect()).unwrap_or_default()
+    };
+    let web_node = nodes[1].latest().unwrap();
+    assert_eq!(reach(&web_node, "web"), ["api"]);
+    assert!(reach(&web_node, "db").is_empty());
+    assert_eq!(reach(&nodes[0].latest().unwrap(), "api"), ["db"]);
     // The node hosting nothing never received a single rule, in any message.
     let empty = nodes[2].wait_for("the policy version", |s| s.policy.is_some()).await;
     assert!(rule_names(&empty.policy.unwrap().text).is_empty());

@@ -27,7 +27,7 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         peers: vec![],
         services: vec![service],
     };
-    let slice = NodeSlice { version: 1, node: NodeId::random(), endpoints: vec![], networks: vec![net], policy: None, node_index: 1 };
+    let slice = NodeSlice { version: 1, node: NodeId::random(), endpoints: vec![], networks: vec![net], policy: None, node_index: 1, visibility: Default::default() };
     Zone::for_workload(&slice, &BTreeSet::from(["front".to_owned()]))
 });
 
