@@ -17,5 +17,21 @@ p="dn$$"
 . "$PWD/benches/lab-lib.sh"
 queries="$work/queries"
 printf 'server A\nserver.bench A\ntasks.server A\nclient A\nserver SRV\n' >"$queries"
-ip netns exec "$cli_ns" dnsperf -s 127.0.0.11 -d "$queries" -l "$secs" -c "$clients" -Q 1000000 2>&1 \
-  | grep -E "Queries sent|Queries completed|Queries lost|Queries per second|Average Latency|Latency StdDev|RCODE"
+# -v prints every answer with its latency (last field, seconds): the percentiles come from those.
+ip netns exec "$cli_ns" dnsperf -v -s 127.0.0.11 -d "$queries" -l "$secs" -c "$clients" -Q 1000000 >"$work/dnsperf.out" 2>&1 || true
+grep -E "Queries sent|Queries completed|Queries lost|Queries per second|Average Latency|Response codes" "$work/dnsperf.out"
+python3 - "$work/dnsperf.out" <<'PY'
+import sys
+lat = []
+for line in open(sys.argv[1]):
+    parts = line.split()
+    if line.startswith(">") and len(parts) >= 2:
+        try:
+            lat.append(float(parts[-1]))
+        except ValueError:
+            pass
+lat.sort()
+if lat:
+    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+    print(f"  latency p50 {p(0.50):.0f} us, p99 {p(0.99):.0f} us, max {lat[-1]*1e6:.0f} us over {len(lat)} answers")
+PY
