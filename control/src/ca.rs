@@ -24,6 +24,16 @@ pub const CONTROL_SERVER_NAME: &str = "mesh-control";
 pub const ADMIN_OU: &str = "mesh-admin";
 /// The OU of the root CA certificate.
 pub const CA_OU: &str = "mesh-ca";
+/// The OU of workload certificates: never accepted as a node or admin.
+pub const WORKLOAD_OU: &str = "mesh-workload";
+/// Lifetime of workload certificates unless told otherwise.
+pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The SPIFFE ID of `service` in `cluster`.
+pub fn spiffe_id(cluster: &ClusterId, service: &str) -> String {
+    format!("spiffe://{cluster}/svc/{service}")
+}
+
 /// The CN of admin client certificates.
 pub const ADMIN_CN: &str = "admin";
 /// Lifetime of the root CA.
@@ -78,6 +88,21 @@ impl Subject {
             cluster: cluster.clone(),
             dns_names,
             uris: vec![format!("spiffe://{cluster}/node/{node}")],
+            not_before: now - BACKDATE,
+            not_after: now + lifetime,
+        }
+    }
+
+    /// A workload's subject: CN = `<service>.<slot>`, OU = `mesh-workload`, O = cluster, and
+    /// the SPIFFE ID `spiffe://<cluster>/svc/<service>` that peers check.
+    pub fn workload(cluster: &ClusterId, service: &str, slot: u32, lifetime: Duration) -> Subject {
+        let now = OffsetDateTime::now_utc();
+        Subject {
+            common_name: format!("{service}.{slot}"),
+            unit: WORKLOAD_OU.to_owned(),
+            cluster: cluster.clone(),
+            dns_names: Vec::new(),
+            uris: vec![spiffe_id(cluster, service)],
             not_before: now - BACKDATE,
             not_after: now + lifetime,
         }

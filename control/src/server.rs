@@ -53,11 +53,17 @@ pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(15);
 pub struct ManagerOptions {
     pub key_rotation: Duration,
     pub down_after: Duration,
+    /// Lifetime of workload certificates.
+    pub workload_cert_lifetime: Duration,
 }
 
 impl Default for ManagerOptions {
     fn default() -> Self {
-        ManagerOptions { key_rotation: DEFAULT_KEY_ROTATION, down_after: DEFAULT_DOWN_AFTER }
+        ManagerOptions {
+            key_rotation: DEFAULT_KEY_ROTATION,
+            down_after: DEFAULT_DOWN_AFTER,
+            workload_cert_lifetime: crate::ca::DEFAULT_WORKLOAD_CERT_LIFETIME,
+        }
     }
 }
 

@@ -258,3 +258,52 @@ mod tests {
         assert_eq!(renewal_delay(start, end, end, &mut rng), Duration::ZERO);
     }
 }
+
+/// A workload's identity: its certificate (SPIFFE ID `spiffe://<cluster>/svc/<service>`) and key.
+#[derive(Clone, Debug)]
+pub struct WorkloadIdentity {
+    pub identity: Identity,
+    pub not_after: OffsetDateTime,
+}
+
+/// Asks control for a certificate for endpoint `service.slot` on this node: a fresh key pair made
+/// here, a CSR over mTLS with the node certificate. Control refuses endpoints not placed here.
+pub async fn workload_certificate(
+    dir: &Path,
+    service: &str,
+    slot: u32,
+) -> Result<WorkloadIdentity, IdentityError> {
+    let node = NodeDir::new(dir).load()?;
+    let ca_der = ca::pem_to_der(&node.ca_pem)?;
+    let (key, csr_pem) = key_and_csr()?;
+    let channel = client::authenticated_channel(&node.control, &ca_der, Some(&node.identity)).await?;
+    let response = pb::identity_client::IdentityClient::new(channel)
+        .issue_workload_cert(pb::WorkloadCertRequest { service: service.to_owned(), slot, csr_pem })
+        .await
+        .map_err(|s| ClientError::refused(&node.control, s))?
+        .into_inner();
+    let der = ca::pem_to_der(&response.cert_pem)?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, ca_cert) =
+        X509Certificate::from_der(&ca_der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    cert.verify_signature(Some(ca_cert.public_key()))
+        .map_err(|_| IdentityError::BadCertificate("is not signed by the cluster CA".into()))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(IdentityError::BadCertificate("is not for the key this node generated".into()));
+    }
+    let want = format!("/svc/{service}");
+    let has_id = cert.subject_alternative_name().ok().flatten().is_some_and(|san| {
+        san.value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if u.ends_with(&want)))
+    });
+    if !has_id {
+        return Err(IdentityError::BadCertificate(format!("does not carry the SPIFFE ID of `{service}`")));
+    }
+    Ok(WorkloadIdentity {
+        identity: Identity { cert_pem: response.cert_pem, key_pem: key.serialize_pem() },
+        not_after: cert.validity().not_after.to_datetime(),
+    })
+}

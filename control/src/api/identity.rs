@@ -100,4 +100,48 @@ impl pb::identity_server::Identity for IdentityApi {
         info!(node = %id, "renewed a node certificate");
         Ok(Response::new(pb::RenewResponse { cert_pem }))
     }
+
+    async fn issue_workload_cert(
+        &self,
+        request: Request<pb::WorkloadCertRequest>,
+    ) -> Result<Response<pb::WorkloadCertResponse>, Status> {
+        let manager = &self.0;
+        let node = match manager.caller(&request)? {
+            Caller::Node { id, .. } => id,
+            Caller::Admin => {
+                return Err(Status::permission_denied("workload certificates are for nodes to ask"));
+            }
+        };
+        let req = request.into_inner();
+        // Only for an endpoint control placed on this very node.
+        let placed = manager.store.read(|s| {
+            s.services
+                .get(&req.service)
+                .and_then(|svc| svc.endpoints.get(&req.slot))
+                .is_some_and(|e| e.node == node)
+        });
+        if !placed {
+            warn!(node = %node, service = %req.service, slot = req.slot, "workload certificate refused: endpoint not placed on this node");
+            return Err(Status::permission_denied(format!(
+                "endpoint {}.{} is not placed on node {node}: no certificate for it",
+                req.service, req.slot
+            )));
+        }
+        let cluster = manager.store.read(|s| s.cluster_id.clone());
+        let subject = crate::ca::Subject::workload(
+            &cluster,
+            &req.service,
+            req.slot,
+            manager.options.workload_cert_lifetime,
+        );
+        let cert_pem = manager
+            .ca
+            .issue_for_csr(&req.csr_pem, &subject)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(node = %node, service = %req.service, slot = req.slot, "workload certificate issued");
+        Ok(Response::new(pb::WorkloadCertResponse {
+            cert_pem,
+            not_after: subject.not_after.unix_timestamp(),
+        }))
+    }
 }

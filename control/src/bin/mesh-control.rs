@@ -61,12 +61,23 @@ struct ServeArgs {
     /// How long a node may be without a session before its endpoints are placed elsewhere.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     down_after: Duration,
+    /// Lifetime of workload certificates (renewed by meshd at half of it).
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    workload_cert_expiry: Duration,
 }
 
 impl ServeArgs {
     fn options(&self) -> anyhow::Result<ManagerOptions> {
         anyhow::ensure!(self.key_rotation >= Duration::from_secs(1), "--key-rotation must be at least 1s");
-        Ok(ManagerOptions { key_rotation: self.key_rotation, down_after: self.down_after })
+        anyhow::ensure!(
+            self.workload_cert_expiry >= Duration::from_secs(60),
+            "--workload-cert-expiry must be at least 1m"
+        );
+        Ok(ManagerOptions {
+            key_rotation: self.key_rotation,
+            down_after: self.down_after,
+            workload_cert_lifetime: self.workload_cert_expiry,
+        })
     }
 }
 
