@@ -133,7 +133,7 @@ impl AdminClient {
             .map_err(|s| self.refused(s))?
             .into_inner()
             .nodes;
-        nodes.into_iter().map(|n| self.view(n)).collect()
+        nodes.into_iter().map(|n| self.convert(n)).collect()
     }
 
     pub async fn inspect_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
@@ -142,7 +142,7 @@ impl AdminClient {
             .inspect_node(pb::InspectNodeRequest { id: id.to_owned() })
             .await
             .map_err(|s| self.refused(s))?;
-        self.view(node.into_inner())
+        self.convert(node.into_inner())
     }
 
     pub async fn remove_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
@@ -151,7 +151,7 @@ impl AdminClient {
             .remove_node(pb::RemoveNodeRequest { id: id.to_owned() })
             .await
             .map_err(|s| self.refused(s))?;
-        self.view(node.into_inner())
+        self.convert(node.into_inner())
     }
 
     pub async fn join_token(&mut self, role: Role, rotate: bool) -> Result<String, ClientError> {
@@ -174,7 +174,7 @@ impl AdminClient {
             .update_node(pb::UpdateNodeRequest { id: id.to_owned(), label_add, label_rm })
             .await
             .map_err(|s| self.refused(s))?;
-        self.view(node.into_inner())
+        self.convert(node.into_inner())
     }
 
     pub async fn create_network(
@@ -274,14 +274,6 @@ impl AdminClient {
             addr: self.addr.clone(),
             code: tonic::Code::Internal,
             message: format!("control sent a malformed message: {e}"),
-        })
-    }
-
-    fn view(&self, node: pb::Node) -> Result<NodeView, ClientError> {
-        NodeView::try_from(node).map_err(|e| ClientError::Refused {
-            addr: self.addr.clone(),
-            code: tonic::Code::Internal,
-            message: format!("control sent a malformed node: {e}"),
         })
     }
 }
