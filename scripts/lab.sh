@@ -140,6 +140,11 @@ ip netns exec "$web1_ns" ping -c 3 -i 0.2 "$web2_addr" | sed 's/^/  /' | tail -2
 check "web.1 reaches web.2 on another host through the encrypted overlay" ip netns exec "$web1_ns" ping -c1 -W1 "$web2_addr"
 ip netns exec "$web1_ns" ip route add 10.20.0.0/24 dev mesh0 2>/dev/null || true
 check "web (network front) cannot reach db (network back), even with a route" refused ip netns exec "$web1_ns" ping -c1 -W1 "$db_addr"
+if command -v dig >/dev/null; then
+  echo "  dig web (from web.1): $(ip netns exec "$web1_ns" dig +short +time=2 +tries=1 @127.0.0.11 web | tr '\n' ' ')"
+  check "DNS in a workload resolves its network's services" sh -c "ip netns exec $web1_ns dig +short +time=2 +tries=1 @127.0.0.11 tasks.web | grep -q '$web2_addr'"
+  check "DNS in a workload does not resolve another network's services" sh -c "ip netns exec $web1_ns dig +time=2 +tries=1 @127.0.0.11 db | grep -q NXDOMAIN"
+fi
 in_host "$(host_of "$web1_node")" "$bin/meshd" status --state-dir "$work/h$(host_of "$web1_node")/meshd" | grep '^packets' | sed 's/^/  /'
 
 epoch() { meshctl network inspect front | grep -o '"key_epoch": [0-9]*' | grep -o '[0-9]*$'; }
