@@ -7,7 +7,8 @@
 #
 #   sudo ./scripts/lab.sh [--hosts N] [--keep]
 #
-# Needs root. Installs iproute2 (apt) if missing and builds the binaries (cargo, release).
+# Needs root. Installs what it uses (iproute2, iputils, util-linux, python3, dig: apt) if missing
+# and builds the binaries (cargo, release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,14 @@ done
 [ "$(id -u)" = 0 ] || { echo "lab.sh: needs root (network namespaces); run it with sudo" >&2; exit 1; }
 [[ "$hosts" =~ ^[0-9]+$ ]] && [ "$hosts" -ge 3 ] && [ "$hosts" -le 50 ] \
   || { echo "lab.sh: --hosts must be between 3 and 50" >&2; exit 2; }
-command -v ip >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+need_apt=()
+for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux python3:python3 dig:bind9-dnsutils; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "lab.sh: installing ${need_apt[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 pass=0; fail=0
