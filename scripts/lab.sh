@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: a local cluster in network namespaces. Hosts are namespaces joined by veth pairs
 # to a bridge that lives in a namespace of its own; mesh-control runs in the first host, meshd in
-# every other. The script joins them, then exercises the cluster's identity the way an operator
-# and an attacker would, and prints a summary. Everything it creates is removed on exit (unless
-# --keep, which leaves the lab running and prints how to take it down).
+# every other. The script joins them, then exercises the cluster the way an operator and an
+# attacker would (identity, networks and services, the encrypted overlay, DNS, policy, node
+# removal) and prints a summary. Everything it creates is removed on exit (unless --keep, which
+# leaves the lab running and prints how to take it down).
 #
 #   sudo ./scripts/lab.sh [--hosts N] [--keep]
 #
@@ -17,7 +18,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --hosts) hosts=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) echo "lab.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
