@@ -84,7 +84,7 @@ pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
     }));
     let dataplane = if agent.dataplane {
         let boot = next_boot(&dir)?;
-        let dp = Dataplane::start(config.underlay, &agent.netns_prefix, boot, agent.dns_visibility)
+        let dp = Dataplane::start(&dir, config.underlay, &agent.netns_prefix, boot, agent.dns_visibility)
             .await
             .map_err(|e| {
                 AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
@@ -104,6 +104,7 @@ pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
             let mut status = holder.lock().expect("lock");
             if let Some(dp) = &plane {
                 status.counters = Some(dp.counters.clone());
+                status.certificates = Some(dp.certificates.clone());
             }
             match event {
                 SessionEvent::Connected => {

@@ -56,8 +56,17 @@ pub struct Dataplane {
     workloads: Mutex<HashMap<String, Workload>>,
     upstream: Arc<Upstream>,
     visibility: Visibility,
+    /// The node's state directory, for asking control for workload certificates.
+    state_dir: std::path::PathBuf,
+    /// Endpoint (`service.slot`) -> its current workload certificate.
+    pub certificates: Certificates,
     receiver: JoinHandle<()>,
 }
+
+/// Each local endpoint's workload certificate, replaced whole on renewal (the old one serves until
+/// the new one is in place).
+pub type Certificates =
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, crate::identity::WorkloadIdentity>>>;
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
@@ -124,6 +133,7 @@ pub fn config(slice: &NodeSlice) -> Config {
 impl Dataplane {
     /// Binds the underlay socket and starts receiving. `boot` is this run's boot number.
     pub async fn start(
+        state_dir: &std::path::Path,
         underlay: SocketAddr,
         prefix: &str,
         boot: u16,
@@ -152,6 +162,8 @@ impl Dataplane {
             workloads: Mutex::new(HashMap::new()),
             upstream: Arc::new(Upstream::from_system()),
             visibility,
+            state_dir: state_dir.to_owned(),
+            certificates: Default::default(),
             receiver,
         })
     }
@@ -166,6 +178,9 @@ impl Dataplane {
             .map(|e| (workload::namespace(&self.prefix, &e.service, e.slot), e))
             .collect();
         let stale: Vec<String> = workloads.keys().filter(|ns| !wanted.contains_key(*ns)).cloned().collect();
+        let wanted_endpoints: HashSet<String> =
+            wanted.values().map(|e| format!("{}.{}", e.service, e.slot)).collect();
+        self.certificates.lock().expect("lock").retain(|k, _| wanted_endpoints.contains(k));
         for ns in stale {
             workloads.remove(&ns);
             if let Err(e) = workload::delete(&ns).await {
@@ -191,7 +206,10 @@ impl Dataplane {
                 workloads.remove(&ns);
             }
             let networks = endpoint.addresses.keys().cloned().collect();
-            match self.build(&ns, &addresses, networks, &endpoint.service, endpoint.command.clone()).await {
+            match self
+                .build(&ns, &addresses, networks, &endpoint.service, endpoint.slot, endpoint.command.clone())
+                .await
+            {
                 Ok(w) => {
                     info!(namespace = %ns, addresses = ?addresses, "workload ready");
                     workloads.insert(ns, w);
@@ -221,6 +239,7 @@ impl Dataplane {
         addresses: &[(u32, Ipv4Addr, u8)],
         networks: std::collections::BTreeSet<String>,
         service: &str,
+        slot: u32,
         command: Option<String>,
     ) -> std::io::Result<Workload> {
         workload::create(ns).await?;
@@ -251,6 +270,12 @@ impl Dataplane {
         if let Some(command) = command {
             tasks.push(workload::supervise(ns.to_owned(), command));
         }
+        tasks.push(tokio::spawn(keep_certificate(
+            self.state_dir.clone(),
+            service.to_owned(),
+            slot,
+            self.certificates.clone(),
+        )));
         Ok(Workload { devices, networks, service: service.to_owned(), zone, tasks })
     }
 
@@ -318,6 +343,38 @@ impl Batch {
         }
         self.buf.clear();
         self.count = 0;
+    }
+}
+
+/// Keeps endpoint `service.slot`'s workload certificate fresh: fetched at start, renewed at half
+/// its lifetime (with up to 10 % jitter so a node's endpoints do not renew at once), retried with
+/// backoff; the certificate in place serves until its successor is.
+async fn keep_certificate(
+    state_dir: std::path::PathBuf,
+    service: String,
+    slot: u32,
+    certificates: Certificates,
+) {
+    let key = format!("{service}.{slot}");
+    let mut attempt = 0u32;
+    loop {
+        match crate::identity::workload_certificate(&state_dir, &service, slot).await {
+            Ok(cert) => {
+                attempt = 0;
+                let now = time::OffsetDateTime::now_utc();
+                let left = (cert.not_after - now).unsigned_abs();
+                info!(endpoint = %key, expires = %cert.not_after, "workload certificate in place");
+                certificates.lock().expect("lock").insert(key.clone(), cert);
+                let jitter = rand::random_range(0.9..1.0);
+                tokio::time::sleep(left.mul_f64(0.5 * jitter)).await;
+            }
+            Err(e) => {
+                let wait = crate::agent::backoff(attempt);
+                warn!(endpoint = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "workload certificate failed");
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
     }
 }
 

@@ -34,6 +34,11 @@ pub struct Status {
     pub drops: Vec<String>,
     #[serde(skip)]
     pub counters: Option<std::sync::Arc<tun::core::Counters>>,
+    /// Each endpoint's workload certificate: `service.slot until <expiry>`.
+    #[serde(default)]
+    pub workload_certificates: Vec<String>,
+    #[serde(skip)]
+    pub certificates: Option<crate::dataplane::Certificates>,
 }
 
 impl PartialEq for Status {
@@ -137,6 +142,9 @@ impl Status {
         for e in &self.endpoints {
             out.push_str(&format!("  {}.{}  {}\n", e.service, e.slot, e.addresses.join(" ")));
         }
+        for c in &self.workload_certificates {
+            out.push_str(&format!("  certificate {c}\n"));
+        }
         match self.policy_version {
             Some(v) => out.push_str(&format!(
                 "policy    version {v}, rules: {}\n",
@@ -181,6 +189,14 @@ pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>) -> std::io::Res
         let (mut conn, _) = listener.accept().await?;
         let json = {
             let mut s = status.lock().expect("lock");
+            if let Some(certs) = s.certificates.clone() {
+                s.workload_certificates = certs
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .map(|(k, c)| format!("{k} until {}", c.not_after))
+                    .collect();
+            }
             if let Some(c) = s.counters.clone() {
                 use std::sync::atomic::Ordering::Relaxed;
                 s.packets_sent = c.sent.load(Relaxed);

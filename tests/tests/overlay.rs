@@ -184,6 +184,11 @@ fn workloads_on_one_network_talk_across_hosts_and_nothing_crosses_networks() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let s = setup();
     assert!(ping(&s.lab, &s.web, &s.api_front));
+    // Each endpoint holds a workload certificate from control (the mTLS mesh's identity).
+    s.lab.wait("host 3's workload certificates", || {
+        let certs = s.lab.status(3)["workload_certificates"].to_string();
+        certs.contains("api.1 until") && certs.contains("other.1 until")
+    });
     let server = serve(&s.lab, &s.api, 5001);
     transfer(&s.lab, server, &s.web, &s.api_front, 5001, 4 << 20, None);
 
