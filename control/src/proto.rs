@@ -168,7 +168,8 @@ pub struct ServiceView {
     pub endpoints: Vec<EndpointView>,
 }
 
-fn ipv4(s: &str, field: &'static str) -> Result<std::net::Ipv4Addr, InvalidMessage> {
+/// An IPv4 address from a wire field, or an error naming the field.
+pub(crate) fn ipv4(s: &str, field: &'static str) -> Result<std::net::Ipv4Addr, InvalidMessage> {
     s.parse().map_err(|_| InvalidMessage::Field(field))
 }
 

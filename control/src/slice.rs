@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::ids::NodeId;
 use crate::keys::{KEY_LEN, KeyUse, NetworkKey};
-use crate::proto::{InvalidMessage, pb};
+use crate::proto::{InvalidMessage, ipv4, pb};
 use crate::state::{PortSpec, Protocol};
 
 /// One of this node's endpoints.
@@ -218,10 +218,6 @@ impl From<&NodeSlice> for pb::NodeSlice {
     }
 }
 
-fn addr(s: &str, field: &'static str) -> Result<Ipv4Addr, InvalidMessage> {
-    s.parse().map_err(|_| InvalidMessage::Field(field))
-}
-
 impl TryFrom<pb::NodeSlice> for NodeSlice {
     type Error = InvalidMessage;
     fn try_from(s: pb::NodeSlice) -> Result<NodeSlice, InvalidMessage> {
@@ -232,7 +228,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                 let addresses = e
                     .addresses
                     .into_iter()
-                    .map(|a| Ok((a.network, addr(&a.address, "endpoint address")?)))
+                    .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
                     .collect::<Result<_, InvalidMessage>>()?;
                 Ok(LocalEndpoint {
                     service: e.service,
@@ -266,7 +262,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     .into_iter()
                     .map(|p| {
                         Ok(Peer {
-                            address: addr(&p.address, "peer address")?,
+                            address: ipv4(&p.address, "peer address")?,
                             node: p.node.parse()?,
                             underlay: if p.underlay.is_empty() {
                                 None
@@ -283,12 +279,12 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     .map(|r| {
                         Ok(ServiceRecord {
                             name: r.name,
-                            vip: addr(&r.vip, "vip")?,
+                            vip: ipv4(&r.vip, "vip")?,
                             ports: r.ports.into_iter().map(PortSpec::try_from).collect::<Result<_, _>>()?,
                             endpoints: r
                                 .endpoints
                                 .iter()
-                                .map(|a| addr(a, "service endpoint"))
+                                .map(|a| ipv4(a, "service endpoint"))
                                 .collect::<Result<_, _>>()?,
                         })
                     })

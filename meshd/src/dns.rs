@@ -94,7 +94,7 @@ impl Zone {
         zone
     }
 
-    /// Whether `name` (any case, with or without the trailing dot) is the mesh's to answer.
+    /// The addresses of `name` (any case, with or without the trailing dot), if the zone has it.
     fn lookup_a(&self, name: &str) -> Option<&BTreeSet<Ipv4Addr>> {
         self.a.get(&key(name))
     }
@@ -119,8 +119,8 @@ impl Zone {
         let k = key(&name);
         let known = self.lookup_a(&k).is_some() || self.srv.contains_key(&k);
         if !known {
-            // Inside the mesh's namespace of names (a single label, tasks.*, or
-            // <service>.<network> for a network of the cluster) a miss is authoritative.
+            // Not a name of this workload's networks: the caller decides between NXDOMAIN (a
+            // mesh-shaped name) and the upstream resolvers.
             return None;
         }
         match q.query_type() {
@@ -247,11 +247,8 @@ impl Upstream {
                 r
             }
             Ok(Err(e)) if e.is_nx_domain() => fail(ResponseCode::NXDomain),
-            Ok(Err(e)) if e.is_no_records_found() => {
-                let mut r = fail(ResponseCode::NoError);
-                r.metadata.response_code = ResponseCode::NoError;
-                r
-            }
+            // The name exists without records of that type: an empty answer.
+            Ok(Err(e)) if e.is_no_records_found() => fail(ResponseCode::NoError),
             _ => fail(ResponseCode::ServFail),
         }
     }
