@@ -93,12 +93,19 @@ impl Subject {
         }
     }
 
-    /// A workload's subject: CN = `<service>.<slot>`, OU = `mesh-workload`, O = cluster, and
-    /// the SPIFFE ID `spiffe://<cluster>/svc/<service>` that peers check.
-    pub fn workload(cluster: &ClusterId, service: &str, slot: u32, lifetime: Duration) -> Subject {
+    /// A workload's subject: CN = `<service>.<slot>@<node>` (the node it was issued to, which
+    /// peers check against the removed nodes), OU = `mesh-workload`, O = cluster, and the SPIFFE
+    /// ID `spiffe://<cluster>/svc/<service>` that peers check.
+    pub fn workload(
+        cluster: &ClusterId,
+        service: &str,
+        slot: u32,
+        node: &NodeId,
+        lifetime: Duration,
+    ) -> Subject {
         let now = OffsetDateTime::now_utc();
         Subject {
-            common_name: format!("{service}.{slot}"),
+            common_name: format!("{service}.{slot}@{node}"),
             unit: WORKLOAD_OU.to_owned(),
             cluster: cluster.clone(),
             dns_names: Vec::new(),

@@ -116,6 +116,12 @@ pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) ->
         policy,
         node_index,
         visibility,
+        removed_nodes: state
+            .nodes
+            .values()
+            .filter(|n| n.state == crate::state::NodeState::Removed)
+            .map(|n| n.id.clone())
+            .collect(),
     }
 }
 

@@ -178,7 +178,8 @@ pub fn create_service(
     }
     let mut ports = BTreeSet::new();
     for p in &spec.ports {
-        if !ports.insert(*p) {
+        // 80/http and 80/tcp are the same TCP port.
+        if !ports.insert((p.port, p.protocol.transport())) {
             return Err(PlanError::DuplicatePort(format!("{}/{:?}", p.port, p.protocol).to_lowercase()));
         }
     }

@@ -97,6 +97,8 @@ pub struct NodeSlice {
     pub node_index: u32,
     /// Hosted service -> the services the policy may let it reach.
     pub visibility: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Nodes removed from the cluster, whose workload certificates the mesh refuses.
+    pub removed_nodes: Vec<NodeId>,
 }
 
 impl NodeSlice {
@@ -107,6 +109,7 @@ impl NodeSlice {
             && self.networks == other.networks
             && self.policy == other.policy
             && self.visibility == other.visibility
+            && self.removed_nodes == other.removed_nodes
     }
 }
 
@@ -114,6 +117,7 @@ fn proto_str(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
+        Protocol::Http => "http",
     }
 }
 
@@ -130,6 +134,7 @@ impl TryFrom<pb::Port> for PortSpec {
         let protocol = match p.protocol.as_str() {
             "tcp" | "" => Protocol::Tcp,
             "udp" => Protocol::Udp,
+            "http" => Protocol::Http,
             _ => return Err(InvalidMessage::Field("protocol")),
         };
         Ok(PortSpec { port, protocol })
@@ -156,6 +161,7 @@ impl From<&NodeSlice> for pb::NodeSlice {
                 })
                 .collect(),
             node_index: s.node_index,
+            removed_nodes: s.removed_nodes.iter().map(ToString::to_string).collect(),
             policy_version: s.policy.as_ref().map_or(0, |p| p.version),
             policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
             version: s.version,
@@ -314,6 +320,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                 .into_iter()
                 .map(|v| (v.service, v.reachable.into_iter().collect()))
                 .collect(),
+            removed_nodes: s.removed_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
         })
     }
 }

@@ -61,12 +61,25 @@ pub struct Network {
     pub keys: Option<KeyRing>,
 }
 
-/// Transport protocol of a service port.
+/// Protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Opaque TCP: the mesh applies the L4 part of the policy when a connection opens.
     Tcp,
     Udp,
+    /// TCP carrying HTTP/1.1 or HTTP/2 (gRPC included): the mesh decides on every request.
+    Http,
+}
+
+impl Protocol {
+    /// The transport under it: HTTP runs on TCP.
+    pub fn transport(self) -> Protocol {
+        match self {
+            Protocol::Udp => Protocol::Udp,
+            Protocol::Tcp | Protocol::Http => Protocol::Tcp,
+        }
+    }
 }
 
 /// A port a service listens on.

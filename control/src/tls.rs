@@ -48,7 +48,8 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    fn parse(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    /// The certificate chain and private key, parsed.
+    pub fn parse(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TlsError::Pem { what: "certificate", detail: e.to_string() })?;
@@ -61,7 +62,8 @@ impl Identity {
     }
 }
 
-fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+/// A root store holding only the cluster CA (DER).
+pub fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec())).map_err(|e| TlsError::Anchor(e.to_string()))?;
     Ok(Arc::new(roots))

@@ -56,6 +56,8 @@ pub struct AgentConfig {
     pub dataplane: bool,
     /// Which services workloads' DNS shows.
     pub dns_visibility: crate::dns::Visibility,
+    /// Where to serve Prometheus metrics, if anywhere (with the data plane only).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The next boot number, stored (and synced) before it is used: part of every nonce's counter,
@@ -84,11 +86,18 @@ pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
     }));
     let dataplane = if agent.dataplane {
         let boot = next_boot(&dir)?;
-        let dp = Dataplane::start(&dir, config.underlay, &agent.netns_prefix, boot, agent.dns_visibility)
-            .await
-            .map_err(|e| {
-                AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
-            })?;
+        let dp = Dataplane::start(
+            &dir,
+            config.underlay,
+            &agent.netns_prefix,
+            boot,
+            agent.dns_visibility,
+            agent.metrics,
+        )
+        .await
+        .map_err(|e| {
+            AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
+        })?;
         Some(Arc::new(dp))
     } else {
         None

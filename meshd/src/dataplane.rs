@@ -1,6 +1,7 @@
 //! The data plane's I/O: a tun device per workload and network, one UDP socket on the underlay,
 //! and the packet core between them. Tables are swapped whole when the slice changes (readers
-//! never lock); one task receives from the underlay and owns the replay windows.
+//! never lock); one task receives from the underlay and owns the replay windows and the
+//! no-bypass filter's state. The mesh (mTLS proxy, policy) runs beside it on the same workloads.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,7 +18,10 @@ use tun::aead::Backend;
 use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, Sealer, Tables};
 
 use crate::dns::{Upstream, Visibility, Zone};
-use crate::workload;
+use crate::filter::{self, Flow};
+use crate::mesh::outbound::{Caller, Interception, Service};
+use crate::mesh::{LocalTarget, Mesh, View, metrics::Metrics, tls::NodeCertificate};
+use crate::workload::{self, Netns};
 
 /// The workload interfaces by (network ID, local address), swapped whole on change.
 type Devices = Arc<ArcSwap<HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>>>>;
@@ -34,6 +38,10 @@ struct Workload {
     service: String,
     zone: Arc<ArcSwap<Zone>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The mesh's side of the workload: who it is, and the interception of its connections to
+    /// services.
+    caller: Arc<Caller>,
+    interception: Interception,
 }
 
 impl Drop for Workload {
@@ -60,7 +68,13 @@ pub struct Dataplane {
     state_dir: std::path::PathBuf,
     /// Endpoint (`service.slot`) -> its current workload certificate.
     pub certificates: Certificates,
+    pub mesh: Arc<Mesh>,
+    /// The send paths' notes of flows workloads open, for the receive path's filter.
+    flows: tokio::sync::mpsc::UnboundedSender<Flow>,
+    /// Bumped with every view, so the filter's cached verdicts follow.
+    generation: std::sync::atomic::AtomicUsize,
     receiver: JoinHandle<()>,
+    mesh_tasks: Vec<JoinHandle<()>>,
 }
 
 /// Each local endpoint's workload certificate, replaced whole on renewal (the old one serves until
@@ -71,8 +85,14 @@ pub type Certificates =
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.receiver.abort();
+        for t in &self.mesh_tasks {
+            t.abort();
+        }
     }
 }
+
+/// How often the mesh port looks for a renewed node certificate on disk.
+const NODE_CERTIFICATE_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn empty_tables() -> Tables {
     Tables::new(&Config { local_index: 0, networks: vec![] }, Backend::DEFAULT)
@@ -131,27 +151,66 @@ pub fn config(slice: &NodeSlice) -> Config {
 }
 
 impl Dataplane {
-    /// Binds the underlay socket and starts receiving. `boot` is this run's boot number.
+    /// Binds the underlay socket (UDP) and the mesh port (TCP, same address and port), starts
+    /// receiving, and serves metrics on `metrics` when given. `boot` is this run's boot number.
     pub async fn start(
         state_dir: &std::path::Path,
         underlay: SocketAddr,
         prefix: &str,
         boot: u16,
         visibility: Visibility,
+        metrics: Option<SocketAddr>,
     ) -> std::io::Result<Dataplane> {
         let bind = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), underlay.port());
         let socket = Arc::new(underlay_socket(bind)?);
+        let mesh_listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("mesh port {bind}/tcp: {e}")))?;
+        let metrics_listener = match metrics {
+            Some(address) => Some(crate::mesh::metrics::bind(address).await?),
+            None => None,
+        };
+        let node = crate::identity::NodeDir::new(state_dir).load().map_err(std::io::Error::other)?;
+        let ca_der = control::ca::pem_to_der(&node.ca_pem).map_err(std::io::Error::other)?;
+        let node_certificate = Arc::new(NodeCertificate::new(&node.identity).map_err(std::io::Error::other)?);
         let counters = Arc::new(Counters::default());
+        let registry = Arc::new(Metrics::default());
+        registry.with_overlay(counters.clone());
+        let certificates = Certificates::default();
+        let mesh = Arc::new(Mesh::new(
+            node.info.organization.clone(),
+            ca_der.clone(),
+            node_certificate.clone(),
+            certificates.clone(),
+            registry.clone(),
+        ));
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            crate::mesh::tls::server_config(&ca_der, node_certificate).map_err(std::io::Error::other)?,
+        );
+        let mut mesh_tasks = vec![
+            tokio::spawn(crate::mesh::inbound::serve(mesh.clone(), mesh_listener, acceptor)),
+            tokio::spawn(keep_node_certificate(state_dir.to_owned(), mesh.clone(), node.identity.cert_pem)),
+        ];
+        if let Some(listener) = metrics_listener {
+            mesh_tasks.push(tokio::spawn(crate::mesh::metrics::serve(listener, registry)));
+        }
         let tables = Arc::new(ArcSwap::from_pointee(empty_tables()));
         let devices = Arc::new(ArcSwap::from_pointee(HashMap::new()));
-        let receiver =
-            tokio::spawn(receive(socket.clone(), tables.clone(), devices.clone(), counters.clone()));
+        let (flows, noted) = tokio::sync::mpsc::unbounded_channel();
+        let receiver = tokio::spawn(receive(
+            socket.clone(),
+            tables.clone(),
+            devices.clone(),
+            counters.clone(),
+            mesh.clone(),
+            filter::Incoming::new(noted),
+        ));
         // Leftovers of an earlier run under this prefix are removed; what is wanted is rebuilt.
         for ns in workload::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = workload::delete(&ns).await;
         }
-        info!(%bind, prefix, boot, "data plane listening");
+        info!(%bind, prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");
         Ok(Dataplane {
             prefix: prefix.to_owned(),
             socket,
@@ -163,8 +222,12 @@ impl Dataplane {
             upstream: Arc::new(Upstream::from_system()),
             visibility,
             state_dir: state_dir.to_owned(),
-            certificates: Default::default(),
+            certificates,
+            mesh,
+            flows,
+            generation: Default::default(),
             receiver,
+            mesh_tasks,
         })
     }
 
@@ -231,6 +294,57 @@ impl Dataplane {
             .flat_map(|w| w.devices.iter().map(|(id, a, d)| ((*id, *a), d.clone())))
             .collect();
         self.devices.store(Arc::new(devices));
+        self.apply_mesh(slice, &mut workloads).await;
+    }
+
+    /// The mesh's view of `slice`, then each workload's interception: every (virtual IP, TCP
+    /// port) of every service on its networks.
+    async fn apply_mesh(&self, slice: &NodeSlice, workloads: &mut HashMap<String, Workload>) {
+        let mut local = HashMap::new();
+        for w in workloads.values() {
+            let endpoint =
+                slice.endpoints.iter().find(|e| format!("{}.{}", e.service, e.slot) == w.caller.endpoint);
+            let ports = slice
+                .networks
+                .iter()
+                .flat_map(|n| &n.services)
+                .find(|r| r.name == w.service)
+                .map(|r| r.ports.clone())
+                .unwrap_or_default();
+            for (network, address) in endpoint.iter().flat_map(|e| &e.addresses) {
+                local.insert(
+                    *address,
+                    LocalTarget {
+                        service: w.service.clone(),
+                        network: network.clone(),
+                        ports: ports.clone(),
+                        netns: w.caller.netns.clone(),
+                    },
+                );
+            }
+        }
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.mesh.view.store(Arc::new(View::build(slice, local, self.mesh.engine(slice), generation)));
+        for w in workloads.values_mut() {
+            let mut wanted = std::collections::BTreeMap::new();
+            for network in slice.networks.iter().filter(|n| w.networks.contains(&n.name)) {
+                for record in &network.services {
+                    for port in record
+                        .ports
+                        .iter()
+                        .filter(|p| p.protocol.transport() == control::state::Protocol::Tcp)
+                    {
+                        wanted.insert(
+                            std::net::SocketAddrV4::new(record.vip, port.port),
+                            Service { network: network.name.clone(), name: record.name.clone() },
+                        );
+                    }
+                }
+            }
+            if let Err(e) = w.interception.update(&self.mesh, &w.caller, wanted).await {
+                warn!(endpoint = %w.caller.endpoint, error = %e, "cannot intercept the workload's connections to services");
+            }
+        }
     }
 
     async fn build(
@@ -243,6 +357,7 @@ impl Dataplane {
         command: Option<String>,
     ) -> std::io::Result<Workload> {
         workload::create(ns).await?;
+        let netns = Arc::new(Netns::enter(ns)?);
         let (udp, tcp) = workload::bind_dns(ns)?;
         let zone = Arc::new(ArcSwap::from_pointee(Zone::default()));
         let dns = tokio::spawn(crate::dns::serve(
@@ -256,15 +371,15 @@ impl Dataplane {
         for (i, (id, address, prefix_len)) in addresses.iter().enumerate() {
             let sync = workload::open_tun(ns, &format!("{}{i}", workload::INTERFACE), *address, *prefix_len)?;
             let device = Arc::new(tun_rs::AsyncDevice::new(sync)?);
-            tasks.push(tokio::spawn(send(
-                device.clone(),
-                *id,
-                *address,
-                self.socket.clone(),
-                self.tables.clone(),
-                self.devices.clone(),
-                self.sealer.clone(),
-            )));
+            let shared = Shared {
+                socket: self.socket.clone(),
+                tables: self.tables.clone(),
+                devices: self.devices.clone(),
+                sealer: self.sealer.clone(),
+                mesh: self.mesh.clone(),
+            };
+            let outgoing = filter::Outgoing::new(self.flows.clone());
+            tasks.push(tokio::spawn(send(device.clone(), *id, *address, shared, outgoing)));
             devices.push((*id, *address, device));
         }
         if let Some(command) = command {
@@ -275,8 +390,18 @@ impl Dataplane {
             service.to_owned(),
             slot,
             self.certificates.clone(),
+            self.mesh.metrics.clone(),
         )));
-        Ok(Workload { devices, networks, service: service.to_owned(), zone, tasks })
+        let caller = Arc::new(Caller { endpoint: format!("{service}.{slot}"), netns });
+        Ok(Workload {
+            devices,
+            networks,
+            service: service.to_owned(),
+            zone,
+            tasks,
+            caller,
+            interception: Interception::default(),
+        })
     }
 
     /// Removes every workload (at shutdown).
@@ -354,8 +479,18 @@ async fn keep_certificate(
     service: String,
     slot: u32,
     certificates: Certificates,
+    metrics: Arc<Metrics>,
 ) {
     let key = format!("{service}.{slot}");
+    let gauge = crate::mesh::metrics::Endpoint { endpoint: key.clone() };
+    // When the endpoint goes, so does its gauge.
+    struct Forget(Arc<Metrics>, crate::mesh::metrics::Endpoint);
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            self.0.certificate_expiry.remove(&self.1);
+        }
+    }
+    let _forget = Forget(metrics.clone(), gauge.clone());
     let mut attempt = 0u32;
     loop {
         match crate::identity::workload_certificate(&state_dir, &service, slot).await {
@@ -364,6 +499,7 @@ async fn keep_certificate(
                 let now = time::OffsetDateTime::now_utc();
                 let left = (cert.not_after - now).unsigned_abs();
                 info!(endpoint = %key, expires = %cert.not_after, "workload certificate in place");
+                metrics.certificate_expiry.get_or_create(&gauge).set(cert.not_after.unix_timestamp());
                 certificates.lock().expect("lock").insert(key.clone(), cert);
                 let jitter = rand::random_range(0.9..1.0);
                 tokio::time::sleep(left.mul_f64(0.5 * jitter)).await;
@@ -378,6 +514,15 @@ async fn keep_certificate(
     }
 }
 
+/// What every send path shares.
+struct Shared {
+    socket: Arc<UdpSocket>,
+    tables: Arc<ArcSwap<Tables>>,
+    devices: Devices,
+    sealer: Arc<Sealer>,
+    mesh: Arc<Mesh>,
+}
+
 /// Workload -> underlay: read a burst (one TSO segment split into packets), seal each, send them
 /// to each peer in as few calls as GSO allows; a packet for a workload on this node goes straight
 /// to that workload's interface.
@@ -385,11 +530,10 @@ async fn send(
     device: Arc<tun_rs::AsyncDevice>,
     network: u32,
     address: Ipv4Addr,
-    socket: Arc<UdpSocket>,
-    tables: Arc<ArcSwap<Tables>>,
-    devices: Devices,
-    sealer: Arc<Sealer>,
+    shared: Shared,
+    mut outgoing: filter::Outgoing,
 ) {
+    let Shared { socket, tables, devices, sealer, mesh } = shared;
     let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
         Ok(s) => s,
         Err(e) => {
@@ -418,12 +562,15 @@ async fn send(
                 && src == address
                 && tables.is_local(network, dst)
             {
-                if let Some(local) = devices.load().get(&(network, dst)) {
+                if !filter::admit_local(&**mesh.view.load(), packet) {
+                    sealer.counters.count_drop(tun::core::DropReason::Filtered);
+                } else if let Some(local) = devices.load().get(&(network, dst)) {
                     let _ = local.send(packet).await;
                 }
                 continue;
             }
             if let Ok(to) = sealer.seal(&tables, network, address, packet, &mut out) {
+                outgoing.note(packet, std::time::Instant::now());
                 if !batch.fits(to, out.len(), max_segments) {
                     batch.flush(&socket, &state).await;
                 }
@@ -444,6 +591,8 @@ async fn receive(
     tables: Arc<ArcSwap<Tables>>,
     devices: Devices,
     counters: Arc<Counters>,
+    mesh: Arc<Mesh>,
+    mut incoming: filter::Incoming,
 ) {
     let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
         Ok(s) => s,
@@ -478,6 +627,8 @@ async fn receive(
             opener.retain_epochs(&t);
             seen_tables = identity;
         }
+        let view = mesh.view.load();
+        let now = std::time::Instant::now();
         let stride = if m.stride == 0 { m.len } else { m.stride };
         let mut at = 0;
         while at < m.len {
@@ -485,6 +636,10 @@ async fn receive(
             let datagram = &mut buf[at..end];
             at = end;
             match opener.open(&t, &counters, datagram) {
+                Ok(d) if !incoming.admit(&**view, view.generation, &datagram[d.range.clone()], now) => {
+                    counters.count_drop(tun::core::DropReason::Filtered);
+                    debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
+                }
                 Ok(d) => {
                     let mut b = spare.pop().unwrap_or_default();
                     b.clear();
@@ -506,6 +661,26 @@ async fn receive(
                 debug!(error = %e, "writing to a workload failed");
             }
             spare.append(&mut packets);
+        }
+    }
+}
+
+/// Puts a renewed node certificate in place on the mesh port (the agent renews it on disk).
+async fn keep_node_certificate(state_dir: std::path::PathBuf, mesh: Arc<Mesh>, mut current: String) {
+    loop {
+        tokio::time::sleep(NODE_CERTIFICATE_CHECK).await;
+        match crate::identity::NodeDir::new(&state_dir).load() {
+            Ok(node) if node.identity.cert_pem != current => {
+                match mesh.node_certificate.replace(&node.identity) {
+                    Ok(()) => {
+                        info!(expires = %node.info.not_after, "mesh port serves the renewed node certificate");
+                        current = node.identity.cert_pem;
+                    }
+                    Err(e) => warn!(error = %e, "the renewed node certificate cannot be used yet"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "reading the node certificate"),
         }
     }
 }

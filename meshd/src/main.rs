@@ -35,8 +35,8 @@ enum Cmd {
     Run {
         #[arg(long, default_value = "/var/lib/meshd")]
         state_dir: PathBuf,
-        /// Where this node receives overlay traffic: IP or IP:PORT (default: this host's address
-        /// towards control, port 4800).
+        /// Where this node receives overlay traffic (UDP) and mesh connections (TCP, same port):
+        /// IP or IP:PORT (default: this host's address towards control, port 4800).
         #[arg(long)]
         underlay: Option<String>,
         /// Prefix of workload namespaces (`PREFIX-SERVICE-SLOT`); unique per meshd on a machine.
@@ -49,6 +49,9 @@ enum Cmd {
         /// in force may let it reach.
         #[arg(long, value_enum, default_value_t = meshd::dns::Visibility::All)]
         dns_visibility: meshd::dns::Visibility,
+        /// Where to serve Prometheus metrics (`GET /metrics`); `off` for nowhere.
+        #[arg(long, default_value = "127.0.0.1:9480", value_parser = parse_metrics)]
+        metrics: Metrics,
     },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
@@ -85,13 +88,14 @@ async fn main() {
                 })
                 .map_err(anyhow::Error::from)
         }
-        Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility } => {
+        Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility, metrics } => {
             match session::underlay_address(underlay.as_deref(), &state_dir) {
                 Ok(underlay) => agent::run(AgentConfig {
                     session: SessionConfig { state_dir, underlay },
                     netns_prefix,
                     dataplane: !no_dataplane,
                     dns_visibility,
+                    metrics: metrics.0,
                 })
                 .await
                 .map_err(anyhow::Error::from),
@@ -118,4 +122,15 @@ async fn main() {
         eprintln!("meshd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The metrics address, or none.
+#[derive(Clone, Debug)]
+struct Metrics(Option<std::net::SocketAddr>);
+
+fn parse_metrics(text: &str) -> Result<Metrics, String> {
+    if text == "off" {
+        return Ok(Metrics(None));
+    }
+    text.parse().map(|a| Metrics(Some(a))).map_err(|_| format!("`{text}` is not IP:PORT or `off`"))
 }

@@ -101,6 +101,83 @@ fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> io::Result<T> + Send) -> 
     })
 }
 
+/// A thread that lives inside one workload namespace and opens sockets there on request, so
+/// the mesh can listen and connect on the workload's side without a thread per socket. It
+/// leaves with the last handle.
+pub struct Netns {
+    name: String,
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Netns {
+    /// Starts the thread in namespace `ns`.
+    pub fn enter(ns: &str) -> io::Result<Netns> {
+        let file = File::open(format!("/var/run/netns/{ns}"))?;
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name(format!("netns-{ns}")).spawn(move || {
+            let entered = setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered);
+            if ok {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            }
+        })?;
+        ready_rx.recv().map_err(|_| io::Error::other("the namespace thread died"))??;
+        Ok(Netns { name: ns.to_owned(), jobs: std::sync::Mutex::new(tx) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` in the namespace.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .lock()
+            .expect("lock")
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other(format!("namespace {} is gone", self.name)))?;
+        rx.await.map_err(|_| io::Error::other(format!("namespace {} is gone", self.name)))?
+    }
+
+    /// A TCP listener on `address` in the namespace.
+    pub async fn listen(&self, address: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let listener = self
+            .run(move || {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.set_reuse_address(true)?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&address.into())?;
+                socket.listen(1024)?;
+                Ok(std::net::TcpListener::from(socket))
+            })
+            .await?;
+        tokio::net::TcpListener::from_std(listener)
+    }
+
+    /// A TCP connection to `address`, opened from the namespace.
+    pub async fn connect(&self, address: std::net::SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let socket = self
+            .run(|| {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.set_nonblocking(true)?;
+                socket.set_tcp_nodelay(true)?;
+                Ok(std::net::TcpStream::from(socket))
+            })
+            .await?;
+        tokio::net::TcpSocket::from_std_stream(socket).connect(address).await
+    }
+}
+
 /// Creates a tun interface inside namespace `ns` with `address/prefix_len` (which also routes
 /// the subnet to it) and returns its device.
 pub fn open_tun(ns: &str, ifname: &str, address: Ipv4Addr, prefix_len: u8) -> io::Result<tun_rs::SyncDevice> {

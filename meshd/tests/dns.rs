@@ -56,6 +56,7 @@ fn slice(api_endpoints: &[[u8; 4]]) -> NodeSlice {
         policy: None,
         node_index: 1,
         visibility: Default::default(),
+        removed_nodes: vec![],
     }
 }
 

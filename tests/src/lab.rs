@@ -36,6 +36,21 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
+/// Runs `f` on a thread inside network namespace `ns` (sockets it opens live there).
+pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("the thread in the namespace panicked")
+    })
+}
+
 /// The lab's helper scripts.
 pub fn script(name: &str) -> String {
     format!("{}/lab/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -311,6 +326,18 @@ impl Drop for Lab {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // A failing test shows what each meshd said last.
+        if std::thread::panicking() {
+            for (i, _) in &self.meshd {
+                let log = std::fs::read_to_string(self.work.path().join(format!("meshd-{i}.log")))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- meshd {i}, last lines ---");
+                for l in &lines[lines.len().saturating_sub(400)..] {
+                    eprintln!("{l}");
+                }
+            }
         }
         let names: Vec<String> = std::fs::read_dir("/var/run/netns")
             .into_iter()

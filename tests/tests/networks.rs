@@ -418,6 +418,7 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
         netns_prefix: "unused".into(),
         dataplane: false,
         dns_visibility: meshd::dns::Visibility::All,
+        metrics: None,
     };
     let agent = tokio::spawn(meshd::agent::run(config));
     let mut admin = cluster.admin().await;

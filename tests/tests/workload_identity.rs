@@ -54,7 +54,10 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
         .collect();
     assert_eq!(uris, [format!("spiffe://{cluster_id}/svc/api")]);
     let info = CertInfo::from_der(&der).unwrap();
-    assert_eq!((info.common_name.as_str(), info.unit.as_str()), ("api.1", "mesh-workload"));
+    assert_eq!(
+        (info.common_name.as_str(), info.unit.as_str()),
+        (format!("api.1@{}", a.id).as_str(), "mesh-workload")
+    );
     let life = issued.not_after - OffsetDateTime::now_utc();
     assert!(life > time::Duration::minutes(58) && life <= time::Duration::minutes(60), "{life}");
 

@@ -253,7 +253,7 @@ impl pb::admin_server::Admin for AdminApi {
             .map(|p| {
                 PortSpec::try_from(p.clone()).map_err(|e| {
                     Status::invalid_argument(format!(
-                        "port `{}/{}` is not valid ({e}): a port is 1-65535, its protocol tcp or udp",
+                        "port `{}/{}` is not valid ({e}): a port is 1-65535, its protocol tcp, udp or http",
                         p.port, p.protocol
                     ))
                 })

@@ -132,6 +132,7 @@ impl pb::identity_server::Identity for IdentityApi {
             &cluster,
             &req.service,
             req.slot,
+            &node,
             manager.options.workload_cert_lifetime,
         );
         let cert_pem = manager

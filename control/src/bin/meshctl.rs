@@ -108,7 +108,8 @@ enum ServiceCmd {
         /// A network the service is on (repeat for several).
         #[arg(long = "network", required = true)]
         networks: Vec<String>,
-        /// PORT[/tcp|/udp] (repeat for several).
+        /// PORT[/tcp|/udp|/http] (repeat for several). `http`: the mesh checks every request
+        /// against the policy (HTTP/1.1, HTTP/2, gRPC); `tcp`: only the connection.
         #[arg(long = "port")]
         ports: Vec<String>,
         #[arg(long, default_value_t = 1)]
@@ -228,11 +229,11 @@ fn explain(
 fn parse_port(text: &str) -> anyhow::Result<pb::Port> {
     let (port, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
     let port: u16 = port.parse().ok().filter(|p| *p != 0).with_context(|| {
-        format!("port `{text}` is not valid: expected PORT[/tcp|/udp] with PORT in 1-65535")
+        format!("port `{text}` is not valid: expected PORT[/tcp|/udp|/http] with PORT in 1-65535")
     })?;
     anyhow::ensure!(
-        protocol == "tcp" || protocol == "udp",
-        "port `{text}` has protocol `{protocol}`: expected tcp or udp"
+        matches!(protocol, "tcp" | "udp" | "http"),
+        "port `{text}` has protocol `{protocol}`: expected tcp, udp or http"
     );
     Ok(pb::Port { port: port.into(), protocol: protocol.to_owned() })
 }

@@ -1,0 +1,393 @@
+//! Inbound: the mesh port. Verifies who calls, decides with the policy, and carries what is
+//! allowed to the local workload.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use control::state::Protocol;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::metrics::{Destination, Direction, Verdict};
+use super::outbound::{CONNECTION_WINDOW, STREAM_WINDOW};
+use super::tls::{Peer, PeerError};
+use super::{Mesh, request_id};
+use crate::workload::Netns;
+
+/// Longest wait for a client's TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The header carrying the request ID of a mesh answer.
+pub const REQUEST_ID: &str = "x-mesh-request-id";
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn text(status: StatusCode, id: &str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header(REQUEST_ID, id)
+        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .expect("a valid response")
+}
+
+/// Serves the mesh port until dropped.
+pub async fn serve(mesh: Arc<Mesh>, listener: TcpListener, acceptor: TlsAcceptor) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accepting on the mesh port failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(connection(mesh.clone(), tcp, remote, acceptor.clone()));
+    }
+}
+
+async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketAddr, acceptor: TlsAcceptor) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(%remote, error = %e, "mesh handshake refused");
+            return;
+        }
+        Err(_) => {
+            warn!(%remote, "mesh handshake timed out");
+            return;
+        }
+    };
+    // A certificate that chains to the CA but is not a workload's still gets an answer saying why.
+    let peer: Arc<Result<Peer, PeerError>> = Arc::new(Peer::from_certificate(
+        tls.get_ref().1.peer_certificates().and_then(|c| c.first()),
+        &mesh.cluster,
+    ));
+    if let Err(e) = peer.as_ref() {
+        warn!(%remote, error = %e, "mesh peer refused");
+    }
+    let service = service_fn(move |req| {
+        let (mesh, peer) = (mesh.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(stream(mesh, peer, remote, req).await) }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(4096)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        debug!(%remote, error = %e, "a mesh connection ended");
+    }
+}
+
+/// One CONNECT stream: a caller's connection to a local endpoint's port.
+async fn stream(
+    mesh: Arc<Mesh>,
+    peer: Arc<Result<Peer, PeerError>>,
+    remote: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let id = request_id();
+    let refuse = |status: StatusCode, why: String| {
+        warn!(request_id = %id, %remote, status = status.as_u16(), reason = %why, "mesh stream refused");
+        text(status, &id, format!("{why}\nrequest id: {id}\n"))
+    };
+    if req.method() != hyper::Method::CONNECT {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "the mesh port takes CONNECT only".into());
+    }
+    let peer = match peer.as_ref() {
+        Ok(p) => p.clone(),
+        Err(e) => return refuse(StatusCode::FORBIDDEN, format!("refused: {e}")),
+    };
+    let view = mesh.view.load_full();
+    if view.removed.contains(&peer.node) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("refused: {} holds a certificate of removed node {}", peer.endpoint, peer.node),
+        );
+    }
+    let Some(address) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return refuse(StatusCode::BAD_REQUEST, format!("`{}` is not ADDRESS:PORT", req.uri()));
+    };
+    let Some(local) = view.local.get(address.ip()) else {
+        return refuse(StatusCode::NOT_FOUND, format!("no endpoint at {} on this node", address.ip()));
+    };
+    let port = address.port();
+    let Some(spec) = local.ports.iter().find(|p| p.port == port && p.protocol.transport() == Protocol::Tcp)
+    else {
+        return refuse(StatusCode::NOT_FOUND, format!("service `{}` has no TCP port {port}", local.service));
+    };
+    if !view.on_network(&peer.service, &local.network) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("refused: `{}` is not on network `{}`", peer.service, local.network),
+        );
+    }
+    let tunnel = Arc::new(Tunnel {
+        mesh: mesh.clone(),
+        peer,
+        service: local.service.clone(),
+        port,
+        workload: SocketAddr::V4(address),
+        netns: local.netns.clone(),
+        upstream: tokio::sync::Mutex::new(None),
+    });
+    let upgrade = hyper::upgrade::on(&mut req);
+    if spec.protocol == Protocol::Tcp {
+        let request = policy::Request {
+            from: &tunnel.peer.service,
+            to: &tunnel.service,
+            port,
+            method: None,
+            path: "",
+            headers: &[],
+        };
+        let decision = view.decide(&request);
+        tunnel.count(&decision, "tcp");
+        if !decision.allowed() {
+            warn!(
+                request_id = %id, source = %tunnel.peer.service, caller = %tunnel.peer.endpoint,
+                destination = %tunnel.service, port, reason = %decision.reason(), "connection denied"
+            );
+            return text(
+                StatusCode::FORBIDDEN,
+                &id,
+                format!("{}: {}\nrequest id: {id}\n", policy::describe(&request), decision.reason()),
+            );
+        }
+        let upstream = match tunnel.netns.connect(tunnel.workload).await {
+            Ok(s) => s,
+            Err(e) => {
+                return refuse(StatusCode::BAD_GATEWAY, format!("{} is not answering: {e}", tunnel.workload));
+            }
+        };
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut upstream = upstream;
+            let copied = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
+            if let Ok((a, b)) = copied {
+                tunnel.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).inc_by(a + b);
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => tunnel.serve_http(upgraded).await,
+                Err(e) => debug!(error = %e, "a tunnel did not open"),
+            }
+        });
+    }
+    Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
+}
+
+/// A connection to the local workload, speaking the HTTP version of the requests it carries.
+enum Upstream {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+/// One caller's tunnel to one local endpoint's port.
+struct Tunnel {
+    mesh: Arc<Mesh>,
+    peer: Peer,
+    service: String,
+    port: u16,
+    workload: SocketAddr,
+    netns: Arc<Netns>,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
+}
+
+impl Tunnel {
+    fn count(&self, decision: &policy::Decision, kind: &'static str) {
+        let labels = |verdict: &'static str, rule: Option<&policy::RuleRef>| Verdict {
+            source: self.peer.service.clone(),
+            destination: self.service.clone(),
+            port: self.port,
+            kind,
+            verdict,
+            rule: rule.map_or_else(|| "default".to_owned(), |r| r.name.to_string()),
+        };
+        let verdict = if decision.allowed() { "allow" } else { "deny" };
+        self.mesh.metrics.verdicts.get_or_create(&labels(verdict, decision.rule.as_ref())).inc();
+        for (rule, action) in &decision.dry_run {
+            let would = if *action == policy::Action::Allow { "dry_run_allow" } else { "dry_run_deny" };
+            self.mesh.metrics.verdicts.get_or_create(&labels(would, Some(rule))).inc();
+            info!(source = %self.peer.service, destination = %self.service, port = self.port, %rule, would = %action, "dry-run rule matched");
+        }
+    }
+
+    /// Serves the HTTP requests the tunnel carries (HTTP/1.1 or HTTP/2, told by the preface).
+    async fn serve_http(self: Arc<Self>, upgraded: Upgraded) {
+        let bytes = self.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).clone();
+        let io = TokioIo::new(Counted { inner: TokioIo::new(upgraded), bytes });
+        let tunnel = self.clone();
+        let service = service_fn(move |req| {
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(tunnel.request(req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
+        if let Err(e) = builder.serve_connection(io, service).await {
+            debug!(error = %e, "an HTTP tunnel ended");
+        }
+    }
+
+    /// Decides on one request; answers 403, or forwards it to the workload.
+    async fn request(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let id = request_id();
+        let view = self.mesh.view.load_full();
+        let latency = || {
+            self.mesh
+                .metrics
+                .latency
+                .get_or_create(&Destination { destination: self.service.clone() })
+                .observe(started.elapsed().as_secs_f64())
+        };
+        if view.removed.contains(&self.peer.node) {
+            latency();
+            let why = format!(
+                "refused: {} holds a certificate of removed node {}",
+                self.peer.endpoint, self.peer.node
+            );
+            warn!(request_id = %id, reason = %why, "request refused");
+            return text(StatusCode::FORBIDDEN, &id, format!("{why}\nrequest id: {id}\n"));
+        }
+        let headers: Vec<(&str, &str)> =
+            req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
+        let request = policy::Request {
+            from: &self.peer.service,
+            to: &self.service,
+            port: self.port,
+            method: policy::Method::parse(req.method().as_str()),
+            path: req.uri().path(),
+            headers: &headers,
+        };
+        let decision = view.decide(&request);
+        self.count(&decision, "http");
+        if !decision.allowed() {
+            warn!(
+                request_id = %id, source = %self.peer.service, caller = %self.peer.endpoint,
+                destination = %self.service, port = self.port, method = %req.method(), path = %req.uri().path(),
+                reason = %decision.reason(), "request denied"
+            );
+            latency();
+            return text(
+                StatusCode::FORBIDDEN,
+                &id,
+                format!("{}: {}\nrequest id: {id}\n", policy::describe(&request), decision.reason()),
+            );
+        }
+        drop(headers);
+        let response = self.forward(req).await;
+        latency();
+        match response {
+            Ok(r) => r.map(|b| b.boxed()),
+            Err(e) => {
+                warn!(request_id = %id, destination = %self.service, error = %e, "the workload did not answer");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    &id,
+                    format!("{} did not answer: {e}\nrequest id: {id}\n", self.workload),
+                )
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let h2 = req.version() == hyper::Version::HTTP_2;
+        let mut upstream = self.upstream.lock().await;
+        let usable = match upstream.as_ref() {
+            Some(Upstream::H1(s)) => !h2 && !s.is_closed(),
+            Some(Upstream::H2(s)) => h2 && !s.is_closed(),
+            None => false,
+        };
+        if !usable {
+            let tcp = self.netns.connect(self.workload).await.map_err(|e| e.to_string())?;
+            let io = TokioIo::new(tcp);
+            *upstream = Some(if h2 {
+                let (sender, connection) =
+                    http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                Upstream::H2(sender)
+            } else {
+                let (sender, connection) = http1::handshake(io).await.map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                Upstream::H1(sender)
+            });
+        }
+        match upstream.as_mut().expect("set above") {
+            Upstream::H1(sender) => {
+                // HTTP/1.1 carries one request at a time: hold the connection until its answer.
+                sender.ready().await.map_err(|e| e.to_string())?;
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
+            Upstream::H2(sender) => {
+                let mut sender = sender.clone();
+                drop(upstream);
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Counts the bytes read and written through `inner`.
+struct Counted<T> {
+    inner: T,
+    bytes: Counter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.bytes.inc_by((buf.filled().len() - before) as u64);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.bytes.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

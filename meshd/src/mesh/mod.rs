@@ -1,0 +1,245 @@
+//! The sidecar-free mTLS mesh: one proxy per node, in meshd.
+//!
+//! ```text
+//!  workload `web` (netns)            node A meshd                node B meshd            workload `api`
+//!  connect(api VIP:80) ──► listener on VIP:80 ──► mTLS (web's cert) ──► mesh port ──► policy ──► api:80
+//!                          inside web's netns     HTTP/2 CONNECT        verify peer     per request
+//!                                                 pooled per (web, B)   (SPIFFE ID)     (403 or forward)
+//! ```
+//!
+//! * Outbound ([`outbound`]): each workload namespace gets every service on its networks as a
+//!   `/32` on its loopback and a listener per (virtual IP, TCP port), opened by meshd inside the
+//!   namespace, so meshd knows which workload called. A connection is carried to an endpoint
+//!   (round robin, skipping those that failed lately) over one HTTP/2 CONNECT stream on a TLS 1.3
+//!   connection to the endpoint's node, presenting the caller's workload certificate; the
+//!   connection is reused for every later stream from that workload to that node.
+//! * Inbound ([`inbound`]): the mesh port (TCP, the underlay port's number) requires a workload
+//!   certificate of this cluster from a node not removed, then decides with the policy: at
+//!   CONNECT time for opaque TCP ports; per request (HTTP/1.1 and HTTP/2, with hyper) for HTTP
+//!   ports, answering 403 with the rule and a request ID, or forwarding to the local workload.
+//!   The view (policy, endpoints) is read per request, so a new policy applies at once.
+
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use control::ids::NodeId;
+use control::slice::NodeSlice;
+use control::state::PortSpec;
+use policy::{Action, Decision, Engine, Request};
+use tracing::error;
+
+use crate::dataplane::Certificates;
+use crate::filter::Admission;
+use crate::workload::Netns;
+
+/// How long an endpoint that could not be reached is skipped.
+pub const FAILED_FOR: Duration = Duration::from_secs(10);
+
+/// A local endpoint's address on one network, as the inbound side serves it.
+pub struct LocalTarget {
+    pub service: String,
+    pub network: String,
+    pub ports: Vec<PortSpec>,
+    pub netns: Arc<Netns>,
+}
+
+/// An endpoint a service can be reached at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub address: Ipv4Addr,
+    pub node: NodeId,
+    /// The node's mesh port.
+    pub mesh: SocketAddr,
+}
+
+/// The endpoints of one service on one network, taken in turn.
+pub struct Route {
+    pub targets: Vec<Target>,
+    next: AtomicUsize,
+}
+
+impl Route {
+    /// The next endpoint in turn that has not failed lately (or, when all have, the next one).
+    pub fn pick(&self, failed: &Mutex<HashMap<Ipv4Addr, Instant>>) -> Option<&Target> {
+        if self.targets.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let failed = failed.lock().expect("lock");
+        let now = Instant::now();
+        (0..self.targets.len())
+            .map(|i| &self.targets[(start + i) % self.targets.len()])
+            .find(|t| failed.get(&t.address).is_none_or(|at| now.duration_since(*at) > FAILED_FOR))
+            .or(Some(&self.targets[start % self.targets.len()]))
+    }
+}
+
+/// What the mesh knows at one slice version: swapped whole on change.
+#[derive(Default)]
+pub struct View {
+    /// `None` when no policy is in force: everything is denied.
+    engine: Option<Arc<Engine>>,
+    /// Overlay address -> service, for every endpoint the slice shows.
+    by_address: HashMap<Ipv4Addr, String>,
+    /// Local endpoint address -> what serves it.
+    pub local: HashMap<Ipv4Addr, LocalTarget>,
+    /// (network, service) -> its endpoints.
+    routes: HashMap<(String, String), Arc<Route>>,
+    /// Service -> the networks it is on (those this node sees).
+    networks_of: HashMap<String, HashSet<String>>,
+    pub removed: HashSet<NodeId>,
+    /// Which view this is: a new one per slice.
+    pub generation: usize,
+}
+
+impl View {
+    /// The view of `slice`, with `local` the local endpoints' addresses.
+    pub fn build(
+        slice: &NodeSlice,
+        local: HashMap<Ipv4Addr, LocalTarget>,
+        engine: Option<Arc<Engine>>,
+        generation: usize,
+    ) -> View {
+        let mut by_address = HashMap::new();
+        let mut routes = HashMap::new();
+        let mut networks_of: HashMap<String, HashSet<String>> = HashMap::new();
+        for network in &slice.networks {
+            let nodes: HashMap<Ipv4Addr, (&NodeId, Option<SocketAddr>)> =
+                network.peers.iter().map(|p| (p.address, (&p.node, p.underlay))).collect();
+            for record in &network.services {
+                networks_of.entry(record.name.clone()).or_default().insert(network.name.clone());
+                let mut targets = Vec::new();
+                for address in &record.endpoints {
+                    by_address.insert(*address, record.name.clone());
+                    if let Some((node, Some(underlay))) = nodes.get(address) {
+                        targets.push(Target { address: *address, node: (*node).clone(), mesh: *underlay });
+                    }
+                }
+                routes.insert(
+                    (network.name.clone(), record.name.clone()),
+                    Arc::new(Route { targets, next: AtomicUsize::new(0) }),
+                );
+            }
+        }
+        View {
+            engine,
+            by_address,
+            local,
+            routes,
+            networks_of,
+            removed: slice.removed_nodes.iter().cloned().collect(),
+            generation,
+        }
+    }
+
+    pub fn route(&self, network: &str, service: &str) -> Option<Arc<Route>> {
+        self.routes.get(&(network.to_owned(), service.to_owned())).cloned()
+    }
+
+    /// Whether `service` is on `network`.
+    pub fn on_network(&self, service: &str, network: &str) -> bool {
+        self.networks_of.get(service).is_some_and(|n| n.contains(network))
+    }
+
+    /// The policy's decision; with no policy in force, deny.
+    pub fn decide(&self, request: &Request<'_>) -> Decision {
+        match &self.engine {
+            Some(engine) => engine.evaluate(request),
+            None => Decision { verdict: Action::Deny, rule: None, dry_run: Vec::new() },
+        }
+    }
+}
+
+impl Admission for View {
+    fn opens(&self, from: Ipv4Addr, to: Ipv4Addr, port: u16) -> bool {
+        let (Some(source), Some(local)) = (self.by_address.get(&from), self.local.get(&to)) else {
+            return false;
+        };
+        let request =
+            Request { from: source, to: &local.service, port, method: None, path: "", headers: &[] };
+        self.decide(&request).allowed()
+    }
+}
+
+/// The mesh's shared state.
+pub struct Mesh {
+    /// The cluster ID (the O of every certificate).
+    pub cluster: String,
+    pub ca_der: Vec<u8>,
+    pub view: ArcSwap<View>,
+    pub certificates: Certificates,
+    pub metrics: Arc<metrics::Metrics>,
+    pub node_certificate: Arc<tls::NodeCertificate>,
+    pub pool: outbound::Pool,
+    /// Endpoint address -> when reaching it last failed.
+    pub failed: Mutex<HashMap<Ipv4Addr, Instant>>,
+    /// The compiled policy, by version: compiled once per version.
+    engine: Mutex<Option<(u64, Arc<Engine>)>>,
+}
+
+impl Mesh {
+    pub fn new(
+        cluster: String,
+        ca_der: Vec<u8>,
+        node_certificate: Arc<tls::NodeCertificate>,
+        certificates: Certificates,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Mesh {
+        Mesh {
+            cluster,
+            ca_der,
+            view: ArcSwap::from_pointee(View::default()),
+            certificates,
+            metrics,
+            node_certificate,
+            pool: outbound::Pool::default(),
+            failed: Mutex::new(HashMap::new()),
+            engine: Mutex::new(None),
+        }
+    }
+
+    /// The engine for `slice`'s policy, compiled when its version is new.
+    pub fn engine(&self, slice: &NodeSlice) -> Option<Arc<Engine>> {
+        let policy = slice.policy.as_ref()?;
+        let mut cached = self.engine.lock().expect("lock");
+        if let Some((version, engine)) = cached.as_ref()
+            && *version == policy.version
+        {
+            return Some(engine.clone());
+        }
+        match policy::Policy::parse("policy from control", &policy.text) {
+            Ok(p) => {
+                let engine = Arc::new(Engine::compile(&p));
+                *cached = Some((policy.version, engine.clone()));
+                Some(engine)
+            }
+            Err(e) => {
+                error!(version = policy.version, error = %e, "the policy from control does not parse; denying everything");
+                None
+            }
+        }
+    }
+
+    pub fn trust(&self) -> outbound::Trust<'_> {
+        outbound::Trust { ca_der: &self.ca_der, cluster: &self.cluster }
+    }
+
+    /// Marks the endpoint at `address` as failed just now.
+    pub fn failed(&self, address: Ipv4Addr) {
+        self.failed.lock().expect("lock").insert(address, Instant::now());
+    }
+}
+
+/// A short random request ID, named in 403 answers and logs.
+pub fn request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,331 @@
+//! Outbound: from a local workload to a service, through the destination node's meshd.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http2;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::metrics::{Direction, Outcome};
+use super::{Mesh, Target, tls};
+use crate::identity::WorkloadIdentity;
+use crate::workload::Netns;
+
+/// Longest wait for a TCP connection to another node's mesh port.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for the TLS handshake after it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 flow-control windows: large, so one stream can fill a fast link.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The destination answered, and refused (policy, identity, no such endpoint).
+    #[error("refused with {status}: {reason}")]
+    Refused { status: u16, reason: String },
+    /// The destination could not be reached or the connection broke.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// What a node trusts: the cluster CA, and the cluster ID in SPIFFE IDs.
+#[derive(Clone, Copy)]
+pub struct Trust<'a> {
+    pub ca_der: &'a [u8],
+    pub cluster: &'a str,
+}
+
+/// A TLS connection to another node's meshd, reused for every stream from one workload.
+struct Connection {
+    certificate_expiry: time::OffsetDateTime,
+    sender: http2::SendRequest<Empty<Bytes>>,
+}
+
+/// Connections by (calling endpoint, destination mesh port).
+#[derive(Default)]
+pub struct Pool {
+    connections: Mutex<HashMap<(String, SocketAddr), Connection>>,
+}
+
+impl Pool {
+    /// A live connection for `caller` to `target`'s node, made when there is none (or the
+    /// caller's certificate changed since).
+    async fn sender(
+        &self,
+        trust: Trust<'_>,
+        caller: &str,
+        identity: &WorkloadIdentity,
+        target: &Target,
+    ) -> Result<http2::SendRequest<Empty<Bytes>>, OpenError> {
+        let key = (caller.to_owned(), target.mesh);
+        if let Some(c) = self.connections.lock().expect("lock").get(&key)
+            && !c.sender.is_closed()
+            && c.certificate_expiry == identity.not_after
+        {
+            return Ok(c.sender.clone());
+        }
+        let unreachable =
+            |e: String| OpenError::Unreachable(format!("{} ({}): {e}", target.mesh, target.node));
+        let config = tls::client_config(trust.ca_der, trust.cluster, &target.node, &identity.identity)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.mesh))
+            .await
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        tcp.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        let name = ServerName::try_from(tls::SERVER_NAME).expect("a valid name");
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| unreachable("TLS handshake timed out".into()))?
+        .map_err(|e| unreachable(format!("TLS: {e}")))?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(format!("HTTP/2: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "a mesh connection ended");
+            }
+        });
+        debug!(caller, node = %target.node, "mesh connection opened");
+        self.connections
+            .lock()
+            .expect("lock")
+            .insert(key, Connection { certificate_expiry: identity.not_after, sender: sender.clone() });
+        Ok(sender)
+    }
+
+    /// Opens a tunnel for `caller` to `target`'s `port`: one CONNECT stream.
+    pub async fn open(
+        &self,
+        trust: Trust<'_>,
+        caller: &str,
+        identity: &WorkloadIdentity,
+        target: &Target,
+        port: u16,
+    ) -> Result<Upgraded, OpenError> {
+        let mut sender = self.sender(trust, caller, identity, target).await?;
+        let request = hyper::Request::connect(format!("{}:{port}", target.address))
+            .body(Empty::new())
+            .expect("a valid request");
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| OpenError::Unreachable(format!("{}: {e}", target.mesh)))?;
+        if response.status() != hyper::StatusCode::OK {
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(OpenError::Refused {
+                status,
+                reason: String::from_utf8_lossy(&body).trim().to_owned(),
+            });
+        }
+        hyper::upgrade::on(response)
+            .await
+            .map_err(|e| OpenError::Unreachable(format!("{}: {e}", target.mesh)))
+    }
+}
+
+/// One tunnel, without a pool: TLS 1.3 to node `node`'s mesh port `mesh` presenting `identity`,
+/// then one CONNECT to `target`. For tools and tests that speak to a mesh port directly.
+pub async fn connect(
+    trust: Trust<'_>,
+    identity: &WorkloadIdentity,
+    node: &control::ids::NodeId,
+    mesh: SocketAddr,
+    target: SocketAddrV4,
+) -> Result<TokioIo<Upgraded>, OpenError> {
+    let t = Target { address: *target.ip(), node: node.clone(), mesh };
+    Pool::default().open(trust, "client", identity, &t, target.port()).await.map(TokioIo::new)
+}
+
+/// A workload, as the outbound side knows it.
+pub struct Caller {
+    /// `<service>.<slot>`: the key of its workload certificate.
+    pub endpoint: String,
+    pub netns: Arc<Netns>,
+}
+
+/// Where, inside each workload namespace, meshd takes the connections redirected to services.
+/// (A workload cannot use this port itself.)
+pub const REDIRECT_PORT: u16 = 15001;
+
+/// A workload's interception: an nftables rule in its namespace that redirects connections for
+/// every (virtual IP, TCP port) of the services on its networks — one set lookup, whatever their
+/// number — to meshd's listener on `127.0.0.1:15001` there; the original destination
+/// (`SO_ORIGINAL_DST`) names the service. The workload's own ports stay free.
+#[derive(Default)]
+pub struct Interception {
+    accepting: Option<JoinHandle<()>>,
+    services: Arc<arc_swap::ArcSwap<BTreeMap<SocketAddrV4, Service>>>,
+}
+
+impl Drop for Interception {
+    fn drop(&mut self) {
+        if let Some(task) = &self.accepting {
+            task.abort();
+        }
+    }
+}
+
+/// What one (virtual IP, port) leads to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Service {
+    pub network: String,
+    pub name: String,
+}
+
+impl Interception {
+    /// Brings the interception in line with `wanted` ((VIP, port) -> service).
+    pub async fn update(
+        &mut self,
+        mesh: &Arc<Mesh>,
+        caller: &Arc<Caller>,
+        wanted: BTreeMap<SocketAddrV4, Service>,
+    ) -> std::io::Result<()> {
+        if self.accepting.as_ref().is_none_or(|t| t.is_finished()) {
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, REDIRECT_PORT));
+            let listener = caller.netns.listen(address).await?;
+            self.accepting =
+                Some(tokio::spawn(accept(mesh.clone(), caller.clone(), listener, self.services.clone())));
+        }
+        if **self.services.load() != wanted {
+            redirect(caller.netns.name(), wanted.keys()).await?;
+            self.services.store(Arc::new(wanted));
+        }
+        Ok(())
+    }
+
+    /// How many (VIP, port) are intercepted.
+    pub fn len(&self) -> usize {
+        self.services.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.load().is_empty()
+    }
+}
+
+/// Replaces namespace `ns`'s redirect rules (one nftables transaction).
+async fn redirect(ns: &str, services: impl Iterator<Item = &SocketAddrV4>) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let elements: Vec<String> = services.map(|a| format!("{} . {}", a.ip(), a.port())).collect();
+    let elements =
+        if elements.is_empty() { String::new() } else { format!("elements = {{ {} }}", elements.join(", ")) };
+    let script = format!(
+        "table ip mesh {{}}\ndelete table ip mesh\n\
+         table ip mesh {{\n\
+           set services {{ type ipv4_addr . inet_service; {elements} }}\n\
+           chain intercept {{\n\
+             type nat hook output priority -100; policy accept;\n\
+             ip daddr . tcp dport @services redirect to :{REDIRECT_PORT}\n\
+           }}\n\
+         }}\n"
+    );
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("running nft (is nftables installed?): {e}")))?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes()).await?;
+    let out = child.wait_with_output().await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("nft in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// The destination a redirected connection was for.
+fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddrV4> {
+    let addr = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst)?;
+    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), u16::from_be(addr.sin_port)))
+}
+
+async fn accept(
+    mesh: Arc<Mesh>,
+    caller: Arc<Caller>,
+    listener: TcpListener,
+    services: Arc<arc_swap::ArcSwap<BTreeMap<SocketAddrV4, Service>>>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let service = original_destination(&stream)
+                    .ok()
+                    .and_then(|to| Some((services.load().get(&to)?.clone(), to.port())));
+                match service {
+                    Some((service, port)) => {
+                        tokio::spawn(forward(mesh.clone(), caller.clone(), service, port, stream));
+                    }
+                    None => debug!(caller = %caller.endpoint, "a connection not for a service; closed"),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting a workload's connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Carries one workload connection to an endpoint of `service`: round robin, skipping endpoints
+/// that failed lately, trying up to three.
+async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, service: Service, port: u16, mut stream: TcpStream) {
+    let outcome = |o: &'static str| mesh.metrics.outbound.get_or_create(&Outcome { outcome: o }).inc();
+    let identity = mesh.certificates.lock().expect("lock").get(&caller.endpoint).cloned();
+    let Some(identity) = identity else {
+        warn!(caller = %caller.endpoint, "no workload certificate yet; connection closed");
+        outcome("no_certificate");
+        return;
+    };
+    let Some(route) = mesh.view.load().route(&service.network, &service.name) else {
+        outcome("no_endpoint");
+        return;
+    };
+    for _ in 0..route.targets.len().min(3) {
+        let Some(target) = route.pick(&mesh.failed) else { break };
+        match mesh.pool.open(mesh.trust(), &caller.endpoint, &identity, target, port).await {
+            Ok(tunnel) => {
+                outcome("ok");
+                let mut tunnel = TokioIo::new(tunnel);
+                let copied = tokio::io::copy_bidirectional(&mut stream, &mut tunnel).await;
+                if let Ok((up, down)) = copied {
+                    mesh.metrics.bytes.get_or_create(&Direction { direction: "outbound" }).inc_by(up + down);
+                }
+                return;
+            }
+            Err(OpenError::Refused { status, reason }) => {
+                info!(caller = %caller.endpoint, service = %service.name, port, status, %reason, "connection refused by the destination");
+                outcome("refused");
+                return;
+            }
+            Err(e) => {
+                warn!(caller = %caller.endpoint, service = %service.name, endpoint = %target.address, error = %e, "endpoint unreachable; trying another");
+                mesh.failed(target.address);
+            }
+        }
+    }
+    outcome("unreachable");
+}

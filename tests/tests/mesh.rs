@@ -1,0 +1,379 @@
+//! The mTLS mesh end to end, as root: a lab of namespaces running the real control plane and
+//! meshd; `web` on host 2 calls `api` on host 3 through both meshd; the policy decides per
+//! request; the mesh port is attacked with missing, wrong, expired and removed identities;
+//! workloads cannot go around the mesh.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use control::ca::{CertInfo, ClusterCa, Subject};
+use control::ids::NodeId;
+use control::tls::Identity;
+use mesh_tests::lab::{Lab, in_namespace, script};
+use meshd::identity::WorkloadIdentity;
+use meshd::mesh::outbound::{OpenError, Trust};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Labs run one at a time: they share the machine's two cores.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+const POLICY: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "web-reads-items"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [80]
+methods = ["GET", "HEAD"]
+paths = ["/v1/items", "/v1/items/*"]
+
+[[rule]]
+name = "no-deletes"
+action = "deny"
+from = ["*"]
+to = ["api"]
+methods = ["DELETE"]
+
+[[rule]]
+name = "web-opens-echo"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [7000]
+protocol = "tcp"
+
+[[test]]
+from = "web"
+to = "api"
+port = 80
+method = "GET"
+path = "/v1/items/7"
+expect = "allow"
+"#;
+
+struct Setup {
+    lab: Lab,
+    web: String,
+    api_vip: String,
+    api_address: String,
+    other_vip: String,
+}
+
+fn echo() -> &'static str {
+    env!("CARGO_BIN_EXE_mesh-echo")
+}
+
+fn inspect(lab: &Lab, service: &str) -> serde_json::Value {
+    serde_json::from_str(&lab.meshctl(&["service", "inspect", service])).unwrap()
+}
+
+fn apply_policy(lab: &Lab, text: &str) {
+    let file = lab.work.path().join(format!("policy-{}.toml", rand_suffix()));
+    std::fs::write(&file, text).unwrap();
+    lab.meshctl(&["policy", "apply", file.to_str().unwrap()]);
+}
+
+fn rand_suffix() -> u32 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos()
+}
+
+fn setup() -> Setup {
+    let lab = Lab::start(3);
+    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.41.0.0/24"]);
+    lab.meshctl(&["network", "create", "back", "--subnet", "10.42.0.0/24"]);
+    let api = format!("{e} http 80 api & {e} tcp 7000 & exec {e} tcp 7001", e = echo());
+    lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(2)]);
+    lab.meshctl(&[
+        "service",
+        "create",
+        "api",
+        "--network",
+        "front",
+        "--port",
+        "80/http",
+        "--port",
+        "7000",
+        "--port",
+        "7001",
+        "--constraint",
+        &on(3),
+        "--command",
+        &api,
+    ]);
+    let other = format!("exec {} http 80 other", echo());
+    lab.meshctl(&[
+        "service",
+        "create",
+        "other",
+        "--network",
+        "back",
+        "--port",
+        "80/http",
+        "--constraint",
+        &on(3),
+        "--command",
+        &other,
+    ]);
+    apply_policy(&lab, POLICY);
+    let api = inspect(&lab, "api");
+    let s = Setup {
+        web: lab.workload(2, "web", 1),
+        api_vip: api["vips"]["front"].as_str().unwrap().to_owned(),
+        api_address: api["endpoints"][0]["addresses"]["front"].as_str().unwrap().to_owned(),
+        other_vip: inspect(&lab, "other")["vips"]["back"].as_str().unwrap().to_owned(),
+        lab,
+    };
+    let url = format!("http://{}/v1/items", s.api_vip);
+    s.lab.wait("web to reach api through the mesh", || curl(&s.lab, &s.web, &[&url]).0 == 200);
+    s
+}
+
+/// curl from `ns`: (status, body). Status 0 when no HTTP answer came.
+fn curl(lab: &Lab, ns: &str, args: &[&str]) -> (u16, String) {
+    let out = lab.exec(ns, &["curl", "-sS", "-m", "3", "-w", "\n%{http_code}"]).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Sends `message` to `address:port` from `ns` over plain TCP; returns what came back.
+fn tcp_exchange(lab: &Lab, ns: &str, address: &str, port: u16, message: &str) -> String {
+    let code = format!(
+        "import socket,sys\ns=socket.create_connection(('{address}',{port}),timeout=3)\ns.sendall(b'{message}')\n\
+         try:\n  sys.stdout.write(s.recv(100).decode())\nexcept Exception as e:\n  sys.stdout.write('error: '+str(e))\n"
+    );
+    let out = lab.exec(ns, &["python3", "-c", &code]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn metrics(lab: &Lab, host: usize) -> String {
+    let out = lab
+        .exec(&lab.host(host), &["curl", "-sS", "-m", "3", "http://127.0.0.1:9480/metrics"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn requests_through_the_mesh_are_decided_one_by_one() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let (lab, web) = (&s.lab, s.web.as_str());
+    let items = format!("http://{}/v1/items", s.api_vip);
+    // Allowed, answered by api on the other host; by virtual IP and by name; HTTP/1.1 and HTTP/2.
+    assert_eq!(curl(lab, web, &[&items]), (200, "api GET /v1/items HTTP/1.1\n".into()));
+    assert_eq!(curl(lab, web, &["http://api/v1/items/7"]).0, 200);
+    assert_eq!(
+        curl(lab, web, &["--http2-prior-knowledge", &items]),
+        (200, "api GET /v1/items HTTP/2.0\n".into())
+    );
+    // Denied: 403 naming the rule, or the default, with a request ID.
+    let (code, body) = curl(lab, web, &["-X", "DELETE", &format!("{items}/7")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("deny by rule `no-deletes`") && body.contains("request id: "), "{body}");
+    let (code, body) = curl(lab, web, &["-X", "POST", &items]);
+    assert_eq!(code, 403);
+    assert!(body.contains("web -> api:80 POST /v1/items: deny by default"), "{body}");
+    let (code, body) = curl(lab, web, &["--http2-prior-knowledge", &format!("http://{}/admin", s.api_vip)]);
+    assert_eq!(code, 403, "HTTP/2 requests are decided one by one too: {body}");
+    // Opaque TCP: the L4 rule at connect time.
+    assert_eq!(tcp_exchange(lab, web, &s.api_vip, 7000, "hello"), "hello");
+    assert!(!tcp_exchange(lab, web, &s.api_vip, 7001, "hello").contains("hello"), "7001 has no rule");
+    // A service on another network: no name, no listener for its address.
+    assert_eq!(curl(lab, web, &[&format!("http://{}/", s.other_vip)]).0, 0);
+    assert_eq!(curl(lab, web, &["http://other/"]).0, 0);
+    // Counted by rule on the destination's meshd; the denial is logged there with its ID.
+    let m = metrics(lab, 3);
+    for want in [
+        r#"rule="no-deletes""#,
+        r#"verdict="deny""#,
+        r#"rule="web-reads-items""#,
+        "mesh_request_duration_seconds_bucket",
+        "mesh_workload_certificate_expiry_timestamp_seconds{endpoint=\"api.1\"}",
+        "mesh_overlay_drops_total{reason=\"filtered\"}",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+    let log = std::fs::read_to_string(lab.work.path().join("meshd-3.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request denied") && l.contains("no-deletes") && l.contains("request_id"))
+    );
+}
+
+#[test]
+fn workloads_cannot_go_around_the_mesh() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let (lab, web) = (&s.lab, s.web.as_str());
+    // Straight to api's own address: HTTP has no L4 rule, so the packets are dropped at host 3.
+    let before = lab.drops(3, "filtered");
+    assert_eq!(
+        curl(lab, web, &["--connect-timeout", "1", &format!("http://{}/v1/items", s.api_address)]).0,
+        0
+    );
+    assert!(lab.drops(3, "filtered") > before, "dropped by the filter on the destination");
+    // What an L4 rule allows passes straight, replies included; ping too.
+    assert_eq!(tcp_exchange(lab, web, &s.api_address, 7000, "direct"), "direct");
+    assert!(lab.exec(web, &["ping", "-c", "1", "-W", "2", &s.api_address]).status().unwrap().success());
+}
+
+/// Identities at the mesh port, tried as an attacker would, from host 2's namespace.
+#[test]
+fn the_mesh_port_refuses_callers_without_a_valid_workload_identity() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let lab = &s.lab;
+    let control = lab.work.path().join("control");
+    let ca = ClusterCa::load(
+        &std::fs::read_to_string(control.join("ca.crt")).unwrap(),
+        &std::fs::read_to_string(control.join("ca.key")).unwrap(),
+    )
+    .unwrap();
+    let node_pem = std::fs::read_to_string(lab.node_dir(2).join("node.crt")).unwrap();
+    let cluster: control::ids::ClusterId =
+        CertInfo::from_pem(&node_pem).unwrap().organization.parse().unwrap();
+    let (h2, h3): (NodeId, NodeId) = (lab.node_id(2).parse().unwrap(), lab.node_id(3).parse().unwrap());
+    let issue = |service: &str, node: &NodeId, lifetime: Duration, shift: i64| {
+        let mut subject = Subject::workload(&cluster, service, 1, node, lifetime);
+        subject.not_before -= time::Duration::hours(shift);
+        subject.not_after -= time::Duration::hours(shift);
+        let (cert_pem, key_pem) = ca.issue_with_new_key(&subject).unwrap();
+        WorkloadIdentity { identity: Identity { cert_pem, key_pem }, not_after: subject.not_after }
+    };
+    let mesh: SocketAddr = format!("{}:4800", lab.addr(3)).parse().unwrap();
+    let target: SocketAddrV4 = format!("{}:80", s.api_address).parse().unwrap();
+    let ca_der = ca.cert_der().to_vec();
+    let cluster_text = cluster.to_string();
+    let get = |identity: WorkloadIdentity| -> Result<String, OpenError> {
+        in_namespace(&lab.host(2), || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                let trust = Trust { ca_der: &ca_der, cluster: &cluster_text };
+                let mut tunnel = meshd::mesh::outbound::connect(trust, &identity, &h3, mesh, target).await?;
+                tunnel
+                    .write_all(b"GET /v1/items HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut answer = String::new();
+                tunnel.read_to_string(&mut answer).await.unwrap();
+                Ok(answer)
+            })
+        })
+    };
+    let hour = Duration::from_secs(3600);
+    // The baseline: a good certificate for web works from outside meshd too.
+    let answer = get(issue("web", &h2, hour, 0)).expect("a valid web certificate");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("api GET /v1/items HTTP/1.1\n"),
+        "{answer}"
+    );
+    // A service on another network.
+    let refused = |r: Result<String, OpenError>| match r {
+        Err(OpenError::Refused { status, reason }) => (status, reason),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (status, reason) = refused(get(issue("other", &h3, hour, 0)));
+    assert_eq!(status, 403);
+    assert!(reason.contains("`other` is not on network `front`"), "{reason}");
+    // A node certificate is not a workload's.
+    let node = WorkloadIdentity {
+        identity: Identity {
+            cert_pem: node_pem.clone(),
+            key_pem: std::fs::read_to_string(lab.node_dir(2).join("node.key")).unwrap(),
+        },
+        not_after: CertInfo::from_pem(&node_pem).unwrap().not_after,
+    };
+    let (status, reason) = refused(get(node));
+    assert_eq!(status, 403);
+    assert!(reason.contains("not of a workload"), "{reason}");
+    // Expired: the server ends the handshake (in TLS 1.3 the client learns it at its first
+    // write), so no stream opens.
+    assert!(matches!(get(issue("web", &h2, hour, 2)), Err(OpenError::Unreachable(_))));
+    // From another CA: the handshake fails.
+    let rogue = ClusterCa::generate(&cluster).unwrap();
+    let (cert_pem, key_pem) =
+        rogue.issue_with_new_key(&Subject::workload(&cluster, "web", 1, &h2, hour)).unwrap();
+    let rogue = WorkloadIdentity {
+        identity: Identity { cert_pem, key_pem },
+        not_after: time::OffsetDateTime::now_utc(),
+    };
+    assert!(matches!(get(rogue), Err(OpenError::Unreachable(_))));
+    // No client certificate at all: TLS refuses.
+    let no_cert = in_namespace(&lab.host(2), || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+            let config = control::tls::client_config(control::tls::ServerTrust::FetchCaOnly, None).unwrap();
+            let tcp = tokio::net::TcpStream::connect(mesh).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("mesh-node").unwrap();
+            let mut tls = match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
+                Ok(t) => t,
+                Err(e) => return e.to_string(),
+            };
+            let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+            let mut buf = [0u8; 64];
+            match tls.read(&mut buf).await {
+                Ok(0) => "closed".to_owned(),
+                Ok(n) => format!("answered {n} bytes"),
+                Err(e) => e.to_string(),
+            }
+        })
+    });
+    assert!(!no_cert.starts_with("answered"), "a client without a certificate got an answer: {no_cert}");
+    // A removed node's workload certificate, though unexpired, is refused.
+    lab.meshctl(&["node", "rm", &h2.to_string()]);
+    let issued_before_removal = issue("web", &h2, hour, 0);
+    lab.wait("host 3 to learn of the removal", || {
+        matches!(get(issued_before_removal.clone()), Err(OpenError::Refused { status: 403, ref reason }) if reason.contains("removed node"))
+    });
+}
+
+#[test]
+fn a_new_policy_applies_to_the_next_request_on_an_open_connection() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let mut child = s
+        .lab
+        .exec(&s.web, &["python3", &script("http_loop.py"), &s.api_vip, "80", "/v1/items", "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    for _ in 0..5 {
+        let line = lines.next().unwrap().unwrap();
+        assert!(line.ends_with(" 200 same"), "{line}");
+    }
+    apply_policy(
+        &s.lab,
+        &POLICY.replace("methods = [\"GET\", \"HEAD\"]", "methods = [\"HEAD\"]").replace(
+            "method = \"GET\"\npath = \"/v1/items/7\"\nexpect = \"allow\"",
+            "method = \"GET\"\npath = \"/v1/items/7\"\nexpect = \"deny\"",
+        ),
+    );
+    let applied = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let mut rest = String::new();
+    for line in lines.map_while(Result::ok) {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    let _ = child.wait();
+    let denied: Vec<(f64, &str)> = rest
+        .lines()
+        .filter(|l| l.contains(" 403 "))
+        .map(|l| (l.split(' ').next().unwrap().parse().unwrap(), l))
+        .collect();
+    assert!(!denied.is_empty(), "the new policy never applied:\n{rest}");
+    assert!(
+        denied[0].0 - applied < 1.0,
+        "applied {:.2} s after `policy apply` returned",
+        denied[0].0 - applied
+    );
+    assert!(rest.lines().all(|l| l.ends_with(" same")), "the connection was dropped:\n{rest}");
+    let mut stderr = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut stderr));
+}
