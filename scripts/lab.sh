@@ -2,13 +2,14 @@
 # The main job: a local cluster in network namespaces. Hosts are namespaces joined by veth pairs
 # to a bridge that lives in a namespace of its own; mesh-control runs in the first host, meshd in
 # every other. The script joins them, then exercises the cluster the way an operator and an
-# attacker would (identity, networks and services, the encrypted overlay, DNS, policy, node
-# removal) and prints a summary. Everything it creates is removed on exit (unless --keep, which
+# attacker would (identity, networks and services, the encrypted overlay, DNS, policy, the mTLS
+# mesh enforcing it per request, node removal) and prints a summary. Everything it creates is removed on exit (unless --keep, which
 # leaves the lab running and prints how to take it down).
 #
 #   sudo ./scripts/lab.sh [--hosts N] [--keep]
 #
-# Needs root. Installs what it uses (iproute2, iputils, util-linux, python3, dig: apt) if missing
+# Needs root. Installs what it uses (iproute2, iputils, util-linux, python3, dig, curl, nftables:
+# apt) if missing
 # and builds the binaries (cargo, release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ done
 [[ "$hosts" =~ ^[0-9]+$ ]] && [ "$hosts" -ge 3 ] && [ "$hosts" -le 50 ] \
   || { echo "lab.sh: --hosts must be between 3 and 50" >&2; exit 2; }
 need_apt=()
-for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux python3:python3 dig:bind9-dnsutils; do
+for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux python3:python3 dig:bind9-dnsutils curl:curl nft:nftables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -161,7 +162,7 @@ before=$(epoch); meshctl network rotate-key front | sed 's/^/  /'
 check "a key rotation advances the epoch" test "$(epoch)" -gt "$before"
 
 step "Policy"
-meshctl service create api --network front --port 80 | sed 's/^/  /'
+meshctl service create api --network front --port 80/http --command "exec python3 $PWD/examples/http-echo.py 80 api" | sed 's/^/  /'
 check "the example policy's own tests pass locally" meshctl policy test "$PWD/examples/policy.toml"
 meshctl policy apply "$PWD/examples/policy.toml" | sed 's/^/  /'
 sed 's/methods = \["GET", "HEAD"\]/methods = ["HEAD"]/' examples/policy.toml >"$work/broken-policy.toml"
@@ -179,6 +180,25 @@ for i in $(seq 2 "$hosts"); do
     check "$(host "$i") (no api endpoint) holds no api rule" sh -c "! ip netns exec $(host "$i") $bin/meshd status --state-dir $work/h$i/meshd | grep -q web-reads-items"
   fi
 done
+
+step "The mTLS mesh: web calls api through both meshd; the policy decides each request"
+# From web.1's namespace: `curl -w` prints the status after the body.
+call() { ip netns exec "$web1_ns" curl -sS -m 3 -w ' %{http_code}' "$@" 2>&1 | tr '\n' ' '; }
+answers() { local want=$1; shift; call "$@" | grep -q "$want"; }
+for _ in $(seq 50); do answers ' 200$' http://api/v1/items/7 && break; sleep 0.2; done
+echo "  GET http://api/v1/items/7 -> $(call http://api/v1/items/7)"
+check "an allowed request reaches api on its host, by name" answers 'api GET /v1/items/7 .*200$' http://api/v1/items/7
+echo "  DELETE /v1/items/7 -> $(call -X DELETE http://api/v1/items/7)"
+check "a request no rule allows gets 403 from the default" answers 'deny by default' -X DELETE http://api/v1/items/7
+check "an admin may delete an item (header rule)" answers 'api DELETE /v1/items/7 .*200$' -X DELETE -H 'x-role: admin' http://api/v1/items/7
+check "deleting everything is denied by its rule, even for an admin" \
+  answers 'deny by rule .nobody-deletes-everything.' -X DELETE -H 'x-role: admin' http://api/v1/items/all
+read -r api_addr _ <<<"$(svc_addr api 0 front)"
+check "going around the mesh (straight to api's address) is dropped" refused call --connect-timeout 1 "http://$api_addr/v1/items/7"
+metrics=$(ip netns exec "$(host "$api_i")" curl -sS -m 3 http://127.0.0.1:9480/metrics || true)
+echo "$metrics" | grep '^mesh_verdicts_total' | sed 's/^/  /'
+counted() { echo "$metrics" | grep -q 'rule="nobody-deletes-everything"'; }
+check "the api host counts verdicts by rule (Prometheus)" counted
 
 web_host=$(meshctl service inspect web | grep -o '"node": "[a-z0-9]*"' | head -1 | grep -o '[a-z0-9]\{25\}')
 
