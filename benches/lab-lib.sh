@@ -1,6 +1,8 @@
 # Shared by the benchmark scripts: a two-worker lab in namespaces (control in h1, meshd in h2
 # and h3), one encrypted network `bench` with a `client` endpoint on h2 and a `server` endpoint on
-# h3. Source it after setting `bin` (release binaries) and `p` (a unique prefix). Defines
+# h3 (ports 5201/tcp and 8080/http; SERVER_COMMAND runs in it when set), and a policy letting the
+# client open 5201 over the overlay and GET on 8080 through the mesh. Source it after setting `bin`
+# (release binaries) and `p` (a unique prefix). Defines
 # host/addr/meshctl, cli_ns, srv_ns, srv_ip, and a cleanup trap.
 work=$(mktemp -d); br="$p-br"
 host() { echo "$p-h$1"; }
@@ -40,7 +42,27 @@ h2=$(meshctl node ls --format json | python3 -c "import json,sys; print([n['id']
 h3=$(meshctl node ls --format json | python3 -c "import json,sys; print([n['id'] for n in json.load(sys.stdin) if n['hostname']=='$(host 3)'][0])")
 meshctl network create bench --subnet 10.97.0.0/24 >/dev/null
 meshctl service create client --network bench --constraint "node.id==$h2" >/dev/null
-meshctl service create server --network bench --constraint "node.id==$h3" >/dev/null
+meshctl service create server --network bench --port 5201 --port 8080/http --constraint "node.id==$h3" \
+  ${SERVER_COMMAND:+--command "$SERVER_COMMAND"} >/dev/null
+# The policy: iperf3 straight over the overlay (an L4 rule), HTTP GETs through the mesh.
+cat >"$work/policy.toml" <<'POLICY'
+[[rule]]
+name = "bench-overlay"
+action = "allow"
+from = ["client"]
+to = ["server"]
+ports = [5201]
+protocol = "tcp"
+
+[[rule]]
+name = "bench-mesh"
+action = "allow"
+from = ["client"]
+to = ["server"]
+ports = [8080]
+methods = ["GET"]
+POLICY
+meshctl policy apply "$work/policy.toml" >/dev/null
 srv_ns="$(host 3)-server-1"; cli_ns="$(host 2)-client-1"
 for _ in $(seq 100); do ip -n "$srv_ns" -4 -br addr 2>/dev/null | grep -q 10.97 && ip -n "$cli_ns" -4 -br addr 2>/dev/null | grep -q 10.97 && break; sleep 0.1; done
 srv_ip=$(ip -n "$srv_ns" -4 -br addr show mesh0 | awk '{print $3}' | cut -d/ -f1)
