@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Overlay throughput: iperf3 TCP between two workloads on two hosts through meshd (encrypted
-# network), beside plain veth, Nebula and boringtun measured in the same run by the peers script.
-# Prints a table (Gbit/s, and meshd CPU seconds per gigabit) and writes JSON.
+# The overlay, measured: iperf3 between two workloads on two hosts through meshd (encrypted
+# network) — TCP with 1 and 4 streams, UDP — with meshd's CPU seconds per gigabit, and ping
+# latency; beside the plain underlay between the same hosts, and Nebula and boringtun measured in
+# the same run by the peers script. Prints a table and writes JSON (OUT, default
+# target/bench-overlay.json).
 #
-#   sudo benches/throughput.sh [seconds] [streams]    (defaults: 10 s, 1 stream)
+#   sudo benches/throughput.sh [seconds]    (default 10 s per measurement)
 #
 # Needs root. Builds the release binaries; installs iperf3 (apt) if missing. Peers come from
-# PEERS (default ../shared/bench/peers.sh); without it only plain veth and the mesh are measured.
+# PEERS (default ../shared/bench/peers.sh); without it they are left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-10}; streams=${2:-1}
+secs=${1:-10}
 [ "$(id -u)" = 0 ] || { echo "throughput.sh: needs root (network namespaces)" >&2; exit 1; }
 command -v iperf3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
 cargo build --release --locked -q -p control -p meshd
 bin=$PWD/target/release
 peers=${PEERS:-../shared/bench/peers.sh}
+out=${OUT:-$PWD/target/bench-overlay.json}
 
 p="tp$$"
 # shellcheck source=benches/lab-lib.sh
@@ -25,22 +28,63 @@ cpu() { # total CPU seconds (user+system) of both meshd
   for i in 2 3; do read -r -a f <"/proc/$(cat "$work/meshd-$i.pid")/stat"; t=$((t + f[13] + f[14])); done
   echo "$t"
 }
-ip netns exec "$srv_ns" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
-sleep 0.5
-c0=$(cpu)
-json=$(ip netns exec "$cli_ns" iperf3 -c "$srv_ip" -p 5201 -t "$secs" -P "$streams" -J)
-c1=$(cpu)
 tick=$(getconf CLK_TCK)
-mesh=$(python3 -c "
-import json,sys
-d=json.loads(sys.argv[1]); bps=d['end']['sum_received']['bits_per_second']; gbit=d['end']['sum_received']['bytes']*8/1e9
-cpu=($c1-$c0)/$tick
-print(f'{bps/1e9:.2f} {cpu/gbit:.2f}')" "$json")
+iperf() { # name, client namespace, server namespace, server address, iperf3 client args... -> JSON line
+  local name=$1 cns=$2 sns=$3 to=$4; shift 4
+  ip netns exec "$sns" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
+  local server=$!
+  sleep 0.5
+  local c0 c1 json
+  c0=$(cpu)
+  json=$(ip netns exec "$cns" iperf3 -c "$to" -p 5201 -t "$secs" -J "$@")
+  c1=$(cpu)
+  wait "$server" || true
+  python3 - "$name" "$json" "$(( c1 - c0 ))" "$tick" <<'PY'
+import json, sys
+name, d, ticks, tick = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+end = d["end"]
+s = end.get("sum_received") or end["sum"]
+gbit = s["bytes"] * 8 / 1e9
+row = {"name": name, "gbps": round(s["bits_per_second"] / 1e9, 3)}
+if name.startswith("mesh"):
+    row["meshd_cpu_s_per_gbit"] = round(ticks / tick / gbit, 2) if gbit else None
+if "lost_percent" in s:
+    row["lost_percent"] = round(s["lost_percent"], 2)
+print(json.dumps(row))
+PY
+}
+ping_ms() { # namespace, address -> average round trip in ms over 200 pings
+  ip netns exec "$1" ping -q -c 200 -i 0.005 "$2" | awk -F/ '/^rtt/ { print $5 }'
+}
+rows=()
+rows+=("$(iperf "mesh TCP, 1 stream" "$cli_ns" "$srv_ns" "$srv_ip")")
+rows+=("$(iperf "mesh TCP, 4 streams" "$cli_ns" "$srv_ns" "$srv_ip" -P 4)")
+rows+=("$(iperf "mesh UDP" "$cli_ns" "$srv_ns" "$srv_ip" -u -b 0 -l 1300)")
+rows+=("$(iperf "underlay TCP, 1 stream" "$(host 2)" "$(host 3)" "$(addr 3)")")
+mesh_ping=$(ping_ms "$cli_ns" "$srv_ip"); plain_ping=$(ping_ms "$(host 2)" "$(addr 3)")
 for i in 2 3; do ip netns exec "$(host "$i")" "$bin/meshd" status --state-dir "$work/h$i" | grep '^packets' | sed "s/^/  h$i /" >&2; done
-echo "mesh        $mesh" | awk '{printf "%-10s %6s Gbit/s  %s CPU s per Gbit (both meshd)\n", $1, $2, $3}'
-echo "{\"mesh_gbps\": ${mesh% *}, \"mesh_cpu_s_per_gbit\": ${mesh#* }, \"seconds\": $secs, \"streams\": $streams}" >"${OUT:-$work/../mesh-throughput.json}"
+peer_lines=""
 if [ -x "$peers" ]; then
-  "$peers" "$secs"
+  peer_lines=$("$peers" "$secs" || true)
 else
-  echo "(peers script $peers not found: set PEERS=path/to/peers.sh to measure plain veth, Nebula and boringtun)"
+  echo "(peers script $peers not found: set PEERS=path/to/peers.sh to measure plain veth, Nebula and boringtun)" >&2
 fi
+python3 - "$out" "$secs" "$mesh_ping" "$plain_ping" "$peer_lines" "${rows[@]}" <<'PY'
+import json, sys
+out, secs, mesh_ping, plain_ping, peer_lines, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+rows = [json.loads(r) for r in rows]
+for line in peer_lines.splitlines():
+    parts = line.split()
+    if len(parts) >= 2:
+        rows.append({"name": f"peer {parts[0]} TCP, 1 stream", "gbps": float(parts[1])})
+data = {"seconds": secs, "throughput": rows,
+        "ping_ms": {"mesh": float(mesh_ping), "underlay": float(plain_ping)}}
+json.dump(data, open(out, "w"), indent=2)
+print(f"{'path':<28} {'Gbit/s':>7} {'meshd CPU s/Gbit':>17} {'UDP loss':>9}")
+for r in rows:
+    cpu = r.get("meshd_cpu_s_per_gbit")
+    loss = r.get("lost_percent")
+    print(f"{r['name']:<28} {r['gbps']:>7.2f} {'' if cpu is None else cpu:>17} {'' if loss is None else str(loss) + ' %':>9}")
+print(f"ping (avg of 200): mesh {data['ping_ms']['mesh']:.3f} ms, underlay {data['ping_ms']['underlay']:.3f} ms")
+print(f"JSON: {out}")
+PY
