@@ -3,22 +3,24 @@
 # to a bridge that lives in a namespace of its own; mesh-control runs in the first host, meshd in
 # every other. The script joins them, then exercises the cluster the way an operator and an
 # attacker would (identity, networks and services, the encrypted overlay, DNS, policy, the mTLS
-# mesh enforcing it per request, node removal) and prints a summary. Everything it creates is removed on exit (unless --keep, which
-# leaves the lab running and prints how to take it down).
+# mesh enforcing it per request, node removal) and prints a summary. That tour's namespaces are
+# removed on exit (unless --keep). Then it brings up the lab that stays: `meshctl lab up` with the
+# example spec (examples/lab.toml), checked, left running for `meshctl lab exec|status|down`
+# (unless --no-lab).
 #
-#   sudo ./scripts/lab.sh [--hosts N] [--keep]
+#   sudo ./scripts/lab.sh [--hosts N] [--keep] [--no-lab]
 #
 # Needs root. Installs what it uses (iproute2, iputils, util-linux, python3, dig, curl, nftables:
-# apt) if missing
-# and builds the binaries (cargo, release).
+# apt) if missing and builds the binaries (cargo, release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-hosts=4; keep=0
+hosts=4; keep=0; stay=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --hosts) hosts=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --no-lab) stay=0; shift ;;
     -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) echo "lab.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -45,6 +47,15 @@ refused() { ! "$@"; }
 
 step "Building mesh-control, meshctl and meshd (release)"
 cargo build --release --locked -q -p control -p meshd
+# shellcheck disable=SC2317
+lab_up() {
+  step "The lab that stays: meshctl lab up (examples/lab.toml)"
+  if [ -f /var/lib/mesh-lab/lab.json ]; then
+    echo "  an earlier lab is up: taking it down first"; "$bin/meshctl" lab down | sed 's/^/  /'
+  fi
+  "$bin/meshctl" lab up --hosts "$hosts" --spec examples/lab.toml | sed 's/^/  /'
+  echo "  (run meshctl as $bin/meshctl)"
+}
 bin=$PWD/target/release
 
 p="mlab$$"; work=$(mktemp -d /tmp/mesh-lab.XXXXXX); br="$p-br"
@@ -219,4 +230,5 @@ if [ "$keep" = 1 ]; then
   echo "  try: MESHCTL_ADMIN=$MESHCTL_ADMIN ip netns exec $(host 1) $bin/meshctl node ls"
   echo "  take it down: ip netns pids <ns> | xargs kill; ip netns del <ns> for each of: $(ip netns list | grep "^$p" | cut -d' ' -f1 | tr '\n' ' ')"
 fi
-[ "$fail" = 0 ]
+[ "$fail" = 0 ] || exit 1
+if [ "$stay" = 1 ]; then lab_up; fi
