@@ -94,18 +94,26 @@ pub trait Admission {
 /// renews them while they last) for the receive path.
 pub struct Outgoing {
     noted: HashMap<Flow, Instant>,
+    /// The flow noted last (a burst is mostly one flow): checked before the table.
+    last: Option<(Flow, Instant)>,
     to_receiver: mpsc::UnboundedSender<Flow>,
 }
 
 impl Outgoing {
     pub fn new(to_receiver: mpsc::UnboundedSender<Flow>) -> Outgoing {
-        Outgoing { noted: HashMap::new(), to_receiver }
+        Outgoing { noted: HashMap::new(), last: None, to_receiver }
     }
 
     /// Notes `packet`, leaving a workload for a remote endpoint.
     pub fn note(&mut self, packet: &[u8], now: Instant) {
         let Packet::Transport { protocol, source, destination, .. } = classify(packet) else { return };
         let flow = Flow { protocol, local: source, remote: destination };
+        if self.last.is_some_and(|(f, at)| f == flow && now.duration_since(at) < RENEW_AFTER) {
+            return;
+        }
+        if let Some(at) = self.noted.get(&flow) {
+            self.last = Some((flow, *at));
+        }
         if self.noted.get(&flow).is_some_and(|at| now.duration_since(*at) < RENEW_AFTER) {
             return;
         }
@@ -113,6 +121,7 @@ impl Outgoing {
             self.noted.retain(|_, at| now.duration_since(*at) < RENEW_AFTER);
         }
         self.noted.insert(flow, now);
+        self.last = Some((flow, now));
         let _ = self.to_receiver.send(flow);
     }
 }
@@ -125,11 +134,17 @@ pub struct Incoming {
     /// (remote, local, port, protocol) -> the policy's verdict, for the current view.
     decided: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), bool>,
     view: usize,
+    /// The flow admitted last, and when (a burst is mostly one flow): admitted again without the
+    /// tables for up to [`LAST_FOR`] while the view is the same.
+    last: Option<(Flow, Instant)>,
 }
+
+/// How long the last admitted flow skips the tables (far below [`REPLY_WINDOW`]).
+const LAST_FOR: Duration = Duration::from_millis(500);
 
 impl Incoming {
     pub fn new(from_senders: mpsc::UnboundedReceiver<Flow>) -> Incoming {
-        Incoming { from_senders, opened: HashMap::new(), decided: HashMap::new(), view: 0 }
+        Incoming { from_senders, opened: HashMap::new(), decided: HashMap::new(), view: 0, last: None }
     }
 
     /// Whether `packet` (already authenticated, for a local workload) may be delivered.
@@ -140,24 +155,37 @@ impl Incoming {
             Packet::Icmp | Packet::Fragment => true,
             Packet::Other => false,
             Packet::Transport { protocol, source, destination, .. } => {
-                self.take_notes(now);
-                let reply = Flow { protocol, local: destination, remote: source };
-                if self.opened.get(&reply).is_some_and(|at| now.duration_since(*at) < REPLY_WINDOW) {
+                let flow = Flow { protocol, local: destination, remote: source };
+                if view == self.view
+                    && self.last.is_some_and(|(f, at)| f == flow && now.duration_since(at) < LAST_FOR)
+                {
                     return true;
                 }
-                if view != self.view {
-                    self.decided.clear();
-                    self.view = view;
-                }
-                if self.decided.len() >= MAX_FLOWS {
-                    self.decided.clear();
-                }
-                *self
-                    .decided
-                    .entry((source.0, destination.0, destination.1, protocol))
-                    .or_insert_with(|| admission.opens(source.0, destination.0, destination.1))
+                let admitted = self.decide(admission, view, flow, now);
+                self.last = admitted.then_some((flow, now));
+                admitted
             }
         }
+    }
+
+    fn decide(&mut self, admission: &impl Admission, view: usize, flow: Flow, now: Instant) -> bool {
+        self.take_notes(now);
+        // `flow` is seen from the local workload: a reply when the workload opened it.
+        if self.opened.get(&flow).is_some_and(|at| now.duration_since(*at) < REPLY_WINDOW) {
+            return true;
+        }
+        if view != self.view {
+            self.decided.clear();
+            self.view = view;
+        }
+        if self.decided.len() >= MAX_FLOWS {
+            self.decided.clear();
+        }
+        let (remote, local) = (flow.remote, flow.local);
+        *self
+            .decided
+            .entry((remote.0, local.0, local.1, flow.protocol))
+            .or_insert_with(|| admission.opens(remote.0, local.0, local.1))
     }
 
     fn take_notes(&mut self, now: Instant) {
