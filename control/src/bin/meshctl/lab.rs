@@ -2,7 +2,7 @@
 //!
 //! Hosts are namespaces `meshlab-h1..hN` joined by veth pairs to a bridge in a namespace of its
 //! own (`meshlab-br`, underlay 10.77.0.0/24); `mesh-control` runs in h1 and `meshd` in every
-//! other host (the binaries next to this `meshctl`). `up` joins them, applies a spec (networks,
+//! host, h1 included (the binaries next to this `meshctl`). `up` joins them, applies a spec (networks,
 //! services, a policy, checks) and checks what a user would; the lab keeps running until `down`.
 //! What it made is listed in `STATE_DIR/lab.json`, so `down` removes exactly that.
 
@@ -84,8 +84,8 @@ fn get() -> String {
 struct State {
     hosts: usize,
     dir: PathBuf,
-    /// (host, pid) of every process the lab started.
-    processes: Vec<(usize, u32)>,
+    /// (host, pid, program) of every process the lab started.
+    processes: Vec<(usize, u32, String)>,
 }
 
 fn host(i: usize) -> String {
@@ -321,7 +321,7 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
         println!("  {h}  {}", address(i));
     }
 
-    step("mesh-control on h1, meshd on the others");
+    step("mesh-control on h1, meshd on every host");
     let control = format!("{}:7400", address(1));
     let control_dir = dir.join("control");
     let s = |p: &Path| p.to_string_lossy().into_owned();
@@ -345,7 +345,7 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
         &["run", "--state-dir", &s(&control_dir)],
         &dir.join("control.log"),
     )?;
-    state.processes.push((1, pid));
+    state.processes.push((1, pid, "mesh-control".into()));
     save(&state)?;
     ensure!(
         wait(Duration::from_secs(10), || lab.meshctl(&["node", "ls"]).is_ok()),
@@ -353,7 +353,7 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
         dir.display()
     );
     let token = lab.meshctl(&["join-token", "worker", "-q"])?.trim().to_owned();
-    for i in 2..=hosts {
+    for i in 1..=hosts {
         let node_dir = dir.join(format!("h{i}"));
         run(
             "ip",
@@ -379,13 +379,13 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
             &["run", "--state-dir", &s(&node_dir), "--underlay", &address(i), "--netns-prefix", &host(i)],
             &dir.join(format!("meshd-{i}.log")),
         )?;
-        state.processes.push((i, pid));
+        state.processes.push((i, pid, "meshd".into()));
         save(&state)?;
         println!("  {} joined", host(i));
     }
     let all = wait(Duration::from_secs(20), || {
         lab.meshctl(&["node", "ls", "--format", "json"])
-            .is_ok_and(|j| j.matches("\"connected\": true").count() == hosts - 1)
+            .is_ok_and(|j| j.matches("\"connected\": true").count() == hosts)
     });
     ensure!(all, "not every meshd connected (logs in {})", dir.display());
 
@@ -607,9 +607,8 @@ pub fn status(dir: &Path) -> anyhow::Result<()> {
     require_root()?;
     let state = load(dir)?;
     println!("lab in {}: {} hosts", dir.display(), state.hosts);
-    for (i, pid) in &state.processes {
+    for (i, pid, what) in &state.processes {
         let alive = Path::new(&format!("/proc/{pid}")).exists();
-        let what = if *i == 1 { "mesh-control" } else { "meshd" };
         println!(
             "  {}  {}  {what} pid {pid} {}",
             host(*i),
@@ -640,12 +639,12 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     require_root()?;
     let state = load(dir).unwrap_or(State { dir: dir.to_owned(), ..State::default() });
     // meshd first: it removes its workload namespaces as it stops.
-    let mut pids: Vec<(usize, u32)> = state.processes.clone();
-    pids.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-    for (_, pid) in &pids {
+    let mut pids: Vec<(usize, u32, String)> = state.processes.clone();
+    pids.sort_by_key(|(_, _, what)| what == "mesh-control");
+    for (_, pid, _) in &pids {
         let _ = Command::new("kill").arg(pid.to_string()).status();
     }
-    wait(Duration::from_secs(5), || pids.iter().all(|(_, p)| !Path::new(&format!("/proc/{p}")).exists()));
+    wait(Duration::from_secs(5), || pids.iter().all(|(_, p, _)| !Path::new(&format!("/proc/{p}")).exists()));
     let namespaces: Vec<String> = run("ip", &["netns", "list"])?
         .lines()
         .filter_map(|l| l.split_whitespace().next())
