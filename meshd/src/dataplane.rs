@@ -70,7 +70,7 @@ pub struct Dataplane {
     pub certificates: Certificates,
     pub mesh: Arc<Mesh>,
     /// The send paths' notes of flows workloads open, for the receive path's filter.
-    flows: tokio::sync::mpsc::UnboundedSender<Flow>,
+    flows: tokio::sync::mpsc::Sender<Flow>,
     /// Bumped with every view, so the filter's cached verdicts follow.
     generation: std::sync::atomic::AtomicUsize,
     receiver: JoinHandle<()>,
@@ -196,7 +196,7 @@ impl Dataplane {
         }
         let tables = Arc::new(ArcSwap::from_pointee(empty_tables()));
         let devices = Arc::new(ArcSwap::from_pointee(HashMap::new()));
-        let (flows, noted) = tokio::sync::mpsc::unbounded_channel();
+        let (flows, noted) = filter::channel();
         let receiver = tokio::spawn(receive(
             socket.clone(),
             tables.clone(),

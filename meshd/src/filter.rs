@@ -25,6 +25,11 @@ const RENEW_AFTER: Duration = Duration::from_secs(30);
 /// Bound on each table; past it, the oldest entries go.
 const MAX_FLOWS: usize = 1 << 16;
 
+/// The channel from the send paths to the receive path, bounded.
+pub fn channel() -> (mpsc::Sender<Flow>, mpsc::Receiver<Flow>) {
+    mpsc::channel(MAX_FLOWS)
+}
+
 const ICMP: u8 = 1;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -96,11 +101,11 @@ pub struct Outgoing {
     noted: HashMap<Flow, Instant>,
     /// The flow noted last (a burst is mostly one flow): checked before the table.
     last: Option<(Flow, Instant)>,
-    to_receiver: mpsc::UnboundedSender<Flow>,
+    to_receiver: mpsc::Sender<Flow>,
 }
 
 impl Outgoing {
-    pub fn new(to_receiver: mpsc::UnboundedSender<Flow>) -> Outgoing {
+    pub fn new(to_receiver: mpsc::Sender<Flow>) -> Outgoing {
         Outgoing { noted: HashMap::new(), last: None, to_receiver }
     }
 
@@ -122,13 +127,15 @@ impl Outgoing {
         }
         self.noted.insert(flow, now);
         self.last = Some((flow, now));
-        let _ = self.to_receiver.send(flow);
+        // Full (nothing came in for a long while, many new flows went out): the note is lost and
+        // that flow's replies wait for its next note; memory stays bounded.
+        let _ = self.to_receiver.try_send(flow);
     }
 }
 
 /// The receive path's side: decides on every packet arriving for a local workload.
 pub struct Incoming {
-    from_senders: mpsc::UnboundedReceiver<Flow>,
+    from_senders: mpsc::Receiver<Flow>,
     /// Flows local workloads opened -> when last renewed.
     opened: HashMap<Flow, Instant>,
     /// (remote, local, port, protocol) -> the policy's verdict, for the current view.
@@ -143,7 +150,7 @@ pub struct Incoming {
 const LAST_FOR: Duration = Duration::from_millis(500);
 
 impl Incoming {
-    pub fn new(from_senders: mpsc::UnboundedReceiver<Flow>) -> Incoming {
+    pub fn new(from_senders: mpsc::Receiver<Flow>) -> Incoming {
         Incoming { from_senders, opened: HashMap::new(), decided: HashMap::new(), view: 0, last: None }
     }
 
@@ -263,7 +270,7 @@ mod tests {
 
     #[test]
     fn new_flows_need_an_l4_rule_and_icmp_always_passes() {
-        let (_tx, rx) = mpsc::unbounded_channel();
+        let (_tx, rx) = channel();
         let mut incoming = Incoming::new(rx);
         let rules = Rules(vec![(A, B, 5432)]);
         let now = Instant::now();
@@ -277,7 +284,7 @@ mod tests {
 
     #[test]
     fn replies_to_flows_a_workload_opened_pass_until_the_window_closes() {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = channel();
         let mut outgoing = Outgoing::new(tx);
         let mut incoming = Incoming::new(rx);
         let none = Rules(vec![]);
@@ -293,7 +300,7 @@ mod tests {
 
     #[test]
     fn outgoing_notes_a_flow_once_until_it_needs_renewing() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = channel();
         let mut outgoing = Outgoing::new(tx);
         let now = Instant::now();
         let p = packet(UDP, (B, 5000), (A, 53), 0);
@@ -307,7 +314,7 @@ mod tests {
 
     #[test]
     fn cached_verdicts_follow_a_new_view() {
-        let (_tx, rx) = mpsc::unbounded_channel();
+        let (_tx, rx) = channel();
         let mut incoming = Incoming::new(rx);
         let p = packet(TCP, (A, 40000), (B, 5432), SYN);
         let now = Instant::now();
