@@ -217,6 +217,15 @@ impl Lab {
             .args(args))
     }
 
+    /// Applies the policy `text` (each call a file of its own in the lab's directory).
+    pub fn apply_policy(&self, text: &str) {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.work.path().join(format!("policy-{n}.toml"));
+        std::fs::write(&file, text).expect("writing a policy file");
+        self.meshctl(&["policy", "apply", file.to_str().expect("a UTF-8 path")]);
+    }
+
     /// Runs meshctl in the control host; panics with its output on failure.
     pub fn meshctl(&self, args: &[&str]) -> String {
         let out = self.meshctl_status(args);

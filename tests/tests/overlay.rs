@@ -62,13 +62,9 @@ fn setup() -> Setup {
     lab.meshctl(&["service", "create", "other", "--network", "back", "--constraint", &on(&h3)]);
     // These tests are about the overlay: an L4 rule lets workloads talk to each other straight
     // (the no-bypass filter drops what no rule allows; see tests/mesh.rs).
-    let policy = lab.work.path().join("overlay-policy.toml");
-    std::fs::write(
-        &policy,
+    lab.apply_policy(
         "[[rule]]\nname = \"overlay-tests\"\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"web\", \"api\", \"other\"]\nprotocol = \"tcp\"\n",
-    )
-    .unwrap();
-    lab.meshctl(&["policy", "apply", policy.to_str().unwrap()]);
+    );
     let s = Setup {
         web: lab.workload(2, "web", 1),
         api: lab.workload(3, "api", 1),

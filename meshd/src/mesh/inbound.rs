@@ -19,6 +19,7 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -37,13 +38,21 @@ pub const REQUEST_ID: &str = "x-mesh-request-id";
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-fn text(status: StatusCode, id: &str, body: String) -> Response<Body> {
-    Response::builder()
+/// An answer from the mesh itself (a refusal): `why` and a fresh request ID, in the body and in
+/// [`REQUEST_ID`]. Returns the ID for the log line.
+fn answer(status: StatusCode, why: &str) -> (String, Response<Body>) {
+    let id = request_id();
+    let response = Response::builder()
         .status(status)
         .header("content-type", "text/plain; charset=utf-8")
-        .header(REQUEST_ID, id)
-        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
-        .expect("a valid response")
+        .header(REQUEST_ID, &id)
+        .body(
+            Full::new(Bytes::from(format!("{why}\nrequest id: {id}\n")))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("a valid response");
+    (id, response)
 }
 
 /// Serves the mesh port until dropped.
@@ -104,10 +113,10 @@ async fn stream(
     remote: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let id = request_id();
     let refuse = |status: StatusCode, why: String| {
+        let (id, response) = answer(status, &why);
         warn!(request_id = %id, %remote, status = status.as_u16(), reason = %why, "mesh stream refused");
-        text(status, &id, format!("{why}\nrequest id: {id}\n"))
+        response
     };
     if req.method() != hyper::Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "the mesh port takes CONNECT only".into());
@@ -147,6 +156,11 @@ async fn stream(
         port,
         workload: SocketAddr::V4(address),
         netns: local.netns.clone(),
+        latency: mesh
+            .metrics
+            .latency
+            .get_or_create(&Destination { destination: local.service.clone() })
+            .clone(),
         upstream: tokio::sync::Mutex::new(None),
     });
     let upgrade = hyper::upgrade::on(&mut req);
@@ -162,15 +176,13 @@ async fn stream(
         let decision = view.decide(&request);
         tunnel.count(&decision, "tcp");
         if !decision.allowed() {
+            let why = format!("{}: {}", policy::describe(&request), decision.reason());
+            let (id, response) = answer(StatusCode::FORBIDDEN, &why);
             warn!(
                 request_id = %id, source = %tunnel.peer.service, caller = %tunnel.peer.endpoint,
                 destination = %tunnel.service, port, reason = %decision.reason(), "connection denied"
             );
-            return text(
-                StatusCode::FORBIDDEN,
-                &id,
-                format!("{}: {}\nrequest id: {id}\n", policy::describe(&request), decision.reason()),
-            );
+            return response;
         }
         let upstream = match tunnel.netns.connect(tunnel.workload).await {
             Ok(s) => s,
@@ -211,6 +223,8 @@ struct Tunnel {
     port: u16,
     workload: SocketAddr,
     netns: Arc<Netns>,
+    /// The destination's request latency histogram, looked up once per tunnel.
+    latency: Histogram,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
@@ -255,23 +269,17 @@ impl Tunnel {
     /// Decides on one request; answers 403, or forwards it to the workload.
     async fn request(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let id = request_id();
         let view = self.mesh.view.load_full();
-        let latency = || {
-            self.mesh
-                .metrics
-                .latency
-                .get_or_create(&Destination { destination: self.service.clone() })
-                .observe(started.elapsed().as_secs_f64())
-        };
+        let latency = || self.latency.observe(started.elapsed().as_secs_f64());
         if view.removed.contains(&self.peer.node) {
             latency();
             let why = format!(
                 "refused: {} holds a certificate of removed node {}",
                 self.peer.endpoint, self.peer.node
             );
+            let (id, response) = answer(StatusCode::FORBIDDEN, &why);
             warn!(request_id = %id, reason = %why, "request refused");
-            return text(StatusCode::FORBIDDEN, &id, format!("{why}\nrequest id: {id}\n"));
+            return response;
         }
         let headers: Vec<(&str, &str)> =
             req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
@@ -286,17 +294,15 @@ impl Tunnel {
         let decision = view.decide(&request);
         self.count(&decision, "http");
         if !decision.allowed() {
+            let why = format!("{}: {}", policy::describe(&request), decision.reason());
+            let (id, response) = answer(StatusCode::FORBIDDEN, &why);
             warn!(
                 request_id = %id, source = %self.peer.service, caller = %self.peer.endpoint,
                 destination = %self.service, port = self.port, method = %req.method(), path = %req.uri().path(),
                 reason = %decision.reason(), "request denied"
             );
             latency();
-            return text(
-                StatusCode::FORBIDDEN,
-                &id,
-                format!("{}: {}\nrequest id: {id}\n", policy::describe(&request), decision.reason()),
-            );
+            return response;
         }
         drop(headers);
         let response = self.forward(req).await;
@@ -304,12 +310,10 @@ impl Tunnel {
         match response {
             Ok(r) => r.map(|b| b.boxed()),
             Err(e) => {
+                let (id, response) =
+                    answer(StatusCode::BAD_GATEWAY, &format!("{} did not answer: {e}", self.workload));
                 warn!(request_id = %id, destination = %self.service, error = %e, "the workload did not answer");
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    &id,
-                    format!("{} did not answer: {e}\nrequest id: {id}\n", self.workload),
-                )
+                response
             }
         }
     }
