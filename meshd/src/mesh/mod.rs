@@ -2,16 +2,16 @@
 //!
 //! ```text
 //!  workload `web` (netns)            node A meshd                node B meshd            workload `api`
-//!  connect(api VIP:80) ──► listener on VIP:80 ──► mTLS (web's cert) ──► mesh port ──► policy ──► api:80
-//!                          inside web's netns     HTTP/2 CONNECT        verify peer     per request
-//!                                                 pooled per (web, B)   (SPIFFE ID)     (403 or forward)
+//!  connect(api VIP:80) ──► nft redirect to ──► mTLS (web's cert) ──► mesh port ──► policy ──► api:80
+//!                          127.0.0.1:15001        HTTP/2 CONNECT        verify peer     per request
+//!                          in web's netns         pooled per (web, B)   (SPIFFE ID)     (403 or forward)
 //! ```
 //!
-//! * Outbound ([`outbound`]): each workload namespace gets every service on its networks as a
-//!   `/32` on its loopback and a listener per (virtual IP, TCP port), opened by meshd inside the
-//!   namespace, so meshd knows which workload called. A connection is carried to an endpoint
-//!   (round robin, skipping those that failed lately) over one HTTP/2 CONNECT stream on a TLS 1.3
-//!   connection to the endpoint's node, presenting the caller's workload certificate; the
+//! * Outbound ([`outbound`]): in each workload namespace an nftables rule redirects every
+//!   (virtual IP, TCP port) of the services on its networks to meshd's listener there, so meshd
+//!   knows which workload called; the original destination names the service. A connection is
+//!   carried to an endpoint (round robin, skipping those that failed lately) over one HTTP/2
+//!   CONNECT stream on a TLS 1.3 connection to the endpoint's node, presenting the caller's workload certificate; the
 //!   connection is reused for every later stream from that workload to that node.
 //! * Inbound ([`inbound`]): the mesh port (TCP, the underlay port's number) requires a workload
 //!   certificate of this cluster from a node not removed, then decides with the policy: at

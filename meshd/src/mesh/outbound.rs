@@ -213,15 +213,6 @@ impl Interception {
         }
         Ok(())
     }
-
-    /// How many (VIP, port) are intercepted.
-    pub fn len(&self) -> usize {
-        self.services.load().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.services.load().is_empty()
-    }
 }
 
 /// Replaces namespace `ns`'s redirect rules (one nftables transaction).
