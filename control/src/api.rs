@@ -1,8 +1,11 @@
-//! The gRPC services nodes and admins call: identity (CA fetch, join, renewal) and admin.
+//! The gRPC services nodes and admins call: identity (CA fetch, join, renewal), admin, the
+//! managers' own (where the leader is, adding a manager, unlocking) and raft between managers.
 //! (The dispatcher's session service lives with the dispatcher.)
 
 pub mod admin;
 pub mod identity;
+pub mod managers;
+pub mod raft;
 
 use tonic::Status;
 use tracing::warn;

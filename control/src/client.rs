@@ -31,6 +31,8 @@ pub enum ClientError {
     Tls(#[from] tls::TlsError),
     #[error("control at {addr} refused the call: {message} ({code:?})")]
     Refused { addr: String, code: tonic::Code, message: String },
+    #[error("no manager leads the cluster now; tried: {tried}")]
+    NoLeader { tried: String },
 }
 
 impl ClientError {
@@ -52,6 +54,66 @@ impl ClientError {
             source = cause.source();
         }
         ClientError::Refused { addr: addr.to_owned(), code: status.code(), message }
+    }
+}
+
+/// The metadata in which a follower names the leader's address.
+pub const LEADER_HEADER: &str = "x-mesh-leader";
+/// How long a client looks for a leader before giving up (an election takes about a second).
+pub const FIND_LEADER_FOR: Duration = Duration::from_secs(20);
+/// Pause between rounds of asking every manager.
+const RETRY_LEADER: Duration = Duration::from_millis(300);
+
+/// The leader's address a follower named in its refusal, if it named one.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status.metadata().get(LEADER_HEADER)?.to_str().ok().map(str::to_owned)
+}
+
+/// The manager that leads, found from any of them.
+pub struct Leader {
+    pub addr: String,
+    pub channel: Channel,
+    /// Every manager's control address, as the leader knows them.
+    pub managers: Vec<String>,
+}
+
+/// Finds the leader among `managers`, following the leader named by followers, and returns a
+/// channel to it (TLS with `config`). Keeps asking through an election, for [`FIND_LEADER_FOR`].
+pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Leader, ClientError> {
+    let deadline = tokio::time::Instant::now() + FIND_LEADER_FOR;
+    loop {
+        let mut tried = Vec::new();
+        let mut queue: std::collections::VecDeque<String> = managers.iter().cloned().collect();
+        while let Some(addr) = queue.pop_front() {
+            if tried.iter().any(|(a, _): &(String, String)| a == &addr) {
+                continue;
+            }
+            let channel = match channel(&addr, config.clone()).await {
+                Ok(channel) => channel,
+                Err(e) => {
+                    tried.push((addr, e.to_string()));
+                    continue;
+                }
+            };
+            let mut client = pb::managers_client::ManagersClient::new(channel.clone());
+            match client.leader(pb::LeaderRequest {}).await {
+                Ok(answer) => {
+                    let managers = answer.into_inner().managers;
+                    return Ok(Leader { addr, channel, managers });
+                }
+                Err(status) => {
+                    if let Some(hint) = leader_hint(&status) {
+                        queue.push_front(hint);
+                    }
+                    tried.push((addr.clone(), ClientError::refused(&addr, status).to_string()));
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let tried = tried.into_iter().map(|(_, e)| e).collect::<Vec<_>>().join("; ");
+            return Err(ClientError::NoLeader { tried });
+        }
+        tokio::time::sleep(RETRY_LEADER).await;
     }
 }
 
@@ -104,21 +166,40 @@ pub async fn fetch_root_ca(addr: &str) -> Result<String, ClientError> {
 /// The admin API, as `meshctl` uses it.
 pub struct AdminClient {
     addr: String,
+    managers: Vec<String>,
     inner: pb::admin_client::AdminClient<Channel>,
 }
 
 impl AdminClient {
+    /// An admin client of the leader, found from the managers in `bundle`.
     pub async fn connect(bundle: &crate::cluster::AdminBundle) -> Result<AdminClient, ClientError> {
         let ca_der = crate::ca::pem_to_der(&bundle.ca_pem).map_err(|e| {
             ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
         })?;
-        let channel = authenticated_channel(&bundle.control, &ca_der, Some(&bundle.identity)).await?;
-        Ok(AdminClient::from_channel(&bundle.control, channel))
+        let config = tls::client_config(ServerTrust::Ca(&ca_der), Some(&bundle.identity))?;
+        let leader = leader(&bundle.managers, config).await?;
+        let mut client = AdminClient::from_channel(&leader.addr, leader.channel);
+        client.managers = leader.managers;
+        Ok(client)
+    }
+
+    /// Every manager's address, as the leader named them when this client connected.
+    pub fn managers(&self) -> &[String] {
+        &self.managers
+    }
+
+    /// The manager this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// An admin client over an existing channel (whose TLS identity decides what it may do).
     pub fn from_channel(addr: &str, channel: Channel) -> AdminClient {
-        AdminClient { addr: addr.to_owned(), inner: pb::admin_client::AdminClient::new(channel) }
+        AdminClient {
+            addr: addr.to_owned(),
+            managers: Vec::new(),
+            inner: pb::admin_client::AdminClient::new(channel),
+        }
     }
 
     fn refused(&self, status: tonic::Status) -> ClientError {
@@ -152,6 +233,32 @@ impl AdminClient {
             .await
             .map_err(|s| self.refused(s))?;
         self.convert(node.into_inner())
+    }
+
+    pub async fn promote_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+        let request = pb::InspectNodeRequest { id: id.to_owned() };
+        let node = self.inner.promote_node(request).await.map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    pub async fn demote_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+        let request = pb::InspectNodeRequest { id: id.to_owned() };
+        let node = self.inner.demote_node(request).await.map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    /// Turns autolock on (returning the unlock key) or off.
+    pub async fn update_cluster(&mut self, autolock: bool) -> Result<String, ClientError> {
+        let request = pb::UpdateClusterRequest { autolock };
+        let response = self.inner.update_cluster(request).await.map_err(|s| self.refused(s))?;
+        Ok(response.into_inner().key)
+    }
+
+    /// The unlock key, or a new one with `rotate`.
+    pub async fn unlock_key(&mut self, rotate: bool) -> Result<String, ClientError> {
+        let response =
+            self.inner.unlock_key(pb::UnlockKeyRequest { rotate }).await.map_err(|s| self.refused(s))?;
+        Ok(response.into_inner().key)
     }
 
     pub async fn join_token(&mut self, role: Role, rotate: bool) -> Result<String, ClientError> {
@@ -276,6 +383,19 @@ impl AdminClient {
             message: format!("control sent a malformed message: {e}"),
         })
     }
+}
+
+/// Gives `key` to the (locked) manager at `addr`, as the admin of `bundle`.
+pub async fn unlock(bundle: &crate::cluster::AdminBundle, addr: &str, key: &str) -> Result<(), ClientError> {
+    let ca_der = crate::ca::pem_to_der(&bundle.ca_pem).map_err(|e| {
+        ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
+    })?;
+    let channel = authenticated_channel(addr, &ca_der, Some(&bundle.identity)).await?;
+    pb::managers_client::ManagersClient::new(channel)
+        .unlock(pb::UnlockRequest { key: key.to_owned() })
+        .await
+        .map_err(|s| ClientError::refused(addr, s))?;
+    Ok(())
 }
 
 fn name_request(name: &str) -> pb::NameRequest {

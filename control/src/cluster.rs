@@ -1,13 +1,15 @@
 //! Creating a cluster and opening it again: the manager's state directory.
 //!
 //! ```text
-//! DIR/cluster.redb       the replicated store: raft log, vote, snapshots, sealed with the data key
-//! DIR/data.key           the data key that seals the state at rest (0600)
-//! DIR/ca.crt, ca.key     the root CA (key 0600)
+//! DIR/cluster.redb       the replicated store: raft log, vote, snapshots, sealed with the data key;
+//!                        the CA's key and the join tokens live in it, so every manager has them
+//! DIR/data.key           the data key that seals the state at rest (0600); under autolock it is
+//!                        itself wrapped by the unlock key, which no manager keeps
+//! DIR/ca.crt             the root CA certificate
 //! DIR/manager.crt, .key  this manager's own certificate (key 0600)
-//! DIR/join-tokens.json   the current join tokens, for `meshctl join-token` (0600)
-//! DIR/config.json        the listen and advertised addresses
-//! DIR/admin/             the admin bundle for meshctl: ca.crt, admin.crt, admin.key (0600), control
+//! DIR/config.json        the listen and advertised addresses, the raft ID
+//! DIR/admin/             (first manager) the admin bundle for meshctl: ca.crt, admin.crt,
+//!                        admin.key (0600), control (one manager address per line)
 //! ```
 
 use std::net::SocketAddr;
@@ -20,8 +22,9 @@ use time::OffsetDateTime;
 use crate::ca::{CaError, CertInfo, ClusterCa, Subject};
 use crate::files::{self, FileError, PUBLIC, SECRET};
 use crate::ids::{ClusterId, NodeId};
-use crate::seal::{DataKey, SealError};
-use crate::state::{ClusterState, Command, NodeRecord, NodeState};
+use crate::peers::Peers;
+use crate::seal::{DataKey, KeyFile, SealError, UnlockKey};
+use crate::state::{CaRecord, ClusterState, Command, NodeRecord, NodeState, Secret};
 use crate::store::{Store, StoreError};
 use crate::tls::Identity;
 use crate::tokens::{JoinToken, Role};
@@ -51,8 +54,12 @@ pub enum ClusterError {
     Seal(#[from] SealError),
     #[error("{path} is corrupt: {error}")]
     Corrupt { path: PathBuf, error: String },
-    #[error("the join token in {path} is malformed: {error}")]
-    BadToken { path: PathBuf, error: crate::tokens::TokenError },
+    #[error(transparent)]
+    Join(#[from] crate::joining::JoinError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0} is a worker token: a manager joins with the manager token (`meshctl join-token manager`)")]
+    WorkerToken(String),
 }
 
 /// Where the manager listens and what address it tells others to use.
@@ -63,6 +70,10 @@ pub struct ManagerConfig {
     /// This manager's ID in the store's raft group.
     #[serde(default = "first_raft_id")]
     pub raft_id: u64,
+    /// For a manager that joined: the managers it joined through, asked to add it to the raft
+    /// group until it is in.
+    #[serde(default)]
+    pub join: Vec<String>,
 }
 
 impl ManagerConfig {
@@ -75,19 +86,12 @@ impl ManagerConfig {
                 listen
             }
         });
-        ManagerConfig { listen, advertise, raft_id: first_raft_id() }
+        ManagerConfig { listen, advertise, raft_id: first_raft_id(), join: Vec::new() }
     }
 }
 
 fn first_raft_id() -> u64 {
     1
-}
-
-/// The plaintext join tokens, kept by the manager for display; the cluster state holds hashes.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct TokenFile {
-    worker: String,
-    manager: String,
 }
 
 /// Paths in a manager's state directory.
@@ -109,17 +113,11 @@ impl ManagerDir {
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.crt")
     }
-    pub fn ca_key(&self) -> PathBuf {
-        self.root.join("ca.key")
-    }
     pub fn manager_cert(&self) -> PathBuf {
         self.root.join("manager.crt")
     }
     pub fn manager_key(&self) -> PathBuf {
         self.root.join("manager.key")
-    }
-    pub fn tokens(&self) -> PathBuf {
-        self.root.join("join-tokens.json")
     }
     pub fn config(&self) -> PathBuf {
         self.root.join("config.json")
@@ -127,12 +125,28 @@ impl ManagerDir {
     pub fn admin(&self) -> PathBuf {
         self.root.join("admin")
     }
+
+    /// Refuses a directory that already holds (part of) a cluster.
+    fn check_empty(&self) -> Result<(), ClusterError> {
+        for existing in [self.state(), self.config(), self.data_key(), self.manager_key()] {
+            if existing.exists() {
+                return Err(ClusterError::Exists(self.root.clone(), existing));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the data key file for the unlock key in force (wrapped) or none (in the clear).
+    pub fn write_data_key(&self, key: &DataKey, unlock: Option<&UnlockKey>) -> Result<(), FileError> {
+        key.save(&self.data_key(), unlock)
+    }
 }
 
-/// The admin bundle `meshctl` reads: where control is and how to prove being an admin.
+/// The admin bundle `meshctl` reads: where the managers are and how to prove being an admin.
 #[derive(Clone, Debug)]
 pub struct AdminBundle {
-    pub control: String,
+    /// Manager addresses, tried in turn; the leader is found from any of them.
+    pub managers: Vec<String>,
     pub ca_pem: String,
     pub identity: Identity,
 }
@@ -140,7 +154,7 @@ pub struct AdminBundle {
 impl AdminBundle {
     pub fn load(dir: &Path) -> Result<AdminBundle, FileError> {
         Ok(AdminBundle {
-            control: files::read_string(&dir.join("control"))?.trim().to_owned(),
+            managers: addresses(&files::read_string(&dir.join("control"))?),
             ca_pem: files::read_string(&dir.join("ca.crt"))?,
             identity: Identity {
                 cert_pem: files::read_string(&dir.join("admin.crt"))?,
@@ -149,13 +163,34 @@ impl AdminBundle {
         })
     }
 
+    /// Records the managers' addresses in the bundle in `dir`, when they changed, so that the
+    /// next call finds a leader even if the managers known so far are gone.
+    pub fn remember_managers(&mut self, dir: &Path, managers: &[String]) -> Result<(), FileError> {
+        if managers.is_empty() || self.managers == managers {
+            return Ok(());
+        }
+        self.managers = managers.to_vec();
+        write_addresses(&dir.join("control"), managers)
+    }
+
     fn write(&self, dir: &Path) -> Result<(), FileError> {
         files::create_private_dir(dir)?;
         files::write_atomic(&dir.join("ca.crt"), self.ca_pem.as_bytes(), PUBLIC)?;
         files::write_atomic(&dir.join("admin.crt"), self.identity.cert_pem.as_bytes(), PUBLIC)?;
         files::write_atomic(&dir.join("admin.key"), self.identity.key_pem.as_bytes(), SECRET)?;
-        files::write_atomic(&dir.join("control"), format!("{}\n", self.control).as_bytes(), PUBLIC)
+        write_addresses(&dir.join("control"), &self.managers)
     }
+}
+
+/// Manager addresses from a file: one per line (or separated by commas), blank lines ignored.
+pub fn addresses(text: &str) -> Vec<String> {
+    text.split(['\n', ',']).map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect()
+}
+
+/// Writes manager addresses one per line.
+pub fn write_addresses(path: &Path, managers: &[String]) -> Result<(), FileError> {
+    let text: String = managers.iter().map(|m| format!("{m}\n")).collect();
+    files::write_atomic(path, text.as_bytes(), PUBLIC)
 }
 
 /// What `mesh-control init` made.
@@ -167,13 +202,17 @@ pub struct Created {
     pub manager_token: JoinToken,
     pub admin_dir: PathBuf,
     pub config: ManagerConfig,
+    /// With autolock: the unlock key, shown once.
+    pub unlock_key: Option<UnlockKey>,
 }
 
 /// Creates a cluster in `root`: CA, this manager's identity, join tokens, state, admin bundle.
+/// With `autolock`, the data key is wrapped by a new unlock key, returned to be shown once.
 pub async fn init(
     root: &Path,
     config: ManagerConfig,
     cert_lifetime: Duration,
+    autolock: bool,
 ) -> Result<Created, ClusterError> {
     if cert_lifetime < MIN_CERT_LIFETIME {
         return Err(ClusterError::LifetimeTooShort {
@@ -181,11 +220,7 @@ pub async fn init(
         });
     }
     let dir = ManagerDir::new(root);
-    for existing in [dir.state(), dir.ca_key(), dir.tokens(), dir.data_key()] {
-        if existing.exists() {
-            return Err(ClusterError::Exists(root.to_owned(), existing));
-        }
-    }
+    dir.check_empty()?;
     files::create_private_dir(root)?;
 
     let cluster_id = ClusterId::random();
@@ -196,24 +231,23 @@ pub async fn init(
     let (manager_cert, manager_key) =
         ca.issue_with_new_key(&Subject::node(&cluster_id, &manager_id, Role::Manager, cert_lifetime))?;
     let (admin_cert, admin_key) = ca.issue_with_new_key(&Subject::admin(&cluster_id))?;
+    let identity = Identity { cert_pem: manager_cert.clone(), key_pem: manager_key };
 
     files::write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), PUBLIC)?;
-    files::write_atomic(&dir.ca_key(), ca.key_pem().as_bytes(), SECRET)?;
-    files::write_atomic(&dir.manager_cert(), manager_cert.as_bytes(), PUBLIC)?;
-    files::write_atomic(&dir.manager_key(), manager_key.as_bytes(), SECRET)?;
-    let tokens = TokenFile { worker: worker_token.to_string(), manager: manager_token.to_string() };
-    files::write_atomic(&dir.tokens(), &serde_json::to_vec_pretty(&tokens).expect("serializes"), SECRET)?;
+    dir.write_manager_identity(&identity)?;
     AdminBundle {
-        control: config.advertise.to_string(),
+        managers: vec![config.advertise.to_string()],
         ca_pem: ca.cert_pem().to_owned(),
         identity: Identity { cert_pem: admin_cert, key_pem: admin_key },
     }
     .write(&dir.admin())?;
 
+    let unlock_key = autolock.then(UnlockKey::generate);
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let commands = [
-        Command::SetToken { role: Role::Worker, hash: worker_token.secret_hash() },
-        Command::SetToken { role: Role::Manager, hash: manager_token.secret_hash() },
+    let commands = vec![
+        Command::SetCa(CaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: Secret(ca.key_pem()) }),
+        Command::set_token(Role::Worker, &worker_token),
+        Command::set_token(Role::Manager, &manager_token),
         Command::AddNode(NodeRecord {
             id: manager_id.clone(),
             hostname: hostname(),
@@ -224,23 +258,81 @@ pub async fn init(
             labels: Default::default(),
             underlay: None,
             index: 0,
+            control: Some(config.advertise),
         }),
+        Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
     ];
-    // The state file is written last: its presence is what marks a complete cluster.
     let data_key = DataKey::generate();
-    data_key.save(&dir.data_key())?;
+    dir.write_data_key(&data_key, unlock_key.as_ref())?;
     let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
-    let store =
-        Store::open(&dir.state(), data_key, initial, config.raft_id, &config.advertise.to_string(), true)
-            .await?;
-    store.apply_all(commands.into()).await?;
+    let peers = Peers::new(ca.cert_der(), &identity)?;
+    let store = Store::open(
+        &dir.state(),
+        data_key,
+        initial,
+        config.raft_id,
+        &config.advertise.to_string(),
+        true,
+        peers,
+    )
+    .await?;
+    store.apply_all(commands).await?;
     store.snapshot().await?;
     store.shutdown().await;
     drop(store);
     // The config is written last: its presence is what marks a complete cluster.
     files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
 
-    Ok(Created { cluster_id, manager_id, worker_token, manager_token, admin_dir: dir.admin(), config })
+    Ok(Created {
+        cluster_id,
+        manager_id,
+        worker_token,
+        manager_token,
+        admin_dir: dir.admin(),
+        config,
+        unlock_key,
+    })
+}
+
+/// What `mesh-control join` made.
+#[derive(Debug)]
+pub struct JoinedManager {
+    pub node_id: NodeId,
+    pub raft_id: u64,
+    pub cluster_id: ClusterId,
+}
+
+/// Joins the cluster at `managers` as a manager with the manager `token`: a manager certificate
+/// for a key made here, the CA pinned by the token, a data key of its own. The manager is added
+/// to the raft group once it serves (see [`crate::server::serve`]).
+pub async fn join(
+    root: &Path,
+    mut config: ManagerConfig,
+    managers: &[String],
+    token: &str,
+) -> Result<JoinedManager, ClusterError> {
+    let dir = ManagerDir::new(root);
+    dir.check_empty()?;
+    let joined = crate::joining::join(managers, token, &hostname()).await?;
+    let role = CertInfo::from_pem(&joined.identity.cert_pem)?.unit;
+    if Role::from_ou(&role) != Some(Role::Manager) {
+        return Err(ClusterError::WorkerToken(format!("node {} joined as a worker: the token", joined.id)));
+    }
+    files::create_private_dir(root)?;
+    files::write_atomic(&dir.ca_cert(), joined.ca_pem.as_bytes(), PUBLIC)?;
+    dir.write_manager_identity(&joined.identity)?;
+    DataKey::generate().save(&dir.data_key(), None)?;
+    config.raft_id = u64::from(joined.node_index);
+    config.join = managers.to_vec();
+    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
+    let cluster_id = cluster_of(&dir, &joined.ca_pem)?;
+    Ok(JoinedManager { node_id: joined.id, raft_id: config.raft_id, cluster_id })
+}
+
+fn cluster_of(dir: &ManagerDir, ca_pem: &str) -> Result<ClusterId, ClusterError> {
+    CertInfo::from_pem(ca_pem)?.organization.parse().map_err(|e: crate::ids::InvalidId| {
+        ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() }
+    })
 }
 
 /// An existing cluster, opened to be served.
@@ -248,58 +340,73 @@ pub struct Opened {
     pub dir: ManagerDir,
     pub config: ManagerConfig,
     pub store: Store,
-    pub ca: ClusterCa,
+    pub cluster_id: ClusterId,
+    pub ca_pem: String,
     pub manager_identity: Identity,
+    pub peers: Peers,
+    /// The data key, to re-wrap when autolock changes.
+    pub data_key: DataKey,
 }
 
-pub async fn open(root: &Path) -> Result<Opened, ClusterError> {
+/// Whether the manager in `root` is locked: its data key is wrapped by the unlock key.
+pub fn is_locked(root: &Path) -> Result<bool, ClusterError> {
+    Ok(matches!(KeyFile::read(&ManagerDir::new(root).data_key())?, KeyFile::Locked(_)))
+}
+
+/// The listen and advertised addresses of the manager in `root`.
+pub fn read_config(root: &Path) -> Result<ManagerConfig, ClusterError> {
     let dir = ManagerDir::new(root);
-    if !dir.config().exists() {
-        return Err(ClusterError::Missing(root.to_owned(), dir.config()));
+    let path = dir.config();
+    if !path.exists() {
+        return Err(ClusterError::Missing(root.to_owned(), path));
     }
-    let config_path = dir.config();
-    let config: ManagerConfig = serde_json::from_str(&files::read_string(&config_path)?)
-        .map_err(|e| ClusterError::Corrupt { path: config_path, error: e.to_string() })?;
-    let ca = ClusterCa::load(&files::read_string(&dir.ca_cert())?, &files::read_string(&dir.ca_key())?)?;
-    let cluster_id =
-        CertInfo::from_pem(ca.cert_pem())?.organization.parse().map_err(|e: crate::ids::InvalidId| {
-            ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() }
-        })?;
-    // The state comes from the store's snapshot and log; this is only the empty shape.
-    let initial = ClusterState::new(cluster_id, DEFAULT_CERT_LIFETIME);
-    let key = DataKey::load(&dir.data_key())?;
-    let store =
-        Store::open(&dir.state(), key, initial, config.raft_id, &config.advertise.to_string(), false).await?;
+    serde_json::from_str(&files::read_string(&path)?)
+        .map_err(|e| ClusterError::Corrupt { path, error: e.to_string() })
+}
+
+/// Opens the manager in `root`; a locked one needs `unlock`. Does not wait for a leader: with
+/// several managers an election needs the others up too.
+pub async fn open(root: &Path, unlock: Option<&UnlockKey>) -> Result<Opened, ClusterError> {
+    let dir = ManagerDir::new(root);
+    let config = read_config(root)?;
+    let ca_pem = files::read_string(&dir.ca_cert())?;
+    let cluster_id = cluster_of(&dir, &ca_pem)?;
+    let key_path = dir.data_key();
+    let data_key = KeyFile::read(&key_path)?.open(&key_path, unlock)?;
     let manager_identity = open_identity(&dir)?;
-    Ok(Opened { dir, config, store, ca, manager_identity })
+    let peers = Peers::new(&crate::ca::pem_to_der(&ca_pem)?, &manager_identity)?;
+    // The state comes from the store's snapshot and log; this is only the empty shape.
+    let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
+    let store = Store::open(
+        &dir.state(),
+        data_key.clone(),
+        initial,
+        config.raft_id,
+        &config.advertise.to_string(),
+        false,
+        peers.clone(),
+    )
+    .await?;
+    Ok(Opened { dir, config, store, cluster_id, ca_pem, manager_identity, peers, data_key })
+}
+
+/// The state of a stopped manager, read from its files (for tools and tests).
+pub async fn read_state(root: &Path, unlock: Option<&UnlockKey>) -> Result<ClusterState, ClusterError> {
+    let opened = open(root, unlock).await?;
+    // Entries after the last snapshot are applied once the log is read back.
+    let last = opened.store.raft().metrics().borrow().last_log_index;
+    let _ = opened
+        .store
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .applied_index_at_least(last, "the log is applied")
+        .await;
+    let state = opened.store.read(Clone::clone);
+    opened.store.shutdown().await;
+    Ok(state)
 }
 
 impl ManagerDir {
-    /// The current plaintext token for `role`.
-    pub fn read_token(&self, role: Role) -> Result<JoinToken, ClusterError> {
-        let path = self.tokens();
-        let file: TokenFile = serde_json::from_str(&files::read_string(&path)?)
-            .map_err(|e| ClusterError::Corrupt { path: path.clone(), error: e.to_string() })?;
-        let text = match role {
-            Role::Worker => file.worker,
-            Role::Manager => file.manager,
-        };
-        text.parse().map_err(|error| ClusterError::BadToken { path, error })
-    }
-
-    /// Records a new plaintext token for `role`.
-    pub fn write_token(&self, role: Role, token: &JoinToken) -> Result<(), ClusterError> {
-        let path = self.tokens();
-        let mut file: TokenFile = serde_json::from_str(&files::read_string(&path)?)
-            .map_err(|e| ClusterError::Corrupt { path: path.clone(), error: e.to_string() })?;
-        match role {
-            Role::Worker => file.worker = token.to_string(),
-            Role::Manager => file.manager = token.to_string(),
-        }
-        files::write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serializes"), SECRET)?;
-        Ok(())
-    }
-
     /// Replaces this manager's own certificate and key.
     pub fn write_manager_identity(&self, identity: &Identity) -> Result<(), FileError> {
         files::write_atomic(&self.manager_key(), identity.key_pem.as_bytes(), SECRET)?;

@@ -122,6 +122,7 @@ pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) ->
             .filter(|n| n.state == crate::state::NodeState::Removed)
             .map(|n| n.id.clone())
             .collect(),
+        managers: state.managers().filter_map(|m| m.control.map(|c| c.to_string())).collect(),
     }
 }
 

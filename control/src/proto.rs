@@ -78,6 +78,11 @@ pub struct NodeView {
     pub last_seen: Option<OffsetDateTime>,
     pub connected: bool,
     pub labels: Vec<String>,
+    /// Managers only: leader, reachable or unreachable (and whether it votes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manager_status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
 }
 
 fn unix(t: i64) -> Option<OffsetDateTime> {
@@ -96,6 +101,8 @@ impl pb::Node {
             last_seen: last_seen.unwrap_or(0),
             connected,
             labels: record.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            manager_status: String::new(),
+            control: record.control.map(|c| c.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -113,6 +120,8 @@ impl TryFrom<pb::Node> for NodeView {
             last_seen: unix(node.last_seen),
             connected: node.connected,
             labels: node.labels,
+            manager_status: Some(node.manager_status).filter(|s| !s.is_empty()),
+            control: Some(node.control).filter(|s| !s.is_empty()),
         })
     }
 }

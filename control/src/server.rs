@@ -23,16 +23,22 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Status};
 use tracing::{debug, info, warn};
 
-use crate::api::{admin::AdminApi, identity::IdentityApi};
+use crate::api::{admin::AdminApi, identity::IdentityApi, managers::ManagersApi, raft::RaftApi};
 use crate::auth::{self, Caller};
 use crate::ca::{CertInfo, ClusterCa, Subject};
-use crate::cluster::{self, ManagerDir, Opened};
+use crate::client;
+use crate::cluster::{self, ManagerConfig, ManagerDir, Opened};
 use crate::dispatcher::DispatcherApi;
+use crate::ids::ClusterId;
 use crate::ids::NodeId;
+use crate::joining;
 use crate::orchestrator::{self, Liveness, PlanError};
+use crate::peers::Peers;
 use crate::proto::pb;
+use crate::seal::{DataKey, UnlockKey};
 use crate::state::{ClusterState, Command, NodeState};
 use crate::store::{Store, StoreError};
+use crate::tls::ServerTrust;
 use crate::tls::{self, Identity};
 use crate::tokens::Role;
 
@@ -105,6 +111,8 @@ impl From<ChangeError> for Status {
                 _ => Status::invalid_argument(message),
             },
             ChangeError::Store(StoreError::State(_)) => Status::failed_precondition(message),
+            ChangeError::Store(StoreError::NotLeader { leader }) => not_leading(message, leader.as_deref()),
+            ChangeError::Store(StoreError::NoQuorum(_)) => Status::unavailable(message),
             ChangeError::Store(_) => {
                 warn!(error = %message, "storing a change failed");
                 Status::internal(message)
@@ -113,18 +121,41 @@ impl From<ChangeError> for Status {
     }
 }
 
+/// A follower's refusal, naming the leader when there is one.
+pub(crate) fn not_leading(message: String, leader: Option<&str>) -> Status {
+    let mut status = Status::unavailable(message);
+    if let Some(value) = leader.and_then(|l| l.parse().ok()) {
+        status.metadata_mut().insert(crate::client::LEADER_HEADER, value);
+    }
+    status
+}
+
+/// The root CA certificate (the key is in the replicated state).
+pub(crate) struct CaCert {
+    pub(crate) pem: String,
+    pub(crate) der: Vec<u8>,
+    pub(crate) digest: String,
+}
+
 /// The running manager.
 pub struct Manager {
     pub(crate) dir: ManagerDir,
     pub(crate) store: Store,
-    pub(crate) ca: ClusterCa,
+    pub(crate) cluster_id: ClusterId,
+    pub(crate) ca_cert: CaCert,
+    /// The CA with its key, loaded from the state when first needed.
+    signer: Mutex<Option<Arc<ClusterCa>>>,
+    pub(crate) peers: Peers,
     pub(crate) options: ManagerOptions,
+    pub(crate) config: ManagerConfig,
+    data_key: DataKey,
     server_tls: Mutex<Arc<ServerConfig>>,
+    /// Since when this manager leads (sessions reconnect to it from then on); `None` unless leading.
+    leading_since: Mutex<Option<Instant>>,
     pub(crate) last_seen: Mutex<HashMap<NodeId, i64>>,
     /// Open connections by the node they authenticated as (`None`: admin or unauthenticated).
     connections: Mutex<HashMap<Option<NodeId>, Vec<CancellationToken>>>,
     presence: Mutex<HashMap<NodeId, Presence>>,
-    started: Instant,
     pub(crate) join_attempts: AtomicU64,
     pub(crate) policies: crate::dispatcher::PolicyCache,
     /// Serializes changes: a plan is made and applied with no other change in between.
@@ -133,17 +164,25 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(opened: Opened, options: ManagerOptions) -> Result<Arc<Manager>, tls::TlsError> {
-        let server_tls = tls::server_config(opened.ca.cert_der(), &opened.manager_identity)?;
+        let der = crate::ca::pem_to_der(&opened.ca_pem)
+            .map_err(|e| tls::TlsError::Pem { what: "CA certificate", detail: e.to_string() })?;
+        let server_tls = tls::server_config(&der, &opened.manager_identity)?;
+        let digest = crate::ids::digest_base36(&der);
         Ok(Arc::new(Manager {
             dir: opened.dir,
             store: opened.store,
-            ca: opened.ca,
+            cluster_id: opened.cluster_id,
+            ca_cert: CaCert { pem: opened.ca_pem, der, digest },
+            signer: Mutex::new(None),
+            peers: opened.peers,
             options,
+            config: opened.config,
+            data_key: opened.data_key,
             server_tls: Mutex::new(server_tls),
+            leading_since: Mutex::new(None),
             last_seen: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
-            started: Instant::now(),
             join_attempts: AtomicU64::new(0),
             policies: Default::default(),
             writer: tokio::sync::Mutex::new(()),
@@ -154,8 +193,76 @@ impl Manager {
         &self.store
     }
 
-    pub fn ca(&self) -> &ClusterCa {
-        &self.ca
+    /// The cluster CA, key included (from the replicated state).
+    pub fn ca(&self) -> Result<Arc<ClusterCa>, Status> {
+        let mut signer = self.signer.lock().expect("lock");
+        if let Some(ca) = signer.as_ref() {
+            return Ok(ca.clone());
+        }
+        let record = self
+            .store
+            .read(|s| s.ca.clone())
+            .ok_or_else(|| Status::unavailable("this manager has not received the cluster CA yet"))?;
+        let ca = ClusterCa::load(&record.cert_pem, &record.key_pem.0)
+            .map_err(|e| Status::internal(format!("the cluster CA in the state is unusable: {e}")))?;
+        let ca = Arc::new(ca);
+        *signer = Some(ca.clone());
+        Ok(ca)
+    }
+
+    /// The root CA certificate (DER).
+    pub fn ca_der(&self) -> &[u8] {
+        &self.ca_cert.der
+    }
+
+    /// Refuses unless this manager leads (and a majority acknowledged it lately); the refusal
+    /// names the leader, for clients to go there.
+    pub(crate) fn lead(&self) -> Result<(), Status> {
+        let l = self.store.leadership();
+        if l.leading {
+            return Ok(());
+        }
+        let leader = l.leader_addr().filter(|_| l.leader != Some(l.me));
+        let message = match leader {
+            Some(addr) => format!("this manager does not lead the cluster; the leader is at {addr}"),
+            None => "this manager does not lead the cluster and knows no leader now; retry shortly".into(),
+        };
+        Err(not_leading(message, leader))
+    }
+
+    /// Whether the managers would still have a working majority with `raft_id` no longer voting:
+    /// there must be a voter left, and the voters left that answer lately must be a majority of
+    /// the voters left.
+    pub(crate) fn quorum_after_demoting(&self, raft_id: u64) -> Result<(), String> {
+        let l = self.store.leadership();
+        if l.leader == Some(raft_id) {
+            return Err("it leads the cluster; demote it once another manager leads".into());
+        }
+        let left: Vec<u64> = l.voters.keys().copied().filter(|v| *v != raft_id).collect();
+        if left.is_empty() {
+            return Err("it is the last voting manager".into());
+        }
+        let reachable = left.iter().filter(|v| **v == l.me || self.peers.reachable(**v)).count();
+        let needed = left.len() / 2 + 1;
+        if reachable < needed {
+            return Err(format!(
+                "{reachable} of the {} managers that would still vote are reachable, {needed} are needed for a majority",
+                left.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every manager's control address, the leader first.
+    pub fn manager_addresses(&self) -> Vec<String> {
+        let l = self.store.leadership();
+        let mut out: Vec<String> = l.leader_addr().map(str::to_owned).into_iter().collect();
+        for addr in l.voters.values().chain(l.learners.values()) {
+            if !out.contains(addr) && !addr.is_empty() {
+                out.push(addr.clone());
+            }
+        }
+        out
     }
 
     /// Join calls received since start, whatever their outcome.
@@ -186,10 +293,12 @@ impl Manager {
     pub fn liveness(&self) -> Liveness {
         let presence = self.presence.lock().expect("lock").clone();
         let now = Instant::now();
+        // A node not seen since this manager took the lead gets `down_after` from then to reconnect.
+        let since = self.leading_since.lock().expect("lock").unwrap_or(now);
         let mut live = Liveness::default();
         self.store.read(|s| {
             for node in s.nodes.values().filter(|n| n.state == NodeState::Active) {
-                let p = presence.get(&node.id).copied().unwrap_or(Presence { open: 0, since: self.started });
+                let p = presence.get(&node.id).copied().unwrap_or(Presence { open: 0, since });
                 if p.open > 0 {
                     live.connected.insert(node.id.clone());
                 }
@@ -214,8 +323,9 @@ impl Manager {
         SessionGuard { manager: self.clone(), node: node.clone() }
     }
 
-    /// Identifies the caller and, for nodes, notes that it was seen.
+    /// Identifies the caller and, for nodes, notes that it was seen. Only the leader answers.
     pub(crate) fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.lead()?;
         let caller = self.store.read(|state| auth::caller(request, state))?;
         if let Caller::Node { id, .. } = &caller {
             let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -259,7 +369,7 @@ impl Manager {
     ) -> Result<(String, i64), Status> {
         let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
         let cert_pem = self
-            .ca
+            .ca()?
             .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let not_after = CertInfo::from_pem(&cert_pem)
@@ -282,7 +392,8 @@ impl Manager {
         .await
     }
 
-    /// Re-issues this manager's own server certificate once past half its lifetime.
+    /// Re-issues this manager's own certificate once past half its lifetime: the leader issues
+    /// it itself, a follower asks the leader for one (as meshd does).
     async fn renew_own_certificate_if_due(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let current = cluster::open_identity(&self.dir)?;
         let info = CertInfo::from_pem(&current.cert_pem)?;
@@ -292,16 +403,126 @@ impl Manager {
             return Ok(());
         }
         let id: NodeId = info.common_name.parse()?;
-        let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
-        let (cert_pem, key_pem) =
-            self.ca.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime))?;
-        let identity = Identity { cert_pem, key_pem };
-        let config = tls::server_config(self.ca.cert_der(), &identity)?;
+        let identity = if self.store.leadership().leading {
+            let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
+            let (cert_pem, key_pem) =
+                self.ca()?.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime))?;
+            let not_after = CertInfo::from_pem(&cert_pem)?.not_after.unix_timestamp();
+            self.store.apply(Command::RecordCertificate { id: id.clone(), not_after }).await?;
+            Identity { cert_pem, key_pem }
+        } else {
+            let (key, csr_pem) = joining::key_and_csr()?;
+            let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(&current))?;
+            let leader = client::leader(&self.manager_addresses(), config).await?;
+            let cert_pem = pb::identity_client::IdentityClient::new(leader.channel)
+                .renew(pb::RenewRequest { csr_pem })
+                .await
+                .map_err(|s| client::ClientError::refused(&leader.addr, s))?
+                .into_inner()
+                .cert_pem;
+            joining::check_issued(&cert_pem, &self.ca_cert.pem, &key, Some(&id))?;
+            Identity { cert_pem, key_pem: key.serialize_pem() }
+        };
+        let config = tls::server_config(&self.ca_cert.der, &identity)?;
         self.dir.write_manager_identity(&identity)?;
-        let not_after = CertInfo::from_pem(&identity.cert_pem)?.not_after.unix_timestamp();
-        self.store.apply(Command::RecordCertificate { id: id.clone(), not_after }).await?;
+        self.peers.set_identity(&self.ca_cert.der, &identity)?;
         *self.server_tls.lock().expect("lock") = config;
         info!(node = %id, "renewed the manager's own certificate");
+        Ok(())
+    }
+
+    /// Follows leadership: taking the lead gives every node `down_after` from now to reconnect
+    /// before its endpoints move; losing it cuts every connection, so nodes and admins go to the
+    /// new leader.
+    async fn follow_leadership(self: Arc<Self>) {
+        let mut metrics = self.store.watch_raft();
+        let mut leading = false;
+        loop {
+            let now_leading = metrics.borrow_and_update().state == openraft::ServerState::Leader;
+            if now_leading != leading {
+                leading = now_leading;
+                if leading {
+                    let now = Instant::now();
+                    *self.leading_since.lock().expect("lock") = Some(now);
+                    for p in self.presence.lock().expect("lock").values_mut().filter(|p| p.open == 0) {
+                        p.since = now;
+                    }
+                    info!(raft_id = self.store.id(), "this manager leads the cluster");
+                } else {
+                    *self.leading_since.lock().expect("lock") = None;
+                    info!("this manager no longer leads: cutting its connections so clients find the leader");
+                    self.close_all();
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps this manager's data key file wrapped by the unlock key in force, or in the clear
+    /// when autolock is off. `opened_with` is how the file was when the manager started.
+    async fn follow_autolock(self: Arc<Self>, opened_with: Option<String>) {
+        // The state read at start may predate entries still being re-applied from the log.
+        let last = self.store.raft().metrics().borrow().last_log_index;
+        let _ = self
+            .store
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(last, "caught up")
+            .await;
+        let mut revisions = self.store.subscribe();
+        let mut current = opened_with;
+        loop {
+            let wanted = self.store.read(|s| s.unlock_key.as_ref().map(|k| k.0.clone()));
+            if wanted != current {
+                match wanted.as_deref().map(str::parse::<UnlockKey>).transpose() {
+                    Ok(unlock) => match self.dir.write_data_key(&self.data_key, unlock.as_ref()) {
+                        Ok(()) => {
+                            info!(autolock = unlock.is_some(), "rewrote the data key file");
+                            current = wanted;
+                        }
+                        Err(e) => warn!(error = %e, "rewriting the data key file failed; will retry"),
+                    },
+                    Err(e) => warn!(error = %e, "the unlock key in the state is malformed"),
+                }
+            }
+            if revisions.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A manager that joined asks the leader to add it to the raft group, until it is a member.
+    async fn join_raft_group(self: Arc<Self>) {
+        if self.config.join.is_empty() {
+            return;
+        }
+        loop {
+            if self.store.leadership().is_member(self.store.id()) {
+                return;
+            }
+            match self.ask_to_be_added().await {
+                Ok(()) => {
+                    info!(raft_id = self.store.id(), "added to the managers' raft group");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "asking to be added to the managers' raft group failed; will retry")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn ask_to_be_added(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let identity = cluster::open_identity(&self.dir)?;
+        let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(&identity))?;
+        let leader = client::leader(&self.config.join, config).await?;
+        pb::managers_client::ManagersClient::new(leader.channel)
+            .add_manager(pb::AddManagerRequest { control: self.config.advertise.to_string() })
+            .await
+            .map_err(|s| client::ClientError::refused(&leader.addr, s))?;
         Ok(())
     }
 }
@@ -324,15 +545,16 @@ impl Drop for SessionGuard {
     }
 }
 
-/// Serves the control API on `listener` until `shutdown` completes.
-pub async fn serve(
-    manager: Arc<Manager>,
+/// Accepts TLS connections on `listener` (configuration from `tls` at each handshake), registers
+/// each with `track` so it can be cut, and hands them to the gRPC server.
+fn accept_tls(
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+    tls: impl Fn() -> Arc<ServerConfig> + Send + Sync + 'static,
+    track: impl Fn(Option<NodeId>, CancellationToken) + Send + Sync + 'static,
+) -> (ReceiverStream<io::Result<Cuttable>>, AbortOnDrop) {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Cuttable>>(64);
-    let acceptor = manager.clone();
-    let _accept = AbortOnDrop(tokio::spawn(async move {
+    let hooks = Arc::new((tls, track));
+    let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(conn) => conn,
@@ -342,12 +564,11 @@ pub async fn serve(
                     continue;
                 }
             };
-            let manager = acceptor.clone();
+            let hooks = hooks.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let config = manager.server_tls.lock().expect("lock").clone();
-                let handshake = TlsAcceptor::from(config).accept(tcp);
+                let handshake = TlsAcceptor::from((hooks.0)()).accept(tcp);
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -360,11 +581,27 @@ pub async fn serve(
                     }
                 };
                 let token = CancellationToken::new();
-                manager.track(peer_node(&tls), token.clone());
+                (hooks.1)(peer_node(&tls), token.clone());
                 let _ = tx.send(Ok(Cuttable::new(tls, token))).await;
             });
         }
-    }));
+    });
+    (ReceiverStream::new(rx), AbortOnDrop(task))
+}
+
+/// Serves the control API on `listener` until `shutdown` completes.
+pub async fn serve(
+    manager: Arc<Manager>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    opened_with: Option<&UnlockKey>,
+) -> Result<(), tonic::transport::Error> {
+    let (tls, track) = (manager.clone(), manager.clone());
+    let (incoming, _accept) = accept_tls(
+        listener,
+        move || tls.server_tls.lock().expect("lock").clone(),
+        move |node, token| track.track(node, token),
+    );
     let background = manager.clone();
     let _background = AbortOnDrop(tokio::spawn(async move {
         let mut last_self_check: Option<Instant> = None;
@@ -375,12 +612,18 @@ pub async fn serve(
                     warn!(error = %e, "renewing the manager's own certificate failed; will retry");
                 }
             }
-            if let Err(e) = background.reconcile().await {
+            if background.store.leadership().leading
+                && let Err(e) = background.reconcile().await
+            {
                 warn!(error = %e, "reconcile failed; will retry");
             }
             tokio::time::sleep(RECONCILE_EVERY).await;
         }
     }));
+    let _leadership = AbortOnDrop(tokio::spawn(manager.clone().follow_leadership()));
+    let opened_with = opened_with.map(|k| k.to_string());
+    let _autolock = AbortOnDrop(tokio::spawn(manager.clone().follow_autolock(opened_with)));
+    let _join = AbortOnDrop(tokio::spawn(manager.clone().join_raft_group()));
     let closer = manager.clone();
     let shutdown = async move {
         shutdown.await;
@@ -389,9 +632,42 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(IdentityApi(manager.clone())))
         .add_service(pb::admin_server::AdminServer::new(AdminApi(manager.clone())))
+        .add_service(pb::managers_server::ManagersServer::new(ManagersApi(manager.clone())))
+        .add_service(
+            pb::raft_server::RaftServer::new(RaftApi(manager.clone()))
+                .max_decoding_message_size(crate::peers::MAX_MESSAGE)
+                .max_encoding_message_size(crate::peers::MAX_MESSAGE),
+        )
         .add_service(pb::dispatcher_server::DispatcherServer::new(DispatcherApi(manager)))
-        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Serves a locked manager on `listener`: nothing but `Unlock`, until an admin gives the key that
+/// opens this manager's data key, which is returned.
+pub async fn serve_locked(
+    root: &std::path::Path,
+    listener: TcpListener,
+) -> Result<UnlockKey, cluster::ClusterError> {
+    let dir = ManagerDir::new(root);
+    let ca_pem = crate::files::read_string(&dir.ca_cert())?;
+    let der = crate::ca::pem_to_der(&ca_pem)?;
+    let config = tls::server_config(&der, &cluster::open_identity(&dir)?)
+        .map_err(|e| cluster::ClusterError::Corrupt { path: dir.manager_cert(), error: e.to_string() })?;
+    let cluster = CertInfo::from_pem(&ca_pem)?.organization;
+    let (unlocked, mut key) = tokio::sync::mpsc::channel(1);
+    let api = crate::api::managers::LockedApi { dir, cluster, unlocked };
+    let (incoming, _accept) = accept_tls(listener, move || config.clone(), |_, _| {});
+    let server = tonic::transport::Server::builder()
+        .add_service(pb::managers_server::ManagersServer::new(api))
+        .serve_with_incoming(incoming);
+    tokio::select! {
+        key = key.recv() => Ok(key.expect("the server holds the sender")),
+        result = server => Err(cluster::ClusterError::Corrupt {
+            path: root.to_owned(),
+            error: format!("the locked manager's server stopped: {result:?}"),
+        }),
+    }
 }
 
 /// Stops a background task when the future that spawned it is dropped or done.

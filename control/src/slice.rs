@@ -99,6 +99,8 @@ pub struct NodeSlice {
     pub visibility: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// Nodes removed from the cluster, whose workload certificates the mesh refuses.
     pub removed_nodes: Vec<NodeId>,
+    /// Every manager's control address.
+    pub managers: Vec<String>,
 }
 
 impl NodeSlice {
@@ -110,6 +112,7 @@ impl NodeSlice {
             && self.policy == other.policy
             && self.visibility == other.visibility
             && self.removed_nodes == other.removed_nodes
+            && self.managers == other.managers
     }
 }
 
@@ -162,6 +165,7 @@ impl From<&NodeSlice> for pb::NodeSlice {
                 .collect(),
             node_index: s.node_index,
             removed_nodes: s.removed_nodes.iter().map(ToString::to_string).collect(),
+            managers: s.managers.clone(),
             policy_version: s.policy.as_ref().map_or(0, |p| p.version),
             policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
             version: s.version,
@@ -321,6 +325,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                 .map(|v| (v.service, v.reachable.into_iter().collect()))
                 .collect(),
             removed_nodes: s.removed_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
+            managers: s.managers,
         })
     }
 }

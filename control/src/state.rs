@@ -48,6 +48,34 @@ pub struct NodeRecord {
     /// the node is added (whatever the command carried).
     #[serde(default)]
     pub index: u32,
+    /// For a manager: the address of its control API, which is also where its raft peers reach it.
+    #[serde(default)]
+    pub control: Option<SocketAddr>,
+}
+
+impl NodeRecord {
+    /// The node's ID in the store's raft group (managers only): its node index.
+    pub fn raft_id(&self) -> u64 {
+        u64::from(self.index)
+    }
+}
+
+/// A secret held in the replicated state (sealed at rest like the rest of it); never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The cluster's root CA, replicated so that any manager can issue certificates after another is
+/// lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub cert_pem: String,
+    pub key_pem: Secret,
 }
 
 /// An overlay network.
@@ -132,8 +160,17 @@ pub struct ClusterState {
     pub cluster_id: ClusterId,
     /// Lifetime of node certificates, in seconds.
     pub cert_lifetime_secs: u64,
-    /// Hash of each role's current join token secret.
+    /// Hash of each role's current join token secret: what joins are checked against.
     pub tokens: BTreeMap<Role, SecretHash>,
+    /// Each role's current join token, to show admins from any manager.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<Role, Secret>,
+    /// The root CA, key included.
+    #[serde(default)]
+    pub ca: Option<CaRecord>,
+    /// With autolock on, the unlock key (`MESHKEY-1-...`) that wraps every manager's data key.
+    #[serde(default)]
+    pub unlock_key: Option<Secret>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
@@ -156,7 +193,16 @@ pub enum Command {
     SetToken {
         role: Role,
         hash: SecretHash,
+        token: Secret,
     },
+    SetCa(CaRecord),
+    /// Where a manager's control API (and raft) is reached.
+    SetManagerAddress {
+        id: NodeId,
+        control: SocketAddr,
+    },
+    /// Turns autolock on with this unlock key, or off.
+    SetUnlockKey(Option<Secret>),
     AddNode(NodeRecord),
     RecordCertificate {
         id: NodeId,
@@ -190,6 +236,13 @@ pub enum Command {
     Batch(Vec<Command>),
     /// A new policy version, in force from now on.
     SetPolicy(PolicyRecord),
+}
+
+impl Command {
+    /// Makes `token` the current join token for `role`.
+    pub fn set_token(role: Role, token: &crate::tokens::JoinToken) -> Command {
+        Command::SetToken { role, hash: token.secret_hash(), token: Secret(token.to_string()) }
+    }
 }
 
 /// Why a command was refused. The state is unchanged.
@@ -227,6 +280,8 @@ pub enum StateError {
     EndpointNode { service: String, slot: u32, node: NodeId },
     #[error("policy version {got} is out of order: the next version is {expected}")]
     PolicyVersion { expected: u64, got: u64 },
+    #[error("node {0} is not a manager")]
+    NotAManager(NodeId),
     #[error("service `{service}` has two endpoints on node {node}")]
     TwoEndpointsOnNode { service: String, node: NodeId },
 }
@@ -237,6 +292,9 @@ impl ClusterState {
             cluster_id,
             cert_lifetime_secs: cert_lifetime.as_secs(),
             tokens: BTreeMap::new(),
+            join_tokens: BTreeMap::new(),
+            ca: None,
+            unlock_key: None,
             nodes: BTreeMap::new(),
             networks: BTreeMap::new(),
             services: BTreeMap::new(),
@@ -300,6 +358,11 @@ impl ClusterState {
         held
     }
 
+    /// The active managers, by node ID.
+    pub fn managers(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values().filter(|n| n.role == Role::Manager && n.state == NodeState::Active)
+    }
+
     /// The policy in force, if one was applied.
     pub fn policy(&self) -> Option<&PolicyRecord> {
         self.policies.last()
@@ -324,9 +387,19 @@ impl ClusterState {
 
     fn apply_in_place(&mut self, command: Command) -> Result<(), StateError> {
         match command {
-            Command::SetToken { role, hash } => {
+            Command::SetToken { role, hash, token } => {
                 self.tokens.insert(role, hash);
+                self.join_tokens.insert(role, token);
             }
+            Command::SetCa(ca) => self.ca = Some(ca),
+            Command::SetManagerAddress { id, control } => {
+                let node = self.node_mut(&id)?;
+                if node.role != Role::Manager {
+                    return Err(StateError::NotAManager(id));
+                }
+                node.control = Some(control);
+            }
+            Command::SetUnlockKey(key) => self.unlock_key = key,
             Command::AddNode(mut record) => {
                 if self.nodes.contains_key(&record.id) {
                     return Err(StateError::NodeExists(record.id));

@@ -2,12 +2,14 @@
 //! snapshots kept in a redb file, every value sealed with AES-256-GCM under the data key so no
 //! key material (nor any other state) is readable on disk.
 //!
-//! One manager is a single-voter cluster; more managers join as voters later. Every change is one
-//! log entry ([`Command::Batch`] for a plan of several commands), applied all or nothing.
+//! One manager is a single-voter cluster; more managers join as voters ([`crate::peers`] carries
+//! raft between them). Every change is one log entry ([`Command::Batch`] for a plan of several
+//! commands), applied all or nothing, and only the leader makes them.
 
 // openraft's storage traits fix the error type (`StorageError`, large); helpers return it too.
 #![allow(clippy::result_large_err)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -17,8 +19,8 @@ use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership, Vote,
+    BasicNode, ChangeMembers, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -61,6 +63,10 @@ pub enum StoreError {
     Raft(String),
     #[error(transparent)]
     Seal(#[from] SealError),
+    #[error("this manager does not lead the cluster{}", leader.as_ref().map(|l| format!("; the leader is at {l}")).unwrap_or_else(|| "; no leader is elected now".into()))]
+    NotLeader { leader: Option<String> },
+    #[error("the change was not confirmed within {}: a majority of the managers cannot be reached", humantime::format_duration(*.0))]
+    NoQuorum(Duration),
 }
 
 fn io_err<E: std::fmt::Display>(e: E) -> StorageError<RaftId> {
@@ -385,78 +391,52 @@ pub fn open_storage(
     Ok((LogStore { disk }, sm))
 }
 
-/// Peers of this manager. A single manager has none; its raft never calls them.
-pub struct NoPeers;
-
-/// A connection to a peer that does not exist.
-pub struct Unreachable;
-
-impl openraft::RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = Unreachable;
-    async fn new_client(&mut self, _target: RaftId, _node: &BasicNode) -> Unreachable {
-        Unreachable
-    }
-}
-
-fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<RaftId, BasicNode, E> {
-    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&anyerror::AnyError::error(
-        "this manager has no peers",
-    )))
-}
-
-impl openraft::network::RaftNetwork<TypeConfig> for Unreachable {
-    async fn append_entries(
-        &mut self,
-        _rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::AppendEntriesResponse<RaftId>,
-        openraft::error::RPCError<RaftId, BasicNode, openraft::error::RaftError<RaftId>>,
-    > {
-        Err(unreachable())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        _rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::InstallSnapshotResponse<RaftId>,
-        openraft::error::RPCError<
-            RaftId,
-            BasicNode,
-            openraft::error::RaftError<RaftId, openraft::error::InstallSnapshotError>,
-        >,
-    > {
-        Err(unreachable())
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: openraft::raft::VoteRequest<RaftId>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::VoteResponse<RaftId>,
-        openraft::error::RPCError<RaftId, BasicNode, openraft::error::RaftError<RaftId>>,
-    > {
-        Err(unreachable())
-    }
-}
-
 /// Entries between snapshots.
 const SNAPSHOT_EVERY: u64 = 500;
-/// How long a manager waits to become leader at start before giving up.
+/// How long a manager that creates a cluster waits to lead it (a single voter elects itself).
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a change may wait to be committed: a leader cut off from a majority cannot commit.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A leader that has not heard from a majority for this long no longer counts as leading (it is
+/// likely cut off; the others elect another).
+const LEASE: u64 = 1_500;
+
+/// Who leads the store's raft group, and who is in it, as this manager sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Leadership {
+    pub me: RaftId,
+    /// The leader, if one is known.
+    pub leader: Option<RaftId>,
+    /// Whether this manager leads and a majority acknowledged it lately.
+    pub leading: bool,
+    /// Voters and learners (non-voters) with their control addresses.
+    pub voters: BTreeMap<RaftId, String>,
+    pub learners: BTreeMap<RaftId, String>,
+}
+
+impl Leadership {
+    /// The leader's control address, if one is known.
+    pub fn leader_addr(&self) -> Option<&str> {
+        let leader = self.leader?;
+        self.voters.get(&leader).map(String::as_str)
+    }
+
+    pub fn is_member(&self, id: RaftId) -> bool {
+        self.voters.contains_key(&id) || self.learners.contains_key(&id)
+    }
+}
 
 /// The store the manager uses: a raft node over the sealed redb file.
 pub struct Store {
     raft: Raft,
+    id: RaftId,
     shared: Arc<Shared>,
 }
 
 impl Store {
-    /// Opens the store in `path` as raft node `id`; with `bootstrap`, first makes this node the
-    /// only voter of a new cluster. Returns once this node leads (a single voter elects itself).
+    /// Opens the store in `path` as raft node `id`, reaching its peers through `network`. With
+    /// `bootstrap`, first makes this node the only voter of a new cluster and waits to lead it;
+    /// otherwise returns at once (an election needs the other managers up too).
     pub async fn open(
         path: &Path,
         key: DataKey,
@@ -464,6 +444,7 @@ impl Store {
         id: RaftId,
         addr: &str,
         bootstrap: bool,
+        network: crate::peers::Peers,
     ) -> Result<Store, StoreError> {
         let (log, sm) = open_storage(path, key, initial)?;
         let shared = sm.shared.clone();
@@ -474,26 +455,115 @@ impl Store {
             election_timeout_max: 600,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 100,
+            // Snapshots travel in chunks well under the gRPC message limit.
+            snapshot_max_chunk_size: 1 << 20,
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| StoreError::Raft(e.to_string()))?);
         let raft =
-            Raft::new(id, config, NoPeers, log, sm).await.map_err(|e| StoreError::Raft(e.to_string()))?;
+            Raft::new(id, config, network, log, sm).await.map_err(|e| StoreError::Raft(e.to_string()))?;
+        let store = Store { raft, id, shared };
         if bootstrap {
-            let members = std::collections::BTreeMap::from([(id, BasicNode { addr: addr.to_owned() })]);
-            raft.initialize(members).await.map_err(|e| StoreError::Raft(e.to_string()))?;
+            let members = BTreeMap::from([(id, BasicNode { addr: addr.to_owned() })]);
+            store.raft.initialize(members).await.map_err(|e| StoreError::Raft(e.to_string()))?;
+            store.wait_to_lead(LEADER_TIMEOUT).await?;
         }
-        raft.wait(Some(LEADER_TIMEOUT))
-            .current_leader(id, "this manager leads")
-            .await
-            .map_err(|e| StoreError::Raft(format!("this manager did not become leader: {e}")))?;
-        Ok(Store { raft, shared })
+        Ok(store)
     }
 
-    /// Applies `command` through the log; on error the state is unchanged.
+    /// Waits until this manager leads (a single manager elects itself within a second).
+    pub async fn wait_to_lead(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.raft
+            .wait(Some(timeout))
+            .current_leader(self.id, "this manager leads")
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raft(format!("this manager did not become leader: {e}")))
+    }
+
+    /// This manager's ID in the raft group.
+    pub fn id(&self) -> RaftId {
+        self.id
+    }
+
+    /// The raft node, for the peers' messages.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Who leads and who is in the group now.
+    pub fn leadership(&self) -> Leadership {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let addr = |id: RaftId| membership.get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        Leadership {
+            me: self.id,
+            leader: metrics.current_leader,
+            leading: metrics.current_leader == Some(self.id)
+                && metrics.state == openraft::ServerState::Leader
+                && metrics.millis_since_quorum_ack.is_some_and(|ms| ms < LEASE),
+            voters: membership.voter_ids().map(|id| (id, addr(id))).collect(),
+            learners: membership.learner_ids().map(|id| (id, addr(id))).collect(),
+        }
+    }
+
+    /// Changes whenever leadership or membership does.
+    pub fn watch_raft(&self) -> watch::Receiver<openraft::RaftMetrics<RaftId, BasicNode>> {
+        self.raft.metrics()
+    }
+
+    /// Applies `command` through the log; on error the state is unchanged. Only the leader
+    /// writes; a write that a majority does not confirm in time fails.
     pub async fn apply(&self, command: Command) -> Result<(), StoreError> {
-        let response = self.raft.client_write(command).await.map_err(|e| StoreError::Raft(e.to_string()))?;
-        Ok(response.data.0?)
+        use openraft::error::{ClientWriteError, RaftError};
+        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await {
+            Err(_) => Err(StoreError::NoQuorum(WRITE_TIMEOUT)),
+            Ok(Ok(response)) => Ok(response.data.0?),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(StoreError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            }
+            Ok(Err(e)) => Err(StoreError::Raft(e.to_string())),
+        }
+    }
+
+    /// Adds manager `id` (reached at `addr`) to the group: first as a learner that catches up,
+    /// then as a voter.
+    pub async fn add_voter(&self, id: RaftId, addr: &str) -> Result<(), StoreError> {
+        let node = BasicNode { addr: addr.to_owned() };
+        self.membership(self.raft.add_learner(id, node, true)).await?;
+        self.set_voter(id, true).await
+    }
+
+    /// Makes member `id` a voter, or only a learner (a non-voting copy).
+    pub async fn set_voter(&self, id: RaftId, voter: bool) -> Result<(), StoreError> {
+        let ids = BTreeSet::from([id]);
+        let change = match voter {
+            true => ChangeMembers::AddVoterIds(ids),
+            false => ChangeMembers::RemoveVoters(ids),
+        };
+        self.membership(self.raft.change_membership(change, true)).await
+    }
+
+    /// Takes `id` out of the group altogether.
+    pub async fn remove_member(&self, id: RaftId) -> Result<(), StoreError> {
+        let ids = BTreeSet::from([id]);
+        if self.leadership().voters.contains_key(&id) {
+            self.membership(self.raft.change_membership(ChangeMembers::RemoveVoters(ids.clone()), true))
+                .await?;
+        }
+        self.membership(self.raft.change_membership(ChangeMembers::RemoveNodes(ids), false)).await
+    }
+
+    async fn membership<F, E>(&self, change: F) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<openraft::raft::ClientWriteResponse<TypeConfig>, E>>,
+        E: std::fmt::Display,
+    {
+        match tokio::time::timeout(3 * WRITE_TIMEOUT, change).await {
+            Err(_) => Err(StoreError::NoQuorum(3 * WRITE_TIMEOUT)),
+            Ok(Err(e)) => Err(StoreError::Raft(e.to_string())),
+            Ok(Ok(_)) => Ok(()),
+        }
     }
 
     /// Applies `commands` in order as one entry, all or nothing.

@@ -80,7 +80,7 @@ pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
     let node = NodeDir::new(&dir).load()?;
     let status = Arc::new(Mutex::new(Status {
         node: node.id.to_string(),
-        control: node.control.clone(),
+        control: node.managers.join(","),
         underlay: config.underlay.to_string(),
         ..Status::default()
     }));
@@ -159,7 +159,7 @@ pub async fn keep_identity(dir: &Path) -> Result<(), AgentError> {
     info!(
         node = %current.id,
         role = %current.info.unit,
-        control = %current.control,
+        managers = %current.managers.join(","),
         cert_expires = %current.info.not_after,
         "meshd running"
     );

@@ -5,7 +5,7 @@
 //! DIR/ca.crt     the cluster's root CA, checked against the token's digest at join
 //! DIR/node.crt   this node's certificate (CN = node ID, OU = role, O = cluster ID)
 //! DIR/node.key   its private key, never sent anywhere (0600)
-//! DIR/control    the control address to renew against
+//! DIR/control    the managers' control addresses, one per line (kept current from the session)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -13,13 +13,15 @@ use std::time::Duration;
 
 use control::ca::{self, CertInfo};
 use control::client::{self, ClientError};
+use control::cluster::{addresses, write_addresses};
 use control::files::{self, FileError, PUBLIC, SECRET};
-use control::ids::{self, NodeId};
+use control::ids::NodeId;
+use control::joining::{self, JoinError, check_issued, key_and_csr};
 use control::proto::pb;
-use control::tls::Identity;
-use control::tokens::{JoinToken, TokenError};
+use control::tls::{Identity, ServerTrust};
+use control::tokens::TokenError;
 use rand::Rng;
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::KeyPair;
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -46,6 +48,25 @@ pub enum IdentityError {
     BadCertificate(String),
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    #[error("no control address given")]
+    NoManager,
+}
+
+impl From<JoinError> for IdentityError {
+    fn from(e: JoinError) -> IdentityError {
+        match e {
+            JoinError::Token(e) => IdentityError::Token(e),
+            JoinError::CaMismatch { control, served, pinned } => {
+                IdentityError::CaMismatch { control, served, pinned }
+            }
+            JoinError::BadCertificate(what) => IdentityError::BadCertificate(what),
+            JoinError::Client(e) => IdentityError::Client(e),
+            JoinError::Ca(e) => IdentityError::Ca(e),
+            JoinError::Tls(e) => IdentityError::Client(ClientError::Tls(e)),
+            JoinError::Key(e) => IdentityError::Key(e),
+            JoinError::NoManager => IdentityError::NoManager,
+        }
+    }
 }
 
 /// Paths in a node's state directory.
@@ -92,10 +113,19 @@ impl NodeDir {
             }
         }
         let ca_pem = files::read_string(&self.ca())?;
-        let control = files::read_string(&self.control())?.trim().to_owned();
+        let managers = addresses(&files::read_string(&self.control())?);
         let info = CertInfo::from_pem(&cert_pem)?;
         let id = info.common_name.parse().map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
-        Ok(NodeIdentity { id, info, ca_pem, identity: Identity { cert_pem, key_pem }, control })
+        Ok(NodeIdentity { id, info, ca_pem, identity: Identity { cert_pem, key_pem }, managers })
+    }
+
+    /// Records the managers' addresses, when they changed.
+    pub fn set_managers(&self, managers: &[String]) -> Result<(), FileError> {
+        let current = files::read_string(&self.control()).map(|t| addresses(&t)).unwrap_or_default();
+        if managers.is_empty() || current == managers {
+            return Ok(());
+        }
+        write_addresses(&self.control(), managers)
     }
 }
 
@@ -106,7 +136,18 @@ pub struct NodeIdentity {
     pub info: CertInfo,
     pub ca_pem: String,
     pub identity: Identity,
-    pub control: String,
+    /// The managers' control addresses.
+    pub managers: Vec<String>,
+}
+
+impl NodeIdentity {
+    /// A channel to the leading manager, over mTLS with the node certificate.
+    pub async fn leader(&self) -> Result<client::Leader, IdentityError> {
+        let ca_der = ca::pem_to_der(&self.ca_pem)?;
+        let config = control::tls::client_config(ServerTrust::Ca(&ca_der), Some(&self.identity))
+            .map_err(|e| IdentityError::Client(ClientError::Tls(e)))?;
+        Ok(client::leader(&self.managers, config).await?)
+    }
 }
 
 fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, IdentityError> {
@@ -117,42 +158,8 @@ fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, IdentityError> {
     Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
 }
 
-/// A fresh P-256 key pair and a CSR for it. The CSR's subject is left empty: control assigns it.
-fn key_and_csr() -> Result<(KeyPair, String), IdentityError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default().serialize_request(&key)?.pem()?;
-    Ok((key, csr))
-}
-
-/// Checks that `cert_pem` was signed by the CA, is for `key`, and (when given) names `expected`.
-fn check_issued(
-    cert_pem: &str,
-    ca_pem: &str,
-    key: &KeyPair,
-    expected: Option<&NodeId>,
-) -> Result<NodeId, IdentityError> {
-    let bad = |what: &str| IdentityError::BadCertificate(what.to_owned());
-    let ca_der = ca::pem_to_der(ca_pem)?;
-    let (_, ca_cert) = X509Certificate::from_der(&ca_der).map_err(|e| bad(&e.to_string()))?;
-    let der = ca::pem_to_der(cert_pem)?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| bad(&e.to_string()))?;
-    cert.verify_signature(Some(ca_cert.public_key())).map_err(|_| bad("is not signed by the cluster CA"))?;
-    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err(bad("is not for the key this node generated"));
-    }
-    let id: NodeId = CertInfo::from_der(&der)?
-        .common_name
-        .parse()
-        .map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
-    if let Some(expected) = expected
-        && &id != expected
-    {
-        return Err(bad(&format!("names node {id}, not this node {expected}")));
-    }
-    Ok(id)
-}
-
-/// Joins the cluster at `control` with `token`, storing the identity in `dir`.
+/// Joins the cluster through `control` (one manager address, or several separated by commas)
+/// with `token`, storing the identity in `dir`.
 pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Result<NodeId, IdentityError> {
     let node_dir = NodeDir::new(dir);
     for existing in [node_dir.cert(), node_dir.key()] {
@@ -160,41 +167,13 @@ pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Res
             return Err(IdentityError::AlreadyJoined(dir.to_owned(), existing));
         }
     }
-    let token: JoinToken = token.parse().map_err(IdentityError::Token)?;
-
-    // Pin the CA before trusting or sending anything.
-    let ca_pem = client::fetch_root_ca(control).await?;
-    let ca_der = ca::pem_to_der(&ca_pem)?;
-    let served = ids::digest_base36(&ca_der);
-    if served != token.ca_digest() {
-        return Err(IdentityError::CaMismatch {
-            control: control.to_owned(),
-            served,
-            pinned: token.ca_digest().to_owned(),
-        });
-    }
-
-    let (key, csr_pem) = key_and_csr()?;
-    let channel = client::authenticated_channel(control, &ca_der, None).await?;
-    let response = pb::identity_client::IdentityClient::new(channel)
-        .join(pb::JoinRequest { token: token.to_string(), csr_pem, hostname: hostname.to_owned() })
-        .await
-        .map_err(|s| ClientError::refused(control, s))?
-        .into_inner();
-    let id = check_issued(&response.cert_pem, &ca_pem, &key, None)?;
-    if response.node_id != id.as_str() {
-        return Err(IdentityError::BadCertificate(format!(
-            "names node {id}, but control said {}",
-            response.node_id
-        )));
-    }
-
+    let joined = joining::join(&addresses(control), token, hostname).await?;
     files::create_private_dir(dir)?;
-    files::write_atomic(&node_dir.ca(), ca_pem.as_bytes(), PUBLIC)?;
-    files::write_atomic(&node_dir.control(), format!("{control}\n").as_bytes(), PUBLIC)?;
-    files::write_atomic(&node_dir.key(), key.serialize_pem().as_bytes(), SECRET)?;
-    files::write_atomic(&node_dir.cert(), response.cert_pem.as_bytes(), PUBLIC)?;
-    Ok(id)
+    files::write_atomic(&node_dir.ca(), joined.ca_pem.as_bytes(), PUBLIC)?;
+    write_addresses(&node_dir.control(), &joined.managers)?;
+    files::write_atomic(&node_dir.key(), joined.identity.key_pem.as_bytes(), SECRET)?;
+    files::write_atomic(&node_dir.cert(), joined.identity.cert_pem.as_bytes(), PUBLIC)?;
+    Ok(joined.id)
 }
 
 /// Renews the node's certificate: a fresh key pair, a CSR sent over mTLS with the current
@@ -203,13 +182,12 @@ pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Res
 pub async fn renew(dir: &Path) -> Result<NodeIdentity, IdentityError> {
     let node_dir = NodeDir::new(dir);
     let current = node_dir.load()?;
-    let ca_der = ca::pem_to_der(&current.ca_pem)?;
     let (key, csr_pem) = key_and_csr()?;
-    let channel = client::authenticated_channel(&current.control, &ca_der, Some(&current.identity)).await?;
-    let response = pb::identity_client::IdentityClient::new(channel)
+    let leader = current.leader().await?;
+    let response = pb::identity_client::IdentityClient::new(leader.channel)
         .renew(pb::RenewRequest { csr_pem })
         .await
-        .map_err(|s| ClientError::refused(&current.control, s))?
+        .map_err(|s| ClientError::refused(&leader.addr, s))?
         .into_inner();
     check_issued(&response.cert_pem, &current.ca_pem, &key, Some(&current.id))?;
     files::write_atomic(&node_dir.next_key(), key.serialize_pem().as_bytes(), SECRET)?;
@@ -276,11 +254,11 @@ pub async fn workload_certificate(
     let node = NodeDir::new(dir).load()?;
     let ca_der = ca::pem_to_der(&node.ca_pem)?;
     let (key, csr_pem) = key_and_csr()?;
-    let channel = client::authenticated_channel(&node.control, &ca_der, Some(&node.identity)).await?;
-    let response = pb::identity_client::IdentityClient::new(channel)
+    let leader = node.leader().await?;
+    let response = pb::identity_client::IdentityClient::new(leader.channel)
         .issue_workload_cert(pb::WorkloadCertRequest { service: service.to_owned(), slot, csr_pem })
         .await
-        .map_err(|s| ClientError::refused(&node.control, s))?
+        .map_err(|s| ClientError::refused(&leader.addr, s))?
         .into_inner();
     let der = ca::pem_to_der(&response.cert_pem)?;
     let (_, cert) =

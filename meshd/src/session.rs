@@ -6,15 +6,14 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use control::ca;
-use control::client::{self, ClientError};
+use control::client::ClientError;
 use control::proto::pb;
 use control::slice::NodeSlice;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::agent::backoff;
-use crate::identity::NodeDir;
+use crate::identity::{IdentityError, NodeDir};
 
 /// The UDP port for overlay traffic unless told otherwise.
 pub const DEFAULT_OVERLAY_PORT: u16 = 4800;
@@ -80,21 +79,25 @@ async fn connect_and_follow(
         code: tonic::Code::FailedPrecondition,
         message: e.to_string(),
     })?;
-    let ca_der = ca::pem_to_der(&node.ca_pem).map_err(|e| ClientError::Refused {
-        addr: node.control.clone(),
-        code: tonic::Code::FailedPrecondition,
-        message: e.to_string(),
+    // Whichever manager answers names the leader; the session is opened there.
+    let leader = node.leader().await.map_err(|e| match e {
+        IdentityError::Client(e) => e,
+        other => ClientError::Refused {
+            addr: node.managers.join(","),
+            code: tonic::Code::FailedPrecondition,
+            message: other.to_string(),
+        },
     })?;
-    let channel = client::authenticated_channel(&node.control, &ca_der, Some(&node.identity)).await?;
-    let mut stream = pb::dispatcher_client::DispatcherClient::new(channel)
+    let addr = leader.addr;
+    let mut stream = pb::dispatcher_client::DispatcherClient::new(leader.channel)
         .session(pb::SessionRequest { underlay: config.underlay.to_string() })
         .await
-        .map_err(|s| ClientError::refused(&node.control, s))?
+        .map_err(|s| ClientError::refused(&addr, s))?
         .into_inner();
-    info!(control = %node.control, underlay = %config.underlay, "session with control open");
+    info!(control = %addr, underlay = %config.underlay, "session with control open");
     let _ = events.send(SessionEvent::Connected);
     *attempt = 0;
-    while let Some(message) = stream.message().await.map_err(|s| ClientError::refused(&node.control, s))? {
+    while let Some(message) = stream.message().await.map_err(|s| ClientError::refused(&addr, s))? {
         let slice = match NodeSlice::try_from(message) {
             Ok(slice) => slice,
             Err(e) => {
@@ -108,6 +111,10 @@ async fn connect_and_follow(
         }
         if slice.version < *held {
             continue;
+        }
+        // Where to go if this manager is lost.
+        if let Err(e) = NodeDir::new(&config.state_dir).set_managers(&slice.managers) {
+            warn!(error = %e, "cannot record the managers' addresses");
         }
         *held = slice.version;
         info!(
@@ -136,7 +143,8 @@ pub fn underlay_address(given: Option<&str>, state_dir: &Path) -> Result<SocketA
             .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, DEFAULT_OVERLAY_PORT)))
             .map_err(|_| format!("--underlay `{text}` is not an IP or IP:PORT")),
         None => {
-            let control = NodeDir::new(state_dir).load().map_err(|e| e.to_string())?.control;
+            let managers = NodeDir::new(state_dir).load().map_err(|e| e.to_string())?.managers;
+            let control = managers.first().cloned().unwrap_or_default();
             local_ip_towards(&control)
                 .map(|ip| SocketAddr::new(ip, DEFAULT_OVERLAY_PORT))
                 .map_err(|e| format!("cannot tell this host's address towards control {control}: {e}"))

@@ -57,6 +57,7 @@ fn slice(api_endpoints: &[[u8; 4]]) -> NodeSlice {
         node_index: 1,
         visibility: Default::default(),
         removed_nodes: vec![],
+        managers: vec![],
     }
 }
 

@@ -42,18 +42,27 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        cluster::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime).await.expect("init");
+        cluster::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime, false)
+            .await
+            .expect("init");
         TestCluster::serve(dir, listener, options).await
     }
 
     async fn serve(dir: TempDir, listener: TcpListener, options: ManagerOptions) -> TestCluster {
         let addr = listener.local_addr().expect("local addr");
-        let opened = cluster::open(&state_dir(&dir)).await.expect("open");
+        let opened = cluster::open(&state_dir(&dir), None).await.expect("open");
+        // A single manager elects itself within a second; the tests start once it leads.
+        opened.store.wait_to_lead(Duration::from_secs(10)).await.expect("the manager leads");
         let manager = Manager::new(opened, options.clone()).expect("manager");
         let (stop, stopped) = oneshot::channel::<()>();
-        let serving = server::serve(manager.clone(), listener, async {
-            let _ = stopped.await;
-        });
+        let serving = server::serve(
+            manager.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            None,
+        );
         let task = tokio::spawn(async move {
             if let Err(e) = serving.await {
                 eprintln!("control server stopped: {e}");
@@ -107,13 +116,13 @@ impl TestCluster {
 
     /// A channel to control trusting the cluster CA, presenting `identity` when given.
     pub async fn channel_as(&self, identity: Option<&control::tls::Identity>) -> tonic::transport::Channel {
-        control::client::authenticated_channel(&self.control(), self.manager.ca().cert_der(), identity)
+        control::client::authenticated_channel(&self.control(), self.manager.ca_der(), identity)
             .await
             .expect("a channel to control")
     }
 
     pub fn token(&self, role: Role) -> String {
-        self.manager_dir().read_token(role).expect("token").to_string()
+        self.manager.store().read(|s| s.join_tokens[&role].0.clone())
     }
 
     /// Joins a new node with `role`'s token; returns its state directory and ID.

@@ -36,7 +36,7 @@ async fn raw_join(
     token: &str,
     csr_pem: &str,
 ) -> Result<pb::JoinResponse, tonic::Status> {
-    let ca_der = cluster.manager.ca().cert_der().to_vec();
+    let ca_der = cluster.manager.ca_der().to_vec();
     let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
     pb::identity_client::IdentityClient::new(channel)
         .join(pb::JoinRequest { token: token.into(), csr_pem: csr_pem.into(), hostname: "h".into() })
@@ -75,7 +75,7 @@ async fn join_works_end_to_end_and_issues_the_documented_certificate() {
     let eku = cert.extended_key_usage().unwrap().expect("extended key usage").value;
     assert!(eku.client_auth);
     assert!(!cert.is_ca());
-    let (_, ca_cert) = X509Certificate::from_der(cluster.manager.ca().cert_der()).unwrap();
+    let (_, ca_cert) = X509Certificate::from_der(cluster.manager.ca_der()).unwrap();
     cert.verify_signature(Some(ca_cert.public_key())).expect("signed by the cluster CA");
     let lifetime = info.not_after - OffsetDateTime::now_utc();
     assert!(lifetime > time::Duration::hours(23) && lifetime <= time::Duration::hours(24), "{lifetime}");
@@ -115,8 +115,8 @@ async fn a_ca_digest_mismatch_is_refused_before_any_csr_is_sent() {
     let dir = tempfile::tempdir().unwrap();
     let err = identity::join(&impostor.control(), &token, &node_dir(&dir), "h").await.unwrap_err();
     let IdentityError::CaMismatch { served, pinned, .. } = &err else { panic!("{err:?}") };
-    assert_eq!(served, &impostor.manager.ca().digest());
-    assert_eq!(pinned, &real.manager.ca().digest());
+    assert_eq!(served, &impostor.manager.ca().unwrap().digest());
+    assert_eq!(pinned, &real.manager.ca().unwrap().digest());
     let message = err.to_string();
     assert!(message.contains(served.as_str()) && message.contains(pinned.as_str()), "{message}");
     assert_eq!(impostor.manager.join_attempts(), 0, "no CSR reached the impostor");
@@ -187,7 +187,7 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
 
     // An open TLS connection authenticated as the node, idle.
     let config = control::tls::client_config(
-        control::tls::ServerTrust::Ca(cluster.manager.ca().cert_der()),
+        control::tls::ServerTrust::Ca(cluster.manager.ca_der()),
         Some(&node.identity),
     )
     .unwrap();
@@ -254,7 +254,7 @@ async fn an_expired_certificate_is_refused() {
     let mut subject = Subject::node(&cluster_id, &id, Role::Worker, HOUR);
     subject.not_before = OffsetDateTime::now_utc() - time::Duration::hours(2);
     subject.not_after = OffsetDateTime::now_utc() - time::Duration::minutes(1);
-    let (cert_pem, key_pem) = cluster.manager.ca().issue_with_new_key(&subject).unwrap();
+    let (cert_pem, key_pem) = cluster.manager.ca().unwrap().issue_with_new_key(&subject).unwrap();
     let paths = NodeDir::new(&node_dir(&dir));
     control::files::write_atomic(&paths.key(), key_pem.as_bytes(), 0o600).unwrap();
     control::files::write_atomic(&paths.cert(), cert_pem.as_bytes(), 0o644).unwrap();
@@ -272,12 +272,9 @@ async fn a_certificate_from_another_cluster_is_refused() {
     let other = TestCluster::start(HOUR).await;
     let (dir, _) = other.join(Role::Worker).await;
     let foreign = NodeDir::new(&node_dir(&dir)).load().unwrap();
-    let channel = client::authenticated_channel(
-        &cluster.control(),
-        cluster.manager.ca().cert_der(),
-        Some(&foreign.identity),
-    )
-    .await;
+    let channel =
+        client::authenticated_channel(&cluster.control(), cluster.manager.ca_der(), Some(&foreign.identity))
+            .await;
     // The handshake (or the first call on it) fails: the certificate does not chain to this CA.
     let refused = match channel {
         Err(_) => true,
@@ -295,21 +292,21 @@ async fn state_files_holding_secrets_are_0600() {
     let cluster = TestCluster::start(HOUR).await;
     let (dir, _) = cluster.join(Role::Worker).await;
     let m = cluster.manager_dir();
-    for secret in
-        [m.ca_key(), m.manager_key(), m.tokens(), m.state(), m.config(), m.admin().join("admin.key")]
-    {
+    for secret in [m.data_key(), m.manager_key(), m.state(), m.config(), m.admin().join("admin.key")] {
         assert_eq!(mode(&secret), 0o600, "{}", secret.display());
     }
     assert_eq!(mode(&m.root), 0o700);
     assert_eq!(mode(&NodeDir::new(&node_dir(&dir)).key()), 0o600);
     assert_eq!(mode(&node_dir(&dir)), 0o700);
-    // No secret in a world-readable file.
+    // The CA key and the join tokens are only in the sealed store: in no file in the clear.
     let token = cluster.token(Role::Worker);
-    let key = std::fs::read_to_string(m.ca_key()).unwrap();
+    let key = cluster.manager.ca().unwrap().key_pem();
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     for entry in walk(&m.root) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).replace('\n', "");
+        assert!(!text.contains(&token) && !text.contains(&key_body), "{}", entry.display());
         if mode(&entry) & 0o044 != 0 {
-            let text = std::fs::read_to_string(&entry).unwrap_or_default();
-            assert!(!text.contains(&token) && !text.contains(key.trim()), "{}", entry.display());
             assert!(!text.contains("PRIVATE KEY"), "{}", entry.display());
         }
     }
@@ -354,7 +351,7 @@ async fn malformed_input_gets_clear_errors_and_the_server_keeps_serving() {
 
     // A bad hostname.
     let err = {
-        let ca_der = cluster.manager.ca().cert_der().to_vec();
+        let ca_der = cluster.manager.ca_der().to_vec();
         let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
         pb::identity_client::IdentityClient::new(channel)
             .join(pb::JoinRequest { token: token.clone(), csr_pem: csr("", "").1, hostname: "a\nb".into() })
@@ -379,12 +376,12 @@ async fn malformed_input_gets_clear_errors_and_the_server_keeps_serving() {
 async fn a_restarted_manager_serves_the_same_cluster() {
     let cluster = TestCluster::start(HOUR).await;
     let (dir, id) = cluster.join(Role::Worker).await;
-    let digest = cluster.manager.ca().digest();
+    let digest = cluster.manager.ca().unwrap().digest();
     let token = cluster.token(Role::Worker);
     let rotated = cluster.admin().await.join_token(Role::Manager, true).await.unwrap();
 
     let cluster = cluster.restart().await;
-    assert_eq!(cluster.manager.ca().digest(), digest);
+    assert_eq!(cluster.manager.ca().unwrap().digest(), digest);
     assert_eq!(cluster.admin().await.join_token(Role::Manager, false).await.unwrap(), rotated);
     let nodes = cluster.admin().await.list_nodes().await.unwrap();
     assert!(nodes.iter().any(|n| n.id == id && n.state == NodeState::Active));
@@ -400,6 +397,7 @@ async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
         &cluster.state_dir(),
         control::cluster::ManagerConfig::new(cluster.addr, None),
         HOUR,
+        false,
     )
     .await
     .unwrap_err();
@@ -409,11 +407,12 @@ async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
         fresh.path(),
         control::cluster::ManagerConfig::new(cluster.addr, None),
         Duration::from_secs(59 * 60),
+        false,
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("minimum is 1h"), "{err}");
-    assert!(!fresh.path().join("ca.key").exists());
+    assert!(!fresh.path().join("cluster.redb").exists());
 }
 
 #[tokio::test]

@@ -143,7 +143,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         let mut tasks = Vec::new();
         for &i in chunk {
             let dir = nodes_dir.path().join(format!("n{i}"));
-            let control = manager.bundle.control.clone();
+            let control = manager.bundle.managers.join(",");
             let token = token.clone();
             tasks.push(tokio::spawn(async move {
                 meshd::identity::join(&control, &token, &dir, &format!("sim{i}")).await.map(|_| dir)

@@ -6,13 +6,14 @@ use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::internal;
 use crate::auth;
 use crate::ids::NodeId;
 use crate::orchestrator::{self, ServiceSpec};
 use crate::proto::pb;
+use crate::seal::UnlockKey;
 use crate::server::Manager;
-use crate::state::{ClusterState, Command, Network, PortSpec, Service};
+use crate::state::{ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service};
+use crate::store::Leadership;
 use crate::tokens::{JoinToken, Role};
 
 pub(crate) struct AdminApi(pub(crate) Arc<Manager>);
@@ -75,15 +76,53 @@ impl AdminApi {
         auth::require_admin(&self.0.caller(request)?)
     }
 
+    /// The raft ID of manager `id`, or why it has none.
+    fn manager_raft_id(&self, id: &NodeId) -> Result<u64, Status> {
+        self.0.store.read(|s| match s.active_node(id) {
+            Ok(n) if n.role == Role::Manager => Ok(n.raft_id()),
+            Ok(_) => Err(Status::failed_precondition(format!(
+                "node {id} is a worker: a manager joins with `mesh-control join --token MANAGER_TOKEN`"
+            ))),
+            Err(e) => Err(Status::not_found(e.to_string())),
+        })
+    }
+
     fn node(&self, id: &NodeId) -> Result<pb::Node, Status> {
         let last_seen = self.0.last_seen.lock().expect("lock").get(id).copied();
         let connected = self.0.connected().contains(id);
+        let leadership = self.0.store.leadership();
         self.0.store.read(|s| {
             s.nodes
                 .get(id)
-                .map(|record| pb::Node::from_record(record, last_seen, connected))
+                .map(|record| self.node_pb(record, &leadership, last_seen, connected))
                 .ok_or_else(|| Status::not_found(format!("no node with ID {id}")))
         })
+    }
+
+    /// A node as admins see it; for a manager, with its standing in the raft group.
+    fn node_pb(
+        &self,
+        record: &NodeRecord,
+        l: &Leadership,
+        last_seen: Option<i64>,
+        connected: bool,
+    ) -> pb::Node {
+        let mut node = pb::Node::from_record(record, last_seen, connected);
+        if record.role == Role::Manager && record.state == NodeState::Active {
+            let id = record.raft_id();
+            let reach = if l.leader == Some(id) {
+                "leader"
+            } else if !l.is_member(id) {
+                "not yet a member"
+            } else if self.0.peers.reachable(id) {
+                "reachable"
+            } else {
+                "unreachable"
+            };
+            let voter = if l.learners.contains_key(&id) { " (non-voter)" } else { "" };
+            node.manager_status = format!("{reach}{voter}");
+        }
+        node
     }
 
     fn network(&self, name: &str) -> Result<pb::Network, Status> {
@@ -114,10 +153,13 @@ impl pb::admin_server::Admin for AdminApi {
         self.admin(&request)?;
         let last_seen = self.0.last_seen.lock().expect("lock").clone();
         let connected = self.0.connected();
+        let leadership = self.0.store.leadership();
         let nodes = self.0.store.read(|s| {
             s.nodes
                 .values()
-                .map(|r| pb::Node::from_record(r, last_seen.get(&r.id).copied(), connected.contains(&r.id)))
+                .map(|r| {
+                    self.node_pb(r, &leadership, last_seen.get(&r.id).copied(), connected.contains(&r.id))
+                })
                 .collect()
         });
         Ok(Response::new(pb::ListNodesResponse { nodes }))
@@ -170,19 +212,104 @@ impl pb::admin_server::Admin for AdminApi {
             .map_err(|e| Status::invalid_argument(format!("{e}")))?;
         let manager = &self.0;
         if request.get_ref().rotate {
-            let token = JoinToken::generate(&manager.ca.digest());
-            // The hash goes into the state first: from that moment the old token is refused.
-            manager
-                .store
-                .apply(Command::SetToken { role, hash: token.secret_hash() })
-                .await
-                .map_err(internal)?;
-            manager.dir.write_token(role, &token).map_err(internal)?;
+            let token = JoinToken::generate(&manager.ca_cert.digest);
+            // From the moment this is committed the old token is refused.
+            let set = Command::set_token(role, &token);
+            manager.change(move |_, _| Ok(vec![set])).await?;
             info!(%role, "join token rotated");
             return Ok(Response::new(pb::JoinTokenResponse { token: token.to_string() }));
         }
-        let token = manager.dir.read_token(role).map_err(internal)?;
-        Ok(Response::new(pb::JoinTokenResponse { token: token.to_string() }))
+        let token = manager
+            .store
+            .read(|s| s.join_tokens.get(&role).map(|t| t.0.clone()))
+            .ok_or_else(|| Status::internal(format!("the state holds no {role} token")))?;
+        Ok(Response::new(pb::JoinTokenResponse { token }))
+    }
+
+    async fn promote_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        let id = node_id(&request.get_ref().id)?;
+        let raft_id = self.manager_raft_id(&id)?;
+        let l = self.0.store.leadership();
+        if l.voters.contains_key(&raft_id) {
+            return Err(Status::failed_precondition(format!("manager {id} already votes")));
+        }
+        if !l.learners.contains_key(&raft_id) {
+            return Err(Status::failed_precondition(format!(
+                "manager {id} is not in the raft group yet (it is added once its mesh-control serves)"
+            )));
+        }
+        self.0.store.set_voter(raft_id, true).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        info!(node = %id, "manager promoted to voter");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn demote_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        let id = node_id(&request.get_ref().id)?;
+        let raft_id = self.manager_raft_id(&id)?;
+        let l = self.0.store.leadership();
+        if !l.voters.contains_key(&raft_id) {
+            return Err(Status::failed_precondition(format!("manager {id} does not vote already")));
+        }
+        if let Err(reason) = self.0.quorum_after_demoting(raft_id) {
+            return Err(Status::failed_precondition(format!("refusing to demote manager {id}: {reason}")));
+        }
+        self.0.store.set_voter(raft_id, false).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        info!(node = %id, "manager demoted: it keeps a copy of the state but does not vote");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn update_cluster(
+        &self,
+        request: Request<pb::UpdateClusterRequest>,
+    ) -> Result<Response<pb::UnlockKeyResponse>, Status> {
+        self.admin(&request)?;
+        let on = request.get_ref().autolock;
+        let current = self.0.store.read(|s| s.unlock_key.clone());
+        let key = match (on, current) {
+            (true, Some(key)) => key,
+            (true, None) => {
+                let key = Secret(UnlockKey::generate().to_string());
+                let set = Command::SetUnlockKey(Some(key.clone()));
+                self.0.change(move |_, _| Ok(vec![set])).await?;
+                info!("autolock turned on");
+                key
+            }
+            (false, _) => {
+                self.0.change(|_, _| Ok(vec![Command::SetUnlockKey(None)])).await?;
+                info!("autolock turned off");
+                Secret(String::new())
+            }
+        };
+        Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
+    }
+
+    async fn unlock_key(
+        &self,
+        request: Request<pb::UnlockKeyRequest>,
+    ) -> Result<Response<pb::UnlockKeyResponse>, Status> {
+        self.admin(&request)?;
+        let current = self.0.store.read(|s| s.unlock_key.clone());
+        let Some(current) = current else {
+            return Err(Status::failed_precondition(
+                "autolock is off: turn it on with `meshctl cluster update --autolock=true`",
+            ));
+        };
+        if !request.get_ref().rotate {
+            return Ok(Response::new(pb::UnlockKeyResponse { key: current.0 }));
+        }
+        let key = Secret(UnlockKey::generate().to_string());
+        let set = Command::SetUnlockKey(Some(key.clone()));
+        self.0.change(move |_, _| Ok(vec![set])).await?;
+        info!("unlock key rotated");
+        Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
     }
 
     async fn create_network(

@@ -26,20 +26,21 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         _request: Request<pb::GetRootCaRequest>,
     ) -> Result<Response<pb::GetRootCaResponse>, Status> {
-        Ok(Response::new(pb::GetRootCaResponse { ca_pem: self.0.ca.cert_pem().to_owned() }))
+        Ok(Response::new(pb::GetRootCaResponse { ca_pem: self.0.ca_cert.pem.clone() }))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let manager = &self.0;
         manager.join_attempts.fetch_add(1, Ordering::Relaxed);
+        manager.lead()?;
         let req = request.into_inner();
         let token: JoinToken =
             req.token.parse().map_err(|e| Status::invalid_argument(format!("malformed join token: {e}")))?;
-        if token.ca_digest() != manager.ca.digest() {
+        if token.ca_digest() != manager.ca_cert.digest {
             return Err(Status::permission_denied(format!(
                 "the join token pins CA digest {}, but this cluster's CA digest is {}",
                 token.ca_digest(),
-                manager.ca.digest()
+                manager.ca_cert.digest
             )));
         }
         let role = manager.store.read(|s| s.role_for_token(&token.secret_hash())).ok_or_else(|| {
@@ -72,14 +73,17 @@ impl pb::identity_server::Identity for IdentityApi {
                 labels: Default::default(),
                 underlay: None,
                 index: 0,
+                control: None,
             }))
             .await
             .map_err(internal)?;
+        let node_index = manager.store.read(|s| s.nodes.get(&id).map(|n| n.index)).unwrap_or_default();
         info!(node = %id, %role, hostname, "node joined");
         Ok(Response::new(pb::JoinResponse {
             node_id: id.to_string(),
             cert_pem,
-            ca_pem: manager.ca.cert_pem().to_owned(),
+            ca_pem: manager.ca_cert.pem.clone(),
+            node_index,
         }))
     }
 
@@ -136,7 +140,7 @@ impl pb::identity_server::Identity for IdentityApi {
             manager.options.workload_cert_lifetime,
         );
         let cert_pem = manager
-            .ca
+            .ca()?
             .issue_for_csr(&req.csr_pem, &subject)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         info!(node = %node, service = %req.service, slot = req.slot, "workload certificate issued");

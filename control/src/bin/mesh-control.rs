@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control::cluster::{self, DEFAULT_CERT_LIFETIME, ManagerConfig};
 use control::server::{self, Manager, ManagerOptions};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -38,9 +38,33 @@ enum Cmd {
         /// Lifetime of node certificates (minimum 1h; default 24h), e.g. `24h`, `90m`, `7days`.
         #[arg(long, value_parser = parse_duration)]
         cert_expiry: Option<Duration>,
+        /// Wrap the state's data key with an unlock key (`MESHKEY-1-...`, printed once): a
+        /// restarted manager serves nothing but `meshctl unlock` until given it.
+        #[arg(long)]
+        autolock: bool,
         /// After creating the cluster, serve it (as `run` would).
         #[arg(long)]
         run: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Join an existing cluster as another manager (a voter of the replicated store), then serve.
+    Join {
+        /// The manager join token (`meshctl join-token manager`).
+        #[arg(long, env = "MESH_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Any manager of the cluster (host:port); repeat or separate with commas for several.
+        #[arg(long, required = true, value_delimiter = ',')]
+        control: Vec<String>,
+        /// Directory for this manager's state; created with mode 0700. Must not hold a cluster.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Address the control API (and raft between managers) listens on.
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], cluster::DEFAULT_CONTROL_PORT)))]
+        listen: SocketAddr,
+        /// Address the other managers and nodes use to reach this one (default: --listen).
+        #[arg(long)]
+        advertise: Option<SocketAddr>,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -97,10 +121,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Init { state_dir, listen, advertise, cert_expiry, run, serve: args } => {
+        Cmd::Init { state_dir, listen, advertise, cert_expiry, autolock, run, serve: args } => {
             let config = ManagerConfig::new(listen, advertise);
-            let created =
-                cluster::init(&state_dir, config, cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME)).await?;
+            let lifetime = cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME);
+            let created = cluster::init(&state_dir, config, lifetime, autolock).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
             println!("Manager node ID: {}", created.manager_id);
             println!(
@@ -115,10 +139,39 @@ async fn main() -> anyhow::Result<()> {
                 created.config.advertise, created.worker_token
             );
             println!();
-            println!("For a manager token: meshctl join-token manager");
+            println!("To add a manager, run on it:");
+            println!(
+                "    mesh-control join --control {} --token {} --state-dir /var/lib/mesh-control",
+                created.config.advertise, created.manager_token
+            );
+            if let Some(key) = &created.unlock_key {
+                println!();
+                println!("Autolock is on. The unlock key, shown only this once (keep it safe):");
+                println!("    {key}");
+                println!("A restarted manager serves nothing until given it: meshctl unlock");
+            }
             if run {
                 serve(state_dir, args.options()?).await?;
             }
+        }
+        Cmd::Join { token, control, state_dir, listen, advertise, serve: args } => {
+            let options = args.options()?;
+            let config = ManagerConfig::new(listen, advertise);
+            if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
+                anyhow::bail!(
+                    "this manager would advertise {}, which the other managers cannot reach: give --advertise",
+                    config.advertise
+                );
+            }
+            let joined = cluster::join(&state_dir, config, &control, &token).await?;
+            println!(
+                "Joined cluster {} as manager {} (raft ID {}); state in {}.",
+                joined.cluster_id,
+                joined.node_id,
+                joined.raft_id,
+                state_dir.display()
+            );
+            serve(state_dir, options).await?;
         }
         Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?).await?,
     }
@@ -126,13 +179,26 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(state_dir: PathBuf, options: ManagerOptions) -> anyhow::Result<()> {
-    let opened = cluster::open(&state_dir).await?;
+    let listen = cluster::read_config(&state_dir)?.listen;
+    let bind = || async {
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
+    };
+    let unlock = if cluster::is_locked(&state_dir)? {
+        warn!(%listen, "this manager is locked (autolock): serving nothing but `meshctl unlock`");
+        let key = tokio::select! {
+            key = server::serve_locked(&state_dir, bind().await?) => key?,
+            _ = stop() => return Ok(()),
+        };
+        info!("unlocked");
+        Some(key)
+    } else {
+        None
+    };
+    let opened = cluster::open(&state_dir, unlock.as_ref()).await?;
     let config = opened.config.clone();
     let (cluster_id, lifetime, nodes) =
         opened.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = bind().await?;
     info!(
         cluster = %cluster_id,
         listen = %config.listen,
@@ -146,14 +212,20 @@ async fn serve(state_dir: PathBuf, options: ManagerOptions) -> anyhow::Result<()
     );
     let manager = Manager::new(opened, options)?;
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        stop().await;
         info!("shutting down");
     };
-    server::serve(manager, listener, shutdown).await?;
+    server::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await?;
+    manager.store().shutdown().await;
     Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn stop() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -40,6 +40,15 @@ enum Cmd {
     /// A local cluster in network namespaces, as root: up, exec, status, down.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Cluster-wide settings: autolock and its unlock key.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Unlock managers that restarted locked (autolock): the unlock key is read from stdin.
+    Unlock {
+        /// The manager to unlock (host:port); default: every manager in the admin bundle.
+        #[arg(long)]
+        manager: Vec<String>,
+    },
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -50,6 +59,22 @@ enum Cmd {
         /// Print only the token.
         #[arg(short, long)]
         quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Change cluster settings.
+    Update {
+        /// Wrap every manager's data key with an unlock key (printed once), so a restarted
+        /// manager serves nothing until `meshctl unlock`; `false` turns it off.
+        #[arg(long, action = clap::ArgAction::Set, required = true)]
+        autolock: bool,
+    },
+    /// Show the unlock key (autolock), or replace it with --rotate.
+    UnlockKey {
+        #[arg(long)]
+        rotate: bool,
     },
 }
 
@@ -105,6 +130,11 @@ enum NodeCmd {
     /// Remove a node: it is refused on every call from now on, its connections are cut, its
     /// endpoints move elsewhere and the keys of its networks rotate.
     Rm { id: String },
+    /// Make a demoted manager vote again in the replicated store.
+    Promote { id: String },
+    /// Make a manager stop voting (it keeps a copy of the state); refused if the voters left
+    /// could not make a majority.
+    Demote { id: String },
     /// Change a node's labels (used by placement constraints).
     Update {
         id: String,
@@ -314,10 +344,43 @@ async fn run() -> anyhow::Result<()> {
     let admin_dir = cli.admin.context(
         "no admin bundle: pass --admin DIR or set MESHCTL_ADMIN (mesh-control init writes it to STATE_DIR/admin)",
     )?;
-    let bundle = AdminBundle::load(&admin_dir)
+    let mut bundle = AdminBundle::load(&admin_dir)
         .with_context(|| format!("cannot read the admin bundle in {}", admin_dir.display()))?;
+    if let Cmd::Unlock { manager } = &cli.command {
+        return unlock(&bundle, manager).await;
+    }
     let mut client = AdminClient::connect(&bundle).await?;
+    // A bundle that cannot be written (read-only) still works with the managers it names.
+    let _ = bundle.remember_managers(&admin_dir, client.managers());
     match cli.command {
+        Cmd::Unlock { .. } => unreachable!("handled above"),
+        Cmd::Cluster(ClusterCmd::Update { autolock }) => {
+            let key = client.update_cluster(autolock).await?;
+            if autolock {
+                println!(
+                    "Autolock is on. The unlock key (keep it safe; `meshctl cluster unlock-key` shows it):"
+                );
+                println!("    {key}");
+                println!("A restarted manager serves nothing until given it: meshctl unlock");
+            } else {
+                println!("Autolock is off: managers keep their data key in the clear (mode 0600).");
+            }
+        }
+        Cmd::Cluster(ClusterCmd::UnlockKey { rotate }) => {
+            let key = client.unlock_key(rotate).await?;
+            if rotate {
+                println!("The unlock key was rotated; the previous one no longer unlocks any manager.");
+            }
+            println!("{key}");
+        }
+        Cmd::Node(NodeCmd::Promote { id }) => {
+            let node = client.promote_node(&id).await?;
+            println!("{} votes: {}", node.id, node.manager_status.as_deref().unwrap_or("-"));
+        }
+        Cmd::Node(NodeCmd::Demote { id }) => {
+            let node = client.demote_node(&id).await?;
+            println!("{} no longer votes: {}", node.id, node.manager_status.as_deref().unwrap_or("-"));
+        }
         Cmd::Node(NodeCmd::Ls { format }) => {
             let nodes = client.list_nodes().await?;
             match format {
@@ -476,18 +539,51 @@ async fn run() -> anyhow::Result<()> {
                     println!("The {role} join token was rotated; the previous one no longer works.");
                 }
                 println!("To add a {role}, run on it:");
+                let control = bundle.managers.join(",");
                 match role {
                     Role::Worker => println!(
-                        "    meshd join --control {} --token {token} --state-dir /var/lib/meshd",
-                        bundle.control
+                        "    meshd join --control {control} --token {token} --state-dir /var/lib/meshd"
                     ),
                     Role::Manager => println!(
-                        "    mesh-control join --control {} --token {token} --state-dir /var/lib/mesh-control",
-                        bundle.control
+                        "    mesh-control join --control {control} --token {token} --state-dir /var/lib/mesh-control \\\n        --advertise THIS_HOST:{}",
+                        control::cluster::DEFAULT_CONTROL_PORT
                     ),
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `meshctl unlock`: gives the unlock key (from stdin) to each locked manager.
+async fn unlock(bundle: &AdminBundle, managers: &[String]) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        eprint!("Unlock key: ");
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("cannot read the unlock key from stdin")?;
+    let key = line.trim();
+    anyhow::ensure!(!key.is_empty(), "no unlock key given on stdin");
+    let targets = if managers.is_empty() { &bundle.managers } else { managers };
+    let mut unlocked = 0;
+    let mut failed = Vec::new();
+    for addr in targets {
+        match control::client::unlock(bundle, addr, key).await {
+            Ok(()) => {
+                println!("{addr}: unlocked");
+                unlocked += 1;
+            }
+            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => println!("{addr}: not locked"),
+            Err(e) => {
+                println!("{addr}: {e}");
+                failed.push(addr.clone());
+            }
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "{} manager(s) not unlocked: {}", failed.len(), failed.join(", "));
+    if unlocked == 0 {
+        println!("no manager was locked");
     }
     Ok(())
 }
@@ -504,11 +600,16 @@ fn when(t: Option<OffsetDateTime>) -> String {
 
 fn table(nodes: &[NodeView]) -> String {
     render(
-        &["ID", "HOSTNAME", "ROLE", "STATE", "LABELS", "CERT EXPIRES", "LAST SEEN"],
+        &["ID", "HOSTNAME", "ROLE", "STATE", "MANAGER", "LABELS", "CERT EXPIRES", "LAST SEEN"],
         nodes.iter().map(|n| {
+            // A manager is up when it answers raft, whether or not its host runs meshd too.
+            let manager_up = n
+                .manager_status
+                .as_deref()
+                .is_some_and(|s| s.starts_with("leader") || s.starts_with("reachable"));
             let state = match n.state {
                 NodeState::Removed => "removed",
-                NodeState::Active if n.connected => "ready",
+                NodeState::Active if n.connected || manager_up => "ready",
                 NodeState::Active => "down",
             };
             vec![
@@ -516,6 +617,7 @@ fn table(nodes: &[NodeView]) -> String {
                 n.hostname.clone(),
                 n.role.to_string(),
                 state.to_owned(),
+                n.manager_status.clone().unwrap_or_else(|| "-".into()),
                 if n.labels.is_empty() { "-".to_owned() } else { n.labels.join(",") },
                 when(n.cert_not_after),
                 when(n.last_seen),
