@@ -83,6 +83,8 @@ pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Le
     let deadline = tokio::time::Instant::now() + FIND_LEADER_FOR;
     loop {
         let mut tried = Vec::new();
+        // Worth another round: a manager that could not be reached, or knows no leader yet.
+        let mut retry = false;
         let mut queue: std::collections::VecDeque<String> = managers.iter().cloned().collect();
         while let Some(addr) = queue.pop_front() {
             if tried.iter().any(|(a, _): &(String, String)| a == &addr) {
@@ -92,6 +94,7 @@ pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Le
                 Ok(channel) => channel,
                 Err(e) => {
                     tried.push((addr, e.to_string()));
+                    retry = true;
                     continue;
                 }
             };
@@ -105,11 +108,12 @@ pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Le
                     if let Some(hint) = leader_hint(&status) {
                         queue.push_front(hint);
                     }
+                    retry |= matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown);
                     tried.push((addr.clone(), ClientError::refused(&addr, status).to_string()));
                 }
             }
         }
-        if tokio::time::Instant::now() >= deadline {
+        if !retry || tokio::time::Instant::now() >= deadline {
             let tried = tried.into_iter().map(|(_, e)| e).collect::<Vec<_>>().join("; ");
             return Err(ClientError::NoLeader { tried });
         }

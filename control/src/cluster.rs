@@ -313,7 +313,7 @@ pub async fn join(
 ) -> Result<JoinedManager, ClusterError> {
     let dir = ManagerDir::new(root);
     dir.check_empty()?;
-    let joined = crate::joining::join(managers, token, &hostname()).await?;
+    let joined = crate::joining::join(managers, token, &hostname(), true).await?;
     let role = CertInfo::from_pem(&joined.identity.cert_pem)?.unit;
     if Role::from_ou(&role) != Some(Role::Manager) {
         return Err(ClusterError::WorkerToken(format!("node {} joined as a worker: the token", joined.id)));

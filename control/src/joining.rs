@@ -81,8 +81,14 @@ pub fn check_issued(
     Ok(id)
 }
 
-/// Joins through any of `managers` with `token` (the leader is found from whichever answers).
-pub async fn join(managers: &[String], token: &str, hostname: &str) -> Result<Joined, JoinError> {
+/// Joins through any of `managers` with `token` (the leader is found from whichever answers);
+/// with `manager`, only a manager token is accepted.
+pub async fn join(
+    managers: &[String],
+    token: &str,
+    hostname: &str,
+    manager: bool,
+) -> Result<Joined, JoinError> {
     let token: JoinToken = token.parse()?;
     let first = managers.first().ok_or(JoinError::NoManager)?;
     // Pin the CA before trusting or sending anything.
@@ -99,7 +105,7 @@ pub async fn join(managers: &[String], token: &str, hostname: &str) -> Result<Jo
     let leader = client::leader(managers, tls::client_config(ServerTrust::Ca(&ca_der), None)?).await?;
     let (key, csr_pem) = key_and_csr()?;
     let response = pb::identity_client::IdentityClient::new(leader.channel)
-        .join(pb::JoinRequest { token: token.to_string(), csr_pem, hostname: hostname.to_owned() })
+        .join(pb::JoinRequest { token: token.to_string(), csr_pem, hostname: hostname.to_owned(), manager })
         .await
         .map_err(|s| ClientError::refused(&leader.addr, s))?
         .into_inner();

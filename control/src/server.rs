@@ -344,6 +344,16 @@ impl Manager {
         info!(node = %node, connections = open, "cut the connections of a removed node");
     }
 
+    /// Cuts every connection authenticated as a node (their sessions then go to the leader);
+    /// admins' calls in flight finish with their own answer.
+    fn close_nodes(&self) {
+        let mut connections = self.connections.lock().expect("lock");
+        for token in connections.iter_mut().filter(|(node, _)| node.is_some()).flat_map(|(_, t)| t.drain(..))
+        {
+            token.cancel();
+        }
+    }
+
     /// Cuts every open connection (at shutdown: sessions are long-lived and would hold a graceful
     /// shutdown open forever).
     pub fn close_all(&self) {
@@ -432,13 +442,13 @@ impl Manager {
     }
 
     /// Follows leadership: taking the lead gives every node `down_after` from now to reconnect
-    /// before its endpoints move; losing it cuts every connection, so nodes and admins go to the
-    /// new leader.
+    /// before its endpoints move; losing it (or a majority's acknowledgement, when cut off) cuts
+    /// every node session, so nodes go to the manager that leads.
     async fn follow_leadership(self: Arc<Self>) {
         let mut metrics = self.store.watch_raft();
         let mut leading = false;
         loop {
-            let now_leading = metrics.borrow_and_update().state == openraft::ServerState::Leader;
+            let now_leading = self.store.leadership().leading;
             if now_leading != leading {
                 leading = now_leading;
                 if leading {
@@ -450,12 +460,16 @@ impl Manager {
                     info!(raft_id = self.store.id(), "this manager leads the cluster");
                 } else {
                     *self.leading_since.lock().expect("lock") = None;
-                    info!("this manager no longer leads: cutting its connections so clients find the leader");
-                    self.close_all();
+                    info!(
+                        "this manager does not lead (any more): cutting node sessions so they find the leader"
+                    );
+                    self.close_nodes();
                 }
             }
-            if metrics.changed().await.is_err() {
-                return;
+            // Raft's metrics change with every election; the lease also runs out with no event.
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
     }

@@ -167,7 +167,7 @@ pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Res
             return Err(IdentityError::AlreadyJoined(dir.to_owned(), existing));
         }
     }
-    let joined = joining::join(&addresses(control), token, hostname).await?;
+    let joined = joining::join(&addresses(control), token, hostname, false).await?;
     files::create_private_dir(dir)?;
     files::write_atomic(&node_dir.ca(), joined.ca_pem.as_bytes(), PUBLIC)?;
     write_addresses(&node_dir.control(), &joined.managers)?;

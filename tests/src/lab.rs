@@ -23,7 +23,7 @@ pub fn require_root() {
 }
 
 /// The directory with the workspace's binaries (built by `cargo build` before the tests).
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.ancestors().nth(2).expect("target dir").to_owned();
     for b in ["mesh-control", "meshd", "meshctl"] {
@@ -77,9 +77,16 @@ pub struct Lab {
     pub hosts: usize,
     pub work: tempfile::TempDir,
     bin: PathBuf,
-    children: Vec<Child>,
-    /// Host number -> its meshd.
+    /// Host number -> its mesh-control (hosts 1..=managers).
+    managers: Vec<(usize, Child)>,
+    manager_args: Vec<String>,
+    /// Host number -> its meshd (hosts after the managers').
     meshd: Vec<(usize, Child)>,
+    /// The host meshctl runs in.
+    pub admin_host: usize,
+    /// The cluster CA's key (PEM), read from the first manager's store before it served, for
+    /// tests that forge certificates.
+    pub ca_key: String,
 }
 
 impl Lab {
@@ -98,6 +105,12 @@ impl Lab {
 
     /// Starts a lab of `hosts` hosts: control in host 1, meshd joined and running in the others.
     pub fn start(hosts: usize) -> Lab {
+        Lab::start_with(hosts, 1, &[])
+    }
+
+    /// Starts a lab of `hosts` hosts: `managers` managers in hosts 1..=managers (the first makes
+    /// the cluster, the others join it), each run with `manager_args`; meshd in the other hosts.
+    pub fn start_with(hosts: usize, managers: usize, manager_args: &[&str]) -> Lab {
         require_root();
         let bin = bin_dir();
         let prefix = format!("t{}{}", std::process::id() % 100000, rand_suffix());
@@ -106,8 +119,11 @@ impl Lab {
             hosts,
             work: tempfile::tempdir().expect("temp dir"),
             bin,
-            children: vec![],
+            managers: vec![],
+            manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
             meshd: vec![],
+            ca_key: String::new(),
+            admin_host: 1,
         };
         let br = lab.bridge();
         ok(Command::new("ip").args(["netns", "add", &br]));
@@ -150,19 +166,29 @@ impl Lab {
             .args(["init", "--state-dir"])
             .arg(&state)
             .args(["--listen", &control]));
-        let log = std::fs::File::create(lab.work.path().join("control.log")).expect("log");
-        let child = lab
-            .in_host(1, &lab.bin.join("mesh-control"))
-            .args(["run", "--state-dir"])
-            .arg(&state)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mesh-control");
-        lab.children.push(child);
+        let read = control::cluster::read_state(&state, None);
+        let offline = tokio::runtime::Runtime::new().expect("runtime").block_on(read).expect("the state");
+        lab.ca_key = offline.ca.expect("the CA in the state").key_pem.0;
+        lab.start_manager(1);
         lab.wait("control to answer", || lab.meshctl_status(&["node", "ls"]).status.success());
+        let manager_token = lab.meshctl(&["join-token", "manager", "-q"]).trim().to_owned();
+        for i in 2..=managers {
+            let dir = lab.manager_dir(i);
+            let listen = format!("{}:7400", lab.addr(i));
+            lab.spawn_manager(
+                i,
+                &["join", "--control", &control, "--token", &manager_token, "--listen", &listen],
+                &dir,
+            );
+        }
+        lab.wait("every manager to be in the raft group", || {
+            let out = lab.meshctl_status(&["node", "ls", "--format", "json"]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.matches("\"manager_status\": \"leader\"").count() == 1
+                && text.matches("\"manager_status\": \"reachable\"").count() == managers - 1
+        });
         let token = lab.meshctl(&["join-token", "worker", "-q"]).trim().to_owned();
-        for i in 2..=hosts {
+        for i in managers + 1..=hosts {
             let dir = lab.node_dir(i);
             ok(lab
                 .in_host(i, &lab.bin.join("meshd"))
@@ -173,9 +199,63 @@ impl Lab {
         }
         lab.wait("every meshd to hold a session", || {
             lab.meshctl(&["node", "ls", "--format", "json"]).matches("\"connected\": true").count()
-                == hosts - 1
+                == hosts - managers
         });
         lab
+    }
+
+    /// The state directory of manager `i`.
+    pub fn manager_dir(&self, i: usize) -> PathBuf {
+        match i {
+            1 => self.work.path().join("control"),
+            i => self.work.path().join(format!("control-{i}")),
+        }
+    }
+
+    fn spawn_manager(&mut self, i: usize, args: &[&str], dir: &Path) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.path().join(format!("control-{i}.log")))
+            .expect("log");
+        let child = self
+            .in_host(i, &self.bin.join("mesh-control"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(dir)
+            .args(&self.manager_args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mesh-control");
+        self.managers.push((i, child));
+    }
+
+    /// (Re)starts manager `i` on its state directory.
+    pub fn start_manager(&mut self, i: usize) {
+        let dir = self.manager_dir(i);
+        self.spawn_manager(i, &["run"], &dir);
+    }
+
+    /// Stops manager `i`: SIGKILL with `kill`, else SIGTERM.
+    pub fn stop_manager(&mut self, i: usize, kill: bool) {
+        for (_, child) in self.managers.iter_mut().filter(|(h, _)| *h == i) {
+            let signal = if kill { "-KILL" } else { "-TERM" };
+            let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+        self.managers.retain(|(h, _)| *h != i);
+    }
+
+    /// The host whose manager leads, as `meshctl node ls` tells (from any manager).
+    pub fn leader(&self) -> Option<usize> {
+        let out = self.meshctl_status(&["node", "ls", "--format", "json"]);
+        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let control = nodes.as_array()?.iter().find(|n| n["manager_status"] == "leader")?["control"]
+            .as_str()?
+            .to_owned();
+        (1..=self.hosts).find(|i| control == format!("{}:7400", self.addr(*i)))
     }
 
     /// (Re)starts host `i`'s meshd.
@@ -212,7 +292,7 @@ impl Lab {
 
     fn meshctl_status(&self, args: &[&str]) -> Output {
         run(self
-            .in_host(1, &self.bin.join("meshctl"))
+            .in_host(self.admin_host, &self.bin.join("meshctl"))
             .env("MESHCTL_ADMIN", self.work.path().join("control/admin"))
             .args(args))
     }
@@ -332,12 +412,21 @@ impl Drop for Lab {
         for (_, child) in &mut self.meshd {
             let _ = child.wait();
         }
-        for child in &mut self.children {
+        for (_, child) in &mut self.managers {
             let _ = child.kill();
             let _ = child.wait();
         }
         // A failing test shows what each meshd said last.
         if std::thread::panicking() {
+            for (i, _) in &self.managers {
+                let log = std::fs::read_to_string(self.work.path().join(format!("control-{i}.log")))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- mesh-control {i}, last lines ---");
+                for l in &lines[lines.len().saturating_sub(100)..] {
+                    eprintln!("{l}");
+                }
+            }
             for (i, _) in &self.meshd {
                 let log = std::fs::read_to_string(self.work.path().join(format!("meshd-{i}.log")))
                     .unwrap_or_default();

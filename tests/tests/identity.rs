@@ -39,7 +39,12 @@ async fn raw_join(
     let ca_der = cluster.manager.ca_der().to_vec();
     let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
     pb::identity_client::IdentityClient::new(channel)
-        .join(pb::JoinRequest { token: token.into(), csr_pem: csr_pem.into(), hostname: "h".into() })
+        .join(pb::JoinRequest {
+            token: token.into(),
+            csr_pem: csr_pem.into(),
+            hostname: "h".into(),
+            manager: false,
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -354,7 +359,12 @@ async fn malformed_input_gets_clear_errors_and_the_server_keeps_serving() {
         let ca_der = cluster.manager.ca_der().to_vec();
         let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
         pb::identity_client::IdentityClient::new(channel)
-            .join(pb::JoinRequest { token: token.clone(), csr_pem: csr("", "").1, hostname: "a\nb".into() })
+            .join(pb::JoinRequest {
+                token: token.clone(),
+                csr_pem: csr("", "").1,
+                hostname: "a\nb".into(),
+                manager: false,
+            })
             .await
             .unwrap_err()
     };

@@ -221,11 +221,7 @@ fn the_mesh_port_refuses_callers_without_a_valid_workload_identity() {
     let s = setup();
     let lab = &s.lab;
     let control = lab.work.path().join("control");
-    let ca = ClusterCa::load(
-        &std::fs::read_to_string(control.join("ca.crt")).unwrap(),
-        &std::fs::read_to_string(control.join("ca.key")).unwrap(),
-    )
-    .unwrap();
+    let ca = ClusterCa::load(&std::fs::read_to_string(control.join("ca.crt")).unwrap(), &lab.ca_key).unwrap();
     let node_pem = std::fs::read_to_string(lab.node_dir(2).join("node.crt")).unwrap();
     let cluster: control::ids::ClusterId =
         CertInfo::from_pem(&node_pem).unwrap().organization.parse().unwrap();

@@ -49,6 +49,11 @@ impl pb::identity_server::Identity for IdentityApi {
                 "invalid join token: its secret matches no current token (rotated or wrong)",
             )
         })?;
+        if req.manager && role != crate::tokens::Role::Manager {
+            return Err(Status::permission_denied(
+                "this is a worker token: a manager joins with the manager token (`meshctl join-token manager`)",
+            ));
+        }
         let hostname = req.hostname.trim();
         if hostname.is_empty()
             || hostname.len() > MAX_HOSTNAME

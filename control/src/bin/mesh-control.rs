@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control::cluster::{self, DEFAULT_CERT_LIFETIME, ManagerConfig};
+use control::seal::UnlockKey;
 use control::server::{self, Manager, ManagerOptions};
 use tracing::{info, warn};
 
@@ -151,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("A restarted manager serves nothing until given it: meshctl unlock");
             }
             if run {
-                serve(state_dir, args.options()?).await?;
+                serve(state_dir, args.options()?, created.unlock_key).await?;
             }
         }
         Cmd::Join { token, control, state_dir, listen, advertise, serve: args } => {
@@ -171,19 +172,23 @@ async fn main() -> anyhow::Result<()> {
                 joined.raft_id,
                 state_dir.display()
             );
-            serve(state_dir, options).await?;
+            serve(state_dir, options, None).await?;
         }
-        Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?).await?,
+        Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?, None).await?,
     }
     Ok(())
 }
 
-async fn serve(state_dir: PathBuf, options: ManagerOptions) -> anyhow::Result<()> {
+/// Serves the manager in `state_dir`; a locked one first waits for `meshctl unlock` (unless this
+/// process already holds the key: `init --autolock --run`).
+async fn serve(state_dir: PathBuf, options: ManagerOptions, known: Option<UnlockKey>) -> anyhow::Result<()> {
     let listen = cluster::read_config(&state_dir)?.listen;
     let bind = || async {
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
     };
-    let unlock = if cluster::is_locked(&state_dir)? {
+    let unlock = if known.is_some() {
+        known
+    } else if cluster::is_locked(&state_dir)? {
         warn!(%listen, "this manager is locked (autolock): serving nothing but `meshctl unlock`");
         let key = tokio::select! {
             key = server::serve_locked(&state_dir, bind().await?) => key?,
