@@ -1,0 +1,231 @@
+//! Autolock with the real binaries on loopback: a restarted manager serves nothing but `meshctl
+//! unlock`, refuses a wrong key, and its files cannot be read without the key; rotation retires
+//! the old key; turning autolock off unwraps the data key. Also what an attacker tries against
+//! the managers: a worker token to make a manager, raft messages with a worker's or an admin's
+//! certificate.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use control::proto::pb;
+use control::seal::{SealError, UnlockKey};
+use control::tokens::Role;
+use mesh_tests::TestCluster;
+use mesh_tests::lab::bin_dir;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Manager {
+    dir: tempfile::TempDir,
+    listen: String,
+    child: Option<Child>,
+}
+
+impl Manager {
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("m")
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
+        let child = Command::new(bin_dir().join("mesh-control"))
+            .args(["run", "--state-dir"])
+            .arg(self.state())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Up (locked or not) once it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.listen).is_err() {
+            assert!(Instant::now() < deadline, "mesh-control did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    fn meshctl(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = Command::new(bin_dir().join("meshctl"))
+            .args(args)
+            .env("MESHCTL_ADMIN", self.state().join("admin"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.meshctl(args, "");
+        assert!(out.status.success(), "meshctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn key_in(text: &str) -> String {
+    text.split_whitespace().find(|w| w.starts_with("MESHKEY-1-")).expect("an unlock key").to_owned()
+}
+
+/// Every file under `dir`, read as bytes.
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+async fn read_state(dir: &Path, key: Option<&str>) -> Result<control::state::ClusterState, String> {
+    let key: Option<UnlockKey> = key.map(|k| k.parse().unwrap());
+    control::cluster::read_state(dir, key.as_ref()).await.map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_without_the_key() {
+    let port = free_port();
+    let mut m = Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
+    let init = Command::new(bin_dir().join("mesh-control"))
+        .args(["init", "--autolock", "--listen", &m.listen, "--state-dir"])
+        .arg(m.state())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let key = key_in(&String::from_utf8_lossy(&init.stdout));
+
+    // Fresh from init, the manager is locked as any restarted one is.
+    m.start();
+    let locked = m.meshctl(&["network", "ls"], "");
+    let message = String::from_utf8_lossy(&locked.stderr);
+    assert!(!locked.status.success() && message.contains("locked"), "{message}");
+    let wrong = UnlockKey::generate().to_string();
+    let refused = m.meshctl(&["unlock"], &format!("{wrong}\n"));
+    let message = String::from_utf8_lossy(&refused.stdout);
+    assert!(!refused.status.success() && message.contains("wrong unlock key"), "{message}");
+    let unlocked = m.meshctl(&["unlock"], &format!("{key}\n"));
+    assert!(unlocked.status.success(), "{}", String::from_utf8_lossy(&unlocked.stdout));
+    m.ok(&["network", "create", "kept", "--subnet", "10.60.0.0/24"]);
+    assert_eq!(key_in(&m.ok(&["cluster", "unlock-key"])), key);
+    let token = m.ok(&["join-token", "worker", "-q"]).trim().to_owned();
+
+    // Stopped: without the key nothing opens; no file holds the key, a token or the CA's key.
+    m.stop();
+    let err = read_state(&m.state(), None).await.unwrap_err();
+    assert!(err.contains("locked"), "{err}");
+    let err = read_state(&m.state(), Some(&wrong)).await.unwrap_err();
+    assert!(err.contains("wrong unlock key"), "{err}");
+    let state = read_state(&m.state(), Some(&key)).await.unwrap();
+    assert!(state.networks.contains_key("kept"));
+    let ca_key = state.ca.expect("the CA").key_pem.0;
+    let ca_body: String = ca_key.lines().filter(|l| !l.starts_with("-----")).collect();
+    let data_key = std::fs::read_to_string(m.state().join("data.key")).unwrap();
+    assert!(data_key.starts_with("MESHLOCK1 "), "the data key file is wrapped: {data_key}");
+    for (path, bytes) in files(&m.state()) {
+        let text = String::from_utf8_lossy(&bytes).replace('\n', "");
+        for secret in [&key[10..], token.as_str(), ca_body.as_str()] {
+            assert!(!text.contains(secret), "{} holds a secret in the clear", path.display());
+        }
+    }
+    assert!(matches!(
+        control::seal::DataKey::load(&m.state().join("data.key")),
+        Err(SealError::Locked(_))
+    ));
+
+    // Rotated, the old key no longer unlocks; the new one does, and the state is the same.
+    m.start();
+    assert!(m.meshctl(&["unlock"], &format!("{key}\n")).status.success());
+    let rotated = key_in(&m.ok(&["cluster", "unlock-key", "--rotate"]));
+    assert_ne!(rotated, key);
+    // The manager rewraps its data key file as the rotation is applied.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wrapped_by = |k: &str| {
+        let path = m.state().join("data.key");
+        control::seal::KeyFile::read(&path).unwrap().open(&path, Some(&k.parse().unwrap())).is_ok()
+    };
+    while !wrapped_by(&rotated) {
+        assert!(Instant::now() < deadline, "the data key file was not rewrapped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    m.stop();
+    m.start();
+    let old = m.meshctl(&["unlock"], &format!("{key}\n"));
+    assert!(!old.status.success(), "the rotated-out key still unlocks");
+    assert!(m.meshctl(&["unlock"], &format!("{rotated}\n")).status.success());
+    assert!(m.ok(&["network", "ls"]).contains("kept"));
+
+    // Off: the data key is in the clear again and a restart needs no key.
+    m.ok(&["cluster", "update", "--autolock=false"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while control::seal::DataKey::load(&m.state().join("data.key")).is_err() {
+        assert!(Instant::now() < deadline, "the data key file was not unwrapped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    m.stop();
+    m.start();
+    assert!(m.ok(&["network", "ls"]).contains("kept"));
+    let err = m.meshctl(&["cluster", "unlock-key"], "");
+    assert!(String::from_utf8_lossy(&err.stderr).contains("autolock is off"));
+}
+
+#[tokio::test]
+async fn a_worker_token_cannot_make_a_manager() {
+    let cluster = TestCluster::start(Duration::from_secs(3600)).await;
+    let before = cluster.manager.store().read(|s| s.nodes.len());
+    let dir = tempfile::tempdir().unwrap();
+    let config = control::cluster::ManagerConfig::new("127.0.0.1:1".parse().unwrap(), None);
+    let err = control::cluster::join(&dir.path().join("m"), config, &[cluster.control()], &cluster.token(Role::Worker))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("worker token"), "{err}");
+    assert_eq!(cluster.manager.store().read(|s| s.nodes.len()), before, "no node was added");
+    assert!(!dir.path().join("m").join("manager.key").exists(), "nothing written");
+}
+
+#[tokio::test]
+async fn raft_messages_need_a_manager_certificate() {
+    let cluster = TestCluster::start(Duration::from_secs(3600)).await;
+    let (worker, _) = cluster.join(Role::Worker).await;
+    let worker = meshd::identity::NodeDir::new(&mesh_tests::node_dir(&worker)).load().unwrap().identity;
+    let admin = cluster.admin_bundle().identity;
+    // A vote request that would unseat the leader, were it accepted.
+    let vote = serde_json::to_vec(&openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(99, 7), None)).unwrap();
+    for (who, identity) in [("worker", Some(&worker)), ("admin", Some(&admin)), ("anonymous", None)] {
+        let channel = cluster.channel_as(identity).await;
+        let status = pb::raft_client::RaftClient::new(channel)
+            .vote(pb::RaftMessage { json: vote.clone() })
+            .await
+            .expect_err(who);
+        assert!(
+            matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+            "{who}: {status:?}"
+        );
+    }
+    // Still the leader, in the same term.
+    assert!(cluster.manager.store().leadership().leading);
+    assert_eq!(cluster.manager.store().raft().metrics().borrow().current_term, 1);
+}
