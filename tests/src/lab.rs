@@ -290,6 +290,11 @@ impl Lab {
         c
     }
 
+    /// Runs meshctl in the admin host, whatever its outcome.
+    pub fn meshctl_output(&self, args: &[&str]) -> Output {
+        self.meshctl_status(args)
+    }
+
     fn meshctl_status(&self, args: &[&str]) -> Output {
         run(self
             .in_host(self.admin_host, &self.bin.join("meshctl"))

@@ -131,10 +131,33 @@ fn the_leader_fails_over_with_no_committed_change_lost_no_traffic_lost_and_keys_
     eprintln!("{} of 300 pings answered across the failover", received);
     assert!(received >= 297, "traffic between workloads stopped during the failover: {summary}");
 
+    // Demoting is refused where it would cost the majority: the leader, or a follower while the
+    // old leader is down (one of the two voters left could not be reached).
+    let leader = lab.leader().expect("a leader");
+    let follower = (1..=3).find(|i| *i != leader && *i != old).unwrap();
+    let demote = |i: usize| lab.meshctl_output(&["node", "demote", &manager_id(&lab, i)]);
+    let refused = demote(leader);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("leads"));
+    let refused = demote(follower);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && message.contains("majority"), "{message}");
+
     // The old leader comes back as a follower and catches up.
     lab.start_manager(old);
     lab.wait("the old leader to rejoin as a follower", || managers_up(&lab, 3));
     assert_ne!(lab.leader(), Some(old));
+
+    // Now a follower can stop voting and vote again.
+    let out = lab.meshctl(&["node", "demote", &manager_id(&lab, follower)]);
+    assert!(out.contains("non-voter"), "{out}");
+    assert!(lab.meshctl(&["node", "ls"]).contains("reachable (non-voter)"));
+    lab.meshctl(&["node", "promote", &manager_id(&lab, follower)]);
+    lab.wait("three voters again", || managers_up(&lab, 3));
+}
+
+fn manager_id(lab: &Lab, i: usize) -> String {
+    let pem = std::fs::read_to_string(lab.manager_dir(i).join("manager.crt")).unwrap();
+    control::ca::CertInfo::from_pem(&pem).unwrap().common_name
 }
 
 #[test]
