@@ -32,7 +32,8 @@ impl Manager {
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
         let child = Command::new(bin_dir().join("mesh-control"))
             .args(["run", "--state-dir"])
             .arg(self.state())
@@ -108,7 +109,8 @@ async fn read_state(dir: &Path, key: Option<&str>) -> Result<control::state::Clu
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_without_the_key() {
     let port = free_port();
-    let mut m = Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
+    let mut m =
+        Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
     let init = Command::new(bin_dir().join("mesh-control"))
         .args(["init", "--autolock", "--listen", &m.listen, "--state-dir"])
         .arg(m.state())
@@ -150,10 +152,7 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
             assert!(!text.contains(secret), "{} holds a secret in the clear", path.display());
         }
     }
-    assert!(matches!(
-        control::seal::DataKey::load(&m.state().join("data.key")),
-        Err(SealError::Locked(_))
-    ));
+    assert!(matches!(control::seal::DataKey::load(&m.state().join("data.key")), Err(SealError::Locked(_))));
 
     // Rotated, the old key no longer unlocks; the new one does, and the state is the same.
     m.start();
@@ -197,10 +196,15 @@ async fn a_worker_token_cannot_make_a_manager() {
     let before = cluster.manager.store().read(|s| s.nodes.len());
     let dir = tempfile::tempdir().unwrap();
     let config = control::cluster::ManagerConfig::new("127.0.0.1:1".parse().unwrap(), None);
-    let err = control::cluster::join(&dir.path().join("m"), config, &[cluster.control()], &cluster.token(Role::Worker))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = control::cluster::join(
+        &dir.path().join("m"),
+        config,
+        &[cluster.control()],
+        &cluster.token(Role::Worker),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("worker token"), "{err}");
     assert_eq!(cluster.manager.store().read(|s| s.nodes.len()), before, "no node was added");
     assert!(!dir.path().join("m").join("manager.key").exists(), "nothing written");
@@ -213,7 +217,8 @@ async fn raft_messages_need_a_manager_certificate() {
     let worker = meshd::identity::NodeDir::new(&mesh_tests::node_dir(&worker)).load().unwrap().identity;
     let admin = cluster.admin_bundle().identity;
     // A vote request that would unseat the leader, were it accepted.
-    let vote = serde_json::to_vec(&openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(99, 7), None)).unwrap();
+    let vote = serde_json::to_vec(&openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(99, 7), None))
+        .unwrap();
     for (who, identity) in [("worker", Some(&worker)), ("admin", Some(&admin)), ("anonymous", None)] {
         let channel = cluster.channel_as(identity).await;
         let status = pb::raft_client::RaftClient::new(channel)

@@ -12,14 +12,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use benches::ManagerProcess;
 use clap::Parser;
 use control::client::AdminClient;
-use control::cluster::AdminBundle;
 use control::keys::KeyUse;
 use control::proto::pb;
 use control::tokens::Role;
@@ -40,61 +39,6 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-/// The manager process; killed when dropped.
-struct ManagerProcess {
-    child: Child,
-    _dir: tempfile::TempDir,
-    bundle: AdminBundle,
-}
-
-impl Drop for ManagerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ManagerProcess {
-    async fn start(binary: &PathBuf) -> anyhow::Result<ManagerProcess> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let state = dir.path().join("control");
-        let listen = format!("127.0.0.1:{port}");
-        let status = Command::new(binary)
-            .args(["init", "--state-dir"])
-            .arg(&state)
-            .args(["--listen", &listen])
-            .stdout(Stdio::null())
-            .status()
-            .with_context(|| {
-                format!("running {} (build it: cargo build --release -p control)", binary.display())
-            })?;
-        if !status.success() {
-            bail!("mesh-control init failed");
-        }
-        let child = Command::new(binary)
-            .args(["run", "--state-dir"])
-            .arg(&state)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()?;
-        let bundle = AdminBundle::load(&state.join("admin"))?;
-        for _ in 0..100 {
-            if AdminClient::connect(&bundle).await.is_ok() {
-                return Ok(ManagerProcess { child, _dir: dir, bundle });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("mesh-control did not come up")
-    }
-
-    fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
-    }
 }
 
 #[derive(serde::Serialize)]
@@ -133,8 +77,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
     eprintln!("== {n} nodes: starting mesh-control");
-    let manager = ManagerProcess::start(&args.mesh_control).await?;
-    let mut admin = AdminClient::connect(&manager.bundle).await?;
+    let dir = tempfile::tempdir()?;
+    let manager = ManagerProcess::init(&args.mesh_control, dir.path()).await?;
+    let bundle = manager.bundle()?;
+    let mut admin = AdminClient::connect(&bundle).await?;
     let token = admin.join_token(Role::Worker, false).await?;
     let nodes_dir = tempfile::tempdir()?;
     eprintln!("   joining {n} nodes");
@@ -143,7 +89,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         let mut tasks = Vec::new();
         for &i in chunk {
             let dir = nodes_dir.path().join(format!("n{i}"));
-            let control = manager.bundle.managers.join(",");
+            let control = bundle.managers.join(",");
             let token = token.clone();
             tasks.push(tokio::spawn(async move {
                 meshd::identity::join(&control, &token, &dir, &format!("sim{i}")).await.map(|_| dir)
