@@ -399,7 +399,7 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A leader that has not heard from a majority for this long no longer counts as leading (it is
 /// likely cut off; the others elect another).
-const LEASE: u64 = 1_500;
+const LEASE: u64 = 2_000;
 
 /// Who leads the store's raft group, and who is in it, as this manager sees it.
 #[derive(Clone, Debug, Default)]
@@ -501,7 +501,8 @@ impl Store {
             leader: metrics.current_leader,
             leading: metrics.current_leader == Some(self.id)
                 && metrics.state == openraft::ServerState::Leader
-                && metrics.millis_since_quorum_ack.is_some_and(|ms| ms < LEASE),
+                // None: newly elected, not yet acknowledged; that is not a sign of being cut off.
+                && metrics.millis_since_quorum_ack.is_none_or(|ms| ms < LEASE),
             voters: membership.voter_ids().map(|id| (id, addr(id))).collect(),
             learners: membership.learner_ids().map(|id| (id, addr(id))).collect(),
         }

@@ -86,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
         let m = ManagerProcess::join(&managers[0], dir.path(), n).await?;
         managers.push(m);
     }
-    let bundle = managers[0].bundle()?;
+    let mut bundle = managers[0].bundle()?;
+    bundle.managers = managers.iter().map(|m| m.listen.clone()).collect();
     wait_for_voters(&bundle, 3).await?;
     writes.push(measure_writes(&args, &bundle, 3).await?);
 
