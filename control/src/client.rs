@@ -177,11 +177,7 @@ pub struct AdminClient {
 impl AdminClient {
     /// An admin client of the leader, found from the managers in `bundle`.
     pub async fn connect(bundle: &crate::cluster::AdminBundle) -> Result<AdminClient, ClientError> {
-        let ca_der = crate::ca::pem_to_der(&bundle.ca_pem).map_err(|e| {
-            ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
-        })?;
-        let config = tls::client_config(ServerTrust::Ca(&ca_der), Some(&bundle.identity))?;
-        let leader = leader(&bundle.managers, config).await?;
+        let leader = leader(&bundle.managers, admin_tls(bundle)?).await?;
         let mut client = AdminClient::from_channel(&leader.addr, leader.channel);
         client.managers = leader.managers;
         Ok(client)
@@ -391,15 +387,20 @@ impl AdminClient {
 
 /// Gives `key` to the (locked) manager at `addr`, as the admin of `bundle`.
 pub async fn unlock(bundle: &crate::cluster::AdminBundle, addr: &str, key: &str) -> Result<(), ClientError> {
-    let ca_der = crate::ca::pem_to_der(&bundle.ca_pem).map_err(|e| {
-        ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
-    })?;
-    let channel = authenticated_channel(addr, &ca_der, Some(&bundle.identity)).await?;
+    let channel = channel(addr, admin_tls(bundle)?).await?;
     pb::managers_client::ManagersClient::new(channel)
         .unlock(pb::UnlockRequest { key: key.to_owned() })
         .await
         .map_err(|s| ClientError::refused(addr, s))?;
     Ok(())
+}
+
+/// TLS as the admin of `bundle`, trusting only its CA.
+fn admin_tls(bundle: &crate::cluster::AdminBundle) -> Result<Arc<ClientConfig>, ClientError> {
+    let ca_der = crate::ca::pem_to_der(&bundle.ca_pem).map_err(|e| {
+        ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
+    })?;
+    Ok(tls::client_config(ServerTrust::Ca(&ca_der), Some(&bundle.identity))?)
 }
 
 fn name_request(name: &str) -> pb::NameRequest {

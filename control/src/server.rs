@@ -422,8 +422,7 @@ impl Manager {
             Identity { cert_pem, key_pem }
         } else {
             let (key, csr_pem) = joining::key_and_csr()?;
-            let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(&current))?;
-            let leader = client::leader(&self.manager_addresses(), config).await?;
+            let leader = self.leader_as(&current, &self.manager_addresses()).await?;
             let cert_pem = pb::identity_client::IdentityClient::new(leader.channel)
                 .renew(pb::RenewRequest { csr_pem })
                 .await
@@ -529,10 +528,19 @@ impl Manager {
         }
     }
 
+    /// The leader among `managers`, reached with this manager's `identity`.
+    async fn leader_as(
+        &self,
+        identity: &Identity,
+        managers: &[String],
+    ) -> Result<client::Leader, client::ClientError> {
+        let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(identity))?;
+        client::leader(managers, config).await
+    }
+
     async fn ask_to_be_added(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let identity = cluster::open_identity(&self.dir)?;
-        let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(&identity))?;
-        let leader = client::leader(&self.config.join, config).await?;
+        let leader = self.leader_as(&identity, &self.config.join).await?;
         pb::managers_client::ManagersClient::new(leader.channel)
             .add_manager(pb::AddManagerRequest { control: self.config.advertise.to_string() })
             .await

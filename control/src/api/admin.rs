@@ -76,6 +76,25 @@ impl AdminApi {
         auth::require_admin(&self.0.caller(request)?)
     }
 
+    /// For an admin's call about a manager: its node ID, raft ID, and the raft group now.
+    fn manager_member(
+        &self,
+        request: &Request<pb::InspectNodeRequest>,
+    ) -> Result<(NodeId, u64, Leadership), Status> {
+        self.admin(request)?;
+        let id = node_id(&request.get_ref().id)?;
+        let raft_id = self.manager_raft_id(&id)?;
+        Ok((id, raft_id, self.0.store.leadership()))
+    }
+
+    /// Puts a new unlock key in force (autolock on, or rotated) and returns it.
+    async fn new_unlock_key(&self) -> Result<Secret, Status> {
+        let key = Secret(UnlockKey::generate().to_string());
+        let set = Command::SetUnlockKey(Some(key.clone()));
+        self.0.change(move |_, _| Ok(vec![set])).await?;
+        Ok(key)
+    }
+
     /// The raft ID of manager `id`, or why it has none.
     fn manager_raft_id(&self, id: &NodeId) -> Result<u64, Status> {
         self.0.store.read(|s| match s.active_node(id) {
@@ -230,10 +249,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::InspectNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        self.admin(&request)?;
-        let id = node_id(&request.get_ref().id)?;
-        let raft_id = self.manager_raft_id(&id)?;
-        let l = self.0.store.leadership();
+        let (id, raft_id, l) = self.manager_member(&request)?;
         if l.voters.contains_key(&raft_id) {
             return Err(Status::failed_precondition(format!("manager {id} already votes")));
         }
@@ -251,10 +267,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::InspectNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        self.admin(&request)?;
-        let id = node_id(&request.get_ref().id)?;
-        let raft_id = self.manager_raft_id(&id)?;
-        let l = self.0.store.leadership();
+        let (id, raft_id, l) = self.manager_member(&request)?;
         if !l.voters.contains_key(&raft_id) {
             return Err(Status::failed_precondition(format!("manager {id} does not vote already")));
         }
@@ -276,9 +289,7 @@ impl pb::admin_server::Admin for AdminApi {
         let key = match (on, current) {
             (true, Some(key)) => key,
             (true, None) => {
-                let key = Secret(UnlockKey::generate().to_string());
-                let set = Command::SetUnlockKey(Some(key.clone()));
-                self.0.change(move |_, _| Ok(vec![set])).await?;
+                let key = self.new_unlock_key().await?;
                 info!("autolock turned on");
                 key
             }
@@ -305,9 +316,7 @@ impl pb::admin_server::Admin for AdminApi {
         if !request.get_ref().rotate {
             return Ok(Response::new(pb::UnlockKeyResponse { key: current.0 }));
         }
-        let key = Secret(UnlockKey::generate().to_string());
-        let set = Command::SetUnlockKey(Some(key.clone()));
-        self.0.change(move |_, _| Ok(vec![set])).await?;
+        let key = self.new_unlock_key().await?;
         info!("unlock key rotated");
         Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
     }

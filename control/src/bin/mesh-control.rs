@@ -26,16 +26,8 @@ struct Cli {
 enum Cmd {
     /// Create a new cluster: root CA, this manager's identity, join tokens and an admin bundle.
     Init {
-        /// Directory for the cluster's state; created with mode 0700. Must not hold a cluster.
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Address the control API listens on.
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], cluster::DEFAULT_CONTROL_PORT)))]
-        listen: SocketAddr,
-        /// Address nodes and admins use to reach this manager (default: --listen, or
-        /// 127.0.0.1 with its port when --listen is 0.0.0.0).
-        #[arg(long)]
-        advertise: Option<SocketAddr>,
+        #[command(flatten)]
+        place: Placement,
         /// Lifetime of node certificates (minimum 1h; default 24h), e.g. `24h`, `90m`, `7days`.
         #[arg(long, value_parser = parse_duration)]
         cert_expiry: Option<Duration>,
@@ -57,15 +49,8 @@ enum Cmd {
         /// Any manager of the cluster (host:port); repeat or separate with commas for several.
         #[arg(long, required = true, value_delimiter = ',')]
         control: Vec<String>,
-        /// Directory for this manager's state; created with mode 0700. Must not hold a cluster.
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Address the control API (and raft between managers) listens on.
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], cluster::DEFAULT_CONTROL_PORT)))]
-        listen: SocketAddr,
-        /// Address the other managers and nodes use to reach this one (default: --listen).
-        #[arg(long)]
-        advertise: Option<SocketAddr>,
+        #[command(flatten)]
+        place: Placement,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -76,6 +61,21 @@ enum Cmd {
         #[command(flatten)]
         serve: ServeArgs,
     },
+}
+
+/// Where a new manager keeps its state and listens.
+#[derive(clap::Args)]
+struct Placement {
+    /// Directory for this manager's state; created with mode 0700. Must not hold a cluster.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Address the control API (and raft between managers) listens on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], cluster::DEFAULT_CONTROL_PORT)))]
+    listen: SocketAddr,
+    /// Address nodes, admins and the other managers use to reach this one (default: --listen, or
+    /// 127.0.0.1 with its port when --listen is 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -122,7 +122,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Init { state_dir, listen, advertise, cert_expiry, autolock, run, serve: args } => {
+        Cmd::Init {
+            place: Placement { state_dir, listen, advertise },
+            cert_expiry,
+            autolock,
+            run,
+            serve: args,
+        } => {
             let config = ManagerConfig::new(listen, advertise);
             let lifetime = cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME);
             let created = cluster::init(&state_dir, config, lifetime, autolock).await?;
@@ -155,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 serve(state_dir, args.options()?, created.unlock_key).await?;
             }
         }
-        Cmd::Join { token, control, state_dir, listen, advertise, serve: args } => {
+        Cmd::Join { token, control, place: Placement { state_dir, listen, advertise }, serve: args } => {
             let options = args.options()?;
             let config = ManagerConfig::new(listen, advertise);
             if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
