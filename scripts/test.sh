@@ -22,6 +22,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust (rustup.rs) first" >&2; exit 1; }
 
-# The end-to-end tests run the real binaries: build them first.
-cargo build --workspace --locked
+# The end-to-end tests run the real binaries. `cargo test` builds them (every package with
+# binaries has integration tests) with the same features as the tests, so nothing is built twice.
+cargo test --workspace --locked --no-run
 cargo test --workspace --locked "$@"
