@@ -74,6 +74,9 @@ pub struct ManagerConfig {
     /// group until it is in.
     #[serde(default)]
     pub join: Vec<String>,
+    /// The name this manager's node record carries (the host's name unless told otherwise).
+    #[serde(default = "hostname")]
+    pub hostname: String,
 }
 
 impl ManagerConfig {
@@ -86,7 +89,7 @@ impl ManagerConfig {
                 listen
             }
         });
-        ManagerConfig { listen, advertise, raft_id: first_raft_id(), join: Vec::new() }
+        ManagerConfig { listen, advertise, raft_id: first_raft_id(), join: Vec::new(), hostname: hostname() }
     }
 }
 
@@ -250,7 +253,7 @@ pub async fn init(
         Command::set_token(Role::Manager, &manager_token),
         Command::AddNode(NodeRecord {
             id: manager_id.clone(),
-            hostname: hostname(),
+            hostname: config.hostname.clone(),
             role: Role::Manager,
             state: NodeState::Active,
             joined_at: now,
@@ -313,7 +316,7 @@ pub async fn join(
 ) -> Result<JoinedManager, ClusterError> {
     let dir = ManagerDir::new(root);
     dir.check_empty()?;
-    let joined = crate::joining::join(managers, token, &hostname(), true).await?;
+    let joined = crate::joining::join(managers, token, &config.hostname, true).await?;
     let role = CertInfo::from_pem(&joined.identity.cert_pem)?.unit;
     if Role::from_ou(&role) != Some(Role::Manager) {
         return Err(ClusterError::WorkerToken(format!("node {} joined as a worker: the token", joined.id)));

@@ -42,8 +42,14 @@ fn lab_up_exec_status_down() {
     }
     let _down = Down(down);
     assert!(up.status.success(), "lab up failed:\n{text}");
-    assert!(text.contains("checks: 9 passed, 0 failed"), "{text}");
+    assert!(text.contains("checks: 10 passed, 0 failed"), "{text}");
     assert!(text.contains("a key rotation of `front` under traffic loses nothing"), "{text}");
+    // Three hosts: three managers, and the leader's loss is survived.
+    assert!(text.contains("3 managers, meshlab-h"), "{text}");
+    assert!(text.contains("ok    the leading manager (meshlab-h"), "{text}");
+    assert!(text.contains("500 pings between workloads lose nothing"), "{text}");
+    // Managers carry the lab's host names (`mesh-control --hostname`).
+    assert!(text.contains("meshlab-h2  manager"), "{text}");
     // A second lab while one is up is refused.
     let again = meshctl().args(["lab", "up", "--hosts", "3", "--dir", state]).output().unwrap();
     assert!(!again.status.success());
@@ -76,6 +82,20 @@ fn lab_up_exec_status_down() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "api GET /v1/items/1\n");
+    // The manager killed by the failover check runs again, under its new process.
+    let shown = meshctl().args(["lab", "status", "--dir", state]).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(shown.matches("mesh-control pid").count(), 3, "{shown}");
+    assert!(!shown.contains("NOT RUNNING"), "{shown}");
+    // Piped into a reader that stops early, it ends quietly (no panic on a closed pipe).
+    let meshctl_path = meshctl().get_program().to_owned();
+    let piped = Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{}' lab status --dir '{state}' | head -1", meshctl_path.to_string_lossy()))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&piped.stdout).starts_with("lab in "), "{piped:?}");
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("panicked"), "{piped:?}");
     let status = meshctl().args(["lab", "exec", "--dir", state, "h1", "--", "false"]).status().unwrap();
     assert_eq!(status.code(), Some(1), "exec passes the command's exit status on");
 

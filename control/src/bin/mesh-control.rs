@@ -76,6 +76,20 @@ struct Placement {
     /// 127.0.0.1 with its port when --listen is 0.0.0.0).
     #[arg(long)]
     advertise: Option<SocketAddr>,
+    /// The name `meshctl node ls` shows for this manager (default: the host's name).
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+impl Placement {
+    /// The state directory and the new manager's config.
+    fn config(self) -> (PathBuf, ManagerConfig) {
+        let mut config = ManagerConfig::new(self.listen, self.advertise);
+        if let Some(name) = self.hostname {
+            config.hostname = name;
+        }
+        (self.state_dir, config)
+    }
 }
 
 #[derive(clap::Args)]
@@ -122,14 +136,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Init {
-            place: Placement { state_dir, listen, advertise },
-            cert_expiry,
-            autolock,
-            run,
-            serve: args,
-        } => {
-            let config = ManagerConfig::new(listen, advertise);
+        Cmd::Init { place, cert_expiry, autolock, run, serve: args } => {
+            let (state_dir, config) = place.config();
             let lifetime = cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME);
             let created = cluster::init(&state_dir, config, lifetime, autolock).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
@@ -161,9 +169,9 @@ async fn main() -> anyhow::Result<()> {
                 serve(state_dir, args.options()?, created.unlock_key).await?;
             }
         }
-        Cmd::Join { token, control, place: Placement { state_dir, listen, advertise }, serve: args } => {
+        Cmd::Join { token, control, place, serve: args } => {
             let options = args.options()?;
-            let config = ManagerConfig::new(listen, advertise);
+            let (state_dir, config) = place.config();
             if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
                 anyhow::bail!(
                     "this manager would advertise {}, which the other managers cannot reach: give --advertise",

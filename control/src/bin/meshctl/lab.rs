@@ -1,9 +1,10 @@
 //! `meshctl lab`: a local cluster in network namespaces, as root.
 //!
 //! Hosts are namespaces `meshlab-h1..hN` joined by veth pairs to a bridge in a namespace of its
-//! own (`meshlab-br`, underlay 10.77.0.0/24); `mesh-control` runs in h1 and `meshd` in every
-//! host, h1 included (the binaries next to this `meshctl`). `up` joins them, applies a spec (networks,
-//! services, a policy, checks) and checks what a user would; the lab keeps running until `down`.
+//! own (`meshlab-br`, underlay 10.77.0.0/24); a manager (`mesh-control`) runs in h1..hM and
+//! `meshd` in every host, h1 included (the binaries next to this `meshctl`). `up` joins them,
+//! applies a spec (networks, services, a policy, checks), checks what a user would and, with
+//! several managers, that the leader's loss is survived; the lab keeps running until `down`.
 //! What it made is listed in `STATE_DIR/lab.json`, so `down` removes exactly that.
 
 use std::collections::BTreeMap;
@@ -176,6 +177,15 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The state directory of the manager on host `i` (h1's holds the admin bundle).
+fn manager_dir(dir: &Path, i: usize) -> PathBuf {
+    if i == 1 { dir.join("control") } else { dir.join(format!("control-h{i}")) }
+}
+
+fn manager_log(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("control-h{i}.log"))
+}
+
 fn state_file(dir: &Path) -> PathBuf {
     dir.join("lab.json")
 }
@@ -209,9 +219,8 @@ fn wait(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
 
 /// A process left running in `ns` (its own process group, so it outlives meshctl), logging to
 /// `log`.
-fn spawn(ns: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<u32> {
+fn spawn(ns: &str, program: &Path, args: &[&str], log: std::fs::File) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
-    let log = std::fs::File::create(log)?;
     let child = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{ns}"))
         .arg(program)
@@ -248,6 +257,48 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Starts the manager of host `i`: `mesh-control ARGS` on its state directory, `run` when
+    /// `args` is empty. The process replaces any earlier one of that manager in the state.
+    fn start_manager(&self, state: &mut State, i: usize, args: &[&str]) -> anyhow::Result<()> {
+        let dir = manager_dir(&self.dir, i);
+        let mut args: Vec<&str> = if args.is_empty() { vec!["run"] } else { args.to_vec() };
+        let dir = dir.to_string_lossy();
+        args.extend(["--state-dir", &dir]);
+        // Appended to: a restarted manager's log follows the stopped one's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(manager_log(&self.dir, i))?;
+        let pid = spawn(&host(i), &self.bin.join("mesh-control"), &args, log)?;
+        state.processes.retain(|(h, _, what)| !(*h == i && what == "mesh-control"));
+        state.processes.push((i, pid, "mesh-control".into()));
+        save(state)
+    }
+
+    /// Every manager: (host, status as `node ls` shows it: leader, reachable, unreachable).
+    fn managers(&self) -> anyhow::Result<Vec<(usize, String)>> {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&self.meshctl(&["node", "ls", "--format", "json"])?)?;
+        Ok(nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| {
+                let control = n["control"].as_str()?;
+                let i = (1..=50).find(|i| control == format!("{}:7400", address(*i)))?;
+                Some((i, n["manager_status"].as_str()?.to_owned()))
+            })
+            .collect())
+    }
+
+    /// How many nodes hold a session with the leader.
+    fn sessions(&self) -> usize {
+        self.meshctl(&["node", "ls", "--format", "json"])
+            .map_or(0, |j| j.matches("\"connected\": true").count())
+    }
+
+    /// The host whose manager leads.
+    fn leader(&self) -> anyhow::Result<usize> {
+        self.managers()?.into_iter().find(|(_, s)| s == "leader").map(|(i, _)| i).context("no manager leads")
+    }
+
     /// The namespace of `service`'s first endpoint.
     fn workload(&self, service: &str) -> anyhow::Result<String> {
         let view: serde_json::Value = serde_json::from_str(&self.meshctl(&["service", "inspect", service])?)?;
@@ -268,9 +319,14 @@ impl Lab {
 }
 
 /// `meshctl lab up`.
-pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
+pub fn up(hosts: usize, managers: Option<usize>, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
     require_root()?;
     ensure!((2..=50).contains(&hosts), "--hosts must be between 2 and 50");
+    let managers = managers.unwrap_or(if hosts >= 3 { 3 } else { 1 });
+    ensure!(
+        managers % 2 == 1 && managers <= hosts,
+        "--managers must be odd (a majority must survive a loss) and at most --hosts ({hosts})"
+    );
     let spec_text =
         std::fs::read_to_string(spec_path).with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec: Spec =
@@ -289,6 +345,7 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
     let mut state = State { hosts, dir: dir.to_owned(), processes: Vec::new() };
     save(&state)?;
     let lab = Lab { dir: dir.to_owned(), bin: bin.clone() };
+    let s = |p: &Path| p.to_string_lossy().into_owned();
 
     step(&format!("{hosts} hosts on one underlay bridge"));
     run("ip", &["netns", "add", &bridge()])?;
@@ -321,10 +378,10 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
         println!("  {h}  {}", address(i));
     }
 
-    step("mesh-control on h1, meshd on every host");
+    let what =
+        if managers == 1 { "mesh-control on h1".to_owned() } else { format!("managers on h1..h{managers}") };
+    step(&format!("{what}, meshd on every host"));
     let control = format!("{}:7400", address(1));
-    let control_dir = dir.join("control");
-    let s = |p: &Path| p.to_string_lossy().into_owned();
     run(
         "ip",
         &[
@@ -334,24 +391,45 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
             &s(&bin.join("mesh-control")),
             "init",
             "--state-dir",
-            &s(&control_dir),
+            &s(&manager_dir(dir, 1)),
             "--listen",
             &control,
+            "--hostname",
+            &host(1),
         ],
     )?;
-    let pid = spawn(
-        &host(1),
-        &bin.join("mesh-control"),
-        &["run", "--state-dir", &s(&control_dir)],
-        &dir.join("control.log"),
-    )?;
-    state.processes.push((1, pid, "mesh-control".into()));
-    save(&state)?;
+    lab.start_manager(&mut state, 1, &[])?;
     ensure!(
         wait(Duration::from_secs(10), || lab.meshctl(&["node", "ls"]).is_ok()),
-        "mesh-control did not come up (see {}/control.log)",
-        dir.display()
+        "mesh-control did not come up (see {})",
+        manager_log(dir, 1).display()
     );
+    if managers > 1 {
+        let token = lab.meshctl(&["join-token", "manager", "-q"])?.trim().to_owned();
+        for i in 2..=managers {
+            let listen = format!("{}:7400", address(i));
+            lab.start_manager(
+                &mut state,
+                i,
+                &[
+                    "join",
+                    "--control",
+                    &control,
+                    "--token",
+                    &token,
+                    "--listen",
+                    &listen,
+                    "--hostname",
+                    &host(i),
+                ],
+            )?;
+        }
+        let all = wait(Duration::from_secs(30), || {
+            lab.managers().is_ok_and(|m| m.iter().filter(|(_, s)| s == "reachable").count() == managers - 1)
+        });
+        ensure!(all, "not every manager joined the raft group (logs in {})", dir.display());
+        println!("  {managers} managers, {} leads", host(lab.leader()?));
+    }
     let token = lab.meshctl(&["join-token", "worker", "-q"])?.trim().to_owned();
     for i in 1..=hosts {
         let node_dir = dir.join(format!("h{i}"));
@@ -377,16 +455,13 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
             &host(i),
             &bin.join("meshd"),
             &["run", "--state-dir", &s(&node_dir), "--underlay", &address(i), "--netns-prefix", &host(i)],
-            &dir.join(format!("meshd-{i}.log")),
+            std::fs::File::create(dir.join(format!("meshd-{i}.log")))?,
         )?;
         state.processes.push((i, pid, "meshd".into()));
         save(&state)?;
         println!("  {} joined", host(i));
     }
-    let all = wait(Duration::from_secs(20), || {
-        lab.meshctl(&["node", "ls", "--format", "json"])
-            .is_ok_and(|j| j.matches("\"connected\": true").count() == hosts)
-    });
+    let all = wait(Duration::from_secs(20), || lab.sessions() == hosts);
     ensure!(all, "not every meshd connected (logs in {})", dir.display());
 
     step(&format!("Applying {}", spec_path.display()));
@@ -470,17 +545,19 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     // A key rotation under traffic loses nothing: pings between two endpoints of one network on
     // different hosts while its key rotates.
-    if let Some((ns, to, network)) = rotation_pair(&lab, &spec)? {
-        let pinger = Command::new("ip")
-            .args(["netns", "exec", &ns, "ping", "-q", "-c", "300", "-i", "0.01", "-W", "1", &to])
-            .stdout(Stdio::piped())
-            .spawn()?;
+    let pair = rotation_pair(&lab, &spec)?;
+    if let Some((ns, to, network)) = &pair {
+        let pinger = ping(ns, to, 300)?;
         std::thread::sleep(Duration::from_millis(800));
-        let rotated = lab.meshctl(&["network", "rotate-key", &network]);
-        let out = pinger.wait_with_output()?;
-        let summary = String::from_utf8_lossy(&out.stdout);
-        let lossless = rotated.is_ok() && summary.contains(" 0% packet loss");
+        let rotated = lab.meshctl(&["network", "rotate-key", network]);
+        let lossless = rotated.is_ok() && lossless(pinger)?;
         check(&format!("a key rotation of `{network}` under traffic loses nothing (300 pings)"), lossless);
+    }
+    if managers > 1 {
+        match failover(&lab, &mut state, hosts, pair.as_ref()) {
+            Ok(seen) => check(&seen, true),
+            Err(e) => check(&format!("the leading manager stops: {e:#}"), false),
+        }
     }
 
     step("Summary");
@@ -493,6 +570,74 @@ pub fn up(hosts: usize, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
     println!("  stop:  meshctl lab down");
     ensure!(failed == 0, "{failed} check(s) failed");
     Ok(())
+}
+
+/// `count` pings, 10 ms apart, from namespace `ns` to `to`, running.
+fn ping(ns: &str, to: &str, count: u32) -> anyhow::Result<std::process::Child> {
+    let count = count.to_string();
+    Ok(Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-q", "-c", &count, "-i", "0.01", "-W", "1", to])
+        .stdout(Stdio::piped())
+        .spawn()?)
+}
+
+/// Whether a `ping` started by [`ping`] lost nothing.
+fn lossless(pinger: std::process::Child) -> anyhow::Result<bool> {
+    let out = pinger.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains(" 0% packet loss"))
+}
+
+/// The leading manager is killed while two workloads ping each other: another manager takes the
+/// lead, every meshd's session comes back and no ping is lost. The stopped manager is then
+/// restarted and rejoins. Returns what it saw.
+fn failover(
+    lab: &Lab,
+    state: &mut State,
+    hosts: usize,
+    pair: Option<&(String, String, String)>,
+) -> anyhow::Result<String> {
+    let old = lab.leader()?;
+    let pinger = pair.map(|(ns, to, _)| ping(ns, to, 500)).transpose()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = state
+        .processes
+        .iter()
+        .find(|(h, _, what)| *h == old && what == "mesh-control")
+        .map(|(_, pid, _)| *pid)
+        .context("the leading manager's process is not in the lab's state")?;
+    let stopped = Instant::now();
+    run("kill", &["-KILL", &pid.to_string()])?;
+    let mut new = 0;
+    let elected = wait(Duration::from_secs(20), || {
+        new = lab.leader().ok().filter(|i| *i != old).unwrap_or(0);
+        new != 0
+    });
+    ensure!(elected, "{} stopped and no other manager took the lead within 20 s", host(old));
+    let elected = stopped.elapsed();
+    ensure!(
+        wait(Duration::from_secs(30), || lab.sessions() == hosts),
+        "{} leads but not every meshd reconnected within 30 s",
+        host(new)
+    );
+    let reconnected = stopped.elapsed();
+    if let Some(pinger) = pinger {
+        ensure!(lossless(pinger)?, "pings between workloads were lost during the failover");
+    }
+    lab.start_manager(state, old, &[])?;
+    let rejoined = wait(Duration::from_secs(30), || {
+        lab.managers().is_ok_and(|m| m.iter().any(|(i, s)| *i == old && s == "reachable"))
+    });
+    ensure!(rejoined, "{} was restarted but did not rejoin within 30 s", host(old));
+    Ok(format!(
+        "the leading manager ({}) is killed: {} leads after {:.1} s, every meshd's session is back after \
+         {:.1} s{}; restarted, {} follows",
+        host(old),
+        host(new),
+        elected.as_secs_f64(),
+        reconnected.as_secs_f64(),
+        if pair.is_some() { ", 500 pings between workloads lose nothing" } else { "" },
+        host(old)
+    ))
 }
 
 fn indent(text: &str) -> String {

@@ -11,6 +11,7 @@ use control::cluster::AdminBundle;
 use control::proto::{NodeView, pb};
 use control::state::NodeState;
 use control::tokens::Role;
+use nix::sys::signal::{SigHandler, Signal, signal};
 use time::OffsetDateTime;
 
 #[derive(Parser)]
@@ -80,11 +81,15 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum LabCmd {
-    /// Build N hosts on one bridge, start mesh-control and meshd, apply a spec (networks,
-    /// services, policy, checks) and check it; the lab keeps running.
+    /// Build N hosts on one bridge, start the managers and meshd, apply a spec (networks,
+    /// services, policy, checks), check it and stop the leading manager to show a failover; the
+    /// lab keeps running.
     Up {
         #[arg(long, default_value_t = 4)]
         hosts: usize,
+        /// Managers (raft voters) on h1..hM, an odd number: 3 when there are 3 hosts or more, else 1.
+        #[arg(long)]
+        managers: Option<usize>,
         /// The spec (TOML): see examples/lab.toml.
         #[arg(long, default_value = "examples/lab.toml")]
         spec: PathBuf,
@@ -317,6 +322,10 @@ enum Format {
 
 #[tokio::main]
 async fn main() {
+    // Output piped into `head` or `grep -q` ends meshctl quietly when the pipe closes, as it
+    // would any Unix tool, instead of a panic in `println!`.
+    // SAFETY: the default disposition runs no code of ours, and sigaction is thread-safe.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
     if let Err(e) = run().await {
         eprintln!("meshctl: {e:#}");
         std::process::exit(1);
@@ -327,7 +336,7 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Local commands: no cluster needed.
     match &cli.command {
-        Cmd::Lab(LabCmd::Up { hosts, spec, dir }) => return lab::up(*hosts, spec, dir),
+        Cmd::Lab(LabCmd::Up { hosts, managers, spec, dir }) => return lab::up(*hosts, *managers, spec, dir),
         Cmd::Lab(LabCmd::Exec { target, command, dir }) => {
             std::process::exit(lab::exec(dir, target, command)?)
         }
