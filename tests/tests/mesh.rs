@@ -142,6 +142,21 @@ fn tcp_exchange(lab: &Lab, ns: &str, address: &str, port: u16, message: &str) ->
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// Asks `address:80` from `ns` for an HTTP/1.1 upgrade to `protocol` on `path`, then sends
+/// `message` on the connection. Returns the status line and whatever came back after the head.
+fn upgrade_exchange(lab: &Lab, ns: &str, address: &str, path: &str, protocol: &str, message: &str) -> String {
+    let code = format!(
+        "import socket,sys\ns=socket.create_connection(('{address}',80),timeout=3)\n\
+         s.sendall(b'GET {path} HTTP/1.1\\r\\nHost: api\\r\\nConnection: Upgrade\\r\\nUpgrade: {protocol}\\r\\n\\r\\n')\n\
+         head=b''\nwhile b'\\r\\n\\r\\n' not in head:\n  c=s.recv(1)\n  if not c: break\n  head+=c\n\
+         sys.stdout.write(head.split(b'\\r\\n')[0].decode()+'\\n')\n\
+         s.sendall(b'{message}')\n\
+         try:\n  sys.stdout.write(s.recv(200).decode())\nexcept Exception as e:\n  sys.stdout.write('error: '+str(e))\n"
+    );
+    let out = lab.exec(ns, &["python3", "-c", &code]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 fn metrics(lab: &Lab, host: usize) -> String {
     let out = lab
         .exec(&lab.host(host), &["curl", "-sS", "-m", "3", "http://127.0.0.1:9480/metrics"])
@@ -172,6 +187,16 @@ fn requests_through_the_mesh_are_decided_one_by_one() {
     assert!(body.contains("web -> api:80 POST /v1/items: deny by default"), "{body}");
     let (code, body) = curl(lab, web, &["--http2-prior-knowledge", &format!("http://{}/admin", s.api_vip)]);
     assert_eq!(code, 403, "HTTP/2 requests are decided one by one too: {body}");
+    // An upgrade (WebSocket-like) the policy allows: 101, then the bytes relayed both ways.
+    let live = upgrade_exchange(lab, web, &s.api_vip, "/v1/items/live", "websocket", "ping-through-the-mesh");
+    assert_eq!(live, "HTTP/1.1 101 Switching Protocols\nping-through-the-mesh", "{live}");
+    // One it does not: 403 before anything reaches api.
+    let admin = upgrade_exchange(lab, web, &s.api_vip, "/admin", "websocket", "x");
+    assert!(admin.starts_with("HTTP/1.1 403 Forbidden\n"), "{admin}");
+    // An upgrade to cleartext HTTP/2 would carry requests past the policy unseen: declined, the
+    // request answered as a plain HTTP/1.1 one (api, which accepts any upgrade, never saw it).
+    let h2c = upgrade_exchange(lab, web, &s.api_vip, "/v1/items", "h2c", "");
+    assert!(h2c.starts_with("HTTP/1.1 200 OK\n"), "{h2c}");
     // Opaque TCP: the L4 rule at connect time.
     assert_eq!(tcp_exchange(lab, web, &s.api_vip, 7000, "hello"), "hello");
     assert!(!tcp_exchange(lab, web, &s.api_vip, 7001, "hello").contains("hello"), "7001 has no rule");

@@ -209,6 +209,51 @@ async fn stream(
     Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
 }
 
+/// What the mesh does with a request's `Upgrade` header.
+enum Upgrade {
+    /// No upgrade asked, or one the mesh declines (the header is removed, the request answered
+    /// as a plain one).
+    None,
+    /// Relayed to the workload, and the connection with it once it switches.
+    Relay,
+}
+
+impl Upgrade {
+    /// Reads, and for a declined upgrade removes, the request's upgrade headers. An upgrade to
+    /// HTTP/2 (`h2c`) is declined: its requests would pass the mesh unseen, where HTTP/2 with
+    /// prior knowledge has each of them decided.
+    fn of(req: &mut Request<Incoming>) -> Upgrade {
+        use hyper::header::{CONNECTION, UPGRADE};
+        let Some(protocol) = req.headers().get(UPGRADE) else { return Upgrade::None };
+        let asked = req.version() == hyper::Version::HTTP_11
+            && req.headers().get_all(CONNECTION).iter().any(|v| {
+                v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            });
+        let h2c = protocol.to_str().is_ok_and(|p| p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+        if asked && !h2c {
+            return Upgrade::Relay;
+        }
+        req.headers_mut().remove(UPGRADE);
+        req.headers_mut().remove("http2-settings");
+        if let Some(tokens) = req.headers().get(CONNECTION).and_then(|v| v.to_str().ok()) {
+            let kept: Vec<&str> = tokens
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case("http2-settings"))
+                .collect();
+            match hyper::header::HeaderValue::from_str(&kept.join(", ")) {
+                Ok(v) if !kept.is_empty() => {
+                    req.headers_mut().insert(CONNECTION, v);
+                }
+                _ => {
+                    req.headers_mut().remove(CONNECTION);
+                }
+            }
+        }
+        Upgrade::None
+    }
+}
+
 /// A connection to the local workload, speaking the HTTP version of the requests it carries.
 enum Upstream {
     H1(http1::SendRequest<Incoming>),
@@ -261,13 +306,13 @@ impl Tunnel {
             .http2()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW);
-        if let Err(e) = builder.serve_connection(io, service).await {
+        if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
             debug!(error = %e, "an HTTP tunnel ended");
         }
     }
 
     /// Decides on one request; answers 403, or forwards it to the workload.
-    async fn request(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let view = self.mesh.view.load_full();
         let latency = || self.latency.observe(started.elapsed().as_secs_f64());
@@ -305,7 +350,10 @@ impl Tunnel {
             return response;
         }
         drop(headers);
-        let response = self.forward(req).await;
+        let response = match Upgrade::of(&mut req) {
+            Upgrade::Relay => self.relay_upgrade(req).await,
+            Upgrade::None => self.forward(req).await,
+        };
         latency();
         match response {
             Ok(r) => r.map(|b| b.boxed()),
@@ -316,6 +364,31 @@ impl Tunnel {
                 response
             }
         }
+    }
+
+    /// An HTTP/1.1 upgrade the policy allowed (a WebSocket, say): the request goes to the
+    /// workload on a connection of its own and, once the workload switches protocols, the bytes
+    /// of both sides are relayed as they are until either closes.
+    async fn relay_upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let caller = hyper::upgrade::on(&mut req);
+        let tcp = self.netns.connect(self.workload).await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection.with_upgrades());
+        let mut response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let workload = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match tokio::join!(caller, workload) {
+                    (Ok(caller), Ok(workload)) => {
+                        let (mut a, mut b) = (TokioIo::new(caller), TokioIo::new(workload));
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                    (Err(e), _) | (_, Err(e)) => debug!(error = %e, "an upgrade did not complete"),
+                }
+            });
+        }
+        Ok(response)
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {

@@ -1,7 +1,8 @@
 //! A workload for the lab: answers HTTP/1.1 and HTTP/2 (cleartext, told by the preface) with
 //! one line naming itself and the request, or echoes raw TCP.
 //!
-//!     mesh-echo http PORT NAME     # "NAME METHOD PATH VERSION"
+//!     mesh-echo http PORT NAME     # "NAME METHOD PATH VERSION"; any upgrade asked (WebSocket,
+//!                                  # h2c, ...) is accepted, then every byte echoed back
 //!     mesh-echo tcp PORT           # echoes every byte back
 
 use std::convert::Infallible;
@@ -28,13 +29,31 @@ async fn main() -> anyhow::Result<()> {
         match mode {
             "http" => {
                 tokio::spawn(async move {
-                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                         let line =
                             format!("{name} {} {} {:?}\n", req.method(), req.uri().path(), req.version());
-                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(line)))) }
+                        let response = match req.headers().get(hyper::header::UPGRADE).cloned() {
+                            Some(protocol) => {
+                                let upgraded = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(upgraded) = upgraded.await {
+                                        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                hyper::Response::builder()
+                                    .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
+                                    .header(hyper::header::UPGRADE, protocol)
+                                    .header(hyper::header::CONNECTION, "upgrade")
+                                    .body(Full::new(Bytes::new()))
+                                    .expect("a valid response")
+                            }
+                            None => hyper::Response::new(Full::new(Bytes::from(line))),
+                        };
+                        async move { Ok::<_, Infallible>(response) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }
