@@ -47,6 +47,15 @@ to = ["api"]
 ports = [7000]
 protocol = "tcp"
 
+[[rule]]
+name = "web-calls-echo-say"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [80]
+methods = ["POST"]
+paths = ["/echo.Echo/Say"]
+
 [[test]]
 from = "web"
 to = "api"
@@ -157,6 +166,39 @@ fn upgrade_exchange(lab: &Lab, ns: &str, address: &str, path: &str, protocol: &s
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// A gRPC call from `ns` to `address:80` (HTTP/2 with prior knowledge, a length-prefixed
+/// message): (HTTP status, the answer's data, its trailers).
+fn grpc_call(ns: &str, address: &str, method: &str, message: &[u8]) -> (u16, Vec<u8>, hyper::HeaderMap) {
+    use http_body_util::{BodyExt, Full};
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let address: std::net::Ipv4Addr = address.parse().unwrap();
+    in_namespace(ns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect((address, 80)).await.unwrap();
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let request = hyper::Request::post(format!("http://api{method}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(bytes::Bytes::from(framed)))
+                .unwrap();
+            let call = sender.send_request(request);
+            let response = tokio::time::timeout(Duration::from_secs(5), call).await.unwrap().unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap();
+            let trailers = body.trailers().cloned().unwrap_or_default();
+            (status, body.to_bytes().to_vec(), trailers)
+        })
+    })
+}
+
 fn metrics(lab: &Lab, host: usize) -> String {
     let out = lab
         .exec(&lab.host(host), &["curl", "-sS", "-m", "3", "http://127.0.0.1:9480/metrics"])
@@ -197,6 +239,14 @@ fn requests_through_the_mesh_are_decided_one_by_one() {
     // request answered as a plain HTTP/1.1 one (api, which accepts any upgrade, never saw it).
     let h2c = upgrade_exchange(lab, web, &s.api_vip, "/v1/items", "h2c", "");
     assert!(h2c.starts_with("HTTP/1.1 200 OK\n"), "{h2c}");
+    // gRPC: the call allowed by method and path, its message and trailers carried both ways;
+    // another method of the same service refused (403, which gRPC reads as PERMISSION_DENIED).
+    let (status, data, trailers) = grpc_call(web, &s.api_vip, "/echo.Echo/Say", b"hello over grpc");
+    assert_eq!(status, 200);
+    assert_eq!(&data[5..], b"hello over grpc", "{data:?}");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]), "{trailers:?}");
+    assert_eq!(trailers.get("x-echo-name").map(|v| v.as_bytes()), Some(&b"api"[..]), "{trailers:?}");
+    assert_eq!(grpc_call(web, &s.api_vip, "/echo.Echo/Shout", b"x").0, 403);
     // Opaque TCP: the L4 rule at connect time.
     assert_eq!(tcp_exchange(lab, web, &s.api_vip, 7000, "hello"), "hello");
     assert!(!tcp_exchange(lab, web, &s.api_vip, 7001, "hello").contains("hello"), "7001 has no rule");

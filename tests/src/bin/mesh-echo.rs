@@ -2,14 +2,22 @@
 //! one line naming itself and the request, or echoes raw TCP.
 //!
 //!     mesh-echo http PORT NAME     # "NAME METHOD PATH VERSION"; any upgrade asked (WebSocket,
-//!                                  # h2c, ...) is accepted, then every byte echoed back
+//!                                  # h2c, ...) is accepted, then every byte echoed back; a gRPC
+//!                                  # call (content-type application/grpc) gets its message back,
+//!                                  # with trailers grpc-status 0 and x-echo-name NAME
 //!     mesh-echo tcp PORT           # echoes every byte back
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue, UPGRADE};
 use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
@@ -29,28 +37,9 @@ async fn main() -> anyhow::Result<()> {
         match mode {
             "http" => {
                 tokio::spawn(async move {
-                    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                        let line =
-                            format!("{name} {} {} {:?}\n", req.method(), req.uri().path(), req.version());
-                        let response = match req.headers().get(hyper::header::UPGRADE).cloned() {
-                            Some(protocol) => {
-                                let upgraded = hyper::upgrade::on(&mut req);
-                                tokio::spawn(async move {
-                                    if let Ok(upgraded) = upgraded.await {
-                                        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
-                                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                                    }
-                                });
-                                hyper::Response::builder()
-                                    .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
-                                    .header(hyper::header::UPGRADE, protocol)
-                                    .header(hyper::header::CONNECTION, "upgrade")
-                                    .body(Full::new(Bytes::new()))
-                                    .expect("a valid response")
-                            }
-                            None => hyper::Response::new(Full::new(Bytes::from(line))),
-                        };
-                        async move { Ok::<_, Infallible>(response) }
+                    let service = service_fn(move |req| {
+                        let name = name.clone();
+                        async move { Ok::<_, Infallible>(answer(&name, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -65,5 +54,57 @@ async fn main() -> anyhow::Result<()> {
             }
             _ => anyhow::bail!(usage),
         }
+    }
+}
+
+async fn answer(name: &str, mut req: Request<Incoming>) -> Response<Frames> {
+    if let Some(protocol) = req.headers().get(UPGRADE).cloned() {
+        let upgraded = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgraded.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(UPGRADE, protocol)
+            .header(hyper::header::CONNECTION, "upgrade")
+            .body(Frames::default())
+            .expect("a valid response");
+    }
+    if req.headers().get(CONTENT_TYPE).is_some_and(|t| t.as_bytes().starts_with(b"application/grpc")) {
+        // gRPC: the request's length-prefixed message is the answer's; the status in trailers.
+        let message = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("x-echo-name", HeaderValue::from_str(name).expect("a header value"));
+        let frames = Frames(VecDeque::from([Frame::data(message), Frame::trailers(trailers)]));
+        return Response::builder()
+            .header(CONTENT_TYPE, "application/grpc")
+            .body(frames)
+            .expect("a valid response");
+    }
+    let line = format!("{name} {} {} {:?}\n", req.method(), req.uri().path(), req.version());
+    Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(line))])))
+}
+
+/// A body of frames known up front: data, then trailers if any.
+#[derive(Default)]
+struct Frames(VecDeque<Frame<Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
     }
 }
