@@ -204,6 +204,13 @@ impl Lab {
         lab
     }
 
+    /// The cluster's ID, as its CA certificate names it.
+    pub fn cluster_id(&self) -> String {
+        let ca = control::cluster::ManagerDir::new(&self.manager_dir(1)).ca_cert();
+        let pem = std::fs::read_to_string(&ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+        control::ca::CertInfo::from_pem(&pem).expect("the CA certificate").organization
+    }
+
     /// The state directory of manager `i`.
     pub fn manager_dir(&self, i: usize) -> PathBuf {
         match i {

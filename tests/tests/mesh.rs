@@ -229,6 +229,11 @@ fn requests_through_the_mesh_are_decided_one_by_one() {
     assert!(body.contains("web -> api:80 POST /v1/items: deny by default"), "{body}");
     let (code, body) = curl(lab, web, &["--http2-prior-knowledge", &format!("http://{}/admin", s.api_vip)]);
     assert_eq!(code, 403, "HTTP/2 requests are decided one by one too: {body}");
+    // The workload learns who calls from the mesh; a caller cannot claim to be someone else.
+    let whoami = format!("{items}/whoami");
+    let (code, ids) = curl(lab, web, &["-H", "x-mesh-client-id: spiffe://forged/svc/admin", &whoami]);
+    assert_eq!(code, 200);
+    assert_eq!(ids, format!("spiffe://{}/svc/web\n", lab.cluster_id()), "{ids}");
     // An upgrade (WebSocket-like) the policy allows: 101, then the bytes relayed both ways.
     let live = upgrade_exchange(lab, web, &s.api_vip, "/v1/items/live", "websocket", "ping-through-the-mesh");
     assert_eq!(live, "HTTP/1.1 101 Switching Protocols\nping-through-the-mesh", "{live}");

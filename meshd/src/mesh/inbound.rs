@@ -35,6 +35,9 @@ use crate::workload::Netns;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The header carrying the request ID of a mesh answer.
 pub const REQUEST_ID: &str = "x-mesh-request-id";
+/// The header telling the workload who calls: the SPIFFE ID of the caller's certificate, as the
+/// mesh verified it. One sent by the caller is removed before the policy reads the request.
+pub const CLIENT_ID: &str = "x-mesh-client-id";
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -326,6 +329,7 @@ impl Tunnel {
             warn!(request_id = %id, reason = %why, "request refused");
             return response;
         }
+        req.headers_mut().remove(CLIENT_ID);
         let headers: Vec<(&str, &str)> =
             req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let request = policy::Request {
@@ -350,6 +354,9 @@ impl Tunnel {
             return response;
         }
         drop(headers);
+        if let Ok(id) = hyper::header::HeaderValue::from_str(&self.peer.spiffe_id) {
+            req.headers_mut().insert(CLIENT_ID, id);
+        }
         let response = match Upgrade::of(&mut req) {
             Upgrade::Relay => self.relay_upgrade(req).await,
             Upgrade::None => self.forward(req).await,

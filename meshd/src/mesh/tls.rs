@@ -168,6 +168,8 @@ pub struct Peer {
     pub endpoint: String,
     /// The node the certificate was issued to.
     pub node: NodeId,
+    /// The certificate's SPIFFE ID, `spiffe://<cluster>/svc/<service>`.
+    pub spiffe_id: String,
 }
 
 /// Why a client certificate is not a workload of this cluster.
@@ -201,10 +203,11 @@ impl Peer {
         let (endpoint, node) = info.common_name.split_once('@').ok_or_else(unreadable)?;
         let node: NodeId = node.parse().map_err(|_| unreadable())?;
         let (service, _slot) = endpoint.rsplit_once('.').ok_or_else(unreadable)?;
-        let ids = spiffe_ids(der);
+        let mut ids = spiffe_ids(der);
         if ids != [format!("spiffe://{cluster}/svc/{service}")] {
             return Err(PeerError::Spiffe(ids));
         }
-        Ok(Peer { service: service.to_owned(), endpoint: endpoint.to_owned(), node })
+        let spiffe_id = ids.pop().expect("checked above");
+        Ok(Peer { service: service.to_owned(), endpoint: endpoint.to_owned(), node, spiffe_id })
     }
 }

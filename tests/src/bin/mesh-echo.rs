@@ -4,7 +4,8 @@
 //!     mesh-echo http PORT NAME     # "NAME METHOD PATH VERSION"; any upgrade asked (WebSocket,
 //!                                  # h2c, ...) is accepted, then every byte echoed back; a gRPC
 //!                                  # call (content-type application/grpc) gets its message back,
-//!                                  # with trailers grpc-status 0 and x-echo-name NAME
+//!                                  # with trailers grpc-status 0 and x-echo-name NAME; a path
+//!                                  # ending in /whoami gets the x-mesh-client-id values, one a line
 //!     mesh-echo tcp PORT           # echoes every byte back
 
 use std::collections::VecDeque;
@@ -84,6 +85,15 @@ async fn answer(name: &str, mut req: Request<Incoming>) -> Response<Frames> {
             .header(CONTENT_TYPE, "application/grpc")
             .body(frames)
             .expect("a valid response");
+    }
+    if req.uri().path().ends_with("/whoami") {
+        let ids: String = req
+            .headers()
+            .get_all("x-mesh-client-id")
+            .iter()
+            .map(|v| format!("{}\n", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        return Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(ids))])));
     }
     let line = format!("{name} {} {} {:?}\n", req.method(), req.uri().path(), req.version());
     Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(line))])))
