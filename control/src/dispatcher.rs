@@ -205,7 +205,7 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
                 }
                 if last.as_ref().is_none_or(|l| !l.same_content(&slice)) {
                     debug!(node = %node, version = slice.version, "sending slice");
-                    if tx.send(Ok(pb::NodeSlice::from(&slice))).await.is_err() {
+                    if tx.send(Ok(slice.to_wire(last.as_ref()))).await.is_err() {
                         break;
                     }
                     last = Some(slice);

@@ -104,6 +104,59 @@ pub struct NodeSlice {
 }
 
 impl NodeSlice {
+    /// The wire form of this slice as the next message of a session whose previous message
+    /// carried `previous`: the sections that message already had (a network's peers and
+    /// services, the removed nodes, the policy) are left out and marked unchanged.
+    pub fn to_wire(&self, previous: Option<&NodeSlice>) -> pb::NodeSlice {
+        let mut wire = pb::NodeSlice::from(self);
+        let Some(previous) = previous else { return wire };
+        for (network, sent) in self.networks.iter().zip(&mut wire.networks) {
+            let before = previous.networks.iter().find(|n| n.name == network.name);
+            if before.is_some_and(|b| b.peers == network.peers && b.services == network.services) {
+                sent.peers.clear();
+                sent.services.clear();
+                sent.membership_unchanged = true;
+            }
+        }
+        if previous.removed_nodes == self.removed_nodes {
+            wire.removed_nodes.clear();
+            wire.removed_nodes_unchanged = true;
+        }
+        if previous.policy == self.policy {
+            wire.policy.clear();
+            wire.policy_version = 0;
+            wire.policy_unchanged = true;
+        }
+        wire
+    }
+
+    /// Reads a session's message, taking the sections it marks unchanged from `previous`, the
+    /// slice the session's previous message carried. A section marked unchanged with nothing to
+    /// take it from is malformed: the session must start again from a whole slice.
+    pub fn from_wire(wire: pb::NodeSlice, previous: Option<&NodeSlice>) -> Result<NodeSlice, InvalidMessage> {
+        let unchanged: Vec<String> =
+            wire.networks.iter().filter(|n| n.membership_unchanged).map(|n| n.name.clone()).collect();
+        let (removed_unchanged, policy_unchanged) = (wire.removed_nodes_unchanged, wire.policy_unchanged);
+        let mut slice = NodeSlice::try_from(wire)?;
+        let base = || previous.ok_or(InvalidMessage::Field("unchanged section without an earlier slice"));
+        for network in slice.networks.iter_mut().filter(|n| unchanged.contains(&n.name)) {
+            let before = base()?
+                .networks
+                .iter()
+                .find(|b| b.name == network.name)
+                .ok_or(InvalidMessage::Field("unchanged network without an earlier one"))?;
+            network.peers = before.peers.clone();
+            network.services = before.services.clone();
+        }
+        if removed_unchanged {
+            slice.removed_nodes = base()?.removed_nodes.clone();
+        }
+        if policy_unchanged {
+            slice.policy = base()?.policy.clone();
+        }
+        Ok(slice)
+    }
+
     /// Whether two slices carry the same content, whatever their versions.
     pub fn same_content(&self, other: &NodeSlice) -> bool {
         self.node == other.node
@@ -166,6 +219,8 @@ impl From<&NodeSlice> for pb::NodeSlice {
             node_index: s.node_index,
             removed_nodes: s.removed_nodes.iter().map(ToString::to_string).collect(),
             managers: s.managers.clone(),
+            removed_nodes_unchanged: false,
+            policy_unchanged: false,
             policy_version: s.policy.as_ref().map_or(0, |p| p.version),
             policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
             version: s.version,
@@ -222,6 +277,7 @@ impl From<&NodeSlice> for pb::NodeSlice {
                             endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
                         })
                         .collect(),
+                    membership_unchanged: false,
                 })
                 .collect(),
         }
@@ -327,5 +383,112 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             removed_nodes: s.removed_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
             managers: s.managers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(name: &str, epoch: u32, peers: usize) -> SliceNetwork {
+        SliceNetwork {
+            name: name.into(),
+            id: 7,
+            subnet: "10.9.0.0/16".parse().unwrap(),
+            encrypted: true,
+            keys: vec![(KeyUse::Current, NetworkKey { epoch, key: [epoch as u8; KEY_LEN] })],
+            peers: (0..peers)
+                .map(|i| Peer {
+                    address: Ipv4Addr::new(10, 9, 0, i as u8 + 2),
+                    node: NodeId::random(),
+                    underlay: Some(SocketAddr::from(([192, 0, 2, i as u8], 4789))),
+                    node_index: i as u32,
+                })
+                .collect(),
+            services: vec![ServiceRecord {
+                name: "web".into(),
+                vip: Ipv4Addr::new(10, 9, 0, 1),
+                ports: vec![PortSpec { port: 80, protocol: Protocol::Http }],
+                endpoints: vec![Ipv4Addr::new(10, 9, 0, 2)],
+            }],
+        }
+    }
+
+    fn slice(version: u64, networks: Vec<SliceNetwork>) -> NodeSlice {
+        NodeSlice {
+            version,
+            node: NodeId::random(),
+            endpoints: Vec::new(),
+            networks,
+            policy: Some(NodePolicy { version: 3, text: "default = \"deny\"\n".into() }),
+            node_index: 1,
+            visibility: BTreeMap::new(),
+            removed_nodes: vec![NodeId::random()],
+            managers: vec!["10.0.0.1:7400".into()],
+        }
+    }
+
+    /// Sends `slices` as one session would and reads them as meshd does.
+    fn through_a_session(slices: &[NodeSlice]) -> (Vec<pb::NodeSlice>, Vec<NodeSlice>) {
+        let (mut sent, mut read) = (Vec::new(), Vec::new());
+        for (i, s) in slices.iter().enumerate() {
+            let wire = s.to_wire(i.checked_sub(1).map(|p| &slices[p]));
+            read.push(NodeSlice::from_wire(wire.clone(), read.last()).unwrap());
+            sent.push(wire);
+        }
+        (sent, read)
+    }
+
+    #[test]
+    fn a_rotation_sends_the_keys_and_not_the_network() {
+        let first = slice(1, vec![network("front", 1, 200), network("back", 1, 3)]);
+        let mut rotated = first.clone();
+        rotated.version = 2;
+        rotated.networks[0].keys = network("front", 2, 0).keys;
+        let (sent, read) = through_a_session(&[first.clone(), rotated.clone()]);
+        assert_eq!(read, [first.clone(), rotated.clone()], "the node ends up with the whole slices");
+        assert_eq!(sent[0].networks[0].peers.len(), 200, "a session's first message is whole");
+        let delta = &sent[1];
+        assert!(delta.networks.iter().all(|n| n.membership_unchanged && n.peers.is_empty()));
+        assert!(delta.removed_nodes_unchanged && delta.removed_nodes.is_empty());
+        assert!(delta.policy_unchanged && delta.policy.is_empty());
+        assert_eq!(delta.networks[0].keys[0].epoch, 2);
+        use prost::Message;
+        assert!(delta.encoded_len() * 20 < sent[0].encoded_len(), "{} bytes", delta.encoded_len());
+    }
+
+    #[test]
+    fn changed_sections_are_sent_whole() {
+        let first = slice(1, vec![network("front", 1, 5)]);
+        let mut second = first.clone();
+        second.version = 2;
+        second.networks[0].peers.pop();
+        second.networks.push(network("back", 1, 2));
+        second.policy = Some(NodePolicy { version: 4, text: "default = \"allow\"\n".into() });
+        second.removed_nodes.push(NodeId::random());
+        let (sent, read) = through_a_session(&[first.clone(), second.clone()]);
+        assert_eq!(read[1], second);
+        let delta = &sent[1];
+        assert!(delta.networks.iter().all(|n| !n.membership_unchanged));
+        assert_eq!(delta.networks[0].peers.len(), 4);
+        assert!(!delta.removed_nodes_unchanged && !delta.policy_unchanged);
+        // A section that goes away is not "unchanged": the policy withdrawn reads as none.
+        let mut third = second.clone();
+        third.version = 3;
+        third.policy = None;
+        let (_, read) = through_a_session(&[second, third.clone()]);
+        assert_eq!(read[1].policy, None);
+    }
+
+    #[test]
+    fn an_unchanged_section_without_an_earlier_slice_is_refused() {
+        let first = slice(1, vec![network("front", 1, 5)]);
+        let mut second = first.clone();
+        second.version = 2;
+        let delta = second.to_wire(Some(&first));
+        assert!(matches!(NodeSlice::from_wire(delta.clone(), None), Err(InvalidMessage::Field(_))));
+        // Nor against an earlier slice without that network.
+        let other = slice(1, vec![network("other", 1, 1)]);
+        assert!(NodeSlice::from_wire(delta, Some(&other)).is_err());
     }
 }

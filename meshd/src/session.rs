@@ -97,14 +97,17 @@ async fn connect_and_follow(
     info!(control = %addr, underlay = %config.underlay, "session with control open");
     let _ = events.send(SessionEvent::Connected);
     *attempt = 0;
+    // What the previous message carried: the sections a message marks unchanged come from it.
+    let mut previous: Option<NodeSlice> = None;
     while let Some(message) = stream.message().await.map_err(|s| ClientError::refused(&addr, s))? {
-        let slice = match NodeSlice::try_from(message) {
-            Ok(slice) => slice,
-            Err(e) => {
-                warn!(error = %e, "control sent a malformed slice; ignored");
-                continue;
-            }
-        };
+        // A malformed message leaves nothing to read the next one against: the session starts
+        // again, from a whole slice.
+        let slice = NodeSlice::from_wire(message, previous.as_ref()).map_err(|e| ClientError::Refused {
+            addr: addr.clone(),
+            code: tonic::Code::DataLoss,
+            message: format!("control sent a malformed slice: {e}"),
+        })?;
+        previous = Some(slice.clone());
         if slice.node != node.id {
             warn!(slice_for = %slice.node, "control sent another node's slice; ignored");
             continue;

@@ -117,4 +117,11 @@ impl hyper::body::Body for Frames {
     fn is_end_stream(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Exact when there are no trailers: HTTP/1.1 answers then carry a content-length.
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let data: Option<u64> =
+            self.0.iter().map(|f| f.data_ref().map(|d| d.len() as u64)).try_fold(0, |sum, n| Some(sum + n?));
+        data.map_or_else(hyper::body::SizeHint::default, hyper::body::SizeHint::with_exact)
+    }
 }
