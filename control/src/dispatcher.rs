@@ -4,10 +4,12 @@
 //! A node's slice: its endpoints; for each network it has an endpoint on, the network, its keys,
 //! its peers (overlay address -> node underlay address) and its service records. A network the
 //! node has no endpoint on does not appear at all; its keys never leave control for that node.
-//! Every message carries the whole slice, versioned by the state's revision, and is sent only when
-//! the slice changed, so after any reconnect the node converges to the current slice at once.
+//! A message is sent only when the slice changed, versioned by the state's revision, and carries
+//! the whole slice but for the sections the session's previous message had already (a network's
+//! peers and services, the removed nodes, the policy), marked unchanged; a session's first message
+//! is whole, so after any reconnect the node converges to the current slice at once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,8 +44,62 @@ impl PolicyCache {
     }
 }
 
+/// A network's peers and service records: the same for every node on it, so computed once per
+/// state revision and shared by every slice of that revision.
+#[derive(Default)]
+pub struct Memberships(std::sync::Mutex<(u64, HashMap<String, Membership>)>);
+
+type Membership = (Arc<[Peer]>, Arc<[ServiceRecord]>);
+
+impl Memberships {
+    /// Network `name`'s membership in `state`.
+    pub fn of(&self, state: &ClusterState, name: &str) -> Membership {
+        let mut cached = self.0.lock().expect("lock");
+        if cached.0 != state.revision {
+            *cached = (state.revision, HashMap::new());
+        }
+        cached.1.entry(name.to_owned()).or_insert_with(|| membership(state, name)).clone()
+    }
+}
+
+fn membership(state: &ClusterState, name: &str) -> Membership {
+    let mut peers: Vec<Peer> = state
+        .endpoints()
+        .filter_map(|(_, e)| {
+            Some(Peer {
+                address: *e.addresses.get(name)?,
+                node: e.node.clone(),
+                underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
+                node_index: state.nodes.get(&e.node).map_or(0, |n| n.index),
+            })
+        })
+        .collect();
+    peers.sort_by_key(|p| p.address);
+    let services = state
+        .services
+        .values()
+        .filter_map(|s| {
+            let mut endpoints: Vec<_> =
+                s.endpoints.values().filter_map(|e| e.addresses.get(name).copied()).collect();
+            endpoints.sort();
+            Some(ServiceRecord {
+                name: s.name.clone(),
+                vip: *s.vips.get(name)?,
+                ports: s.ports.clone(),
+                endpoints,
+            })
+        })
+        .collect();
+    (peers.into(), services)
+}
+
 /// The slice of `state` that `node` may know.
-pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) -> NodeSlice {
+pub fn slice_for(
+    state: &ClusterState,
+    node: &NodeId,
+    policies: &PolicyCache,
+    memberships: &Memberships,
+) -> NodeSlice {
     let mut endpoints = Vec::new();
     let mut networks: BTreeSet<&str> = BTreeSet::new();
     for (service, e) in state.endpoints().filter(|(_, e)| &e.node == node) {
@@ -60,33 +116,7 @@ pub fn slice_for(state: &ClusterState, node: &NodeId, policies: &PolicyCache) ->
         .filter_map(|name| state.networks.get(name))
         .map(|network| {
             let name = &network.name;
-            let mut peers: Vec<Peer> = state
-                .endpoints()
-                .filter_map(|(_, e)| {
-                    Some(Peer {
-                        address: *e.addresses.get(name)?,
-                        node: e.node.clone(),
-                        underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
-                        node_index: state.nodes.get(&e.node).map_or(0, |n| n.index),
-                    })
-                })
-                .collect();
-            peers.sort_by_key(|p| p.address);
-            let services = state
-                .services
-                .values()
-                .filter_map(|s| {
-                    let mut endpoints: Vec<_> =
-                        s.endpoints.values().filter_map(|e| e.addresses.get(name).copied()).collect();
-                    endpoints.sort();
-                    Some(ServiceRecord {
-                        name: s.name.clone(),
-                        vip: *s.vips.get(name)?,
-                        ports: s.ports.clone(),
-                        endpoints,
-                    })
-                })
-                .collect();
+            let (peers, services) = memberships.of(state, name);
             SliceNetwork {
                 name: name.clone(),
                 id: network.id,
@@ -192,9 +222,12 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
             let mut revisions = manager.store.subscribe();
             let mut last: Option<NodeSlice> = None;
             loop {
-                let (slice, removed) = manager
-                    .store
-                    .read(|s| (slice_for(s, &node, &manager.policies), s.active_node(&node).is_err()));
+                let (slice, removed) = manager.store.read(|s| {
+                    (
+                        slice_for(s, &node, &manager.policies, &manager.memberships),
+                        s.active_node(&node).is_err(),
+                    )
+                });
                 if removed {
                     let _ = tx
                         .send(Err(Status::permission_denied(format!(

@@ -158,6 +158,7 @@ pub struct Manager {
     presence: Mutex<HashMap<NodeId, Presence>>,
     pub(crate) join_attempts: AtomicU64,
     pub(crate) policies: crate::dispatcher::PolicyCache,
+    pub(crate) memberships: crate::dispatcher::Memberships,
     /// Serializes changes: a plan is made and applied with no other change in between.
     writer: tokio::sync::Mutex<()>,
 }
@@ -185,6 +186,7 @@ impl Manager {
             presence: Mutex::new(HashMap::new()),
             join_attempts: AtomicU64::new(0),
             policies: Default::default(),
+            memberships: Default::default(),
             writer: tokio::sync::Mutex::new(()),
         }))
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
@@ -52,8 +53,9 @@ pub struct SliceNetwork {
     pub encrypted: bool,
     #[serde(skip)]
     pub keys: Vec<(KeyUse, NetworkKey)>,
-    pub peers: Vec<Peer>,
-    pub services: Vec<ServiceRecord>,
+    /// The same for every node on the network: shared, computed once per state revision.
+    pub peers: Arc<[Peer]>,
+    pub services: Arc<[ServiceRecord]>,
 }
 
 impl std::fmt::Debug for SliceNetwork {
@@ -108,26 +110,59 @@ impl NodeSlice {
     /// carried `previous`: the sections that message already had (a network's peers and
     /// services, the removed nodes, the policy) are left out and marked unchanged.
     pub fn to_wire(&self, previous: Option<&NodeSlice>) -> pb::NodeSlice {
-        let mut wire = pb::NodeSlice::from(self);
-        let Some(previous) = previous else { return wire };
-        for (network, sent) in self.networks.iter().zip(&mut wire.networks) {
-            let before = previous.networks.iter().find(|n| n.name == network.name);
-            if before.is_some_and(|b| b.peers == network.peers && b.services == network.services) {
-                sent.peers.clear();
-                sent.services.clear();
-                sent.membership_unchanged = true;
-            }
+        let s = self;
+        let removed_nodes_unchanged = previous.is_some_and(|p| p.removed_nodes == s.removed_nodes);
+        let policy_unchanged = previous.is_some_and(|p| p.policy == s.policy);
+        pb::NodeSlice {
+            visibility: s
+                .visibility
+                .iter()
+                .map(|(service, reachable)| pb::ServiceVisibility {
+                    service: service.clone(),
+                    reachable: reachable.iter().cloned().collect(),
+                })
+                .collect(),
+            node_index: s.node_index,
+            removed_nodes: if removed_nodes_unchanged {
+                Vec::new()
+            } else {
+                s.removed_nodes.iter().map(ToString::to_string).collect()
+            },
+            managers: s.managers.clone(),
+            removed_nodes_unchanged,
+            policy_unchanged,
+            policy_version: if policy_unchanged { 0 } else { s.policy.as_ref().map_or(0, |p| p.version) },
+            policy: if policy_unchanged {
+                String::new()
+            } else {
+                s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default()
+            },
+            version: s.version,
+            node_id: s.node.to_string(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| pb::Endpoint {
+                    service: e.service.clone(),
+                    slot: e.slot,
+                    node: s.node.to_string(),
+                    addresses: e
+                        .addresses
+                        .iter()
+                        .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
+                        .collect(),
+                    command: e.command.clone().unwrap_or_default(),
+                })
+                .collect(),
+            networks: s
+                .networks
+                .iter()
+                .map(|n| {
+                    let before = previous.and_then(|p| p.networks.iter().find(|b| b.name == n.name));
+                    n.to_wire(before.is_none_or(|b| b.peers != n.peers || b.services != n.services))
+                })
+                .collect(),
         }
-        if previous.removed_nodes == self.removed_nodes {
-            wire.removed_nodes.clear();
-            wire.removed_nodes_unchanged = true;
-        }
-        if previous.policy == self.policy {
-            wire.policy.clear();
-            wire.policy_version = 0;
-            wire.policy_unchanged = true;
-        }
-        wire
     }
 
     /// Reads a session's message, taking the sections it marks unchanged from `previous`, the
@@ -207,79 +242,55 @@ fn key_use(u: KeyUse) -> pb::KeyUse {
 
 impl From<&NodeSlice> for pb::NodeSlice {
     fn from(s: &NodeSlice) -> pb::NodeSlice {
-        pb::NodeSlice {
-            visibility: s
-                .visibility
+        s.to_wire(None)
+    }
+}
+
+impl SliceNetwork {
+    /// The wire form; without `membership`, its peers and services are left out and marked
+    /// unchanged.
+    fn to_wire(&self, membership: bool) -> pb::SliceNetwork {
+        pb::SliceNetwork {
+            name: self.name.clone(),
+            id: self.id,
+            subnet: self.subnet.to_string(),
+            encrypted: self.encrypted,
+            keys: self
+                .keys
                 .iter()
-                .map(|(service, reachable)| pb::ServiceVisibility {
-                    service: service.clone(),
-                    reachable: reachable.iter().cloned().collect(),
+                .map(|(u, k)| pb::NetworkKey {
+                    epoch: k.epoch,
+                    key: k.key.to_vec(),
+                    r#use: key_use(*u).into(),
                 })
                 .collect(),
-            node_index: s.node_index,
-            removed_nodes: s.removed_nodes.iter().map(ToString::to_string).collect(),
-            managers: s.managers.clone(),
-            removed_nodes_unchanged: false,
-            policy_unchanged: false,
-            policy_version: s.policy.as_ref().map_or(0, |p| p.version),
-            policy: s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default(),
-            version: s.version,
-            node_id: s.node.to_string(),
-            endpoints: s
-                .endpoints
-                .iter()
-                .map(|e| pb::Endpoint {
-                    service: e.service.clone(),
-                    slot: e.slot,
-                    node: s.node.to_string(),
-                    addresses: e
-                        .addresses
-                        .iter()
-                        .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
-                        .collect(),
-                    command: e.command.clone().unwrap_or_default(),
-                })
-                .collect(),
-            networks: s
-                .networks
-                .iter()
-                .map(|n| pb::SliceNetwork {
-                    name: n.name.clone(),
-                    id: n.id,
-                    subnet: n.subnet.to_string(),
-                    encrypted: n.encrypted,
-                    keys: n
-                        .keys
-                        .iter()
-                        .map(|(u, k)| pb::NetworkKey {
-                            epoch: k.epoch,
-                            key: k.key.to_vec(),
-                            r#use: key_use(*u).into(),
-                        })
-                        .collect(),
-                    peers: n
-                        .peers
-                        .iter()
-                        .map(|p| pb::Peer {
-                            address: p.address.to_string(),
-                            node: p.node.to_string(),
-                            underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
-                            node_index: p.node_index,
-                        })
-                        .collect(),
-                    services: n
-                        .services
-                        .iter()
-                        .map(|r| pb::ServiceRecord {
-                            name: r.name.clone(),
-                            vip: r.vip.to_string(),
-                            ports: r.ports.iter().copied().map(pb::Port::from).collect(),
-                            endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
-                        })
-                        .collect(),
-                    membership_unchanged: false,
-                })
-                .collect(),
+            peers: if !membership {
+                Vec::new()
+            } else {
+                self.peers
+                    .iter()
+                    .map(|p| pb::Peer {
+                        address: p.address.to_string(),
+                        node: p.node.to_string(),
+                        underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
+                        node_index: p.node_index,
+                    })
+                    .collect()
+            },
+            services: if !membership {
+                Vec::new()
+            } else {
+                self.services
+                    .iter()
+                    .map(|r| pb::ServiceRecord {
+                        name: r.name.clone(),
+                        vip: r.vip.to_string(),
+                        ports: r.ports.iter().copied().map(pb::Port::from).collect(),
+                        endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
+                    })
+                    .collect()
+            },
+            membership_unchanged: !membership,
         }
     }
 }
@@ -410,7 +421,8 @@ mod tests {
                 vip: Ipv4Addr::new(10, 9, 0, 1),
                 ports: vec![PortSpec { port: 80, protocol: Protocol::Http }],
                 endpoints: vec![Ipv4Addr::new(10, 9, 0, 2)],
-            }],
+            }]
+            .into(),
         }
     }
 
@@ -462,7 +474,8 @@ mod tests {
         let first = slice(1, vec![network("front", 1, 5)]);
         let mut second = first.clone();
         second.version = 2;
-        second.networks[0].peers.pop();
+        let fewer = second.networks[0].peers.len() - 1;
+        second.networks[0].peers = second.networks[0].peers[..fewer].into();
         second.networks.push(network("back", 1, 2));
         second.policy = Some(NodePolicy { version: 4, text: "default = \"allow\"\n".into() });
         second.removed_nodes.push(NodeId::random());

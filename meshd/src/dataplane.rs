@@ -307,7 +307,7 @@ impl Dataplane {
             let ports = slice
                 .networks
                 .iter()
-                .flat_map(|n| &n.services)
+                .flat_map(|n| n.services.iter())
                 .find(|r| r.name == w.service)
                 .map(|r| r.ports.clone())
                 .unwrap_or_default();
@@ -328,7 +328,7 @@ impl Dataplane {
         for w in workloads.values_mut() {
             let mut wanted = std::collections::BTreeMap::new();
             for network in slice.networks.iter().filter(|n| w.networks.contains(&n.name)) {
-                for record in &network.services {
+                for record in network.services.iter() {
                     for port in record
                         .ports
                         .iter()

@@ -31,8 +31,8 @@ fn network(name: &str, id: u32, subnet: &str, services: Vec<ServiceRecord>) -> S
         subnet: subnet.parse().unwrap(),
         encrypted: true,
         keys: vec![],
-        peers: Vec::<Peer>::new(),
-        services,
+        peers: Vec::<Peer>::new().into(),
+        services: services.into(),
     }
 }
 

@@ -115,7 +115,7 @@ impl View {
         for network in &slice.networks {
             let nodes: HashMap<Ipv4Addr, (&NodeId, Option<SocketAddr>)> =
                 network.peers.iter().map(|p| (p.address, (&p.node, p.underlay))).collect();
-            for record in &network.services {
+            for record in network.services.iter() {
                 networks_of.entry(record.name.clone()).or_default().insert(network.name.clone());
                 let mut targets = Vec::new();
                 for address in &record.endpoints {
