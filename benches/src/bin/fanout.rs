@@ -1,10 +1,12 @@
-//! Key rotation fan-out: how long a rotation takes to reach every node's session, and the
-//! manager's memory per session.
+//! Fan-out: how long a key rotation, and one more endpoint, take to reach every node's session,
+//! and the manager's memory per session.
 //!
 //! Runs the real `mesh-control` binary in its own process (so its memory can be read alone),
 //! joins N nodes through meshd's join code, opens N real sessions (gRPC over mTLS, in this
 //! process), places one endpoint on every node on one encrypted network, then rotates the key
-//! several times and times each rotation until the last node holds the new epoch.
+//! several times and times each rotation until the last node holds the new epoch; then adds one
+//! endpoint at a time (a new one-endpoint service) and times each until the last node holds it
+//! as a peer.
 //!
 //!     cargo build --release -p control
 //!     cargo run --release -p benches --bin fanout -- --nodes 100,1000
@@ -50,6 +52,9 @@ struct Measured {
     manager_rss_before_kib: u64,
     manager_rss_after_kib: u64,
     kib_per_session: f64,
+    /// One more endpoint on the network: time until every node holds it as a peer.
+    scale_ms: Vec<f64>,
+    scale_median_ms: f64,
 }
 
 #[tokio::main]
@@ -61,12 +66,14 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!((n as u64) * 3 + 100 < limit, "open file limit {limit} is too low for {n} nodes");
         results.push(measure(&args, n).await?);
     }
-    println!("\n| nodes | rotation reaches all (median) | max | manager RSS per session |");
-    println!("|---|---|---|---|");
+    println!(
+        "\n| nodes | rotation reaches all (median) | max | one more endpoint reaches all (median) | manager RSS per session |"
+    );
+    println!("|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.1} ms | {:.1} ms | {:.1} KiB |",
-            r.nodes, r.median_ms, r.max_ms, r.kib_per_session
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} KiB |",
+            r.nodes, r.median_ms, r.max_ms, r.scale_median_ms, r.kib_per_session
         );
     }
     if let Some(path) = &args.json {
@@ -102,12 +109,15 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
     let before = manager.rss_kib()?;
     eprintln!("   opening {n} sessions");
     let epochs: Arc<Mutex<HashMap<usize, (u32, Instant)>>> = Arc::new(Mutex::new(HashMap::new()));
+    // Node -> (peers it holds, when it learnt them).
+    let peers: Arc<Mutex<HashMap<usize, (usize, Instant)>>> = Arc::new(Mutex::new(HashMap::new()));
     let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (i, dir) in joined.iter().enumerate() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let underlay = SocketAddr::from(([127, 0, (i / 250) as u8, (i % 250) as u8 + 1], 4800));
         tokio::spawn(meshd::session::run(SessionConfig { state_dir: dir.clone(), underlay }, tx));
         let epochs = epochs.clone();
+        let peers = peers.clone();
         let connected = connected.clone();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
@@ -124,6 +134,11 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
                             .map(|(_, k)| k.epoch);
                         if let Some(epoch) = epoch {
                             epochs.lock().unwrap().insert(i, (epoch, Instant::now()));
+                        }
+                        let held = slice.networks.iter().map(|n| n.peers.len()).sum();
+                        let mut peers = peers.lock().unwrap();
+                        if peers.get(&i).is_none_or(|(p, _)| *p != held) {
+                            peers.insert(i, (held, Instant::now()));
                         }
                     }
                     SessionEvent::Disconnected(_) => {}
@@ -168,6 +183,36 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         eprintln!("   rotation {}: {ms:.1} ms to reach all {n}", r + 1);
         times.push(ms);
     }
+    let mut scale_ms = Vec::new();
+    for r in 0..args.rotations {
+        // At most one endpoint of a service per node: each round a new one-endpoint service.
+        let replicas = n + r + 1;
+        let start = Instant::now();
+        admin
+            .create_service(pb::CreateServiceRequest {
+                name: format!("extra{r}"),
+                networks: vec!["bench".into()],
+                ports: vec![pb::Port { port: 80, protocol: "tcp".into() }],
+                replicas: 1,
+                constraints: vec![],
+                command: String::new(),
+            })
+            .await?;
+        wait(
+            || peers.lock().unwrap().values().filter(|(p, _)| *p >= replicas).count() >= n,
+            "the new endpoint to reach every node",
+        )
+        .await?;
+        let last = peers.lock().unwrap().values().map(|(_, t)| *t).max().unwrap();
+        let ms = last.duration_since(start).as_secs_f64() * 1000.0;
+        eprintln!("   endpoint {replicas}: {ms:.1} ms to reach all {n}");
+        scale_ms.push(ms);
+    }
+    let median = |v: &[f64]| {
+        let mut sorted = v.to_vec();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        sorted[sorted.len() / 2]
+    };
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     Ok(Measured {
@@ -178,6 +223,8 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         manager_rss_before_kib: before,
         manager_rss_after_kib: after,
         kib_per_session: (after.saturating_sub(before)) as f64 / n as f64,
+        scale_median_ms: median(&scale_ms),
+        scale_ms,
     })
 }
 
