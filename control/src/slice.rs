@@ -157,10 +157,7 @@ impl NodeSlice {
             networks: s
                 .networks
                 .iter()
-                .map(|n| {
-                    let before = previous.and_then(|p| p.networks.iter().find(|b| b.name == n.name));
-                    n.to_wire(before.is_none_or(|b| b.peers != n.peers || b.services != n.services))
-                })
+                .map(|n| n.to_wire(previous.and_then(|p| p.networks.iter().find(|b| b.name == n.name))))
                 .collect(),
         }
     }
@@ -169,19 +166,24 @@ impl NodeSlice {
     /// slice the session's previous message carried. A section marked unchanged with nothing to
     /// take it from is malformed: the session must start again from a whole slice.
     pub fn from_wire(wire: pb::NodeSlice, previous: Option<&NodeSlice>) -> Result<NodeSlice, InvalidMessage> {
-        let unchanged: Vec<String> =
-            wire.networks.iter().filter(|n| n.membership_unchanged).map(|n| n.name.clone()).collect();
+        // Per network: None when whole, else the peers and services gone (none when unchanged).
+        let mut partial: BTreeMap<String, (Vec<Ipv4Addr>, Vec<String>)> = BTreeMap::new();
+        for n in wire.networks.iter().filter(|n| n.membership_unchanged || n.membership_delta) {
+            let gone = n.peers_gone.iter().map(|a| ipv4(a, "peer gone")).collect::<Result<_, _>>()?;
+            partial.insert(n.name.clone(), (gone, n.services_gone.clone()));
+        }
         let (removed_unchanged, policy_unchanged) = (wire.removed_nodes_unchanged, wire.policy_unchanged);
         let mut slice = NodeSlice::try_from(wire)?;
         let base = || previous.ok_or(InvalidMessage::Field("unchanged section without an earlier slice"));
-        for network in slice.networks.iter_mut().filter(|n| unchanged.contains(&n.name)) {
+        for network in slice.networks.iter_mut() {
+            let Some((peers_gone, services_gone)) = partial.remove(&network.name) else { continue };
             let before = base()?
                 .networks
                 .iter()
                 .find(|b| b.name == network.name)
                 .ok_or(InvalidMessage::Field("unchanged network without an earlier one"))?;
-            network.peers = before.peers.clone();
-            network.services = before.services.clone();
+            network.peers = apply(&before.peers, &network.peers, &peers_gone, |p| p.address);
+            network.services = apply(&before.services, &network.services, &services_gone, |r| r.name.clone());
         }
         if removed_unchanged {
             slice.removed_nodes = base()?.removed_nodes.clone();
@@ -247,10 +249,11 @@ impl From<&NodeSlice> for pb::NodeSlice {
 }
 
 impl SliceNetwork {
-    /// The wire form; without `membership`, its peers and services are left out and marked
-    /// unchanged.
-    fn to_wire(&self, membership: bool) -> pb::SliceNetwork {
-        pb::SliceNetwork {
+    /// The wire form, as the next message after one that carried `before` (this network as it
+    /// was then, if it was there): the peers and services unchanged, or what changed in them
+    /// when that is smaller than the whole, or the whole.
+    fn to_wire(&self, before: Option<&SliceNetwork>) -> pb::SliceNetwork {
+        let mut wire = pb::SliceNetwork {
             name: self.name.clone(),
             id: self.id,
             subnet: self.subnet.to_string(),
@@ -264,34 +267,79 @@ impl SliceNetwork {
                     r#use: key_use(*u).into(),
                 })
                 .collect(),
-            peers: if !membership {
-                Vec::new()
-            } else {
-                self.peers
-                    .iter()
-                    .map(|p| pb::Peer {
-                        address: p.address.to_string(),
-                        node: p.node.to_string(),
-                        underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
-                        node_index: p.node_index,
-                    })
-                    .collect()
-            },
-            services: if !membership {
-                Vec::new()
-            } else {
-                self.services
-                    .iter()
-                    .map(|r| pb::ServiceRecord {
-                        name: r.name.clone(),
-                        vip: r.vip.to_string(),
-                        ports: r.ports.iter().copied().map(pb::Port::from).collect(),
-                        endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
-                    })
-                    .collect()
-            },
-            membership_unchanged: !membership,
+            ..Default::default()
+        };
+        match before {
+            Some(b) if b.peers == self.peers && b.services == self.services => {
+                wire.membership_unchanged = true;
+            }
+            Some(b) => {
+                let (peers, peers_gone) = changes(&b.peers, &self.peers, |p| p.address);
+                let (services, services_gone) = changes(&b.services, &self.services, |r| r.name.as_str());
+                let changed = peers.len() + peers_gone.len() + services.len() + services_gone.len();
+                if changed < self.peers.len() + self.services.len() {
+                    wire.membership_delta = true;
+                    wire.peers = peers.into_iter().map(wire_peer).collect();
+                    wire.peers_gone = peers_gone.iter().map(ToString::to_string).collect();
+                    wire.services = services.into_iter().map(wire_service).collect();
+                    wire.services_gone = services_gone.iter().map(ToString::to_string).collect();
+                } else {
+                    wire.peers = self.peers.iter().map(wire_peer).collect();
+                    wire.services = self.services.iter().map(wire_service).collect();
+                }
+            }
+            None => {
+                wire.peers = self.peers.iter().map(wire_peer).collect();
+                wire.services = self.services.iter().map(wire_service).collect();
+            }
         }
+        wire
+    }
+}
+
+/// What `after` has that `before` had not, or had otherwise (by `key`), and the keys of what
+/// `before` had and `after` has not.
+fn changes<'a, T: PartialEq, K: Ord>(
+    before: &'a [T],
+    after: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> (Vec<&'a T>, Vec<K>) {
+    let old: BTreeMap<K, &T> = before.iter().map(|t| (key(t), t)).collect();
+    let new: BTreeMap<K, &T> = after.iter().map(|t| (key(t), t)).collect();
+    let changed = after.iter().filter(|t| old.get(&key(t)).is_none_or(|o| *o != *t)).collect();
+    let gone = old.into_keys().filter(|k| !new.contains_key(k)).collect();
+    (changed, gone)
+}
+
+/// `before` without the `gone` keys, with `changed` added or in place of what had their keys;
+/// in key order, as the manager sends them. `before` itself (shared) when nothing changed.
+fn apply<T: Clone, K: Ord>(before: &Arc<[T]>, changed: &[T], gone: &[K], key: impl Fn(&T) -> K) -> Arc<[T]> {
+    if changed.is_empty() && gone.is_empty() {
+        return before.clone();
+    }
+    let mut all: BTreeMap<K, T> = before.iter().map(|t| (key(t), t.clone())).collect();
+    for k in gone {
+        all.remove(k);
+    }
+    all.extend(changed.iter().map(|t| (key(t), t.clone())));
+    all.into_values().collect()
+}
+
+fn wire_peer(p: &Peer) -> pb::Peer {
+    pb::Peer {
+        address: p.address.to_string(),
+        node: p.node.to_string(),
+        underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
+        node_index: p.node_index,
+    }
+}
+
+fn wire_service(r: &ServiceRecord) -> pb::ServiceRecord {
+    pb::ServiceRecord {
+        name: r.name.clone(),
+        vip: r.vip.to_string(),
+        ports: r.ports.iter().copied().map(pb::Port::from).collect(),
+        endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
     }
 }
 
@@ -470,26 +518,53 @@ mod tests {
     }
 
     #[test]
-    fn changed_sections_are_sent_whole() {
+    fn changed_sections_are_sent_whole_or_as_what_changed() {
         let first = slice(1, vec![network("front", 1, 5)]);
         let mut second = first.clone();
         second.version = 2;
-        let fewer = second.networks[0].peers.len() - 1;
-        second.networks[0].peers = second.networks[0].peers[..fewer].into();
+        // Of front: one peer gone, one moved to another underlay, one new service.
+        let mut peers = second.networks[0].peers[1..].to_vec();
+        peers[0].underlay = Some(SocketAddr::from(([198, 51, 100, 7], 4789)));
+        second.networks[0].peers = peers.into();
+        let mut services = second.networks[0].services.to_vec();
+        services.push(ServiceRecord {
+            name: "api".into(),
+            vip: Ipv4Addr::new(10, 9, 0, 9),
+            ports: vec![],
+            endpoints: vec![],
+        });
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        second.networks[0].services = services.into();
         second.networks.push(network("back", 1, 2));
         second.policy = Some(NodePolicy { version: 4, text: "default = \"allow\"\n".into() });
         second.removed_nodes.push(NodeId::random());
         let (sent, read) = through_a_session(&[first.clone(), second.clone()]);
-        assert_eq!(read[1], second);
+        assert_eq!(read[1], second, "the node ends up with the whole slice");
         let delta = &sent[1];
-        assert!(delta.networks.iter().all(|n| !n.membership_unchanged));
-        assert_eq!(delta.networks[0].peers.len(), 4);
+        let front = &delta.networks[0];
+        assert!(front.membership_delta && !front.membership_unchanged);
+        assert_eq!(front.peers.len(), 1, "only the moved peer");
+        assert_eq!(front.peers[0].underlay, "198.51.100.7:4789");
+        assert_eq!(front.peers_gone, [first.networks[0].peers[0].address.to_string()]);
+        assert_eq!(front.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["api"]);
+        assert!(front.services_gone.is_empty());
+        let back = &delta.networks[1];
+        assert!(!back.membership_delta && !back.membership_unchanged && back.peers.len() == 2, "new: whole");
         assert!(!delta.removed_nodes_unchanged && !delta.policy_unchanged);
-        // A section that goes away is not "unchanged": the policy withdrawn reads as none.
+        // When most of it changed, the whole is sent.
         let mut third = second.clone();
         third.version = 3;
-        third.policy = None;
-        let (_, read) = through_a_session(&[second, third.clone()]);
+        third.networks[1] = network("back", 1, 2);
+        let renamed = ServiceRecord { name: "db".into(), ..third.networks[1].services[0].clone() };
+        third.networks[1].services = vec![renamed].into();
+        let (sent, read) = through_a_session(&[second.clone(), third.clone()]);
+        assert_eq!(read[1], third);
+        assert!(!sent[1].networks[1].membership_delta && sent[1].networks[1].peers.len() == 2);
+        // A section that goes away is not "unchanged": the policy withdrawn reads as none.
+        let mut fourth = third.clone();
+        fourth.version = 4;
+        fourth.policy = None;
+        let (_, read) = through_a_session(&[third, fourth.clone()]);
         assert_eq!(read[1].policy, None);
     }
 
@@ -503,5 +578,52 @@ mod tests {
         // Nor against an earlier slice without that network.
         let other = slice(1, vec![network("other", 1, 1)]);
         assert!(NodeSlice::from_wire(delta, Some(&other)).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a session's slices are, each message read against the one before gives the
+        /// whole slice back.
+        #[test]
+        fn any_sequence_of_slices_reads_back_whole(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
+                    proptest::collection::btree_map("[a-e]", 0u8..3, 0..5),
+                ),
+                1..6,
+            )
+        ) {
+            let nodes: Vec<NodeId> = (0..3).map(|_| NodeId::random()).collect();
+            let mut base = slice(0, vec![network("front", 1, 0)]);
+            let slices: Vec<NodeSlice> = steps
+                .iter()
+                .enumerate()
+                .map(|(i, (peers, services))| {
+                    base.version = i as u64 + 1;
+                    let net = &mut base.networks[0];
+                    net.peers = peers
+                        .iter()
+                        .map(|(host, n)| Peer {
+                            address: Ipv4Addr::new(10, 9, 1, *host),
+                            node: nodes[*n as usize].clone(),
+                            underlay: Some(SocketAddr::from(([192, 0, 2, *n], 4789))),
+                            node_index: u32::from(*n),
+                        })
+                        .collect();
+                    net.services = services
+                        .iter()
+                        .map(|(name, port)| ServiceRecord {
+                            name: name.clone(),
+                            vip: Ipv4Addr::new(10, 9, 0, 1),
+                            ports: vec![PortSpec { port: 80 + u16::from(*port), protocol: Protocol::Tcp }],
+                            endpoints: vec![],
+                        })
+                        .collect();
+                    base.clone()
+                })
+                .collect();
+            let (_, read) = through_a_session(&slices);
+            proptest::prop_assert_eq!(read, slices);
+        }
     }
 }
