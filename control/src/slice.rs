@@ -297,32 +297,63 @@ impl SliceNetwork {
     }
 }
 
-/// What `after` has that `before` had not, or had otherwise (by `key`), and the keys of what
-/// `before` had and `after` has not.
+/// What `after` has that `before` had not, or had otherwise, and the keys of what `before` had
+/// and `after` has not. Both lists are in key order (as the manager makes them): one pass.
 fn changes<'a, T: PartialEq, K: Ord>(
     before: &'a [T],
     after: &'a [T],
     key: impl Fn(&'a T) -> K,
 ) -> (Vec<&'a T>, Vec<K>) {
-    let old: BTreeMap<K, &T> = before.iter().map(|t| (key(t), t)).collect();
-    let new: BTreeMap<K, &T> = after.iter().map(|t| (key(t), t)).collect();
-    let changed = after.iter().filter(|t| old.get(&key(t)).is_none_or(|o| *o != *t)).collect();
-    let gone = old.into_keys().filter(|k| !new.contains_key(k)).collect();
+    let (mut changed, mut gone) = (Vec::new(), Vec::new());
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(o), Some(n)) if key(o) == key(n) => {
+                if o != n {
+                    changed.push(*n);
+                }
+                old.next();
+                new.next();
+            }
+            (Some(o), Some(n)) if key(o) < key(n) => {
+                gone.push(key(o));
+                old.next();
+            }
+            (Some(o), None) => {
+                gone.push(key(o));
+                old.next();
+            }
+            (_, Some(n)) => {
+                changed.push(*n);
+                new.next();
+            }
+        }
+    }
     (changed, gone)
 }
 
-/// `before` without the `gone` keys, with `changed` added or in place of what had their keys;
-/// in key order, as the manager sends them. `before` itself (shared) when nothing changed.
+/// `before` without the `gone` keys, with `changed` added or in place of what had their keys,
+/// all in key order; `before` itself (shared) when nothing changed. One pass.
 fn apply<T: Clone, K: Ord>(before: &Arc<[T]>, changed: &[T], gone: &[K], key: impl Fn(&T) -> K) -> Arc<[T]> {
     if changed.is_empty() && gone.is_empty() {
         return before.clone();
     }
-    let mut all: BTreeMap<K, T> = before.iter().map(|t| (key(t), t.clone())).collect();
-    for k in gone {
-        all.remove(k);
+    let mut out = Vec::with_capacity(before.len() + changed.len());
+    let mut changed = changed.iter().peekable();
+    for t in before.iter() {
+        let k = key(t);
+        while let Some(c) = changed.next_if(|c| key(c) < k) {
+            out.push(c.clone());
+        }
+        if let Some(c) = changed.next_if(|c| key(c) == k) {
+            out.push(c.clone());
+        } else if gone.binary_search(&k).is_err() {
+            out.push(t.clone());
+        }
     }
-    all.extend(changed.iter().map(|t| (key(t), t.clone())));
-    all.into_values().collect()
+    out.extend(changed.cloned());
+    out.into()
 }
 
 fn wire_peer(p: &Peer) -> pb::Peer {
