@@ -5,9 +5,8 @@
 //! its peers (overlay address -> node underlay address) and its service records. A network the
 //! node has no endpoint on does not appear at all; its keys never leave control for that node.
 //! A message is sent only when the slice changed, versioned by the state's revision, and carries
-//! the whole slice but for the sections the session's previous message had already (a network's
-//! peers and services, the removed nodes, the policy), marked unchanged; a session's first message
-//! is whole, so after any reconnect the node converges to the current slice at once.
+//! what changed since the session's previous message (see [`NodeSlice::to_wire`]); a session's
+//! first message is whole, so after any reconnect the node converges to the current slice at once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -107,8 +107,9 @@ pub struct NodeSlice {
 
 impl NodeSlice {
     /// The wire form of this slice as the next message of a session whose previous message
-    /// carried `previous`: the sections that message already had (a network's peers and
-    /// services, the removed nodes, the policy) are left out and marked unchanged.
+    /// carried `previous`: a network's peers and services are left out when that message had
+    /// them, or sent as what changed when that is smaller than the whole; the removed nodes and
+    /// the policy are left out when unchanged. Each omission is marked on the wire.
     pub fn to_wire(&self, previous: Option<&NodeSlice>) -> pb::NodeSlice {
         let s = self;
         let removed_nodes_unchanged = previous.is_some_and(|p| p.removed_nodes == s.removed_nodes);
