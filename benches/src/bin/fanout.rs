@@ -156,16 +156,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
     }
     let after = manager.rss_kib()?;
     admin.create_network("bench", "10.200.0.0/16", true).await?;
-    admin
-        .create_service(pb::CreateServiceRequest {
-            name: "fan".into(),
-            networks: vec!["bench".into()],
-            ports: vec![pb::Port { port: 80, protocol: "tcp".into() }],
-            replicas: n as u32,
-            constraints: vec![],
-            command: String::new(),
-        })
-        .await?;
+    admin.create_service(bench_service("fan", n)).await?;
     wait(|| epochs.lock().unwrap().len() >= n, "every node to hold the network").await?;
 
     let mut times = Vec::new();
@@ -173,13 +164,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         let target = admin.inspect_network("bench").await?.key_epoch.unwrap_or(0) + 1;
         let start = Instant::now();
         admin.rotate_network_key("bench").await?;
-        wait(
-            || epochs.lock().unwrap().values().filter(|(e, _)| *e >= target).count() >= n,
-            "the rotation to reach every node",
-        )
-        .await?;
-        let last = epochs.lock().unwrap().values().map(|(_, t)| *t).max().unwrap();
-        let ms = last.duration_since(start).as_secs_f64() * 1000.0;
+        let ms = reached_all(&epochs, n, |e| e >= target, start, "the rotation to reach every node").await?;
         eprintln!("   rotation {}: {ms:.1} ms to reach all {n}", r + 1);
         times.push(ms);
     }
@@ -188,33 +173,16 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         // At most one endpoint of a service per node: each round a new one-endpoint service.
         let replicas = n + r + 1;
         let start = Instant::now();
-        admin
-            .create_service(pb::CreateServiceRequest {
-                name: format!("extra{r}"),
-                networks: vec!["bench".into()],
-                ports: vec![pb::Port { port: 80, protocol: "tcp".into() }],
-                replicas: 1,
-                constraints: vec![],
-                command: String::new(),
-            })
-            .await?;
-        wait(
-            || peers.lock().unwrap().values().filter(|(p, _)| *p >= replicas).count() >= n,
-            "the new endpoint to reach every node",
-        )
-        .await?;
-        let last = peers.lock().unwrap().values().map(|(_, t)| *t).max().unwrap();
-        let ms = last.duration_since(start).as_secs_f64() * 1000.0;
+        admin.create_service(bench_service(&format!("extra{r}"), 1)).await?;
+        let ms =
+            reached_all(&peers, n, |p| p >= replicas, start, "the new endpoint to reach every node").await?;
         eprintln!("   endpoint {replicas}: {ms:.1} ms to reach all {n}");
         scale_ms.push(ms);
     }
-    let median = |v: &[f64]| {
-        let mut sorted = v.to_vec();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        sorted[sorted.len() / 2]
-    };
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
+    let mut scale_sorted = scale_ms.clone();
+    scale_sorted.sort_by(|a, b| a.total_cmp(b));
     Ok(Measured {
         nodes: n,
         median_ms: sorted[sorted.len() / 2],
@@ -223,9 +191,35 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         manager_rss_before_kib: before,
         manager_rss_after_kib: after,
         kib_per_session: (after.saturating_sub(before)) as f64 / n as f64,
-        scale_median_ms: median(&scale_ms),
+        scale_median_ms: scale_sorted[scale_sorted.len() / 2],
         scale_ms,
     })
+}
+
+/// A service on the bench network with `replicas` endpoints.
+fn bench_service(name: &str, replicas: usize) -> pb::CreateServiceRequest {
+    pb::CreateServiceRequest {
+        name: name.into(),
+        networks: vec!["bench".into()],
+        ports: vec![pb::Port { port: 80, protocol: "tcp".into() }],
+        replicas: replicas as u32,
+        constraints: vec![],
+        command: String::new(),
+    }
+}
+
+/// Waits until all `n` nodes of `seen` (node -> (value, when it was seen)) hold a value that
+/// `reached` accepts; returns the milliseconds from `start` to the last of them.
+async fn reached_all<V: Copy>(
+    seen: &Mutex<HashMap<usize, (V, Instant)>>,
+    n: usize,
+    reached: impl Fn(V) -> bool,
+    start: Instant,
+    what: &str,
+) -> anyhow::Result<f64> {
+    wait(|| seen.lock().unwrap().values().filter(|(v, _)| reached(*v)).count() >= n, what).await?;
+    let last = seen.lock().unwrap().values().map(|(_, t)| *t).max().expect("n > 0 nodes");
+    Ok(last.duration_since(start).as_secs_f64() * 1000.0)
 }
 
 async fn wait(mut done: impl FnMut() -> bool, what: &str) -> anyhow::Result<()> {
