@@ -17,6 +17,7 @@ use tracing::{debug, info};
 
 use crate::auth::Caller;
 use crate::ids::NodeId;
+use crate::metrics::SliceKind;
 use crate::proto::pb;
 use crate::server::Manager;
 use crate::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, ServiceRecord, SliceNetwork};
@@ -237,7 +238,15 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
                 }
                 if last.as_ref().is_none_or(|l| !l.same_content(&slice)) {
                     debug!(node = %node, version = slice.version, "sending slice");
-                    if tx.send(Ok(slice.to_wire(last.as_ref()))).await.is_err() {
+                    let wire = slice.to_wire(last.as_ref());
+                    let kind = SliceKind { kind: if last.is_some() { "delta" } else { "whole" } };
+                    manager.metrics.slices.get_or_create(&kind).inc();
+                    manager
+                        .metrics
+                        .slice_bytes
+                        .get_or_create(&kind)
+                        .inc_by(prost::Message::encoded_len(&wire) as u64);
+                    if tx.send(Ok(wire)).await.is_err() {
                         break;
                     }
                     last = Some(slice);

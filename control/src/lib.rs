@@ -13,6 +13,7 @@ pub mod ids;
 pub mod ipam;
 pub mod joining;
 pub mod keys;
+pub mod metrics;
 pub mod orchestrator;
 pub mod peers;
 pub mod placement;

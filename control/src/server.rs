@@ -159,6 +159,7 @@ pub struct Manager {
     pub(crate) join_attempts: AtomicU64,
     pub(crate) policies: crate::dispatcher::PolicyCache,
     pub(crate) memberships: crate::dispatcher::Memberships,
+    pub(crate) metrics: crate::metrics::Metrics,
     /// Serializes changes: a plan is made and applied with no other change in between.
     writer: tokio::sync::Mutex<()>,
 }
@@ -187,6 +188,7 @@ impl Manager {
             join_attempts: AtomicU64::new(0),
             policies: Default::default(),
             memberships: Default::default(),
+            metrics: Default::default(),
             writer: tokio::sync::Mutex::new(()),
         }))
     }
@@ -312,6 +314,26 @@ impl Manager {
         live
     }
 
+    /// The manager's metrics as they stand (see [`crate::metrics`]).
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let raft = self.store.watch_raft().borrow().clone();
+        m.leader.set(i64::from(self.store.leadership().leading));
+        m.term.set(i64::try_from(raft.current_term).unwrap_or(i64::MAX));
+        m.applied_index.set(raft.last_applied.map_or(0, |l| i64::try_from(l.index).unwrap_or(i64::MAX)));
+        m.sessions.set(i64::try_from(self.connected().len()).unwrap_or(i64::MAX));
+        let (active, removed, networks, services) = self.store.read(|s| {
+            let removed = s.nodes.values().filter(|n| n.state == crate::state::NodeState::Removed).count();
+            (s.nodes.len() - removed, removed, s.networks.len(), s.services.len())
+        });
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        m.nodes.get_or_create(&crate::metrics::NodeStateLabel { state: "active" }).set(count(active));
+        m.nodes.get_or_create(&crate::metrics::NodeStateLabel { state: "removed" }).set(count(removed));
+        m.networks.set(count(networks));
+        m.services.set(count(services));
+        m.encode()
+    }
+
     /// Nodes with an open session.
     pub fn connected(&self) -> BTreeSet<NodeId> {
         self.liveness().connected
@@ -384,6 +406,8 @@ impl Manager {
             .ca()?
             .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let kind = if role == Role::Manager { "manager" } else { "worker" };
+        self.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind }).inc();
         let not_after = CertInfo::from_pem(&cert_pem)
             .map_err(|e| Status::internal(e.to_string()))?
             .not_after
@@ -419,6 +443,7 @@ impl Manager {
             let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
             let (cert_pem, key_pem) =
                 self.ca()?.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime))?;
+            self.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind: "manager" }).inc();
             let not_after = CertInfo::from_pem(&cert_pem)?.not_after.unix_timestamp();
             self.store.apply(Command::RecordCertificate { id: id.clone(), not_after }).await?;
             Identity { cert_pem, key_pem }

@@ -167,7 +167,7 @@ impl Dataplane {
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("mesh port {bind}/tcp: {e}")))?;
         let metrics_listener = match metrics {
-            Some(address) => Some(crate::mesh::metrics::bind(address).await?),
+            Some(address) => Some(control::metrics::bind(address).await?),
             None => None,
         };
         let node = crate::identity::NodeDir::new(state_dir).load().map_err(std::io::Error::other)?;
@@ -192,7 +192,8 @@ impl Dataplane {
             tokio::spawn(keep_node_certificate(state_dir.to_owned(), mesh.clone(), node.identity.cert_pem)),
         ];
         if let Some(listener) = metrics_listener {
-            mesh_tasks.push(tokio::spawn(crate::mesh::metrics::serve(listener, registry)));
+            mesh_tasks
+                .push(tokio::spawn(control::metrics::serve(listener, Arc::new(move || registry.encode()))));
         }
         let tables = Arc::new(ArcSwap::from_pointee(empty_tables()));
         let devices = Arc::new(ArcSwap::from_pointee(HashMap::new()));

@@ -155,6 +155,15 @@ fn the_leader_fails_over_with_no_committed_change_lost_no_traffic_lost_and_keys_
     lab.wait("three voters again", || managers_up(&lab, 3));
 }
 
+/// Manager `i`'s metrics, from its host.
+fn metrics(lab: &Lab, i: usize) -> String {
+    let out = lab
+        .exec(&lab.host(i), &["curl", "-sS", "-m", "3", "http://127.0.0.1:9481/metrics"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn manager_id(lab: &Lab, i: usize) -> String {
     let pem = std::fs::read_to_string(lab.manager_dir(i).join("manager.crt")).unwrap();
     control::ca::CertInfo::from_pem(&pem).unwrap().common_name
@@ -164,10 +173,30 @@ fn manager_id(lab: &Lab, i: usize) -> String {
 fn a_manager_cut_off_cannot_commit_and_all_three_restarted_keep_the_state() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let (mut lab, _web, _api) = setup();
+    let cut = lab.leader().expect("a leader");
+
+    // Each manager's metrics (default address, in its own host): the leader says it leads, holds
+    // both workers' sessions, and counts the slices it sent them, whole first and then deltas.
+    let leader = metrics(&lab, cut);
+    let value = |text: &str, name: &str| -> f64 {
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(value(&leader, "mesh_manager_leader"), 1.0);
+    assert_eq!(value(&leader, "mesh_manager_sessions"), 2.0);
+    assert!(value(&leader, "mesh_manager_slices_sent_total{kind=\"whole\"}") >= 2.0, "{leader}");
+    assert!(value(&leader, "mesh_manager_slices_sent_total{kind=\"delta\"}") >= 2.0, "{leader}");
+    assert!(value(&leader, "mesh_manager_slice_bytes_sent_total{kind=\"delta\"}") > 0.0, "{leader}");
+    assert!(value(&leader, "mesh_manager_certificates_issued_total{kind=\"workload\"}") >= 2.0, "{leader}");
+    assert_eq!(value(&leader, "mesh_manager_services"), 2.0);
+    let follower = metrics(&lab, (1..=3).find(|i| *i != cut).unwrap());
+    assert_eq!(value(&follower, "mesh_manager_leader"), 0.0);
+    assert_eq!(value(&follower, "mesh_manager_sessions"), 0.0);
+    assert_eq!(value(&follower, "mesh_manager_raft_term"), value(&leader, "mesh_manager_raft_term"));
 
     // Cut the leader off from the other managers (not from the workers' hosts); meshctl runs
     // from a worker's host, where every manager can be reached.
-    let cut = lab.leader().expect("a leader");
     lab.admin_host = 4;
     let others: Vec<String> = (1..=3).filter(|i| *i != cut).map(|i| lab.addr(i)).collect();
     let rules = format!(

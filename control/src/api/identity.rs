@@ -148,6 +148,7 @@ impl pb::identity_server::Identity for IdentityApi {
             .ca()?
             .issue_for_csr(&req.csr_pem, &subject)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        manager.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind: "workload" }).inc();
         info!(node = %node, service = %req.service, slot = req.slot, "workload certificate issued");
         Ok(Response::new(pb::WorkloadCertResponse {
             cert_pem,

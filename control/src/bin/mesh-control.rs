@@ -103,6 +103,10 @@ struct ServeArgs {
     /// Lifetime of workload certificates (renewed by meshd at half of it).
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     workload_cert_expiry: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`), or `off` [default: 127.0.0.1:9481,
+    /// skipped with a warning when taken, as by another manager on the same host].
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 impl ServeArgs {
@@ -112,6 +116,10 @@ impl ServeArgs {
             self.workload_cert_expiry >= Duration::from_secs(60),
             "--workload-cert-expiry must be at least 1m"
         );
+        if let Some(m) = self.metrics.as_deref().filter(|m| *m != "off") {
+            m.parse::<SocketAddr>()
+                .map_err(|_| anyhow::anyhow!("--metrics `{m}` is not an address ip:port, nor `off`"))?;
+        }
         Ok(ManagerOptions {
             key_rotation: self.key_rotation,
             down_after: self.down_after,
@@ -166,11 +174,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("A restarted manager serves nothing until given it: meshctl unlock");
             }
             if run {
-                serve(state_dir, args.options()?, created.unlock_key).await?;
+                serve(state_dir, &args, created.unlock_key).await?;
             }
         }
         Cmd::Join { token, control, place, serve: args } => {
-            let options = args.options()?;
+            args.options()?;
             let (state_dir, config) = place.config();
             if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
                 anyhow::bail!(
@@ -186,16 +194,17 @@ async fn main() -> anyhow::Result<()> {
                 joined.raft_id,
                 state_dir.display()
             );
-            serve(state_dir, options, None).await?;
+            serve(state_dir, &args, None).await?;
         }
-        Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?, None).await?,
+        Cmd::Run { state_dir, serve: args } => serve(state_dir, &args, None).await?,
     }
     Ok(())
 }
 
 /// Serves the manager in `state_dir`; a locked one first waits for `meshctl unlock` (unless this
 /// process already holds the key: `init --autolock --run`).
-async fn serve(state_dir: PathBuf, options: ManagerOptions, known: Option<UnlockKey>) -> anyhow::Result<()> {
+async fn serve(state_dir: PathBuf, args: &ServeArgs, known: Option<UnlockKey>) -> anyhow::Result<()> {
+    let options = args.options()?;
     let listen = cluster::read_config(&state_dir)?.listen;
     let bind = || async {
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
@@ -230,6 +239,18 @@ async fn serve(state_dir: PathBuf, options: ManagerOptions, known: Option<Unlock
         "serving the control API"
     );
     let manager = Manager::new(opened, options)?;
+    let metrics = match args.metrics.as_deref() {
+        Some("off") => None,
+        Some(address) => Some(control::metrics::bind(address.parse()?).await?),
+        None => control::metrics::bind(control::metrics::DEFAULT_METRICS_ADDR)
+            .await
+            .inspect_err(|e| warn!(error = %e, "serving no metrics (give --metrics ADDR, or off)"))
+            .ok(),
+    };
+    if let Some(listener) = metrics {
+        let m = manager.clone();
+        tokio::spawn(control::metrics::serve(listener, std::sync::Arc::new(move || m.metrics_text())));
+    }
     let shutdown = async {
         stop().await;
         info!("shutting down");
