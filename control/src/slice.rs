@@ -167,11 +167,16 @@ impl NodeSlice {
     /// slice the session's previous message carried. A section marked unchanged with nothing to
     /// take it from is malformed: the session must start again from a whole slice.
     pub fn from_wire(wire: pb::NodeSlice, previous: Option<&NodeSlice>) -> Result<NodeSlice, InvalidMessage> {
-        // Per network: None when whole, else the peers and services gone (none when unchanged).
+        // The networks not sent whole: the peers and services gone (none when unchanged), sorted
+        // for lookups.
         let mut partial: BTreeMap<String, (Vec<Ipv4Addr>, Vec<String>)> = BTreeMap::new();
         for n in wire.networks.iter().filter(|n| n.membership_unchanged || n.membership_delta) {
-            let gone = n.peers_gone.iter().map(|a| ipv4(a, "peer gone")).collect::<Result<_, _>>()?;
-            partial.insert(n.name.clone(), (gone, n.services_gone.clone()));
+            let mut peers_gone: Vec<Ipv4Addr> =
+                n.peers_gone.iter().map(|a| ipv4(a, "peer gone")).collect::<Result<_, _>>()?;
+            peers_gone.sort();
+            let mut services_gone = n.services_gone.clone();
+            services_gone.sort();
+            partial.insert(n.name.clone(), (peers_gone, services_gone));
         }
         let (removed_unchanged, policy_unchanged) = (wire.removed_nodes_unchanged, wire.policy_unchanged);
         let mut slice = NodeSlice::try_from(wire)?;
