@@ -18,6 +18,20 @@ use crate::tokens::JoinToken;
 /// Longest hostname accepted in a join.
 const MAX_HOSTNAME: usize = 253;
 
+/// Whether `hostname` may name a node: 1 to 253 characters of letters, digits, `-`, `.`, `_`.
+pub fn check_hostname(hostname: &str) -> Result<(), String> {
+    if hostname.is_empty()
+        || hostname.len() > MAX_HOSTNAME
+        || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    {
+        return Err(format!(
+            "hostname `{}` is not valid: 1 to {MAX_HOSTNAME} characters of a-z, 0-9, `-`, `.`, `_`",
+            hostname.escape_default()
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) struct IdentityApi(pub(crate) Arc<Manager>);
 
 #[tonic::async_trait]
@@ -55,15 +69,7 @@ impl pb::identity_server::Identity for IdentityApi {
             ));
         }
         let hostname = req.hostname.trim();
-        if hostname.is_empty()
-            || hostname.len() > MAX_HOSTNAME
-            || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
-        {
-            return Err(Status::invalid_argument(format!(
-                "hostname `{}` is not valid: 1 to {MAX_HOSTNAME} characters of a-z, 0-9, `-`, `.`, `_`",
-                hostname.escape_default()
-            )));
-        }
+        check_hostname(hostname).map_err(Status::invalid_argument)?;
         let id = NodeId::random();
         let (cert_pem, not_after) = manager.issue_node_certificate(&req.csr_pem, &id, role)?;
         manager

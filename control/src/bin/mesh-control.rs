@@ -83,12 +83,13 @@ struct Placement {
 
 impl Placement {
     /// The state directory and the new manager's config.
-    fn config(self) -> (PathBuf, ManagerConfig) {
+    fn config(self) -> anyhow::Result<(PathBuf, ManagerConfig)> {
         let mut config = ManagerConfig::new(self.listen, self.advertise);
         if let Some(name) = self.hostname {
+            control::api::identity::check_hostname(&name).map_err(anyhow::Error::msg)?;
             config.hostname = name;
         }
-        (self.state_dir, config)
+        Ok((self.state_dir, config))
     }
 }
 
@@ -145,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Init { place, cert_expiry, autolock, run, serve: args } => {
-            let (state_dir, config) = place.config();
+            let (state_dir, config) = place.config()?;
             let lifetime = cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME);
             let created = cluster::init(&state_dir, config, lifetime, autolock).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
@@ -179,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Join { token, control, place, serve: args } => {
             args.options()?;
-            let (state_dir, config) = place.config();
+            let (state_dir, config) = place.config()?;
             if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
                 anyhow::bail!(
                     "this manager would advertise {}, which the other managers cannot reach: give --advertise",
