@@ -28,6 +28,9 @@ pub const CA_OU: &str = "mesh-ca";
 pub const WORKLOAD_OU: &str = "mesh-workload";
 /// Lifetime of workload certificates unless told otherwise.
 pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest a workload certificate may last: short-lived by design, and what bounds how long
+/// a removed node must stay on the list the mesh refuses.
+pub const MAX_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// The SPIFFE ID of `service` in `cluster`.
 pub fn spiffe_id(cluster: &ClusterId, service: &str) -> String {

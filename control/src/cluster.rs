@@ -262,6 +262,7 @@ pub async fn init(
             underlay: None,
             index: 0,
             control: Some(config.advertise),
+            removed_at: None,
         }),
         Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
     ];

@@ -93,12 +93,24 @@ fn membership(state: &ClusterState, name: &str) -> Membership {
     (peers.into(), services)
 }
 
-/// The slice of `state` that `node` may know.
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// How long a removed node stays on the list of removed nodes sent to nodes: past it, every
+/// workload certificate it was issued has expired (none outlives
+/// [`crate::ca::MAX_WORKLOAD_CERT_LIFETIME`] and none is issued to a removed node), with a margin
+/// for clocks.
+pub const REMOVED_NODES_KEPT: std::time::Duration =
+    crate::ca::MAX_WORKLOAD_CERT_LIFETIME.saturating_add(std::time::Duration::from_secs(600));
+
+/// The slice of `state` that `node` may know, at `now` (Unix seconds).
 pub fn slice_for(
     state: &ClusterState,
     node: &NodeId,
     policies: &PolicyCache,
     memberships: &Memberships,
+    now: i64,
 ) -> NodeSlice {
     let mut endpoints = Vec::new();
     let mut networks: BTreeSet<&str> = BTreeSet::new();
@@ -150,6 +162,7 @@ pub fn slice_for(
             .nodes
             .values()
             .filter(|n| n.state == crate::state::NodeState::Removed)
+            .filter(|n| n.removed_at.is_none_or(|at| now < at + REMOVED_NODES_KEPT.as_secs() as i64))
             .map(|n| n.id.clone())
             .collect(),
         managers: state.managers().filter_map(|m| m.control.map(|c| c.to_string())).collect(),
@@ -224,7 +237,7 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
             loop {
                 let (slice, removed) = manager.store.read(|s| {
                     (
-                        slice_for(s, &node, &manager.policies, &manager.memberships),
+                        slice_for(s, &node, &manager.policies, &manager.memberships, now()),
                         s.active_node(&node).is_err(),
                     )
                 });
@@ -259,5 +272,52 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
             info!(node = %node, "session closed");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ids::ClusterId;
+    use crate::state::{NodeRecord, NodeState};
+    use crate::tokens::Role;
+
+    fn node(hostname: &str) -> NodeRecord {
+        NodeRecord {
+            id: NodeId::random(),
+            hostname: hostname.into(),
+            role: Role::Worker,
+            state: NodeState::Active,
+            joined_at: 0,
+            cert_not_after: 0,
+            labels: Default::default(),
+            underlay: None,
+            index: 0,
+            control: None,
+            removed_at: None,
+        }
+    }
+
+    #[test]
+    fn removed_nodes_leave_the_list_once_their_workload_certificates_have_expired() {
+        let now = 1_900_000_000;
+        let kept = REMOVED_NODES_KEPT.as_secs() as i64;
+        let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
+        let [me, old, recent, legacy] = ["me", "old", "recent", "legacy"].map(node);
+        for n in [&me, &old, &recent, &legacy] {
+            state.apply(Command::AddNode(n.clone())).unwrap();
+        }
+        for (n, at) in [(&old, Some(now - kept)), (&recent, Some(now - kept + 60)), (&legacy, None)] {
+            state.apply(Command::RemoveNode { id: n.id.clone(), at }).unwrap();
+        }
+        let slice = slice_for(&state, &me.id, &PolicyCache::default(), &Memberships::default(), now);
+        let mut want = vec![recent.id.clone(), legacy.id.clone()];
+        want.sort();
+        let mut got = slice.removed_nodes.clone();
+        got.sort();
+        assert_eq!(got, want, "kept: removed within {kept} s, or at an unknown time");
+        assert!(REMOVED_NODES_KEPT > crate::ca::MAX_WORKLOAD_CERT_LIFETIME);
     }
 }

@@ -259,7 +259,8 @@ pub fn update_labels(
 /// A node's removal, and its endpoints moved elsewhere.
 pub fn remove_node(state: &ClusterState, id: &NodeId, live: &Liveness) -> Result<Vec<Command>, PlanError> {
     state.active_node(id)?;
-    let mut commands = vec![Command::RemoveNode { id: id.clone() }];
+    let at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut commands = vec![Command::RemoveNode { id: id.clone(), at: Some(at) }];
     commands.extend(reconcile(&after(state, &commands)?, live));
     Ok(commands)
 }

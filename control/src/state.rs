@@ -51,6 +51,9 @@ pub struct NodeRecord {
     /// For a manager: the address of its control API, which is also where its raft peers reach it.
     #[serde(default)]
     pub control: Option<SocketAddr>,
+    /// Unix seconds: when the node was removed (for nodes removed before this was kept: none).
+    #[serde(default)]
+    pub removed_at: Option<i64>,
 }
 
 impl NodeRecord {
@@ -210,6 +213,9 @@ pub enum Command {
     },
     RemoveNode {
         id: NodeId,
+        /// Unix seconds, when the removal was planned.
+        #[serde(default)]
+        at: Option<i64>,
     },
     SetNodeLabels {
         id: NodeId,
@@ -409,7 +415,11 @@ impl ClusterState {
                 self.nodes.insert(record.id.clone(), record);
             }
             Command::RecordCertificate { id, not_after } => self.node_mut(&id)?.cert_not_after = not_after,
-            Command::RemoveNode { id } => self.node_mut(&id)?.state = NodeState::Removed,
+            Command::RemoveNode { id, at } => {
+                let node = self.node_mut(&id)?;
+                node.state = NodeState::Removed;
+                node.removed_at = at;
+            }
             Command::SetNodeLabels { id, labels } => self.node_mut(&id)?.labels = labels,
             Command::SetNodeUnderlay { id, underlay } => self.node_mut(&id)?.underlay = Some(underlay),
             Command::CreateNetwork(network) => {

@@ -85,6 +85,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 underlay: None,
                 index: 0,
                 control: None,
+                removed_at: None,
             }))
             .await
             .map_err(internal)?;

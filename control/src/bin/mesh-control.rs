@@ -101,7 +101,7 @@ struct ServeArgs {
     /// How long a node may be without a session before its endpoints are placed elsewhere.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     down_after: Duration,
-    /// Lifetime of workload certificates (renewed by meshd at half of it).
+    /// Lifetime of workload certificates (renewed by meshd at half of it; at most 24h).
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     workload_cert_expiry: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`), or `off` [default: 127.0.0.1:9481,
@@ -114,8 +114,9 @@ impl ServeArgs {
     fn options(&self) -> anyhow::Result<ManagerOptions> {
         anyhow::ensure!(self.key_rotation >= Duration::from_secs(1), "--key-rotation must be at least 1s");
         anyhow::ensure!(
-            self.workload_cert_expiry >= Duration::from_secs(60),
-            "--workload-cert-expiry must be at least 1m"
+            (Duration::from_secs(60)..=control::ca::MAX_WORKLOAD_CERT_LIFETIME)
+                .contains(&self.workload_cert_expiry),
+            "--workload-cert-expiry must be between 1m and 24h"
         );
         if let Some(m) = self.metrics.as_deref().filter(|m| *m != "off") {
             m.parse::<SocketAddr>()
