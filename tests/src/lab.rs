@@ -204,6 +204,13 @@ impl Lab {
         lab
     }
 
+    /// The metrics served on host `i`'s loopback at `port` (meshd's 9480, a manager's 9481).
+    pub fn metrics(&self, i: usize, port: u16) -> String {
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let out = self.exec(&self.host(i), &["curl", "-sS", "-m", "3", &url]).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The cluster's ID, as its CA certificate names it.
     pub fn cluster_id(&self) -> String {
         let ca = control::cluster::ManagerDir::new(&self.manager_dir(1)).ca_cert();

@@ -155,15 +155,6 @@ fn the_leader_fails_over_with_no_committed_change_lost_no_traffic_lost_and_keys_
     lab.wait("three voters again", || managers_up(&lab, 3));
 }
 
-/// Manager `i`'s metrics, from its host.
-fn metrics(lab: &Lab, i: usize) -> String {
-    let out = lab
-        .exec(&lab.host(i), &["curl", "-sS", "-m", "3", "http://127.0.0.1:9481/metrics"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn manager_id(lab: &Lab, i: usize) -> String {
     let pem = std::fs::read_to_string(lab.manager_dir(i).join("manager.crt")).unwrap();
     control::ca::CertInfo::from_pem(&pem).unwrap().common_name
@@ -177,7 +168,7 @@ fn a_manager_cut_off_cannot_commit_and_all_three_restarted_keep_the_state() {
 
     // Each manager's metrics (default address, in its own host): the leader says it leads, holds
     // both workers' sessions, and counts the slices it sent them, whole first and then deltas.
-    let leader = metrics(&lab, cut);
+    let leader = lab.metrics(cut, 9481);
     let value = |text: &str, name: &str| -> f64 {
         let line = text.lines().find(|l| l.split(' ').next() == Some(name));
         line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -190,7 +181,7 @@ fn a_manager_cut_off_cannot_commit_and_all_three_restarted_keep_the_state() {
     assert!(value(&leader, "mesh_manager_slice_bytes_sent_total{kind=\"delta\"}") > 0.0, "{leader}");
     assert!(value(&leader, "mesh_manager_certificates_issued_total{kind=\"workload\"}") >= 2.0, "{leader}");
     assert_eq!(value(&leader, "mesh_manager_services"), 2.0);
-    let follower = metrics(&lab, (1..=3).find(|i| *i != cut).unwrap());
+    let follower = lab.metrics((1..=3).find(|i| *i != cut).unwrap(), 9481);
     assert_eq!(value(&follower, "mesh_manager_leader"), 0.0);
     assert_eq!(value(&follower, "mesh_manager_sessions"), 0.0);
     assert_eq!(value(&follower, "mesh_manager_raft_term"), value(&leader, "mesh_manager_raft_term"));

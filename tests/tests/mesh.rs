@@ -199,14 +199,6 @@ fn grpc_call(ns: &str, address: &str, method: &str, message: &[u8]) -> (u16, Vec
     })
 }
 
-fn metrics(lab: &Lab, host: usize) -> String {
-    let out = lab
-        .exec(&lab.host(host), &["curl", "-sS", "-m", "3", "http://127.0.0.1:9480/metrics"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn requests_through_the_mesh_are_decided_one_by_one() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,7 +251,7 @@ fn requests_through_the_mesh_are_decided_one_by_one() {
     assert_eq!(curl(lab, web, &[&format!("http://{}/", s.other_vip)]).0, 0);
     assert_eq!(curl(lab, web, &["http://other/"]).0, 0);
     // Counted by rule on the destination's meshd; the denial is logged there with its ID.
-    let m = metrics(lab, 3);
+    let m = lab.metrics(3, 9480);
     for want in [
         r#"rule="no-deletes""#,
         r#"verdict="deny""#,
