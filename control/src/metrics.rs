@@ -22,6 +22,18 @@ use tracing::{info, warn};
 pub const DEFAULT_METRICS_ADDR: SocketAddr =
     SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9481));
 
+/// Where to serve metrics: an address, or nowhere.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+/// Reads a `--metrics` value: `IP:PORT`, or `off` for nowhere.
+pub fn parse_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| format!("`{text}` is not IP:PORT or `off`"))
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SliceKind {
     /// `whole` (a session's first message) or `delta`.

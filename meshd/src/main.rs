@@ -50,8 +50,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = meshd::dns::Visibility::All)]
         dns_visibility: meshd::dns::Visibility,
         /// Where to serve Prometheus metrics (`GET /metrics`); `off` for nowhere.
-        #[arg(long, default_value = "127.0.0.1:9480", value_parser = parse_metrics)]
-        metrics: Metrics,
+        #[arg(long, default_value = "127.0.0.1:9480", value_parser = control::metrics::parse_addr)]
+        metrics: control::metrics::MetricsAddr,
     },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
@@ -122,15 +122,4 @@ async fn main() {
         eprintln!("meshd: {e:#}");
         std::process::exit(1);
     }
-}
-
-/// The metrics address, or none.
-#[derive(Clone, Debug)]
-struct Metrics(Option<std::net::SocketAddr>);
-
-fn parse_metrics(text: &str) -> Result<Metrics, String> {
-    if text == "off" {
-        return Ok(Metrics(None));
-    }
-    text.parse().map(|a| Metrics(Some(a))).map_err(|_| format!("`{text}` is not IP:PORT or `off`"))
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control::cluster::{self, DEFAULT_CERT_LIFETIME, ManagerConfig};
+use control::metrics::MetricsAddr;
 use control::seal::UnlockKey;
 use control::server::{self, Manager, ManagerOptions};
 use tracing::{info, warn};
@@ -106,8 +107,8 @@ struct ServeArgs {
     workload_cert_expiry: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`), or `off` [default: 127.0.0.1:9481,
     /// skipped with a warning when taken, as by another manager on the same host].
-    #[arg(long)]
-    metrics: Option<String>,
+    #[arg(long, value_parser = control::metrics::parse_addr)]
+    metrics: Option<MetricsAddr>,
 }
 
 impl ServeArgs {
@@ -118,10 +119,6 @@ impl ServeArgs {
                 .contains(&self.workload_cert_expiry),
             "--workload-cert-expiry must be between 1m and 24h"
         );
-        if let Some(m) = self.metrics.as_deref().filter(|m| *m != "off") {
-            m.parse::<SocketAddr>()
-                .map_err(|_| anyhow::anyhow!("--metrics `{m}` is not an address ip:port, nor `off`"))?;
-        }
         Ok(ManagerOptions {
             key_rotation: self.key_rotation,
             down_after: self.down_after,
@@ -183,11 +180,11 @@ async fn run() -> anyhow::Result<()> {
                 println!("A restarted manager serves nothing until given it: meshctl unlock");
             }
             if run {
-                serve(state_dir, &args, created.unlock_key).await?;
+                serve(state_dir, args.options()?, args.metrics, created.unlock_key).await?;
             }
         }
         Cmd::Join { token, control, place, serve: args } => {
-            args.options()?;
+            let options = args.options()?;
             let (state_dir, config) = place.config()?;
             if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
                 anyhow::bail!(
@@ -203,17 +200,21 @@ async fn run() -> anyhow::Result<()> {
                 joined.raft_id,
                 state_dir.display()
             );
-            serve(state_dir, &args, None).await?;
+            serve(state_dir, options, args.metrics, None).await?;
         }
-        Cmd::Run { state_dir, serve: args } => serve(state_dir, &args, None).await?,
+        Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?, args.metrics, None).await?,
     }
     Ok(())
 }
 
 /// Serves the manager in `state_dir`; a locked one first waits for `meshctl unlock` (unless this
 /// process already holds the key: `init --autolock --run`).
-async fn serve(state_dir: PathBuf, args: &ServeArgs, known: Option<UnlockKey>) -> anyhow::Result<()> {
-    let options = args.options()?;
+async fn serve(
+    state_dir: PathBuf,
+    options: ManagerOptions,
+    metrics: Option<MetricsAddr>,
+    known: Option<UnlockKey>,
+) -> anyhow::Result<()> {
     let listen = cluster::read_config(&state_dir)?.listen;
     let bind = || async {
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
@@ -248,9 +249,9 @@ async fn serve(state_dir: PathBuf, args: &ServeArgs, known: Option<UnlockKey>) -
         "serving the control API"
     );
     let manager = Manager::new(opened, options)?;
-    let metrics = match args.metrics.as_deref() {
-        Some("off") => None,
-        Some(address) => Some(control::metrics::bind(address.parse()?).await?),
+    let metrics = match metrics {
+        Some(MetricsAddr(None)) => None,
+        Some(MetricsAddr(Some(address))) => Some(control::metrics::bind(address).await?),
         None => control::metrics::bind(control::metrics::DEFAULT_METRICS_ADDR)
             .await
             .inspect_err(|e| warn!(error = %e, "serving no metrics (give --metrics ADDR, or off)"))
