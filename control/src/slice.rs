@@ -111,11 +111,10 @@ impl NodeSlice {
     /// them, or sent as what changed when that is smaller than the whole; the removed nodes and
     /// the policy are left out when unchanged. Each omission is marked on the wire.
     pub fn to_wire(&self, previous: Option<&NodeSlice>) -> pb::NodeSlice {
-        let s = self;
-        let removed_nodes_unchanged = previous.is_some_and(|p| p.removed_nodes == s.removed_nodes);
-        let policy_unchanged = previous.is_some_and(|p| p.policy == s.policy);
+        let removed_nodes_unchanged = previous.is_some_and(|p| p.removed_nodes == self.removed_nodes);
+        let policy_unchanged = previous.is_some_and(|p| p.policy == self.policy);
         pb::NodeSlice {
-            visibility: s
+            visibility: self
                 .visibility
                 .iter()
                 .map(|(service, reachable)| pb::ServiceVisibility {
@@ -123,30 +122,30 @@ impl NodeSlice {
                     reachable: reachable.iter().cloned().collect(),
                 })
                 .collect(),
-            node_index: s.node_index,
+            node_index: self.node_index,
             removed_nodes: if removed_nodes_unchanged {
                 Vec::new()
             } else {
-                s.removed_nodes.iter().map(ToString::to_string).collect()
+                self.removed_nodes.iter().map(ToString::to_string).collect()
             },
-            managers: s.managers.clone(),
+            managers: self.managers.clone(),
             removed_nodes_unchanged,
             policy_unchanged,
-            policy_version: if policy_unchanged { 0 } else { s.policy.as_ref().map_or(0, |p| p.version) },
+            policy_version: if policy_unchanged { 0 } else { self.policy.as_ref().map_or(0, |p| p.version) },
             policy: if policy_unchanged {
                 String::new()
             } else {
-                s.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default()
+                self.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default()
             },
-            version: s.version,
-            node_id: s.node.to_string(),
-            endpoints: s
+            version: self.version,
+            node_id: self.node.to_string(),
+            endpoints: self
                 .endpoints
                 .iter()
                 .map(|e| pb::Endpoint {
                     service: e.service.clone(),
                     slot: e.slot,
-                    node: s.node.to_string(),
+                    node: self.node.to_string(),
                     addresses: e
                         .addresses
                         .iter()
@@ -155,7 +154,7 @@ impl NodeSlice {
                     command: e.command.clone().unwrap_or_default(),
                 })
                 .collect(),
-            networks: s
+            networks: self
                 .networks
                 .iter()
                 .map(|n| n.to_wire(previous.and_then(|p| p.networks.iter().find(|b| b.name == n.name))))
@@ -275,24 +274,31 @@ impl SliceNetwork {
                 .collect(),
             ..Default::default()
         };
-        match before {
+        let delta = match before {
             Some(b) if b.peers == self.peers && b.services == self.services => {
                 wire.membership_unchanged = true;
+                return wire;
             }
             Some(b) => {
                 let (peers, peers_gone) = changes(&b.peers, &self.peers, |p| p.address);
                 let (services, services_gone) = changes(&b.services, &self.services, |r| r.name.as_str());
                 let changed = peers.len() + peers_gone.len() + services.len() + services_gone.len();
-                if changed < self.peers.len() + self.services.len() {
-                    wire.membership_delta = true;
-                    wire.peers = peers.into_iter().map(wire_peer).collect();
-                    wire.peers_gone = peers_gone.iter().map(ToString::to_string).collect();
-                    wire.services = services.into_iter().map(wire_service).collect();
-                    wire.services_gone = services_gone.iter().map(ToString::to_string).collect();
-                } else {
-                    wire.peers = self.peers.iter().map(wire_peer).collect();
-                    wire.services = self.services.iter().map(wire_service).collect();
-                }
+                (changed < self.peers.len() + self.services.len()).then_some((
+                    peers,
+                    peers_gone,
+                    services,
+                    services_gone,
+                ))
+            }
+            None => None,
+        };
+        match delta {
+            Some((peers, peers_gone, services, services_gone)) => {
+                wire.membership_delta = true;
+                wire.peers = peers.into_iter().map(wire_peer).collect();
+                wire.peers_gone = peers_gone.iter().map(ToString::to_string).collect();
+                wire.services = services.into_iter().map(wire_service).collect();
+                wire.services_gone = services_gone.iter().map(ToString::to_string).collect();
             }
             None => {
                 wire.peers = self.peers.iter().map(wire_peer).collect();
