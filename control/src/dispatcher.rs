@@ -45,9 +45,18 @@ impl PolicyCache {
 }
 
 /// A network's peers and service records: the same for every node on it, so computed once per
-/// state revision and shared by every slice of that revision.
+/// state revision and shared by every slice of that revision. A membership equal to the previous
+/// revision's is that one (the same `Arc`s), so the sessions compare it by pointer, not by
+/// content, on changes that leave it alone (a key rotation, say).
 #[derive(Default)]
-pub struct Memberships(std::sync::Mutex<(u64, HashMap<String, Membership>)>);
+pub struct Memberships(std::sync::Mutex<Revisions>);
+
+#[derive(Default)]
+struct Revisions {
+    revision: u64,
+    current: HashMap<String, Membership>,
+    previous: HashMap<String, Membership>,
+}
 
 type Membership = (Arc<[Peer]>, Arc<[ServiceRecord]>);
 
@@ -55,10 +64,19 @@ impl Memberships {
     /// Network `name`'s membership in `state`.
     pub fn of(&self, state: &ClusterState, name: &str) -> Membership {
         let mut cached = self.0.lock().expect("lock");
-        if cached.0 != state.revision {
-            *cached = (state.revision, HashMap::new());
+        let Revisions { revision, current, previous } = &mut *cached;
+        if *revision != state.revision {
+            *revision = state.revision;
+            *previous = std::mem::take(current);
         }
-        cached.1.entry(name.to_owned()).or_insert_with(|| membership(state, name)).clone()
+        let found = current.entry(name.to_owned()).or_insert_with(|| {
+            let fresh = membership(state, name);
+            match previous.get(name) {
+                Some(before) if *before == fresh => before.clone(),
+                _ => fresh,
+            }
+        });
+        found.clone()
     }
 }
 
@@ -298,6 +316,46 @@ mod tests {
             control: None,
             removed_at: None,
         }
+    }
+
+    #[test]
+    fn a_membership_left_alone_by_a_change_is_the_same_shared_one() {
+        use crate::orchestrator::{self, Liveness, ServiceSpec};
+        let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
+        let a = node("a");
+        state.apply(Command::AddNode(a.clone())).unwrap();
+        let live = Liveness { connected: [a.id.clone()].into(), not_down: [a.id.clone()].into() };
+        let apply = |state: &mut ClusterState, commands: Vec<Command>| {
+            for c in commands {
+                state.apply(c).unwrap();
+            }
+        };
+        let plan = orchestrator::create_network(&state, "front", "10.9.0.0/24", true, 1).unwrap();
+        apply(&mut state, plan);
+        let spec = |name: &str| ServiceSpec {
+            name: name.into(),
+            networks: vec!["front".into()],
+            ports: vec![],
+            replicas: 1,
+            constraints: vec![],
+            command: None,
+        };
+        let plan = orchestrator::create_service(&state, spec("web"), &live).unwrap();
+        apply(&mut state, plan);
+        let memberships = Memberships::default();
+        let (peers, services) = memberships.of(&state, "front");
+        assert_eq!((peers.len(), services.len()), (1, 1));
+        // A rotation: a new revision, the same membership, the very same lists.
+        let plan = orchestrator::rotate_key(&state, "front", 2).unwrap();
+        apply(&mut state, plan);
+        let (after, services_after) = memberships.of(&state, "front");
+        assert!(Arc::ptr_eq(&peers, &after) && Arc::ptr_eq(&services, &services_after));
+        // A new service on the network: new lists.
+        let plan = orchestrator::create_service(&state, spec("api"), &live).unwrap();
+        apply(&mut state, plan);
+        let (_, services_now) = memberships.of(&state, "front");
+        assert_eq!(services_now.len(), 2);
+        assert!(!Arc::ptr_eq(&services, &services_now));
     }
 
     #[test]
