@@ -152,6 +152,7 @@ async fn stream(
             format!("refused: `{}` is not on network `{}`", peer.service, local.network),
         );
     }
+    let client_id = hyper::header::HeaderValue::from_str(&peer.spiffe_id).ok();
     let tunnel = Arc::new(Tunnel {
         mesh: mesh.clone(),
         peer,
@@ -164,6 +165,7 @@ async fn stream(
             .latency
             .get_or_create(&Destination { destination: local.service.clone() })
             .clone(),
+        client_id,
         upstream: tokio::sync::Mutex::new(None),
     });
     let upgrade = hyper::upgrade::on(&mut req);
@@ -273,6 +275,8 @@ struct Tunnel {
     netns: Arc<Netns>,
     /// The destination's request latency histogram, looked up once per tunnel.
     latency: Histogram,
+    /// The caller's [`CLIENT_ID`] value, made once per tunnel.
+    client_id: Option<hyper::header::HeaderValue>,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
@@ -354,8 +358,8 @@ impl Tunnel {
             return response;
         }
         drop(headers);
-        if let Ok(id) = hyper::header::HeaderValue::from_str(&self.peer.spiffe_id) {
-            req.headers_mut().insert(CLIENT_ID, id);
+        if let Some(id) = &self.client_id {
+            req.headers_mut().insert(CLIENT_ID, id.clone());
         }
         let response = match Upgrade::of(&mut req) {
             Upgrade::Relay => self.relay_upgrade(req).await,

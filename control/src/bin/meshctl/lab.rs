@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix of every namespace the lab makes.
 const PREFIX: &str = "meshlab";
+/// The most hosts a lab has.
+const MAX_HOSTS: usize = 50;
+/// Pings between two workloads while the leading manager is killed.
+const FAILOVER_PINGS: u32 = 500;
 /// Where the lab keeps its files unless told otherwise.
 pub const DEFAULT_DIR: &str = "/var/lib/mesh-lab";
 
@@ -282,7 +286,7 @@ impl Lab {
             .flatten()
             .filter_map(|n| {
                 let control = n["control"].as_str()?;
-                let i = (1..=50).find(|i| control == format!("{}:7400", address(*i)))?;
+                let i = (1..=MAX_HOSTS).find(|i| control == format!("{}:7400", address(*i)))?;
                 Some((i, n["manager_status"].as_str()?.to_owned()))
             })
             .collect())
@@ -321,7 +325,7 @@ impl Lab {
 /// `meshctl lab up`.
 pub fn up(hosts: usize, managers: Option<usize>, spec_path: &Path, dir: &Path) -> anyhow::Result<()> {
     require_root()?;
-    ensure!((2..=50).contains(&hosts), "--hosts must be between 2 and 50");
+    ensure!((2..=MAX_HOSTS).contains(&hosts), "--hosts must be between 2 and {MAX_HOSTS}");
     let managers = managers.unwrap_or(if hosts >= 3 { 3 } else { 1 });
     ensure!(
         managers % 2 == 1 && managers <= hosts,
@@ -597,7 +601,7 @@ fn failover(
     pair: Option<&(String, String, String)>,
 ) -> anyhow::Result<String> {
     let old = lab.leader()?;
-    let pinger = pair.map(|(ns, to, _)| ping(ns, to, 500)).transpose()?;
+    let pinger = pair.map(|(ns, to, _)| ping(ns, to, FAILOVER_PINGS)).transpose()?;
     std::thread::sleep(Duration::from_millis(500));
     let pid = state
         .processes
@@ -635,7 +639,11 @@ fn failover(
         host(new),
         elected.as_secs_f64(),
         reconnected.as_secs_f64(),
-        if pair.is_some() { ", 500 pings between workloads lose nothing" } else { "" },
+        if pair.is_some() {
+            format!(", {FAILOVER_PINGS} pings between workloads lose nothing")
+        } else {
+            String::new()
+        },
         host(old)
     ))
 }
