@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-10}; clients=${2:-4}
 [ "$(id -u)" = 0 ] || { echo "dns.sh: needs root (network namespaces)" >&2; exit 1; }
 command -v dnsperf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf >/dev/null; }
-cargo build --release --locked -q -p control -p meshd
+cargo build --release --locked -q -p control -p meshctl -p meshd
 bin=$PWD/target/release
 p="dn$$"
 # shellcheck source=benches/lab-lib.sh

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-10}
 [ "$(id -u)" = 0 ] || { echo "throughput.sh: needs root (network namespaces)" >&2; exit 1; }
 command -v iperf3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
-cargo build --release --locked -q -p control -p meshd
+cargo build --release --locked -q -p control -p meshctl -p meshd
 bin=$PWD/target/release
 peers=${PEERS:-../shared/bench/peers.sh}
 out=${OUT:-$PWD/target/bench-overlay.json}

@@ -46,7 +46,7 @@ check() { # description, then a command that must succeed
 refused() { ! "$@"; }
 
 step "Building mesh-control, meshctl and meshd (release)"
-cargo build --release --locked -q -p control -p meshd
+cargo build --release --locked -q -p control -p meshctl -p meshd
 # shellcheck disable=SC2317
 lab_up() {
   step "The lab that stays: meshctl lab up (examples/lab.toml)"

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use control::client::AdminClient;
-use control::cluster::AdminBundle;
+use mesh_api::bundle::AdminBundle;
+use mesh_api::client::AdminClient;
 
 /// A `mesh-control` process on loopback; killed when dropped.
 pub struct ManagerProcess {
@@ -57,7 +57,7 @@ impl ManagerProcess {
     /// Joins the cluster of `first` as manager number `n` and serves.
     pub async fn join(first: &ManagerProcess, dir: &Path, n: usize) -> anyhow::Result<ManagerProcess> {
         let mut admin = AdminClient::connect(&first.bundle()?).await?;
-        let token = admin.join_token(control::tokens::Role::Manager, false).await?;
+        let token = admin.join_token(mesh_api::tokens::Role::Manager, false).await?;
         let state = dir.join(format!("m{n}"));
         let listen = format!("127.0.0.1:{}", free_port()?);
         let mut m = ManagerProcess { child: None, state, listen, binary: first.binary.clone() };

@@ -3,10 +3,11 @@
 
 use tonic::{Request, Status};
 
-use crate::ca::{ADMIN_CN, ADMIN_OU, CertInfo};
-use crate::ids::NodeId;
+use mesh_api::ids::NodeId;
+use mesh_api::pki::{CertInfo, Holder};
+use mesh_api::tokens::Role;
+
 use crate::state::{ClusterState, StateError};
-use crate::tokens::Role;
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,21 +28,18 @@ fn peer_info<T>(request: &Request<T>) -> Result<CertInfo, Status> {
 }
 
 /// Identifies the caller of `request`. Refuses certificates of another cluster, of unknown or
-/// removed nodes, and node certificates whose role disagrees with the cluster state.
+/// removed nodes, workload certificates, and node certificates whose role disagrees with the
+/// cluster state.
 pub fn caller<T>(request: &Request<T>, state: &ClusterState) -> Result<Caller, Status> {
     let info = peer_info(request)?;
-    if info.organization != state.cluster_id.as_str() {
-        return Err(Status::permission_denied(format!(
-            "certificate is for cluster {}, not this one",
-            info.organization
-        )));
-    }
-    if info.unit == ADMIN_OU && info.common_name == ADMIN_CN {
-        return Ok(Caller::Admin);
-    }
-    let role = Role::from_ou(&info.unit)
-        .ok_or_else(|| Status::permission_denied(format!("unknown certificate role `{}`", info.unit)))?;
-    let id: NodeId = info.common_name.parse().map_err(|e| Status::permission_denied(format!("{e}")))?;
+    let (id, role) = match info.holder(state.cluster_id.as_str()) {
+        Ok(Holder::Admin) => return Ok(Caller::Admin),
+        Ok(Holder::Node { id, role }) => (id, role),
+        Ok(Holder::Workload { .. }) => {
+            return Err(Status::permission_denied("a workload certificate cannot call control"));
+        }
+        Err(e) => return Err(Status::permission_denied(e.to_string())),
+    };
     let record = state.active_node(&id).map_err(|e| match e {
         StateError::NodeRemoved(_) => Status::permission_denied(e.to_string()),
         other => Status::unauthenticated(other.to_string()),

@@ -1,6 +1,7 @@
 //! The cluster's certificate authority: a root CA (ECDSA P-256) that signs node, manager and admin
 //! certificates. Nodes send CSRs; the issuer takes only the public key from them, and the subject
-//! (node ID, role, cluster) is always control's own.
+//! (node ID, role, cluster) is always control's own. Reading certificates is
+//! [`mesh_api::pki`]'s, shared with the nodes.
 
 use std::time::Duration;
 
@@ -9,36 +10,14 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData,
     SanType, SerialNumber,
 };
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use time::OffsetDateTime;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::ids::{self, ClusterId, NodeId};
-use crate::tokens::Role;
+use mesh_api::ids::{self, ClusterId, NodeId};
+use mesh_api::pki::{
+    ADMIN_CN, ADMIN_OU, CA_OU, CONTROL_SERVER_NAME, PkiError, SpiffeId, WORKLOAD_OU, pem_to_der,
+};
+use mesh_api::tokens::Role;
 
-/// The DNS name every manager's server certificate carries and every client checks. A node
-/// certificate never carries it, so no worker can pose as a manager.
-pub const CONTROL_SERVER_NAME: &str = "mesh-control";
-/// The OU of admin client certificates.
-pub const ADMIN_OU: &str = "mesh-admin";
-/// The OU of the root CA certificate.
-pub const CA_OU: &str = "mesh-ca";
-/// The OU of workload certificates: never accepted as a node or admin.
-pub const WORKLOAD_OU: &str = "mesh-workload";
-/// Lifetime of workload certificates unless told otherwise.
-pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
-/// The longest a workload certificate may last: short-lived by design, and what bounds how long
-/// a removed node must stay on the list the mesh refuses.
-pub const MAX_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-
-/// The SPIFFE ID of `service` in `cluster`.
-pub fn spiffe_id(cluster: &ClusterId, service: &str) -> String {
-    format!("spiffe://{cluster}/svc/{service}")
-}
-
-/// The CN of admin client certificates.
-pub const ADMIN_CN: &str = "admin";
 /// Lifetime of the root CA.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of an admin certificate: admins are people with a bundle, not renewing daemons.
@@ -57,12 +36,8 @@ pub enum CaError {
     Sign(rcgen::Error),
     #[error("could not load the CA from its PEM files: {0}")]
     Load(rcgen::Error),
-    #[error("not a PEM certificate: {0}")]
-    BadPem(String),
-    #[error("could not parse the certificate: {0}")]
-    Parse(String),
-    #[error("the certificate has no subject field {0}")]
-    MissingField(&'static str),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
 }
 
 /// The subject and lifetime of a certificate this CA issues.
@@ -90,7 +65,7 @@ impl Subject {
             unit: role.ou().to_owned(),
             cluster: cluster.clone(),
             dns_names,
-            uris: vec![format!("spiffe://{cluster}/node/{node}")],
+            uris: vec![SpiffeId::Node { cluster: cluster.clone(), node: node.clone() }.to_string()],
             not_before: now - BACKDATE,
             not_after: now + lifetime,
         }
@@ -112,7 +87,9 @@ impl Subject {
             unit: WORKLOAD_OU.to_owned(),
             cluster: cluster.clone(),
             dns_names: Vec::new(),
-            uris: vec![spiffe_id(cluster, service)],
+            uris: vec![
+                SpiffeId::Service { cluster: cluster.clone(), service: service.to_owned() }.to_string(),
+            ],
             not_before: now - BACKDATE,
             not_after: now + lifetime,
         }
@@ -238,52 +215,11 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// The DER of the first certificate in `pem`.
-pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, CaError> {
-    match CertificateDer::pem_slice_iter(pem.as_bytes()).next() {
-        Some(Ok(der)) => Ok(der.to_vec()),
-        Some(Err(e)) => Err(CaError::BadPem(e.to_string())),
-        None => Err(CaError::BadPem("no CERTIFICATE block".to_owned())),
-    }
-}
-
-/// What a certificate says about its holder, read from its subject and validity.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CertInfo {
-    pub common_name: String,
-    pub unit: String,
-    pub organization: String,
-    pub not_before: OffsetDateTime,
-    pub not_after: OffsetDateTime,
-}
-
-impl CertInfo {
-    pub fn from_pem(pem: &str) -> Result<CertInfo, CaError> {
-        CertInfo::from_der(&pem_to_der(pem)?)
-    }
-
-    pub fn from_der(der: &[u8]) -> Result<CertInfo, CaError> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| CaError::Parse(e.to_string()))?;
-        let subject = cert.subject();
-        fn field<'a>(
-            name: &'static str,
-            mut values: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
-        ) -> Result<String, CaError> {
-            values.next().and_then(|a| a.as_str().ok()).map(str::to_owned).ok_or(CaError::MissingField(name))
-        }
-        let validity = cert.validity();
-        Ok(CertInfo {
-            common_name: field("CN", subject.iter_common_name())?,
-            unit: field("OU", subject.iter_organizational_unit())?,
-            organization: field("O", subject.iter_organization())?,
-            not_before: validity.not_before.to_datetime(),
-            not_after: validity.not_after.to_datetime(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use mesh_api::pki::CertInfo;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
     use super::*;
 
     #[test]

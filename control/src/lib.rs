@@ -1,27 +1,25 @@
-//! The control plane: the cluster CA and identities, join tokens, the cluster state, and the
-//! gRPC API (identity and admin) that nodes and `meshctl` call.
+//! The manager: the cluster CA ([`ca`]), the replicated state machine ([`state`] behind
+//! [`raft`]), planning ([`planning`]), the running manager ([`manager`]), the slicer that
+//! computes what each node may know ([`slicer`]), the gRPC handlers ([`handlers`]) and the one
+//! composition root that wires them ([`serve`]). What nodes and admins share with it is the
+//! `mesh-api` crate; `meshd` and `meshctl` never link this one.
+//!
+//! ```text
+//! bin/mesh-control ──▶ serve ──▶ handlers ──▶ manager ──▶ planning, slicer ──▶ state
+//!                                    │            └──────▶ raft (store, network, seal)
+//!                                    └──▶ auth, ca
+//! ```
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod auth;
 pub mod ca;
-pub mod client;
-pub mod cluster;
-pub mod dispatcher;
-pub mod files;
-pub mod ids;
-pub mod ipam;
-pub mod joining;
-pub mod keys;
+pub mod config;
+pub mod handlers;
+pub mod manager;
 pub mod metrics;
-pub mod orchestrator;
-pub mod peers;
-pub mod placement;
-pub mod proto;
-pub mod seal;
-pub mod server;
-pub mod slice;
+pub mod planning;
+pub mod raft;
+pub mod serve;
+pub mod slicer;
 pub mod state;
-pub mod store;
-pub mod tls;
-pub mod tokens;
+pub mod statedir;

@@ -6,156 +6,24 @@
 //! command that would break one, leaving the state unchanged.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, NodeId};
-use crate::ipam;
-use crate::keys::KeyRing;
-use crate::placement::Constraint;
-use crate::tokens::{Role, SecretHash};
+use mesh_api::ids::{ClusterId, NodeId};
+pub use mesh_api::model::{NodeState, PortSpec, Protocol};
+use mesh_api::tokens::{Role, SecretHash};
 
-/// Whether a node may still act in the cluster. A removed node stays in the state so that its ID
-/// is refused on every call (the denylist) and never issued again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    Active,
-    Removed,
-}
+use crate::planning::ipam;
 
-/// A node as the cluster knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub id: NodeId,
-    pub hostname: String,
-    pub role: Role,
-    pub state: NodeState,
-    /// Unix seconds.
-    pub joined_at: i64,
-    /// Unix seconds: expiry of the last certificate issued to the node.
-    pub cert_not_after: i64,
-    /// Set by admins only; used by placement constraints.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Where the node receives overlay traffic, as it reported in its session.
-    #[serde(default)]
-    pub underlay: Option<SocketAddr>,
-    /// The node's index in overlay headers: unique in the cluster, never reused, assigned when
-    /// the node is added (whatever the command carried).
-    #[serde(default)]
-    pub index: u32,
-    /// For a manager: the address of its control API, which is also where its raft peers reach it.
-    #[serde(default)]
-    pub control: Option<SocketAddr>,
-    /// Unix seconds: when the node was removed (for nodes removed before this was kept: none).
-    #[serde(default)]
-    pub removed_at: Option<i64>,
-}
+mod command;
+mod error;
+mod records;
 
-impl NodeRecord {
-    /// The node's ID in the store's raft group (managers only): its node index.
-    pub fn raft_id(&self) -> u64 {
-        u64::from(self.index)
-    }
-}
-
-/// A secret held in the replicated state (sealed at rest like the rest of it); never printed.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// The cluster's root CA, replicated so that any manager can issue certificates after another is
-/// lost.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CaRecord {
-    pub cert_pem: String,
-    pub key_pem: Secret,
-}
-
-/// An overlay network.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Network {
-    pub name: String,
-    /// Unique in the cluster, 24 bits, never 0.
-    pub id: u32,
-    pub subnet: Ipv4Net,
-    /// The key ring; `None` for an unencrypted network.
-    pub keys: Option<KeyRing>,
-}
-
-/// Protocol of a service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Opaque TCP: the mesh applies the L4 part of the policy when a connection opens.
-    Tcp,
-    Udp,
-    /// TCP carrying HTTP/1.1 or HTTP/2 (gRPC included): the mesh decides on every request.
-    Http,
-}
-
-impl Protocol {
-    /// The transport under it: HTTP runs on TCP.
-    pub fn transport(self) -> Protocol {
-        match self {
-            Protocol::Udp => Protocol::Udp,
-            Protocol::Tcp | Protocol::Http => Protocol::Tcp,
-        }
-    }
-}
-
-/// A port a service listens on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PortSpec {
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-/// One running instance of a service, on one node, with an address on each of its networks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    pub slot: u32,
-    pub node: NodeId,
-    /// Network name -> address.
-    pub addresses: BTreeMap<String, Ipv4Addr>,
-}
-
-/// A service: what it runs, where, and its addresses.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Service {
-    pub name: String,
-    pub networks: Vec<String>,
-    pub ports: Vec<PortSpec>,
-    pub replicas: u32,
-    pub constraints: Vec<Constraint>,
-    pub command: Option<String>,
-    /// Network name -> virtual IP.
-    pub vips: BTreeMap<String, Ipv4Addr>,
-    /// Slot -> endpoint.
-    pub endpoints: BTreeMap<u32, Endpoint>,
-}
-
-/// One applied version of the ACL policy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyRecord {
-    pub version: u64,
-    /// The file name it was applied from, for error messages.
-    pub file: String,
-    pub text: String,
-    /// Unix seconds.
-    pub applied_at: i64,
-    /// `apply`, or `rollback to N`.
-    pub source: String,
-}
+pub use command::Command;
+pub use error::StateError;
+pub use records::{CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, Service};
 
 /// The whole replicated cluster state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -188,108 +56,6 @@ pub struct ClusterState {
     /// Bumped by every applied command: the version of node slices.
     #[serde(default)]
     pub revision: u64,
-}
-
-/// A change to the cluster state.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Command {
-    SetToken {
-        role: Role,
-        hash: SecretHash,
-        token: Secret,
-    },
-    SetCa(CaRecord),
-    /// Where a manager's control API (and raft) is reached.
-    SetManagerAddress {
-        id: NodeId,
-        control: SocketAddr,
-    },
-    /// Turns autolock on with this unlock key, or off.
-    SetUnlockKey(Option<Secret>),
-    AddNode(NodeRecord),
-    RecordCertificate {
-        id: NodeId,
-        not_after: i64,
-    },
-    RemoveNode {
-        id: NodeId,
-        /// Unix seconds, when the removal was planned.
-        #[serde(default)]
-        at: Option<i64>,
-    },
-    SetNodeLabels {
-        id: NodeId,
-        labels: BTreeMap<String, String>,
-    },
-    SetNodeUnderlay {
-        id: NodeId,
-        underlay: SocketAddr,
-    },
-    CreateNetwork(Network),
-    RemoveNetwork {
-        name: String,
-    },
-    SetKeyRing {
-        network: String,
-        ring: KeyRing,
-    },
-    /// Creates or replaces a service (its endpoints included).
-    PutService(Service),
-    RemoveService {
-        name: String,
-    },
-    /// Several commands applied in order, all or nothing: one plan.
-    Batch(Vec<Command>),
-    /// A new policy version, in force from now on.
-    SetPolicy(PolicyRecord),
-}
-
-impl Command {
-    /// Makes `token` the current join token for `role`.
-    pub fn set_token(role: Role, token: &crate::tokens::JoinToken) -> Command {
-        Command::SetToken { role, hash: token.secret_hash(), token: Secret(token.to_string()) }
-    }
-}
-
-/// Why a command was refused. The state is unchanged.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StateError {
-    #[error("no node with ID {0}")]
-    UnknownNode(NodeId),
-    #[error("node {0} has been removed from the cluster")]
-    NodeRemoved(NodeId),
-    #[error("a node with ID {0} already exists")]
-    NodeExists(NodeId),
-    #[error("no network named `{0}`")]
-    UnknownNetwork(String),
-    #[error("a network named `{0}` already exists")]
-    NetworkExists(String),
-    #[error("network ID {0} is already in use")]
-    NetworkIdInUse(u32),
-    #[error("network ID {0} is not a nonzero 24-bit number")]
-    NetworkIdRange(u32),
-    #[error("subnet {subnet} overlaps network `{other}` ({other_subnet})")]
-    Overlap { subnet: Ipv4Net, other: String, other_subnet: Ipv4Net },
-    #[error("network `{network}` has endpoints or services attached ({services}); remove them first")]
-    NetworkInUse { network: String, services: String },
-    #[error("network `{0}` is unencrypted and has no keys")]
-    Unencrypted(String),
-    #[error("no service named `{0}`")]
-    UnknownService(String),
-    #[error("address {address} is outside network `{network}` ({subnet}) or reserved")]
-    AddressOutside { address: Ipv4Addr, network: String, subnet: Ipv4Net },
-    #[error("address {address} on network `{network}` is already held by {holder}")]
-    AddressInUse { address: Ipv4Addr, network: String, holder: String },
-    #[error("service `{service}` is not on network `{network}`, or has no address on it")]
-    AddressMismatch { service: String, network: String },
-    #[error("endpoint {service}.{slot} is placed on node {node}, which is not an active node")]
-    EndpointNode { service: String, slot: u32, node: NodeId },
-    #[error("policy version {got} is out of order: the next version is {expected}")]
-    PolicyVersion { expected: u64, got: u64 },
-    #[error("node {0} is not a manager")]
-    NotAManager(NodeId),
-    #[error("service `{service}` has two endpoints on node {node}")]
-    TwoEndpointsOnNode { service: String, node: NodeId },
 }
 
 impl ClusterState {

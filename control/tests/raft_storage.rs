@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use control::ids::ClusterId;
-use control::seal::DataKey;
+use control::raft::seal::DataKey;
+use control::raft::store::{LogStore, StateMachine, open_storage};
+use control::raft::types::TypeConfig;
 use control::state::ClusterState;
-use control::store::{LogStore, StateMachine, TypeConfig, open_storage};
+use mesh_api::ids::ClusterId;
 use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;

@@ -68,7 +68,7 @@ pub fn next_boot(dir: &Path) -> Result<u16, AgentError> {
     let next = last.checked_add(1).ok_or_else(|| {
         AgentError::Dataplane(format!("{} is spent (65535 starts): join this node again", path.display()))
     })?;
-    control::files::write_atomic(&path, format!("{next}\n").as_bytes(), control::files::SECRET)
+    mesh_api::files::write_atomic(&path, format!("{next}\n").as_bytes(), mesh_api::files::SECRET)
         .map_err(|e| AgentError::Dataplane(e.to_string()))?;
     Ok(next)
 }

@@ -8,8 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use control::keys::KeyUse;
-use control::slice::NodeSlice;
+use mesh_api::keys::KeyUse;
+use mesh_api::slice::NodeSlice;
 use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -167,11 +167,11 @@ impl Dataplane {
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("mesh port {bind}/tcp: {e}")))?;
         let metrics_listener = match metrics {
-            Some(address) => Some(control::metrics::bind(address).await?),
+            Some(address) => Some(mesh_api::metrics_http::bind(address).await?),
             None => None,
         };
         let node = crate::identity::NodeDir::new(state_dir).load().map_err(std::io::Error::other)?;
-        let ca_der = control::ca::pem_to_der(&node.ca_pem).map_err(std::io::Error::other)?;
+        let ca_der = mesh_api::pki::pem_to_der(&node.ca_pem).map_err(std::io::Error::other)?;
         let node_certificate = Arc::new(NodeCertificate::new(&node.identity).map_err(std::io::Error::other)?);
         let counters = Arc::new(Counters::default());
         let registry = Arc::new(Metrics::default());
@@ -192,8 +192,10 @@ impl Dataplane {
             tokio::spawn(keep_node_certificate(state_dir.to_owned(), mesh.clone(), node.identity.cert_pem)),
         ];
         if let Some(listener) = metrics_listener {
-            mesh_tasks
-                .push(tokio::spawn(control::metrics::serve(listener, Arc::new(move || registry.encode()))));
+            mesh_tasks.push(tokio::spawn(mesh_api::metrics_http::serve(
+                listener,
+                Arc::new(move || registry.encode()),
+            )));
         }
         let tables = Arc::new(ArcSwap::from_pointee(empty_tables()));
         let devices = Arc::new(ArcSwap::from_pointee(HashMap::new()));
@@ -236,7 +238,7 @@ impl Dataplane {
     pub async fn apply(&self, slice: &NodeSlice) {
         self.tables.store(Arc::new(Tables::new(&config(slice), Backend::DEFAULT)));
         let mut workloads = self.workloads.lock().await;
-        let wanted: HashMap<String, &control::slice::LocalEndpoint> = slice
+        let wanted: HashMap<String, &mesh_api::slice::LocalEndpoint> = slice
             .endpoints
             .iter()
             .map(|e| (workload::namespace(&self.prefix, &e.service, e.slot), e))
@@ -333,7 +335,7 @@ impl Dataplane {
                     for port in record
                         .ports
                         .iter()
-                        .filter(|p| p.protocol.transport() == control::state::Protocol::Tcp)
+                        .filter(|p| p.protocol.transport() == mesh_api::model::Protocol::Tcp)
                     {
                         wanted.insert(
                             std::net::SocketAddrV4::new(record.vip, port.port),

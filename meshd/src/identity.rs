@@ -11,15 +11,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use control::ca::{self, CertInfo};
-use control::client::{self, ClientError};
-use control::cluster::{addresses, write_addresses};
-use control::files::{self, FileError, PUBLIC, SECRET};
-use control::ids::NodeId;
-use control::joining::{self, JoinError, check_issued, key_and_csr};
-use control::proto::pb;
-use control::tls::{Identity, ServerTrust};
-use control::tokens::TokenError;
+use mesh_api::bundle::{addresses, write_addresses};
+use mesh_api::client::{self, ClientError};
+use mesh_api::files::{self, FileError, PUBLIC, SECRET};
+use mesh_api::ids::NodeId;
+use mesh_api::join::{self, JoinError, check_issued, key_and_csr};
+use mesh_api::pki::{self, CertInfo};
+use mesh_api::proto::pb;
+use mesh_api::tls::{Identity, ServerTrust};
+use mesh_api::tokens::TokenError;
 use rand::Rng;
 use rcgen::KeyPair;
 use time::OffsetDateTime;
@@ -47,7 +47,7 @@ pub enum IdentityError {
     #[error("control returned a certificate that {0}")]
     BadCertificate(String),
     #[error(transparent)]
-    Ca(#[from] ca::CaError),
+    Pki(#[from] pki::PkiError),
     #[error("no control address given")]
     NoManager,
 }
@@ -61,7 +61,7 @@ impl From<JoinError> for IdentityError {
             }
             JoinError::BadCertificate(what) => IdentityError::BadCertificate(what),
             JoinError::Client(e) => IdentityError::Client(e),
-            JoinError::Ca(e) => IdentityError::Ca(e),
+            JoinError::Pki(e) => IdentityError::Pki(e),
             JoinError::Tls(e) => IdentityError::Client(ClientError::Tls(e)),
             JoinError::Key(e) => IdentityError::Key(e),
             JoinError::NoManager => IdentityError::NoManager,
@@ -143,8 +143,8 @@ pub struct NodeIdentity {
 impl NodeIdentity {
     /// A channel to the leading manager, over mTLS with the node certificate.
     pub async fn leader(&self) -> Result<client::Leader, IdentityError> {
-        let ca_der = ca::pem_to_der(&self.ca_pem)?;
-        let config = control::tls::client_config(ServerTrust::Ca(&ca_der), Some(&self.identity))
+        let ca_der = pki::pem_to_der(&self.ca_pem)?;
+        let config = mesh_api::tls::client_config(ServerTrust::Ca(&ca_der), Some(&self.identity))
             .map_err(|e| IdentityError::Client(ClientError::Tls(e)))?;
         Ok(client::leader(&self.managers, config).await?)
     }
@@ -152,7 +152,7 @@ impl NodeIdentity {
 
 fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, IdentityError> {
     let key = KeyPair::from_pem(key_pem)?;
-    let der = ca::pem_to_der(cert_pem)?;
+    let der = pki::pem_to_der(cert_pem)?;
     let (_, cert) =
         X509Certificate::from_der(&der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
@@ -167,7 +167,7 @@ pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Res
             return Err(IdentityError::AlreadyJoined(dir.to_owned(), existing));
         }
     }
-    let joined = joining::join(&addresses(control), token, hostname, false).await?;
+    let joined = join::join(&addresses(control), token, hostname, false).await?;
     files::create_private_dir(dir)?;
     files::write_atomic(&node_dir.ca(), joined.ca_pem.as_bytes(), PUBLIC)?;
     write_addresses(&node_dir.control(), &joined.managers)?;
@@ -252,7 +252,7 @@ pub async fn workload_certificate(
     slot: u32,
 ) -> Result<WorkloadIdentity, IdentityError> {
     let node = NodeDir::new(dir).load()?;
-    let ca_der = ca::pem_to_der(&node.ca_pem)?;
+    let ca_der = pki::pem_to_der(&node.ca_pem)?;
     let (key, csr_pem) = key_and_csr()?;
     let leader = node.leader().await?;
     let response = pb::identity_client::IdentityClient::new(leader.channel)
@@ -260,7 +260,7 @@ pub async fn workload_certificate(
         .await
         .map_err(|s| ClientError::refused(&leader.addr, s))?
         .into_inner();
-    let der = ca::pem_to_der(&response.cert_pem)?;
+    let der = pki::pem_to_der(&response.cert_pem)?;
     let (_, cert) =
         X509Certificate::from_der(&der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let (_, ca_cert) =

@@ -50,8 +50,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = meshd::dns::Visibility::All)]
         dns_visibility: meshd::dns::Visibility,
         /// Where to serve Prometheus metrics (`GET /metrics`); `off` for nowhere.
-        #[arg(long, default_value = "127.0.0.1:9480", value_parser = control::metrics::parse_addr)]
-        metrics: control::metrics::MetricsAddr,
+        #[arg(long, default_value = "127.0.0.1:9480", value_parser = mesh_api::metrics_http::parse_addr)]
+        metrics: mesh_api::metrics_http::MetricsAddr,
     },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
@@ -79,7 +79,7 @@ async fn main() {
         .init();
     let result = match Cli::parse().command {
         Cmd::Join { control, token, state_dir, hostname } => {
-            let hostname = hostname.unwrap_or_else(control::cluster::hostname);
+            let hostname = hostname.unwrap_or_else(mesh_api::join::hostname);
             identity::join(&control, &token, &state_dir, &hostname)
                 .await
                 .map(|id| {

@@ -6,9 +6,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use control::client::ClientError;
-use control::proto::pb;
-use control::slice::NodeSlice;
+use mesh_api::client::ClientError;
+use mesh_api::proto::pb;
+use mesh_api::slice::NodeSlice;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use control::ids::NodeId;
-use control::slice::{NodeSlice, Peer, ServiceRecord, SliceNetwork};
-use control::state::{PortSpec, Protocol};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
+use mesh_api::ids::NodeId;
+use mesh_api::model::{PortSpec, Protocol};
+use mesh_api::slice::{NodeSlice, Peer, ServiceRecord, SliceNetwork};
 use meshd::dns::{Upstream, Zone, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};

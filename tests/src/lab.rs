@@ -166,7 +166,7 @@ impl Lab {
             .args(["init", "--state-dir"])
             .arg(&state)
             .args(["--listen", &control]));
-        let read = control::cluster::read_state(&state, None);
+        let read = control::statedir::read_state(&state, None);
         let offline = tokio::runtime::Runtime::new().expect("runtime").block_on(read).expect("the state");
         lab.ca_key = offline.ca.expect("the CA in the state").key_pem.0;
         lab.start_manager(1);
@@ -213,9 +213,9 @@ impl Lab {
 
     /// The cluster's ID, as its CA certificate names it.
     pub fn cluster_id(&self) -> String {
-        let ca = control::cluster::ManagerDir::new(&self.manager_dir(1)).ca_cert();
+        let ca = control::statedir::ManagerDir::new(&self.manager_dir(1)).ca_cert();
         let pem = std::fs::read_to_string(&ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
-        control::ca::CertInfo::from_pem(&pem).expect("the CA certificate").organization
+        mesh_api::pki::CertInfo::from_pem(&pem).expect("the CA certificate").organization
     }
 
     /// The state directory of manager `i`.
@@ -336,7 +336,7 @@ impl Lab {
     pub fn node_id(&self, i: usize) -> String {
         let cert = self.node_dir(i).join("node.crt");
         let pem = std::fs::read_to_string(cert).expect("node certificate");
-        control::ca::CertInfo::from_pem(&pem).expect("certificate").common_name
+        mesh_api::pki::CertInfo::from_pem(&pem).expect("certificate").common_name
     }
 
     /// meshd status of host `i`, as JSON.

@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use control::client::AdminClient;
-use control::cluster::{self, AdminBundle, ManagerConfig, ManagerDir};
-use control::ids::NodeId;
-use control::server::{self, Manager, ManagerOptions};
-use control::slice::NodeSlice;
-use control::tokens::Role;
+use control::config::ManagerOptions;
+use control::manager::Manager;
+use control::serve;
+use control::statedir::{self, ManagerConfig, ManagerDir};
+use mesh_api::bundle::AdminBundle;
+use mesh_api::client::AdminClient;
+use mesh_api::ids::NodeId;
+use mesh_api::slice::NodeSlice;
+use mesh_api::tokens::Role;
 use meshd::session::{SessionConfig, SessionError, SessionEvent};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -42,7 +45,7 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        cluster::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime, false)
+        statedir::init(&state_dir(&dir), ManagerConfig::new(addr, None), cert_lifetime, false)
             .await
             .expect("init");
         TestCluster::serve(dir, listener, options).await
@@ -50,12 +53,12 @@ impl TestCluster {
 
     async fn serve(dir: TempDir, listener: TcpListener, options: ManagerOptions) -> TestCluster {
         let addr = listener.local_addr().expect("local addr");
-        let opened = cluster::open(&state_dir(&dir), None).await.expect("open");
+        let opened = statedir::open(&state_dir(&dir), None).await.expect("open");
         // A single manager elects itself within a second; the tests start once it leads.
         opened.store.wait_to_lead(Duration::from_secs(10)).await.expect("the manager leads");
         let manager = Manager::new(opened, options.clone()).expect("manager");
         let (stop, stopped) = oneshot::channel::<()>();
-        let serving = server::serve(
+        let serving = serve::serve(
             manager.clone(),
             listener,
             async {
@@ -115,8 +118,8 @@ impl TestCluster {
     }
 
     /// A channel to control trusting the cluster CA, presenting `identity` when given.
-    pub async fn channel_as(&self, identity: Option<&control::tls::Identity>) -> tonic::transport::Channel {
-        control::client::authenticated_channel(&self.control(), self.manager.ca_der(), identity)
+    pub async fn channel_as(&self, identity: Option<&mesh_api::tls::Identity>) -> tonic::transport::Channel {
+        mesh_api::client::authenticated_channel(&self.control(), self.manager.ca_der(), identity)
             .await
             .expect("a channel to control")
     }

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use control::proto::pb;
-use control::seal::{SealError, UnlockKey};
-use control::tokens::Role;
+use control::raft::seal::{SealError, UnlockKey};
+use mesh_api::proto::pb;
+use mesh_api::tokens::Role;
 use mesh_tests::TestCluster;
 use mesh_tests::lab::bin_dir;
 
@@ -103,7 +103,7 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 async fn read_state(dir: &Path, key: Option<&str>) -> Result<control::state::ClusterState, String> {
     let key: Option<UnlockKey> = key.map(|k| k.parse().unwrap());
-    control::cluster::read_state(dir, key.as_ref()).await.map_err(|e| e.to_string())
+    control::statedir::read_state(dir, key.as_ref()).await.map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -152,7 +152,10 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
             assert!(!text.contains(secret), "{} holds a secret in the clear", path.display());
         }
     }
-    assert!(matches!(control::seal::DataKey::load(&m.state().join("data.key")), Err(SealError::Locked(_))));
+    assert!(matches!(
+        control::raft::seal::DataKey::load(&m.state().join("data.key")),
+        Err(SealError::Locked(_))
+    ));
 
     // Rotated, the old key no longer unlocks; the new one does, and the state is the same.
     m.start();
@@ -163,7 +166,7 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     let deadline = Instant::now() + Duration::from_secs(10);
     let wrapped_by = |k: &str| {
         let path = m.state().join("data.key");
-        control::seal::KeyFile::read(&path).unwrap().open(&path, Some(&k.parse().unwrap())).is_ok()
+        control::raft::seal::KeyFile::read(&path).unwrap().open(&path, Some(&k.parse().unwrap())).is_ok()
     };
     while !wrapped_by(&rotated) {
         assert!(Instant::now() < deadline, "the data key file was not rewrapped");
@@ -179,7 +182,7 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     // Off: the data key is in the clear again and a restart needs no key.
     m.ok(&["cluster", "update", "--autolock=false"]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while control::seal::DataKey::load(&m.state().join("data.key")).is_err() {
+    while control::raft::seal::DataKey::load(&m.state().join("data.key")).is_err() {
         assert!(Instant::now() < deadline, "the data key file was not unwrapped");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -195,8 +198,8 @@ async fn a_worker_token_cannot_make_a_manager() {
     let cluster = TestCluster::start(Duration::from_secs(3600)).await;
     let before = cluster.manager.store().read(|s| s.nodes.len());
     let dir = tempfile::tempdir().unwrap();
-    let config = control::cluster::ManagerConfig::new("127.0.0.1:1".parse().unwrap(), None);
-    let err = control::cluster::join(
+    let config = control::statedir::ManagerConfig::new("127.0.0.1:1".parse().unwrap(), None);
+    let err = control::statedir::join(
         &dir.path().join("m"),
         config,
         &[cluster.control()],

@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use control::ca::{self, CertInfo, Subject};
-use control::client::{self, AdminClient};
-use control::ids;
-use control::proto::pb;
-use control::state::NodeState;
-use control::tokens::Role;
+use control::ca::Subject;
+use mesh_api::client::{self, AdminClient};
+use mesh_api::ids;
+use mesh_api::model::NodeState;
+use mesh_api::pki::{self, CertInfo};
+use mesh_api::proto::pb;
+use mesh_api::tokens::Role;
 use mesh_tests::{TestCluster, mode, node_dir};
 use meshd::identity::{self, IdentityError, NodeDir};
 use rcgen::{CertificateParams, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -67,7 +68,7 @@ async fn join_works_end_to_end_and_issues_the_documented_certificate() {
     assert_eq!(mode(&NodeDir::new(&node_dir(&dir)).key()), 0o600);
 
     // The certificate, parsed: subject fields, key usage, issuer, lifetime.
-    let der = ca::pem_to_der(&node.identity.cert_pem).unwrap();
+    let der = pki::pem_to_der(&node.identity.cert_pem).unwrap();
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     let cluster_id = cluster.manager.store().read(|s| s.cluster_id.clone());
     let info = CertInfo::from_der(&der).unwrap();
@@ -191,13 +192,13 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
     let node = NodeDir::new(&node_dir(&dir)).load().unwrap();
 
     // An open TLS connection authenticated as the node, idle.
-    let config = control::tls::client_config(
-        control::tls::ServerTrust::Ca(cluster.manager.ca_der()),
+    let config = mesh_api::tls::client_config(
+        mesh_api::tls::ServerTrust::Ca(cluster.manager.ca_der()),
         Some(&node.identity),
     )
     .unwrap();
     let tcp = tokio::net::TcpStream::connect(cluster.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(ca::CONTROL_SERVER_NAME).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(pki::CONTROL_SERVER_NAME).unwrap();
     let mut open = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Start HTTP/2 so the server treats it as a live connection.
@@ -261,8 +262,8 @@ async fn an_expired_certificate_is_refused() {
     subject.not_after = OffsetDateTime::now_utc() - time::Duration::minutes(1);
     let (cert_pem, key_pem) = cluster.manager.ca().unwrap().issue_with_new_key(&subject).unwrap();
     let paths = NodeDir::new(&node_dir(&dir));
-    control::files::write_atomic(&paths.key(), key_pem.as_bytes(), 0o600).unwrap();
-    control::files::write_atomic(&paths.cert(), cert_pem.as_bytes(), 0o644).unwrap();
+    mesh_api::files::write_atomic(&paths.key(), key_pem.as_bytes(), 0o600).unwrap();
+    mesh_api::files::write_atomic(&paths.cert(), cert_pem.as_bytes(), 0o644).unwrap();
 
     let err = identity::renew(&node_dir(&dir)).await.unwrap_err();
     assert!(matches!(err, IdentityError::Client(_)), "{err:?}");
@@ -403,9 +404,9 @@ async fn a_restarted_manager_serves_the_same_cluster() {
 #[tokio::test]
 async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
     let cluster = TestCluster::start(HOUR).await;
-    let err = control::cluster::init(
+    let err = control::statedir::init(
         &cluster.state_dir(),
-        control::cluster::ManagerConfig::new(cluster.addr, None),
+        control::statedir::ManagerConfig::new(cluster.addr, None),
         HOUR,
         false,
     )
@@ -413,9 +414,9 @@ async fn init_refuses_to_overwrite_and_too_short_lifetimes() {
     .unwrap_err();
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
     let fresh = tempfile::tempdir().unwrap();
-    let err = control::cluster::init(
+    let err = control::statedir::init(
         fresh.path(),
-        control::cluster::ManagerConfig::new(cluster.addr, None),
+        control::statedir::ManagerConfig::new(cluster.addr, None),
         Duration::from_secs(59 * 60),
         false,
     )

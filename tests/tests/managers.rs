@@ -157,7 +157,7 @@ fn the_leader_fails_over_with_no_committed_change_lost_no_traffic_lost_and_keys_
 
 fn manager_id(lab: &Lab, i: usize) -> String {
     let pem = std::fs::read_to_string(lab.manager_dir(i).join("manager.crt")).unwrap();
-    control::ca::CertInfo::from_pem(&pem).unwrap().common_name
+    mesh_api::pki::CertInfo::from_pem(&pem).unwrap().common_name
 }
 
 #[test]

@@ -9,9 +9,10 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use control::ca::{CertInfo, ClusterCa, Subject};
-use control::ids::NodeId;
-use control::tls::Identity;
+use control::ca::{ClusterCa, Subject};
+use mesh_api::ids::NodeId;
+use mesh_api::pki::CertInfo;
+use mesh_api::tls::Identity;
 use mesh_tests::lab::{Lab, in_namespace, script};
 use meshd::identity::WorkloadIdentity;
 use meshd::mesh::outbound::{OpenError, Trust};
@@ -295,7 +296,7 @@ fn the_mesh_port_refuses_callers_without_a_valid_workload_identity() {
     let control = lab.work.path().join("control");
     let ca = ClusterCa::load(&std::fs::read_to_string(control.join("ca.crt")).unwrap(), &lab.ca_key).unwrap();
     let node_pem = std::fs::read_to_string(lab.node_dir(2).join("node.crt")).unwrap();
-    let cluster: control::ids::ClusterId =
+    let cluster: mesh_api::ids::ClusterId =
         CertInfo::from_pem(&node_pem).unwrap().organization.parse().unwrap();
     let (h2, h3): (NodeId, NodeId) = (lab.node_id(2).parse().unwrap(), lab.node_id(3).parse().unwrap());
     let issue = |service: &str, node: &NodeId, lifetime: Duration, shift: i64| {
@@ -365,7 +366,7 @@ fn the_mesh_port_refuses_callers_without_a_valid_workload_identity() {
     // No client certificate at all: TLS refuses.
     let no_cert = in_namespace(&lab.host(2), || {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            let config = control::tls::client_config(control::tls::ServerTrust::FetchCaOnly, None).unwrap();
+            let config = mesh_api::tls::client_config(mesh_api::tls::ServerTrust::FetchCaOnly, None).unwrap();
             let tcp = tokio::net::TcpStream::connect(mesh).await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("mesh-node").unwrap();
             let mut tls = match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {

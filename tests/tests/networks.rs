@@ -5,11 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use control::client::AdminClient;
-use control::keys::{KEY_LEN, KeyUse};
-use control::proto::pb;
-use control::server::ManagerOptions;
-use control::slice::NodeSlice;
+use control::config::ManagerOptions;
+use mesh_api::client::AdminClient;
+use mesh_api::keys::{KEY_LEN, KeyUse};
+use mesh_api::proto::pb;
+use mesh_api::slice::NodeSlice;
 use mesh_tests::{SimNode, TestCluster, eventually};
 use tonic::Code;
 
@@ -261,10 +261,11 @@ async fn node_certificates_cannot_manage_networks_and_sessions_carry_only_their_
 
     // The admin certificate has no session.
     let bundle = cluster.admin_bundle();
-    let ca_der = control::ca::pem_to_der(&bundle.ca_pem).unwrap();
-    let channel = control::client::authenticated_channel(&cluster.control(), &ca_der, Some(&bundle.identity))
-        .await
-        .unwrap();
+    let ca_der = mesh_api::pki::pem_to_der(&bundle.ca_pem).unwrap();
+    let channel =
+        mesh_api::client::authenticated_channel(&cluster.control(), &ca_der, Some(&bundle.identity))
+            .await
+            .unwrap();
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
         .session(pb::SessionRequest { underlay: String::new() })
         .await
@@ -411,7 +412,7 @@ fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 #[tokio::test]
 async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_bytes() {
     let cluster = TestCluster::start(HOUR).await;
-    let (dir, id) = cluster.join(control::tokens::Role::Worker).await;
+    let (dir, id) = cluster.join(mesh_api::tokens::Role::Worker).await;
     let state_dir = mesh_tests::node_dir(&dir);
     let config = meshd::agent::AgentConfig {
         session: meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) },

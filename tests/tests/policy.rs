@@ -4,15 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use control::proto::pb;
-use control::server::ManagerOptions;
+use control::config::ManagerOptions;
+use mesh_api::proto::pb;
 use mesh_tests::{SimNode, TestCluster};
 use tonic::Code;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const EXAMPLE: &str = include_str!("../../examples/policy.toml");
 
-fn service(name: &str, node: &control::ids::NodeId) -> pb::CreateServiceRequest {
+fn service(name: &str, node: &mesh_api::ids::NodeId) -> pb::CreateServiceRequest {
     pb::CreateServiceRequest {
         name: name.into(),
         networks: vec!["front".into()],
@@ -62,7 +62,7 @@ async fn each_node_receives_only_the_rules_for_the_services_it_hosts() {
         "db is on this node, web has no rules"
     );
     // For DNS that shows only what the policy may let a workload reach.
-    let reach = |slice: &control::slice::NodeSlice, service: &str| -> Vec<String> {
+    let reach = |slice: &mesh_api::slice::NodeSlice, service: &str| -> Vec<String> {
         slice.visibility.get(service).map(|v| v.iter().cloned().collect()).unwrap_or_default()
     };
     let web_node = nodes[1].latest().unwrap();

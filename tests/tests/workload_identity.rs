@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use control::ca::CertInfo;
-use control::proto::pb;
-use control::server::ManagerOptions;
+use control::config::ManagerOptions;
+use mesh_api::pki::CertInfo;
+use mesh_api::proto::pb;
 use mesh_tests::{SimNode, TestCluster};
 use meshd::identity::{IdentityError, workload_certificate};
 use time::OffsetDateTime;
@@ -40,7 +40,7 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
         .unwrap();
 
     let issued = workload_certificate(&a.state_dir(), "api", 1).await.unwrap();
-    let der = control::ca::pem_to_der(&issued.identity.cert_pem).unwrap();
+    let der = mesh_api::pki::pem_to_der(&issued.identity.cert_pem).unwrap();
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     let cluster_id = cluster.manager.store().read(|s| s.cluster_id.clone());
     let uris: Vec<String> = cert

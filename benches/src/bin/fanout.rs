@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use benches::ManagerProcess;
 use clap::Parser;
-use control::client::AdminClient;
-use control::keys::KeyUse;
-use control::proto::pb;
-use control::tokens::Role;
+use mesh_api::client::AdminClient;
+use mesh_api::keys::KeyUse;
+use mesh_api::proto::pb;
+use mesh_api::tokens::Role;
 use meshd::session::{SessionConfig, SessionEvent};
 
 #[derive(Parser)]

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use benches::ManagerProcess;
 use clap::Parser;
-use control::client::AdminClient;
-use control::cluster::AdminBundle;
-use control::tokens::Role;
+use mesh_api::bundle::AdminBundle;
+use mesh_api::client::AdminClient;
+use mesh_api::tokens::Role;
 use meshd::session::{SessionConfig, SessionEvent};
 
 #[derive(Parser)]

@@ -2,14 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use control::cluster::{self, DEFAULT_CERT_LIFETIME, ManagerConfig};
-use control::metrics::MetricsAddr;
-use control::seal::UnlockKey;
-use control::server::{self, Manager, ManagerOptions};
+use control::config::{self, ManagerOptions};
+use control::manager::Manager;
+use control::raft::seal::UnlockKey;
+use control::serve;
+use control::statedir::{self, ManagerConfig};
+use mesh_api::metrics_http::{self, MetricsAddr};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -31,7 +32,7 @@ enum Cmd {
         place: Placement,
         /// Lifetime of node certificates (minimum 1h; default 24h), e.g. `24h`, `90m`, `7days`.
         #[arg(long, value_parser = parse_duration)]
-        cert_expiry: Option<Duration>,
+        cert_expiry: Option<humantime::Duration>,
         /// Wrap the state's data key with an unlock key (`MESHKEY-1-...`, printed once): a
         /// restarted manager serves nothing but `meshctl unlock` until given it.
         #[arg(long)]
@@ -71,7 +72,7 @@ struct Placement {
     #[arg(long)]
     state_dir: PathBuf,
     /// Address the control API (and raft between managers) listens on.
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], cluster::DEFAULT_CONTROL_PORT)))]
+    #[arg(long, default_value_t = config::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// Address nodes, admins and the other managers use to reach this one (default: --listen, or
     /// 127.0.0.1 with its port when --listen is 0.0.0.0).
@@ -87,7 +88,7 @@ impl Placement {
     fn config(self) -> anyhow::Result<(PathBuf, ManagerConfig)> {
         let mut config = ManagerConfig::new(self.listen, self.advertise);
         if let Some(name) = self.hostname {
-            control::api::identity::check_hostname(&name).map_err(anyhow::Error::msg)?;
+            control::handlers::identity::check_hostname(&name).map_err(anyhow::Error::msg)?;
             config.hostname = name;
         }
         Ok((self.state_dir, config))
@@ -97,38 +98,45 @@ impl Placement {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// How often each encrypted network's key rotates (also at once when a node leaves it).
-    #[arg(long, value_parser = parse_duration, default_value = "12h")]
-    key_rotation: Duration,
+    #[arg(long, value_parser = parse_duration, default_value_t = config::DEFAULT_KEY_ROTATION.into())]
+    key_rotation: humantime::Duration,
     /// How long a node may be without a session before its endpoints are placed elsewhere.
-    #[arg(long, value_parser = parse_duration, default_value = "15s")]
-    down_after: Duration,
+    #[arg(long, value_parser = parse_duration, default_value_t = config::DEFAULT_DOWN_AFTER.into())]
+    down_after: humantime::Duration,
     /// Lifetime of workload certificates (renewed by meshd at half of it; at most 24h).
-    #[arg(long, value_parser = parse_duration, default_value = "1h")]
-    workload_cert_expiry: Duration,
+    #[arg(long, value_parser = parse_duration, default_value_t = config::DEFAULT_WORKLOAD_CERT_LIFETIME.into())]
+    workload_cert_expiry: humantime::Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`), or `off` [default: 127.0.0.1:9481,
     /// skipped with a warning when taken, as by another manager on the same host].
-    #[arg(long, value_parser = control::metrics::parse_addr)]
+    #[arg(long, value_parser = metrics_http::parse_addr)]
     metrics: Option<MetricsAddr>,
 }
 
 impl ServeArgs {
     fn options(&self) -> anyhow::Result<ManagerOptions> {
-        anyhow::ensure!(self.key_rotation >= Duration::from_secs(1), "--key-rotation must be at least 1s");
+        let options = ManagerOptions {
+            key_rotation: self.key_rotation.into(),
+            down_after: self.down_after.into(),
+            workload_cert_lifetime: self.workload_cert_expiry.into(),
+        };
         anyhow::ensure!(
-            (Duration::from_secs(60)..=control::ca::MAX_WORKLOAD_CERT_LIFETIME)
-                .contains(&self.workload_cert_expiry),
-            "--workload-cert-expiry must be between 1m and 24h"
+            options.key_rotation >= config::MIN_KEY_ROTATION,
+            "--key-rotation must be at least {}",
+            humantime::format_duration(config::MIN_KEY_ROTATION)
         );
-        Ok(ManagerOptions {
-            key_rotation: self.key_rotation,
-            down_after: self.down_after,
-            workload_cert_lifetime: self.workload_cert_expiry,
-        })
+        let workload = config::MIN_WORKLOAD_CERT_LIFETIME..=mesh_api::pki::MAX_WORKLOAD_CERT_LIFETIME;
+        anyhow::ensure!(
+            workload.contains(&options.workload_cert_lifetime),
+            "--workload-cert-expiry must be between {} and {}",
+            humantime::format_duration(*workload.start()),
+            humantime::format_duration(*workload.end())
+        );
+        Ok(options)
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
+fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
+    s.parse::<humantime::Duration>()
         .map_err(|e| format!("`{s}` is not a duration ({e}); examples: 24h, 90m, 7days"))
 }
 
@@ -152,8 +160,8 @@ async fn run() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Init { place, cert_expiry, autolock, run, serve: args } => {
             let (state_dir, config) = place.config()?;
-            let lifetime = cert_expiry.unwrap_or(DEFAULT_CERT_LIFETIME);
-            let created = cluster::init(&state_dir, config, lifetime, autolock).await?;
+            let lifetime = cert_expiry.map_or(config::DEFAULT_CERT_LIFETIME, Into::into);
+            let created = statedir::init(&state_dir, config, lifetime, autolock).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
             println!("Manager node ID: {}", created.manager_id);
             println!(
@@ -192,7 +200,7 @@ async fn run() -> anyhow::Result<()> {
                     config.advertise
                 );
             }
-            let joined = cluster::join(&state_dir, config, &control, &token).await?;
+            let joined = statedir::join(&state_dir, config, &control, &token).await?;
             println!(
                 "Joined cluster {} as manager {} (raft ID {}); state in {}.",
                 joined.cluster_id,
@@ -215,16 +223,16 @@ async fn serve(
     metrics: Option<MetricsAddr>,
     known: Option<UnlockKey>,
 ) -> anyhow::Result<()> {
-    let listen = cluster::read_config(&state_dir)?.listen;
+    let listen = statedir::read_config(&state_dir)?.listen;
     let bind = || async {
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
     };
     let unlock = if known.is_some() {
         known
-    } else if cluster::is_locked(&state_dir)? {
+    } else if statedir::is_locked(&state_dir)? {
         warn!(%listen, "this manager is locked (autolock): serving nothing but `meshctl unlock`");
         let key = tokio::select! {
-            key = server::serve_locked(&state_dir, bind().await?) => key?,
+            key = serve::serve_locked(&state_dir, bind().await?) => key?,
             _ = stop() => return Ok(()),
         };
         info!("unlocked");
@@ -232,7 +240,7 @@ async fn serve(
     } else {
         None
     };
-    let opened = cluster::open(&state_dir, unlock.as_ref()).await?;
+    let opened = statedir::open(&state_dir, unlock.as_ref()).await?;
     let config = opened.config.clone();
     let (cluster_id, lifetime, nodes) =
         opened.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));
@@ -251,21 +259,21 @@ async fn serve(
     let manager = Manager::new(opened, options)?;
     let metrics = match metrics {
         Some(MetricsAddr(None)) => None,
-        Some(MetricsAddr(Some(address))) => Some(control::metrics::bind(address).await?),
-        None => control::metrics::bind(control::metrics::DEFAULT_METRICS_ADDR)
+        Some(MetricsAddr(Some(address))) => Some(metrics_http::bind(address).await?),
+        None => metrics_http::bind(config::DEFAULT_METRICS_ADDR)
             .await
             .inspect_err(|e| warn!(error = %e, "serving no metrics (give --metrics ADDR, or off)"))
             .ok(),
     };
     if let Some(listener) = metrics {
         let m = manager.clone();
-        tokio::spawn(control::metrics::serve(listener, std::sync::Arc::new(move || m.metrics_text())));
+        tokio::spawn(metrics_http::serve(listener, std::sync::Arc::new(move || m.metrics_text())));
     }
     let shutdown = async {
         stop().await;
         info!("shutting down");
     };
-    server::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await?;
+    serve::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await?;
     manager.store().shutdown().await;
     Ok(())
 }

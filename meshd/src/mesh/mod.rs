@@ -31,9 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use control::ids::NodeId;
-use control::slice::NodeSlice;
-use control::state::PortSpec;
+use mesh_api::ids::NodeId;
+use mesh_api::model::PortSpec;
+use mesh_api::slice::NodeSlice;
 use policy::{Action, Decision, Engine, Request};
 use tracing::error;
 

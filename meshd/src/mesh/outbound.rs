@@ -149,7 +149,7 @@ impl Pool {
 pub async fn connect(
     trust: Trust<'_>,
     identity: &WorkloadIdentity,
-    node: &control::ids::NodeId,
+    node: &mesh_api::ids::NodeId,
     mesh: SocketAddr,
     target: SocketAddrV4,
 ) -> Result<TokioIo<Upgraded>, OpenError> {

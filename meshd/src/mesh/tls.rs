@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use control::ca::{CertInfo, WORKLOAD_OU};
-use control::ids::NodeId;
-use control::tls::{Identity, TlsError, provider, roots};
+use mesh_api::ids::NodeId;
+use mesh_api::pki::{CertInfo, WORKLOAD_OU};
+use mesh_api::tls::{Identity, TlsError, provider, roots};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};

@@ -1,0 +1,410 @@
+//! Clients of the control API: a TLS channel to a manager, and the calls nodes and admins make.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pki::CONTROL_SERVER_NAME;
+use crate::proto::{NetworkView, NodeView, PolicyView, ServiceView, pb};
+use crate::tls::{self, Identity, ServerTrust};
+use crate::tokens::Role;
+
+/// The port the managers' control API listens on unless told otherwise.
+pub const DEFAULT_CONTROL_PORT: u16 = 7400;
+/// How long to wait for a manager to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 ping interval, and how long a ping may go unanswered.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long a single call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach control at {addr}: {source}")]
+    Connect { addr: String, source: tonic::transport::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("control at {addr} refused the call: {message} ({code:?})")]
+    Refused { addr: String, code: tonic::Code, message: String },
+    #[error("no manager leads the cluster now; tried: {tried}")]
+    NoLeader { tried: String },
+}
+
+impl ClientError {
+    /// The gRPC status code when control answered with an error.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The error for a call that failed with `status`, keeping the causes a transport failure
+    /// carries (a TLS alert, say) in the message.
+    pub fn refused(addr: &str, status: tonic::Status) -> ClientError {
+        let mut message = status.message().to_owned();
+        let mut source = std::error::Error::source(&status);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        ClientError::Refused { addr: addr.to_owned(), code: status.code(), message }
+    }
+}
+
+/// The metadata in which a follower names the leader's address.
+pub const LEADER_HEADER: &str = "x-mesh-leader";
+/// How long a client looks for a leader before giving up (an election takes about a second).
+pub const FIND_LEADER_FOR: Duration = Duration::from_secs(20);
+/// Pause between rounds of asking every manager.
+const RETRY_LEADER: Duration = Duration::from_millis(300);
+
+/// The leader's address a follower named in its refusal, if it named one.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status.metadata().get(LEADER_HEADER)?.to_str().ok().map(str::to_owned)
+}
+
+/// The manager that leads, found from any of them.
+pub struct Leader {
+    pub addr: String,
+    pub channel: Channel,
+    /// Every manager's control address, as the leader knows them.
+    pub managers: Vec<String>,
+}
+
+/// Finds the leader among `managers`, following the leader named by followers, and returns a
+/// channel to it (TLS with `config`). Keeps asking through an election, for [`FIND_LEADER_FOR`].
+pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Leader, ClientError> {
+    let deadline = tokio::time::Instant::now() + FIND_LEADER_FOR;
+    loop {
+        let mut tried = Vec::new();
+        // Worth another round: a manager that could not be reached, or knows no leader yet.
+        let mut retry = false;
+        let mut queue: std::collections::VecDeque<String> = managers.iter().cloned().collect();
+        while let Some(addr) = queue.pop_front() {
+            if tried.iter().any(|(a, _): &(String, String)| a == &addr) {
+                continue;
+            }
+            let channel = match channel(&addr, config.clone()).await {
+                Ok(channel) => channel,
+                Err(e) => {
+                    tried.push((addr, e.to_string()));
+                    retry = true;
+                    continue;
+                }
+            };
+            let mut client = pb::managers_client::ManagersClient::new(channel.clone());
+            match client.leader(pb::LeaderRequest {}).await {
+                Ok(answer) => {
+                    let managers = answer.into_inner().managers;
+                    return Ok(Leader { addr, channel, managers });
+                }
+                Err(status) => {
+                    if let Some(hint) = leader_hint(&status) {
+                        queue.push_front(hint);
+                    }
+                    retry |= matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown);
+                    tried.push((addr.clone(), ClientError::refused(&addr, status).to_string()));
+                }
+            }
+        }
+        if !retry || tokio::time::Instant::now() >= deadline {
+            let tried = tried.into_iter().map(|(_, e)| e).collect::<Vec<_>>().join("; ");
+            return Err(ClientError::NoLeader { tried });
+        }
+        tokio::time::sleep(RETRY_LEADER).await;
+    }
+}
+
+/// A gRPC channel to the manager at `addr` (host:port) over TLS with `config`.
+pub async fn channel(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, ClientError> {
+    let target = addr.to_owned();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let target = target.clone();
+        let config = config.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(CONTROL_SERVER_NAME)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            Ok::<_, io::Error>(TokioIo::new(tls))
+        }
+    });
+    Endpoint::from_static("http://mesh-control")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        // Long-lived sessions notice a dead manager within seconds.
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })
+}
+
+/// A channel that trusts only the cluster CA and presents `identity` when given.
+pub async fn authenticated_channel(
+    addr: &str,
+    ca_der: &[u8],
+    identity: Option<&Identity>,
+) -> Result<Channel, ClientError> {
+    channel(addr, tls::client_config(ServerTrust::Ca(ca_der), identity)?).await
+}
+
+/// Fetches the root CA (PEM) from the manager at `addr` without trusting it yet: the caller must
+/// check it against the digest in its join token before using it.
+pub async fn fetch_root_ca(addr: &str) -> Result<String, ClientError> {
+    let config = tls::client_config(ServerTrust::FetchCaOnly, None)?;
+    let mut client = pb::identity_client::IdentityClient::new(channel(addr, config).await?);
+    let response =
+        client.get_root_ca(pb::GetRootCaRequest {}).await.map_err(|s| ClientError::refused(addr, s))?;
+    Ok(response.into_inner().ca_pem)
+}
+
+/// The admin API, as `meshctl` uses it.
+pub struct AdminClient {
+    addr: String,
+    managers: Vec<String>,
+    inner: pb::admin_client::AdminClient<Channel>,
+}
+
+impl AdminClient {
+    /// An admin client of the leader, found from the managers in `bundle`.
+    pub async fn connect(bundle: &crate::bundle::AdminBundle) -> Result<AdminClient, ClientError> {
+        let leader = leader(&bundle.managers, admin_tls(bundle)?).await?;
+        let mut client = AdminClient::from_channel(&leader.addr, leader.channel);
+        client.managers = leader.managers;
+        Ok(client)
+    }
+
+    /// Every manager's address, as the leader named them when this client connected.
+    pub fn managers(&self) -> &[String] {
+        &self.managers
+    }
+
+    /// The manager this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// An admin client over an existing channel (whose TLS identity decides what it may do).
+    pub fn from_channel(addr: &str, channel: Channel) -> AdminClient {
+        AdminClient {
+            addr: addr.to_owned(),
+            managers: Vec::new(),
+            inner: pb::admin_client::AdminClient::new(channel),
+        }
+    }
+
+    fn refused(&self, status: tonic::Status) -> ClientError {
+        ClientError::refused(&self.addr, status)
+    }
+
+    pub async fn list_nodes(&mut self) -> Result<Vec<NodeView>, ClientError> {
+        let nodes = self
+            .inner
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(|s| self.refused(s))?
+            .into_inner()
+            .nodes;
+        nodes.into_iter().map(|n| self.convert(n)).collect()
+    }
+
+    pub async fn inspect_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+        let node = self
+            .inner
+            .inspect_node(pb::InspectNodeRequest { id: id.to_owned() })
+            .await
+            .map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    pub async fn remove_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+        let node = self
+            .inner
+            .remove_node(pb::RemoveNodeRequest { id: id.to_owned() })
+            .await
+            .map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    pub async fn promote_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+        let request = pb::InspectNodeRequest { id: id.to_owned() };
+        let node = self.inner.promote_node(request).await.map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    pub async fn demote_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+        let request = pb::InspectNodeRequest { id: id.to_owned() };
+        let node = self.inner.demote_node(request).await.map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    /// Turns autolock on (returning the unlock key) or off.
+    pub async fn update_cluster(&mut self, autolock: bool) -> Result<String, ClientError> {
+        let request = pb::UpdateClusterRequest { autolock };
+        let response = self.inner.update_cluster(request).await.map_err(|s| self.refused(s))?;
+        Ok(response.into_inner().key)
+    }
+
+    /// The unlock key, or a new one with `rotate`.
+    pub async fn unlock_key(&mut self, rotate: bool) -> Result<String, ClientError> {
+        let response =
+            self.inner.unlock_key(pb::UnlockKeyRequest { rotate }).await.map_err(|s| self.refused(s))?;
+        Ok(response.into_inner().key)
+    }
+
+    pub async fn join_token(&mut self, role: Role, rotate: bool) -> Result<String, ClientError> {
+        let response = self
+            .inner
+            .join_token(pb::JoinTokenRequest { role: pb::Role::from(role).into(), rotate })
+            .await
+            .map_err(|s| self.refused(s))?;
+        Ok(response.into_inner().token)
+    }
+
+    pub async fn update_node(
+        &mut self,
+        id: &str,
+        label_add: Vec<String>,
+        label_rm: Vec<String>,
+    ) -> Result<NodeView, ClientError> {
+        let node = self
+            .inner
+            .update_node(pb::UpdateNodeRequest { id: id.to_owned(), label_add, label_rm })
+            .await
+            .map_err(|s| self.refused(s))?;
+        self.convert(node.into_inner())
+    }
+
+    pub async fn create_network(
+        &mut self,
+        name: &str,
+        subnet: &str,
+        encrypted: bool,
+    ) -> Result<NetworkView, ClientError> {
+        let request =
+            pb::CreateNetworkRequest { name: name.into(), subnet: subnet.into(), unencrypted: !encrypted };
+        let n = self.inner.create_network(request).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn list_networks(&mut self) -> Result<Vec<NetworkView>, ClientError> {
+        let list = self.inner.list_networks(pb::ListNetworksRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().networks.into_iter().map(|n| self.convert(n)).collect()
+    }
+
+    pub async fn inspect_network(&mut self, name: &str) -> Result<NetworkView, ClientError> {
+        let n = self.inner.inspect_network(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn remove_network(&mut self, name: &str) -> Result<NetworkView, ClientError> {
+        let n = self.inner.remove_network(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn rotate_network_key(&mut self, name: &str) -> Result<NetworkView, ClientError> {
+        let n = self.inner.rotate_network_key(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(n.into_inner())
+    }
+
+    pub async fn create_service(
+        &mut self,
+        request: pb::CreateServiceRequest,
+    ) -> Result<ServiceView, ClientError> {
+        let s = self.inner.create_service(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn list_services(&mut self) -> Result<Vec<ServiceView>, ClientError> {
+        let list = self.inner.list_services(pb::ListServicesRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().services.into_iter().map(|s| self.convert(s)).collect()
+    }
+
+    pub async fn inspect_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
+        let s = self.inner.inspect_service(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn scale_service(&mut self, name: &str, replicas: u32) -> Result<ServiceView, ClientError> {
+        let request = pb::ScaleServiceRequest { name: name.into(), replicas };
+        let s = self.inner.scale_service(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn remove_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
+        let s = self.inner.remove_service(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn apply_policy(&mut self, file: &str, text: &str) -> Result<PolicyView, ClientError> {
+        let request = pb::ApplyPolicyRequest { file: file.into(), text: text.into() };
+        let p = self.inner.apply_policy(request).await.map_err(|s| self.refused(s))?;
+        self.convert(p.into_inner())
+    }
+
+    /// Version `version`, or the policy in force when `None`.
+    pub async fn get_policy(&mut self, version: Option<u64>) -> Result<PolicyView, ClientError> {
+        let request = pb::GetPolicyRequest { version: version.unwrap_or(0) };
+        let p = self.inner.get_policy(request).await.map_err(|s| self.refused(s))?;
+        self.convert(p.into_inner())
+    }
+
+    pub async fn policy_history(&mut self) -> Result<Vec<PolicyView>, ClientError> {
+        let list =
+            self.inner.policy_history(pb::PolicyHistoryRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().versions.into_iter().map(|p| self.convert(p)).collect()
+    }
+
+    pub async fn rollback_policy(&mut self, version: u64) -> Result<PolicyView, ClientError> {
+        let p = self
+            .inner
+            .rollback_policy(pb::RollbackPolicyRequest { version })
+            .await
+            .map_err(|s| self.refused(s))?;
+        self.convert(p.into_inner())
+    }
+
+    fn convert<W, V>(&self, wire: W) -> Result<V, ClientError>
+    where
+        V: TryFrom<W, Error = crate::proto::InvalidMessage>,
+    {
+        V::try_from(wire).map_err(|e| ClientError::Refused {
+            addr: self.addr.clone(),
+            code: tonic::Code::Internal,
+            message: format!("control sent a malformed message: {e}"),
+        })
+    }
+}
+
+/// Gives `key` to the (locked) manager at `addr`, as the admin of `bundle`.
+pub async fn unlock(bundle: &crate::bundle::AdminBundle, addr: &str, key: &str) -> Result<(), ClientError> {
+    let channel = channel(addr, admin_tls(bundle)?).await?;
+    pb::managers_client::ManagersClient::new(channel)
+        .unlock(pb::UnlockRequest { key: key.to_owned() })
+        .await
+        .map_err(|s| ClientError::refused(addr, s))?;
+    Ok(())
+}
+
+/// TLS as the admin of `bundle`, trusting only its CA.
+fn admin_tls(bundle: &crate::bundle::AdminBundle) -> Result<Arc<ClientConfig>, ClientError> {
+    let ca_der = crate::pki::pem_to_der(&bundle.ca_pem).map_err(|e| {
+        ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
+    })?;
+    Ok(tls::client_config(ServerTrust::Ca(&ca_der), Some(&bundle.identity))?)
+}
+
+fn name_request(name: &str) -> pb::NameRequest {
+    pb::NameRequest { name: name.to_owned() }
+}

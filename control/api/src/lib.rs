@@ -1,0 +1,22 @@
+//! What a node or an admin shares with the managers, and nothing else: the protobuf API
+//! ([`proto`]) and its conversions, the slice model with its delta codec ([`slice`]), IDs,
+//! tokens, overlay keys as a node receives them, certificate reading ([`pki`]), TLS
+//! configurations, the client (leader discovery, the admin API, joining) and the admin bundle.
+//!
+//! No raft, storage, sealing or signing: `meshd` and `meshctl` depend on this crate, never on the
+//! manager's.
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod client;
+pub mod files;
+pub mod ids;
+pub mod join;
+pub mod keys;
+pub mod metrics_http;
+pub mod model;
+pub mod pki;
+pub mod proto;
+pub mod slice;
+pub mod tls;
+pub mod tokens;

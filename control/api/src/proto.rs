@@ -1,0 +1,231 @@
+//! The gRPC wire types (generated from `proto/mesh.proto`) and their conversions to and from the
+//! domain types. Nothing outside this module and the API edges uses the generated types.
+
+use time::OffsetDateTime;
+
+use crate::ids::{InvalidId, NodeId};
+use crate::model::NodeState;
+use crate::tokens::Role;
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("mesh.v1");
+}
+
+/// A wire message with a missing or malformed field.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("field `{0}` is missing or unspecified")]
+    Missing(&'static str),
+    #[error("field `{0}` is malformed")]
+    Field(&'static str),
+    #[error(transparent)]
+    Id(#[from] InvalidId),
+}
+
+impl From<Role> for pb::Role {
+    fn from(role: Role) -> pb::Role {
+        match role {
+            Role::Worker => pb::Role::Worker,
+            Role::Manager => pb::Role::Manager,
+        }
+    }
+}
+
+impl TryFrom<pb::Role> for Role {
+    type Error = InvalidMessage;
+    fn try_from(role: pb::Role) -> Result<Role, InvalidMessage> {
+        match role {
+            pb::Role::Worker => Ok(Role::Worker),
+            pb::Role::Manager => Ok(Role::Manager),
+            pb::Role::Unspecified => Err(InvalidMessage::Missing("role")),
+        }
+    }
+}
+
+impl From<NodeState> for pb::NodeState {
+    fn from(state: NodeState) -> pb::NodeState {
+        match state {
+            NodeState::Active => pb::NodeState::Active,
+            NodeState::Removed => pb::NodeState::Removed,
+        }
+    }
+}
+
+impl TryFrom<pb::NodeState> for NodeState {
+    type Error = InvalidMessage;
+    fn try_from(state: pb::NodeState) -> Result<NodeState, InvalidMessage> {
+        match state {
+            pb::NodeState::Active => Ok(NodeState::Active),
+            pb::NodeState::Removed => Ok(NodeState::Removed),
+            pb::NodeState::Unspecified => Err(InvalidMessage::Missing("state")),
+        }
+    }
+}
+
+/// A node as an admin sees it: the stored record and when control last heard from it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub hostname: String,
+    pub role: Role,
+    pub state: NodeState,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub cert_not_after: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub joined_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+    pub connected: bool,
+    pub labels: Vec<String>,
+    /// Managers only: leader, reachable or unreachable (and whether it votes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manager_status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
+}
+
+fn unix(t: i64) -> Option<OffsetDateTime> {
+    (t > 0).then(|| OffsetDateTime::from_unix_timestamp(t).ok()).flatten()
+}
+
+impl TryFrom<pb::Node> for NodeView {
+    type Error = InvalidMessage;
+    fn try_from(node: pb::Node) -> Result<NodeView, InvalidMessage> {
+        Ok(NodeView {
+            id: node.id.parse()?,
+            hostname: node.hostname,
+            role: pb::Role::try_from(node.role).unwrap_or(pb::Role::Unspecified).try_into()?,
+            state: pb::NodeState::try_from(node.state).unwrap_or(pb::NodeState::Unspecified).try_into()?,
+            cert_not_after: unix(node.cert_not_after),
+            joined_at: unix(node.joined_at),
+            last_seen: unix(node.last_seen),
+            connected: node.connected,
+            labels: node.labels,
+            manager_status: Some(node.manager_status).filter(|s| !s.is_empty()),
+            control: Some(node.control).filter(|s| !s.is_empty()),
+        })
+    }
+}
+
+/// A network as an admin sees it (no key bytes, ever).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NetworkView {
+    pub name: String,
+    pub id: u32,
+    pub subnet: ipnet::Ipv4Net,
+    pub encrypted: bool,
+    pub key_epoch: Option<u32>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub rotated_at: Option<OffsetDateTime>,
+    pub endpoints: u32,
+    pub nodes: Vec<NodeId>,
+}
+
+impl TryFrom<pb::Network> for NetworkView {
+    type Error = InvalidMessage;
+    fn try_from(n: pb::Network) -> Result<NetworkView, InvalidMessage> {
+        Ok(NetworkView {
+            name: n.name,
+            id: n.id,
+            subnet: n.subnet.parse().map_err(|_| InvalidMessage::Field("subnet"))?,
+            encrypted: n.encrypted,
+            key_epoch: n.encrypted.then_some(n.current_epoch),
+            rotated_at: unix(n.rotated_at),
+            endpoints: n.endpoints,
+            nodes: n.nodes.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// One endpoint of a service, as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointView {
+    pub slot: u32,
+    pub node: NodeId,
+    pub addresses: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+}
+
+/// A service as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub networks: Vec<String>,
+    pub ports: Vec<String>,
+    pub replicas: u32,
+    pub constraints: Vec<String>,
+    pub command: Option<String>,
+    pub vips: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// An IPv4 address from a wire field, or an error naming the field.
+pub fn ipv4(s: &str, field: &'static str) -> Result<std::net::Ipv4Addr, InvalidMessage> {
+    s.parse().map_err(|_| InvalidMessage::Field(field))
+}
+
+impl TryFrom<pb::Service> for ServiceView {
+    type Error = InvalidMessage;
+    fn try_from(s: pb::Service) -> Result<ServiceView, InvalidMessage> {
+        Ok(ServiceView {
+            name: s.name,
+            networks: s.networks,
+            ports: s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect(),
+            replicas: s.replicas,
+            constraints: s.constraints,
+            command: Some(s.command).filter(|c| !c.is_empty()),
+            vips: s
+                .vips
+                .into_iter()
+                .map(|v| Ok((v.network, ipv4(&v.address, "vip")?)))
+                .collect::<Result<_, InvalidMessage>>()?,
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .map(|e| {
+                    Ok(EndpointView {
+                        slot: e.slot,
+                        node: e.node.parse()?,
+                        addresses: e
+                            .addresses
+                            .into_iter()
+                            .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
+                            .collect::<Result<_, InvalidMessage>>()?,
+                    })
+                })
+                .collect::<Result<_, InvalidMessage>>()?,
+        })
+    }
+}
+
+/// A policy version as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyView {
+    pub version: u64,
+    pub file: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub text: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub applied_at: Option<OffsetDateTime>,
+    pub source: String,
+    pub rules: u32,
+    pub current: bool,
+}
+
+impl TryFrom<pb::PolicyVersion> for PolicyView {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::PolicyVersion) -> Result<PolicyView, InvalidMessage> {
+        if p.version == 0 {
+            return Err(InvalidMessage::Missing("version"));
+        }
+        Ok(PolicyView {
+            version: p.version,
+            file: p.file,
+            text: p.text,
+            applied_at: unix(p.applied_at),
+            source: p.source,
+            rules: p.rules,
+            current: p.current,
+        })
+    }
+}

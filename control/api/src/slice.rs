@@ -1,0 +1,672 @@
+//! A node's slice of the cluster: everything one node may know, and nothing more. Computed by
+//! control's dispatcher, sent over the node's session, held by meshd. The wire form is
+//! `pb::NodeSlice`; this is the domain form, converted at the edge.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::ids::NodeId;
+use crate::keys::{KEY_LEN, KeyUse, NetworkKey};
+use crate::model::{PortSpec, Protocol};
+use crate::proto::{InvalidMessage, ipv4, pb};
+
+/// One of this node's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LocalEndpoint {
+    pub service: String,
+    pub slot: u32,
+    /// Network name -> this endpoint's address on it.
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+    pub command: Option<String>,
+}
+
+/// Where an overlay address lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    pub address: Ipv4Addr,
+    pub node: NodeId,
+    /// `None` until that node has reported its underlay address.
+    pub underlay: Option<SocketAddr>,
+    /// The node's index in overlay headers.
+    pub node_index: u32,
+}
+
+/// A service as seen from one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<PortSpec>,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+/// A network this node has an endpoint on.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct SliceNetwork {
+    pub name: String,
+    pub id: u32,
+    pub subnet: Ipv4Net,
+    pub encrypted: bool,
+    #[serde(skip)]
+    pub keys: Vec<(KeyUse, NetworkKey)>,
+    /// The same for every node on the network: shared, computed once per state revision.
+    pub peers: Arc<[Peer]>,
+    pub services: Arc<[ServiceRecord]>,
+}
+
+impl std::fmt::Debug for SliceNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SliceNetwork")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("subnet", &self.subnet)
+            .field("encrypted", &self.encrypted)
+            .field("keys", &self.keys)
+            .field("peers", &self.peers)
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl SliceNetwork {
+    /// Epochs of the keys held, by use (never the key bytes).
+    pub fn epochs(&self) -> Vec<(KeyUse, u32)> {
+        self.keys.iter().map(|(u, k)| (*u, k.epoch)).collect()
+    }
+}
+
+/// The policy rules a node enforces: those whose destination it hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodePolicy {
+    pub version: u64,
+    /// The rules, in the policy language.
+    pub text: String,
+}
+
+/// The whole slice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeSlice {
+    pub version: u64,
+    pub node: NodeId,
+    pub endpoints: Vec<LocalEndpoint>,
+    pub networks: Vec<SliceNetwork>,
+    pub policy: Option<NodePolicy>,
+    /// This node's index in overlay headers.
+    pub node_index: u32,
+    /// Hosted service -> the services the policy may let it reach.
+    pub visibility: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Nodes removed from the cluster, whose workload certificates the mesh refuses.
+    pub removed_nodes: Vec<NodeId>,
+    /// Every manager's control address.
+    pub managers: Vec<String>,
+}
+
+impl NodeSlice {
+    /// The wire form of this slice as the next message of a session whose previous message
+    /// carried `previous`: a network's peers and services are left out when that message had
+    /// them, or sent as what changed when that is smaller than the whole; the removed nodes and
+    /// the policy are left out when unchanged. Each omission is marked on the wire.
+    pub fn to_wire(&self, previous: Option<&NodeSlice>) -> pb::NodeSlice {
+        let removed_nodes_unchanged = previous.is_some_and(|p| p.removed_nodes == self.removed_nodes);
+        let policy_unchanged = previous.is_some_and(|p| p.policy == self.policy);
+        pb::NodeSlice {
+            visibility: self
+                .visibility
+                .iter()
+                .map(|(service, reachable)| pb::ServiceVisibility {
+                    service: service.clone(),
+                    reachable: reachable.iter().cloned().collect(),
+                })
+                .collect(),
+            node_index: self.node_index,
+            removed_nodes: if removed_nodes_unchanged {
+                Vec::new()
+            } else {
+                self.removed_nodes.iter().map(ToString::to_string).collect()
+            },
+            managers: self.managers.clone(),
+            removed_nodes_unchanged,
+            policy_unchanged,
+            policy_version: if policy_unchanged { 0 } else { self.policy.as_ref().map_or(0, |p| p.version) },
+            policy: if policy_unchanged {
+                String::new()
+            } else {
+                self.policy.as_ref().map(|p| p.text.clone()).unwrap_or_default()
+            },
+            version: self.version,
+            node_id: self.node.to_string(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| pb::Endpoint {
+                    service: e.service.clone(),
+                    slot: e.slot,
+                    node: self.node.to_string(),
+                    addresses: e
+                        .addresses
+                        .iter()
+                        .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
+                        .collect(),
+                    command: e.command.clone().unwrap_or_default(),
+                })
+                .collect(),
+            networks: self
+                .networks
+                .iter()
+                .map(|n| n.to_wire(previous.and_then(|p| p.networks.iter().find(|b| b.name == n.name))))
+                .collect(),
+        }
+    }
+
+    /// Reads a session's message, taking the sections it marks unchanged from `previous`, the
+    /// slice the session's previous message carried. A section marked unchanged with nothing to
+    /// take it from is malformed: the session must start again from a whole slice.
+    pub fn from_wire(wire: pb::NodeSlice, previous: Option<&NodeSlice>) -> Result<NodeSlice, InvalidMessage> {
+        // The networks not sent whole: the peers and services gone (none when unchanged), sorted
+        // for lookups.
+        let mut partial: BTreeMap<String, (Vec<Ipv4Addr>, Vec<String>)> = BTreeMap::new();
+        for n in wire.networks.iter().filter(|n| n.membership_unchanged || n.membership_delta) {
+            let mut peers_gone: Vec<Ipv4Addr> =
+                n.peers_gone.iter().map(|a| ipv4(a, "peer gone")).collect::<Result<_, _>>()?;
+            peers_gone.sort();
+            let mut services_gone = n.services_gone.clone();
+            services_gone.sort();
+            partial.insert(n.name.clone(), (peers_gone, services_gone));
+        }
+        let (removed_unchanged, policy_unchanged) = (wire.removed_nodes_unchanged, wire.policy_unchanged);
+        let mut slice = NodeSlice::try_from(wire)?;
+        let base = || previous.ok_or(InvalidMessage::Field("unchanged section without an earlier slice"));
+        for network in slice.networks.iter_mut() {
+            let Some((peers_gone, services_gone)) = partial.remove(&network.name) else { continue };
+            let before = base()?
+                .networks
+                .iter()
+                .find(|b| b.name == network.name)
+                .ok_or(InvalidMessage::Field("unchanged network without an earlier one"))?;
+            network.peers = apply(&before.peers, &network.peers, &peers_gone, |p| p.address);
+            network.services = apply(&before.services, &network.services, &services_gone, |r| r.name.clone());
+        }
+        if removed_unchanged {
+            slice.removed_nodes = base()?.removed_nodes.clone();
+        }
+        if policy_unchanged {
+            slice.policy = base()?.policy.clone();
+        }
+        Ok(slice)
+    }
+
+    /// Whether two slices carry the same content, whatever their versions.
+    pub fn same_content(&self, other: &NodeSlice) -> bool {
+        self.node == other.node
+            && self.endpoints == other.endpoints
+            && self.networks == other.networks
+            && self.policy == other.policy
+            && self.visibility == other.visibility
+            && self.removed_nodes == other.removed_nodes
+            && self.managers == other.managers
+    }
+}
+
+fn proto_str(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Http => "http",
+    }
+}
+
+impl From<PortSpec> for pb::Port {
+    fn from(p: PortSpec) -> pb::Port {
+        pb::Port { port: p.port.into(), protocol: proto_str(p.protocol).to_owned() }
+    }
+}
+
+impl TryFrom<pb::Port> for PortSpec {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::Port) -> Result<PortSpec, InvalidMessage> {
+        let port = u16::try_from(p.port).ok().filter(|p| *p != 0).ok_or(InvalidMessage::Field("port"))?;
+        let protocol = match p.protocol.as_str() {
+            "tcp" | "" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "http" => Protocol::Http,
+            _ => return Err(InvalidMessage::Field("protocol")),
+        };
+        Ok(PortSpec { port, protocol })
+    }
+}
+
+fn key_use(u: KeyUse) -> pb::KeyUse {
+    match u {
+        KeyUse::Next => pb::KeyUse::Next,
+        KeyUse::Current => pb::KeyUse::Current,
+        KeyUse::Previous => pb::KeyUse::Previous,
+    }
+}
+
+impl From<&NodeSlice> for pb::NodeSlice {
+    fn from(s: &NodeSlice) -> pb::NodeSlice {
+        s.to_wire(None)
+    }
+}
+
+impl SliceNetwork {
+    /// The wire form, as the next message after one that carried `before` (this network as it
+    /// was then, if it was there): the peers and services unchanged, or what changed in them
+    /// when that is smaller than the whole, or the whole.
+    fn to_wire(&self, before: Option<&SliceNetwork>) -> pb::SliceNetwork {
+        let mut wire = pb::SliceNetwork {
+            name: self.name.clone(),
+            id: self.id,
+            subnet: self.subnet.to_string(),
+            encrypted: self.encrypted,
+            keys: self
+                .keys
+                .iter()
+                .map(|(u, k)| pb::NetworkKey {
+                    epoch: k.epoch,
+                    key: k.key.to_vec(),
+                    r#use: key_use(*u).into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let delta = match before {
+            Some(b) if b.peers == self.peers && b.services == self.services => {
+                wire.membership_unchanged = true;
+                return wire;
+            }
+            Some(b) => {
+                let (peers, peers_gone) = changes(&b.peers, &self.peers, |p| p.address);
+                let (services, services_gone) = changes(&b.services, &self.services, |r| r.name.as_str());
+                let changed = peers.len() + peers_gone.len() + services.len() + services_gone.len();
+                (changed < self.peers.len() + self.services.len()).then_some((
+                    peers,
+                    peers_gone,
+                    services,
+                    services_gone,
+                ))
+            }
+            None => None,
+        };
+        match delta {
+            Some((peers, peers_gone, services, services_gone)) => {
+                wire.membership_delta = true;
+                wire.peers = peers.into_iter().map(wire_peer).collect();
+                wire.peers_gone = peers_gone.iter().map(ToString::to_string).collect();
+                wire.services = services.into_iter().map(wire_service).collect();
+                wire.services_gone = services_gone.iter().map(ToString::to_string).collect();
+            }
+            None => {
+                wire.peers = self.peers.iter().map(wire_peer).collect();
+                wire.services = self.services.iter().map(wire_service).collect();
+            }
+        }
+        wire
+    }
+}
+
+/// What `after` has that `before` had not, or had otherwise, and the keys of what `before` had
+/// and `after` has not. Both lists are in key order (as the manager makes them): one pass.
+fn changes<'a, T: PartialEq, K: Ord>(
+    before: &'a [T],
+    after: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> (Vec<&'a T>, Vec<K>) {
+    let (mut changed, mut gone) = (Vec::new(), Vec::new());
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(o), Some(n)) if key(o) == key(n) => {
+                if o != n {
+                    changed.push(*n);
+                }
+                old.next();
+                new.next();
+            }
+            (Some(o), Some(n)) if key(o) < key(n) => {
+                gone.push(key(o));
+                old.next();
+            }
+            (Some(o), None) => {
+                gone.push(key(o));
+                old.next();
+            }
+            (_, Some(n)) => {
+                changed.push(*n);
+                new.next();
+            }
+        }
+    }
+    (changed, gone)
+}
+
+/// `before` without the `gone` keys, with `changed` added or in place of what had their keys,
+/// all in key order; `before` itself (shared) when nothing changed. One pass.
+fn apply<T: Clone, K: Ord>(before: &Arc<[T]>, changed: &[T], gone: &[K], key: impl Fn(&T) -> K) -> Arc<[T]> {
+    if changed.is_empty() && gone.is_empty() {
+        return before.clone();
+    }
+    let mut out = Vec::with_capacity(before.len() + changed.len());
+    let mut changed = changed.iter().peekable();
+    for t in before.iter() {
+        let k = key(t);
+        while let Some(c) = changed.next_if(|c| key(c) < k) {
+            out.push(c.clone());
+        }
+        if let Some(c) = changed.next_if(|c| key(c) == k) {
+            out.push(c.clone());
+        } else if gone.binary_search(&k).is_err() {
+            out.push(t.clone());
+        }
+    }
+    out.extend(changed.cloned());
+    out.into()
+}
+
+fn wire_peer(p: &Peer) -> pb::Peer {
+    pb::Peer {
+        address: p.address.to_string(),
+        node: p.node.to_string(),
+        underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
+        node_index: p.node_index,
+    }
+}
+
+fn wire_service(r: &ServiceRecord) -> pb::ServiceRecord {
+    pb::ServiceRecord {
+        name: r.name.clone(),
+        vip: r.vip.to_string(),
+        ports: r.ports.iter().copied().map(pb::Port::from).collect(),
+        endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+impl TryFrom<pb::NodeSlice> for NodeSlice {
+    type Error = InvalidMessage;
+    fn try_from(s: pb::NodeSlice) -> Result<NodeSlice, InvalidMessage> {
+        let endpoints = s
+            .endpoints
+            .into_iter()
+            .map(|e| {
+                let addresses = e
+                    .addresses
+                    .into_iter()
+                    .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
+                    .collect::<Result<_, InvalidMessage>>()?;
+                Ok(LocalEndpoint {
+                    service: e.service,
+                    slot: e.slot,
+                    addresses,
+                    command: Some(e.command).filter(|c| !c.is_empty()),
+                })
+            })
+            .collect::<Result<_, InvalidMessage>>()?;
+        let networks = s
+            .networks
+            .into_iter()
+            .map(|n| {
+                let keys = n
+                    .keys
+                    .into_iter()
+                    .map(|k| {
+                        let u = match pb::KeyUse::try_from(k.r#use) {
+                            Ok(pb::KeyUse::Next) => KeyUse::Next,
+                            Ok(pb::KeyUse::Current) => KeyUse::Current,
+                            Ok(pb::KeyUse::Previous) => KeyUse::Previous,
+                            _ => return Err(InvalidMessage::Field("key use")),
+                        };
+                        let key: [u8; KEY_LEN] =
+                            k.key.try_into().map_err(|_| InvalidMessage::Field("key"))?;
+                        Ok((u, NetworkKey { epoch: k.epoch, key }))
+                    })
+                    .collect::<Result<_, InvalidMessage>>()?;
+                let peers = n
+                    .peers
+                    .into_iter()
+                    .map(|p| {
+                        Ok(Peer {
+                            address: ipv4(&p.address, "peer address")?,
+                            node: p.node.parse()?,
+                            underlay: if p.underlay.is_empty() {
+                                None
+                            } else {
+                                Some(p.underlay.parse().map_err(|_| InvalidMessage::Field("underlay"))?)
+                            },
+                            node_index: p.node_index,
+                        })
+                    })
+                    .collect::<Result<_, InvalidMessage>>()?;
+                let services = n
+                    .services
+                    .into_iter()
+                    .map(|r| {
+                        Ok(ServiceRecord {
+                            name: r.name,
+                            vip: ipv4(&r.vip, "vip")?,
+                            ports: r.ports.into_iter().map(PortSpec::try_from).collect::<Result<_, _>>()?,
+                            endpoints: r
+                                .endpoints
+                                .iter()
+                                .map(|a| ipv4(a, "service endpoint"))
+                                .collect::<Result<_, _>>()?,
+                        })
+                    })
+                    .collect::<Result<_, InvalidMessage>>()?;
+                Ok(SliceNetwork {
+                    name: n.name,
+                    id: n.id,
+                    subnet: n.subnet.parse().map_err(|_| InvalidMessage::Field("subnet"))?,
+                    encrypted: n.encrypted,
+                    keys,
+                    peers,
+                    services,
+                })
+            })
+            .collect::<Result<_, InvalidMessage>>()?;
+        let policy =
+            (s.policy_version > 0).then_some(NodePolicy { version: s.policy_version, text: s.policy });
+        Ok(NodeSlice {
+            version: s.version,
+            node: s.node_id.parse()?,
+            endpoints,
+            networks,
+            policy,
+            node_index: s.node_index,
+            visibility: s
+                .visibility
+                .into_iter()
+                .map(|v| (v.service, v.reachable.into_iter().collect()))
+                .collect(),
+            removed_nodes: s.removed_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
+            managers: s.managers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(name: &str, epoch: u32, peers: usize) -> SliceNetwork {
+        SliceNetwork {
+            name: name.into(),
+            id: 7,
+            subnet: "10.9.0.0/16".parse().unwrap(),
+            encrypted: true,
+            keys: vec![(KeyUse::Current, NetworkKey { epoch, key: [epoch as u8; KEY_LEN] })],
+            peers: (0..peers)
+                .map(|i| Peer {
+                    address: Ipv4Addr::new(10, 9, 0, i as u8 + 2),
+                    node: NodeId::random(),
+                    underlay: Some(SocketAddr::from(([192, 0, 2, i as u8], 4789))),
+                    node_index: i as u32,
+                })
+                .collect(),
+            services: vec![ServiceRecord {
+                name: "web".into(),
+                vip: Ipv4Addr::new(10, 9, 0, 1),
+                ports: vec![PortSpec { port: 80, protocol: Protocol::Http }],
+                endpoints: vec![Ipv4Addr::new(10, 9, 0, 2)],
+            }]
+            .into(),
+        }
+    }
+
+    fn slice(version: u64, networks: Vec<SliceNetwork>) -> NodeSlice {
+        NodeSlice {
+            version,
+            node: NodeId::random(),
+            endpoints: Vec::new(),
+            networks,
+            policy: Some(NodePolicy { version: 3, text: "default = \"deny\"\n".into() }),
+            node_index: 1,
+            visibility: BTreeMap::new(),
+            removed_nodes: vec![NodeId::random()],
+            managers: vec!["10.0.0.1:7400".into()],
+        }
+    }
+
+    /// Sends `slices` as one session would and reads them as meshd does.
+    fn through_a_session(slices: &[NodeSlice]) -> (Vec<pb::NodeSlice>, Vec<NodeSlice>) {
+        let (mut sent, mut read) = (Vec::new(), Vec::new());
+        for (i, s) in slices.iter().enumerate() {
+            let wire = s.to_wire(i.checked_sub(1).map(|p| &slices[p]));
+            read.push(NodeSlice::from_wire(wire.clone(), read.last()).unwrap());
+            sent.push(wire);
+        }
+        (sent, read)
+    }
+
+    #[test]
+    fn a_rotation_sends_the_keys_and_not_the_network() {
+        let first = slice(1, vec![network("front", 1, 200), network("back", 1, 3)]);
+        let mut rotated = first.clone();
+        rotated.version = 2;
+        rotated.networks[0].keys = network("front", 2, 0).keys;
+        let (sent, read) = through_a_session(&[first.clone(), rotated.clone()]);
+        assert_eq!(read, [first.clone(), rotated.clone()], "the node ends up with the whole slices");
+        assert_eq!(sent[0].networks[0].peers.len(), 200, "a session's first message is whole");
+        let delta = &sent[1];
+        assert!(delta.networks.iter().all(|n| n.membership_unchanged && n.peers.is_empty()));
+        assert!(delta.removed_nodes_unchanged && delta.removed_nodes.is_empty());
+        assert!(delta.policy_unchanged && delta.policy.is_empty());
+        assert_eq!(delta.networks[0].keys[0].epoch, 2);
+        use prost::Message;
+        assert!(delta.encoded_len() * 20 < sent[0].encoded_len(), "{} bytes", delta.encoded_len());
+    }
+
+    #[test]
+    fn changed_sections_are_sent_whole_or_as_what_changed() {
+        let first = slice(1, vec![network("front", 1, 5)]);
+        let mut second = first.clone();
+        second.version = 2;
+        // Of front: one peer gone, one moved to another underlay, one new service.
+        let mut peers = second.networks[0].peers[1..].to_vec();
+        peers[0].underlay = Some(SocketAddr::from(([198, 51, 100, 7], 4789)));
+        second.networks[0].peers = peers.into();
+        let mut services = second.networks[0].services.to_vec();
+        services.push(ServiceRecord {
+            name: "api".into(),
+            vip: Ipv4Addr::new(10, 9, 0, 9),
+            ports: vec![],
+            endpoints: vec![],
+        });
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        second.networks[0].services = services.into();
+        second.networks.push(network("back", 1, 2));
+        second.policy = Some(NodePolicy { version: 4, text: "default = \"allow\"\n".into() });
+        second.removed_nodes.push(NodeId::random());
+        let (sent, read) = through_a_session(&[first.clone(), second.clone()]);
+        assert_eq!(read[1], second, "the node ends up with the whole slice");
+        let delta = &sent[1];
+        let front = &delta.networks[0];
+        assert!(front.membership_delta && !front.membership_unchanged);
+        assert_eq!(front.peers.len(), 1, "only the moved peer");
+        assert_eq!(front.peers[0].underlay, "198.51.100.7:4789");
+        assert_eq!(front.peers_gone, [first.networks[0].peers[0].address.to_string()]);
+        assert_eq!(front.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["api"]);
+        assert!(front.services_gone.is_empty());
+        let back = &delta.networks[1];
+        assert!(!back.membership_delta && !back.membership_unchanged && back.peers.len() == 2, "new: whole");
+        assert!(!delta.removed_nodes_unchanged && !delta.policy_unchanged);
+        // When most of it changed, the whole is sent.
+        let mut third = second.clone();
+        third.version = 3;
+        third.networks[1] = network("back", 1, 2);
+        let renamed = ServiceRecord { name: "db".into(), ..third.networks[1].services[0].clone() };
+        third.networks[1].services = vec![renamed].into();
+        let (sent, read) = through_a_session(&[second.clone(), third.clone()]);
+        assert_eq!(read[1], third);
+        assert!(!sent[1].networks[1].membership_delta && sent[1].networks[1].peers.len() == 2);
+        // A section that goes away is not "unchanged": the policy withdrawn reads as none.
+        let mut fourth = third.clone();
+        fourth.version = 4;
+        fourth.policy = None;
+        let (_, read) = through_a_session(&[third, fourth.clone()]);
+        assert_eq!(read[1].policy, None);
+    }
+
+    #[test]
+    fn an_unchanged_section_without_an_earlier_slice_is_refused() {
+        let first = slice(1, vec![network("front", 1, 5)]);
+        let mut second = first.clone();
+        second.version = 2;
+        let delta = second.to_wire(Some(&first));
+        assert!(matches!(NodeSlice::from_wire(delta.clone(), None), Err(InvalidMessage::Field(_))));
+        // Nor against an earlier slice without that network.
+        let other = slice(1, vec![network("other", 1, 1)]);
+        assert!(NodeSlice::from_wire(delta, Some(&other)).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a session's slices are, each message read against the one before gives the
+        /// whole slice back.
+        #[test]
+        fn any_sequence_of_slices_reads_back_whole(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
+                    proptest::collection::btree_map("[a-e]", 0u8..3, 0..5),
+                ),
+                1..6,
+            )
+        ) {
+            let nodes: Vec<NodeId> = (0..3).map(|_| NodeId::random()).collect();
+            let mut base = slice(0, vec![network("front", 1, 0)]);
+            let slices: Vec<NodeSlice> = steps
+                .iter()
+                .enumerate()
+                .map(|(i, (peers, services))| {
+                    base.version = i as u64 + 1;
+                    let net = &mut base.networks[0];
+                    net.peers = peers
+                        .iter()
+                        .map(|(host, n)| Peer {
+                            address: Ipv4Addr::new(10, 9, 1, *host),
+                            node: nodes[*n as usize].clone(),
+                            underlay: Some(SocketAddr::from(([192, 0, 2, *n], 4789))),
+                            node_index: u32::from(*n),
+                        })
+                        .collect();
+                    net.services = services
+                        .iter()
+                        .map(|(name, port)| ServiceRecord {
+                            name: name.clone(),
+                            vip: Ipv4Addr::new(10, 9, 0, 1),
+                            ports: vec![PortSpec { port: 80 + u16::from(*port), protocol: Protocol::Tcp }],
+                            endpoints: vec![],
+                        })
+                        .collect();
+                    base.clone()
+                })
+                .collect();
+            let (_, read) = through_a_session(&slices);
+            proptest::prop_assert_eq!(read, slices);
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! TLS for the control API (rustls, TLS 1.3 only, aws-lc-rs).
+//!
+//! The server asks every client for a certificate but lets those without one reach the two
+//! unauthenticated calls (fetching the root CA, joining with a token); a certificate that is
+//! offered must chain to the cluster CA and be within its validity, or the handshake fails.
+//! Who may call what is decided per call by the manager.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// ALPN for gRPC over HTTP/2.
+const ALPN_H2: &[u8] = b"h2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("bad PEM in {what}: {detail}")]
+    Pem { what: &'static str, detail: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("the CA certificate cannot be used as a trust anchor: {0}")]
+    Anchor(String),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// The crypto provider for every TLS configuration of the project.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A certificate chain and its private key, both PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// The certificate chain and private key, parsed.
+    pub fn parse(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem { what: "certificate", detail: e.to_string() })?;
+        if certs.is_empty() {
+            return Err(TlsError::Pem { what: "certificate", detail: "no CERTIFICATE block".into() });
+        }
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem { what: "private key", detail: e.to_string() })?;
+        Ok((certs, key))
+    }
+}
+
+/// A root store holding only the cluster CA (DER).
+pub fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec())).map_err(|e| TlsError::Anchor(e.to_string()))?;
+    Ok(Arc::new(roots))
+}
+
+/// The control API's server configuration: `identity` is the manager's certificate; client
+/// certificates, when offered, must chain to `ca_der`.
+pub fn server_config(ca_der: &[u8], identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let (certs, key) = identity.parse()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// How a client trusts the server it connects to.
+pub enum ServerTrust<'a> {
+    /// The server's certificate must chain to this CA (DER) and name
+    /// [`crate::pki::CONTROL_SERVER_NAME`].
+    Ca(&'a [u8]),
+    /// Any certificate, for one purpose only: fetching the root CA during a join, which the
+    /// joining node then checks against the digest in its token before trusting or sending
+    /// anything. The handshake signature is still verified.
+    FetchCaOnly,
+}
+
+/// A client configuration, presenting `identity` when given.
+pub fn client_config(
+    trust: ServerTrust<'_>,
+    identity: Option<&Identity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match trust {
+        ServerTrust::Ca(ca_der) => builder.with_root_certificates(roots(ca_der)?),
+        ServerTrust::FetchCaOnly => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyForCaFetch(provider)))
+        }
+    };
+    let mut config = match identity {
+        Some(id) => {
+            let (certs, key) = id.parse()?;
+            builder.with_client_auth_cert(certs, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// See [`ServerTrust::FetchCaOnly`].
+#[derive(Debug)]
+struct AcceptAnyForCaFetch(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyForCaFetch {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,17 @@
+//! The gRPC services nodes and admins call: identity (CA fetch, join, renewal), admin, the
+//! managers' own (where the leader is, adding a manager, unlocking) and each node's session.
+//! (Raft between managers is [`crate::raft::network`]'s.) Only [`crate::serve`] builds them.
+
+pub mod admin;
+pub mod identity;
+pub mod managers;
+pub mod session;
+
+use tonic::Status;
+use tracing::warn;
+
+/// An unexpected failure, logged and reported without detail a caller could act on.
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
+    warn!(error = %e, "internal error");
+    Status::internal(e.to_string())
+}

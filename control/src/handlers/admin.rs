@@ -1,0 +1,534 @@
+//! The admin service: nodes, join tokens, networks and services. Admin certificate only.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::auth;
+use crate::manager::Manager;
+use crate::planning::plans::{self, ServiceSpec};
+use crate::raft::seal::UnlockKey;
+use crate::raft::store::Leadership;
+use crate::state::{ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service};
+use mesh_api::ids::NodeId;
+use mesh_api::proto::pb;
+use mesh_api::tokens::{JoinToken, Role};
+
+pub(crate) struct AdminApi(pub(crate) Arc<Manager>);
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn node_id(text: &str) -> Result<NodeId, Status> {
+    text.parse().map_err(|e| Status::invalid_argument(format!("{e}")))
+}
+
+/// A network as admins see it: everything but key bytes.
+fn network_pb(state: &ClusterState, n: &Network) -> pb::Network {
+    pb::Network {
+        name: n.name.clone(),
+        subnet: n.subnet.to_string(),
+        id: n.id,
+        encrypted: n.keys.is_some(),
+        current_epoch: n.keys.as_ref().map_or(0, |k| k.current.epoch),
+        rotated_at: n.keys.as_ref().map_or(0, |k| k.rotated_at),
+        endpoints: state.endpoints().filter(|(_, e)| e.addresses.contains_key(&n.name)).count() as u32,
+        nodes: state.nodes_on_network(&n.name).into_iter().map(|id| id.to_string()).collect(),
+    }
+}
+
+fn service_pb(s: &Service) -> pb::Service {
+    pb::Service {
+        name: s.name.clone(),
+        networks: s.networks.clone(),
+        ports: s.ports.iter().copied().map(pb::Port::from).collect(),
+        replicas: s.replicas,
+        constraints: s.constraints.iter().map(|c| c.to_string()).collect(),
+        command: s.command.clone().unwrap_or_default(),
+        vips: s
+            .vips
+            .iter()
+            .map(|(n, a)| pb::ServiceVip { network: n.clone(), address: a.to_string() })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .values()
+            .map(|e| pb::Endpoint {
+                service: s.name.clone(),
+                slot: e.slot,
+                node: e.node.to_string(),
+                addresses: e
+                    .addresses
+                    .iter()
+                    .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
+                    .collect(),
+                command: String::new(),
+            })
+            .collect(),
+    }
+}
+
+impl AdminApi {
+    fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        auth::require_admin(&self.0.caller(request)?)
+    }
+
+    /// For an admin's call about a manager: its node ID, raft ID, and the raft group now.
+    fn manager_member(
+        &self,
+        request: &Request<pb::InspectNodeRequest>,
+    ) -> Result<(NodeId, u64, Leadership), Status> {
+        self.admin(request)?;
+        let id = node_id(&request.get_ref().id)?;
+        let raft_id = self.manager_raft_id(&id)?;
+        Ok((id, raft_id, self.0.store.leadership()))
+    }
+
+    /// Puts a new unlock key in force (autolock on, or rotated) and returns it.
+    async fn new_unlock_key(&self) -> Result<Secret, Status> {
+        let key = Secret(UnlockKey::generate().to_string());
+        let set = Command::SetUnlockKey(Some(key.clone()));
+        self.0.change(move |_, _| Ok(vec![set])).await?;
+        Ok(key)
+    }
+
+    /// The raft ID of manager `id`, or why it has none.
+    fn manager_raft_id(&self, id: &NodeId) -> Result<u64, Status> {
+        self.0.store.read(|s| match s.active_node(id) {
+            Ok(n) if n.role == Role::Manager => Ok(n.raft_id()),
+            Ok(_) => Err(Status::failed_precondition(format!(
+                "node {id} is a worker: a manager joins with `mesh-control join --token MANAGER_TOKEN`"
+            ))),
+            Err(e) => Err(Status::not_found(e.to_string())),
+        })
+    }
+
+    fn node(&self, id: &NodeId) -> Result<pb::Node, Status> {
+        let last_seen = self.0.last_seen.lock().expect("lock").get(id).copied();
+        let connected = self.0.connected().contains(id);
+        let leadership = self.0.store.leadership();
+        self.0.store.read(|s| {
+            s.nodes
+                .get(id)
+                .map(|record| self.node_pb(record, &leadership, last_seen, connected))
+                .ok_or_else(|| Status::not_found(format!("no node with ID {id}")))
+        })
+    }
+
+    /// A node as admins see it; for a manager, with its standing in the raft group.
+    fn node_pb(
+        &self,
+        record: &NodeRecord,
+        l: &Leadership,
+        last_seen: Option<i64>,
+        connected: bool,
+    ) -> pb::Node {
+        let mut node = pb::Node {
+            id: record.id.to_string(),
+            hostname: record.hostname.clone(),
+            role: pb::Role::from(record.role).into(),
+            state: pb::NodeState::from(record.state).into(),
+            cert_not_after: record.cert_not_after,
+            joined_at: record.joined_at,
+            last_seen: last_seen.unwrap_or(0),
+            connected,
+            labels: record.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            manager_status: String::new(),
+            control: record.control.map(|c| c.to_string()).unwrap_or_default(),
+        };
+        if record.role == Role::Manager && record.state == NodeState::Active {
+            let id = record.raft_id();
+            let reach = if l.leader == Some(id) {
+                "leader"
+            } else if !l.is_member(id) {
+                "not yet a member"
+            } else if self.0.peers.reachable(id) {
+                "reachable"
+            } else {
+                "unreachable"
+            };
+            let voter = if l.learners.contains_key(&id) { " (non-voter)" } else { "" };
+            node.manager_status = format!("{reach}{voter}");
+        }
+        node
+    }
+
+    fn network(&self, name: &str) -> Result<pb::Network, Status> {
+        self.0.store.read(|s| {
+            s.networks
+                .get(name)
+                .map(|n| network_pb(s, n))
+                .ok_or_else(|| Status::not_found(format!("no network named `{name}`")))
+        })
+    }
+
+    fn service(&self, name: &str) -> Result<pb::Service, Status> {
+        self.0.store.read(|s| {
+            s.services
+                .get(name)
+                .map(service_pb)
+                .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.admin(&request)?;
+        let last_seen = self.0.last_seen.lock().expect("lock").clone();
+        let connected = self.0.connected();
+        let leadership = self.0.store.leadership();
+        let nodes = self.0.store.read(|s| {
+            s.nodes
+                .values()
+                .map(|r| {
+                    self.node_pb(r, &leadership, last_seen.get(&r.id).copied(), connected.contains(&r.id))
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn inspect_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.node(&node_id(&request.get_ref().id)?)?))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        let id = node_id(&request.get_ref().id)?;
+        self.0.change(|state, live| plans::remove_node(state, &id, live)).await?;
+        self.0.cut(&id);
+        info!(node = %id, "node removed");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn update_node(
+        &self,
+        request: Request<pb::UpdateNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let id = node_id(&req.id)?;
+        self.0
+            .change(|state, live| plans::update_labels(state, &id, &req.label_add, &req.label_rm, live))
+            .await?;
+        info!(node = %id, add = ?req.label_add, rm = ?req.label_rm, "node labels updated");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn join_token(
+        &self,
+        request: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
+        self.admin(&request)?;
+        let role: Role = pb::Role::try_from(request.get_ref().role)
+            .unwrap_or(pb::Role::Unspecified)
+            .try_into()
+            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let manager = &self.0;
+        if request.get_ref().rotate {
+            let token = JoinToken::generate(&manager.ca_cert.digest);
+            // From the moment this is committed the old token is refused.
+            let set = Command::set_token(role, &token);
+            manager.change(move |_, _| Ok(vec![set])).await?;
+            info!(%role, "join token rotated");
+            return Ok(Response::new(pb::JoinTokenResponse { token: token.to_string() }));
+        }
+        let token = manager
+            .store
+            .read(|s| s.join_tokens.get(&role).map(|t| t.0.clone()))
+            .ok_or_else(|| Status::internal(format!("the state holds no {role} token")))?;
+        Ok(Response::new(pb::JoinTokenResponse { token }))
+    }
+
+    async fn promote_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let (id, raft_id, l) = self.manager_member(&request)?;
+        if l.voters.contains_key(&raft_id) {
+            return Err(Status::failed_precondition(format!("manager {id} already votes")));
+        }
+        if !l.learners.contains_key(&raft_id) {
+            return Err(Status::failed_precondition(format!(
+                "manager {id} is not in the raft group yet (it is added once its mesh-control serves)"
+            )));
+        }
+        self.0.store.set_voter(raft_id, true).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        info!(node = %id, "manager promoted to voter");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn demote_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let (id, raft_id, l) = self.manager_member(&request)?;
+        if !l.voters.contains_key(&raft_id) {
+            return Err(Status::failed_precondition(format!("manager {id} does not vote already")));
+        }
+        if let Err(reason) = self.0.quorum_after_demoting(raft_id) {
+            return Err(Status::failed_precondition(format!("refusing to demote manager {id}: {reason}")));
+        }
+        self.0.store.set_voter(raft_id, false).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        info!(node = %id, "manager demoted: it keeps a copy of the state but does not vote");
+        Ok(Response::new(self.node(&id)?))
+    }
+
+    async fn update_cluster(
+        &self,
+        request: Request<pb::UpdateClusterRequest>,
+    ) -> Result<Response<pb::UnlockKeyResponse>, Status> {
+        self.admin(&request)?;
+        let on = request.get_ref().autolock;
+        let current = self.0.store.read(|s| s.unlock_key.clone());
+        let key = match (on, current) {
+            (true, Some(key)) => key,
+            (true, None) => {
+                let key = self.new_unlock_key().await?;
+                info!("autolock turned on");
+                key
+            }
+            (false, _) => {
+                self.0.change(|_, _| Ok(vec![Command::SetUnlockKey(None)])).await?;
+                info!("autolock turned off");
+                Secret(String::new())
+            }
+        };
+        Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
+    }
+
+    async fn unlock_key(
+        &self,
+        request: Request<pb::UnlockKeyRequest>,
+    ) -> Result<Response<pb::UnlockKeyResponse>, Status> {
+        self.admin(&request)?;
+        let current = self.0.store.read(|s| s.unlock_key.clone());
+        let Some(current) = current else {
+            return Err(Status::failed_precondition(
+                "autolock is off: turn it on with `meshctl cluster update --autolock=true`",
+            ));
+        };
+        if !request.get_ref().rotate {
+            return Ok(Response::new(pb::UnlockKeyResponse { key: current.0 }));
+        }
+        let key = self.new_unlock_key().await?;
+        info!("unlock key rotated");
+        Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
+    }
+
+    async fn create_network(
+        &self,
+        request: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        self.0
+            .change(|state, _| plans::create_network(state, &req.name, &req.subnet, !req.unencrypted, now()))
+            .await?;
+        info!(network = %req.name, subnet = %req.subnet, encrypted = !req.unencrypted, "network created");
+        Ok(Response::new(self.network(&req.name)?))
+    }
+
+    async fn list_networks(
+        &self,
+        request: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        self.admin(&request)?;
+        let networks = self.0.store.read(|s| s.networks.values().map(|n| network_pb(s, n)).collect());
+        Ok(Response::new(pb::ListNetworksResponse { networks }))
+    }
+
+    async fn inspect_network(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.network(&request.get_ref().name)?))
+    }
+
+    async fn remove_network(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        let before = self.network(&name)?;
+        self.0.change(|state, _| plans::remove_network(state, &name)).await?;
+        info!(network = %name, "network removed");
+        Ok(Response::new(before))
+    }
+
+    async fn rotate_network_key(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        self.0.change(|state, _| plans::rotate_key(state, &name, now())).await?;
+        let network = self.network(&name)?;
+        info!(network = %name, epoch = network.current_epoch, "network key rotated");
+        Ok(Response::new(network))
+    }
+
+    async fn create_service(
+        &self,
+        request: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let ports = req
+            .ports
+            .iter()
+            .map(|p| {
+                PortSpec::try_from(p.clone()).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "port `{}/{}` is not valid ({e}): a port is 1-65535, its protocol tcp, udp or http",
+                        p.port, p.protocol
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let spec = ServiceSpec {
+            name: req.name.clone(),
+            networks: req.networks,
+            ports,
+            replicas: req.replicas,
+            constraints: req.constraints,
+            command: Some(req.command).filter(|c| !c.is_empty()),
+        };
+        self.0.change(|state, live| plans::create_service(state, spec, live)).await?;
+        info!(service = %req.name, "service created");
+        Ok(Response::new(self.service(&req.name)?))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.admin(&request)?;
+        let services = self.0.store.read(|s| s.services.values().map(service_pb).collect());
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn inspect_service(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.service(&request.get_ref().name)?))
+    }
+
+    async fn scale_service(
+        &self,
+        request: Request<pb::ScaleServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        self.0.change(|state, live| plans::scale_service(state, &req.name, req.replicas, live)).await?;
+        info!(service = %req.name, replicas = req.replicas, "service scaled");
+        Ok(Response::new(self.service(&req.name)?))
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        let before = self.service(&name)?;
+        self.0.change(|state, _| plans::remove_service(state, &name)).await?;
+        info!(service = %name, "service removed");
+        Ok(Response::new(before))
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let file = if req.file.is_empty() { "policy.toml".to_owned() } else { req.file };
+        self.0.change(|state, _| plans::apply_policy(state, &file, &req.text, "apply", now())).await?;
+        let applied = self.policy_version(0)?;
+        info!(version = applied.version, rules = applied.rules, file = %file, "policy applied");
+        Ok(Response::new(applied))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(self.policy_version(request.get_ref().version)?))
+    }
+
+    async fn policy_history(
+        &self,
+        request: Request<pb::PolicyHistoryRequest>,
+    ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
+        self.admin(&request)?;
+        let versions = self.0.store.read(|s| {
+            let current = s.policy().map(|p| p.version);
+            s.policies.iter().map(|p| policy_pb(p, current == Some(p.version), false)).collect()
+        });
+        Ok(Response::new(pb::PolicyHistoryResponse { versions }))
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        self.admin(&request)?;
+        let version = request.get_ref().version;
+        self.0.change(|state, _| plans::rollback_policy(state, version, now())).await?;
+        let applied = self.policy_version(0)?;
+        info!(version = applied.version, from = version, "policy rolled back");
+        Ok(Response::new(applied))
+    }
+}
+
+fn policy_pb(p: &crate::state::PolicyRecord, current: bool, with_text: bool) -> pb::PolicyVersion {
+    let rules = policy::Policy::parse(&p.file, &p.text).map_or(0, |parsed| parsed.rules.len() as u32);
+    pb::PolicyVersion {
+        version: p.version,
+        file: p.file.clone(),
+        text: if with_text { p.text.clone() } else { String::new() },
+        applied_at: p.applied_at,
+        source: p.source.clone(),
+        rules,
+        current,
+    }
+}
+
+impl AdminApi {
+    /// Version `version` (0: the one in force), with its text.
+    fn policy_version(&self, version: u64) -> Result<pb::PolicyVersion, Status> {
+        self.0.store.read(|s| {
+            let current = s.policy().map(|p| p.version);
+            let found =
+                if version == 0 { s.policy() } else { s.policies.iter().find(|p| p.version == version) };
+            found.map(|p| policy_pb(p, current == Some(p.version), true)).ok_or_else(|| {
+                if version == 0 {
+                    Status::not_found("no policy has been applied; everything is denied by default")
+                } else {
+                    Status::not_found(format!("no policy version {version}"))
+                }
+            })
+        })
+    }
+}

@@ -1,0 +1,320 @@
+//! The running manager: the cluster state and CA, and the one path by which changes are made
+//! ([`Manager::change`]: a plan applied whole, under one lock). Its concerns each have a module:
+//! who is connected ([`presence`]), the connections that can be cut ([`connections`]), following
+//! leadership ([`leadership`]), autolock ([`autolock`]) and its own certificate ([`renewal`]).
+//! It never builds the handlers: [`crate::serve`] does, and wires them to it.
+
+pub mod autolock;
+pub mod connections;
+pub mod leadership;
+pub mod presence;
+pub mod renewal;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mesh_api::ids::{ClusterId, NodeId};
+use mesh_api::pki::CertInfo;
+use mesh_api::tls;
+use mesh_api::tokens::Role;
+use rustls::ServerConfig;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status};
+use tracing::warn;
+
+use crate::auth::{self, Caller};
+use crate::ca::{ClusterCa, Subject};
+use crate::config::ManagerOptions;
+use crate::planning::plans::{self, Liveness, PlanError};
+use crate::raft::network::Peers;
+use crate::raft::seal::DataKey;
+use crate::raft::store::{Store, StoreError};
+use crate::state::{ClusterState, Command};
+use crate::statedir::{ManagerConfig, ManagerDir, Opened};
+use presence::Presence;
+
+/// Why a change could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ChangeError> for Status {
+    fn from(e: ChangeError) -> Status {
+        use crate::state::StateError as S;
+        let message = e.to_string();
+        match e {
+            ChangeError::Plan(p) => match p {
+                PlanError::UnknownNetwork(_) | PlanError::UnknownService(_) | PlanError::UnknownNode(_) => {
+                    Status::not_found(message)
+                }
+                PlanError::State(S::UnknownNode(_)) => Status::not_found(message),
+                PlanError::NetworkExists(_) | PlanError::ServiceExists(_) => Status::already_exists(message),
+                PlanError::UnknownPolicyVersion(_) => Status::not_found(message),
+                PlanError::TooFewNodes { .. }
+                | PlanError::State(_)
+                | PlanError::Unencrypted(_)
+                | PlanError::PolicyTests { .. } => Status::failed_precondition(message),
+                PlanError::Ipam(crate::planning::ipam::IpamError::Exhausted { .. }) => {
+                    Status::resource_exhausted(message)
+                }
+                _ => Status::invalid_argument(message),
+            },
+            ChangeError::Store(StoreError::State(_)) => Status::failed_precondition(message),
+            ChangeError::Store(StoreError::NotLeader { leader }) => not_leading(message, leader.as_deref()),
+            ChangeError::Store(StoreError::NoQuorum(_)) => Status::unavailable(message),
+            ChangeError::Store(_) => {
+                warn!(error = %message, "storing a change failed");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// A follower's refusal, naming the leader when there is one.
+pub(crate) fn not_leading(message: String, leader: Option<&str>) -> Status {
+    let mut status = Status::unavailable(message);
+    if let Some(value) = leader.and_then(|l| l.parse().ok()) {
+        status.metadata_mut().insert(mesh_api::client::LEADER_HEADER, value);
+    }
+    status
+}
+
+/// The root CA certificate (the key is in the replicated state).
+pub(crate) struct CaCert {
+    pub(crate) pem: String,
+    pub(crate) der: Vec<u8>,
+    pub(crate) digest: String,
+}
+
+/// The running manager.
+pub struct Manager {
+    pub(crate) dir: ManagerDir,
+    pub(crate) store: Store,
+    pub(crate) cluster_id: ClusterId,
+    pub(crate) ca_cert: CaCert,
+    /// The CA with its key, loaded from the state when first needed.
+    signer: Mutex<Option<Arc<ClusterCa>>>,
+    pub(crate) peers: Peers,
+    pub(crate) options: ManagerOptions,
+    pub(crate) config: ManagerConfig,
+    data_key: DataKey,
+    server_tls: Mutex<Arc<ServerConfig>>,
+    /// Since when this manager leads (sessions reconnect to it from then on); `None` unless leading.
+    leading_since: Mutex<Option<Instant>>,
+    pub(crate) last_seen: Mutex<HashMap<NodeId, i64>>,
+    /// Open connections by the node they authenticated as (`None`: admin or unauthenticated).
+    connections: Mutex<HashMap<Option<NodeId>, Vec<CancellationToken>>>,
+    presence: Mutex<HashMap<NodeId, Presence>>,
+    pub(crate) join_attempts: AtomicU64,
+    pub(crate) policies: crate::slicer::PolicyCache,
+    pub(crate) memberships: crate::slicer::Memberships,
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Serializes changes: a plan is made and applied with no other change in between.
+    writer: tokio::sync::Mutex<()>,
+}
+impl Manager {
+    pub fn new(opened: Opened, options: ManagerOptions) -> Result<Arc<Manager>, tls::TlsError> {
+        let der = mesh_api::pki::pem_to_der(&opened.ca_pem)
+            .map_err(|e| tls::TlsError::Pem { what: "CA certificate", detail: e.to_string() })?;
+        let server_tls = tls::server_config(&der, &opened.manager_identity)?;
+        let digest = mesh_api::ids::digest_base36(&der);
+        Ok(Arc::new(Manager {
+            dir: opened.dir,
+            store: opened.store,
+            cluster_id: opened.cluster_id,
+            ca_cert: CaCert { pem: opened.ca_pem, der, digest },
+            signer: Mutex::new(None),
+            peers: opened.peers,
+            options,
+            config: opened.config,
+            data_key: opened.data_key,
+            server_tls: Mutex::new(server_tls),
+            leading_since: Mutex::new(None),
+            last_seen: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
+            join_attempts: AtomicU64::new(0),
+            policies: Default::default(),
+            memberships: Default::default(),
+            metrics: Default::default(),
+            writer: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The control port's TLS configuration of the moment (renewals replace it).
+    pub(crate) fn server_tls(&self) -> Arc<ServerConfig> {
+        self.server_tls.lock().expect("lock").clone()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The cluster CA, key included (from the replicated state).
+    pub fn ca(&self) -> Result<Arc<ClusterCa>, Status> {
+        let mut signer = self.signer.lock().expect("lock");
+        if let Some(ca) = signer.as_ref() {
+            return Ok(ca.clone());
+        }
+        let record = self
+            .store
+            .read(|s| s.ca.clone())
+            .ok_or_else(|| Status::unavailable("this manager has not received the cluster CA yet"))?;
+        let ca = ClusterCa::load(&record.cert_pem, &record.key_pem.0)
+            .map_err(|e| Status::internal(format!("the cluster CA in the state is unusable: {e}")))?;
+        let ca = Arc::new(ca);
+        *signer = Some(ca.clone());
+        Ok(ca)
+    }
+
+    /// The root CA certificate (DER).
+    pub fn ca_der(&self) -> &[u8] {
+        &self.ca_cert.der
+    }
+
+    /// Refuses unless this manager leads (and a majority acknowledged it lately); the refusal
+    /// names the leader, for clients to go there.
+    pub(crate) fn lead(&self) -> Result<(), Status> {
+        let l = self.store.leadership();
+        if l.leading {
+            return Ok(());
+        }
+        let leader = l.leader_addr().filter(|_| l.leader != Some(l.me));
+        let message = match leader {
+            Some(addr) => format!("this manager does not lead the cluster; the leader is at {addr}"),
+            None => "this manager does not lead the cluster and knows no leader now; retry shortly".into(),
+        };
+        Err(not_leading(message, leader))
+    }
+
+    /// Whether the managers would still have a working majority with `raft_id` no longer voting:
+    /// there must be a voter left, and the voters left that answer lately must be a majority of
+    /// the voters left.
+    pub(crate) fn quorum_after_demoting(&self, raft_id: u64) -> Result<(), String> {
+        let l = self.store.leadership();
+        if l.leader == Some(raft_id) {
+            return Err("it leads the cluster; demote it once another manager leads".into());
+        }
+        let left: Vec<u64> = l.voters.keys().copied().filter(|v| *v != raft_id).collect();
+        if left.is_empty() {
+            return Err("it is the last voting manager".into());
+        }
+        let reachable = left.iter().filter(|v| **v == l.me || self.peers.reachable(**v)).count();
+        let needed = left.len() / 2 + 1;
+        if reachable < needed {
+            return Err(format!(
+                "{reachable} of the {} managers that would still vote are reachable, {needed} are needed for a majority",
+                left.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every manager's control address, the leader first.
+    pub fn manager_addresses(&self) -> Vec<String> {
+        let l = self.store.leadership();
+        let mut out: Vec<String> = l.leader_addr().map(str::to_owned).into_iter().collect();
+        for addr in l.voters.values().chain(l.learners.values()) {
+            if !out.contains(addr) && !addr.is_empty() {
+                out.push(addr.clone());
+            }
+        }
+        out
+    }
+
+    /// Join calls received since start, whatever their outcome.
+    pub fn join_attempts(&self) -> u64 {
+        self.join_attempts.load(Ordering::Relaxed)
+    }
+
+    /// Makes a change: `plan` reads the state and liveness and returns commands; key rotations
+    /// for networks that a node leaves are added; all are applied together or not at all.
+    pub async fn change<F>(&self, plan: F) -> Result<(), ChangeError>
+    where
+        F: FnOnce(&ClusterState, &Liveness) -> Result<Vec<Command>, PlanError>,
+    {
+        let _writer = self.writer.lock().await;
+        let live = self.liveness();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let commands = self.store.read(|state| {
+            let commands = plan(state, &live)?;
+            plans::with_rotations(state, commands, now)
+        })?;
+        if !commands.is_empty() {
+            self.store.apply_all(commands).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves endpoints off down or ineligible nodes, fills missing replicas, and turns key rings
+    /// that are due.
+    pub(crate) async fn reconcile(&self) -> Result<(), ChangeError> {
+        let interval = self.options.key_rotation.as_secs() as i64;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        self.change(|state, live| {
+            let mut commands = plans::reconcile(state, live);
+            commands.extend(plans::due_rotations(state, interval, now));
+            Ok(commands)
+        })
+        .await
+    }
+
+    /// The manager's metrics as they stand (see [`crate::metrics`]).
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let raft = self.store.watch_raft().borrow().clone();
+        m.leader.set(i64::from(self.store.leadership().leading));
+        m.term.set(i64::try_from(raft.current_term).unwrap_or(i64::MAX));
+        m.applied_index.set(raft.last_applied.map_or(0, |l| i64::try_from(l.index).unwrap_or(i64::MAX)));
+        m.sessions.set(i64::try_from(self.connected().len()).unwrap_or(i64::MAX));
+        let (active, removed, networks, services) = self.store.read(|s| {
+            let removed = s.nodes.values().filter(|n| n.state == crate::state::NodeState::Removed).count();
+            (s.nodes.len() - removed, removed, s.networks.len(), s.services.len())
+        });
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        m.nodes.get_or_create(&crate::metrics::NodeStateLabel { state: "active" }).set(count(active));
+        m.nodes.get_or_create(&crate::metrics::NodeStateLabel { state: "removed" }).set(count(removed));
+        m.networks.set(count(networks));
+        m.services.set(count(services));
+        m.encode()
+    }
+
+    /// Identifies the caller and, for nodes, notes that it was seen. Only the leader answers.
+    pub(crate) fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.lead()?;
+        let caller = self.store.read(|state| auth::caller(request, state))?;
+        if let Caller::Node { id, .. } = &caller {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            self.last_seen.lock().expect("lock").insert(id.clone(), now);
+        }
+        Ok(caller)
+    }
+
+    /// Issues a node certificate for `csr_pem`.
+    pub(crate) fn issue_node_certificate(
+        &self,
+        csr_pem: &str,
+        id: &NodeId,
+        role: Role,
+    ) -> Result<(String, i64), Status> {
+        let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
+        let cert_pem = self
+            .ca()?
+            .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let kind = if role == Role::Manager { "manager" } else { "worker" };
+        self.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind }).inc();
+        let not_after = CertInfo::from_pem(&cert_pem)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .not_after
+            .unix_timestamp();
+        Ok((cert_pem, not_after))
+    }
+}

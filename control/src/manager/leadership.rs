@@ -1,0 +1,91 @@
+//! Following leadership: taking the lead gives nodes time to reconnect before their endpoints
+//! move; losing it cuts node sessions so they go to the leader; a manager that joined asks to be
+//! added to the raft group until it is.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_api::client;
+use mesh_api::proto::pb;
+use mesh_api::tls::{self, Identity, ServerTrust};
+use tracing::{info, warn};
+
+use super::Manager;
+use crate::statedir;
+
+impl Manager {
+    /// Follows leadership: taking the lead gives every node `down_after` from now to reconnect
+    /// before its endpoints move; losing it (or a majority's acknowledgement, when cut off) cuts
+    /// every node session, so nodes go to the manager that leads.
+    pub(crate) async fn follow_leadership(self: Arc<Self>) {
+        let mut metrics = self.store.watch_raft();
+        let mut leading = false;
+        loop {
+            let now_leading = self.store.leadership().leading;
+            if now_leading != leading {
+                leading = now_leading;
+                if leading {
+                    let now = Instant::now();
+                    *self.leading_since.lock().expect("lock") = Some(now);
+                    for p in self.presence.lock().expect("lock").values_mut().filter(|p| p.open == 0) {
+                        p.since = now;
+                    }
+                    info!(raft_id = self.store.id(), "this manager leads the cluster");
+                } else {
+                    *self.leading_since.lock().expect("lock") = None;
+                    info!(
+                        "this manager does not lead (any more): cutting node sessions so they find the leader"
+                    );
+                    self.close_nodes();
+                }
+            }
+            // Raft's metrics change with every election; the lease also runs out with no event.
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// A manager that joined asks the leader to add it to the raft group, until it is a member.
+    pub(crate) async fn join_raft_group(self: Arc<Self>) {
+        if self.config.join.is_empty() {
+            return;
+        }
+        loop {
+            if self.store.leadership().is_member(self.store.id()) {
+                return;
+            }
+            match self.ask_to_be_added().await {
+                Ok(()) => {
+                    info!(raft_id = self.store.id(), "added to the managers' raft group");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "asking to be added to the managers' raft group failed; will retry")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// The leader among `managers`, reached with this manager's `identity`.
+    pub(crate) async fn leader_as(
+        &self,
+        identity: &Identity,
+        managers: &[String],
+    ) -> Result<client::Leader, client::ClientError> {
+        let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(identity))?;
+        client::leader(managers, config).await
+    }
+
+    async fn ask_to_be_added(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let identity = statedir::open_identity(&self.dir)?;
+        let leader = self.leader_as(&identity, &self.config.join).await?;
+        pb::managers_client::ManagersClient::new(leader.channel)
+            .add_manager(pb::AddManagerRequest { control: self.config.advertise.to_string() })
+            .await
+            .map_err(|s| client::ClientError::refused(&leader.addr, s))?;
+        Ok(())
+    }
+}

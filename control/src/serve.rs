@@ -1,0 +1,109 @@
+//! The composition root of the manager: the only place that builds the gRPC handlers and the
+//! background tasks and wires them to the [`Manager`]. Handlers never construct each other.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_api::pki::CertInfo;
+use mesh_api::proto::pb;
+use mesh_api::tls;
+use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::warn;
+
+use crate::handlers::admin::AdminApi;
+use crate::handlers::identity::IdentityApi;
+use crate::handlers::managers::{LockedApi, ManagersApi};
+use crate::handlers::session::SessionApi;
+use crate::manager::Manager;
+use crate::manager::connections::accept_tls;
+use crate::raft::network::{MAX_MESSAGE, RaftApi};
+use crate::raft::seal::UnlockKey;
+use crate::statedir::{self, ManagerDir};
+
+/// How often the manager checks whether its own certificate is due for renewal.
+const SELF_RENEW_CHECK: Duration = Duration::from_secs(60);
+/// How often placement and key rotation are checked.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
+/// Serves the control API on `listener` until `shutdown` completes.
+pub async fn serve(
+    manager: Arc<Manager>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    opened_with: Option<&UnlockKey>,
+) -> Result<(), tonic::transport::Error> {
+    let (tls, track) = (manager.clone(), manager.clone());
+    let (incoming, _accept) =
+        accept_tls(listener, move || tls.server_tls(), move |node, token| track.track(node, token));
+    let background = manager.clone();
+    let _background = AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut last_self_check: Option<Instant> = None;
+        loop {
+            if last_self_check.is_none_or(|t| t.elapsed() >= SELF_RENEW_CHECK) {
+                last_self_check = Some(Instant::now());
+                if let Err(e) = background.renew_own_certificate_if_due().await {
+                    warn!(error = %e, "renewing the manager's own certificate failed; will retry");
+                }
+            }
+            if background.store.leadership().leading
+                && let Err(e) = background.reconcile().await
+            {
+                warn!(error = %e, "reconcile failed; will retry");
+            }
+            tokio::time::sleep(RECONCILE_EVERY).await;
+        }
+    }));
+    let _leadership = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_leadership()));
+    let opened_with = opened_with.map(|k| k.to_string());
+    let _autolock = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_autolock(opened_with)));
+    let _join = AbortOnDropHandle::new(tokio::spawn(manager.clone().join_raft_group()));
+    let closer = manager.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_all();
+    };
+    tonic::transport::Server::builder()
+        .add_service(pb::identity_server::IdentityServer::new(IdentityApi(manager.clone())))
+        .add_service(pb::admin_server::AdminServer::new(AdminApi(manager.clone())))
+        .add_service(pb::managers_server::ManagersServer::new(ManagersApi(manager.clone())))
+        .add_service(
+            pb::raft_server::RaftServer::new(RaftApi::new(
+                manager.cluster_id.clone(),
+                manager.store().clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(pb::dispatcher_server::DispatcherServer::new(SessionApi(manager)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Serves a locked manager on `listener`: nothing but `Unlock`, until an admin gives the key that
+/// opens this manager's data key, which is returned.
+pub async fn serve_locked(
+    root: &std::path::Path,
+    listener: TcpListener,
+) -> Result<UnlockKey, statedir::ClusterError> {
+    let dir = ManagerDir::new(root);
+    let ca_pem = mesh_api::files::read_string(&dir.ca_cert())?;
+    let der = mesh_api::pki::pem_to_der(&ca_pem)?;
+    let config = tls::server_config(&der, &statedir::open_identity(&dir)?)
+        .map_err(|e| statedir::ClusterError::Corrupt { path: dir.manager_cert(), error: e.to_string() })?;
+    let cluster = CertInfo::from_pem(&ca_pem)?.organization;
+    let (unlocked, mut key) = tokio::sync::mpsc::channel(1);
+    let api = LockedApi { dir, cluster, unlocked };
+    let (incoming, _accept) = accept_tls(listener, move || config.clone(), |_, _| {});
+    let server = tonic::transport::Server::builder()
+        .add_service(pb::managers_server::ManagersServer::new(api))
+        .serve_with_incoming(incoming);
+    tokio::select! {
+        key = key.recv() => Ok(key.expect("the server holds the sender")),
+        result = server => Err(statedir::ClusterError::Corrupt {
+            path: root.to_owned(),
+            error: format!("the locked manager's server stopped: {result:?}"),
+        }),
+    }
+}

@@ -1,0 +1,293 @@
+//! The slicer: what one node may know of the cluster, computed from the state and nothing else
+//! (no I/O; the session handler in [`crate::handlers::session`] sends it).
+//!
+//! A node's slice: its endpoints; for each network it has an endpoint on, the network, its keys,
+//! its peers (overlay address -> node underlay address) and its service records. A network the
+//! node has no endpoint on does not appear at all; its keys never leave control for that node.
+//! A message is sent only when the slice changed, versioned by the state's revision, and carries
+//! what changed since the session's previous message (see [`NodeSlice::to_wire`]); a session's
+//! first message is whole, so after any reconnect the node converges to the current slice at once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use mesh_api::ids::NodeId;
+use mesh_api::pki::MAX_WORKLOAD_CERT_LIFETIME;
+use mesh_api::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, ServiceRecord, SliceNetwork};
+
+use crate::state::ClusterState;
+
+/// The policy in force, parsed once per version.
+#[derive(Default)]
+pub struct PolicyCache(std::sync::Mutex<Option<(u64, Arc<policy::Policy>)>>);
+
+impl PolicyCache {
+    /// The parsed policy in force in `state`, if any.
+    pub fn current(&self, state: &ClusterState) -> Option<(u64, Arc<policy::Policy>)> {
+        let record = state.policy()?;
+        let mut cached = self.0.lock().expect("lock");
+        if let Some((v, p)) = cached.as_ref()
+            && *v == record.version
+        {
+            return Some((*v, p.clone()));
+        }
+        // It parsed when it was applied; a failure here would be a bug, and sends no rules.
+        let parsed = Arc::new(policy::Policy::parse(&record.file, &record.text).ok()?);
+        *cached = Some((record.version, parsed.clone()));
+        Some((record.version, parsed))
+    }
+}
+
+/// A network's peers and service records: the same for every node on it, so computed once per
+/// state revision and shared by every slice of that revision. A membership equal to the previous
+/// revision's is that one (the same `Arc`s), so the sessions compare it by pointer, not by
+/// content, on changes that leave it alone (a key rotation, say).
+#[derive(Default)]
+pub struct Memberships(std::sync::Mutex<Revisions>);
+
+#[derive(Default)]
+struct Revisions {
+    revision: u64,
+    current: HashMap<String, Membership>,
+    previous: HashMap<String, Membership>,
+}
+
+type Membership = (Arc<[Peer]>, Arc<[ServiceRecord]>);
+
+impl Memberships {
+    /// Network `name`'s membership in `state`.
+    pub fn of(&self, state: &ClusterState, name: &str) -> Membership {
+        let mut cached = self.0.lock().expect("lock");
+        let Revisions { revision, current, previous } = &mut *cached;
+        if *revision != state.revision {
+            *revision = state.revision;
+            *previous = std::mem::take(current);
+        }
+        let found = current.entry(name.to_owned()).or_insert_with(|| {
+            let fresh = membership(state, name);
+            match previous.get(name) {
+                Some(before) if *before == fresh => before.clone(),
+                _ => fresh,
+            }
+        });
+        found.clone()
+    }
+}
+
+fn membership(state: &ClusterState, name: &str) -> Membership {
+    let mut peers: Vec<Peer> = state
+        .endpoints()
+        .filter_map(|(_, e)| {
+            Some(Peer {
+                address: *e.addresses.get(name)?,
+                node: e.node.clone(),
+                underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
+                node_index: state.nodes.get(&e.node).map_or(0, |n| n.index),
+            })
+        })
+        .collect();
+    peers.sort_by_key(|p| p.address);
+    let services = state
+        .services
+        .values()
+        .filter_map(|s| {
+            let mut endpoints: Vec<_> =
+                s.endpoints.values().filter_map(|e| e.addresses.get(name).copied()).collect();
+            endpoints.sort();
+            Some(ServiceRecord {
+                name: s.name.clone(),
+                vip: *s.vips.get(name)?,
+                ports: s.ports.clone(),
+                endpoints,
+            })
+        })
+        .collect();
+    (peers.into(), services)
+}
+
+/// How long a removed node stays on the list of removed nodes sent to nodes: past it, every
+/// workload certificate it was issued has expired (none outlives
+/// [`MAX_WORKLOAD_CERT_LIFETIME`] and none is issued to a removed node), with a margin
+/// for clocks.
+pub const REMOVED_NODES_KEPT: std::time::Duration =
+    MAX_WORKLOAD_CERT_LIFETIME.saturating_add(std::time::Duration::from_secs(600));
+
+/// The slice of `state` that `node` may know, at `now` (Unix seconds).
+pub fn slice_for(
+    state: &ClusterState,
+    node: &NodeId,
+    policies: &PolicyCache,
+    memberships: &Memberships,
+    now: i64,
+) -> NodeSlice {
+    let mut endpoints = Vec::new();
+    let mut networks: BTreeSet<&str> = BTreeSet::new();
+    for (service, e) in state.endpoints().filter(|(_, e)| &e.node == node) {
+        networks.extend(e.addresses.keys().map(String::as_str));
+        endpoints.push(LocalEndpoint {
+            service: service.name.clone(),
+            slot: e.slot,
+            addresses: e.addresses.clone(),
+            command: service.command.clone(),
+        });
+    }
+    let networks = networks
+        .into_iter()
+        .filter_map(|name| state.networks.get(name))
+        .map(|network| {
+            let name = &network.name;
+            let (peers, services) = memberships.of(state, name);
+            SliceNetwork {
+                name: name.clone(),
+                id: network.id,
+                subnet: network.subnet,
+                encrypted: network.keys.is_some(),
+                keys: network.keys.iter().flat_map(|r| r.keys().map(|(u, k)| (u, k.clone()))).collect(),
+                peers,
+                services,
+            }
+        })
+        .collect();
+    let hosted: std::collections::BTreeSet<String> = endpoints.iter().map(|e| e.service.clone()).collect();
+    let policy = policies
+        .current(state)
+        .map(|(version, p)| NodePolicy { version, text: p.restricted_to(&hosted).to_toml() });
+    let node_index = state.nodes.get(node).map_or(0, |n| n.index);
+    let all: Vec<&str> = state.services.keys().map(String::as_str).collect();
+    let visibility = match policies.current(state) {
+        Some((_, p)) => hosted.iter().map(|s| (s.clone(), reachable(&p, s, &all))).collect(),
+        None => hosted.iter().map(|s| (s.clone(), Default::default())).collect(),
+    };
+    NodeSlice {
+        version: state.revision,
+        node: node.clone(),
+        endpoints,
+        networks,
+        policy,
+        node_index,
+        visibility,
+        removed_nodes: state
+            .nodes
+            .values()
+            .filter(|n| n.state == crate::state::NodeState::Removed)
+            .filter(|n| n.removed_at.is_none_or(|at| now < at + REMOVED_NODES_KEPT.as_secs() as i64))
+            .map(|n| n.id.clone())
+            .collect(),
+        managers: state.managers().filter_map(|m| m.control.map(|c| c.to_string())).collect(),
+    }
+}
+
+/// The services `source` may reach under `policy`, coarsely: those some enforced allow rule
+/// names for it (whatever its ports, methods or paths), less those an unconditional enforced deny
+/// shuts off entirely; with a default of allow, every service but the shut-off ones.
+pub fn reachable(
+    policy: &policy::Policy,
+    source: &str,
+    services: &[&str],
+) -> std::collections::BTreeSet<String> {
+    let from_matches = |r: &policy::Rule| r.from.as_ref().is_none_or(|f| f.contains(source));
+    let unconditional = |r: &policy::Rule| {
+        r.ports.is_empty() && r.methods.is_empty() && r.paths.is_empty() && r.headers.is_empty()
+    };
+    let enforced = || policy.rules.iter().filter(|r| !r.dry_run && from_matches(r));
+    let shut: std::collections::BTreeSet<&str> = enforced()
+        .filter(|r| r.action == policy::Action::Deny && unconditional(r))
+        .flat_map(|r| r.to.iter().map(String::as_str))
+        .collect();
+    let allowed: std::collections::BTreeSet<&str> = if policy.default == policy::Action::Allow {
+        services.iter().copied().collect()
+    } else {
+        enforced()
+            .filter(|r| r.action == policy::Action::Allow)
+            .flat_map(|r| r.to.iter().map(String::as_str))
+            .collect()
+    };
+    allowed.into_iter().filter(|s| !shut.contains(s) && services.contains(s)).map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::state::{Command, NodeRecord, NodeState};
+    use mesh_api::ids::ClusterId;
+    use mesh_api::tokens::Role;
+
+    fn node(hostname: &str) -> NodeRecord {
+        NodeRecord {
+            id: NodeId::random(),
+            hostname: hostname.into(),
+            role: Role::Worker,
+            state: NodeState::Active,
+            joined_at: 0,
+            cert_not_after: 0,
+            labels: Default::default(),
+            underlay: None,
+            index: 0,
+            control: None,
+            removed_at: None,
+        }
+    }
+
+    #[test]
+    fn a_membership_left_alone_by_a_change_is_the_same_shared_one() {
+        use crate::planning::plans::{self, Liveness, ServiceSpec};
+        let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
+        let a = node("a");
+        state.apply(Command::AddNode(a.clone())).unwrap();
+        let live = Liveness { connected: [a.id.clone()].into(), not_down: [a.id.clone()].into() };
+        let apply = |state: &mut ClusterState, commands: Vec<Command>| {
+            for c in commands {
+                state.apply(c).unwrap();
+            }
+        };
+        let plan = plans::create_network(&state, "front", "10.9.0.0/24", true, 1).unwrap();
+        apply(&mut state, plan);
+        let spec = |name: &str| ServiceSpec {
+            name: name.into(),
+            networks: vec!["front".into()],
+            ports: vec![],
+            replicas: 1,
+            constraints: vec![],
+            command: None,
+        };
+        let plan = plans::create_service(&state, spec("web"), &live).unwrap();
+        apply(&mut state, plan);
+        let memberships = Memberships::default();
+        let (peers, services) = memberships.of(&state, "front");
+        assert_eq!((peers.len(), services.len()), (1, 1));
+        // A rotation: a new revision, the same membership, the very same lists.
+        let plan = plans::rotate_key(&state, "front", 2).unwrap();
+        apply(&mut state, plan);
+        let (after, services_after) = memberships.of(&state, "front");
+        assert!(Arc::ptr_eq(&peers, &after) && Arc::ptr_eq(&services, &services_after));
+        // A new service on the network: new lists.
+        let plan = plans::create_service(&state, spec("api"), &live).unwrap();
+        apply(&mut state, plan);
+        let (_, services_now) = memberships.of(&state, "front");
+        assert_eq!(services_now.len(), 2);
+        assert!(!Arc::ptr_eq(&services, &services_now));
+    }
+
+    #[test]
+    fn removed_nodes_leave_the_list_once_their_workload_certificates_have_expired() {
+        let now = 1_900_000_000;
+        let kept = REMOVED_NODES_KEPT.as_secs() as i64;
+        let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
+        let [me, old, recent, legacy] = ["me", "old", "recent", "legacy"].map(node);
+        for n in [&me, &old, &recent, &legacy] {
+            state.apply(Command::AddNode(n.clone())).unwrap();
+        }
+        for (n, at) in [(&old, Some(now - kept)), (&recent, Some(now - kept + 60)), (&legacy, None)] {
+            state.apply(Command::RemoveNode { id: n.id.clone(), at }).unwrap();
+        }
+        let slice = slice_for(&state, &me.id, &PolicyCache::default(), &Memberships::default(), now);
+        let mut want = vec![recent.id.clone(), legacy.id.clone()];
+        want.sort();
+        let mut got = slice.removed_nodes.clone();
+        got.sort();
+        assert_eq!(got, want, "kept: removed within {kept} s, or at an unknown time");
+        assert!(REMOVED_NODES_KEPT > MAX_WORKLOAD_CERT_LIFETIME);
+    }
+}

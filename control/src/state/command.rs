@@ -1,0 +1,72 @@
+//! The changes the cluster state accepts: each one is a raft log entry.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use mesh_api::ids::NodeId;
+use mesh_api::tokens::{Role, SecretHash};
+use serde::{Deserialize, Serialize};
+
+use super::records::{CaRecord, Network, NodeRecord, PolicyRecord, Secret, Service};
+use crate::planning::keys::KeyRing;
+
+/// A change to the cluster state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    SetToken {
+        role: Role,
+        hash: SecretHash,
+        token: Secret,
+    },
+    SetCa(CaRecord),
+    /// Where a manager's control API (and raft) is reached.
+    SetManagerAddress {
+        id: NodeId,
+        control: SocketAddr,
+    },
+    /// Turns autolock on with this unlock key, or off.
+    SetUnlockKey(Option<Secret>),
+    AddNode(NodeRecord),
+    RecordCertificate {
+        id: NodeId,
+        not_after: i64,
+    },
+    RemoveNode {
+        id: NodeId,
+        /// Unix seconds, when the removal was planned.
+        #[serde(default)]
+        at: Option<i64>,
+    },
+    SetNodeLabels {
+        id: NodeId,
+        labels: BTreeMap<String, String>,
+    },
+    SetNodeUnderlay {
+        id: NodeId,
+        underlay: SocketAddr,
+    },
+    CreateNetwork(Network),
+    RemoveNetwork {
+        name: String,
+    },
+    SetKeyRing {
+        network: String,
+        ring: KeyRing,
+    },
+    /// Creates or replaces a service (its endpoints included).
+    PutService(Service),
+    RemoveService {
+        name: String,
+    },
+    /// Several commands applied in order, all or nothing: one plan.
+    Batch(Vec<Command>),
+    /// A new policy version, in force from now on.
+    SetPolicy(PolicyRecord),
+}
+
+impl Command {
+    /// Makes `token` the current join token for `role`.
+    pub fn set_token(role: Role, token: &mesh_api::tokens::JoinToken) -> Command {
+        Command::SetToken { role, hash: token.secret_hash(), token: Secret(token.to_string()) }
+    }
+}

@@ -1,0 +1,116 @@
+//! What the cluster state holds: nodes, networks, services and their endpoints, policy versions,
+//! the CA and secrets.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv4Net;
+use mesh_api::ids::NodeId;
+use mesh_api::model::{NodeState, PortSpec};
+use mesh_api::tokens::Role;
+use serde::{Deserialize, Serialize};
+
+use crate::planning::keys::KeyRing;
+use crate::planning::placement::Constraint;
+
+/// A node as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub hostname: String,
+    pub role: Role,
+    pub state: NodeState,
+    /// Unix seconds.
+    pub joined_at: i64,
+    /// Unix seconds: expiry of the last certificate issued to the node.
+    pub cert_not_after: i64,
+    /// Set by admins only; used by placement constraints.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where the node receives overlay traffic, as it reported in its session.
+    #[serde(default)]
+    pub underlay: Option<SocketAddr>,
+    /// The node's index in overlay headers: unique in the cluster, never reused, assigned when
+    /// the node is added (whatever the command carried).
+    #[serde(default)]
+    pub index: u32,
+    /// For a manager: the address of its control API, which is also where its raft peers reach it.
+    #[serde(default)]
+    pub control: Option<SocketAddr>,
+    /// Unix seconds: when the node was removed (for nodes removed before this was kept: none).
+    #[serde(default)]
+    pub removed_at: Option<i64>,
+}
+
+impl NodeRecord {
+    /// The node's ID in the store's raft group (managers only): its node index.
+    pub fn raft_id(&self) -> u64 {
+        u64::from(self.index)
+    }
+}
+
+/// A secret held in the replicated state (sealed at rest like the rest of it); never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The cluster's root CA, replicated so that any manager can issue certificates after another is
+/// lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub cert_pem: String,
+    pub key_pem: Secret,
+}
+
+/// An overlay network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: String,
+    /// Unique in the cluster, 24 bits, never 0.
+    pub id: u32,
+    pub subnet: Ipv4Net,
+    /// The key ring; `None` for an unencrypted network.
+    pub keys: Option<KeyRing>,
+}
+
+/// One running instance of a service, on one node, with an address on each of its networks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub slot: u32,
+    pub node: NodeId,
+    /// Network name -> address.
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+}
+
+/// A service: what it runs, where, and its addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub networks: Vec<String>,
+    pub ports: Vec<PortSpec>,
+    pub replicas: u32,
+    pub constraints: Vec<Constraint>,
+    pub command: Option<String>,
+    /// Network name -> virtual IP.
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    /// Slot -> endpoint.
+    pub endpoints: BTreeMap<u32, Endpoint>,
+}
+
+/// One applied version of the ACL policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    /// The file name it was applied from, for error messages.
+    pub file: String,
+    pub text: String,
+    /// Unix seconds.
+    pub applied_at: i64,
+    /// `apply`, or `rollback to N`.
+    pub source: String,
+}

@@ -1,0 +1,376 @@
+//! Creating a cluster and opening it again: the manager's state directory.
+//!
+//! ```text
+//! DIR/cluster.redb       the replicated store: raft log, vote, snapshots, sealed with the data key;
+//!                        the CA's key and the join tokens live in it, so every manager has them
+//! DIR/data.key           the data key that seals the state at rest (0600); under autolock it is
+//!                        itself wrapped by the unlock key, which no manager keeps
+//! DIR/ca.crt             the root CA certificate
+//! DIR/manager.crt, .key  this manager's own certificate (key 0600)
+//! DIR/config.json        the listen and advertised addresses, the raft ID
+//! DIR/admin/             (first manager) the admin bundle for meshctl: ca.crt, admin.crt,
+//!                        admin.key (0600), control (one manager address per line)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use mesh_api::bundle::AdminBundle;
+use mesh_api::files::{self, FileError, PUBLIC, SECRET};
+use mesh_api::ids::{ClusterId, NodeId};
+use mesh_api::join::{JoinError, hostname};
+use mesh_api::pki::{CertInfo, PkiError};
+use mesh_api::tls::{Identity, TlsError};
+use mesh_api::tokens::{JoinToken, Role};
+
+use crate::ca::{CaError, ClusterCa, Subject};
+use crate::config::{DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME};
+use crate::raft::network::Peers;
+use crate::raft::seal::{DataKey, KeyFile, SealError, UnlockKey};
+use crate::raft::store::{Store, StoreError};
+use crate::state::{CaRecord, ClusterState, Command, NodeRecord, NodeState, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0} already holds a cluster ({1} exists); refusing to overwrite it")]
+    Exists(PathBuf, PathBuf),
+    #[error("{0} holds no cluster (no {1}); create one with `mesh-control init`")]
+    Missing(PathBuf, PathBuf),
+    #[error("certificate lifetime {given} is too short: the minimum is 1h")]
+    LifetimeTooShort { given: String },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("{path} is corrupt: {error}")]
+    Corrupt { path: PathBuf, error: String },
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0} is a worker token: a manager joins with the manager token (`meshctl join-token manager`)")]
+    WorkerToken(String),
+}
+
+/// Where the manager listens and what address it tells others to use.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManagerConfig {
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    /// This manager's ID in the store's raft group.
+    #[serde(default = "first_raft_id")]
+    pub raft_id: u64,
+    /// For a manager that joined: the managers it joined through, asked to add it to the raft
+    /// group until it is in.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// The name this manager's node record carries (the host's name unless told otherwise).
+    #[serde(default = "hostname")]
+    pub hostname: String,
+}
+
+impl ManagerConfig {
+    /// `advertise` defaults to `listen`, or to loopback when `listen` is unspecified (0.0.0.0).
+    pub fn new(listen: SocketAddr, advertise: Option<SocketAddr>) -> ManagerConfig {
+        let advertise = advertise.unwrap_or_else(|| {
+            if listen.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], listen.port()))
+            } else {
+                listen
+            }
+        });
+        ManagerConfig { listen, advertise, raft_id: first_raft_id(), join: Vec::new(), hostname: hostname() }
+    }
+}
+
+fn first_raft_id() -> u64 {
+    1
+}
+
+/// Paths in a manager's state directory.
+#[derive(Clone, Debug)]
+pub struct ManagerDir {
+    pub root: PathBuf,
+}
+
+impl ManagerDir {
+    pub fn new(root: &Path) -> ManagerDir {
+        ManagerDir { root: root.to_owned() }
+    }
+    pub fn state(&self) -> PathBuf {
+        self.root.join("cluster.redb")
+    }
+    pub fn data_key(&self) -> PathBuf {
+        self.root.join("data.key")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.crt")
+    }
+    pub fn manager_cert(&self) -> PathBuf {
+        self.root.join("manager.crt")
+    }
+    pub fn manager_key(&self) -> PathBuf {
+        self.root.join("manager.key")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+    pub fn admin(&self) -> PathBuf {
+        self.root.join("admin")
+    }
+
+    /// Refuses a directory that already holds (part of) a cluster.
+    fn check_empty(&self) -> Result<(), ClusterError> {
+        for existing in [self.state(), self.config(), self.data_key(), self.manager_key()] {
+            if existing.exists() {
+                return Err(ClusterError::Exists(self.root.clone(), existing));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the data key file for the unlock key in force (wrapped) or none (in the clear).
+    pub fn write_data_key(&self, key: &DataKey, unlock: Option<&UnlockKey>) -> Result<(), FileError> {
+        key.save(&self.data_key(), unlock)
+    }
+}
+
+/// What `mesh-control init` made.
+#[derive(Debug)]
+pub struct Created {
+    pub cluster_id: ClusterId,
+    pub manager_id: NodeId,
+    pub worker_token: JoinToken,
+    pub manager_token: JoinToken,
+    pub admin_dir: PathBuf,
+    pub config: ManagerConfig,
+    /// With autolock: the unlock key, shown once.
+    pub unlock_key: Option<UnlockKey>,
+}
+
+/// Creates a cluster in `root`: CA, this manager's identity, join tokens, state, admin bundle.
+/// With `autolock`, the data key is wrapped by a new unlock key, returned to be shown once.
+pub async fn init(
+    root: &Path,
+    config: ManagerConfig,
+    cert_lifetime: Duration,
+    autolock: bool,
+) -> Result<Created, ClusterError> {
+    if cert_lifetime < MIN_CERT_LIFETIME {
+        return Err(ClusterError::LifetimeTooShort {
+            given: humantime::format_duration(cert_lifetime).to_string(),
+        });
+    }
+    let dir = ManagerDir::new(root);
+    dir.check_empty()?;
+    files::create_private_dir(root)?;
+
+    let cluster_id = ClusterId::random();
+    let ca = ClusterCa::generate(&cluster_id)?;
+    let worker_token = JoinToken::generate(&ca.digest());
+    let manager_token = JoinToken::generate(&ca.digest());
+    let manager_id = NodeId::random();
+    let (manager_cert, manager_key) =
+        ca.issue_with_new_key(&Subject::node(&cluster_id, &manager_id, Role::Manager, cert_lifetime))?;
+    let (admin_cert, admin_key) = ca.issue_with_new_key(&Subject::admin(&cluster_id))?;
+    let identity = Identity { cert_pem: manager_cert.clone(), key_pem: manager_key };
+
+    files::write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), PUBLIC)?;
+    dir.write_manager_identity(&identity)?;
+    AdminBundle {
+        managers: vec![config.advertise.to_string()],
+        ca_pem: ca.cert_pem().to_owned(),
+        identity: Identity { cert_pem: admin_cert, key_pem: admin_key },
+    }
+    .write(&dir.admin())?;
+
+    let unlock_key = autolock.then(UnlockKey::generate);
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let commands = vec![
+        Command::SetCa(CaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: Secret(ca.key_pem()) }),
+        Command::set_token(Role::Worker, &worker_token),
+        Command::set_token(Role::Manager, &manager_token),
+        Command::AddNode(NodeRecord {
+            id: manager_id.clone(),
+            hostname: config.hostname.clone(),
+            role: Role::Manager,
+            state: NodeState::Active,
+            joined_at: now,
+            cert_not_after: CertInfo::from_pem(&manager_cert)?.not_after.unix_timestamp(),
+            labels: Default::default(),
+            underlay: None,
+            index: 0,
+            control: Some(config.advertise),
+            removed_at: None,
+        }),
+        Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
+    ];
+    let data_key = DataKey::generate();
+    dir.write_data_key(&data_key, unlock_key.as_ref())?;
+    let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
+    let peers = Peers::new(ca.cert_der(), &identity)?;
+    let store = Store::open(
+        &dir.state(),
+        data_key,
+        initial,
+        config.raft_id,
+        &config.advertise.to_string(),
+        true,
+        peers,
+    )
+    .await?;
+    store.apply_all(commands).await?;
+    store.snapshot().await?;
+    store.shutdown().await;
+    drop(store);
+    // The config is written last: its presence is what marks a complete cluster.
+    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
+
+    Ok(Created {
+        cluster_id,
+        manager_id,
+        worker_token,
+        manager_token,
+        admin_dir: dir.admin(),
+        config,
+        unlock_key,
+    })
+}
+
+/// What `mesh-control join` made.
+#[derive(Debug)]
+pub struct JoinedManager {
+    pub node_id: NodeId,
+    pub raft_id: u64,
+    pub cluster_id: ClusterId,
+}
+
+/// Joins the cluster at `managers` as a manager with the manager `token`: a manager certificate
+/// for a key made here, the CA pinned by the token, a data key of its own. The manager is added
+/// to the raft group once it serves (see [`crate::serve::serve`]).
+pub async fn join(
+    root: &Path,
+    mut config: ManagerConfig,
+    managers: &[String],
+    token: &str,
+) -> Result<JoinedManager, ClusterError> {
+    let dir = ManagerDir::new(root);
+    dir.check_empty()?;
+    let joined = mesh_api::join::join(managers, token, &config.hostname, true).await?;
+    let role = CertInfo::from_pem(&joined.identity.cert_pem)?.unit;
+    if Role::from_ou(&role) != Some(Role::Manager) {
+        return Err(ClusterError::WorkerToken(format!("node {} joined as a worker: the token", joined.id)));
+    }
+    files::create_private_dir(root)?;
+    files::write_atomic(&dir.ca_cert(), joined.ca_pem.as_bytes(), PUBLIC)?;
+    dir.write_manager_identity(&joined.identity)?;
+    DataKey::generate().save(&dir.data_key(), None)?;
+    config.raft_id = u64::from(joined.node_index);
+    config.join = managers.to_vec();
+    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
+    let cluster_id = cluster_of(&dir, &joined.ca_pem)?;
+    Ok(JoinedManager { node_id: joined.id, raft_id: config.raft_id, cluster_id })
+}
+
+fn cluster_of(dir: &ManagerDir, ca_pem: &str) -> Result<ClusterId, ClusterError> {
+    CertInfo::from_pem(ca_pem)?.organization.parse().map_err(|e: mesh_api::ids::InvalidId| {
+        ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() }
+    })
+}
+
+/// An existing cluster, opened to be served.
+pub struct Opened {
+    pub dir: ManagerDir,
+    pub config: ManagerConfig,
+    pub store: Store,
+    pub cluster_id: ClusterId,
+    pub ca_pem: String,
+    pub manager_identity: Identity,
+    pub peers: Peers,
+    /// The data key, to re-wrap when autolock changes.
+    pub data_key: DataKey,
+}
+
+/// Whether the manager in `root` is locked: its data key is wrapped by the unlock key.
+pub fn is_locked(root: &Path) -> Result<bool, ClusterError> {
+    Ok(matches!(KeyFile::read(&ManagerDir::new(root).data_key())?, KeyFile::Locked(_)))
+}
+
+/// The listen and advertised addresses of the manager in `root`.
+pub fn read_config(root: &Path) -> Result<ManagerConfig, ClusterError> {
+    let dir = ManagerDir::new(root);
+    let path = dir.config();
+    if !path.exists() {
+        return Err(ClusterError::Missing(root.to_owned(), path));
+    }
+    serde_json::from_str(&files::read_string(&path)?)
+        .map_err(|e| ClusterError::Corrupt { path, error: e.to_string() })
+}
+
+/// Opens the manager in `root`; a locked one needs `unlock`. Does not wait for a leader: with
+/// several managers an election needs the others up too.
+pub async fn open(root: &Path, unlock: Option<&UnlockKey>) -> Result<Opened, ClusterError> {
+    let dir = ManagerDir::new(root);
+    let config = read_config(root)?;
+    let ca_pem = files::read_string(&dir.ca_cert())?;
+    let cluster_id = cluster_of(&dir, &ca_pem)?;
+    let key_path = dir.data_key();
+    let data_key = KeyFile::read(&key_path)?.open(&key_path, unlock)?;
+    let manager_identity = open_identity(&dir)?;
+    let peers = Peers::new(&mesh_api::pki::pem_to_der(&ca_pem)?, &manager_identity)?;
+    // The state comes from the store's snapshot and log; this is only the empty shape.
+    let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
+    let store = Store::open(
+        &dir.state(),
+        data_key.clone(),
+        initial,
+        config.raft_id,
+        &config.advertise.to_string(),
+        false,
+        peers.clone(),
+    )
+    .await?;
+    Ok(Opened { dir, config, store, cluster_id, ca_pem, manager_identity, peers, data_key })
+}
+
+/// The state of a stopped manager, read from its files (for tools and tests).
+pub async fn read_state(root: &Path, unlock: Option<&UnlockKey>) -> Result<ClusterState, ClusterError> {
+    let opened = open(root, unlock).await?;
+    // Entries after the last snapshot are applied once the log is read back.
+    let last = opened.store.raft().metrics().borrow().last_log_index;
+    let _ = opened
+        .store
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .applied_index_at_least(last, "the log is applied")
+        .await;
+    let state = opened.store.read(Clone::clone);
+    opened.store.shutdown().await;
+    Ok(state)
+}
+
+impl ManagerDir {
+    /// Replaces this manager's own certificate and key.
+    pub fn write_manager_identity(&self, identity: &Identity) -> Result<(), FileError> {
+        files::write_atomic(&self.manager_key(), identity.key_pem.as_bytes(), SECRET)?;
+        files::write_atomic(&self.manager_cert(), identity.cert_pem.as_bytes(), PUBLIC)
+    }
+}
+
+/// This manager's current certificate and key.
+pub fn open_identity(dir: &ManagerDir) -> Result<Identity, FileError> {
+    Ok(Identity {
+        cert_pem: files::read_string(&dir.manager_cert())?,
+        key_pem: files::read_string(&dir.manager_key())?,
+    })
+}
