@@ -1,0 +1,8 @@
+//! meshctl's commands, one module each; [`output`] is how they print.
+
+pub mod cluster;
+pub mod network;
+pub mod node;
+pub mod output;
+pub mod policy;
+pub mod service;

@@ -1,0 +1,78 @@
+//! `meshctl network`: the overlay networks.
+
+use clap::Subcommand;
+use mesh_api::client::AdminClient;
+
+use super::output::{Format, render};
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// Create a network (encrypted unless --unencrypted).
+    Create {
+        name: String,
+        /// IPv4 subnet in CIDR form, at most /29, not overlapping another network.
+        #[arg(long)]
+        subnet: String,
+        #[arg(long)]
+        unencrypted: bool,
+    },
+    /// List networks.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show one network (never its key bytes).
+    Inspect { name: String },
+    /// Remove a network (refused while services are attached).
+    Rm { name: String },
+    /// Rotate a network's key now.
+    RotateKey { name: String },
+}
+
+/// Runs `meshctl network ...` against the leader.
+pub async fn run(cmd: NetworkCmd, client: &mut AdminClient) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create { name, subnet, unencrypted } => {
+            let n = client.create_network(&name, &subnet, !unencrypted).await?;
+            println!(
+                "network {} created: {} (ID {}, {})",
+                n.name,
+                n.subnet,
+                n.id,
+                if n.encrypted { "encrypted" } else { "unencrypted" }
+            );
+        }
+        NetworkCmd::Ls { format } => {
+            let networks = client.list_networks().await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&networks)?),
+                Format::Table => print!(
+                    "{}",
+                    render(
+                        &["NAME", "ID", "SUBNET", "ENCRYPTED", "KEY EPOCH", "ENDPOINTS", "NODES"],
+                        networks.iter().map(|n| vec![
+                            n.name.clone(),
+                            n.id.to_string(),
+                            n.subnet.to_string(),
+                            if n.encrypted { "yes" } else { "no" }.to_owned(),
+                            n.key_epoch.map_or("-".to_owned(), |e| e.to_string()),
+                            n.endpoints.to_string(),
+                            n.nodes.len().to_string(),
+                        ])
+                    )
+                ),
+            }
+        }
+        NetworkCmd::Inspect { name } => {
+            println!("{}", serde_json::to_string_pretty(&client.inspect_network(&name).await?)?)
+        }
+        NetworkCmd::Rm { name } => {
+            println!("network {} removed", client.remove_network(&name).await?.name)
+        }
+        NetworkCmd::RotateKey { name } => {
+            let n = client.rotate_network_key(&name).await?;
+            println!("network {} key rotated: epoch {}", n.name, n.key_epoch.unwrap_or(0));
+        }
+    }
+    Ok(())
+}
