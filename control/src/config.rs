@@ -46,3 +46,49 @@ impl Default for ManagerOptions {
         }
     }
 }
+
+/// The control port's connection limits: enough for thousands of nodes, their renewals and
+/// reconnects after a failover, while a flood of connections that prove nothing holds at most
+/// a few hundred sockets and no more memory than their TLS state.
+pub const CONNECTION_LIMITS: Limits = Limits {
+    handshaking: Quota { total: 512, per_source: 64 },
+    anonymous: Quota { total: 256, per_source: 16 },
+    authenticated: Quota { total: 16_384, per_source: 16_384 },
+    handshake_timeout: Duration::from_secs(10),
+    anonymous_lifetime: Duration::from_secs(30),
+    idle: Duration::from_secs(60),
+};
+/// Concurrent gRPC streams on one control connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// The largest request a caller without a client certificate may send (a join: a CSR, a token
+/// and a host name).
+pub const MAX_ANONYMOUS_MESSAGE: usize = 16 << 10;
+/// The largest request of a node or an admin (a policy file is the largest).
+pub const MAX_MESSAGE: usize = 4 << 20;
+/// The largest HTTP/2 header block accepted.
+pub const MAX_HEADER_LIST: u32 = 16 << 10;
+
+/// How many connections one quota admits, in all and from one source address.
+#[derive(Clone, Copy, Debug)]
+pub struct Quota {
+    pub total: usize,
+    pub per_source: usize,
+}
+
+/// The control port's limits, so that nobody can exhaust a manager's memory or file descriptors
+/// before proving who they are ([`CONNECTION_LIMITS`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections still in their TLS handshake.
+    pub handshaking: Quota,
+    /// Connections without a client certificate (only the join path answers them).
+    pub anonymous: Quota,
+    /// Connections with a certificate of this cluster's CA.
+    pub authenticated: Quota,
+    /// How long a client has to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How long a connection without a certificate may stay open at all.
+    pub anonymous_lifetime: Duration,
+    /// How long any connection may go without sending a byte (clients ping every few seconds).
+    pub idle: Duration,
+}

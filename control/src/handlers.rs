@@ -3,6 +3,7 @@
 //! (Raft between managers is [`crate::raft::network`]'s.) Only [`crate::serve`] builds them.
 
 pub mod admin;
+pub mod gate;
 pub mod identity;
 pub mod managers;
 pub mod session;

@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::warn;
 
+use crate::config;
 use crate::handlers::admin::AdminApi;
+use crate::handlers::gate::GateLayer;
 use crate::handlers::identity::IdentityApi;
 use crate::handlers::managers::{LockedApi, ManagersApi};
 use crate::handlers::session::SessionApi;
@@ -35,8 +37,12 @@ pub async fn serve(
     opened_with: Option<&UnlockKey>,
 ) -> Result<(), tonic::transport::Error> {
     let (tls, track) = (manager.clone(), manager.clone());
-    let (incoming, _accept) =
-        accept_tls(listener, move || tls.server_tls(), move |node, token| track.track(node, token));
+    let (incoming, _accept) = accept_tls(
+        listener,
+        config::CONNECTION_LIMITS,
+        move || tls.server_tls(),
+        move |node, token| track.track(node, token),
+    );
     let background = manager.clone();
     let _background = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut last_self_check: Option<Instant> = None;
@@ -64,10 +70,20 @@ pub async fn serve(
         shutdown.await;
         closer.close_all();
     };
-    tonic::transport::Server::builder()
-        .add_service(pb::identity_server::IdentityServer::new(IdentityApi(manager.clone())))
-        .add_service(pb::admin_server::AdminServer::new(AdminApi(manager.clone())))
-        .add_service(pb::managers_server::ManagersServer::new(ManagersApi(manager.clone())))
+    let small = config::MAX_ANONYMOUS_MESSAGE;
+    server(manager.cluster_id.as_str())
+        .add_service(
+            pb::identity_server::IdentityServer::new(IdentityApi(manager.clone()))
+                .max_decoding_message_size(small),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(AdminApi(manager.clone()))
+                .max_decoding_message_size(config::MAX_MESSAGE),
+        )
+        .add_service(
+            pb::managers_server::ManagersServer::new(ManagersApi(manager.clone()))
+                .max_decoding_message_size(small),
+        )
         .add_service(
             pb::raft_server::RaftServer::new(RaftApi::new(
                 manager.cluster_id.clone(),
@@ -76,9 +92,24 @@ pub async fn serve(
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(pb::dispatcher_server::DispatcherServer::new(SessionApi(manager)))
+        .add_service(
+            pb::dispatcher_server::DispatcherServer::new(SessionApi(manager))
+                .max_decoding_message_size(small),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// The control port's gRPC server: the [`GateLayer`] in front of every service, and HTTP/2
+/// bounded (streams per connection, header size; the connection limits are [`accept_tls`]'s).
+fn server(
+    cluster: &str,
+) -> tonic::transport::Server<tower::layer::util::Stack<GateLayer, tower::layer::util::Identity>> {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(config::MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(config::MAX_HEADER_LIST)
+        .http2_max_pending_accept_reset_streams(Some(config::MAX_STREAMS_PER_CONNECTION as usize))
+        .layer(GateLayer::new(cluster))
 }
 
 /// Serves a locked manager on `listener`: nothing but `Unlock`, until an admin gives the key that
@@ -90,14 +121,19 @@ pub async fn serve_locked(
     let dir = ManagerDir::new(root);
     let ca_pem = mesh_api::files::read_string(&dir.ca_cert())?;
     let der = mesh_api::pki::pem_to_der(&ca_pem)?;
-    let config = tls::server_config(&der, &statedir::open_identity(&dir)?)
+    let tls_config = tls::server_config(&der, &statedir::open_identity(&dir)?)
         .map_err(|e| statedir::ClusterError::Corrupt { path: dir.manager_cert(), error: e.to_string() })?;
     let cluster = CertInfo::from_pem(&ca_pem)?.organization;
     let (unlocked, mut key) = tokio::sync::mpsc::channel(1);
+    let mut gated = server(&cluster);
     let api = LockedApi { dir, cluster, unlocked };
-    let (incoming, _accept) = accept_tls(listener, move || config.clone(), |_, _| {});
-    let server = tonic::transport::Server::builder()
-        .add_service(pb::managers_server::ManagersServer::new(api))
+    let (incoming, _accept) =
+        accept_tls(listener, config::CONNECTION_LIMITS, move || tls_config.clone(), |_, _| {});
+    let server = gated
+        .add_service(
+            pb::managers_server::ManagersServer::new(api)
+                .max_decoding_message_size(config::MAX_ANONYMOUS_MESSAGE),
+        )
         .serve_with_incoming(incoming);
     tokio::select! {
         key = key.recv() => Ok(key.expect("the server holds the sender")),

@@ -2,12 +2,15 @@
 //! connection registered under the node it authenticated as, so that removing a node (or losing
 //! the lead) cuts its connections at once.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_api::ids::NodeId;
 use mesh_api::pki::CertInfo;
@@ -24,9 +27,7 @@ use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
 use super::Manager;
-
-/// How long a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::config::{Limits, Quota};
 
 impl Manager {
     /// Cuts every open connection of `node`.
@@ -66,31 +67,112 @@ impl Manager {
     }
 }
 
-/// Accepts TLS connections on `listener` (configuration from `tls` at each handshake), registers
-/// each with `track` so it can be cut, and hands them to the gRPC server.
+/// Counts what a [`Quota`] admitted; a [`Permit`] gives its place back when dropped.
+#[derive(Debug)]
+struct Admission {
+    quota: Quota,
+    used: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Admission {
+    fn new(quota: Quota) -> Arc<Admission> {
+        Arc::new(Admission { quota, used: Mutex::new((0, HashMap::new())) })
+    }
+
+    /// A place for a connection from `source`, if the quota has one.
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Permit> {
+        let mut used = self.used.lock().expect("lock");
+        let (total, by_source) = &mut *used;
+        let mine = by_source.entry(source).or_default();
+        if *total >= self.quota.total || *mine >= self.quota.per_source {
+            if *mine == 0 {
+                by_source.remove(&source);
+            }
+            return None;
+        }
+        *total += 1;
+        *mine += 1;
+        Some(Permit { admission: self.clone(), source })
+    }
+}
+
+/// One admitted connection.
+#[derive(Debug)]
+struct Permit {
+    admission: Arc<Admission>,
+    source: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut used = self.admission.used.lock().expect("lock");
+        let (total, by_source) = &mut *used;
+        *total -= 1;
+        if let Some(mine) = by_source.get_mut(&self.source) {
+            *mine -= 1;
+            if *mine == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Refusals of connections over a limit, logged at most once per interval.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+static LAST_REFUSAL_LOG: Mutex<Option<Instant>> = Mutex::new(None);
+
+fn refused(what: &str, peer: SocketAddr) {
+    let count = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut last = LAST_REFUSAL_LOG.lock().expect("lock");
+    if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+        *last = Some(Instant::now());
+        warn!(%peer, refused = count, "refusing a connection: {what} (logged once per {LOG_EVERY:?})");
+    }
+}
+
+/// How often a flood of refusals is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Accepts TLS connections on `listener` (configuration from `tls` at each handshake) within
+/// `limits`, registers each with `track` so it can be cut, and hands them to the gRPC server.
+/// Accept errors (out of file descriptors, say) are waited out, never the end of the loop.
 pub(crate) fn accept_tls(
     listener: TcpListener,
+    limits: Limits,
     tls: impl Fn() -> Arc<ServerConfig> + Send + Sync + 'static,
     track: impl Fn(Option<NodeId>, CancellationToken) + Send + Sync + 'static,
 ) -> (ReceiverStream<io::Result<Cuttable>>, AbortOnDropHandle<()>) {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Cuttable>>(64);
     let hooks = Arc::new((tls, track));
+    let handshaking = Admission::new(limits.handshaking);
+    let anonymous = Admission::new(limits.anonymous);
+    let authenticated = Admission::new(limits.authenticated);
     let task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(10);
         loop {
             let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff = Duration::from_millis(10);
+                    conn
+                }
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    warn!(error = %e, "accept failed; waiting {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
+            let Some(handshake_permit) = handshaking.admit(peer.ip()) else {
+                refused("too many TLS handshakes in progress", peer);
+                continue;
+            };
             let hooks = hooks.clone();
             let tx = tx.clone();
+            let (anonymous, authenticated) = (anonymous.clone(), authenticated.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let handshake = TlsAcceptor::from((hooks.0)()).accept(tcp);
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                let tls = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake refused");
@@ -101,9 +183,27 @@ pub(crate) fn accept_tls(
                         return;
                     }
                 };
+                drop(handshake_permit);
+                let certified = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                let (permit, lifetime) = if certified {
+                    (authenticated.admit(peer.ip()), None)
+                } else {
+                    (anonymous.admit(peer.ip()), Some(limits.anonymous_lifetime))
+                };
+                let Some(permit) = permit else {
+                    refused(
+                        if certified {
+                            "too many connections"
+                        } else {
+                            "too many connections without a certificate"
+                        },
+                        peer,
+                    );
+                    return;
+                };
                 let token = CancellationToken::new();
                 (hooks.1)(peer_node(&tls), token.clone());
-                let _ = tx.send(Ok(Cuttable::new(tls, token))).await;
+                let _ = tx.send(Ok(Cuttable::new(tls, token, permit, limits.idle, lifetime))).await;
             });
         }
     });
@@ -120,22 +220,52 @@ fn peer_node(tls: &TlsStream<TcpStream>) -> Option<NodeId> {
 
 /// A TLS connection that can be cut from outside: once its token is cancelled every read and write
 /// fails, which makes the HTTP/2 server drop the connection.
+/// It also ends when the peer sends nothing for a while, or (without a certificate) when its
+/// time is up.
 pub struct Cuttable {
     inner: TlsStream<TcpStream>,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     token: CancellationToken,
+    /// Reset by every byte read.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_after: Duration,
+    /// For connections without a certificate: when they end, whatever they do.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    _permit: Permit,
 }
 
 impl Cuttable {
-    fn new(inner: TlsStream<TcpStream>, token: CancellationToken) -> Cuttable {
-        Cuttable { inner, cut: Box::pin(token.clone().cancelled_owned()), token }
+    fn new(
+        inner: TlsStream<TcpStream>,
+        token: CancellationToken,
+        permit: Permit,
+        idle_after: Duration,
+        lifetime: Option<Duration>,
+    ) -> Cuttable {
+        Cuttable {
+            inner,
+            cut: Box::pin(token.clone().cancelled_owned()),
+            token,
+            idle: Box::pin(tokio::time::sleep(idle_after)),
+            idle_after,
+            deadline: lifetime.map(|l| Box::pin(tokio::time::sleep(l))),
+            _permit: permit,
+        }
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.cut.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "node removed")),
-            Poll::Pending => Ok(()),
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut"));
         }
+        if self.idle.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "idle for too long"));
+        }
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no certificate, and its time is up"));
+        }
+        Ok(())
     }
 }
 
@@ -160,7 +290,13 @@ impl AsyncRead for Cuttable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.check(cx)?;
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let idle_after = self.idle_after;
+            self.idle.as_mut().reset(tokio::time::Instant::now() + idle_after);
+        }
+        read
     }
 }
 
