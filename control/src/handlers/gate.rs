@@ -87,12 +87,12 @@ pub fn admit(path: &str, leaf: Option<&[u8]>, cluster: &str) -> Result<(), Statu
         .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?
         .holder(cluster)
         .map_err(|e| Status::permission_denied(e.to_string()))?;
-    let allowed = match (who, &holder) {
-        (Who::Admin, Holder::Admin) => true,
-        (Who::Node, Holder::Node { .. }) => true,
-        (Who::Manager, Holder::Node { role: Role::Manager, .. }) => true,
-        _ => false,
-    };
+    let allowed = matches!(
+        (who, &holder),
+        (Who::Admin, Holder::Admin)
+            | (Who::Node, Holder::Node { .. })
+            | (Who::Manager, Holder::Node { role: Role::Manager, .. })
+    );
     if allowed {
         return Ok(());
     }
