@@ -19,6 +19,10 @@ use tokio::net::TcpStream;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
+type Body = StreamBody<tokio_stream::wrappers::ReceiverStream<Chunk>>;
+type Sender = hyper::client::conn::http2::SendRequest<Body>;
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
@@ -32,12 +36,7 @@ fn vm_size_kib() -> u64 {
 }
 
 /// A TLS connection to control, presenting `identity` if given, speaking HTTP/2.
-async fn h2(
-    cluster: &TestCluster,
-    identity: Option<&Identity>,
-) -> hyper::client::conn::http2::SendRequest<
-    StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::convert::Infallible>>>,
-> {
+async fn h2(cluster: &TestCluster, identity: Option<&Identity>) -> Sender {
     let config = tls::client_config(ServerTrust::Ca(cluster.manager.ca_der()), identity).unwrap();
     let tcp = TcpStream::connect(cluster.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(mesh_api::pki::CONTROL_SERVER_NAME).unwrap();
@@ -51,12 +50,10 @@ async fn h2(
 /// Starts a gRPC call to `path` whose message claims `claimed` bytes, sends only the 5-byte
 /// prefix and keeps the stream open; returns the `grpc-status` control answered with.
 async fn claim_huge(
-    send: &mut hyper::client::conn::http2::SendRequest<
-        StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::convert::Infallible>>>,
-    >,
+    send: &mut Sender,
     path: &str,
     claimed: u32,
-    held: &mut Vec<tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>>,
+    held: &mut Vec<tokio::sync::mpsc::Sender<Chunk>>,
 ) -> String {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut prefix = vec![0u8];
@@ -109,7 +106,10 @@ async fn floods_of_connections_that_prove_nothing_stay_bounded_and_the_cluster_k
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Ours are `silent.len()` of the descriptors; the manager's share is what is left.
     let managers_fds = open_fds().saturating_sub(fds_before + silent.len());
-    assert!(managers_fds <= 64 + 16, "the manager holds {managers_fds} descriptors for one address's silent connections");
+    assert!(
+        managers_fds <= 64 + 16,
+        "the manager holds {managers_fds} descriptors for one address's silent connections"
+    );
 
     // 2. During it: a join, a renewal, an admin call, a session.
     let started = Instant::now();
