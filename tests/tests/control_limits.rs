@@ -71,7 +71,7 @@ async fn claim_huge(
         .expect("control answers at once, without waiting for the claimed message")
         .unwrap();
     let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
-    let status = match status {
+    match status {
         Some(s) => s,
         None => {
             let trailers = response.into_body().collect().await.unwrap().trailers().cloned();
@@ -79,8 +79,7 @@ async fn claim_huge(
                 .and_then(|t| t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()))
                 .unwrap_or_default()
         }
-    };
-    status
+    }
 }
 
 #[tokio::test]
