@@ -104,6 +104,10 @@ pub struct Manager {
     pub(crate) peers: Peers,
     pub(crate) options: ManagerOptions,
     pub(crate) config: ManagerConfig,
+    /// This manager's own node ID.
+    pub(crate) node_id: NodeId,
+    /// Cancelled once this manager finds itself removed from the cluster.
+    pub(crate) removed: CancellationToken,
     data_key: DataKey,
     server_tls: Mutex<Arc<ServerConfig>>,
     /// Since when this manager leads (sessions reconnect to it from then on); `None` unless leading.
@@ -124,6 +128,13 @@ impl Manager {
         let der = mesh_api::pki::pem_to_der(&opened.ca_pem)
             .map_err(|e| tls::TlsError::Pem { what: "CA certificate", detail: e.to_string() })?;
         let server_tls = tls::server_config(&der, &opened.manager_identity)?;
+        let node_id = CertInfo::from_pem(&opened.manager_identity.cert_pem)
+            .ok()
+            .and_then(|info| info.common_name.parse().ok())
+            .ok_or(tls::TlsError::Pem {
+                what: "manager certificate",
+                detail: "no node ID as its CN".into(),
+            })?;
         let digest = mesh_api::ids::digest_base36(&der);
         Ok(Arc::new(Manager {
             dir: opened.dir,
@@ -134,6 +145,8 @@ impl Manager {
             peers: opened.peers,
             options,
             config: opened.config,
+            node_id,
+            removed: CancellationToken::new(),
             data_key: opened.data_key,
             server_tls: Mutex::new(server_tls),
             leading_since: Mutex::new(None),

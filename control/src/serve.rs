@@ -29,13 +29,22 @@ const SELF_RENEW_CHECK: Duration = Duration::from_secs(60);
 /// How often placement and key rotation are checked.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
-/// Serves the control API on `listener` until `shutdown` completes.
+/// Why [`serve`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The `shutdown` future completed.
+    Shutdown,
+    /// This manager was removed from the cluster; its state directory serves no more.
+    Removed,
+}
+
+/// Serves the control API on `listener` until `shutdown` completes or this manager is removed.
 pub async fn serve(
     manager: Arc<Manager>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     opened_with: Option<&UnlockKey>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<Stopped, tonic::transport::Error> {
     let (tls, track) = (manager.clone(), manager.clone());
     let (incoming, _accept) = accept_tls(
         listener,
@@ -65,11 +74,17 @@ pub async fn serve(
     let opened_with = opened_with.map(|k| k.to_string());
     let _autolock = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_autolock(opened_with)));
     let _join = AbortOnDropHandle::new(tokio::spawn(manager.clone().join_raft_group()));
+    let _removal = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_own_removal()));
     let closer = manager.clone();
+    let removed = manager.removed.clone();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = removed.cancelled() => {}
+        }
         closer.close_all();
     };
+    let removed = manager.removed.clone();
     let small = config::MAX_ANONYMOUS_MESSAGE;
     server(manager.cluster_id.as_str())
         .add_service(
@@ -97,7 +112,8 @@ pub async fn serve(
                 .max_decoding_message_size(small),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await?;
+    Ok(if removed.is_cancelled() { Stopped::Removed } else { Stopped::Shutdown })
 }
 
 /// The control port's gRPC server: the [`GateLayer`] in front of every service, and HTTP/2

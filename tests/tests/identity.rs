@@ -204,7 +204,7 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
     // Start HTTP/2 so the server treats it as a live connection.
     open.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
 
-    let removed = cluster.admin().await.remove_node(id.as_str()).await.unwrap();
+    let removed = cluster.admin().await.remove_node(id.as_str(), false).await.unwrap();
     assert_eq!(removed.state, NodeState::Removed);
 
     // The connection is closed by the manager.
@@ -223,7 +223,7 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
     let message = refused_with(identity::renew(&node_dir(&dir)).await, Code::PermissionDenied);
     assert!(message.contains("removed"), "{message}");
     // Removing again is a clear error; the other node is untouched.
-    let again = cluster.admin().await.remove_node(id.as_str()).await.unwrap_err();
+    let again = cluster.admin().await.remove_node(id.as_str(), false).await.unwrap_err();
     assert_eq!(again.code(), Some(Code::FailedPrecondition));
     assert_eq!(identity::renew(&node_dir(&other_dir)).await.unwrap().id, other);
     let listed = cluster.admin().await.inspect_node(id.as_str()).await.unwrap();

@@ -143,7 +143,7 @@ async fn a_removed_node_triggers_a_rotation_and_cannot_reconnect() {
     let victim = nodes.iter().position(|n| n.id == victim_id).unwrap();
     nodes[victim].wait_for("the network", |s| has_network(s, "front")).await;
 
-    admin.remove_node(victim_id.as_str()).await.unwrap();
+    admin.remove_node(victim_id.as_str(), false).await.unwrap();
     // The key rotated, and the endpoint moved to the node that had none.
     let after = admin.inspect_network("front").await.unwrap();
     assert_eq!(after.key_epoch, Some(3), "rekeyed: a fresh current past the next it knew");

@@ -81,6 +81,6 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // A removed node gets nothing more.
-    admin.remove_node(a.id.as_str()).await.unwrap();
+    admin.remove_node(a.id.as_str(), false).await.unwrap();
     refused(workload_certificate(&a.state_dir(), "api", 1).await);
 }

@@ -228,10 +228,11 @@ impl AdminClient {
         self.convert(node.into_inner())
     }
 
-    pub async fn remove_node(&mut self, id: &str) -> Result<NodeView, ClientError> {
+    /// Removes a node; a manager that votes only with `force` (else demote it first).
+    pub async fn remove_node(&mut self, id: &str, force: bool) -> Result<NodeView, ClientError> {
         let node = self
             .inner
-            .remove_node(pb::RemoveNodeRequest { id: id.to_owned() })
+            .remove_node(pb::RemoveNodeRequest { id: id.to_owned(), force })
             .await
             .map_err(|s| self.refused(s))?;
         self.convert(node.into_inner())

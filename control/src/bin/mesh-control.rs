@@ -273,8 +273,13 @@ async fn serve(
         stop().await;
         info!("shutting down");
     };
-    serve::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await?;
+    let stopped = serve::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await?;
     manager.store().shutdown().await;
+    anyhow::ensure!(
+        stopped != serve::Stopped::Removed,
+        "this manager was removed from the cluster (meshctl node rm); {} serves no more",
+        state_dir.display()
+    );
     Ok(())
 }
 

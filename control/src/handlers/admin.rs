@@ -87,6 +87,31 @@ impl AdminApi {
         Ok((id, raft_id, self.0.store.leadership()))
     }
 
+    /// Whether manager `id` may be removed: never the leader; one that votes only with `force`
+    /// (docker swarm's rule: demote first), and only if the voters left keep a majority.
+    fn check_manager_removal(&self, id: &NodeId, raft_id: u64, force: bool) -> Result<(), Status> {
+        let l = self.0.store.leadership();
+        if l.leader == Some(raft_id) {
+            return Err(Status::failed_precondition(format!(
+                "manager {id} leads the cluster: stop its mesh-control so that another manager leads, then remove it"
+            )));
+        }
+        if l.voters.contains_key(&raft_id) {
+            if !force {
+                return Err(Status::failed_precondition(format!(
+                    "manager {id} votes in the managers' raft group: demote it first (`meshctl node demote {id}`), \
+                     or remove it with --force"
+                )));
+            }
+            if let Err(reason) = self.0.quorum_after_demoting(raft_id) {
+                return Err(Status::failed_precondition(format!(
+                    "refusing to remove manager {id}: {reason}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Puts a new unlock key in force (autolock on, or rotated) and returns it.
     async fn new_unlock_key(&self) -> Result<Secret, Status> {
         let key = Secret(UnlockKey::generate().to_string());
@@ -210,7 +235,37 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Node>, Status> {
         self.admin(&request)?;
         let id = node_id(&request.get_ref().id)?;
-        self.0.change(|state, live| plans::remove_node(state, &id, live)).await?;
+        let force = request.get_ref().force;
+        let manager = self
+            .0
+            .store
+            .read(|s| s.nodes.get(&id).filter(|n| n.role == Role::Manager).map(|n| (n.raft_id(), n.state)));
+        let manager = match manager {
+            // A removal whose leaving the raft group failed: finish it.
+            Some((raft_id, NodeState::Removed)) if self.0.store.leadership().is_member(raft_id) => {
+                Some(raft_id)
+            }
+            Some((raft_id, NodeState::Active)) => {
+                self.check_manager_removal(&id, raft_id, force)?;
+                // The removal is in the state before the manager leaves the raft group, so that
+                // it learns of it (and stops) from the log, as the last entry it is sent.
+                self.0.change(|state, live| plans::remove_node(state, &id, live)).await?;
+                Some(raft_id)
+            }
+            _ => {
+                self.0.change(|state, live| plans::remove_node(state, &id, live)).await?;
+                None
+            }
+        };
+        if let Some(raft_id) = manager {
+            self.0.store.remove_member(raft_id).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "manager {id} is removed from the cluster, but leaving the raft group failed ({e}); \
+                     run `meshctl node rm {id} --force` again"
+                ))
+            })?;
+            info!(node = %id, raft_id, "manager left the raft group");
+        }
         self.0.cut(&id);
         info!(node = %id, "node removed");
         Ok(Response::new(self.node(&id)?))

@@ -11,6 +11,7 @@ use mesh_api::tls::{self, Identity, ServerTrust};
 use tracing::{info, warn};
 
 use super::Manager;
+use crate::state::NodeState;
 use crate::statedir;
 
 impl Manager {
@@ -66,6 +67,25 @@ impl Manager {
                 }
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Watches the state for this manager's own removal (`meshctl node rm`): the removal is the
+    /// last entry the others send it before it leaves the raft group, and on it the manager stops.
+    pub(crate) async fn follow_own_removal(self: Arc<Self>) {
+        let mut revisions = self.store.subscribe();
+        loop {
+            let removed = self
+                .store
+                .read(|s| s.nodes.get(&self.node_id).is_some_and(|n| n.state == NodeState::Removed));
+            if removed {
+                warn!(node = %self.node_id, "this manager was removed from the cluster (meshctl node rm): stopping");
+                self.removed.cancel();
+                return;
+            }
+            if revisions.changed().await.is_err() {
+                return;
+            }
         }
     }
 

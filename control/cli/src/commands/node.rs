@@ -21,8 +21,15 @@ pub enum NodeCmd {
         format: Format,
     },
     /// Remove a node: it is refused on every call from now on, its connections are cut, its
-    /// endpoints move elsewhere and the keys of its networks rotate.
-    Rm { id: String },
+    /// endpoints move elsewhere and the keys of its networks rotate. A manager also leaves the
+    /// managers' raft group (it stops); one that votes must be demoted first, or --force.
+    Rm {
+        id: String,
+        /// Remove a manager that still votes (refused anyway if the others would lose their
+        /// majority).
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a demoted manager vote again in the replicated store.
     Promote { id: String },
     /// Make a manager stop voting (it keeps a copy of the state); refused if the voters left
@@ -65,8 +72,8 @@ pub async fn run(cmd: NodeCmd, client: &mut AdminClient) -> anyhow::Result<()> {
                 Format::Table => print!("{}", table(std::slice::from_ref(&node))),
             }
         }
-        NodeCmd::Rm { id } => {
-            let node = client.remove_node(&id).await?;
+        NodeCmd::Rm { id, force } => {
+            let node = client.remove_node(&id, force).await?;
             println!("{} removed", node.id);
         }
         NodeCmd::Update { id, label_add, label_rm } => {
