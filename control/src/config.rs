@@ -58,6 +58,12 @@ pub const CONNECTION_LIMITS: Limits = Limits {
     anonymous_lifetime: Duration::from_secs(30),
     idle: Duration::from_secs(60),
 };
+/// How many times a node may renew its certificate within [`RENEWAL_WINDOW`]: meshd renews once
+/// per half lifetime (an hour at least), so this only ever stops a node that makes managers sign
+/// and replicate in a loop.
+pub const RENEWALS_PER_WINDOW: usize = 3;
+/// See [`RENEWALS_PER_WINDOW`].
+pub const RENEWAL_WINDOW: Duration = Duration::from_secs(600);
 /// Concurrent gRPC streams on one control connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// The largest request a caller without a client certificate may send (a join: a CSR, a token

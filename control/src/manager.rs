@@ -13,7 +13,7 @@ pub mod renewal;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::pki::CertInfo;
@@ -106,6 +106,8 @@ pub struct Manager {
     pub(crate) config: ManagerConfig,
     /// This manager's own node ID.
     pub(crate) node_id: NodeId,
+    /// When each node renewed lately (see [`crate::config::RENEWALS_PER_WINDOW`]).
+    renewals: Mutex<HashMap<NodeId, std::collections::VecDeque<Instant>>>,
     /// Cancelled once this manager finds itself removed from the cluster.
     pub(crate) removed: CancellationToken,
     data_key: DataKey,
@@ -147,6 +149,7 @@ impl Manager {
             config: opened.config,
             node_id,
             removed: CancellationToken::new(),
+            renewals: Mutex::new(HashMap::new()),
             data_key: opened.data_key,
             server_tls: Mutex::new(server_tls),
             leading_since: Mutex::new(None),
@@ -308,6 +311,29 @@ impl Manager {
             self.last_seen.lock().expect("lock").insert(id.clone(), now);
         }
         Ok(caller)
+    }
+
+    /// Counts a renewal by `node`, or refuses it when the node renewed too often lately.
+    pub(crate) fn allow_renewal(&self, node: &NodeId) -> Result<(), Status> {
+        use crate::config::{RENEWAL_WINDOW, RENEWALS_PER_WINDOW};
+        let now = Instant::now();
+        let mut renewals = self.renewals.lock().expect("lock");
+        renewals.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < RENEWAL_WINDOW));
+        let times = renewals.entry(node.clone()).or_default();
+        while times.front().is_some_and(|t| now.duration_since(*t) >= RENEWAL_WINDOW) {
+            times.pop_front();
+        }
+        if times.len() >= RENEWALS_PER_WINDOW {
+            let wait = RENEWAL_WINDOW - now.duration_since(times[0]);
+            return Err(Status::resource_exhausted(format!(
+                "node {node} renewed its certificate {} times in the last {}; renew again in {}",
+                times.len(),
+                humantime::format_duration(RENEWAL_WINDOW),
+                humantime::format_duration(Duration::from_secs(wait.as_secs() + 1))
+            )));
+        }
+        times.push_back(now);
+        Ok(())
     }
 
     /// Issues a node certificate for `csr_pem`.

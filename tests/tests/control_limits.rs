@@ -184,3 +184,45 @@ async fn floods_of_connections_that_prove_nothing_stay_bounded_and_the_cluster_k
     assert_eq!(ended, silent.len(), "every silent connection is closed within 20 s");
     drop((held, anonymous, workers, open, silent));
 }
+
+#[tokio::test]
+async fn a_node_renewing_in_a_loop_is_refused_after_a_few_and_others_are_not() {
+    let cluster = TestCluster::start(HOUR).await;
+    let (dir, id) = cluster.join(Role::Worker).await;
+    let (other_dir, _) = cluster.join(Role::Worker).await;
+    for _ in 0..control::config::RENEWALS_PER_WINDOW {
+        assert_eq!(identity::renew(&node_dir(&dir)).await.expect("a renewal").id, id);
+    }
+    let err = match identity::renew(&node_dir(&dir)).await {
+        Err(identity::IdentityError::Client(e)) => e,
+        other => panic!("a renewal too many was not refused: {:?}", other.map(|n| n.id)),
+    };
+    assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("renew again in"), "{err}");
+    identity::renew(&node_dir(&other_dir)).await.expect("another node renews");
+}
+
+#[tokio::test]
+async fn a_new_session_of_a_node_ends_the_one_it_had() {
+    let cluster = TestCluster::start(HOUR).await;
+    let (dir, _) = cluster.join(Role::Worker).await;
+    let node = NodeDir::new(&node_dir(&dir)).load().unwrap();
+    let session = || async {
+        let channel = cluster.channel_as(Some(&node.identity)).await;
+        mesh_api::proto::pb::dispatcher_client::DispatcherClient::new(channel)
+            .session(mesh_api::proto::pb::SessionRequest::default())
+            .await
+            .expect("a session")
+            .into_inner()
+    };
+    let mut first = session().await;
+    first.message().await.expect("the first slice").expect("a slice");
+    let mut second = session().await;
+    second.message().await.expect("the second session's slice").expect("a slice");
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), first.message()).await.expect("the first session ends");
+    let status = ended.expect_err("the first session ends with a status");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status}");
+    assert!(status.message().contains("newer session"), "{status}");
+    assert_eq!(cluster.manager.connected().len(), 1);
+}

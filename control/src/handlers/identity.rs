@@ -107,6 +107,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 return Err(Status::permission_denied("only nodes renew certificates"));
             }
         };
+        manager.allow_renewal(&id)?;
         let (cert_pem, not_after) = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role)?;
         manager
             .store

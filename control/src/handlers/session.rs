@@ -9,7 +9,7 @@ use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use crate::auth::Caller;
 use crate::manager::Manager;
@@ -54,8 +54,10 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let guard = manager.session_opened(&node);
         info!(node = %node, "session opened");
-        tokio::spawn(async move {
-            let _guard = guard;
+        let span = tracing::info_span!("session", node = %node);
+        tokio::spawn(
+            async move {
+            let guard = guard;
             let mut revisions = manager.store.subscribe();
             let mut last: Option<NodeSlice> = None;
             loop {
@@ -91,10 +93,17 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
                 tokio::select! {
                     changed = revisions.changed() => if changed.is_err() { break },
                     _ = tx.closed() => break,
+                    _ = guard.replaced.cancelled() => {
+                        info!(node = %node, "session replaced by a newer one of the same node");
+                        let _ = tx.send(Err(Status::aborted("replaced by a newer session of this node"))).await;
+                        break;
+                    }
                 }
             }
             info!(node = %node, "session closed");
-        });
+        }
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -6,16 +6,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mesh_api::ids::NodeId;
+use tokio_util::sync::CancellationToken;
 
 use super::Manager;
 use crate::planning::plans::Liveness;
 use crate::state::NodeState;
 
 /// Open sessions of a node, and since when it has had none.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Presence {
     pub(super) open: usize,
     pub(super) since: Instant,
+    /// The newest session's: a node holds one session, and a new one ends the one before.
+    pub(super) newest: Option<CancellationToken>,
 }
 
 impl Manager {
@@ -28,7 +31,7 @@ impl Manager {
         let mut live = Liveness::default();
         self.store.read(|s| {
             for node in s.nodes.values().filter(|n| n.state == NodeState::Active) {
-                let p = presence.get(&node.id).copied().unwrap_or(Presence { open: 0, since });
+                let p = presence.get(&node.id).cloned().unwrap_or(Presence { open: 0, since, newest: None });
                 if p.open > 0 {
                     live.connected.insert(node.id.clone());
                 }
@@ -45,12 +48,19 @@ impl Manager {
         self.liveness().connected
     }
 
-    /// Notes a session opened by `node`; the guard notes its end when dropped.
+    /// Notes a session opened by `node`, ending the one it had (the returned guard's
+    /// `replaced` is cancelled in turn when a newer one opens); the guard notes its end when
+    /// dropped.
     pub(crate) fn session_opened(self: &Arc<Self>, node: &NodeId) -> SessionGuard {
         let mut presence = self.presence.lock().expect("lock");
-        let p = presence.entry(node.clone()).or_insert(Presence { open: 0, since: Instant::now() });
+        let p =
+            presence.entry(node.clone()).or_insert(Presence { open: 0, since: Instant::now(), newest: None });
         p.open += 1;
-        SessionGuard { manager: self.clone(), node: node.clone() }
+        let replaced = CancellationToken::new();
+        if let Some(older) = p.newest.replace(replaced.clone()) {
+            older.cancel();
+        }
+        SessionGuard { manager: self.clone(), node: node.clone(), replaced }
     }
 }
 
@@ -58,6 +68,8 @@ impl Manager {
 pub(crate) struct SessionGuard {
     manager: Arc<Manager>,
     node: NodeId,
+    /// Cancelled when the node opens a newer session.
+    pub(crate) replaced: CancellationToken,
 }
 
 impl Drop for SessionGuard {
