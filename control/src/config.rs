@@ -28,7 +28,23 @@ pub const MIN_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(60);
 /// on one host).
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9481));
 
-/// How the manager runs.
+/// The values `meshctl cluster update` accepts for each setting.
+/// (A year is 365.25 days, as humantime counts it.)
+pub const CERT_LIFETIME_RANGE: std::ops::RangeInclusive<Duration> =
+    MIN_CERT_LIFETIME..=Duration::from_secs(31_557_600);
+/// See [`CERT_LIFETIME_RANGE`].
+pub const KEY_ROTATION_RANGE: std::ops::RangeInclusive<Duration> =
+    MIN_KEY_ROTATION..=Duration::from_secs(30 * 24 * 3600);
+/// See [`CERT_LIFETIME_RANGE`].
+pub const WORKLOAD_CERT_LIFETIME_RANGE: std::ops::RangeInclusive<Duration> =
+    MIN_WORKLOAD_CERT_LIFETIME..=mesh_api::pki::MAX_WORKLOAD_CERT_LIFETIME;
+/// See [`CERT_LIFETIME_RANGE`].
+pub const DOWN_AFTER_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
+/// How the manager runs: the cluster-wide settings, as this process was told them on its command
+/// line. Settings an admin stored in the cluster state (`meshctl cluster update`) take their
+/// place, whichever manager leads.
 #[derive(Clone, Debug)]
 pub struct ManagerOptions {
     pub key_rotation: Duration,

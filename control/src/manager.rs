@@ -272,7 +272,7 @@ impl Manager {
     /// Moves endpoints off down or ineligible nodes, fills missing replicas, and turns key rings
     /// that are due.
     pub(crate) async fn reconcile(&self) -> Result<(), ChangeError> {
-        let interval = self.options.key_rotation.as_secs() as i64;
+        let interval = self.settings().key_rotation.as_secs() as i64;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         self.change(|state, live| {
             let mut commands = plans::reconcile(state, live);
@@ -311,6 +311,20 @@ impl Manager {
             self.last_seen.lock().expect("lock").insert(id.clone(), now);
         }
         Ok(caller)
+    }
+
+    /// The cluster-wide settings in force: those stored in the state, else this process's.
+    pub fn settings(&self) -> ManagerOptions {
+        let stored = self.store.read(|s| s.settings.clone());
+        let or = |secs: Option<u64>, default: Duration| secs.map_or(default, Duration::from_secs);
+        ManagerOptions {
+            key_rotation: or(stored.key_rotation_secs, self.options.key_rotation),
+            down_after: or(stored.down_after_secs, self.options.down_after),
+            workload_cert_lifetime: or(
+                stored.workload_cert_lifetime_secs,
+                self.options.workload_cert_lifetime,
+            ),
+        }
     }
 
     /// Counts a renewal by `node`, or refuses it when the node renewed too often lately.

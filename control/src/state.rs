@@ -23,7 +23,7 @@ mod records;
 
 pub use command::Command;
 pub use error::StateError;
-pub use records::{CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, Service};
+pub use records::{CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, Service, Settings};
 
 /// The whole replicated cluster state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,6 +53,9 @@ pub struct ClusterState {
     /// The index the next added node gets (indexes start at 1).
     #[serde(default)]
     pub next_node_index: u32,
+    /// Cluster-wide settings stored by an admin.
+    #[serde(default)]
+    pub settings: Settings,
     /// Bumped by every applied command: the version of node slices.
     #[serde(default)]
     pub revision: u64,
@@ -72,6 +75,7 @@ impl ClusterState {
             services: BTreeMap::new(),
             policies: Vec::new(),
             next_node_index: 1,
+            settings: Settings::default(),
             revision: 0,
         }
     }
@@ -172,6 +176,42 @@ impl ClusterState {
                 node.control = Some(control);
             }
             Command::SetUnlockKey(key) => self.unlock_key = key,
+            Command::UpdateSettings { cert_lifetime_secs, settings } => {
+                use crate::config::{
+                    CERT_LIFETIME_RANGE, DOWN_AFTER_RANGE, KEY_ROTATION_RANGE, WORKLOAD_CERT_LIFETIME_RANGE,
+                };
+                let checks = [
+                    ("the certificate lifetime", cert_lifetime_secs, CERT_LIFETIME_RANGE),
+                    ("the key rotation interval", settings.key_rotation_secs, KEY_ROTATION_RANGE),
+                    (
+                        "the workload certificate lifetime",
+                        settings.workload_cert_lifetime_secs,
+                        WORKLOAD_CERT_LIFETIME_RANGE,
+                    ),
+                    ("down-after", settings.down_after_secs, DOWN_AFTER_RANGE),
+                ];
+                for (setting, value, range) in checks {
+                    if let Some(secs) = value
+                        && !range.contains(&Duration::from_secs(secs))
+                    {
+                        let show = |d: Duration| humantime::format_duration(d).to_string();
+                        return Err(StateError::Setting {
+                            setting: setting.to_owned(),
+                            value: show(Duration::from_secs(secs)),
+                            min: show(*range.start()),
+                            max: show(*range.end()),
+                        });
+                    }
+                }
+                if let Some(secs) = cert_lifetime_secs {
+                    self.cert_lifetime_secs = secs;
+                }
+                let current = &mut self.settings;
+                current.key_rotation_secs = settings.key_rotation_secs.or(current.key_rotation_secs);
+                current.down_after_secs = settings.down_after_secs.or(current.down_after_secs);
+                current.workload_cert_lifetime_secs =
+                    settings.workload_cert_lifetime_secs.or(current.workload_cert_lifetime_secs);
+            }
             Command::AddNode(mut record) => {
                 if self.nodes.contains_key(&record.id) {
                     return Err(StateError::NodeExists(record.id));

@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pki::CONTROL_SERVER_NAME;
-use crate::proto::{NetworkView, NodeView, PolicyView, ServiceView, pb};
+use crate::proto::{ClusterView, NetworkView, NodeView, PolicyView, ServiceView, pb};
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
 
@@ -252,9 +252,25 @@ impl AdminClient {
 
     /// Turns autolock on (returning the unlock key) or off.
     pub async fn update_cluster(&mut self, autolock: bool) -> Result<String, ClientError> {
-        let request = pb::UpdateClusterRequest { autolock };
+        self.update_settings(pb::UpdateClusterRequest { autolock: Some(autolock), ..Default::default() })
+            .await
+    }
+
+    /// Changes the cluster-wide settings the request names (the others stay); returns the unlock
+    /// key when the request turns autolock on.
+    pub async fn update_settings(
+        &mut self,
+        request: pb::UpdateClusterRequest,
+    ) -> Result<String, ClientError> {
         let response = self.inner.update_cluster(request).await.map_err(|s| self.refused(s))?;
         Ok(response.into_inner().key)
+    }
+
+    /// The cluster-wide settings in force.
+    pub async fn inspect_cluster(&mut self) -> Result<ClusterView, ClientError> {
+        let info =
+            self.inner.inspect_cluster(pb::InspectClusterRequest {}).await.map_err(|s| self.refused(s))?;
+        self.convert(info.into_inner())
     }
 
     /// The unlock key, or a new one with `rotate`.

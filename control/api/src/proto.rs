@@ -229,3 +229,44 @@ impl TryFrom<pb::PolicyVersion> for PolicyView {
         })
     }
 }
+
+/// The cluster-wide settings as an admin sees them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterView {
+    pub id: crate::ids::ClusterId,
+    pub autolock: bool,
+    #[serde(with = "humantime_serde")]
+    pub cert_expiry: std::time::Duration,
+    #[serde(with = "humantime_serde")]
+    pub key_rotation: std::time::Duration,
+    #[serde(with = "humantime_serde")]
+    pub workload_cert_expiry: std::time::Duration,
+    #[serde(with = "humantime_serde")]
+    pub down_after: std::time::Duration,
+    pub managers: Vec<String>,
+}
+
+/// Durations as humans write them ("12h"), as the command line takes them.
+mod humantime_serde {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+impl TryFrom<pb::ClusterInfo> for ClusterView {
+    type Error = InvalidMessage;
+    fn try_from(c: pb::ClusterInfo) -> Result<ClusterView, InvalidMessage> {
+        let secs = |v: u64, field: &'static str| {
+            if v == 0 { Err(InvalidMessage::Missing(field)) } else { Ok(std::time::Duration::from_secs(v)) }
+        };
+        Ok(ClusterView {
+            id: c.id.parse()?,
+            autolock: c.autolock,
+            cert_expiry: secs(c.cert_expiry_secs, "cert_expiry_secs")?,
+            key_rotation: secs(c.key_rotation_secs, "key_rotation_secs")?,
+            workload_cert_expiry: secs(c.workload_cert_expiry_secs, "workload_cert_expiry_secs")?,
+            down_after: secs(c.down_after_secs, "down_after_secs")?,
+            managers: c.managers,
+        })
+    }
+}

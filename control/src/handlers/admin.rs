@@ -11,7 +11,9 @@ use crate::manager::Manager;
 use crate::planning::plans::{self, ServiceSpec};
 use crate::raft::seal::UnlockKey;
 use crate::raft::store::Leadership;
-use crate::state::{ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service};
+use crate::state::{
+    ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service, Settings,
+};
 use mesh_api::ids::NodeId;
 use mesh_api::proto::pb;
 use mesh_api::tokens::{JoinToken, Role};
@@ -349,22 +351,53 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::UpdateClusterRequest>,
     ) -> Result<Response<pb::UnlockKeyResponse>, Status> {
         self.admin(&request)?;
-        let on = request.get_ref().autolock;
+        let req = request.into_inner();
+        let settings = Settings {
+            key_rotation_secs: req.key_rotation_secs,
+            down_after_secs: req.down_after_secs,
+            workload_cert_lifetime_secs: req.workload_cert_expiry_secs,
+        };
+        let cert_lifetime_secs = req.cert_expiry_secs;
+        if cert_lifetime_secs.is_some() || settings != Settings::default() {
+            let update = Command::UpdateSettings { cert_lifetime_secs, settings: settings.clone() };
+            self.0.change(move |_, _| Ok(vec![update])).await?;
+            info!(?settings, ?cert_lifetime_secs, "cluster settings changed");
+        }
         let current = self.0.store.read(|s| s.unlock_key.clone());
-        let key = match (on, current) {
-            (true, Some(key)) => key,
-            (true, None) => {
+        let key = match (req.autolock, current) {
+            (Some(true), Some(key)) => key,
+            (Some(true), None) => {
                 let key = self.new_unlock_key().await?;
                 info!("autolock turned on");
                 key
             }
-            (false, _) => {
+            (Some(false), _) => {
                 self.0.change(|_, _| Ok(vec![Command::SetUnlockKey(None)])).await?;
                 info!("autolock turned off");
                 Secret(String::new())
             }
+            (None, _) => Secret(String::new()),
         };
         Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
+    }
+
+    async fn inspect_cluster(
+        &self,
+        request: Request<pb::InspectClusterRequest>,
+    ) -> Result<Response<pb::ClusterInfo>, Status> {
+        self.admin(&request)?;
+        let settings = self.0.settings();
+        let (id, autolock, cert_lifetime) =
+            self.0.store.read(|s| (s.cluster_id.to_string(), s.unlock_key.is_some(), s.cert_lifetime()));
+        Ok(Response::new(pb::ClusterInfo {
+            id,
+            autolock,
+            cert_expiry_secs: cert_lifetime.as_secs(),
+            key_rotation_secs: settings.key_rotation.as_secs(),
+            workload_cert_expiry_secs: settings.workload_cert_lifetime.as_secs(),
+            down_after_secs: settings.down_after.as_secs(),
+            managers: self.0.manager_addresses(),
+        }))
     }
 
     async fn unlock_key(

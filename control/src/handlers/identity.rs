@@ -150,7 +150,7 @@ impl pb::identity_server::Identity for IdentityApi {
             &req.service,
             req.slot,
             &node,
-            manager.options.workload_cert_lifetime,
+            manager.settings().workload_cert_lifetime,
         );
         let cert_pem = manager
             .ca()?

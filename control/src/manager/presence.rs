@@ -28,6 +28,7 @@ impl Manager {
         let now = Instant::now();
         // A node not seen since this manager took the lead gets `down_after` from then to reconnect.
         let since = self.leading_since.lock().expect("lock").unwrap_or(now);
+        let down_after = self.settings().down_after;
         let mut live = Liveness::default();
         self.store.read(|s| {
             for node in s.nodes.values().filter(|n| n.state == NodeState::Active) {
@@ -35,7 +36,7 @@ impl Manager {
                 if p.open > 0 {
                     live.connected.insert(node.id.clone());
                 }
-                if p.open > 0 || now.duration_since(p.since) < self.options.down_after {
+                if p.open > 0 || now.duration_since(p.since) < down_after {
                     live.not_down.insert(node.id.clone());
                 }
             }

@@ -7,7 +7,7 @@ use mesh_api::ids::NodeId;
 use mesh_api::tokens::{Role, SecretHash};
 use serde::{Deserialize, Serialize};
 
-use super::records::{CaRecord, Network, NodeRecord, PolicyRecord, Secret, Service};
+use super::records::{CaRecord, Network, NodeRecord, PolicyRecord, Secret, Service, Settings};
 use crate::planning::keys::KeyRing;
 
 /// A change to the cluster state.
@@ -23,6 +23,11 @@ pub enum Command {
     SetManagerAddress {
         id: NodeId,
         control: SocketAddr,
+    },
+    /// Changes cluster-wide settings (each `Some` replaces the value in force).
+    UpdateSettings {
+        cert_lifetime_secs: Option<u64>,
+        settings: Settings,
     },
     /// Turns autolock on with this unlock key, or off.
     SetUnlockKey(Option<Secret>),

@@ -43,6 +43,8 @@ pub enum StateError {
     PolicyVersion { expected: u64, got: u64 },
     #[error("node {0} is not a manager")]
     NotAManager(NodeId),
+    #[error("{setting} {value} is out of range: it must be between {min} and {max}")]
+    Setting { setting: String, value: String, min: String, max: String },
     #[error("service `{service}` has two endpoints on node {node}")]
     TwoEndpointsOnNode { service: String, node: NodeId },
 }

@@ -114,3 +114,12 @@ pub struct PolicyRecord {
     /// `apply`, or `rollback to N`.
     pub source: String,
 }
+
+/// The cluster-wide settings an admin stored (`meshctl cluster update`); one left unset takes the
+/// leading manager's command-line value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub key_rotation_secs: Option<u64>,
+    pub down_after_secs: Option<u64>,
+    pub workload_cert_lifetime_secs: Option<u64>,
+}

@@ -1,20 +1,44 @@
 //! `meshctl cluster`, `meshctl unlock` and `meshctl join-token`: cluster-wide settings, unlocking
 //! managers (autolock) and the join tokens.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Subcommand;
 use mesh_api::bundle::AdminBundle;
 use mesh_api::client::AdminClient;
+use mesh_api::proto::{ClusterView, pb};
 use mesh_api::tokens::Role;
+
+use super::output::{Format, render};
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
-    /// Change cluster settings.
+    /// Change cluster-wide settings (kept in the replicated state: the same whichever manager
+    /// leads). Durations like `12h`, `90m`, `7days`.
+    #[command(group(clap::ArgGroup::new("setting").required(true).multiple(true)))]
     Update {
         /// Wrap every manager's data key with an unlock key (printed once), so a restarted
         /// manager serves nothing until `meshctl unlock`; `false` turns it off.
-        #[arg(long, action = clap::ArgAction::Set, required = true)]
-        autolock: bool,
+        #[arg(long, action = clap::ArgAction::Set, group = "setting")]
+        autolock: Option<bool>,
+        /// Lifetime of node certificates issued from now on (1h to 1year).
+        #[arg(long, value_parser = duration, group = "setting")]
+        cert_expiry: Option<Duration>,
+        /// How often each encrypted network's key rotates (1s to 30days).
+        #[arg(long, value_parser = duration, group = "setting")]
+        key_rotation: Option<Duration>,
+        /// Lifetime of workload certificates (1m to 24h).
+        #[arg(long, value_parser = duration, group = "setting")]
+        workload_cert_expiry: Option<Duration>,
+        /// How long a node may be without a session before its endpoints move (1s to 1h).
+        #[arg(long, value_parser = duration, group = "setting")]
+        down_after: Option<Duration>,
+    },
+    /// Show the cluster-wide settings in force and the managers.
+    Inspect {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Show the unlock key (autolock), or replace it with --rotate.
     UnlockKey {
@@ -23,19 +47,65 @@ pub enum ClusterCmd {
     },
 }
 
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration ({e}); examples: 24h, 90m, 7days"))
+}
+
+/// The settings, one per line.
+fn settings(c: &ClusterView) -> String {
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    render(
+        &["SETTING", "VALUE"],
+        [
+            ("cluster", c.id.to_string()),
+            ("autolock", if c.autolock { "on" } else { "off" }.to_owned()),
+            ("cert-expiry", d(c.cert_expiry)),
+            ("key-rotation", d(c.key_rotation)),
+            ("workload-cert-expiry", d(c.workload_cert_expiry)),
+            ("down-after", d(c.down_after)),
+            ("managers", c.managers.join(",")),
+        ]
+        .into_iter()
+        .map(|(k, v)| vec![k.to_owned(), v]),
+    )
+}
+
 /// Runs `meshctl cluster ...` against the leader.
 pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock } => {
-            let key = client.update_cluster(autolock).await?;
-            if autolock {
-                println!(
-                    "Autolock is on. The unlock key (keep it safe; `meshctl cluster unlock-key` shows it):"
-                );
-                println!("    {key}");
-                println!("A restarted manager serves nothing until given it: meshctl unlock");
-            } else {
-                println!("Autolock is off: managers keep their data key in the clear (mode 0600).");
+        ClusterCmd::Update { autolock, cert_expiry, key_rotation, workload_cert_expiry, down_after } => {
+            let secs = |d: Option<Duration>| d.map(|d| d.as_secs());
+            let request = pb::UpdateClusterRequest {
+                autolock,
+                cert_expiry_secs: secs(cert_expiry),
+                key_rotation_secs: secs(key_rotation),
+                workload_cert_expiry_secs: secs(workload_cert_expiry),
+                down_after_secs: secs(down_after),
+            };
+            let key = client.update_settings(request).await?;
+            match autolock {
+                Some(true) => {
+                    println!(
+                        "Autolock is on. The unlock key (keep it safe; `meshctl cluster unlock-key` shows it):"
+                    );
+                    println!("    {key}");
+                    println!("A restarted manager serves nothing until given it: meshctl unlock");
+                }
+                Some(false) => {
+                    println!("Autolock is off: managers keep their data key in the clear (mode 0600).")
+                }
+                None => {}
+            }
+            if [cert_expiry, key_rotation, workload_cert_expiry, down_after].iter().any(Option::is_some) {
+                print!("{}", settings(&client.inspect_cluster().await?));
+            }
+        }
+        ClusterCmd::Inspect { format } => {
+            let cluster = client.inspect_cluster().await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&cluster)?),
+                Format::Table => print!("{}", settings(&cluster)),
             }
         }
         ClusterCmd::UnlockKey { rotate } => {
