@@ -84,15 +84,49 @@ struct Placement {
 }
 
 impl Placement {
-    /// The state directory and the new manager's config.
-    fn config(self) -> anyhow::Result<(PathBuf, ManagerConfig)> {
-        let mut config = ManagerConfig::new(self.listen, self.advertise);
+    /// The state directory and the new manager's config. A manager that would advertise a
+    /// loopback address (nobody on another host could reach it) is refused unless told so with
+    /// `--advertise`; one that joins, given no `--advertise`, advertises the address its host
+    /// reaches the first of `managers` from.
+    fn config(self, managers: &[String]) -> anyhow::Result<(PathBuf, ManagerConfig)> {
+        let advertise = match (self.advertise, managers.first()) {
+            (Some(a), _) => Some(a),
+            (None, Some(manager)) if self.listen.ip().is_unspecified() => {
+                let ip = route_to(manager).with_context(|| {
+                    format!("cannot tell this host's address towards {manager}: give --advertise")
+                })?;
+                Some(SocketAddr::new(ip, self.listen.port()))
+            }
+            (None, _) => None,
+        };
+        let mut config = ManagerConfig::new(self.listen, advertise);
+        anyhow::ensure!(
+            self.advertise.is_some() || !config.advertise.ip().is_loopback(),
+            "this manager would advertise {}, a loopback address that other hosts cannot reach: \
+             give --advertise HOST:PORT (the address nodes and the other managers reach it at), or \
+             --advertise {} to mean it",
+            config.advertise,
+            config.advertise
+        );
         if let Some(name) = self.hostname {
             control::handlers::identity::check_hostname(&name).map_err(anyhow::Error::msg)?;
             config.hostname = name;
         }
         Ok((self.state_dir, config))
     }
+}
+
+/// The local address this host uses to reach `manager` (HOST:PORT): a route lookup, no packet
+/// is sent.
+fn route_to(manager: &str) -> anyhow::Result<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = manager.to_socket_addrs()?.next().context("the address resolves to nothing")?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(
+        if target.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() },
+        0,
+    ))?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
 }
 
 #[derive(clap::Args)]
@@ -159,7 +193,7 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Init { place, cert_expiry, autolock, run, serve: args } => {
-            let (state_dir, config) = place.config()?;
+            let (state_dir, config) = place.config(&[])?;
             let lifetime = cert_expiry.map_or(config::DEFAULT_CERT_LIFETIME, Into::into);
             let created = statedir::init(&state_dir, config, lifetime, autolock).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
@@ -193,13 +227,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Cmd::Join { token, control, place, serve: args } => {
             let options = args.options()?;
-            let (state_dir, config) = place.config()?;
-            if config.advertise.ip().is_loopback() && !control.iter().all(|c| c.starts_with("127.")) {
-                anyhow::bail!(
-                    "this manager would advertise {}, which the other managers cannot reach: give --advertise",
-                    config.advertise
-                );
-            }
+            let (state_dir, config) = place.config(&control)?;
             let joined = statedir::join(&state_dir, config, &control, &token).await?;
             println!(
                 "Joined cluster {} as manager {} (raft ID {}); state in {}.",

@@ -175,8 +175,7 @@ pub async fn join_token(
                 println!("    meshd join --control {control} --token {token} --state-dir /var/lib/meshd")
             }
             Role::Manager => println!(
-                "    mesh-control join --control {control} --token {token} --state-dir /var/lib/mesh-control \\\n        --advertise THIS_HOST:{}",
-                mesh_api::client::DEFAULT_CONTROL_PORT
+                "    mesh-control join --control {control} --token {token} --state-dir /var/lib/mesh-control"
             ),
         }
     }
