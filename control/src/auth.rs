@@ -33,7 +33,17 @@ fn peer_info<T>(request: &Request<T>) -> Result<CertInfo, Status> {
 pub fn caller<T>(request: &Request<T>, state: &ClusterState) -> Result<Caller, Status> {
     let info = peer_info(request)?;
     let (id, role) = match info.holder(state.cluster_id.as_str()) {
-        Ok(Holder::Admin) => return Ok(Caller::Admin),
+        Ok(Holder::Admin) => {
+            return match &state.admins {
+                Some(admins) if !admins.contains_key(&info.serial) => {
+                    Err(Status::permission_denied(format!(
+                        "admin certificate {} is not (or no longer) one of this cluster's admin credentials",
+                        info.serial
+                    )))
+                }
+                _ => Ok(Caller::Admin),
+            };
+        }
         Ok(Holder::Node { id, role }) => (id, role),
         Ok(Holder::Workload { .. }) => {
             return Err(Status::permission_denied("a workload certificate cannot call control"));

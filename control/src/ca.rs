@@ -20,8 +20,6 @@ use mesh_api::tokens::Role;
 
 /// Lifetime of the root CA.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Lifetime of an admin certificate: admins are people with a bundle, not renewing daemons.
-pub const ADMIN_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Certificates start this much in the past, to tolerate small clock differences between hosts.
 const BACKDATE: Duration = Duration::from_secs(60);
 
@@ -95,8 +93,8 @@ impl Subject {
         }
     }
 
-    /// The admin client's subject.
-    pub fn admin(cluster: &ClusterId) -> Subject {
+    /// The admin client's subject, valid from now for `lifetime`.
+    pub fn admin(cluster: &ClusterId, lifetime: Duration) -> Subject {
         let now = OffsetDateTime::now_utc();
         Subject {
             common_name: ADMIN_CN.to_owned(),
@@ -105,7 +103,7 @@ impl Subject {
             dns_names: Vec::new(),
             uris: Vec::new(),
             not_before: now - BACKDATE,
-            not_after: now + ADMIN_CERT_LIFETIME,
+            not_after: now + lifetime,
         }
     }
 }

@@ -28,6 +28,13 @@ pub const MIN_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(60);
 /// on one host).
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9481));
 
+/// Lifetime of an admin credential unless told otherwise: a person's, reissued with `meshctl
+/// cluster admin issue` before it runs out.
+pub const DEFAULT_ADMIN_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The lifetimes an admin credential may have.
+pub const ADMIN_CERT_LIFETIME_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(600)..=Duration::from_secs(31_557_600);
+
 /// The values `meshctl cluster update` accepts for each setting.
 /// (A year is 365.25 days, as humantime counts it.)
 pub const CERT_LIFETIME_RANGE: std::ops::RangeInclusive<Duration> =

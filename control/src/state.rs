@@ -23,7 +23,9 @@ mod records;
 
 pub use command::Command;
 pub use error::StateError;
-pub use records::{CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, Service, Settings};
+pub use records::{
+    AdminRecord, CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, Service, Settings,
+};
 
 /// The whole replicated cluster state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,6 +55,10 @@ pub struct ClusterState {
     /// The index the next added node gets (indexes start at 1).
     #[serde(default)]
     pub next_node_index: u32,
+    /// The admin certificates accepted, by serial; `None` for a cluster made before admin
+    /// credentials were recorded (any admin certificate of the CA is accepted then).
+    #[serde(default)]
+    pub admins: Option<BTreeMap<String, AdminRecord>>,
     /// Cluster-wide settings stored by an admin.
     #[serde(default)]
     pub settings: Settings,
@@ -76,6 +82,7 @@ impl ClusterState {
             policies: Vec::new(),
             next_node_index: 1,
             settings: Settings::default(),
+            admins: Some(BTreeMap::new()),
             revision: 0,
         }
     }
@@ -176,6 +183,19 @@ impl ClusterState {
                 node.control = Some(control);
             }
             Command::SetUnlockKey(key) => self.unlock_key = key,
+            Command::AddAdmin { serial, record } => {
+                self.admins.get_or_insert_with(BTreeMap::new).insert(serial, record);
+            }
+            Command::RevokeAdmin { serial } => {
+                let admins = self.admins.get_or_insert_with(BTreeMap::new);
+                if !admins.contains_key(&serial) {
+                    return Err(StateError::UnknownAdmin(serial));
+                }
+                if admins.len() == 1 {
+                    return Err(StateError::LastAdmin(serial));
+                }
+                admins.remove(&serial);
+            }
             Command::UpdateSettings { cert_lifetime_secs, settings } => {
                 use crate::config::{
                     CERT_LIFETIME_RANGE, DOWN_AFTER_RANGE, KEY_ROTATION_RANGE, WORKLOAD_CERT_LIFETIME_RANGE,

@@ -32,7 +32,7 @@ use crate::config::{DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME};
 use crate::raft::network::Peers;
 use crate::raft::seal::{DataKey, KeyFile, SealError, UnlockKey};
 use crate::raft::store::{Store, StoreError};
-use crate::state::{CaRecord, ClusterState, Command, NodeRecord, NodeState, Secret};
+use crate::state::{AdminRecord, CaRecord, ClusterState, Command, NodeRecord, NodeState, Secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -158,13 +158,25 @@ pub struct Created {
     pub unlock_key: Option<UnlockKey>,
 }
 
-/// Creates a cluster in `root`: CA, this manager's identity, join tokens, state, admin bundle.
-/// With `autolock`, the data key is wrapped by a new unlock key, returned to be shown once.
+/// Creates a cluster in `root`: CA, this manager's identity, join tokens, state, and the admin
+/// bundle in `root/admin`. With `autolock`, the data key is wrapped by a new unlock key, returned
+/// to be shown once.
 pub async fn init(
     root: &Path,
     config: ManagerConfig,
     cert_lifetime: Duration,
     autolock: bool,
+) -> Result<Created, ClusterError> {
+    init_with_admin_dir(root, config, cert_lifetime, autolock, &ManagerDir::new(root).admin()).await
+}
+
+/// [`init`], writing the admin bundle to `admin_dir`.
+pub async fn init_with_admin_dir(
+    root: &Path,
+    config: ManagerConfig,
+    cert_lifetime: Duration,
+    autolock: bool,
+    admin_dir: &Path,
 ) -> Result<Created, ClusterError> {
     if cert_lifetime < MIN_CERT_LIFETIME {
         return Err(ClusterError::LifetimeTooShort {
@@ -182,7 +194,9 @@ pub async fn init(
     let manager_id = NodeId::random();
     let (manager_cert, manager_key) =
         ca.issue_with_new_key(&Subject::node(&cluster_id, &manager_id, Role::Manager, cert_lifetime))?;
-    let (admin_cert, admin_key) = ca.issue_with_new_key(&Subject::admin(&cluster_id))?;
+    let (admin_cert, admin_key) =
+        ca.issue_with_new_key(&Subject::admin(&cluster_id, crate::config::DEFAULT_ADMIN_CERT_LIFETIME))?;
+    let admin_info = CertInfo::from_pem(&admin_cert)?;
     let identity = Identity { cert_pem: manager_cert.clone(), key_pem: manager_key };
 
     files::write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), PUBLIC)?;
@@ -192,7 +206,7 @@ pub async fn init(
         ca_pem: ca.cert_pem().to_owned(),
         identity: Identity { cert_pem: admin_cert, key_pem: admin_key },
     }
-    .write(&dir.admin())?;
+    .write(admin_dir)?;
 
     let unlock_key = autolock.then(UnlockKey::generate);
     let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -214,6 +228,14 @@ pub async fn init(
             removed_at: None,
         }),
         Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
+        Command::AddAdmin {
+            serial: admin_info.serial.clone(),
+            record: AdminRecord {
+                label: "created by mesh-control init".into(),
+                issued_at: now,
+                not_after: admin_info.not_after.unix_timestamp(),
+            },
+        },
     ];
     let data_key = DataKey::generate();
     dir.write_data_key(&data_key, unlock_key.as_ref())?;
@@ -241,7 +263,7 @@ pub async fn init(
         manager_id,
         worker_token,
         manager_token,
-        admin_dir: dir.admin(),
+        admin_dir: admin_dir.to_owned(),
         config,
         unlock_key,
     })

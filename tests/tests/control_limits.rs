@@ -226,3 +226,75 @@ async fn a_new_session_of_a_node_ends_the_one_it_had() {
     assert!(status.message().contains("newer session"), "{status}");
     assert_eq!(cluster.manager.connected().len(), 1);
 }
+
+#[tokio::test]
+async fn admin_credentials_are_issued_from_a_csr_listed_and_revoked() {
+    let cluster = TestCluster::start(HOUR).await;
+    let mut first = cluster.admin().await;
+    let (key, csr) = mesh_api::join::key_and_csr().unwrap();
+    let issued = first.issue_admin(csr, Some(Duration::from_secs(3600)), "ops laptop").await.unwrap();
+    let credential = issued.credential.clone().unwrap();
+    let info = mesh_api::pki::CertInfo::from_pem(&issued.cert_pem).unwrap();
+    assert_eq!(info.serial, credential.serial);
+    let lifetime = info.not_after - info.not_before;
+    assert!(lifetime <= time::Duration::hours(1) + time::Duration::minutes(2), "{lifetime}");
+    let second_bundle = mesh_api::bundle::AdminBundle {
+        managers: vec![cluster.control()],
+        ca_pem: issued.ca_pem.clone(),
+        identity: Identity { cert_pem: issued.cert_pem.clone(), key_pem: key.serialize_pem() },
+    };
+    let mut second = mesh_api::client::AdminClient::connect(&second_bundle).await.unwrap();
+    let admins = second.list_admins().await.unwrap();
+    assert_eq!(admins.len(), 2, "{admins:?}");
+    assert!(admins.iter().any(|a| a.label == "ops laptop"));
+
+    // Out-of-range lifetimes and a CSR that is not one are refused.
+    let (_, csr) = mesh_api::join::key_and_csr().unwrap();
+    let err = second.issue_admin(csr, Some(Duration::from_secs(5)), "").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    let err = second.issue_admin("not a csr".into(), None, "").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+
+    // The first credential, revoked, is refused from then on; the last one cannot be revoked.
+    let init_serial = admins.iter().find(|a| a.serial != credential.serial).unwrap().serial.clone();
+    second.revoke_admin(&init_serial).await.unwrap();
+    let err = first.list_nodes().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("no longer"), "{err}");
+    let err = second.revoke_admin(&credential.serial).await.unwrap_err();
+    assert!(err.to_string().contains("last admin credential"), "{err}");
+    let err = second.revoke_admin("00ff").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+
+    // A node certificate cannot issue itself an admin credential.
+    let (dir, _) = cluster.join(Role::Worker).await;
+    let node = NodeDir::new(&node_dir(&dir)).load().unwrap();
+    let channel = cluster.channel_as(Some(&node.identity)).await;
+    let mut as_worker = mesh_api::client::AdminClient::from_channel(&cluster.control(), channel);
+    let (_, csr) = mesh_api::join::key_and_csr().unwrap();
+    let err = as_worker.issue_admin(csr, None, "").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+
+    // meshctl writes a new bundle whose key is made on the admin's side, 0600.
+    let out_dir = tempfile::tempdir().unwrap();
+    let bundle_dir = out_dir.path().join("bundle");
+    let admin_dir = out_dir.path().join("second");
+    second_bundle.write(&admin_dir).unwrap();
+    // (A child process, awaited: this runtime serves the manager meanwhile.)
+    let out = tokio::process::Command::new(mesh_tests::lab::bin_dir().join("meshctl"))
+        .args(["cluster", "admin", "issue", "--label", "ci", "--dir"])
+        .arg(&bundle_dir)
+        .env("MESHCTL_ADMIN", &admin_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mesh_tests::mode(&bundle_dir.join("admin.key")), 0o600);
+    let third = mesh_api::bundle::AdminBundle::load(&bundle_dir).unwrap();
+    mesh_api::client::AdminClient::connect(&third)
+        .await
+        .unwrap()
+        .list_nodes()
+        .await
+        .expect("the new bundle works");
+}

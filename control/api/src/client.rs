@@ -266,6 +266,33 @@ impl AdminClient {
         Ok(response.into_inner().key)
     }
 
+    /// A new admin credential for `csr_pem`, lasting `expiry` (`None`: the cluster's default).
+    pub async fn issue_admin(
+        &mut self,
+        csr_pem: String,
+        expiry: Option<Duration>,
+        label: &str,
+    ) -> Result<pb::IssueAdminResponse, ClientError> {
+        let request = pb::IssueAdminRequest {
+            csr_pem,
+            expiry_secs: expiry.map_or(0, |e| e.as_secs()),
+            label: label.to_owned(),
+        };
+        Ok(self.inner.issue_admin(request).await.map_err(|s| self.refused(s))?.into_inner())
+    }
+
+    /// The admin credentials the cluster accepts.
+    pub async fn list_admins(&mut self) -> Result<Vec<pb::AdminCredential>, ClientError> {
+        let list = self.inner.list_admins(pb::ListAdminsRequest {}).await.map_err(|s| self.refused(s))?;
+        Ok(list.into_inner().admins)
+    }
+
+    /// Revokes the admin credential with `serial`.
+    pub async fn revoke_admin(&mut self, serial: &str) -> Result<pb::AdminCredential, ClientError> {
+        let request = pb::RevokeAdminRequest { serial: serial.to_owned() };
+        Ok(self.inner.revoke_admin(request).await.map_err(|s| self.refused(s))?.into_inner())
+    }
+
     /// The cluster-wide settings in force.
     pub async fn inspect_cluster(&mut self) -> Result<ClusterView, ClientError> {
         let info =

@@ -104,6 +104,8 @@ pub struct CertInfo {
     pub unit: String,
     pub organization: String,
     pub uris: Vec<String>,
+    /// The serial number, lower-case hex: what revocation names.
+    pub serial: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
@@ -138,6 +140,7 @@ impl CertInfo {
             unit: field("OU", subject.iter_organizational_unit())?,
             organization: field("O", subject.iter_organization())?,
             uris,
+            serial: cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
             not_before: validity.not_before.to_datetime(),
             not_after: validity.not_after.to_datetime(),
         })
@@ -242,6 +245,7 @@ mod tests {
             unit: ou.into(),
             organization: o.into(),
             uris: uris.to_vec(),
+            serial: "01".into(),
             not_before: OffsetDateTime::UNIX_EPOCH,
             not_after: OffsetDateTime::UNIX_EPOCH,
         }

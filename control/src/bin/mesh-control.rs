@@ -37,6 +37,10 @@ enum Cmd {
         /// restarted manager serves nothing but `meshctl unlock` until given it.
         #[arg(long)]
         autolock: bool,
+        /// Where to write the admin bundle for meshctl (made 0700; default: STATE_DIR/admin). Keep
+        /// it off the manager's disk: it is the cluster's admin credential.
+        #[arg(long)]
+        admin_dir: Option<PathBuf>,
         /// After creating the cluster, serve it (as `run` would).
         #[arg(long)]
         run: bool,
@@ -192,10 +196,12 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Init { place, cert_expiry, autolock, run, serve: args } => {
+        Cmd::Init { place, cert_expiry, autolock, admin_dir, run, serve: args } => {
             let (state_dir, config) = place.config(&[])?;
             let lifetime = cert_expiry.map_or(config::DEFAULT_CERT_LIFETIME, Into::into);
-            let created = statedir::init(&state_dir, config, lifetime, autolock).await?;
+            let admin_dir = admin_dir.unwrap_or_else(|| statedir::ManagerDir::new(&state_dir).admin());
+            let created =
+                statedir::init_with_admin_dir(&state_dir, config, lifetime, autolock, &admin_dir).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
             println!("Manager node ID: {}", created.manager_id);
             println!(

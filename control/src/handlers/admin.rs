@@ -1,4 +1,5 @@
-//! The admin service: nodes, join tokens, networks and services. Admin certificate only.
+//! The admin service: nodes, join tokens, networks and services, cluster settings and admin
+//! credentials. Admin certificate only (one the cluster has not revoked).
 
 use std::sync::Arc;
 
@@ -7,14 +8,17 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::auth;
+use crate::ca::Subject;
+use crate::config;
 use crate::manager::Manager;
 use crate::planning::plans::{self, ServiceSpec};
 use crate::raft::seal::UnlockKey;
 use crate::raft::store::Leadership;
 use crate::state::{
-    ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service, Settings,
+    AdminRecord, ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service, Settings,
 };
 use mesh_api::ids::NodeId;
+use mesh_api::pki::CertInfo;
 use mesh_api::proto::pb;
 use mesh_api::tokens::{JoinToken, Role};
 
@@ -381,6 +385,78 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(pb::UnlockKeyResponse { key: key.0 }))
     }
 
+    async fn issue_admin(
+        &self,
+        request: Request<pb::IssueAdminRequest>,
+    ) -> Result<Response<pb::IssueAdminResponse>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let lifetime = match req.expiry_secs {
+            0 => config::DEFAULT_ADMIN_CERT_LIFETIME,
+            secs => std::time::Duration::from_secs(secs),
+        };
+        let range = config::ADMIN_CERT_LIFETIME_RANGE;
+        if !range.contains(&lifetime) {
+            let show = |d: std::time::Duration| humantime::format_duration(d).to_string();
+            return Err(Status::invalid_argument(format!(
+                "an admin credential lasts between {} and {}, not {}",
+                show(*range.start()),
+                show(*range.end()),
+                show(lifetime)
+            )));
+        }
+        if req.label.len() > 200 || req.label.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "the label is at most 200 characters, none a control character",
+            ));
+        }
+        let cluster = self.0.store.read(|s| s.cluster_id.clone());
+        let cert_pem = self
+            .0
+            .ca()?
+            .issue_for_csr(&req.csr_pem, &Subject::admin(&cluster, lifetime))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let info = CertInfo::from_pem(&cert_pem).map_err(super::internal)?;
+        let record =
+            AdminRecord { label: req.label, issued_at: now(), not_after: info.not_after.unix_timestamp() };
+        let add = Command::AddAdmin { serial: info.serial.clone(), record: record.clone() };
+        self.0.change(move |_, _| Ok(vec![add])).await?;
+        info!(serial = %info.serial, label = %record.label, "admin credential issued");
+        Ok(Response::new(pb::IssueAdminResponse {
+            cert_pem,
+            ca_pem: self.0.ca_cert.pem.clone(),
+            managers: self.0.manager_addresses(),
+            credential: Some(admin_pb(&info.serial, &record)),
+        }))
+    }
+
+    async fn list_admins(
+        &self,
+        request: Request<pb::ListAdminsRequest>,
+    ) -> Result<Response<pb::ListAdminsResponse>, Status> {
+        self.admin(&request)?;
+        let admins = self
+            .0
+            .store
+            .read(|s| s.admins.iter().flatten().map(|(serial, record)| admin_pb(serial, record)).collect());
+        Ok(Response::new(pb::ListAdminsResponse { admins }))
+    }
+
+    async fn revoke_admin(
+        &self,
+        request: Request<pb::RevokeAdminRequest>,
+    ) -> Result<Response<pb::AdminCredential>, Status> {
+        self.admin(&request)?;
+        let serial = request.into_inner().serial.trim().to_ascii_lowercase();
+        let record = self.0.store.read(|s| s.admins.as_ref().and_then(|a| a.get(&serial).cloned()));
+        let record =
+            record.ok_or_else(|| Status::not_found(format!("no admin credential with serial {serial}")))?;
+        let revoke = Command::RevokeAdmin { serial: serial.clone() };
+        self.0.change(move |_, _| Ok(vec![revoke])).await?;
+        info!(%serial, "admin credential revoked");
+        Ok(Response::new(admin_pb(&serial, &record)))
+    }
+
     async fn inspect_cluster(
         &self,
         request: Request<pb::InspectClusterRequest>,
@@ -618,5 +694,14 @@ impl AdminApi {
                 }
             })
         })
+    }
+}
+
+fn admin_pb(serial: &str, record: &AdminRecord) -> pb::AdminCredential {
+    pb::AdminCredential {
+        serial: serial.to_owned(),
+        label: record.label.clone(),
+        issued_at: record.issued_at,
+        not_after: record.not_after,
     }
 }

@@ -7,7 +7,7 @@ use mesh_api::ids::NodeId;
 use mesh_api::tokens::{Role, SecretHash};
 use serde::{Deserialize, Serialize};
 
-use super::records::{CaRecord, Network, NodeRecord, PolicyRecord, Secret, Service, Settings};
+use super::records::{AdminRecord, CaRecord, Network, NodeRecord, PolicyRecord, Secret, Service, Settings};
 use crate::planning::keys::KeyRing;
 
 /// A change to the cluster state.
@@ -28,6 +28,15 @@ pub enum Command {
     UpdateSettings {
         cert_lifetime_secs: Option<u64>,
         settings: Settings,
+    },
+    /// Accepts the admin certificate with this serial from now on.
+    AddAdmin {
+        serial: String,
+        record: AdminRecord,
+    },
+    /// Refuses the admin certificate with this serial from now on.
+    RevokeAdmin {
+        serial: String,
     },
     /// Turns autolock on with this unlock key, or off.
     SetUnlockKey(Option<Secret>),

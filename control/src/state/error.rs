@@ -45,6 +45,10 @@ pub enum StateError {
     NotAManager(NodeId),
     #[error("{setting} {value} is out of range: it must be between {min} and {max}")]
     Setting { setting: String, value: String, min: String, max: String },
+    #[error("no admin credential with serial {0}")]
+    UnknownAdmin(String),
+    #[error("serial {0} is the last admin credential: issue another first (meshctl cluster admin issue)")]
+    LastAdmin(String),
     #[error("service `{service}` has two endpoints on node {node}")]
     TwoEndpointsOnNode { service: String, node: NodeId },
 }

@@ -123,3 +123,13 @@ pub struct Settings {
     pub down_after_secs: Option<u64>,
     pub workload_cert_lifetime_secs: Option<u64>,
 }
+
+/// An admin credential the cluster accepts: a certificate of the admin, by serial number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    pub label: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}

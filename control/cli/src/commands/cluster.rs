@@ -1,6 +1,7 @@
 //! `meshctl cluster`, `meshctl unlock` and `meshctl join-token`: cluster-wide settings, unlocking
 //! managers (autolock) and the join tokens.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,7 +11,11 @@ use mesh_api::client::AdminClient;
 use mesh_api::proto::{ClusterView, pb};
 use mesh_api::tokens::Role;
 
-use super::output::{Format, render};
+use super::output::{Format, render, when};
+
+fn when_unix(secs: i64) -> String {
+    when(time::OffsetDateTime::from_unix_timestamp(secs).ok())
+}
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
@@ -35,6 +40,9 @@ pub enum ClusterCmd {
         #[arg(long, value_parser = duration, group = "setting")]
         down_after: Option<Duration>,
     },
+    /// Admin credentials: issue a new bundle (its key made here), list, revoke.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Show the cluster-wide settings in force and the managers.
     Inspect {
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -45,6 +53,25 @@ pub enum ClusterCmd {
         #[arg(long)]
         rotate: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Write a new admin bundle to DIR (ca.crt, admin.crt, admin.key 0600, control): its key is
+    /// made here and never sent; the certificate lasts --expiry (default 30days).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = duration)]
+        expiry: Option<Duration>,
+        /// Who or what the credential is for.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List the admin credentials the cluster accepts.
+    Ls,
+    /// Revoke an admin credential (by serial, from `ls`): refused on every call from now on.
+    Revoke { serial: String },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -100,6 +127,48 @@ pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()
             if [cert_expiry, key_rotation, workload_cert_expiry, down_after].iter().any(Option::is_some) {
                 print!("{}", settings(&client.inspect_cluster().await?));
             }
+        }
+        ClusterCmd::Admin(AdminCmd::Issue { dir, expiry, label }) => {
+            anyhow::ensure!(
+                !dir.join("admin.key").exists(),
+                "{} already holds an admin bundle; give another --dir",
+                dir.display()
+            );
+            let (key, csr_pem) = mesh_api::join::key_and_csr()?;
+            let issued = client.issue_admin(csr_pem, expiry, &label).await?;
+            let bundle = AdminBundle {
+                managers: issued.managers,
+                ca_pem: issued.ca_pem,
+                identity: mesh_api::tls::Identity { cert_pem: issued.cert_pem, key_pem: key.serialize_pem() },
+            };
+            bundle.write(&dir)?;
+            let credential = issued.credential.unwrap_or_default();
+            println!(
+                "admin credential {} written to {} (expires {}); use it with MESHCTL_ADMIN={}",
+                credential.serial,
+                dir.display(),
+                when_unix(credential.not_after),
+                dir.display()
+            );
+        }
+        ClusterCmd::Admin(AdminCmd::Ls) => {
+            let admins = client.list_admins().await?;
+            print!(
+                "{}",
+                render(
+                    &["SERIAL", "LABEL", "ISSUED", "EXPIRES"],
+                    admins.iter().map(|a| vec![
+                        a.serial.clone(),
+                        if a.label.is_empty() { "-".to_owned() } else { a.label.clone() },
+                        when_unix(a.issued_at),
+                        when_unix(a.not_after),
+                    ])
+                )
+            );
+        }
+        ClusterCmd::Admin(AdminCmd::Revoke { serial }) => {
+            let revoked = client.revoke_admin(&serial).await?;
+            println!("admin credential {} revoked; it is refused from now on", revoked.serial);
         }
         ClusterCmd::Inspect { format } => {
             let cluster = client.inspect_cluster().await?;
