@@ -39,7 +39,7 @@ impl ManagerProcess {
         let status = Command::new(binary)
             .args(["init", "--state-dir"])
             .arg(&state)
-            .args(["--listen", &listen])
+            .args(["--listen", &listen, "--advertise", &listen])
             .stdout(Stdio::null())
             .status()
             .with_context(|| {
@@ -61,7 +61,18 @@ impl ManagerProcess {
         let state = dir.join(format!("m{n}"));
         let listen = format!("127.0.0.1:{}", free_port()?);
         let mut m = ManagerProcess { child: None, state, listen, binary: first.binary.clone() };
-        let join = ["join", "--control", &first.listen, "--token", &token, "--listen", &m.listen.clone()];
+        let listen = m.listen.clone();
+        let join = [
+            "join",
+            "--control",
+            &first.listen,
+            "--token",
+            &token,
+            "--listen",
+            &listen,
+            "--advertise",
+            &listen,
+        ];
         m.spawn(&join)?;
         Ok(m)
     }
