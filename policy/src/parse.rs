@@ -8,6 +8,8 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::canonical::{self, Compare, Method};
+
 /// A policy error at a place in a file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{file}:{line}:{column}: {message}")]
@@ -44,55 +46,33 @@ pub enum Protocol {
     Tcp,
 }
 
-/// HTTP methods a rule may name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Method {
-    Get,
-    Head,
-    Post,
-    Put,
-    Delete,
-    Connect,
-    Options,
-    Trace,
-    Patch,
-}
-
-impl Method {
-    pub const ALL: [(&'static str, Method); 9] = [
-        ("GET", Method::Get),
-        ("HEAD", Method::Head),
-        ("POST", Method::Post),
-        ("PUT", Method::Put),
-        ("DELETE", Method::Delete),
-        ("CONNECT", Method::Connect),
-        ("OPTIONS", Method::Options),
-        ("TRACE", Method::Trace),
-        ("PATCH", Method::Patch),
-    ];
-
-    pub fn parse(s: &str) -> Option<Method> {
-        Method::ALL.iter().find(|(n, _)| *n == s).map(|(_, m)| *m)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        Method::ALL.iter().find(|(_, m)| *m == self).map(|(n, _)| *n).expect("every method is listed")
-    }
-}
-
-/// A path pattern: exact, or a prefix written with a trailing `/*`.
+/// A path pattern, in canonical form (see [`canonical::canonical_path`]): exact, or a prefix
+/// written with a trailing `/*`. A trailing `/` never matters: `/a/b` and `/a/b/` are one path.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PathMatch {
+    /// Matches this path, with or without a trailing `/`.
     Exact(String),
-    /// `/v1/items/*` is stored as `/v1/items/` and matches any path starting with it.
+    /// `/v1/items/*` is stored as `/v1/items/` and matches `/v1/items`, `/v1/items/` and every
+    /// path below `/v1/items/`; never `/v1/itemsX`.
     Prefix(String),
 }
 
 impl PathMatch {
+    /// Whether the canonical `path` is one this pattern names, spelled as the pattern spells it
+    /// and in the same case: how allow rules match. Deny rules match more spellings (see the
+    /// engine and `README.md`).
     pub fn matches(&self, path: &str) -> bool {
+        let (pattern, under) = self.compiled();
+        let spelled = Compare { decode: false, fold: false };
+        if under { spelled.under(pattern, path, true) } else { spelled.exact(pattern, path, true) }
+    }
+
+    /// The pattern as compared: without a trailing `/` (`/v1/items/*` is `/v1/items`, `/*` and
+    /// `/` are empty), and whether it names what is below it too.
+    pub(crate) fn compiled(&self) -> (&str, bool) {
         match self {
-            PathMatch::Exact(p) => p == path,
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Exact(p) => (canonical::strip_slash(p), false),
+            PathMatch::Prefix(p) => (canonical::strip_slash(p), true),
         }
     }
 }
@@ -135,9 +115,11 @@ pub struct Rule {
     pub ports: BTreeSet<u16>,
     pub protocol: Protocol,
     /// Empty: any method.
-    pub methods: BTreeSet<Method>,
+    pub methods: BTreeSet<Method<'static>>,
     /// Empty: any path.
     pub paths: Vec<PathMatch>,
+    /// `paths` compare ASCII letters case-insensitively (for servers that do).
+    pub paths_ignore_case: bool,
     pub headers: Vec<HeaderRule>,
     pub dry_run: bool,
 }
@@ -150,9 +132,12 @@ pub struct TestCase {
     pub to: String,
     pub port: u16,
     /// `None` for a TCP connection.
-    pub method: Option<Method>,
+    pub method: Option<Method<'static>>,
+    /// The request-target as a client would send it; canonicalised when the test runs, and a
+    /// target that is refused counts as denied.
     pub path: String,
-    pub headers: BTreeMap<String, String>,
+    /// Lower-case names; a header given several values appears once per value, in order.
+    pub headers: Vec<(String, String)>,
     pub expect: Action,
 }
 
@@ -191,6 +176,7 @@ struct RawRule {
     methods: Vec<Spanned<String>>,
     #[serde(default)]
     paths: Vec<Spanned<String>>,
+    paths_ignore_case: Option<Spanned<bool>>,
     #[serde(default)]
     headers: Vec<Spanned<RawHeader>>,
     #[serde(default)]
@@ -216,8 +202,19 @@ struct RawTest {
     #[serde(default = "root")]
     path: Spanned<String>,
     #[serde(default)]
-    headers: BTreeMap<String, String>,
+    headers: BTreeMap<String, RawValues>,
     expect: Spanned<String>,
+}
+
+/// A test header's value, or its values when the header is sent more than once.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a header value is a string, or an array of strings for a header sent more than once"
+)]
+enum RawValues {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn root() -> Spanned<String> {
@@ -270,30 +267,52 @@ fn port(loc: &Locator<'_>, value: &Spanned<i64>) -> Result<u16, PolicyError> {
     })
 }
 
-fn method(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Method, PolicyError> {
-    Method::parse(value.get_ref()).ok_or_else(|| {
-        let allowed: Vec<&str> = Method::ALL.iter().map(|(n, _)| *n).collect();
+fn method(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Method<'static>, PolicyError> {
+    Method::parse(value.get_ref()).map(Method::into_owned).map_err(|_| {
         loc.at(
             value.span(),
-            format!("unknown method `{}`: expected one of {}", value.get_ref(), allowed.join(", ")),
+            format!(
+                "method `{}` is not an HTTP token: 1 or more of A-Z a-z 0-9 !#$%&'*+-.^_`|~ (case-sensitive: `GET`, `PURGE`)",
+                value.get_ref().escape_debug()
+            ),
         )
     })
 }
 
+/// A rule path: canonical (as requests are made canonical before rules see them), or a parse
+/// error that says how to write it.
 fn path_pattern(loc: &Locator<'_>, value: &Spanned<String>) -> Result<PathMatch, PolicyError> {
     let p = value.get_ref();
-    let bad = |why: &str| loc.at(value.span(), format!("path `{p}` is not valid: {why}"));
+    let bad = |why: &str| loc.at(value.span(), format!("path `{}` is not valid: {why}", p.escape_debug()));
     if !p.starts_with('/') {
         return Err(bad("a path starts with `/`"));
     }
-    if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad("no spaces or control characters"));
+    if p.contains('?') {
+        return Err(bad("a rule path has no query"));
     }
-    match p.find('*') {
-        None => Ok(PathMatch::Exact(p.clone())),
-        Some(i) if i == p.len() - 1 && p.ends_with("/*") => Ok(PathMatch::Prefix(p[..i].to_owned())),
-        Some(_) => Err(bad("`*` may only end a path, after a `/`, as in `/v1/items/*`")),
+    let (written, star) = match p.find('*') {
+        None => (p.as_str(), false),
+        Some(i) if i == p.len() - 1 && p.ends_with("/*") => (&p[..i], true),
+        Some(_) => {
+            return Err(bad(
+                "`*` may only end a path, after a `/`, as in `/v1/items/*` (`%2A` is a literal `*`)",
+            ));
+        }
+    };
+    match canonical::canonical_path(written) {
+        Ok(c) if c == written => {}
+        Ok(c) => {
+            let star = if star { "*" } else { "" };
+            return Err(loc.at(
+                value.span(),
+                format!(
+                    "path `{p}` is not canonical: write `{c}{star}` (requests are matched in canonical form)"
+                ),
+            ));
+        }
+        Err(e) => return Err(bad(&e.to_string())),
     }
+    Ok(if star { PathMatch::Prefix(written.to_owned()) } else { PathMatch::Exact(written.to_owned()) })
 }
 
 impl Policy {
@@ -363,6 +382,13 @@ impl Policy {
             };
             let methods = r.methods.iter().map(|m| method(&loc, m)).collect::<Result<BTreeSet<_>, _>>()?;
             let paths = r.paths.iter().map(|p| path_pattern(&loc, p)).collect::<Result<Vec<_>, _>>()?;
+            let paths_ignore_case = match &r.paths_ignore_case {
+                Some(v) if *v.get_ref() && paths.is_empty() => {
+                    return Err(loc.at(v.span(), "`paths_ignore_case` needs `paths`"));
+                }
+                Some(v) => *v.get_ref(),
+                None => false,
+            };
             let mut headers = Vec::new();
             for h in &r.headers {
                 let raw = h.get_ref();
@@ -371,6 +397,21 @@ impl Policy {
                     return Err(loc.at(
                         raw.name.span(),
                         format!("header name `{}` is not a valid HTTP header name", raw.name.get_ref()),
+                    ));
+                }
+                // Values are compared without the spaces around them (as servers read them), so a
+                // condition that has some could never hold.
+                let ows = |c: char| c == ' ' || c == '\t';
+                if let Some(v) = raw.exact.as_ref().filter(|v| v.starts_with(ows) || v.ends_with(ows)) {
+                    return Err(loc.at(
+                        h.span(),
+                        format!("header `{hname}`: `exact = {v:?}` cannot start or end with a space or tab"),
+                    ));
+                }
+                if let Some(v) = raw.prefix.as_ref().filter(|v| v.starts_with(ows)) {
+                    return Err(loc.at(
+                        h.span(),
+                        format!("header `{hname}`: `prefix = {v:?}` cannot start with a space or tab"),
                     ));
                 }
                 let matches = match (raw.present, &raw.exact, &raw.prefix) {
@@ -405,6 +446,7 @@ impl Policy {
                 protocol,
                 methods,
                 paths,
+                paths_ignore_case,
                 headers,
                 dry_run: r.dry_run,
             });
@@ -425,10 +467,13 @@ impl Policy {
             }
             let expect = action(&loc, &t.expect)?;
             let path = t.path.get_ref().clone();
-            if !path.starts_with('/') {
-                return Err(
-                    loc.at(t.path.span(), format!("path `{path}` is not valid: a path starts with `/`"))
-                );
+            let mut headers = Vec::new();
+            for (name, values) in &t.headers {
+                let name = name.to_ascii_lowercase();
+                match values {
+                    RawValues::One(v) => headers.push((name, v.clone())),
+                    RawValues::Many(vs) => headers.extend(vs.iter().map(|v| (name.clone(), v.clone()))),
+                }
             }
             tests.push(TestCase {
                 line: loc.line(&spanned.span()),
@@ -437,7 +482,7 @@ impl Policy {
                 port: port(&loc, &t.port)?,
                 method: t.method.as_ref().map(|m| method(&loc, m)).transpose()?,
                 path,
-                headers: t.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+                headers,
                 expect,
             });
         }
@@ -507,8 +552,10 @@ impl Policy {
             to: Vec<&'a str>,
             ports: Vec<u16>,
             protocol: Protocol,
-            methods: Vec<&'static str>,
+            methods: Vec<&'a str>,
             paths: Vec<String>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            paths_ignore_case: bool,
             headers: Vec<BTreeMap<&'static str, toml::Value>>,
             dry_run: bool,
         }
@@ -524,6 +571,7 @@ impl Policy {
                 protocol: r.protocol,
                 methods: r.methods.iter().map(|m| m.as_str()).collect(),
                 paths: r.paths.iter().map(|p| p.to_string()).collect(),
+                paths_ignore_case: r.paths_ignore_case,
                 headers: r
                     .headers
                     .iter()

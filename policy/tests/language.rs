@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use policy::{Action, Engine, Method, Policy, Request};
+use policy::{Action, Engine, Policy, Request, canonicalize};
 
 const EXAMPLE: &str = r#"
 default = "deny"
@@ -65,15 +65,32 @@ path = "/v1/items/7"
 expect = "deny"
 "#;
 
+/// An HTTP request as a client sends it.
+struct Http<'a> {
+    from: &'a str,
+    to: &'a str,
+    port: u16,
+    method: &'a str,
+    target: &'a str,
+    headers: &'a [(&'a str, &'a [u8])],
+}
+
 fn get<'a>(
     from: &'a str,
     to: &'a str,
     port: u16,
-    method: &str,
-    path: &'a str,
-    headers: &'a [(&'a str, &'a str)],
-) -> Request<'a> {
-    Request { from, to, port, method: Some(Method::parse(method).unwrap()), path, headers }
+    method: &'a str,
+    target: &'a str,
+    headers: &'a [(&'a str, &'a [u8])],
+) -> Http<'a> {
+    Http { from, to, port, method, target, headers }
+}
+
+/// Canonicalises `r` and decides on it.
+fn decide(engine: &Engine, r: &Http<'_>) -> (policy::Decision, String) {
+    let http = canonicalize(r.method, r.target).unwrap();
+    let req = Request::http(r.from, r.to, r.port, &http, r.headers);
+    (engine.evaluate(&req), policy::describe(&req))
 }
 
 #[test]
@@ -86,11 +103,19 @@ fn the_example_parses_and_its_tests_pass() {
 }
 
 #[test]
+fn the_shipped_example_parses_and_its_tests_pass() {
+    let text = include_str!("../../examples/policy.toml");
+    let policy = Policy::parse("examples/policy.toml", text).unwrap();
+    let failures = Engine::compile(&policy).run_tests(&policy.tests);
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
 fn decisions_follow_the_rules() {
     let engine = Engine::compile(&Policy::parse("p.toml", EXAMPLE).unwrap());
-    let admin = [("x-role", "admin")];
-    let debug = [("x-debug", "1")];
-    let cases: Vec<(Request<'_>, Action, Option<&str>)> = vec![
+    let admin: [(&str, &[u8]); 1] = [("x-role", b"admin")];
+    let debug: [(&str, &[u8]); 1] = [("x-debug", b"1")];
+    let cases: Vec<(Http<'_>, Action, Option<&str>)> = vec![
         (get("web", "api", 80, "GET", "/v1/items", &[]), Action::Allow, Some("web-reads-items")),
         (get("web", "api", 80, "GET", "/v1/items/7", &[]), Action::Allow, Some("web-reads-items")),
         (get("web", "api", 80, "GET", "/v1/itemsX", &[]), Action::Deny, None),
@@ -107,15 +132,15 @@ fn decisions_follow_the_rules() {
         (get("api", "db", 5432, "GET", "/", &[]), Action::Allow, Some("db-from-api")),
     ];
     for (req, verdict, rule) in cases {
-        let d = engine.evaluate(&req);
-        assert_eq!(d.verdict, verdict, "{}", policy::describe(&req));
-        assert_eq!(d.rule.as_ref().map(|r| &*r.name), rule, "{}", policy::describe(&req));
+        let (d, described) = decide(&engine, &req);
+        assert_eq!(d.verdict, verdict, "{described}");
+        assert_eq!(d.rule.as_ref().map(|r| &*r.name), rule, "{described}");
     }
-    let d = engine.evaluate(&get("web", "api", 80, "GET", "/v1/items", &debug));
+    let (d, _) = decide(&engine, &get("web", "api", 80, "GET", "/v1/items", &debug));
     assert_eq!(d.dry_run.len(), 1);
     assert_eq!((&*d.dry_run[0].0.name, d.dry_run[0].1), ("try-tracing", Action::Deny));
     // TCP connections: only tcp rules.
-    let tcp = |from, to, port| Request { from, to, port, method: None, path: "/", headers: &[] };
+    let tcp = Request::tcp;
     assert_eq!(engine.evaluate(&tcp("api", "db", 5432)).verdict, Action::Allow);
     assert_eq!(engine.evaluate(&tcp("web", "db", 5432)).verdict, Action::Deny);
     assert_eq!(
@@ -130,7 +155,7 @@ fn decisions_follow_the_rules() {
 fn a_default_of_allow_applies_when_nothing_matches() {
     let p = Policy::parse("p.toml", "default = \"allow\"\n").unwrap();
     let e = Engine::compile(&p);
-    assert_eq!(e.evaluate(&get("a", "b", 1, "GET", "/", &[])).verdict, Action::Allow);
+    assert_eq!(decide(&e, &get("a", "b", 1, "GET", "/", &[])).0.verdict, Action::Allow);
     let p = Policy::parse("p.toml", "").unwrap();
     assert_eq!(p.default, Action::Deny, "deny unless said otherwise");
 }
@@ -143,10 +168,30 @@ fn errors_name_file_line_column_value_and_what_is_allowed() {
         )
     };
     let cases: Vec<(String, usize, usize, &str)> = vec![
-        (rule("methods = [\"GIT\"]"), 7, 12, "unknown method `GIT`: expected one of GET, HEAD"),
+        (rule("methods = [\"GET\", \"G T\"]"), 7, 19, "method `G T` is not an HTTP token"),
+        (rule("methods = [\"GET/\"]"), 7, 12, "method `GET/` is not an HTTP token"),
+        (rule("methods = [\"\"]"), 7, 12, "method `` is not an HTTP token"),
         (rule("ports = [70000]"), 7, 10, "port `70000` is out of range"),
         (rule("paths = [\"v1\"]"), 7, 10, "path `v1` is not valid: a path starts with `/`"),
         (rule("paths = [\"/a/*/b\"]"), 7, 10, "`*` may only end a path"),
+        // Rule paths are written in canonical form.
+        (rule("paths = [\"/v1//items\"]"), 7, 10, "path `/v1//items` is not canonical: write `/v1/items`"),
+        (rule("paths = [\"/v1/./items/*\"]"), 7, 10, "is not canonical: write `/v1/items/*`"),
+        (rule("paths = [\"/v1/x/../items\"]"), 7, 10, "is not canonical: write `/v1/items`"),
+        (rule("paths = [\"/v1/%69tems\"]"), 7, 10, "is not canonical: write `/v1/items`"),
+        (rule("paths = [\"/a%c3%a9\"]"), 7, 10, "is not canonical: write `/a%C3%A9`"),
+        (rule("paths = [\"/ok\", \"/a;b\"]"), 7, 17, "`;` path parameters are refused"),
+        (rule("paths = [\"/a%2Fb\"]"), 7, 10, "`%2F` (an encoded `/`) is refused"),
+        (rule("paths = [\"/a%zz\"]"), 7, 10, "path `/a%zz` is not valid: `%` is not followed by two hex digits, at byte 2"),
+        (rule("paths = [\"/%C0%AF\"]"), 7, 10, "not UTF-8"),
+        (rule("paths = [\"/..\"]"), 7, 10, "`..` climbs above the root"),
+        (rule("paths = [\"/a b\"]"), 7, 10, "the byte 0x20 is not allowed here (percent-encode it)"),
+        (rule("paths = [\"/a\\\\b\"]"), 7, 10, "`\\` is refused in a path"),
+        (rule("paths = [\"/a?b\"]"), 7, 10, "a rule path has no query"),
+        (rule("paths = [\"/a#b\"]"), 7, 10, "no fragment"),
+        (rule("paths_ignore_case = true"), 7, 21, "`paths_ignore_case` needs `paths`"),
+        (rule("headers = [{ name = \"x\", exact = \"a \" }]"), 7, 12, "cannot start or end with a space"),
+        (rule("headers = [{ name = \"x\", prefix = \" a\" }]"), 7, 12, "cannot start with a space"),
         (rule("protocol = \"udp\""), 7, 12, "unknown protocol `udp`"),
         (rule("colour = \"red\""), 7, 1, "unknown field `colour`"),
         (rule("headers = [{ name = \"x\", present = true, exact = \"y\" }]"), 7, 12, "exactly one of"),
@@ -157,8 +202,9 @@ fn errors_name_file_line_column_value_and_what_is_allowed() {
         ("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\n".to_owned(), 1, 1, "missing field `to`"),
         ("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [\"a\"]\n[[rule]]\nname = \"r\"\naction = \"deny\"\nfrom = [\"web\"]\nto = [\"a\"]\n".to_owned(), 7, 8, "rule name `r` is used twice (first at line 1)"),
         ("default = \n".to_owned(), 1, 11, ""),
-        ("[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nmethod = \"FETCH\"\nexpect = \"allow\"\n".to_owned(), 5, 10, "unknown method `FETCH`"),
+        ("[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nmethod = \"FE TCH\"\nexpect = \"allow\"\n".to_owned(), 5, 10, "method `FE TCH` is not an HTTP token"),
         ("[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nexpect = \"yes\"\n".to_owned(), 5, 10, "unknown action `yes`"),
+        ("[[test]]\nfrom = \"web\"\nto = \"api\"\nport = 80\nheaders = { x = 1 }\nexpect = \"deny\"\n".to_owned(), 5, 17, "a header value is a string, or an array of strings"),
     ];
     for (text, line, column, message) in cases {
         let err = Policy::parse("policy.toml", &text).unwrap_err();
@@ -224,8 +270,8 @@ fn a_restricted_policy_round_trips_through_toml() {
             (&b.name, b.action, &b.from, &b.to, &b.ports, b.protocol)
         );
         assert_eq!(
-            (&a.methods, &a.paths, &a.headers, a.dry_run),
-            (&b.methods, &b.paths, &b.headers, b.dry_run)
+            (&a.methods, &a.paths, a.paths_ignore_case, &a.headers, a.dry_run),
+            (&b.methods, &b.paths, b.paths_ignore_case, &b.headers, b.dry_run)
         );
     }
     assert_eq!(again.default, p.default);
