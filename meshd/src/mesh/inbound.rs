@@ -170,14 +170,7 @@ async fn stream(
     });
     let upgrade = hyper::upgrade::on(&mut req);
     if spec.protocol == Protocol::Tcp {
-        let request = policy::Request {
-            from: &tunnel.peer.service,
-            to: &tunnel.service,
-            port,
-            method: None,
-            path: "",
-            headers: &[],
-        };
+        let request = policy::Request::tcp(&tunnel.peer.service, &tunnel.service, port);
         let decision = view.decide(&request);
         tunnel.count(&decision, "tcp");
         if !decision.allowed() {
@@ -334,16 +327,44 @@ impl Tunnel {
             return response;
         }
         req.headers_mut().remove(CLIENT_ID);
-        let headers: Vec<(&str, &str)> =
-            req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
-        let request = policy::Request {
-            from: &self.peer.service,
-            to: &self.service,
-            port: self.port,
-            method: policy::Method::parse(req.method().as_str()),
-            path: req.uri().path(),
-            headers: &headers,
+        // The one canonical request the policy decides on and the workload is sent; a request
+        // that cannot be made canonical is refused, never forwarded as it came.
+        let target = match req.uri().path_and_query() {
+            Some(pq) => pq.as_str(),
+            None if req.method() == hyper::Method::CONNECT => {
+                req.uri().authority().map_or("", |a| a.as_str())
+            }
+            None => "",
         };
+        let http = match policy::canonicalize(req.method().as_str(), target) {
+            Ok(http) => http,
+            Err(e) => {
+                latency();
+                let why = format!("refused: {} {target}: {e}", req.method());
+                let (id, response) = answer(StatusCode::BAD_REQUEST, &why);
+                warn!(
+                    request_id = %id, source = %self.peer.service, destination = %self.service,
+                    port = self.port, reason = %e, "request refused: no canonical form"
+                );
+                let labels = Verdict {
+                    source: self.peer.service.clone(),
+                    destination: self.service.clone(),
+                    port: self.port,
+                    kind: "http",
+                    verdict: "refused",
+                    rule: "no-canonical-form".to_owned(),
+                };
+                self.mesh.metrics.verdicts.get_or_create(&labels).inc();
+                return response;
+            }
+        };
+        let mut headers: Vec<(&str, &[u8])> =
+            req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        // HTTP/2's :authority, or HTTP/1's absolute-form, is the host the request names too.
+        if let Some(authority) = req.uri().authority() {
+            headers.push(("host", authority.as_str().as_bytes()));
+        }
+        let request = policy::Request::http(&self.peer.service, &self.service, self.port, &http, &headers);
         let decision = view.decide(&request);
         self.count(&decision, "http");
         if !decision.allowed() {
@@ -351,13 +372,23 @@ impl Tunnel {
             let (id, response) = answer(StatusCode::FORBIDDEN, &why);
             warn!(
                 request_id = %id, source = %self.peer.service, caller = %self.peer.endpoint,
-                destination = %self.service, port = self.port, method = %req.method(), path = %req.uri().path(),
+                destination = %self.service, port = self.port, request = %http,
                 reason = %decision.reason(), "request denied"
             );
             latency();
             return response;
         }
+        let rewrite = http.is_rewritten().then(|| http.request_target().into_owned());
+        let absolute = http.form() == policy::TargetForm::Absolute;
         drop(headers);
+        drop(http);
+        if let Some(target) = rewrite
+            && let Err(e) = canonical_uri(&mut req, &target, absolute)
+        {
+            latency();
+            let (_, response) = answer(StatusCode::BAD_REQUEST, &format!("refused: {e}"));
+            return response;
+        }
         if let Some(id) = &self.client_id {
             req.headers_mut().insert(CLIENT_ID, id.clone());
         }
@@ -478,4 +509,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// Puts the canonical request-target in place of the one received: for HTTP/2, the `:path` (the
+/// scheme and authority stay); for HTTP/1, origin-form, an absolute-form's authority becoming the
+/// `Host` header (RFC 9112 §3.2.2).
+fn canonical_uri(req: &mut Request<Incoming>, target: &str, absolute: bool) -> Result<(), String> {
+    let uri = req.uri().clone();
+    let path_and_query: http::uri::PathAndQuery = target.parse().map_err(|e| format!("{target}: {e}"))?;
+    let mut parts = uri.into_parts();
+    if req.version() == hyper::Version::HTTP_2 {
+        parts.path_and_query = Some(path_and_query);
+        *req.uri_mut() = hyper::Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    } else {
+        if absolute && let Some(authority) = parts.authority.as_ref() {
+            let host = hyper::header::HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+            req.headers_mut().insert(hyper::header::HOST, host);
+        }
+        *req.uri_mut() = hyper::Uri::from(path_and_query);
+    }
+    Ok(())
 }

@@ -164,8 +164,7 @@ impl Admission for View {
         let (Some(source), Some(local)) = (self.by_address.get(&from), self.local.get(&to)) else {
             return false;
         };
-        let request =
-            Request { from: source, to: &local.service, port, method: None, path: "", headers: &[] };
+        let request = Request::tcp(source, &local.service, port);
         self.decide(&request).allowed()
     }
 }

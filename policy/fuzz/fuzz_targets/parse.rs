@@ -10,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
         Ok(p) => {
             let engine = policy::Engine::compile(&p);
             let _ = engine.run_tests(&p.tests);
-            let again = policy::Policy::parse("again.toml", &p.to_toml()).expect("a parsed policy round-trips");
+            let again =
+                policy::Policy::parse("again.toml", &p.to_toml()).expect("a parsed policy round-trips");
             assert_eq!(again.rules.len(), p.rules.len());
         }
         Err(e) => assert!(e.line >= 1 && e.column >= 1),

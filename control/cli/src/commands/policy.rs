@@ -120,12 +120,6 @@ pub fn explain(
     path: Option<&str>,
     headers: &[String],
 ) -> anyhow::Result<()> {
-    let method = method
-        .map(|m| {
-            let upper = m.to_ascii_uppercase();
-            policy::Method::parse(&upper).with_context(|| format!("unknown method `{m}`"))
-        })
-        .transpose()?;
     let headers: Vec<(String, String)> = headers
         .iter()
         .map(|h| {
@@ -133,9 +127,24 @@ pub fn explain(
             Ok((k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         })
         .collect::<anyhow::Result<_>>()?;
-    let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let request = policy::Request { from, to, port, method, path: path.unwrap_or("/"), headers: &pairs };
-    let decision = policy::Engine::compile(policy).evaluate(&request);
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+    let engine = policy::Engine::compile(policy);
+    // Methods are case-sensitive tokens: `delete` is not `DELETE`.
+    let http = match method {
+        None => None,
+        Some(m) => match policy::canonicalize(m, path.unwrap_or("/")) {
+            Ok(http) => Some(http),
+            Err(e) => {
+                println!("{from} -> {to}:{port} {m} {}: refused (400 Bad Request): {e}", path.unwrap_or("/"));
+                return Ok(());
+            }
+        },
+    };
+    let request = match &http {
+        Some(http) => policy::Request::http(from, to, port, http, &pairs),
+        None => policy::Request::tcp(from, to, port),
+    };
+    let decision = engine.evaluate(&request);
     println!("{}: {}", policy::describe(&request), decision.reason());
     for (rule, action) in &decision.dry_run {
         println!("  dry run: {rule} would {action}");
