@@ -254,8 +254,26 @@ impl Upgrade {
 
 /// A connection to the local workload, speaking the HTTP version of the requests it carries.
 enum Upstream {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<Outgoing>),
+    H2(http2::SendRequest<Outgoing>),
+}
+
+/// A request body on its way to the workload.
+type Outgoing = BoxBody<Bytes, hyper::Error>;
+
+/// The caller's body as the workload gets it: its trailers never carry `x-mesh-client-id`, which
+/// only the mesh sets (in the request head).
+fn outgoing(req: Request<Incoming>) -> Request<Outgoing> {
+    req.map(|body| {
+        body.map_frame(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                trailers.remove(CLIENT_ID);
+                hyper::body::Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
+        })
+        .boxed()
+    })
 }
 
 /// One caller's tunnel to one local endpoint's port.
@@ -417,7 +435,7 @@ impl Tunnel {
         let (mut sender, connection) =
             http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
         tokio::spawn(connection.with_upgrades());
-        let mut response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let mut response = sender.send_request(outgoing(req)).await.map_err(|e| e.to_string())?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let workload = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
@@ -435,6 +453,7 @@ impl Tunnel {
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
         let h2 = req.version() == hyper::Version::HTTP_2;
+        let req = outgoing(req);
         let mut upstream = self.upstream.lock().await;
         let usable = match upstream.as_ref() {
             Some(Upstream::H1(s)) => !h2 && !s.is_closed(),

@@ -164,6 +164,11 @@ impl Admission for View {
         let (Some(source), Some(local)) = (self.by_address.get(&from), self.local.get(&to)) else {
             return false;
         };
+        // A port declared `http` is reached only through the mesh, whatever `default` and `tcp`
+        // rules say: an overlay flow straight to it would skip mTLS and every HTTP rule.
+        if local.ports.iter().any(|p| p.port == port && p.protocol == mesh_api::model::Protocol::Http) {
+            return false;
+        }
         let request = Request::tcp(source, &local.service, port);
         self.decide(&request).allowed()
     }

@@ -1,11 +1,12 @@
 //! A workload for the lab: answers HTTP/1.1 and HTTP/2 (cleartext, told by the preface) with
 //! one line naming itself and the request, or echoes raw TCP.
 //!
-//!     mesh-echo http PORT NAME     # "NAME METHOD PATH VERSION"; any upgrade asked (WebSocket,
+//!     mesh-echo http PORT NAME     # "NAME METHOD TARGET VERSION"; any upgrade asked (WebSocket,
 //!                                  # h2c, ...) is accepted, then every byte echoed back; a gRPC
 //!                                  # call (content-type application/grpc) gets its message back,
 //!                                  # with trailers grpc-status 0 and x-echo-name NAME; a path
 //!                                  # ending in /whoami gets the x-mesh-client-id values, one a line
+//!                                  # (those that came as trailers marked `trailer`)
 //!     mesh-echo tcp PORT           # echoes every byte back
 
 use std::collections::VecDeque;
@@ -87,15 +88,23 @@ async fn answer(name: &str, mut req: Request<Incoming>) -> Response<Frames> {
             .expect("a valid response");
     }
     if req.uri().path().ends_with("/whoami") {
-        let ids: String = req
+        let mut ids: String = req
             .headers()
             .get_all("x-mesh-client-id")
             .iter()
             .map(|v| format!("{}\n", String::from_utf8_lossy(v.as_bytes())))
             .collect();
+        // Values that came as trailers too, marked.
+        let body = req.into_body().collect().await.ok();
+        for v in
+            body.as_ref().and_then(|b| b.trailers()).into_iter().flat_map(|t| t.get_all("x-mesh-client-id"))
+        {
+            ids.push_str(&format!("trailer {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
         return Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(ids))])));
     }
-    let line = format!("{name} {} {} {:?}\n", req.method(), req.uri().path(), req.version());
+    let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+    let line = format!("{name} {} {target} {:?}\n", req.method(), req.version());
     Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(line))])))
 }
 
