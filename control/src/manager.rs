@@ -110,7 +110,7 @@ pub struct Manager {
     renewals: Mutex<HashMap<NodeId, std::collections::VecDeque<Instant>>>,
     /// Cancelled once this manager finds itself removed from the cluster.
     pub(crate) removed: CancellationToken,
-    data_key: DataKey,
+    data_key: Mutex<DataKey>,
     server_tls: Mutex<Arc<ServerConfig>>,
     /// Since when this manager leads (sessions reconnect to it from then on); `None` unless leading.
     leading_since: Mutex<Option<Instant>>,
@@ -150,7 +150,7 @@ impl Manager {
             node_id,
             removed: CancellationToken::new(),
             renewals: Mutex::new(HashMap::new()),
-            data_key: opened.data_key,
+            data_key: Mutex::new(opened.data_key),
             server_tls: Mutex::new(server_tls),
             leading_since: Mutex::new(None),
             last_seen: Mutex::new(HashMap::new()),

@@ -113,6 +113,10 @@ impl ManagerDir {
     pub fn data_key(&self) -> PathBuf {
         self.root.join("data.key")
     }
+    /// A data key being put in place (see `Manager::rekey`).
+    pub fn data_key_next(&self) -> PathBuf {
+        self.root.join("data.key.next")
+    }
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.crt")
     }
@@ -346,23 +350,50 @@ pub async fn open(root: &Path, unlock: Option<&UnlockKey>) -> Result<Opened, Clu
     let config = read_config(root)?;
     let ca_pem = files::read_string(&dir.ca_cert())?;
     let cluster_id = cluster_of(&dir, &ca_pem)?;
-    let key_path = dir.data_key();
-    let data_key = KeyFile::read(&key_path)?.open(&key_path, unlock)?;
     let manager_identity = open_identity(&dir)?;
     let peers = Peers::new(&mesh_api::pki::pem_to_der(&ca_pem)?, &manager_identity)?;
-    // The state comes from the store's snapshot and log; this is only the empty shape.
-    let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
-    let store = Store::open(
-        &dir.state(),
-        data_key.clone(),
-        initial,
-        config.raft_id,
-        &config.advertise.to_string(),
-        false,
-        peers.clone(),
-    )
-    .await?;
-    Ok(Opened { dir, config, store, cluster_id, ca_pem, manager_identity, peers, data_key })
+    // The data key file, or (after a crash in the middle of putting a fresh data key in place)
+    // the one beside it that the store was sealed under.
+    let (key_path, next) = (dir.data_key(), dir.data_key_next());
+    let mut candidates = vec![key_path.clone()];
+    if next.exists() {
+        candidates.push(next.clone());
+    }
+    let mut failure = None;
+    for path in candidates {
+        let data_key = KeyFile::read(&path)?.open(&path, unlock)?;
+        // The state comes from the store's snapshot and log; this is only the empty shape.
+        let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
+        let opened = Store::open(
+            &dir.state(),
+            data_key.clone(),
+            initial,
+            config.raft_id,
+            &config.advertise.to_string(),
+            false,
+            peers.clone(),
+        )
+        .await;
+        match opened {
+            Ok(store) => {
+                if path == next {
+                    std::fs::rename(&next, &key_path).map_err(|e| FileError::new("renaming", &next, e))?;
+                }
+                return Ok(Opened {
+                    dir,
+                    config,
+                    store,
+                    cluster_id,
+                    ca_pem,
+                    manager_identity,
+                    peers,
+                    data_key,
+                });
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    Err(failure.expect("data.key is always tried").into())
 }
 
 /// The state of a stopped manager, read from its files (for tools and tests).

@@ -158,6 +158,7 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     ));
 
     // Rotated, the old key no longer unlocks; the new one does, and the state is the same.
+    let old_key_file = std::fs::read(m.state().join("data.key")).unwrap();
     m.start();
     assert!(m.meshctl(&["unlock"], &format!("{key}\n")).status.success());
     let rotated = key_in(&m.ok(&["cluster", "unlock-key", "--rotate"]));
@@ -173,6 +174,13 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
         std::thread::sleep(Duration::from_millis(100));
     }
     m.stop();
+    // A copy of the data key file from before, with the unlock key of its time (what a thief of
+    // an old backup and an old key holds), opens nothing: the store was sealed under a fresh key.
+    let now_key_file = std::fs::read(m.state().join("data.key")).unwrap();
+    std::fs::write(m.state().join("data.key"), &old_key_file).unwrap();
+    let stale = control::statedir::read_state(&m.state(), Some(&key.parse().unwrap())).await;
+    assert!(stale.is_err(), "the old data key with the old unlock key still opens the store");
+    std::fs::write(m.state().join("data.key"), &now_key_file).unwrap();
     m.start();
     let old = m.meshctl(&["unlock"], &format!("{key}\n"));
     assert!(!old.status.success(), "the rotated-out key still unlocks");

@@ -1,5 +1,7 @@
 //! Autolock: this manager's data key file follows the unlock key in the replicated state,
-//! wrapped by it, or in the clear when autolock is off.
+//! wrapped by it, or in the clear when autolock is off. Every new unlock key (autolock turned on,
+//! or the key rotated) comes with a fresh data key that the whole store is sealed again under,
+//! so a copy of an earlier data key file, with the unlock key of its time, opens nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::Manager;
-use crate::raft::seal::UnlockKey;
+use crate::raft::seal::{DataKey, UnlockKey};
 
 impl Manager {
     /// Keeps this manager's data key file wrapped by the unlock key in force, or in the clear
@@ -27,13 +29,27 @@ impl Manager {
             let wanted = self.store.read(|s| s.unlock_key.as_ref().map(|k| k.0.clone()));
             if wanted != current {
                 match wanted.as_deref().map(str::parse::<UnlockKey>).transpose() {
-                    Ok(unlock) => match self.dir.write_data_key(&self.data_key, unlock.as_ref()) {
+                    Ok(Some(unlock)) => match self.rekey(&unlock) {
                         Ok(()) => {
-                            info!(autolock = unlock.is_some(), "rewrote the data key file");
+                            info!(
+                                "sealed the store under a fresh data key, wrapped by the unlock key in force"
+                            );
                             current = wanted;
                         }
-                        Err(e) => warn!(error = %e, "rewriting the data key file failed; will retry"),
+                        Err(e) => {
+                            warn!(error = %e, "sealing the store under a fresh data key failed; will retry")
+                        }
                     },
+                    Ok(None) => {
+                        let key = self.data_key.lock().expect("lock").clone();
+                        match self.dir.write_data_key(&key, None) {
+                            Ok(()) => {
+                                info!("autolock is off: the data key file is in the clear (0600)");
+                                current = wanted;
+                            }
+                            Err(e) => warn!(error = %e, "rewriting the data key file failed; will retry"),
+                        }
+                    }
                     Err(e) => warn!(error = %e, "the unlock key in the state is malformed"),
                 }
             }
@@ -41,5 +57,18 @@ impl Manager {
                 return;
             }
         }
+    }
+
+    /// A fresh data key for `unlock`: written wrapped beside the current file first, then the
+    /// store sealed under it in one transaction, then put in the current file's place. A crash
+    /// between the two leaves the new key in `data.key.next`, which opening tries.
+    fn rekey(&self, unlock: &UnlockKey) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let fresh = DataKey::generate();
+        let next = self.dir.data_key_next();
+        fresh.save(&next, Some(unlock))?;
+        self.store.rekey(fresh.clone())?;
+        std::fs::rename(&next, self.dir.data_key())?;
+        *self.data_key.lock().expect("lock") = fresh;
+        Ok(())
     }
 }

@@ -60,11 +60,11 @@ fn io_err<E: std::fmt::Display>(e: E) -> StorageError<RaftId> {
     StorageIOError::<RaftId>::write(anyerror::AnyError::error(e.to_string())).into()
 }
 
-/// The redb file and the key that seals what is in it.
+/// The redb file and the key that seals what is in it (replaced whole by [`Disk::rekey`]).
 #[derive(Clone)]
 struct Disk {
     db: Arc<Database>,
-    key: DataKey,
+    key: Arc<RwLock<DataKey>>,
 }
 
 impl Disk {
@@ -92,11 +92,49 @@ impl Disk {
         }
         txn.commit()
             .map_err(|e| StoreError::Open { path: path.display().to_string(), error: e.to_string() })?;
-        Ok(Disk { db: Arc::new(db), key })
+        Ok(Disk { db: Arc::new(db), key: Arc::new(RwLock::new(key)) })
+    }
+
+    /// Seals everything in the file again under `fresh`, in one transaction, and uses it from
+    /// then on: a copy of the old data key opens nothing written before or after.
+    fn rekey(&self, fresh: DataKey) -> Result<(), StorageError<RaftId>> {
+        // Held for writing throughout: nothing is sealed or read under either key meanwhile.
+        let mut key = self.key.write().expect("lock");
+        let txn = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut logs = txn.open_table(LOGS).map_err(io_err)?;
+            let sealed: Vec<(u64, Vec<u8>)> = logs
+                .iter()
+                .map_err(io_err)?
+                .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .collect::<Result<_, _>>()
+                .map_err(io_err)?;
+            for (index, blob) in sealed {
+                let plain = key.open(&blob, b"raft-log").map_err(io_err)?;
+                logs.insert(index, fresh.seal(&plain, b"raft-log").as_slice()).map_err(io_err)?;
+            }
+            let mut meta = txn.open_table(META).map_err(io_err)?;
+            let sealed: Vec<(String, Vec<u8>)> = meta
+                .iter()
+                .map_err(io_err)?
+                .map(|item| item.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+                .collect::<Result<_, _>>()
+                .map_err(io_err)?;
+            for (name, blob) in sealed {
+                let plain = key.open(&blob, name.as_bytes()).map_err(io_err)?;
+                meta.insert(name.as_str(), fresh.seal(&plain, name.as_bytes()).as_slice()).map_err(io_err)?;
+            }
+        }
+        txn.commit().map_err(io_err)?;
+        *key = fresh;
+        Ok(())
     }
 
     fn seal<T: Serialize>(&self, value: &T, purpose: &str) -> Vec<u8> {
-        self.key.seal(&serde_json::to_vec(value).expect("serializes"), purpose.as_bytes())
+        self.key
+            .read()
+            .expect("lock")
+            .seal(&serde_json::to_vec(value).expect("serializes"), purpose.as_bytes())
     }
 
     fn unseal<T: for<'de> Deserialize<'de>>(
@@ -104,7 +142,7 @@ impl Disk {
         blob: &[u8],
         purpose: &str,
     ) -> Result<T, StorageError<RaftId>> {
-        let plain = self.key.open(blob, purpose.as_bytes()).map_err(io_err)?;
+        let plain = self.key.read().expect("lock").open(blob, purpose.as_bytes()).map_err(io_err)?;
         serde_json::from_slice(&plain).map_err(io_err)
     }
 
@@ -234,6 +272,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct Shared {
     state: RwLock<ClusterState>,
     revision: watch::Sender<u64>,
+    /// The file, for re-sealing it under a new data key.
+    disk: Disk,
 }
 
 /// A snapshot as stored: its metadata and the state it captures.
@@ -261,7 +301,7 @@ impl StateMachine {
             None => (initial, None, StoredMembership::default()),
         };
         let (revision, _) = watch::channel(state.revision);
-        let shared = Arc::new(Shared { state: RwLock::new(state), revision });
+        let shared = Arc::new(Shared { state: RwLock::new(state), revision, disk: disk.clone() });
         Ok(StateMachine { disk, shared, applied, membership })
     }
 
@@ -457,6 +497,11 @@ impl Store {
             store.wait_to_lead(LEADER_TIMEOUT).await?;
         }
         Ok(store)
+    }
+
+    /// Seals the whole store again under `fresh` (see [`Disk::rekey`]).
+    pub fn rekey(&self, fresh: DataKey) -> Result<(), StoreError> {
+        self.shared.disk.rekey(fresh).map_err(|e| StoreError::Raft(e.to_string()))
     }
 
     /// Waits until this manager leads (a single manager elects itself within a second).
