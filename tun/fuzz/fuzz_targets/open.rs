@@ -19,7 +19,13 @@ static TABLES: LazyLock<Tables> = LazyLock::new(|| {
         })
         .collect::<Vec<_>>();
     let networks = vec![
-        NetworkConfig { id: 7, name: "enc".into(), encrypted: true, keys: vec![(KeyRole::Current, 1, [1; 32])], peers: peers.clone() },
+        NetworkConfig {
+            id: 7,
+            name: "enc".into(),
+            encrypted: true,
+            keys: vec![(KeyRole::Current, 1, [1; 32])],
+            peers: peers.clone(),
+        },
         NetworkConfig { id: 8, name: "plain".into(), encrypted: false, keys: vec![], peers },
     ];
     Tables::new(&Config { local_index: 2, networks }, Backend::DEFAULT)
