@@ -308,3 +308,67 @@ pub async fn ask_renewal(state_dir: &Path) -> Result<Option<Renewal>, String> {
     };
     serde_json::from_slice(&json).map(Some).map_err(|e| format!("malformed answer from meshd: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::ids::NodeId;
+    use mesh_api::pki::CertInfo;
+    use mesh_api::tls::Identity;
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::identity::NodeIdentity;
+
+    fn renewed() -> Arc<NodeIdentity> {
+        let not_after = OffsetDateTime::now_utc() + time::Duration::days(1);
+        Arc::new(NodeIdentity {
+            id: NodeId::random(),
+            info: CertInfo {
+                common_name: String::new(),
+                unit: "mesh-worker".into(),
+                organization: String::new(),
+                uris: vec![],
+                not_before: OffsetDateTime::now_utc(),
+                not_after,
+            },
+            ca_pem: String::new(),
+            identity: Identity { cert_pem: String::new(), key_pem: String::new() },
+            managers: vec![],
+        })
+    }
+
+    #[tokio::test]
+    async fn the_socket_answers_status_and_renewals_and_tells_when_no_agent_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ask_renewal(dir.path()).await, Ok(None), "no agent: the caller renews itself");
+        assert!(query(dir.path()).await.unwrap_err().contains("is `meshd run` running?"));
+        let status = Arc::new(Mutex::new(Status { node: "n1".into(), ..Status::default() }));
+        let (renew_now, mut requests) = tokio::sync::mpsc::channel(1);
+        let path = dir.path().to_owned();
+        let _serving = tokio::spawn(async move { serve(&path, status, renew_now).await });
+        // The renewal loop's side: the first request succeeds, the next fails.
+        let node = renewed();
+        let answering = node.clone();
+        tokio::spawn(async move {
+            let mut outcomes = vec![Err("control is unreachable".to_owned()), Ok(answering)];
+            while let Some(reply) = requests.recv().await {
+                let _ = reply.send(outcomes.pop().expect("two requests"));
+            }
+        });
+        for _ in 0..200 {
+            if socket_path(dir.path()).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(query(dir.path()).await.unwrap().node, "n1");
+        assert_eq!(
+            ask_renewal(dir.path()).await,
+            Ok(Some(Renewal::Renewed {
+                node: node.id.to_string(),
+                not_after: node.info.not_after.to_string()
+            }))
+        );
+        assert_eq!(ask_renewal(dir.path()).await, Ok(Some(Renewal::Failed("control is unreachable".into()))));
+    }
+}

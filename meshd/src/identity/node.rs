@@ -272,4 +272,44 @@ mod tests {
         // Already past the point: renew now.
         assert_eq!(renewal_delay(start, end, end, &mut rng), Duration::ZERO);
     }
+
+    /// A state directory holding a node certificate (self-signed, valid for 100 days) and its key,
+    /// whose only manager does not answer.
+    fn state_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = mesh_api::ids::ClusterId::random();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, NodeId::random().as_str());
+        params.distinguished_name.push(rcgen::DnType::OrganizationalUnitName, "mesh-worker");
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, cluster.as_str());
+        let now = OffsetDateTime::now_utc();
+        (params.not_before, params.not_after) =
+            (now - time::Duration::hours(1), now + time::Duration::days(100));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap().pem();
+        let node = NodeDir::new(dir.path());
+        files::write_atomic(&node.cert(), cert.as_bytes(), PUBLIC).unwrap();
+        files::write_atomic(&node.ca(), cert.as_bytes(), PUBLIC).unwrap();
+        files::write_atomic(&node.key(), key.serialize_pem().as_bytes(), SECRET).unwrap();
+        write_addresses(&node.control(), &["127.0.0.1:1".to_owned()]).unwrap();
+        dir
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_asked_for_is_tried_at_once_and_a_failed_one_is_answered_and_not_the_end() {
+        let dir = state_dir();
+        let node = Arc::new(NodeDir::new(dir.path()).load().unwrap());
+        let (published, watching) = watch::channel(node);
+        let (now, requests) = mpsc::channel(1);
+        let (reply, outcome) = oneshot::channel();
+        now.send(reply).await.unwrap();
+        let path = dir.path().to_owned();
+        let renewing = tokio::spawn(async move { keep_renewed(&path, published, requests).await });
+        // Long before the scheduled renewal (50 days on): the paused clock only moves while the
+        // renewal waits for a leader.
+        let answer = tokio::time::timeout(Duration::from_secs(60), outcome).await.unwrap().unwrap();
+        assert!(answer.unwrap_err().contains("127.0.0.1:1"), "the error names the manager tried");
+        assert!(!watching.has_changed().unwrap(), "nothing renewed, nothing published");
+        assert!(!renewing.is_finished(), "an unreachable control is retried later, not fatal");
+    }
 }
