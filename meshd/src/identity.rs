@@ -27,7 +27,7 @@ use mesh_api::pki;
 use mesh_api::tokens::TokenError;
 use time::OffsetDateTime;
 
-pub use node::{NodeDir, NodeIdentity, RenewNow, join, keep_renewed, renew, renewal_delay};
+pub use node::{NodeDir, NodeIdentity, RenewNow, RenewReply, join, keep_renewed, renew, renewal_delay};
 pub use workload::{WorkloadCertificate, WorkloadCertificates, WorkloadIdentity, workload_certificate};
 
 #[derive(Debug, thiserror::Error)]

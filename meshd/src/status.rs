@@ -283,6 +283,12 @@ async fn ask(state_dir: &Path, request: &str) -> Result<Vec<u8>, AskError> {
     conn.shutdown().await.map_err(failed)?;
     let mut json = Vec::new();
     conn.read_to_end(&mut json).await.map_err(failed)?;
+    if json.is_empty() {
+        return Err(AskError::Failed(format!(
+            "meshd closed the connection without answering (it answers within {} s)",
+            ANSWER_TIMEOUT.as_secs()
+        )));
+    }
     Ok(json)
 }
 

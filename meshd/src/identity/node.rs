@@ -169,9 +169,12 @@ pub fn renewal_delay(
 }
 
 /// How the renewal loop is asked to renew now (`meshd renew` while the agent runs): each request
-/// carries where to send the outcome, the renewed identity or why there is none. One loop renews,
-/// so two renewals never interleave their writes in the state directory.
-pub type RenewNow = mpsc::Sender<oneshot::Sender<Result<Arc<NodeIdentity>, String>>>;
+/// is where to send the outcome. One loop renews, so two renewals never interleave their writes
+/// in the state directory.
+pub type RenewNow = mpsc::Sender<RenewReply>;
+
+/// Where a renewal asked for is answered: the renewed identity, or why there is none.
+pub type RenewReply = oneshot::Sender<Result<Arc<NodeIdentity>, String>>;
 
 /// Keeps the node certificate in `dir` renewed until an unrecoverable error (expired before a
 /// renewal succeeded, or control refuses the node), publishing each renewed identity on
@@ -180,7 +183,7 @@ pub type RenewNow = mpsc::Sender<oneshot::Sender<Result<Arc<NodeIdentity>, Strin
 pub async fn keep_renewed(
     dir: &Path,
     published: watch::Sender<Arc<NodeIdentity>>,
-    mut now: mpsc::Receiver<oneshot::Sender<Result<Arc<NodeIdentity>, String>>>,
+    mut now: mpsc::Receiver<RenewReply>,
 ) -> Result<(), IdentityError> {
     loop {
         let current = published.borrow().clone();

@@ -205,32 +205,23 @@ async fn stream(
                 return refuse(StatusCode::BAD_GATEWAY, format!("{} is not answering: {e}", tunnel.workload));
             }
         };
-        tokio::spawn(
-            async move {
-                let Ok(upgraded) = upgrade.await else { return };
-                let mut upstream = upstream;
-                let copied = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
-                if let Ok((a, b)) = copied {
-                    tunnel
-                        .mesh
-                        .metrics
-                        .bytes
-                        .get_or_create(&Direction { direction: "inbound" })
-                        .inc_by(a + b);
-                }
+        let relay = async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut upstream = upstream;
+            let copied = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
+            if let Ok((a, b)) = copied {
+                tunnel.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).inc_by(a + b);
             }
-            .in_current_span(),
-        );
+        };
+        tokio::spawn(relay.in_current_span());
     } else {
-        tokio::spawn(
-            async move {
-                match upgrade.await {
-                    Ok(upgraded) => tunnel.serve_http(upgraded).await,
-                    Err(e) => debug!(error = %e, "a tunnel did not open"),
-                }
+        let requests = async move {
+            match upgrade.await {
+                Ok(upgraded) => tunnel.serve_http(upgraded).await,
+                Err(e) => debug!(error = %e, "a tunnel did not open"),
             }
-            .in_current_span(),
-        );
+        };
+        tokio::spawn(requests.in_current_span());
     }
     Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
 }

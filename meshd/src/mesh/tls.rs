@@ -1,5 +1,5 @@
-//! TLS between meshd (rustls, TLS 1.3 only, ALPN `h2`). Whose a certificate is, is read by the
-//! one check of the cluster's certificates, `mesh_api::pki::CertInfo::holder`.
+//! TLS between meshd (rustls, TLS 1.3 only, ALPN `h2`). Both sides tell whose a certificate is
+//! with the cluster's one check of its certificates, `mesh_api::pki::CertInfo::holder`.
 //!
 //! * The server side (each meshd's mesh port) presents the node certificate, following each one
 //!   identity publishes ([`NodeCertificate::follow`]), and requires a client certificate
