@@ -1,6 +1,6 @@
 //! The Linux I/O around the core (feature `linux-io`): a tun device per workload interface, one
 //! UDP socket on the underlay, and the tasks that move packets between them through the
-//! [`core`](crate::core) and the [`filter`](crate::filter).
+//! [`core`](crate::core) and the [`filter`].
 //!
 //! ```text
 //!  workload netns              this module                                        underlay
