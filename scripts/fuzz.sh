@@ -23,7 +23,7 @@ out=$CARGO_TARGET_DIR/artifacts
 mkdir -p "$out"
 
 status=0
-for crate in tun/fuzz policy/fuzz; do
+for crate in tun/fuzz policy/fuzz meshd/fuzz; do
   echo "fuzz.sh: building $crate" >&2
   cargo build --release --locked --target "$triple" --manifest-path "$crate/Cargo.toml" --bins
   for target in $(sed -n 's/^name = "\(.*\)"$/\1/p' "$crate/Cargo.toml" | tail -n +2); do

@@ -1,35 +1,36 @@
-//! The long-running node agent: it keeps the node's identity alive (renewing the certificate at
-//! a random point between 50 % and 80 % of its lifetime, retrying with exponential backoff),
-//! holds the session with control, and answers `meshd status`.
+//! `meshd run`'s composition root (ztunnel's `app.rs`): the one place that builds the parts, the
+//! channels between them and their tasks, and runs them until one stops or a signal comes.
+//!
+//! ```text
+//!  identity ──watch: node certificate──────────────────► mesh port (inbound TLS)
+//!      │     ──watch per endpoint (WorkloadCertificates)─► workload proxies (outbound)
+//!      ▲ renew now
+//!  status socket ◄── `meshd status`, `meshd renew`
+//!      ▲ what the node holds
+//!  session ──events──► reconciler ──► overlay (tun), workloads, DNS zones, mesh view
+//! ```
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::info;
 
-use time::OffsetDateTime;
-use tracing::{error, info, warn};
-
-use crate::dataplane::Dataplane;
-use crate::identity::{self, IdentityError, NodeDir};
-use crate::session::{self, SessionConfig, SessionError, SessionEvent};
+use crate::config::AgentConfig;
+use crate::dns::Upstream;
+use crate::identity::{self, IdentityError, NodeDir, NodeIdentity, WorkloadCertificates};
+use crate::mesh::{Mesh, tls};
+use crate::metrics::Metrics;
+use crate::overlay;
+use crate::reconciler::Reconciler;
+use crate::session::{self, SessionError, SessionEvent};
 use crate::status::{self, Status};
-
-/// First retry delay after a failed renewal.
-pub const RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest retry delay.
-pub const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("the node certificate expired at {0} before it could be renewed; the node must join again")]
-    Expired(OffsetDateTime),
-    #[error("control refused this node: {0}")]
-    Refused(IdentityError),
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error("the status socket failed: {0}")]
@@ -38,83 +39,58 @@ pub enum AgentError {
     Dataplane(String),
 }
 
-/// The delay before retry number `attempt` (0-based): doubling from [`RETRY_MIN`] up to
-/// [`RETRY_MAX`], with up to 25 % random jitter.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = RETRY_MIN.saturating_mul(1u32 << attempt.min(16)).min(RETRY_MAX);
-    let jitter = rand::random_range(0.0..0.25);
-    base.mul_f64(1.0 + jitter).min(RETRY_MAX)
-}
-
-/// How the agent runs.
-#[derive(Clone, Debug)]
-pub struct AgentConfig {
-    pub session: SessionConfig,
-    /// Prefix of the workload namespaces (unique per meshd on a machine).
-    pub netns_prefix: String,
-    /// Whether to run the data plane (namespaces, tun devices, the underlay socket; needs root).
-    pub dataplane: bool,
-    /// Which services workloads' DNS shows.
-    pub dns_visibility: crate::dns::Visibility,
-    /// Where to serve Prometheus metrics, if anywhere (with the data plane only).
-    pub metrics: Option<std::net::SocketAddr>,
-}
-
-/// The next boot number, stored (and synced) before it is used: part of every nonce's counter,
-/// so a restarted meshd never repeats one (see the `tun` crate docs).
-pub fn next_boot(dir: &Path) -> Result<u16, AgentError> {
-    let path = dir.join("boot");
-    let last: u16 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-    let next = last.checked_add(1).ok_or_else(|| {
-        AgentError::Dataplane(format!("{} is spent (65535 starts): join this node again", path.display()))
-    })?;
-    mesh_api::files::write_atomic(&path, format!("{next}\n").as_bytes(), mesh_api::files::SECRET)
-        .map_err(|e| AgentError::Dataplane(e.to_string()))?;
-    Ok(next)
-}
+/// Renewal requests waiting at once (`meshd renew` while the agent runs).
+const RENEWALS_QUEUED: usize = 4;
 
 /// Runs the agent until an unrecoverable error: renewal, the session, the data plane, status.
-pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
-    let config = agent.session.clone();
-    let dir = config.state_dir.clone();
-    let node = NodeDir::new(&dir).load()?;
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let dir = config.session.state_dir.clone();
+    let node = Arc::new(NodeDir::new(&dir).load()?);
+    info!(
+        node = %node.id,
+        role = %node.info.unit,
+        managers = %node.managers.join(","),
+        cert_expires = %node.info.not_after,
+        "meshd running"
+    );
+    info!(
+        state_dir = %dir.display(),
+        underlay = %config.session.underlay,
+        netns_prefix = %config.netns_prefix,
+        dataplane = config.dataplane,
+        dns_visibility = ?config.dns_visibility,
+        metrics = ?config.metrics,
+        "configuration"
+    );
+    let (node_published, node_certificate) = watch::channel(node.clone());
+    let (renew_now, renew_requests) = mpsc::channel(RENEWALS_QUEUED);
     let status = Arc::new(Mutex::new(Status {
         node: node.id.to_string(),
         control: node.managers.join(","),
-        underlay: config.underlay.to_string(),
+        underlay: config.session.underlay.to_string(),
         ..Status::default()
     }));
-    let dataplane = if agent.dataplane {
-        let boot = next_boot(&dir)?;
-        let dp = Dataplane::start(
-            &dir,
-            config.underlay,
-            &agent.netns_prefix,
-            boot,
-            agent.dns_visibility,
-            agent.metrics,
-        )
-        .await
-        .map_err(|e| {
-            AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.underlay))
+    let dataplane = if config.dataplane {
+        let boot = overlay::next_boot(&dir).map_err(|e| AgentError::Dataplane(e.to_string()))?;
+        let dp = Dataplane::start(&config, &node, node_certificate, boot).await.map_err(|e| {
+            AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.session.underlay))
         })?;
-        Some(Arc::new(dp))
+        let mut s = status.lock().expect("lock");
+        s.counters = Some(dp.counters.clone());
+        s.certificates = Some(dp.certificates.clone());
+        Some(dp)
     } else {
         None
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let holder = status.clone();
-    let plane = dataplane.clone();
+    let reconciler = dataplane.as_ref().map(|dp| dp.reconciler.clone());
     let follow = async move {
         while let Some(event) = events.recv().await {
-            if let (SessionEvent::Slice(slice), Some(dp)) = (&event, &plane) {
-                dp.apply(slice).await;
+            if let (SessionEvent::Slice(slice), Some(r)) = (&event, &reconciler) {
+                r.apply(slice).await;
             }
             let mut status = holder.lock().expect("lock");
-            if let Some(dp) = &plane {
-                status.counters = Some(dp.counters.clone());
-                status.certificates = Some(dp.certificates.clone());
-            }
             match event {
                 SessionEvent::Connected => {
                     status.connected = true;
@@ -129,14 +105,14 @@ pub async fn run(agent: AgentConfig) -> Result<(), AgentError> {
         }
     };
     let result = tokio::select! {
-        result = keep_identity(&dir) => result,
-        refused = session::run(config.clone(), events_tx) => Err(AgentError::Session(refused)),
-        served = status::serve(&dir, status.clone()) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
+        renewing = identity::keep_renewed(&dir, node_published, renew_requests) => renewing.map_err(AgentError::from),
+        refused = session::run(config.session.clone(), events_tx) => Err(AgentError::Session(refused)),
+        served = status::serve(&dir, status.clone(), renew_now) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
         _ = follow => Ok(()),
         _ = shutdown_signal() => Ok(()),
     };
     if let Some(dp) = dataplane {
-        dp.shutdown().await;
+        dp.reconciler.shutdown().await;
     }
     result
 }
@@ -152,63 +128,68 @@ async fn shutdown_signal() {
     info!("shutting down");
 }
 
-/// Keeps the identity in `dir` renewed until an unrecoverable error.
-pub async fn keep_identity(dir: &Path) -> Result<(), AgentError> {
-    let node_dir = NodeDir::new(dir);
-    let mut current = node_dir.load()?;
-    info!(
-        node = %current.id,
-        role = %current.info.unit,
-        managers = %current.managers.join(","),
-        cert_expires = %current.info.not_after,
-        "meshd running"
-    );
-    loop {
-        let delay = identity::renewal_delay(
-            current.info.not_before,
-            current.info.not_after,
-            OffsetDateTime::now_utc(),
-            &mut rand::rng(),
-        );
-        info!(node = %current.id, in_secs = delay.as_secs(), "next certificate renewal scheduled");
-        tokio::time::sleep(delay).await;
-        let mut attempt = 0;
-        current = loop {
-            if OffsetDateTime::now_utc() >= current.info.not_after {
-                error!(node = %current.id, "certificate expired before renewal succeeded");
-                return Err(AgentError::Expired(current.info.not_after));
-            }
-            match identity::renew(dir).await {
-                Ok(renewed) => {
-                    info!(node = %renewed.id, cert_expires = %renewed.info.not_after, "certificate renewed");
-                    break renewed;
-                }
-                Err(IdentityError::Client(e)) if e.code() == Some(tonic::Code::PermissionDenied) => {
-                    error!(node = %current.id, error = %e, "control refuses this node");
-                    return Err(AgentError::Refused(IdentityError::Client(e)));
-                }
-                Err(e) => {
-                    let wait = backoff(attempt);
-                    warn!(node = %current.id, error = %e, retry_in_ms = wait.as_millis() as u64, "renewal failed");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-            }
+/// The data plane as `run` wires it: the overlay, the mesh port and metrics, and the reconciler
+/// that the slices reach them through.
+struct Dataplane {
+    reconciler: Arc<Reconciler>,
+    counters: Arc<tun::core::Counters>,
+    certificates: Arc<WorkloadCertificates>,
+    /// The mesh port, the node certificate's follower, the metrics server.
+    _tasks: Vec<AbortOnDropHandle<()>>,
+}
+
+impl Dataplane {
+    /// Binds the underlay socket (UDP) and the mesh port (TCP, same address and port), starts
+    /// receiving, and serves metrics when asked to. `boot` is this run's boot number; the mesh
+    /// port presents each node certificate `node_certificate` carries.
+    async fn start(
+        config: &AgentConfig,
+        node: &NodeIdentity,
+        node_certificate: watch::Receiver<Arc<NodeIdentity>>,
+        boot: u16,
+    ) -> std::io::Result<Dataplane> {
+        let listen = overlay::listen_address(config.session.underlay);
+        let cluster = node.info.organization.parse().map_err(std::io::Error::other)?;
+        let ca_der = mesh_api::pki::pem_to_der(&node.ca_pem).map_err(std::io::Error::other)?;
+        let served = Arc::new(tls::NodeCertificate::new(&node.identity).map_err(std::io::Error::other)?);
+        let metrics = Arc::new(Metrics::default());
+        let mesh = Arc::new(Mesh::new(cluster, ca_der.clone(), served.clone(), metrics.clone()));
+        let overlay = overlay::bind(listen, boot, mesh.view.clone())?;
+        let counters = overlay.counters().clone();
+        metrics.with_overlay(counters.clone());
+        let mesh_listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("mesh port {listen}/tcp: {e}")))?;
+        let metrics_listener = match config.metrics {
+            Some(address) => Some(mesh_api::metrics_http::bind(address).await?),
+            None => None,
         };
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            tls::server_config(&mesh.ca_der, served.clone()).map_err(std::io::Error::other)?,
+        );
+        let mut tasks = vec![
+            spawn(crate::mesh::inbound::serve(mesh.clone(), mesh_listener, acceptor)),
+            spawn(async move { served.follow(node_certificate).await }),
+        ];
+        if let Some(listener) = metrics_listener {
+            let registry = metrics.clone();
+            tasks.push(spawn(mesh_api::metrics_http::serve(listener, Arc::new(move || registry.encode()))));
+        }
+        let certificates = Arc::new(WorkloadCertificates::new(&config.session.state_dir, metrics));
+        let reconciler = Reconciler::start(
+            &config.netns_prefix,
+            overlay,
+            mesh,
+            certificates.clone(),
+            Arc::new(Upstream::from_system()),
+            config.dns_visibility,
+        )
+        .await;
+        info!(bind = %listen, prefix = %config.netns_prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");
+        Ok(Dataplane { reconciler: Arc::new(reconciler), counters, certificates, _tasks: tasks })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        for attempt in 0..40 {
-            let d = backoff(attempt);
-            let base = RETRY_MIN.saturating_mul(1u32 << attempt.min(16)).min(RETRY_MAX);
-            assert!(d >= base && d <= RETRY_MAX && d <= base.mul_f64(1.25), "{attempt}: {d:?}");
-        }
-        assert_eq!(backoff(30), RETRY_MAX);
-    }
+fn spawn(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(task))
 }

@@ -23,6 +23,7 @@ use mesh_api::slice::NodeSlice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 /// Which services a workload's DNS shows.
@@ -259,7 +260,8 @@ pub async fn serve(udp: UdpSocket, tcp: TcpListener, zone: Arc<ArcSwap<Zone>>, u
     let udp = Arc::new(udp);
     let tcp_zone = zone.clone();
     let tcp_upstream = upstream.clone();
-    let _tcp = AbortOnDrop(tokio::spawn(async move {
+    // The TCP side stops with the server.
+    let _tcp = AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = tcp.accept().await else { continue };
             let zone = tcp_zone.clone();
@@ -301,14 +303,5 @@ pub async fn serve(udp: UdpSocket, tcp: TcpListener, zone: Arc<ArcSwap<Zone>>, u
                 }
             }
         });
-    }
-}
-
-/// Stops the TCP side when the server is stopped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use meshd::agent::AgentConfig;
-use meshd::session::{self, SessionConfig};
+use mesh_api::metrics_http::{self, MetricsAddr};
+use meshd::config::{self, AgentConfig};
+use meshd::dns::Visibility;
+use meshd::session::SessionConfig;
+use meshd::status::Renewal;
 use meshd::{agent, identity, status};
 
 #[derive(Parser)]
@@ -25,7 +28,7 @@ enum Cmd {
         #[arg(long, env = "MESHD_JOIN_TOKEN")]
         token: String,
         /// Where the node's identity is kept (created with mode 0700).
-        #[arg(long, default_value = "/var/lib/meshd")]
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// The name this node reports (default: the host's name).
         #[arg(long)]
@@ -33,37 +36,38 @@ enum Cmd {
     },
     /// Run the agent: keep the node's certificate renewed and hold the session with control.
     Run {
-        #[arg(long, default_value = "/var/lib/meshd")]
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Where this node receives overlay traffic (UDP) and mesh connections (TCP, same port):
         /// IP or IP:PORT (default: this host's address towards control, port 4800).
         #[arg(long)]
         underlay: Option<String>,
         /// Prefix of workload namespaces (`PREFIX-SERVICE-SLOT`); unique per meshd on a machine.
-        #[arg(long, default_value = "mesh")]
+        #[arg(long, default_value = config::DEFAULT_NETNS_PREFIX)]
         netns_prefix: String,
         /// Hold the session only: no namespaces, devices or overlay socket (no root needed).
         #[arg(long)]
         no_dataplane: bool,
         /// Which services a workload can resolve: all on its networks, or only those the policy
         /// in force may let it reach.
-        #[arg(long, value_enum, default_value_t = meshd::dns::Visibility::All)]
-        dns_visibility: meshd::dns::Visibility,
+        #[arg(long, value_enum, default_value_t = config::DEFAULT_DNS_VISIBILITY)]
+        dns_visibility: Visibility,
         /// Where to serve Prometheus metrics (`GET /metrics`); `off` for nowhere.
-        #[arg(long, default_value = "127.0.0.1:9480", value_parser = mesh_api::metrics_http::parse_addr)]
-        metrics: mesh_api::metrics_http::MetricsAddr,
+        #[arg(long, default_value = config::DEFAULT_METRICS, value_parser = metrics_http::parse_addr)]
+        metrics: MetricsAddr,
     },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
-        #[arg(long, default_value = "/var/lib/meshd")]
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Renew the node's certificate now (a fresh key pair, same node ID).
+    /// Renew the node's certificate now (a fresh key pair, same node ID); a running agent does it,
+    /// so that it serves the new certificate at once.
     Renew {
-        #[arg(long, default_value = "/var/lib/meshd")]
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
 }
@@ -73,7 +77,7 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -89,7 +93,7 @@ async fn main() {
                 .map_err(anyhow::Error::from)
         }
         Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility, metrics } => {
-            match session::underlay_address(underlay.as_deref(), &state_dir) {
+            match config::underlay_address(underlay.as_deref(), &state_dir) {
                 Ok(underlay) => agent::run(AgentConfig {
                     session: SessionConfig { state_dir, underlay },
                     netns_prefix,
@@ -111,12 +115,20 @@ async fn main() {
                 }
             })
         }
-        Cmd::Renew { state_dir } => identity::renew(&state_dir)
-            .await
-            .map(|node| {
-                println!("{} renewed; certificate valid until {}", node.id, node.info.not_after);
-            })
-            .map_err(anyhow::Error::from),
+        Cmd::Renew { state_dir } => match status::ask_renewal(&state_dir).await {
+            Ok(Some(Renewal::Renewed { node, not_after })) => {
+                println!("{node} renewed; certificate valid until {not_after}");
+                Ok(())
+            }
+            Ok(Some(Renewal::Failed(why))) => Err(anyhow::anyhow!(why)),
+            Ok(None) => identity::renew(&state_dir)
+                .await
+                .map(|node| {
+                    println!("{} renewed; certificate valid until {}", node.id, node.info.not_after);
+                })
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
     };
     if let Err(e) = result {
         eprintln!("meshd: {e:#}");

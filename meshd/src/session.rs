@@ -1,22 +1,21 @@
 //! The node's one session with control: a server-streaming call over mTLS on which control pushes
-//! this node's slice of the cluster. Reconnects with backoff; every message is the whole slice, so
-//! after a reconnect the node holds the current slice again at once. Slices are applied in
+//! this node's slice of the cluster. Reconnects with backoff; the first message after a connect
+//! is the whole slice and later ones may carry only what changed (the slice's delta codec), so
+//! after a reconnect the node holds the current slice again at once. Slices are passed on in
 //! version order: one older than what is held is ignored.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use mesh_api::client::ClientError;
 use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Span, info, instrument, warn};
 
-use crate::agent::backoff;
+use crate::backoff;
 use crate::identity::{IdentityError, NodeDir};
-
-/// The UDP port for overlay traffic unless told otherwise.
-pub const DEFAULT_OVERLAY_PORT: u16 = 4800;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -42,6 +41,7 @@ pub enum SessionEvent {
 
 /// Holds the session until control refuses the node (removed, say). Sends every new slice and
 /// connection change to `events`.
+#[instrument(name = "session", skip_all, fields(underlay = %config.underlay))]
 pub async fn run(config: SessionConfig, events: mpsc::UnboundedSender<SessionEvent>) -> SessionError {
     let mut held: u64 = 0;
     let mut attempt = 0u32;
@@ -54,19 +54,21 @@ pub async fn run(config: SessionConfig, events: mpsc::UnboundedSender<SessionEve
             }
             Err(e) => {
                 let _ = events.send(SessionEvent::Disconnected(e.to_string()));
-                let wait = backoff(attempt);
+                let wait = backoff::delay(attempt);
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "session with control lost");
                 tokio::time::sleep(wait).await;
                 attempt = attempt.saturating_add(1);
             }
             Ok(()) => {
                 let _ = events.send(SessionEvent::Disconnected("control ended the session".into()));
-                tokio::time::sleep(backoff(0)).await;
+                tokio::time::sleep(backoff::delay(0)).await;
             }
         }
     }
 }
 
+/// One connection of the session, from finding the leader to the end of its stream.
+#[instrument(name = "connection", skip_all, fields(node = Empty, control = Empty))]
 async fn connect_and_follow(
     config: &SessionConfig,
     events: &mpsc::UnboundedSender<SessionEvent>,
@@ -79,6 +81,7 @@ async fn connect_and_follow(
         code: tonic::Code::FailedPrecondition,
         message: e.to_string(),
     })?;
+    Span::current().record("node", tracing::field::display(&node.id));
     // Whichever manager answers names the leader; the session is opened there.
     let leader = node.leader().await.map_err(|e| match e {
         IdentityError::Client(e) => e,
@@ -89,6 +92,7 @@ async fn connect_and_follow(
         },
     })?;
     let addr = leader.addr;
+    Span::current().record("control", tracing::field::display(&addr));
     let mut stream = pb::dispatcher_client::DispatcherClient::new(leader.channel)
         .session(pb::SessionRequest { underlay: config.underlay.to_string() })
         .await
@@ -129,28 +133,4 @@ async fn connect_and_follow(
         let _ = events.send(SessionEvent::Slice(slice));
     }
     Ok(())
-}
-
-/// The address of this host that routes to `control`: the default underlay IP.
-pub fn local_ip_towards(control: &str) -> std::io::Result<std::net::IpAddr> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    socket.connect(control)?;
-    Ok(socket.local_addr()?.ip())
-}
-
-/// The underlay address: `given` (IP or IP:PORT), or this host's address towards control.
-pub fn underlay_address(given: Option<&str>, state_dir: &Path) -> Result<SocketAddr, String> {
-    match given {
-        Some(text) => text
-            .parse::<SocketAddr>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, DEFAULT_OVERLAY_PORT)))
-            .map_err(|_| format!("--underlay `{text}` is not an IP or IP:PORT")),
-        None => {
-            let managers = NodeDir::new(state_dir).load().map_err(|e| e.to_string())?.managers;
-            let control = managers.first().cloned().unwrap_or_default();
-            local_ip_towards(&control)
-                .map(|ip| SocketAddr::new(ip, DEFAULT_OVERLAY_PORT))
-                .map_err(|e| format!("cannot tell this host's address towards control {control}: {e}"))
-        }
-    }
 }

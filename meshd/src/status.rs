@@ -1,14 +1,27 @@
-//! What the node holds, for `meshd status`: served by the running agent on a Unix socket in its
-//! state directory (mode 0700, so only its owner can ask). Key epochs only, never key bytes.
+//! What the node holds, for `meshd status`, and the running agent's door for `meshd renew`: both
+//! served on a Unix socket in the state directory (mode 0700, so only its owner can ask). Key
+//! epochs only, never key bytes.
+//!
+//! A client writes one request (`status`, or `renew`) and closes its side; the agent answers in
+//! JSON and closes.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mesh_api::slice::NodeSlice;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
 use tracing::warn;
+
+use crate::identity::{RenewNow, WorkloadCertificates};
+
+/// Longest a client may take to ask, and the agent to answer (a renewal included).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest request read.
+const MAX_REQUEST: u64 = 64;
 
 /// Where the agent answers status requests.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -33,12 +46,12 @@ pub struct Status {
     pub packets_received: u64,
     pub drops: Vec<String>,
     #[serde(skip)]
-    pub counters: Option<std::sync::Arc<tun::core::Counters>>,
+    pub counters: Option<Arc<tun::core::Counters>>,
     /// Each endpoint's workload certificate: `service.slot until <expiry>`.
     #[serde(default)]
     pub workload_certificates: Vec<String>,
     #[serde(skip)]
-    pub certificates: Option<crate::dataplane::Certificates>,
+    pub certificates: Option<Arc<WorkloadCertificates>>,
 }
 
 impl PartialEq for Status {
@@ -180,51 +193,189 @@ impl Status {
     }
 }
 
-/// Answers every connection on the socket with the current status as JSON.
-pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>) -> std::io::Result<()> {
+/// What the agent answers to `renew`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Renewal {
+    /// The node certificate was renewed; it is valid until `not_after`.
+    Renewed { node: String, not_after: String },
+    /// Why it was not.
+    Failed(String),
+}
+
+/// Answers every connection on the socket: the current status as JSON, or for `renew` the
+/// outcome of a renewal made through `renew_now`.
+pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>, renew_now: RenewNow) -> std::io::Result<()> {
     let path = socket_path(state_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     loop {
-        let (mut conn, _) = listener.accept().await?;
-        let json = {
-            let mut s = status.lock().expect("lock");
-            if let Some(certs) = s.certificates.clone() {
-                s.workload_certificates = certs
-                    .lock()
-                    .expect("lock")
-                    .iter()
-                    .map(|(k, c)| format!("{k} until {}", c.not_after))
-                    .collect();
-            }
-            if let Some(c) = s.counters.clone() {
-                use std::sync::atomic::Ordering::Relaxed;
-                s.packets_sent = c.sent.load(Relaxed);
-                s.packets_received = c.received.load(Relaxed);
-                s.drops = c
-                    .all_drops()
-                    .into_iter()
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(r, n)| format!("{}={n}", r.name()))
-                    .collect();
-            }
-            serde_json::to_vec(&*s).expect("status serializes")
-        };
+        let (conn, _) = listener.accept().await?;
+        let (status, renew_now) = (status.clone(), renew_now.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.write_all(&json).await {
-                warn!(error = %e, "status request failed");
+            match tokio::time::timeout(ANSWER_TIMEOUT, answer(conn, &status, &renew_now)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "status request failed"),
+                Err(_) => warn!("status request timed out"),
             }
         });
     }
 }
 
+async fn answer(mut conn: UnixStream, status: &Mutex<Status>, renew_now: &RenewNow) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    (&mut conn).take(MAX_REQUEST).read_to_end(&mut request).await?;
+    let json = match String::from_utf8_lossy(&request).trim() {
+        "renew" => serde_json::to_vec(&renew(renew_now).await),
+        _ => serde_json::to_vec(&snapshot(status)),
+    }
+    .expect("answers serialize");
+    conn.write_all(&json).await
+}
+
+/// The status, with the counters and certificates read now.
+fn snapshot(status: &Mutex<Status>) -> Status {
+    let mut s = status.lock().expect("lock");
+    if let Some(certs) = s.certificates.clone() {
+        s.workload_certificates =
+            certs.expiries().into_iter().map(|(k, not_after)| format!("{k} until {not_after}")).collect();
+    }
+    if let Some(c) = s.counters.clone() {
+        use std::sync::atomic::Ordering::Relaxed;
+        s.packets_sent = c.sent.load(Relaxed);
+        s.packets_received = c.received.load(Relaxed);
+        s.drops = c
+            .all_drops()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{}={n}", r.name()))
+            .collect();
+    }
+    s.clone()
+}
+
+/// Asks the renewal loop to renew now and waits for the outcome.
+async fn renew(renew_now: &RenewNow) -> Renewal {
+    let (reply, outcome) = oneshot::channel();
+    if renew_now.send(reply).await.is_err() {
+        return Renewal::Failed("the agent no longer renews its certificate".into());
+    }
+    match outcome.await {
+        Ok(Ok(node)) => {
+            Renewal::Renewed { node: node.id.to_string(), not_after: node.info.not_after.to_string() }
+        }
+        Ok(Err(why)) => Renewal::Failed(why),
+        Err(_) => Renewal::Failed("the agent stopped before the renewal finished".into()),
+    }
+}
+
+/// Why a request to the agent got no answer.
+enum AskError {
+    /// No agent answers on the socket (the error says why).
+    Unreachable(std::io::Error),
+    Failed(String),
+}
+
+/// Sends `request` to the agent at `state_dir` and reads its answer.
+async fn ask(state_dir: &Path, request: &str) -> Result<Vec<u8>, AskError> {
+    let mut conn = UnixStream::connect(socket_path(state_dir)).await.map_err(AskError::Unreachable)?;
+    let failed = |e: std::io::Error| AskError::Failed(e.to_string());
+    conn.write_all(request.as_bytes()).await.map_err(failed)?;
+    conn.shutdown().await.map_err(failed)?;
+    let mut json = Vec::new();
+    conn.read_to_end(&mut json).await.map_err(failed)?;
+    if json.is_empty() {
+        return Err(AskError::Failed(format!(
+            "meshd closed the connection without answering (it answers within {} s)",
+            ANSWER_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(json)
+}
+
 /// Asks a running agent for its status.
 pub async fn query(state_dir: &Path) -> Result<Status, String> {
-    let path = socket_path(state_dir);
-    let mut conn = UnixStream::connect(&path)
-        .await
-        .map_err(|e| format!("cannot reach meshd at {} ({e}); is `meshd run` running?", path.display()))?;
-    let mut json = Vec::new();
-    conn.read_to_end(&mut json).await.map_err(|e| e.to_string())?;
+    let json = ask(state_dir, "status\n").await.map_err(|e| match e {
+        AskError::Unreachable(e) => format!(
+            "cannot reach meshd at {} ({e}); is `meshd run` running?",
+            socket_path(state_dir).display()
+        ),
+        AskError::Failed(e) => e,
+    })?;
     serde_json::from_slice(&json).map_err(|e| format!("malformed status from meshd: {e}"))
+}
+
+/// Asks a running agent to renew its node certificate now; `None` when no agent answers on
+/// `state_dir` (the caller may then renew on disk itself).
+pub async fn ask_renewal(state_dir: &Path) -> Result<Option<Renewal>, String> {
+    let json = match ask(state_dir, "renew\n").await {
+        Ok(json) => json,
+        Err(AskError::Unreachable(_)) => return Ok(None),
+        Err(AskError::Failed(e)) => return Err(e),
+    };
+    serde_json::from_slice(&json).map(Some).map_err(|e| format!("malformed answer from meshd: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::ids::NodeId;
+    use mesh_api::pki::CertInfo;
+    use mesh_api::tls::Identity;
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::identity::NodeIdentity;
+
+    fn renewed() -> Arc<NodeIdentity> {
+        let not_after = OffsetDateTime::now_utc() + time::Duration::days(1);
+        Arc::new(NodeIdentity {
+            id: NodeId::random(),
+            info: CertInfo {
+                common_name: String::new(),
+                unit: "mesh-worker".into(),
+                organization: String::new(),
+                uris: vec![],
+                serial: "01".into(),
+                not_before: OffsetDateTime::now_utc(),
+                not_after,
+            },
+            ca_pem: String::new(),
+            identity: Identity { cert_pem: String::new(), key_pem: String::new() },
+            managers: vec![],
+        })
+    }
+
+    #[tokio::test]
+    async fn the_socket_answers_status_and_renewals_and_tells_when_no_agent_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ask_renewal(dir.path()).await, Ok(None), "no agent: the caller renews itself");
+        assert!(query(dir.path()).await.unwrap_err().contains("is `meshd run` running?"));
+        let status = Arc::new(Mutex::new(Status { node: "n1".into(), ..Status::default() }));
+        let (renew_now, mut requests) = tokio::sync::mpsc::channel(1);
+        let path = dir.path().to_owned();
+        let _serving = tokio::spawn(async move { serve(&path, status, renew_now).await });
+        // The renewal loop's side: the first request succeeds, the next fails.
+        let node = renewed();
+        let answering = node.clone();
+        tokio::spawn(async move {
+            let mut outcomes = vec![Err("control is unreachable".to_owned()), Ok(answering)];
+            while let Some(reply) = requests.recv().await {
+                let _ = reply.send(outcomes.pop().expect("two requests"));
+            }
+        });
+        for _ in 0..200 {
+            if socket_path(dir.path()).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(query(dir.path()).await.unwrap().node, "n1");
+        assert_eq!(
+            ask_renewal(dir.path()).await,
+            Ok(Some(Renewal::Renewed {
+                node: node.id.to_string(),
+                not_after: node.info.not_after.to_string()
+            }))
+        );
+        assert_eq!(ask_renewal(dir.path()).await, Ok(Some(Renewal::Failed("control is unreachable".into()))));
+    }
 }

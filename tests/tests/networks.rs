@@ -414,7 +414,7 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
     let cluster = TestCluster::start(HOUR).await;
     let (dir, id) = cluster.join(mesh_api::tokens::Role::Worker).await;
     let state_dir = mesh_tests::node_dir(&dir);
-    let config = meshd::agent::AgentConfig {
+    let config = meshd::config::AgentConfig {
         session: meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) },
         netns_prefix: "unused".into(),
         dataplane: false,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::aead::{Aead, Backend};
 use crate::header::{HEADER_LEN, Header, PacketType};
+use crate::packet::Ipv4Header;
 use crate::replay::ReplayWindow;
 
 /// Why a packet was dropped. Each has a counter.
@@ -168,16 +169,6 @@ impl Tables {
     }
 }
 
-/// Source and destination of an IPv4 packet.
-pub fn ipv4_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    if packet.len() < 20 || packet[0] >> 4 != 4 || (packet[0] & 0x0f) < 5 {
-        return None;
-    }
-    let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-    Some((src, dst))
-}
-
 /// The send side: one per node (its counter is the nonce source), shared by every sending task.
 pub struct Sealer {
     counter: AtomicU64,
@@ -225,7 +216,8 @@ impl Sealer {
         out: &mut Vec<u8>,
     ) -> Result<SocketAddr, DropReason> {
         let net = tables.networks.get(&network).ok_or(DropReason::UnknownNetwork)?;
-        let (src, dst) = ipv4_addresses(inner).ok_or(DropReason::Malformed)?;
+        let Ipv4Header { source: src, destination: dst, .. } =
+            Ipv4Header::parse(inner).ok_or(DropReason::Malformed)?;
         if src != from {
             return Err(DropReason::Filtered);
         }
@@ -311,7 +303,8 @@ impl Opener {
             (PacketType::Plain, false) => datagram.len() - HEADER_LEN,
         };
         let range = HEADER_LEN..HEADER_LEN + inner_len;
-        let (src, dst) = ipv4_addresses(&datagram[range.clone()]).ok_or(DropReason::Malformed)?;
+        let Ipv4Header { source: src, destination: dst, .. } =
+            Ipv4Header::parse(&datagram[range.clone()]).ok_or(DropReason::Malformed)?;
         match net.route.get(&src) {
             Some((node, _)) if *node == header.sender => {}
             _ => return Err(DropReason::NotSenderEndpoint),

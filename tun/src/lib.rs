@@ -2,8 +2,13 @@
 //!
 //! A sans-IO packet core ([`core`]: bytes and time in, actions out): the [`header`] codec,
 //! AES-256-GCM seal and open behind one [`aead`] trait with two backends, key lookup by epoch,
-//! a [`replay`] window per sender and key, and the inbound filter. Every packet that fails a
-//! check is dropped with a [`core::DropReason`] and counted, never delivered.
+//! a [`replay`] window per sender and key, and the checks of the inner packet's addresses. Every
+//! packet that fails a check is dropped with a [`core::DropReason`] and counted, never delivered.
+//! Beside it, equally free of I/O: the no-bypass [`filter`] (what the overlay may deliver into a
+//! workload) and the one [`packet`] parser that the core and the filter both read packets with.
+//!
+//! With the `linux-io` feature, `io` is the I/O around them: tun devices, the underlay UDP
+//! socket, batching and offloads, and the tasks that move packets. Only that module uses Tokio.
 //!
 //! # Nonces
 //!
@@ -23,5 +28,9 @@
 
 pub mod aead;
 pub mod core;
+pub mod filter;
 pub mod header;
+#[cfg(feature = "linux-io")]
+pub mod io;
+pub mod packet;
 pub mod replay;

@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
-use control::ids::NodeId;
-use control::slice::{NodeSlice, ServiceRecord, SliceNetwork};
-use control::state::{PortSpec, Protocol};
 use libfuzzer_sys::fuzz_target;
+use mesh_api::ids::NodeId;
+use mesh_api::model::{PortSpec, Protocol};
+use mesh_api::slice::{NodeSlice, Peer, ServiceRecord, SliceNetwork};
 use meshd::dns::{Upstream, Zone};
 
 static ZONE: LazyLock<Zone> = LazyLock::new(|| {
@@ -24,10 +24,20 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         subnet: "10.1.0.0/24".parse().unwrap(),
         encrypted: true,
         keys: vec![],
-        peers: vec![],
-        services: vec![service],
+        peers: Vec::<Peer>::new().into(),
+        services: vec![service].into(),
     };
-    let slice = NodeSlice { version: 1, node: NodeId::random(), endpoints: vec![], networks: vec![net], policy: None, node_index: 1, visibility: Default::default() };
+    let slice = NodeSlice {
+        version: 1,
+        node: NodeId::random(),
+        endpoints: vec![],
+        networks: vec![net],
+        policy: None,
+        node_index: 1,
+        visibility: Default::default(),
+        removed_nodes: vec![],
+        managers: vec![],
+    };
     Zone::for_workload(&slice, &BTreeSet::from(["front".to_owned()]))
 });
 

@@ -23,13 +23,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::field::{Empty, display};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::metrics::{Destination, Direction, Verdict};
 use super::outbound::{CONNECTION_WINDOW, STREAM_WINDOW};
 use super::tls::{Peer, PeerError};
 use super::{Mesh, request_id};
-use crate::workload::Netns;
+use crate::metrics::{Destination, Direction, Verdict};
+use crate::netns::Netns;
 
 /// Longest wait for a client's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,10 +71,13 @@ pub async fn serve(mesh: Arc<Mesh>, listener: TcpListener, acceptor: TlsAcceptor
             }
         };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(connection(mesh.clone(), tcp, remote, acceptor.clone()));
+        let span = info_span!("mesh_connection", %remote, peer = Empty, service = Empty);
+        tokio::spawn(connection(mesh.clone(), tcp, remote, acceptor.clone()).instrument(span));
     }
 }
 
+/// One connection from another node's meshd, carrying streams from one caller. Runs in the
+/// connection's span, which names the caller once its certificate is read.
 async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketAddr, acceptor: TlsAcceptor) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -91,12 +95,18 @@ async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketA
         tls.get_ref().1.peer_certificates().and_then(|c| c.first()),
         &mesh.cluster,
     ));
-    if let Err(e) = peer.as_ref() {
-        warn!(%remote, error = %e, "mesh peer refused");
+    let span = tracing::Span::current();
+    match peer.as_ref() {
+        Ok(p) => {
+            span.record("peer", display(&p.endpoint));
+            span.record("service", display(&p.service));
+        }
+        Err(e) => warn!(%remote, error = %e, "mesh peer refused"),
     }
+    // Hyper runs each stream as a task of its own: each carries the connection's span.
     let service = service_fn(move |req| {
         let (mesh, peer) = (mesh.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(stream(mesh, peer, remote, req).await) }
+        async move { Ok::<_, Infallible>(stream(mesh, peer, remote, req).await) }.instrument(span.clone())
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -152,7 +162,7 @@ async fn stream(
             format!("refused: `{}` is not on network `{}`", peer.service, local.network),
         );
     }
-    let client_id = hyper::header::HeaderValue::from_str(&peer.spiffe_id).ok();
+    let client_id = hyper::header::HeaderValue::from_str(&peer.spiffe_id.to_string()).ok();
     let tunnel = Arc::new(Tunnel {
         mesh: mesh.clone(),
         peer,
@@ -188,21 +198,23 @@ async fn stream(
                 return refuse(StatusCode::BAD_GATEWAY, format!("{} is not answering: {e}", tunnel.workload));
             }
         };
-        tokio::spawn(async move {
+        let relay = async move {
             let Ok(upgraded) = upgrade.await else { return };
             let mut upstream = upstream;
             let copied = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
             if let Ok((a, b)) = copied {
                 tunnel.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).inc_by(a + b);
             }
-        });
+        };
+        tokio::spawn(relay.in_current_span());
     } else {
-        tokio::spawn(async move {
+        let requests = async move {
             match upgrade.await {
                 Ok(upgraded) => tunnel.serve_http(upgraded).await,
                 Err(e) => debug!(error = %e, "a tunnel did not open"),
             }
-        });
+        };
+        tokio::spawn(requests.in_current_span());
     }
     Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
 }
@@ -315,9 +327,10 @@ impl Tunnel {
         let bytes = self.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).clone();
         let io = TokioIo::new(Counted { inner: TokioIo::new(upgraded), bytes });
         let tunnel = self.clone();
+        let span = tracing::Span::current();
         let service = service_fn(move |req| {
             let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(tunnel.request(req).await) }
+            async move { Ok::<_, Infallible>(tunnel.request(req).await) }.instrument(span.clone())
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder

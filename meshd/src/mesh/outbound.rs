@@ -12,13 +12,13 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info, instrument, warn};
 
-use super::metrics::{Direction, Outcome};
 use super::{Mesh, Target, tls};
-use crate::identity::WorkloadIdentity;
-use crate::workload::Netns;
+use crate::identity::{WorkloadCertificate, WorkloadIdentity};
+use crate::metrics::{Direction, Outcome};
+use crate::netns::Netns;
 
 /// Longest wait for a TCP connection to another node's mesh port.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,9 +159,11 @@ pub async fn connect(
 
 /// A workload, as the outbound side knows it.
 pub struct Caller {
-    /// `<service>.<slot>`: the key of its workload certificate.
+    /// `<service>.<slot>`.
     pub endpoint: String,
     pub netns: Arc<Netns>,
+    /// Its workload certificate, as identity publishes it.
+    pub certificate: WorkloadCertificate,
 }
 
 /// Where, inside each workload namespace, meshd takes the connections redirected to services.
@@ -174,16 +176,8 @@ pub const REDIRECT_PORT: u16 = 15001;
 /// (`SO_ORIGINAL_DST`) names the service. The workload's own ports stay free.
 #[derive(Default)]
 pub struct Interception {
-    accepting: Option<JoinHandle<()>>,
+    accepting: Option<AbortOnDropHandle<()>>,
     services: Arc<arc_swap::ArcSwap<BTreeMap<SocketAddrV4, Service>>>,
-}
-
-impl Drop for Interception {
-    fn drop(&mut self) {
-        if let Some(task) = &self.accepting {
-            task.abort();
-        }
-    }
 }
 
 /// What one (virtual IP, port) leads to.
@@ -204,8 +198,9 @@ impl Interception {
         if self.accepting.as_ref().is_none_or(|t| t.is_finished()) {
             let address = SocketAddr::from((Ipv4Addr::LOCALHOST, REDIRECT_PORT));
             let listener = caller.netns.listen(address).await?;
-            self.accepting =
-                Some(tokio::spawn(accept(mesh.clone(), caller.clone(), listener, self.services.clone())));
+            let accepting =
+                tokio::spawn(accept(mesh.clone(), caller.clone(), listener, self.services.clone()));
+            self.accepting = Some(AbortOnDropHandle::new(accepting));
         }
         if **self.services.load() != wanted {
             redirect(caller.netns.name(), wanted.keys()).await?;
@@ -283,9 +278,10 @@ async fn accept(
 
 /// Carries one workload connection to an endpoint of `service`: round robin, skipping endpoints
 /// that failed lately, trying up to three.
+#[instrument(name = "mesh_connection", skip_all, fields(caller = %caller.endpoint, service = %service.name, port))]
 async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, service: Service, port: u16, mut stream: TcpStream) {
     let outcome = |o: &'static str| mesh.metrics.outbound.get_or_create(&Outcome { outcome: o }).inc();
-    let identity = mesh.certificates.lock().expect("lock").get(&caller.endpoint).cloned();
+    let identity = caller.certificate.borrow().clone();
     let Some(identity) = identity else {
         warn!(caller = %caller.endpoint, "no workload certificate yet; connection closed");
         outcome("no_certificate");

@@ -1,17 +1,19 @@
-//! TLS between meshd (rustls, TLS 1.3 only, ALPN `h2`).
+//! TLS between meshd (rustls, TLS 1.3 only, ALPN `h2`). Both sides tell whose a certificate is
+//! with the cluster's one check of its certificates, `mesh_api::pki::CertInfo::holder`.
 //!
-//! * The server side (each meshd's mesh port) presents the node certificate and requires a client
-//!   certificate chaining to the cluster CA; [`Peer::from_certificate`] then reads the caller's
-//!   service from it (SPIFFE ID, cluster, workload unit, the node it was issued to).
+//! * The server side (each meshd's mesh port) presents the node certificate, following each one
+//!   identity publishes ([`NodeCertificate::follow`]), and requires a client certificate
+//!   chaining to the cluster CA; [`Peer::from_certificate`] then requires it to be a workload's
+//!   and reads the caller's service, endpoint and node from it.
 //! * The client side presents the calling workload's certificate and accepts only the node it
-//!   meant to reach: chain to the cluster CA, and the node's SPIFFE ID
-//!   `spiffe://<cluster>/node/<id>`.
+//!   meant to reach: chain to the cluster CA, and that node's certificate (its SPIFFE ID
+//!   `spiffe://<cluster>/node/<id>`).
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use mesh_api::ids::NodeId;
-use mesh_api::pki::{CertInfo, WORKLOAD_OU};
+use mesh_api::ids::{ClusterId, NodeId};
+use mesh_api::pki::{CertInfo, Holder, NotOurs, SpiffeId};
 use mesh_api::tls::{Identity, TlsError, provider, roots};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
@@ -19,7 +21,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::identity::NodeIdentity;
 
 const ALPN_H2: &[u8] = b"h2";
 
@@ -40,6 +45,25 @@ impl NodeCertificate {
         self.0.store(Arc::new(certified(identity)?));
         Ok(())
     }
+
+    /// The certificate the next handshake presents.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.load_full()
+    }
+
+    /// Puts each node certificate identity publishes on `renewed` in place as it arrives, until
+    /// the publisher is gone.
+    pub async fn follow(&self, mut renewed: watch::Receiver<Arc<NodeIdentity>>) {
+        while renewed.changed().await.is_ok() {
+            let node = renewed.borrow_and_update().clone();
+            match self.replace(&node.identity) {
+                Ok(()) => {
+                    info!(expires = %node.info.not_after, "mesh port serves the renewed node certificate")
+                }
+                Err(e) => warn!(error = %e, "the renewed node certificate cannot be used"),
+            }
+        }
+    }
 }
 
 fn certified(identity: &Identity) -> Result<CertifiedKey, TlsError> {
@@ -49,7 +73,7 @@ fn certified(identity: &Identity) -> Result<CertifiedKey, TlsError> {
 
 impl ResolvesServerCert for NodeCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
+        Some(self.current())
     }
 }
 
@@ -80,7 +104,8 @@ pub fn client_config(
     let provider = provider();
     let verifier = Arc::new(NodeVerifier {
         roots: roots(ca_der)?,
-        expected: format!("spiffe://{cluster}/node/{node}"),
+        cluster: cluster.to_owned(),
+        node: node.clone(),
         provider: provider.clone(),
     });
     let (certs, key) = workload.parse()?;
@@ -93,12 +118,13 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Accepts a server certificate that chains to the cluster CA, is valid now, and carries the
-/// expected node's SPIFFE ID.
+/// Accepts a server certificate that chains to the cluster CA, is valid now, and is the expected
+/// node's.
 #[derive(Debug)]
 struct NodeVerifier {
     roots: Arc<RootCertStore>,
-    expected: String,
+    cluster: String,
+    node: NodeId,
     provider: Arc<CryptoProvider>,
 }
 
@@ -119,10 +145,9 @@ impl ServerCertVerifier for NodeVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        if spiffe_ids(end_entity).contains(&self.expected) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!("the peer is not {}", self.expected)))
+        match CertInfo::from_der(end_entity).map(|info| info.holder(&self.cluster)) {
+            Ok(Ok(Holder::Node { id, .. })) if id == self.node => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::General(format!("the peer is not node {}", self.node))),
         }
     }
 
@@ -149,17 +174,6 @@ impl ServerCertVerifier for NodeVerifier {
     }
 }
 
-/// The URI SANs of a certificate.
-fn spiffe_ids(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
-    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| if let GeneralName::URI(u) = n { Some((*u).to_owned()) } else { None })
-        .collect()
-}
-
 /// Who called, as its (already chain-verified) certificate says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -169,7 +183,7 @@ pub struct Peer {
     /// The node the certificate was issued to.
     pub node: NodeId,
     /// The certificate's SPIFFE ID, `spiffe://<cluster>/svc/<service>`.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
 }
 
 /// Why a client certificate is not a workload of this cluster.
@@ -179,35 +193,119 @@ pub enum PeerError {
     Missing,
     #[error("unreadable certificate: {0}")]
     Unreadable(String),
-    #[error("certificate of a `{0}`, not of a workload")]
+    #[error("certificate of {0}, not of a workload")]
     NotWorkload(String),
-    #[error("certificate of cluster `{0}`")]
-    OtherCluster(String),
-    #[error("certificate without a matching SPIFFE ID (has {0:?})")]
-    Spiffe(Vec<String>),
+    #[error(transparent)]
+    NotOurs(#[from] NotOurs),
 }
 
 impl Peer {
-    /// Reads the caller from its certificate: workload unit, this cluster, a subject
-    /// `<service>.<slot>@<node>` and the SPIFFE ID `spiffe://<cluster>/svc/<service>`.
-    pub fn from_certificate(der: Option<&CertificateDer<'_>>, cluster: &str) -> Result<Peer, PeerError> {
+    /// Reads the caller from its certificate, which must be one of `cluster`'s workload
+    /// certificates (subject `<service>.<slot>@<node>`, SPIFFE ID `spiffe://<cluster>/svc/<service>`).
+    pub fn from_certificate(
+        der: Option<&CertificateDer<'_>>,
+        cluster: &ClusterId,
+    ) -> Result<Peer, PeerError> {
         let der = der.ok_or(PeerError::Missing)?;
         let info = CertInfo::from_der(der).map_err(|e| PeerError::Unreadable(e.to_string()))?;
-        if info.unit != WORKLOAD_OU {
-            return Err(PeerError::NotWorkload(info.unit));
+        match info.holder(cluster.as_str())? {
+            Holder::Workload { service, endpoint, node } => {
+                let spiffe_id = SpiffeId::Service { cluster: cluster.clone(), service: service.clone() };
+                Ok(Peer { service, endpoint, node, spiffe_id })
+            }
+            Holder::Node { id, role } => Err(PeerError::NotWorkload(format!("{role} node {id}"))),
+            Holder::Admin => Err(PeerError::NotWorkload("an admin".into())),
         }
-        if info.organization != cluster {
-            return Err(PeerError::OtherCluster(info.organization));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mesh_api::pki::WORKLOAD_OU;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    use super::*;
+
+    /// A self-signed certificate with this subject and these URI SANs, and its key.
+    fn certificate(cn: &str, ou: &str, o: &str, uris: &[String]) -> Identity {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.distinguished_name.push(DnType::OrganizationalUnitName, ou);
+        params.distinguished_name.push(DnType::OrganizationName, o);
+        for uri in uris {
+            params.subject_alt_names.push(SanType::URI(uri.as_str().try_into().unwrap()));
         }
-        let unreadable = || PeerError::Unreadable(format!("subject `{}`", info.common_name));
-        let (endpoint, node) = info.common_name.split_once('@').ok_or_else(unreadable)?;
-        let node: NodeId = node.parse().map_err(|_| unreadable())?;
-        let (service, _slot) = endpoint.rsplit_once('.').ok_or_else(unreadable)?;
-        let mut ids = spiffe_ids(der);
-        if ids != [format!("spiffe://{cluster}/svc/{service}")] {
-            return Err(PeerError::Spiffe(ids));
-        }
-        let spiffe_id = ids.pop().expect("checked above");
-        Ok(Peer { service: service.to_owned(), endpoint: endpoint.to_owned(), node, spiffe_id })
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
+
+    fn der(identity: &Identity) -> CertificateDer<'static> {
+        CertificateDer::from(mesh_api::pki::pem_to_der(&identity.cert_pem).unwrap())
+    }
+
+    fn node_certificate(cluster: &ClusterId, node: &NodeId) -> Identity {
+        let uri = SpiffeId::Node { cluster: cluster.clone(), node: node.clone() }.to_string();
+        certificate(node.as_str(), "mesh-worker", cluster.as_str(), &[uri])
+    }
+
+    #[test]
+    fn the_caller_is_read_from_a_workload_certificate_and_other_holders_are_refused() {
+        let cluster = ClusterId::random();
+        let node = NodeId::random();
+        let spiffe_id = SpiffeId::Service { cluster: cluster.clone(), service: "web".into() };
+        let web =
+            certificate(&format!("web.1@{node}"), WORKLOAD_OU, cluster.as_str(), &[spiffe_id.to_string()]);
+        assert_eq!(
+            Peer::from_certificate(Some(&der(&web)), &cluster),
+            Ok(Peer { service: "web".into(), endpoint: "web.1".into(), node: node.clone(), spiffe_id })
+        );
+        let refused = Peer::from_certificate(Some(&der(&node_certificate(&cluster, &node))), &cluster);
+        assert!(matches!(refused, Err(PeerError::NotWorkload(_))), "{refused:?}");
+        assert!(refused.unwrap_err().to_string().contains("not of a workload"));
+        assert!(matches!(
+            Peer::from_certificate(Some(&der(&web)), &ClusterId::random()),
+            Err(PeerError::NotOurs(NotOurs::OtherCluster(_)))
+        ));
+        let no_id = certificate(&format!("web.1@{node}"), WORKLOAD_OU, cluster.as_str(), &[]);
+        assert!(matches!(
+            Peer::from_certificate(Some(&der(&no_id)), &cluster),
+            Err(PeerError::NotOurs(NotOurs::Spiffe(_)))
+        ));
+        assert_eq!(Peer::from_certificate(None, &cluster), Err(PeerError::Missing));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_node_certificate_is_served_as_soon_as_identity_publishes_it() {
+        let cluster = ClusterId::random();
+        let id = NodeId::random();
+        let node = |identity: Identity| NodeIdentity {
+            id: id.clone(),
+            info: CertInfo::from_pem(&identity.cert_pem).unwrap(),
+            ca_pem: String::new(),
+            identity,
+            managers: vec![],
+        };
+        let (publish, renewed) = watch::channel(Arc::new(node(node_certificate(&cluster, &id))));
+        let served = Arc::new(NodeCertificate::new(&publish.borrow().identity).unwrap());
+        let following = tokio::spawn({
+            let served = served.clone();
+            async move { served.follow(renewed).await }
+        });
+        let next = node_certificate(&cluster, &id);
+        let want = der(&next);
+        assert_ne!(served.current().cert[0], want);
+        publish.send_replace(Arc::new(node(next)));
+        tokio::time::timeout(Duration::from_secs(1), async {
+            while served.current().cert[0] != want {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the renewed certificate is presented at once, not at a later look at the disk");
+        drop(publish);
+        following.await.unwrap();
     }
 }

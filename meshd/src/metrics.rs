@@ -1,6 +1,7 @@
-//! meshd's Prometheus metrics (OpenMetrics text on `GET /metrics`): the mesh's requests and
-//! verdicts by rule and service, bytes, latency, workload certificate expiry, and the overlay's
-//! packet and drop counters.
+//! meshd's Prometheus metrics, one registry for the whole agent (OpenMetrics text on
+//! `GET /metrics`): the mesh's requests and verdicts by rule and service, bytes, latency and
+//! outbound outcomes; identity's workload certificate expiry; and the overlay's packet and drop
+//! counters, read from `tun` at each scrape.
 
 use std::fmt::Write;
 use std::sync::Arc;

@@ -11,16 +11,20 @@
 //!   (virtual IP, TCP port) of the services on its networks to meshd's listener there, so meshd
 //!   knows which workload called; the original destination names the service. A connection is
 //!   carried to an endpoint (round robin, skipping those that failed lately) over one HTTP/2
-//!   CONNECT stream on a TLS 1.3 connection to the endpoint's node, presenting the caller's workload certificate; the
-//!   connection is reused for every later stream from that workload to that node.
-//! * Inbound ([`inbound`]): the mesh port (TCP, the underlay port's number) requires a workload
-//!   certificate of this cluster from a node not removed, then decides with the policy: at
-//!   CONNECT time for opaque TCP ports; per request (HTTP/1.1 and HTTP/2, with hyper) for HTTP
-//!   ports, answering 403 with the rule and a request ID, or forwarding to the local workload.
-//!   The view (policy, endpoints) is read per request, so a new policy applies at once.
+//!   CONNECT stream on a TLS 1.3 connection to the endpoint's node, presenting the caller's
+//!   workload certificate as identity last published it; the connection is reused for every
+//!   later stream from that workload to that node while that certificate is the one in place.
+//! * Inbound ([`inbound`]): the mesh port (TCP, the underlay port's number) presents the node
+//!   certificate identity last published ([`tls`]), requires a workload certificate of this
+//!   cluster from a node not removed, then decides with the policy: at CONNECT time for opaque
+//!   TCP ports; per request (HTTP/1.1 and HTTP/2, with hyper) for HTTP ports, answering 403 with
+//!   the rule and a request ID, or forwarding to the local workload. The view (policy,
+//!   endpoints) is read per request, so a new policy applies at once.
+//!
+//! The same [`View`] is the overlay's word on new flows into local workloads (the no-bypass
+//! filter in `tun` asks it through [`Admission`]).
 
 pub mod inbound;
-pub mod metrics;
 pub mod outbound;
 pub mod tls;
 
@@ -31,15 +35,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use mesh_api::ids::NodeId;
+use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::model::PortSpec;
 use mesh_api::slice::NodeSlice;
 use policy::{Action, Decision, Engine, Request};
 use tracing::error;
+use tun::filter::Admission;
 
-use crate::dataplane::Certificates;
-use crate::filter::Admission;
-use crate::workload::Netns;
+use crate::metrics::Metrics;
+use crate::netns::Netns;
 
 /// How long an endpoint that could not be reached is skipped.
 pub const FAILED_FOR: Duration = Duration::from_secs(10);
@@ -97,8 +101,6 @@ pub struct View {
     /// Service -> the networks it is on (those this node sees).
     networks_of: HashMap<String, HashSet<String>>,
     pub removed: HashSet<NodeId>,
-    /// Which view this is: a new one per slice.
-    pub generation: usize,
 }
 
 impl View {
@@ -107,7 +109,6 @@ impl View {
         slice: &NodeSlice,
         local: HashMap<Ipv4Addr, LocalTarget>,
         engine: Option<Arc<Engine>>,
-        generation: usize,
     ) -> View {
         let mut by_address = HashMap::new();
         let mut routes = HashMap::new();
@@ -137,7 +138,6 @@ impl View {
             routes,
             networks_of,
             removed: slice.removed_nodes.iter().cloned().collect(),
-            generation,
         }
     }
 
@@ -177,11 +177,11 @@ impl Admission for View {
 /// The mesh's shared state.
 pub struct Mesh {
     /// The cluster ID (the O of every certificate).
-    pub cluster: String,
+    pub cluster: ClusterId,
     pub ca_der: Vec<u8>,
-    pub view: ArcSwap<View>,
-    pub certificates: Certificates,
-    pub metrics: Arc<metrics::Metrics>,
+    /// Swapped whole per slice; shared with the overlay's filter.
+    pub view: Arc<ArcSwap<View>>,
+    pub metrics: Arc<Metrics>,
     pub node_certificate: Arc<tls::NodeCertificate>,
     pub pool: outbound::Pool,
     /// Endpoint address -> when reaching it last failed.
@@ -192,17 +192,15 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn new(
-        cluster: String,
+        cluster: ClusterId,
         ca_der: Vec<u8>,
         node_certificate: Arc<tls::NodeCertificate>,
-        certificates: Certificates,
-        metrics: Arc<metrics::Metrics>,
+        metrics: Arc<Metrics>,
     ) -> Mesh {
         Mesh {
             cluster,
             ca_der,
-            view: ArcSwap::from_pointee(View::default()),
-            certificates,
+            view: Arc::new(ArcSwap::from_pointee(View::default())),
             metrics,
             node_certificate,
             pool: outbound::Pool::default(),
@@ -234,7 +232,7 @@ impl Mesh {
     }
 
     pub fn trust(&self) -> outbound::Trust<'_> {
-        outbound::Trust { ca_der: &self.ca_der, cluster: &self.cluster }
+        outbound::Trust { ca_der: &self.ca_der, cluster: self.cluster.as_str() }
     }
 
     /// Marks the endpoint at `address` as failed just now.

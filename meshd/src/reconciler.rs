@@ -1,0 +1,188 @@
+//! The reconciler: brings the node in line with each slice control sends, by fanning it out to
+//! the parts in order —
+//!
+//! 1. the overlay's tables (networks, keys, peers);
+//! 2. the workloads: namespaces made for new endpoints and removed for gone ones, their workload
+//!    certificates kept or let go;
+//! 3. each workload's DNS zone (the services of its networks, or those the policy lets it reach);
+//! 4. the mesh's view (policy, routes, local endpoints), which the overlay's filter asks too;
+//! 5. each workload's interception of its connections to services.
+//!
+//! It decides nothing about packets, requests or certificates itself: each part does its own.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+use mesh_api::slice::{LocalEndpoint, NodeSlice};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::dns::{Upstream, Visibility, Zone};
+use crate::identity::WorkloadCertificates;
+use crate::mesh::outbound::Service;
+use crate::mesh::{LocalTarget, Mesh, View};
+use crate::netns;
+use crate::overlay::{self, Overlay};
+use crate::workload::{Spec, Workload};
+
+/// The parts a slice is fanned out to, and the workloads it made.
+pub struct Reconciler {
+    /// Prefix of the workload namespaces.
+    prefix: String,
+    overlay: Overlay,
+    mesh: Arc<Mesh>,
+    certificates: Arc<WorkloadCertificates>,
+    upstream: Arc<Upstream>,
+    visibility: Visibility,
+    /// Namespace -> its workload.
+    workloads: Mutex<HashMap<String, Workload>>,
+}
+
+impl Reconciler {
+    /// A reconciler for workloads in namespaces named `prefix-…`. Namespaces under that prefix
+    /// left by an earlier run are removed; what is wanted is rebuilt from the first slice.
+    pub async fn start(
+        prefix: &str,
+        overlay: Overlay,
+        mesh: Arc<Mesh>,
+        certificates: Arc<WorkloadCertificates>,
+        upstream: Arc<Upstream>,
+        visibility: Visibility,
+    ) -> Reconciler {
+        for ns in netns::list(prefix).await.unwrap_or_default() {
+            info!(namespace = %ns, "removing a namespace left by an earlier run");
+            let _ = netns::delete(&ns).await;
+        }
+        Reconciler {
+            prefix: prefix.to_owned(),
+            overlay,
+            mesh,
+            certificates,
+            upstream,
+            visibility,
+            workloads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Brings the overlay, the workloads, their names and the mesh in line with `slice`.
+    pub async fn apply(&self, slice: &NodeSlice) {
+        self.overlay.configure(&overlay::config(slice));
+        let mut workloads = self.workloads.lock().await;
+        let wanted: HashMap<String, &LocalEndpoint> =
+            slice.endpoints.iter().map(|e| (netns::namespace(&self.prefix, &e.service, e.slot), e)).collect();
+        let stale: Vec<String> = workloads.keys().filter(|ns| !wanted.contains_key(*ns)).cloned().collect();
+        let wanted_endpoints: HashSet<String> =
+            wanted.values().map(|e| format!("{}.{}", e.service, e.slot)).collect();
+        self.certificates.retain(|endpoint| wanted_endpoints.contains(endpoint));
+        for ns in stale {
+            if let Some(w) = workloads.remove(&ns)
+                && let Err(e) = w.remove().await
+            {
+                warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+            }
+            info!(namespace = %ns, "workload removed");
+        }
+        for (ns, endpoint) in wanted {
+            let mut addresses: Vec<(u32, Ipv4Addr, u8)> = Vec::new();
+            for (name, address) in &endpoint.addresses {
+                if let Some(n) = slice.networks.iter().find(|n| &n.name == name) {
+                    addresses.push((n.id, *address, n.subnet.prefix_len()));
+                }
+            }
+            addresses.sort();
+            if let Some(existing) = workloads.get(&ns) {
+                let want: Vec<(u32, Ipv4Addr)> = addresses.iter().map(|(id, a, _)| (*id, *a)).collect();
+                if existing.addresses() == want {
+                    continue;
+                }
+                // Rebuilt on its new addresses (starting it replaces the namespace).
+                workloads.remove(&ns);
+            }
+            let spec = Spec {
+                service: endpoint.service.clone(),
+                slot: endpoint.slot,
+                command: endpoint.command.clone(),
+                addresses: addresses.clone(),
+                networks: endpoint.addresses.keys().cloned().collect(),
+            };
+            let certificate = self.certificates.watch(&endpoint.service, endpoint.slot);
+            match Workload::start(&ns, spec, &self.overlay, self.upstream.clone(), certificate).await {
+                Ok(w) => {
+                    info!(namespace = %ns, addresses = ?addresses, "workload ready");
+                    workloads.insert(ns, w);
+                }
+                Err(e) => warn!(namespace = %ns, error = %e, "building the workload failed"),
+            }
+        }
+        // Every workload's names follow the slice at once.
+        for w in workloads.values() {
+            let visible = (self.visibility == Visibility::Policy).then(|| {
+                let mut v = slice.visibility.get(&w.service).cloned().unwrap_or_default();
+                v.insert(w.service.clone());
+                v
+            });
+            w.zone.store(Arc::new(Zone::visible_to(slice, &w.networks, visible.as_ref())));
+        }
+        self.apply_mesh(slice, &mut workloads).await;
+    }
+
+    /// The mesh's view of `slice`, then each workload's interception: every (virtual IP, TCP
+    /// port) of every service on its networks.
+    async fn apply_mesh(&self, slice: &NodeSlice, workloads: &mut HashMap<String, Workload>) {
+        let mut local = HashMap::new();
+        for w in workloads.values() {
+            let endpoint =
+                slice.endpoints.iter().find(|e| format!("{}.{}", e.service, e.slot) == w.caller.endpoint);
+            let ports = slice
+                .networks
+                .iter()
+                .flat_map(|n| n.services.iter())
+                .find(|r| r.name == w.service)
+                .map(|r| r.ports.clone())
+                .unwrap_or_default();
+            for (network, address) in endpoint.iter().flat_map(|e| &e.addresses) {
+                local.insert(
+                    *address,
+                    LocalTarget {
+                        service: w.service.clone(),
+                        network: network.clone(),
+                        ports: ports.clone(),
+                        netns: w.caller.netns.clone(),
+                    },
+                );
+            }
+        }
+        self.mesh.view.store(Arc::new(View::build(slice, local, self.mesh.engine(slice))));
+        for w in workloads.values_mut() {
+            let mut wanted = BTreeMap::new();
+            for network in slice.networks.iter().filter(|n| w.networks.contains(&n.name)) {
+                for record in network.services.iter() {
+                    for port in record
+                        .ports
+                        .iter()
+                        .filter(|p| p.protocol.transport() == mesh_api::model::Protocol::Tcp)
+                    {
+                        wanted.insert(
+                            SocketAddrV4::new(record.vip, port.port),
+                            Service { network: network.name.clone(), name: record.name.clone() },
+                        );
+                    }
+                }
+            }
+            if let Err(e) = w.interception.update(&self.mesh, &w.caller, wanted).await {
+                warn!(endpoint = %w.caller.endpoint, error = %e, "cannot intercept the workload's connections to services");
+            }
+        }
+    }
+
+    /// Removes every workload (at shutdown).
+    pub async fn shutdown(&self) {
+        let mut workloads = self.workloads.lock().await;
+        for (ns, w) in workloads.drain() {
+            if let Err(e) = w.remove().await {
+                warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+            }
+        }
+    }
+}

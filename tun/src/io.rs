@@ -1,0 +1,162 @@
+//! The Linux I/O around the core (feature `linux-io`): a tun device per workload interface, one
+//! UDP socket on the underlay, and the tasks that move packets between them through the
+//! [`core`](crate::core) and the [`filter`].
+//!
+//! ```text
+//!  workload netns              this module                                        underlay
+//! ┌────────────┐ read burst   ┌────────────────────────────────────────┐ sendmsg (GSO)
+//! │ tun device ├─(TSO split)─►│ send, one task per interface:          ├───────────────► peers
+//! │            │              │   note the flow, seal, batch per peer  │
+//! │            │ write burst  │ receive, one task:                     │ recvmsg (GRO)
+//! │            │◄─(tun GRO)───┤   open, check, admit, group per device │◄─────────────── peers
+//! └────────────┘              └────────────────────────────────────────┘
+//! ```
+//!
+//! The core's tables and the policy's view are swapped whole by their owner, so readers never
+//! lock; the receive task alone owns the replay windows and the filter's state, so they take no
+//! lock per packet either. A packet between two workloads of this node goes from one interface
+//! to the other without the underlay, through the same filter.
+//!
+//! Where the speed is won: one read of a device hands over a whole TCP burst (TSO, split into
+//! packets by tun-rs), the datagrams for one peer leave in one `sendmsg` (UDP GSO), one `recvmsg`
+//! brings many (UDP GRO), and the packets for one device are written coalesced again (tun GRO).
+//! The kernel is reached only through tun-rs, quinn-udp and socket2; nothing here is `unsafe`.
+
+mod device;
+mod receive;
+mod send;
+mod udp;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::aead::Backend;
+use crate::core::{Config, Counters, Sealer, Tables};
+use crate::filter::{self, Admission};
+
+pub use device::{Device, MTU};
+
+/// The attached interfaces by (network ID, address), swapped whole on change.
+type Devices = Arc<ArcSwap<HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>>>>;
+
+/// The running overlay of one node: the underlay socket, the tables in force, the attached
+/// interfaces and the receive task. `V` is the policy's view the filter asks about new flows,
+/// swapped whole by its owner.
+pub struct Overlay<V> {
+    socket: Arc<UdpSocket>,
+    tables: Arc<ArcSwap<Tables>>,
+    devices: Devices,
+    sealer: Arc<Sealer>,
+    counters: Arc<Counters>,
+    views: Arc<ArcSwap<V>>,
+    /// The send paths' notes of flows workloads open, for the receive path's filter.
+    flows: mpsc::Sender<filter::Flow>,
+    _receiver: AbortOnDropHandle<()>,
+}
+
+impl<V: Admission + Send + Sync + 'static> Overlay<V> {
+    /// Binds the underlay socket on `bind` and starts receiving (within a Tokio runtime). `boot`
+    /// is this run's boot number, part of every nonce (see the crate docs). Until
+    /// [`Overlay::configure`] every datagram is dropped: no network is known.
+    pub fn bind(bind: SocketAddr, boot: u16, views: Arc<ArcSwap<V>>) -> std::io::Result<Overlay<V>> {
+        let socket = Arc::new(udp::bind(bind)?);
+        let counters = Arc::new(Counters::default());
+        let tables = Arc::new(ArcSwap::from_pointee(tables(&Config { local_index: 0, networks: vec![] })));
+        let devices = Devices::default();
+        let (flows, noted) = mpsc::channel(filter::MAX_FLOWS);
+        let receiver = receive::Receiver {
+            socket: socket.clone(),
+            tables: tables.clone(),
+            devices: devices.clone(),
+            counters: counters.clone(),
+            views: views.clone(),
+            noted,
+        };
+        Ok(Overlay {
+            socket,
+            tables,
+            devices,
+            sealer: Arc::new(Sealer::new(boot, counters.clone())),
+            counters,
+            views,
+            flows,
+            _receiver: AbortOnDropHandle::new(tokio::spawn(receiver.run())),
+        })
+    }
+
+    /// The packet and drop counters of both directions.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Puts `config` in force for every packet from now on.
+    pub fn configure(&self, config: &Config) {
+        self.tables.store(Arc::new(tables(config)));
+    }
+
+    /// Attaches `device`, a workload's interface with `address` on network `network`: its
+    /// packets are sent, and packets for `address` delivered to it, until the returned
+    /// [`Interface`] is dropped.
+    pub fn attach(&self, network: u32, address: Ipv4Addr, device: Device) -> std::io::Result<Interface> {
+        let device = Arc::new(device.into_async()?);
+        let sender = send::Sender {
+            device: device.clone(),
+            network,
+            address,
+            socket: self.socket.clone(),
+            tables: self.tables.clone(),
+            devices: self.devices.clone(),
+            sealer: self.sealer.clone(),
+            views: self.views.clone(),
+            flows: self.flows.clone(),
+        };
+        let task = AbortOnDropHandle::new(tokio::spawn(sender.run()));
+        self.devices.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert((network, address), device.clone());
+            map
+        });
+        Ok(Interface { network, address, device, devices: self.devices.clone(), _send: task })
+    }
+}
+
+fn tables(config: &Config) -> Tables {
+    Tables::new(config, Backend::DEFAULT)
+}
+
+/// A workload's interface on one network, attached to the overlay: its packets move while this
+/// lives.
+pub struct Interface {
+    network: u32,
+    address: Ipv4Addr,
+    device: Arc<tun_rs::AsyncDevice>,
+    devices: Devices,
+    _send: AbortOnDropHandle<()>,
+}
+
+impl Interface {
+    /// The network ID and the workload's address on it.
+    pub fn key(&self) -> (u32, Ipv4Addr) {
+        (self.network, self.address)
+    }
+}
+
+impl Drop for Interface {
+    fn drop(&mut self) {
+        let key = self.key();
+        // Only this interface's own entry: another may have taken the address since.
+        self.devices.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            if map.get(&key).is_some_and(|d| Arc::ptr_eq(d, &self.device)) {
+                map.remove(&key);
+            }
+            map
+        });
+    }
+}

@@ -1,0 +1,118 @@
+//! Underlay -> workloads, one task per node.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::Devices;
+use super::udp::MAX_DATAGRAM;
+use crate::core::{Counters, DropReason, Opener, Tables};
+use crate::filter::{Admission, Flow, Incoming};
+
+/// Room before each inner packet handed to a tun device: its virtio-net header goes there.
+const TUN_HEADROOM: usize = 16;
+
+/// What the receive path holds: it alone owns the replay windows and the filter's state.
+pub(super) struct Receiver<V> {
+    pub socket: Arc<UdpSocket>,
+    pub tables: Arc<ArcSwap<Tables>>,
+    pub devices: Devices,
+    pub counters: Arc<Counters>,
+    pub views: Arc<ArcSwap<V>>,
+    /// The flows the send paths saw workloads open.
+    pub noted: mpsc::Receiver<Flow>,
+}
+
+impl<V: Admission> Receiver<V> {
+    /// Receives (one call may carry many coalesced datagrams: UDP GRO), opens and checks each,
+    /// and writes them to each workload's interface coalesced again (tun GRO).
+    pub async fn run(self) {
+        let Receiver { socket, tables, devices, counters, views, mut noted } = self;
+        let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot set up the underlay socket for batching; not receiving");
+                return;
+            }
+        };
+        let mut opener = Opener::default();
+        let mut incoming = Incoming::new();
+        let mut buf = vec![0u8; MAX_DATAGRAM * 2];
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        // The tables and the view last seen, held so that a new one is told by its address
+        // (which the held one keeps from being reused); the view's generation for the filter.
+        let mut held_tables = tables.load_full();
+        let mut held_view = views.load_full();
+        let mut generation = 0usize;
+        let mut gro = tun_rs::GROTable::default();
+        // Inner packets waiting for each device, in reusable buffers.
+        let mut pending: HashMap<(u32, Ipv4Addr), Vec<Vec<u8>>> = HashMap::new();
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let received = socket
+                .async_io(tokio::io::Interest::READABLE, || {
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                    state.recv((&*socket).into(), &mut iov, &mut meta)
+                })
+                .await;
+            if let Err(e) = received {
+                debug!(error = %e, "receiving from the underlay failed");
+                continue;
+            }
+            let m = meta[0];
+            let t = tables.load_full();
+            if !Arc::ptr_eq(&t, &held_tables) {
+                opener.retain_epochs(&t);
+                held_tables = t.clone();
+            }
+            let view = views.load_full();
+            if !Arc::ptr_eq(&view, &held_view) {
+                generation = generation.wrapping_add(1);
+                held_view = view.clone();
+            }
+            let now = Instant::now();
+            while let Ok(flow) = noted.try_recv() {
+                incoming.opened(flow, now);
+            }
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            let mut at = 0;
+            while at < m.len {
+                let end = (at + stride).min(m.len);
+                let datagram = &mut buf[at..end];
+                at = end;
+                match opener.open(&t, &counters, datagram) {
+                    Ok(d) if !incoming.admit(&*view, generation, &datagram[d.range.clone()], now) => {
+                        counters.count_drop(DropReason::Filtered);
+                        debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
+                    }
+                    Ok(d) => {
+                        let mut b = spare.pop().unwrap_or_default();
+                        b.clear();
+                        b.resize(TUN_HEADROOM, 0);
+                        b.extend_from_slice(&datagram[d.range]);
+                        pending.entry((d.network, d.destination)).or_default().push(b);
+                    }
+                    Err(reason) => debug!(from = %m.addr, reason = reason.name(), "datagram dropped"),
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let devs = devices.load();
+            for (key, mut packets) in pending.drain() {
+                if let Some(device) = devs.get(&key)
+                    && let Err(e) = device.send_multiple(&mut gro, &mut packets, TUN_HEADROOM).await
+                {
+                    debug!(error = %e, "writing to a workload failed");
+                }
+                spare.append(&mut packets);
+            }
+        }
+    }
+}

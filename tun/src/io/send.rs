@@ -1,0 +1,89 @@
+//! Workload -> underlay, one task per attached interface.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::Devices;
+use super::udp::{Batch, MAX_DATAGRAM};
+use crate::core::{DropReason, Sealer, Tables};
+use crate::filter::{self, Admission, Flow, Outgoing};
+use crate::packet::Ipv4Header;
+
+/// What one interface's send path holds.
+pub(super) struct Sender<V> {
+    pub device: Arc<tun_rs::AsyncDevice>,
+    pub network: u32,
+    pub address: Ipv4Addr,
+    pub socket: Arc<UdpSocket>,
+    pub tables: Arc<ArcSwap<Tables>>,
+    pub devices: Devices,
+    pub sealer: Arc<Sealer>,
+    pub views: Arc<ArcSwap<V>>,
+    pub flows: mpsc::Sender<Flow>,
+}
+
+impl<V: Admission> Sender<V> {
+    /// Reads a burst (one TSO segment split into packets), seals each, and sends them to each
+    /// peer in as few calls as GSO allows; a packet for a workload on this node goes straight to
+    /// that workload's interface, through the filter.
+    pub async fn run(self) {
+        let Sender { device, network, address, socket, tables, devices, sealer, views, flows } = self;
+        let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot set up the underlay socket for batching; stopping");
+                return;
+            }
+        };
+        let max_segments = state.max_gso_segments().max(1);
+        let mut outgoing = Outgoing::new();
+        let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535];
+        let mut bufs = vec![vec![0u8; 65535]; tun_rs::IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+        let mut out = Vec::with_capacity(MAX_DATAGRAM);
+        let mut batch = Batch::new();
+        loop {
+            let n = match device.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, %address, "reading the workload's interface failed; stopping");
+                    return;
+                }
+            };
+            let tables = tables.load();
+            for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+                let packet = &buf[..size];
+                if let Some(ip) = Ipv4Header::parse(packet)
+                    && ip.source == address
+                    && tables.is_local(network, ip.destination)
+                {
+                    if !filter::admit_local(&**views.load(), packet) {
+                        sealer.counters.count_drop(DropReason::Filtered);
+                    } else if let Some(local) = devices.load().get(&(network, ip.destination)) {
+                        let _ = local.send(packet).await;
+                    }
+                    continue;
+                }
+                if let Ok(to) = sealer.seal(&tables, network, address, packet, &mut out) {
+                    if let Some(flow) = outgoing.note(packet, Instant::now()) {
+                        // Full (nothing came in for a long while, many new flows went out): the
+                        // note is lost and that flow's replies wait for its next note; memory
+                        // stays bounded.
+                        let _ = flows.try_send(flow);
+                    }
+                    if !batch.fits(to, out.len(), max_segments) {
+                        batch.flush(&socket, &state).await;
+                    }
+                    batch.push(to, &out);
+                }
+            }
+            batch.flush(&socket, &state).await;
+        }
+    }
+}
