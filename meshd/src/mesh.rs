@@ -101,6 +101,8 @@ pub struct View {
     /// Service -> the networks it is on (those this node sees).
     networks_of: HashMap<String, HashSet<String>>,
     pub removed: HashSet<NodeId>,
+    /// (service, node) for every endpoint the slice shows: who hosts what, now.
+    hosts: HashSet<(String, NodeId)>,
 }
 
 impl View {
@@ -112,6 +114,7 @@ impl View {
     ) -> View {
         let mut by_address = HashMap::new();
         let mut routes = HashMap::new();
+        let mut hosts = HashSet::new();
         let mut networks_of: HashMap<String, HashSet<String>> = HashMap::new();
         for network in &slice.networks {
             let nodes: HashMap<Ipv4Addr, (&NodeId, Option<SocketAddr>)> =
@@ -121,6 +124,9 @@ impl View {
                 let mut targets = Vec::new();
                 for address in &record.endpoints {
                     by_address.insert(*address, record.name.clone());
+                    if let Some((node, _)) = nodes.get(address) {
+                        hosts.insert((record.name.clone(), (*node).clone()));
+                    }
                     if let Some((node, Some(underlay))) = nodes.get(address) {
                         targets.push(Target { address: *address, node: (*node).clone(), mesh: *underlay });
                     }
@@ -138,11 +144,31 @@ impl View {
             routes,
             networks_of,
             removed: slice.removed_nodes.iter().cloned().collect(),
+            hosts,
         }
     }
 
     pub fn route(&self, network: &str, service: &str) -> Option<Arc<Route>> {
         self.routes.get(&(network.to_owned(), service.to_owned())).cloned()
+    }
+
+    /// Whether `peer` may still call at all, checked on every new stream and request and while a
+    /// tunnel is open: its certificate unexpired, its node not removed and still hosting an
+    /// endpoint of its service. `None`: it may; else why not.
+    pub fn refuses(&self, peer: &tls::Peer) -> Option<String> {
+        if time::OffsetDateTime::now_utc() >= peer.not_after {
+            return Some(format!("the certificate of {} expired at {}", peer.endpoint, peer.not_after));
+        }
+        if self.removed.contains(&peer.node) {
+            return Some(format!("{} holds a certificate of removed node {}", peer.endpoint, peer.node));
+        }
+        if !self.hosts.contains(&(peer.service.clone(), peer.node.clone())) {
+            return Some(format!(
+                "node {} no longer hosts an endpoint of `{}` ({} is not one any more)",
+                peer.node, peer.service, peer.endpoint
+            ));
+        }
+        None
     }
 
     /// Whether `service` is on `network`.

@@ -53,6 +53,14 @@ to = ["api"]
 headers = [{ name = "x-role", exact = "intruder" }]
 
 [[rule]]
+name = "web-opens-echo"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [7000]
+protocol = "tcp"
+
+[[rule]]
 name = "web-asks-whoami"
 action = "allow"
 from = ["web"]
@@ -74,20 +82,12 @@ fn setup() -> Setup {
     let on = |i: usize| format!("node.id=={}", lab.node_id(i));
     lab.meshctl(&["network", "create", "front", "--subnet", "10.45.0.0/24"]);
     lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(2)]);
-    let api = format!("exec {} http 80 api", env!("CARGO_BIN_EXE_mesh-echo"));
-    lab.meshctl(&[
-        "service",
-        "create",
-        "api",
-        "--network",
-        "front",
-        "--port",
-        "80/http",
-        "--constraint",
-        &on(3),
-        "--command",
-        &api,
-    ]);
+    let api = format!("{e} tcp 7000 & exec {e} http 80 api", e = env!("CARGO_BIN_EXE_mesh-echo"));
+    let constraint = on(3);
+    let create = ["service", "create", "api", "--network", "front", "--port", "80/http", "--port", "7000"];
+    let mut args = create.to_vec();
+    args.extend(["--constraint", constraint.as_str(), "--command", api.as_str()]);
+    lab.meshctl(&args);
     lab.apply_policy(POLICY);
     let api: serde_json::Value = serde_json::from_str(&lab.meshctl(&["service", "inspect", "api"])).unwrap();
     let s = Setup {
@@ -330,4 +330,171 @@ fn whoami_with_trailer(ns: &str, vip: &str) -> String {
             String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned()
         })
     })
+}
+
+/// A TCP connection from `ns` to `address:7000` (an echo) held open, a byte every 50 ms, for at
+/// most 20 s: completes with how long after `cut` it ended (None: it never did).
+fn hold_tunnel(lab: &Lab, ns: &str, address: &str, cut: impl FnOnce()) -> Option<Duration> {
+    use std::io::BufRead;
+    let code = format!(
+        "import socket,sys,time\ns=socket.create_connection(('{address}',7000),timeout=2)\n\
+         end=time.time()+20\nfirst=True\n\
+         while time.time()<end:\n  \
+           try:\n    s.sendall(b'x')\n    d=s.recv(1)\n  except Exception:\n    d=b''\n  \
+           if not d:\n    print('closed',flush=True)\n    sys.exit(0)\n  \
+           if first:\n    print('open',flush=True)\n    first=False\n  time.sleep(0.05)\n\
+         print('still open',flush=True)\n"
+    );
+    let mut child =
+        lab.exec(ns, &["python3", "-c", &code]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("open"), "the tunnel did not open");
+    let started = std::time::Instant::now();
+    cut();
+    let cut_at = started.elapsed();
+    let ended = lines.next().and_then(Result::ok);
+    let after = started.elapsed() - cut_at;
+    let _ = child.wait();
+    (ended.as_deref() == Some("closed")).then_some(after)
+}
+
+#[test]
+fn identities_and_decisions_are_checked_again_on_open_connections() {
+    use control::ca::{ClusterCa, Subject};
+    use mesh_api::tls::Identity;
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let lab = &s.lab;
+    let ca_pem = std::fs::read_to_string(lab.manager_dir(1).join("ca.crt")).unwrap();
+    let ca = ClusterCa::load(&ca_pem, &lab.ca_key).unwrap();
+    let ca_der = ca.cert_der().to_vec();
+    let cluster: mesh_api::ids::ClusterId = lab.cluster_id().parse().unwrap();
+    let (h2, h3): (mesh_api::ids::NodeId, mesh_api::ids::NodeId) =
+        (lab.node_id(2).parse().unwrap(), lab.node_id(3).parse().unwrap());
+    let mesh_port: std::net::SocketAddr = format!("{}:4800", lab.addr(3)).parse().unwrap();
+    let target = format!("{}:80", s.address);
+    let short = Duration::from_secs(8);
+    let (cert_pem, key_pem) =
+        ca.issue_with_new_key(&Subject::workload(&cluster, "web", 1, &h2, short)).unwrap();
+    let web = Identity { cert_pem, key_pem };
+    let expires = std::time::Instant::now() + short;
+
+    in_namespace(&lab.host(2), || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let config = meshd::mesh::tls::client_config(&ca_der, cluster.as_str(), &h3, &web).unwrap();
+            // A client that would resume if the mesh port let it.
+            let mut resuming = (*config).clone();
+            resuming.resumption = rustls::client::Resumption::in_memory_sessions(16);
+            let resuming = std::sync::Arc::new(resuming);
+            let name = rustls::pki_types::ServerName::try_from(meshd::mesh::tls::SERVER_NAME).unwrap();
+            let open = || async {
+                let tcp = tokio::net::TcpStream::connect(mesh_port).await.unwrap();
+                let tls = tokio_rustls::TlsConnector::from(resuming.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .unwrap();
+                let kind = tls.get_ref().1.handshake_kind();
+                let (sender, connection) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tls),
+                )
+                .await
+                .unwrap();
+                tokio::spawn(connection);
+                (sender, kind)
+            };
+            let connect = |sender: &mut hyper::client::conn::http2::SendRequest<
+                http_body_util::Empty<bytes::Bytes>,
+            >| {
+                let request =
+                    hyper::Request::connect(target.as_str()).body(http_body_util::Empty::new()).unwrap();
+                let call = sender.send_request(request);
+                async move {
+                    tokio::time::timeout(Duration::from_secs(3), call)
+                        .await
+                        .map(|r| r.map(|r| r.status().as_u16()))
+                }
+            };
+            let (mut held, _) = open().await;
+            assert_eq!(connect(&mut held).await.unwrap().unwrap(), 200, "a stream on a fresh connection");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // No resumption: every connection proves its certificate again.
+            let (_again, kind) = open().await;
+            assert_eq!(kind, Some(rustls::HandshakeKind::Full), "the mesh port resumed a session");
+            // Past the certificate's expiry, the held connection takes no new stream.
+            tokio::time::sleep(
+                expires.saturating_duration_since(std::time::Instant::now()) + Duration::from_secs(1),
+            )
+            .await;
+            let late = connect(&mut held).await;
+            assert!(!matches!(late, Ok(Ok(200))), "a stream opened after the certificate expired: {late:?}");
+        })
+    });
+
+    // An opaque tunnel is re-decided: a policy that no longer allows it cuts it within a second.
+    let without_echo = POLICY.replace(
+        "name = \"web-opens-echo\"\naction = \"allow\"",
+        "name = \"web-opens-echo\"\naction = \"allow\"\ndry_run = true",
+    );
+    let after = hold_tunnel(lab, &s.web, &s.vip, || lab.apply_policy(&without_echo));
+    assert!(
+        after.is_some_and(|d| d < Duration::from_millis(1500)),
+        "the tunnel outlived the policy change: {after:?}"
+    );
+    lab.apply_policy(POLICY);
+    lab.wait("the tunnel to be allowed again", || {
+        let out = lab.exec(&s.web, &["python3", "-c", &format!("import socket;s=socket.create_connection(('{}',7000),timeout=2);s.sendall(b'y');print(s.recv(1))", s.vip)]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("y")
+    });
+    // And removing the caller's node cuts a tunnel its certificate holds within a second: from
+    // a client of the removed node's own (its meshd stops, but what an attacker holds does not).
+    let (cert_pem, key_pem) = ca
+        .issue_with_new_key(&Subject::workload(&cluster, "web", 1, &h2, Duration::from_secs(3600)))
+        .unwrap();
+    let web = Identity { cert_pem, key_pem };
+    let echo = format!("{}:7000", s.address);
+    let h2_id = lab.node_id(2);
+    let cut_after = std::thread::scope(|scope| {
+        let remover = scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            let at = std::time::Instant::now();
+            lab.meshctl(&["node", "rm", &h2_id]);
+            at
+        });
+        let ended = in_namespace(&lab.host(2), || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let trust = meshd::mesh::outbound::Trust { ca_der: &ca_der, cluster: cluster.as_str() };
+                let identity = meshd::identity::WorkloadIdentity {
+                    identity: web.clone(),
+                    not_after: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+                };
+                let mut tunnel =
+                    meshd::mesh::outbound::connect(trust, &identity, &h3, mesh_port, echo.parse().unwrap())
+                        .await
+                        .expect("the tunnel opens");
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let mut byte = [0u8; 1];
+                while std::time::Instant::now() < deadline {
+                    if tunnel.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(2), tunnel.read(&mut byte)).await {
+                        Ok(Ok(1)) => {}
+                        _ => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                std::time::Instant::now()
+            })
+        });
+        let removed_at = remover.join().unwrap();
+        ended.saturating_duration_since(removed_at)
+    });
+    assert!(
+        cut_after < Duration::from_millis(1500),
+        "the tunnel outlived its node's removal by {cut_after:?}"
+    );
 }

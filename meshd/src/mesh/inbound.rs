@@ -59,6 +59,11 @@ fn answer(status: StatusCode, why: &str) -> (String, Response<Body>) {
     (id, response)
 }
 
+/// How often an open opaque tunnel looks for a new view to be re-decided under.
+const TUNNEL_RECHECK: Duration = Duration::from_millis(200);
+/// How long a connection whose certificate was refused stays open, to read the answer.
+const REFUSED_LINGER: time::Duration = time::Duration::seconds(10);
+
 /// Serves the mesh port until dropped.
 pub async fn serve(mesh: Arc<Mesh>, listener: TcpListener, acceptor: TlsAcceptor) {
     loop {
@@ -103,6 +108,11 @@ async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketA
         }
         Err(e) => warn!(%remote, error = %e, "mesh peer refused"),
     }
+    let expires = match peer.as_ref() {
+        Ok(p) => p.not_after,
+        // Refused callers get their answers; their connection lasts no longer than that takes.
+        Err(_) => time::OffsetDateTime::now_utc() + REFUSED_LINGER,
+    };
     // Hyper runs each stream as a task of its own: each carries the connection's span.
     let service = service_fn(move |req| {
         let (mesh, peer) = (mesh.clone(), peer.clone());
@@ -112,10 +122,14 @@ async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketA
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(4096)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
-    if let Err(e) = served {
-        debug!(%remote, error = %e, "a mesh connection ended");
+        .serve_connection(TokioIo::new(tls), service);
+    // A connection lives no longer than the certificate it was opened with.
+    let left = (expires - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
+    tokio::select! {
+        served = served => if let Err(e) = served {
+            debug!(%remote, error = %e, "a mesh connection ended");
+        },
+        _ = tokio::time::sleep(left) => debug!(%remote, "a mesh connection's certificate expired: closed"),
     }
 }
 
@@ -139,11 +153,8 @@ async fn stream(
         Err(e) => return refuse(StatusCode::FORBIDDEN, format!("refused: {e}")),
     };
     let view = mesh.view.load_full();
-    if view.removed.contains(&peer.node) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            format!("refused: {} holds a certificate of removed node {}", peer.endpoint, peer.node),
-        );
+    if let Some(why) = view.refuses(&peer) {
+        return refuse(StatusCode::FORBIDDEN, format!("refused: {why}"));
     }
     let Some(address) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
         return refuse(StatusCode::BAD_REQUEST, format!("`{}` is not ADDRESS:PORT", req.uri()));
@@ -201,9 +212,15 @@ async fn stream(
         let relay = async move {
             let Ok(upgraded) = upgrade.await else { return };
             let mut upstream = upstream;
-            let copied = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
-            if let Ok((a, b)) = copied {
-                tunnel.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).inc_by(a + b);
+            let mut caller = TokioIo::new(upgraded);
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut caller, &mut upstream) => if let Ok((a, b)) = copied {
+                    tunnel.mesh.metrics.bytes.get_or_create(&Direction { direction: "inbound" }).inc_by(a + b);
+                },
+                why = tunnel.until_refused(port) => {
+                    warn!(source = %tunnel.peer.service, caller = %tunnel.peer.endpoint, destination = %tunnel.service,
+                        port, reason = %why, "an open connection is no longer allowed: cut");
+                },
             }
         };
         tokio::spawn(relay.in_current_span());
@@ -304,6 +321,28 @@ struct Tunnel {
 }
 
 impl Tunnel {
+    /// Completes once an opaque tunnel to `port` is no longer allowed: re-decided whenever the
+    /// view changes (a new policy, removed nodes, endpoints moved) and when the caller's
+    /// certificate expires.
+    async fn until_refused(&self, port: u16) -> String {
+        let mut seen: Option<Arc<super::View>> = None;
+        loop {
+            let view = self.mesh.view.load_full();
+            if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &view)) || view.refuses(&self.peer).is_some() {
+                if let Some(why) = view.refuses(&self.peer) {
+                    return why;
+                }
+                let request = policy::Request::tcp(&self.peer.service, &self.service, port);
+                let decision = view.decide(&request);
+                if !decision.allowed() {
+                    return format!("{}: {}", policy::describe(&request), decision.reason());
+                }
+                seen = Some(view);
+            }
+            tokio::time::sleep(TUNNEL_RECHECK).await;
+        }
+    }
+
     fn count(&self, decision: &policy::Decision, kind: &'static str) {
         let labels = |verdict: &'static str, rule: Option<&policy::RuleRef>| Verdict {
             source: self.peer.service.clone(),
@@ -347,12 +386,9 @@ impl Tunnel {
         let started = Instant::now();
         let view = self.mesh.view.load_full();
         let latency = || self.latency.observe(started.elapsed().as_secs_f64());
-        if view.removed.contains(&self.peer.node) {
+        if let Some(why) = view.refuses(&self.peer) {
             latency();
-            let why = format!(
-                "refused: {} holds a certificate of removed node {}",
-                self.peer.endpoint, self.peer.node
-            );
+            let why = format!("refused: {why}");
             let (id, response) = answer(StatusCode::FORBIDDEN, &why);
             warn!(request_id = %id, reason = %why, "request refused");
             return response;

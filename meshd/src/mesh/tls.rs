@@ -91,6 +91,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certificate);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: a resumed session skips the client certificate's verification, so every
+    // connection does a full handshake (and no tickets are handed out).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -115,6 +119,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -184,6 +189,8 @@ pub struct Peer {
     pub node: NodeId,
     /// The certificate's SPIFFE ID, `spiffe://<cluster>/svc/<service>`.
     pub spiffe_id: SpiffeId,
+    /// When the certificate expires: the connection ends then, and no request is taken after.
+    pub not_after: time::OffsetDateTime,
 }
 
 /// Why a client certificate is not a workload of this cluster.
@@ -211,7 +218,7 @@ impl Peer {
         match info.holder(cluster.as_str())? {
             Holder::Workload { service, endpoint, node } => {
                 let spiffe_id = SpiffeId::Service { cluster: cluster.clone(), service: service.clone() };
-                Ok(Peer { service, endpoint, node, spiffe_id })
+                Ok(Peer { service, endpoint, node, spiffe_id, not_after: info.not_after })
             }
             Holder::Node { id, role } => Err(PeerError::NotWorkload(format!("{role} node {id}"))),
             Holder::Admin => Err(PeerError::NotWorkload("an admin".into())),
@@ -258,9 +265,17 @@ mod tests {
         let spiffe_id = SpiffeId::Service { cluster: cluster.clone(), service: "web".into() };
         let web =
             certificate(&format!("web.1@{node}"), WORKLOAD_OU, cluster.as_str(), &[spiffe_id.to_string()]);
+        let peer = Peer::from_certificate(Some(&der(&web)), &cluster).unwrap();
+        let not_after = CertInfo::from_pem(&web.cert_pem).unwrap().not_after;
         assert_eq!(
-            Peer::from_certificate(Some(&der(&web)), &cluster),
-            Ok(Peer { service: "web".into(), endpoint: "web.1".into(), node: node.clone(), spiffe_id })
+            peer,
+            Peer {
+                service: "web".into(),
+                endpoint: "web.1".into(),
+                node: node.clone(),
+                spiffe_id,
+                not_after
+            }
         );
         let refused = Peer::from_certificate(Some(&der(&node_certificate(&cluster, &node))), &cluster);
         assert!(matches!(refused, Err(PeerError::NotWorkload(_))), "{refused:?}");
