@@ -545,6 +545,13 @@ fn check(topology: &Topology) -> Result<(), LabError> {
     if record_path(&topology.dir).exists() {
         return Err(LabError::AlreadyUp(topology.dir.clone()));
     }
+    // The directory goes with the lab: never one that holds anything else.
+    if std::fs::read_dir(&topology.dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(LabError::Topology(format!(
+            "{} is not empty: the lab removes its directory when it goes, give it a new or empty one",
+            topology.dir.display()
+        )));
+    }
     if !namespaces(&topology.prefix).is_empty() {
         return Err(LabError::NamespacesExist(topology.prefix.clone()));
     }
