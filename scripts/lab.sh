@@ -79,6 +79,7 @@ node_id() { echo "${LAB_NODE_ID[$1]}"; }
 in_host() { local i=$1; shift; ip netns exec "$(host "$i")" "$@"; }
 control=$LAB_CONTROL
 meshctl() { in_host 1 "$bin/meshctl" "$@"; }
+token=$(meshctl join-token worker -q)
 meshctl node ls | sed 's/^/  /'
 
 step "Checks"
