@@ -11,8 +11,11 @@
 //! ```
 //!
 //! Every name starts with the lab's prefix `P` (unique per run, so labs and tests run side by
-//! side), the underlay subnet is the lab's own, and the lab removes what it made: its processes,
-//! its namespaces (the workload namespaces meshd made under `P-hI-` included) and its directory.
+//! side), and the lab removes what it made: its processes, its namespaces (the workload
+//! namespaces meshd made under `P-hI-` included) and its directory. Its underlay subnet lives
+//! only in its own namespaces, so no two labs ever see each other's addresses; each user still
+//! has its own (`meshctl lab` 10.77.0.0/24, the tour 10.76, the benchmarks 10.98, the tests
+//! 10.99), so an address in a log says whose lab it was.
 //!
 //! - [`Topology`] says what to build: prefix, subnet, hosts, managers, where meshd runs, where the
 //!   lab keeps its files and where the binaries are. Names, addresses and paths come from it.
