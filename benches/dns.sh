@@ -11,7 +11,7 @@ secs=${1:-10}; clients=${2:-4}
 [ "$(id -u)" = 0 ] || { echo "dns.sh: needs root (network namespaces)" >&2; exit 1; }
 command -v dnsperf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf >/dev/null; }
 cargo build --release --locked -q -p control -p meshctl -p meshd
-bin=$PWD/target/release
+bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release  # where cargo put them
 p="dn$$"
 # shellcheck source=benches/lab-lib.sh
 . "$PWD/benches/lab-lib.sh"

@@ -15,7 +15,7 @@ secs=${1:-10}
 [ "$(id -u)" = 0 ] || { echo "throughput.sh: needs root (network namespaces)" >&2; exit 1; }
 command -v iperf3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
 cargo build --release --locked -q -p control -p meshctl -p meshd
-bin=$PWD/target/release
+bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release  # where cargo put them
 peers=${PEERS:-../shared/bench/peers.sh}
 out=${OUT:-$PWD/target/bench-overlay.json}
 
@@ -25,7 +25,7 @@ p="tp$$"
 
 cpu() { # total CPU seconds (user+system) of both meshd
   local t=0
-  for i in 2 3; do read -r -a f <"/proc/$(cat "$work/meshd-$i.pid")/stat"; t=$((t + f[13] + f[14])); done
+  for i in 2 3; do read -r -a f <"/proc/$(meshd_pid "$i")/stat"; t=$((t + f[13] + f[14])); done
   echo "$t"
 }
 tick=$(getconf CLK_TCK)
@@ -62,7 +62,7 @@ rows+=("$(iperf "mesh TCP, 4 streams" "$cli_ns" "$srv_ns" "$srv_ip" -P 4)")
 rows+=("$(iperf "mesh UDP" "$cli_ns" "$srv_ns" "$srv_ip" -u -b 0 -l 1300)")
 rows+=("$(iperf "underlay TCP, 1 stream" "$(host 2)" "$(host 3)" "$(addr 3)")")
 mesh_ping=$(ping_ms "$cli_ns" "$srv_ip"); plain_ping=$(ping_ms "$(host 2)" "$(addr 3)")
-for i in 2 3; do ip netns exec "$(host "$i")" "$bin/meshd" status --state-dir "$work/h$i" | grep '^packets' | sed "s/^/  h$i /" >&2; done
+for i in 2 3; do ip netns exec "$(host "$i")" "$bin/meshd" status --state-dir "$(node_dir "$i")" | grep '^packets' | sed "s/^/  h$i /" >&2; done
 peer_lines=""
 if [ -x "$peers" ]; then
   peer_lines=$("$peers" "$secs" || true)

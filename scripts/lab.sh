@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: a local cluster in network namespaces. Hosts are namespaces joined by veth pairs
 # to a bridge that lives in a namespace of its own; mesh-control runs in the first host, meshd in
-# every other. The script joins them, then exercises the cluster the way an operator and an
+# every other, joined: built by the lab library, as the tests and benchmarks build theirs
+# (`meshctl lab up --bare`). The script then exercises the cluster the way an operator and an
 # attacker would (identity, networks and services, the encrypted overlay, DNS, policy, the mTLS
 # mesh enforcing it per request, node removal) and prints a summary. That tour's namespaces are
 # removed on exit (unless --keep). Then it brings up the lab that stays: `meshctl lab up` with the
@@ -56,84 +57,54 @@ lab_up() {
   "$bin/meshctl" lab up --hosts "$hosts" --spec examples/lab.toml | sed 's/^/  /'
   echo "  (run meshctl as $bin/meshctl)"
 }
-bin=$PWD/target/release
+# Where cargo put the binaries (CARGO_TARGET_DIR when set).
+bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release
 
-p="mlab$$"; work=$(mktemp -d /tmp/mesh-lab.XXXXXX); br="$p-br"
-host() { echo "$p-h$1"; }
-addr() { echo "10.77.0.$((10 + $1))"; }
+# The tour's own files in $work; the lab's (state directories, logs, lab.json, lab.env) in $lab.
+p="mlab$$"; work=$(mktemp -d /tmp/mesh-lab.XXXXXX); lab="$work/lab"
 cleanup() {
-  for i in $(seq 1 "$hosts"); do
-    ip netns pids "$(host "$i")" 2>/dev/null | xargs -r kill 2>/dev/null || true
-  done
-  # meshd removes its workload namespaces as it stops; wait for that, then remove any left.
-  for _ in $(seq 30); do ls /var/run/netns 2>/dev/null | grep -q "^$p-h[0-9]*-" || break; sleep 0.1; done
-  for ns in $(ls /var/run/netns 2>/dev/null | grep "^$p-"); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  ip netns del "$br" 2>/dev/null || true
+  "$bin/meshctl" lab down --dir "$lab" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 if [ "$keep" = 0 ]; then trap cleanup EXIT; fi
 
-step "Creating $hosts hosts on an underlay bridge (namespaces $p-*)"
-ip netns add "$br"
-ip -n "$br" link add br0 type bridge
-ip -n "$br" link set br0 up
-for i in $(seq 1 "$hosts"); do
-  h=$(host "$i"); ip netns add "$h"
-  ip link add eth0 netns "$h" type veth peer name "v$i" netns "$br"
-  ip -n "$br" link set "v$i" master br0 up
-  ip -n "$h" addr add "$(addr "$i")/24" dev eth0
-  ip -n "$h" link set eth0 up; ip -n "$h" link set lo up
-  echo "  $h  $(addr "$i")"
-done
+# The hosts, mesh-control on the first, meshd joined on the others; its steps shown as the tour's.
+"$bin/meshctl" lab up --bare --hosts "$hosts" --managers 1 --meshd workers --prefix "$p" \
+  --subnet 10.76.0.0/24 --dir "$lab" | sed -e 's/^==> \(.*\)/\x1b[1m==> \1\x1b[0m/'
+# shellcheck source=/dev/null
+. "$lab/lab.env"   # LAB_HOST, LAB_ADDR, LAB_NODE_DIR, LAB_NODE_ID (by host number), MESHCTL_ADMIN, ...
+host() { echo "${LAB_HOST[$1]}"; }
+node_dir() { echo "${LAB_NODE_DIR[$1]}"; }
+node_id() { echo "${LAB_NODE_ID[$1]}"; }
 in_host() { local i=$1; shift; ip netns exec "$(host "$i")" "$@"; }
-# meshd enters only the host's network namespace (not a private mount namespace, as `ip netns
-# exec` would make), so the workload namespaces it creates are visible from everywhere.
-in_host_net() { local i=$1; shift; nsenter --net="/var/run/netns/$(host "$i")" "$@"; }
-
-control="$(addr 1):7400"
-step "Starting mesh-control on $(host 1) ($control)"
-in_host 1 "$bin/mesh-control" init --state-dir "$work/h1/control" --listen "$control" | sed 's/^/  /'
-in_host 1 "$bin/mesh-control" run --state-dir "$work/h1/control" >"$work/control.log" 2>&1 &
-export MESHCTL_ADMIN="$work/h1/control/admin"
+control=$LAB_CONTROL
 meshctl() { in_host 1 "$bin/meshctl" "$@"; }
-for _ in $(seq 50); do meshctl node ls >/dev/null 2>&1 && break; sleep 0.1; done
-
-step "Joining meshd on hosts 2..$hosts"
 token=$(meshctl join-token worker -q)
-for i in $(seq 2 "$hosts"); do
-  id=$(in_host "$i" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/h$i/meshd" --hostname "$(host "$i")" 2>/dev/null)
-  echo "$id" >"$work/h$i/id"
-  in_host_net "$i" "$bin/meshd" run --state-dir "$work/h$i/meshd" --underlay "$(addr "$i")" --netns-prefix "$(host "$i")" >"$work/meshd-$i.log" 2>&1 &
-  echo "  $(host "$i") joined as $id"
-done
 meshctl node ls | sed 's/^/  /'
 
 step "Checks"
 last=$hosts
 check "every host is listed" test "$(meshctl node ls --format json | grep -c '"id"')" -eq "$hosts"
-check "node keys are private (0600)" test "$(stat -c %a "$work/h2/meshd/node.key")" = 600
-check "a node renews its certificate (same ID, new key)" in_host 2 "$bin/meshd" renew --state-dir "$work/h2/meshd"
+check "node keys are private (0600)" test "$(stat -c %a "$(node_dir 2)/node.key")" = 600
+check "a node renews its certificate (same ID, new key)" in_host 2 "$bin/meshd" renew --state-dir "$(node_dir 2)"
 bad="${token%?}$( [ "${token: -1}" = 0 ] && echo 1 || echo 0 )"
 check "a wrong token is refused" refused in_host "$last" "$bin/meshd" join --control "$control" --token "$bad" --state-dir "$work/bad1"
 check "a node joined with the worker token is a worker" \
-  sh -c "ip netns exec $(host 1) $bin/meshctl node inspect $(cat "$work/h2/id") | grep -q '\"role\": \"worker\"'"
+  sh -c "ip netns exec $(host 1) $bin/meshctl node inspect $(node_id 2) | grep -q '\"role\": \"worker\"'"
 meshctl join-token worker --rotate -q >"$work/new-token"
 check "a rotated token is refused at once" refused in_host "$last" "$bin/meshd" join --control "$control" --token "$token" --state-dir "$work/bad2"
-check "the new token works" in_host "$last" "$bin/meshd" join --control "$control" --token "$(cat "$work/new-token")" --state-dir "$work/h$last/extra"
-check "joined nodes are unaffected by the rotation" in_host 3 "$bin/meshd" renew --state-dir "$work/h3/meshd"
+check "the new token works" in_host "$last" "$bin/meshd" join --control "$control" --token "$(cat "$work/new-token")" --state-dir "$work/extra"
+check "joined nodes are unaffected by the rotation" in_host 3 "$bin/meshd" renew --state-dir "$(node_dir 3)"
 check "a node certificate cannot call the admin API" refused env MESHCTL_ADMIN="$work/fake-admin" sh -c "
-  mkdir -p $work/fake-admin && cp $work/h3/meshd/ca.crt $work/fake-admin/ca.crt &&
-  cp $work/h3/meshd/node.crt $work/fake-admin/admin.crt && cp $work/h3/meshd/node.key $work/fake-admin/admin.key &&
+  mkdir -p $work/fake-admin && cp $(node_dir 3)/ca.crt $work/fake-admin/ca.crt &&
+  cp $(node_dir 3)/node.crt $work/fake-admin/admin.crt && cp $(node_dir 3)/node.key $work/fake-admin/admin.key &&
   echo $control > $work/fake-admin/control && ip netns exec $(host 1) $bin/meshctl node ls"
 
 step "Networks and services"
 for _ in $(seq 100); do
   [ "$(meshctl node ls --format json | grep -c '"connected": true')" -ge $((hosts - 1)) ] && break; sleep 0.1
 done
-zone_node=$(cat "$work/h2/id")
+zone_node=$(node_id 2)
 meshctl node update "$zone_node" --label-add zone=secure | sed 's/^/  /'
 meshctl network create front --subnet 10.10.0.0/24 | sed 's/^/  /'
 meshctl network create back --subnet 10.20.0.0/24 | sed 's/^/  /'
@@ -141,12 +112,13 @@ meshctl service create web --network front --port 80 --replicas 2 | sed 's/^/  /
 meshctl service create db --network back --port 5432 --constraint node.labels.zone==secure | sed 's/^/  /'
 meshctl service ls | sed 's/^/  /'
 meshctl network ls | sed 's/^/  /'
-status() { in_host "$1" "$bin/meshd" status --state-dir "$work/h$1/meshd" --json; }
+status() { in_host "$1" "$bin/meshd" status --state-dir "$(node_dir "$1")" --json; }
 sleep 0.5
-for i in $(seq 2 "$hosts"); do echo "  --- $(host "$i")"; in_host "$i" "$bin/meshd" status --state-dir "$work/h$i/meshd" | sed 's/^/  /'; done
-holds() { status "$1" | grep -q "\"name\": \"$2\""; }
-check "only the labelled host holds network back" sh -c "$(declare -f status holds in_host host); p=$p; bin=$bin; work=$work
-  holds 2 back && for i in \$(seq 3 $hosts); do ! holds \$i back || exit 1; done"
+for i in $(seq 2 "$hosts"); do echo "  --- $(host "$i")"; in_host "$i" "$bin/meshd" status --state-dir "$(node_dir "$i")" | sed 's/^/  /'; done
+# grep reads it all: `grep -q` could close the pipe early, and pipefail would count the SIGPIPE.
+holds() { status "$1" | grep "\"name\": \"$2\"" >/dev/null; }
+only_h2_holds_back() { holds 2 back && for i in $(seq 3 "$hosts"); do ! holds "$i" back || return 1; done; }
+check "only the labelled host holds network back" only_h2_holds_back
 check "a constraint that no node meets is refused" refused meshctl service create x --network back --constraint node.labels.zone==nowhere
 check "an overlapping subnet is refused" refused meshctl network create overlap --subnet 10.10.0.0/16
 
@@ -154,7 +126,7 @@ step "Traffic over the overlay"
 svc_addr() { meshctl service inspect "$1" | python3 -c "import json,sys; e=json.load(sys.stdin)['endpoints']; print(e[$2]['addresses']['$3'], e[$2]['node'])"; }
 read -r web1_addr web1_node <<<"$(svc_addr web 0 front)"; read -r web2_addr web2_node <<<"$(svc_addr web 1 front)"
 read -r db_addr db_node <<<"$(svc_addr db 0 back)"
-host_of() { for i in $(seq 2 "$hosts"); do [ "$(cat "$work/h$i/id")" = "$1" ] && echo "$i"; done; }
+host_of() { for i in $(seq 2 "$hosts"); do [ "$(node_id "$i")" = "$1" ] && echo "$i"; done; }
 web1_ns="$(host "$(host_of "$web1_node")")-web-1"; web2_ns="$(host "$(host_of "$web2_node")")-web-2"
 for _ in $(seq 50); do ip netns exec "$web1_ns" ping -c1 -W1 "$web2_addr" >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec "$web1_ns" ping -c 3 -i 0.2 "$web2_addr" | sed 's/^/  /' | tail -2
@@ -166,7 +138,7 @@ if command -v dig >/dev/null; then
   check "DNS in a workload resolves its network's services" sh -c "ip netns exec $web1_ns dig +short +time=2 +tries=1 @127.0.0.11 tasks.web | grep -q '$web2_addr'"
   check "DNS in a workload does not resolve another network's services" sh -c "ip netns exec $web1_ns dig +time=2 +tries=1 @127.0.0.11 db | grep -q NXDOMAIN"
 fi
-in_host "$(host_of "$web1_node")" "$bin/meshd" status --state-dir "$work/h$(host_of "$web1_node")/meshd" | grep '^packets' | sed 's/^/  /'
+in_host "$(host_of "$web1_node")" "$bin/meshd" status --state-dir "$(node_dir "$(host_of "$web1_node")")" | grep '^packets' | sed 's/^/  /'
 
 epoch() { meshctl network inspect front | grep -o '"key_epoch": [0-9]*' | grep -o '[0-9]*$'; }
 before=$(epoch); meshctl network rotate-key front | sed 's/^/  /'
@@ -182,13 +154,13 @@ check "and the previous one stays in force" sh -c "ip netns exec $(host 1) env M
 meshctl policy explain --from web --to api --port 80 GET /v1/items/7 | sed 's/^/  /'
 meshctl policy explain --from web --to api --port 80 DELETE /v1/items/7 | sed 's/^/  /'
 api_host=$(meshctl service inspect api | grep -o '"node": "[a-z0-9]*"' | head -1 | grep -o '[a-z0-9]\{25\}')
-for i in $(seq 2 "$hosts"); do [ "$(cat "$work/h$i/id")" = "$api_host" ] && api_i=$i; done
+for i in $(seq 2 "$hosts"); do [ "$(node_id "$i")" = "$api_host" ] && api_i=$i; done
 sleep 0.5
-in_host "$api_i" "$bin/meshd" status --state-dir "$work/h$api_i/meshd" | grep '^policy' | sed 's/^/  api host: /'
-check "the api host holds the api rules" sh -c "ip netns exec $(host "$api_i") $bin/meshd status --state-dir $work/h$api_i/meshd | grep -q web-reads-items"
+in_host "$api_i" "$bin/meshd" status --state-dir "$(node_dir "$api_i")" | grep '^policy' | sed 's/^/  api host: /'
+check "the api host holds the api rules" sh -c "ip netns exec $(host "$api_i") $bin/meshd status --state-dir $(node_dir "$api_i") | grep -q web-reads-items"
 for i in $(seq 2 "$hosts"); do
   if [ "$i" != "$api_i" ]; then
-    check "$(host "$i") (no api endpoint) holds no api rule" sh -c "! ip netns exec $(host "$i") $bin/meshd status --state-dir $work/h$i/meshd | grep -q web-reads-items"
+    check "$(host "$i") (no api endpoint) holds no api rule" sh -c "! ip netns exec $(host "$i") $bin/meshd status --state-dir $(node_dir "$i") | grep -q web-reads-items"
   fi
 done
 
@@ -216,19 +188,19 @@ web_host=$(meshctl service inspect web | grep -o '"node": "[a-z0-9]*"' | head -1
 step "Removing a node"
 before=$(epoch)
 meshctl node rm "$web_host" | sed 's/^/  /'
-for i in $(seq 2 "$hosts"); do [ "$(cat "$work/h$i/id")" = "$web_host" ] && victim_host=$i; done
+for i in $(seq 2 "$hosts"); do [ "$(node_id "$i")" = "$web_host" ] && victim_host=$i; done
 check "removing a node with an endpoint on front rekeys front" test "$(epoch)" -gt "$before"
 check "its endpoint moved to another node" sh -c "! ip netns exec $(host 1) env MESHCTL_ADMIN=$MESHCTL_ADMIN $bin/meshctl service inspect web | grep -q $web_host"
-check "the removed node is refused on renewal" refused in_host "$victim_host" "$bin/meshd" renew --state-dir "$work/h$victim_host/meshd"
+check "the removed node is refused on renewal" refused in_host "$victim_host" "$bin/meshd" renew --state-dir "$(node_dir "$victim_host")"
 meshctl node ls | sed 's/^/  /'
 
 step "Summary"
 echo "  hosts: $hosts (control on $(host 1), meshd on the rest)"
 echo "  checks: $pass passed, $fail failed"
 if [ "$keep" = 1 ]; then
-  echo "  the lab is still running; state in $work"
+  echo "  the lab is still running; state in $lab (namespaces $p-*)"
   echo "  try: MESHCTL_ADMIN=$MESHCTL_ADMIN ip netns exec $(host 1) $bin/meshctl node ls"
-  echo "  take it down: ip netns pids <ns> | xargs kill; ip netns del <ns> for each of: $(ip netns list | grep "^$p" | cut -d' ' -f1 | tr '\n' ' ')"
+  echo "  take it down: $bin/meshctl lab down --dir $lab; rm -rf $work"
 fi
 [ "$fail" = 0 ] || exit 1
 if [ "$stay" = 1 ]; then lab_up; fi

@@ -188,7 +188,7 @@ fn a_manager_cut_off_cannot_commit_and_all_three_restarted_keep_the_state() {
 
     // Cut the leader off from the other managers (not from the workers' hosts); meshctl runs
     // from a worker's host, where every manager can be reached.
-    lab.admin_host = 4;
+    lab.set_admin_host(4);
     let others: Vec<String> = (1..=3).filter(|i| *i != cut).map(|i| lab.addr(i)).collect();
     let rules = format!(
         "table inet cut {{ chain in {{ type filter hook input priority 0; ip saddr {{ {0} }} drop; }}; \

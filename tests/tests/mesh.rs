@@ -13,7 +13,7 @@ use control::ca::{ClusterCa, Subject};
 use mesh_api::ids::NodeId;
 use mesh_api::pki::CertInfo;
 use mesh_api::tls::Identity;
-use mesh_tests::lab::{Lab, in_namespace, script};
+use mesh_tests::lab::{Lab, Program, in_namespace, script};
 use meshd::identity::WorkloadIdentity;
 use meshd::mesh::outbound::{OpenError, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -263,7 +263,7 @@ fn requests_through_the_mesh_are_decided_one_by_one() {
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
-    let log = std::fs::read_to_string(lab.work.path().join("meshd-3.log")).unwrap();
+    let log = std::fs::read_to_string(lab.log(Program::Meshd, 3)).unwrap();
     assert!(
         log.lines()
             .any(|l| l.contains("request denied") && l.contains("no-deletes") && l.contains("request_id"))
@@ -293,7 +293,7 @@ fn the_mesh_port_refuses_callers_without_a_valid_workload_identity() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let s = setup();
     let lab = &s.lab;
-    let control = lab.work.path().join("control");
+    let control = lab.manager_dir(1);
     let ca = ClusterCa::load(&std::fs::read_to_string(control.join("ca.crt")).unwrap(), &lab.ca_key).unwrap();
     let node_pem = std::fs::read_to_string(lab.node_dir(2).join("node.crt")).unwrap();
     let cluster: mesh_api::ids::ClusterId =

@@ -79,9 +79,21 @@ enum LabCmd {
         /// The spec (TOML): see examples/lab.toml.
         #[arg(long, default_value = "examples/lab.toml")]
         spec: PathBuf,
-        /// Where the lab keeps its state and logs.
+        /// Where the lab keeps its state and logs (and lab.env, its record for shell scripts).
         #[arg(long, default_value = lab::DEFAULT_DIR)]
         dir: PathBuf,
+        /// Only build the hosts, start the managers and meshd and join them: no spec, no checks.
+        #[arg(long)]
+        bare: bool,
+        /// Start of every namespace's name (PREFIX-h1, PREFIX-br): one per lab on a machine.
+        #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+        prefix: String,
+        /// The underlay: host I gets the subnet's address 10+I.
+        #[arg(long, default_value = lab::DEFAULT_SUBNET)]
+        subnet: ipnet::Ipv4Net,
+        /// Which hosts run meshd: every host, or only those without a manager.
+        #[arg(long, value_enum, default_value_t = lab::MeshdOn::Every)]
+        meshd: lab::MeshdOn,
     },
     /// Run a command in a host (h1..hN) or in a service's workload on it (h2/api):
     /// `meshctl lab exec h2/web -- curl -s http://api/v1/items`.
@@ -121,7 +133,18 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Local commands: no cluster needed.
     match &cli.command {
-        Cmd::Lab(LabCmd::Up { hosts, managers, spec, dir }) => return lab::up(*hosts, *managers, spec, dir),
+        Cmd::Lab(LabCmd::Up { hosts, managers, spec, dir, bare, prefix, subnet, meshd }) => {
+            return lab::up(&lab::UpOptions {
+                hosts: *hosts,
+                managers: *managers,
+                spec: spec.clone(),
+                dir: dir.clone(),
+                prefix: prefix.clone(),
+                subnet: *subnet,
+                meshd: *meshd,
+                bare: *bare,
+            });
+        }
         Cmd::Lab(LabCmd::Exec { target, command, dir }) => {
             std::process::exit(lab::exec(dir, target, command)?)
         }
