@@ -39,7 +39,8 @@ impl ManagerProcess {
         let status = Command::new(binary)
             .args(["init", "--state-dir"])
             .arg(&state)
-            .args(["--listen", &listen, "--advertise", &listen])
+            .args(["--listen", &listen, "--advertise", &listen, "--admin-dir"])
+            .arg(state.join("admin"))
             .stdout(Stdio::null())
             .status()
             .with_context(|| {

@@ -112,7 +112,9 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     let mut m =
         Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
     let init = Command::new(bin_dir().join("mesh-control"))
-        .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--state-dir"])
+        .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--admin-dir"])
+        .arg(m.state().join("admin"))
+        .arg("--state-dir")
         .arg(m.state())
         .output()
         .unwrap();

@@ -16,6 +16,8 @@ fn init_refuses_to_advertise_loopback_and_the_printed_join_command_works_as_past
             .arg(bin_dir().join("mesh-control"))
             .args(["init", "--state-dir"])
             .arg(&dir)
+            .arg("--admin-dir")
+            .arg(dir.with_extension("admin"))
             .args(extra)
             .output()
             .unwrap()

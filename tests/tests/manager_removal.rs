@@ -44,7 +44,7 @@ fn a_removed_manager_leaves_the_raft_group_stops_and_learns_nothing_after() {
     lab.meshctl(&["node", "rm", &follower_id, "--force"]);
 
     // It stops at once, saying why.
-    let log = lab.work.path().join(format!("control-{follower}.log"));
+    let log = lab.log(meshctl::lab::Program::Manager, follower);
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -68,7 +68,7 @@ fn a_removed_manager_leaves_the_raft_group_stops_and_learns_nothing_after() {
     assert!(removed.get("manager_status").is_none(), "{removed}");
 
     // No manager list names it any more: the admin bundle's, refreshed by the calls above.
-    let bundle = std::fs::read_to_string(lab.manager_dir(1).join("admin/control")).unwrap();
+    let bundle = std::fs::read_to_string(lab.admin_dir().join("control")).unwrap();
     assert!(!bundle.contains(&lab.addr(follower)), "{bundle}");
 
     // Its own state stopped at its removal: none of the new secrets reached it.

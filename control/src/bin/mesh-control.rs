@@ -37,8 +37,9 @@ enum Cmd {
         /// restarted manager serves nothing but `meshctl unlock` until given it.
         #[arg(long)]
         autolock: bool,
-        /// Where to write the admin bundle for meshctl (made 0700; default: STATE_DIR/admin). Keep
-        /// it off the manager's disk: it is the cluster's admin credential.
+        /// Where to write the admin bundle for meshctl (made 0700) [default: ~/.config/mesh/admin].
+        /// It is the cluster's admin credential: keep it off the managers' disks (the default is
+        /// outside the state directory; move it to the admin's machine).
         #[arg(long)]
         admin_dir: Option<PathBuf>,
         /// After creating the cluster, serve it (as `run` would).
@@ -199,7 +200,19 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Init { place, cert_expiry, autolock, admin_dir, run, serve: args } => {
             let (state_dir, config) = place.config(&[])?;
             let lifetime = cert_expiry.map_or(config::DEFAULT_CERT_LIFETIME, Into::into);
-            let admin_dir = admin_dir.unwrap_or_else(|| statedir::ManagerDir::new(&state_dir).admin());
+            let admin_dir = match admin_dir {
+                Some(dir) => dir,
+                None => {
+                    let home = std::env::var_os("HOME")
+                        .context("no HOME to put the admin bundle in: give --admin-dir")?;
+                    PathBuf::from(home).join(".config/mesh/admin")
+                }
+            };
+            anyhow::ensure!(
+                !admin_dir.join("admin.key").exists(),
+                "{} already holds an admin bundle (of another cluster?): give --admin-dir",
+                admin_dir.display()
+            );
             let created =
                 statedir::init_with_admin_dir(&state_dir, config, lifetime, autolock, &admin_dir).await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());

@@ -104,9 +104,12 @@ impl Lab {
     pub fn init_cluster(&mut self) -> Result<String, LabError> {
         let t = self.topology();
         let dir = t.manager_dir(1).to_string_lossy().into_owned();
+        let admin = t.admin_dir().to_string_lossy().into_owned();
         let (control, host) = (t.control(1), t.host(1));
         run(self.in_host(1, "mesh-control").args([
             "init",
+            "--admin-dir",
+            &admin,
             "--state-dir",
             &dir,
             "--listen",

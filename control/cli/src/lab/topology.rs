@@ -147,9 +147,10 @@ impl Topology {
         if i == 1 { self.dir.join("control") } else { self.dir.join(format!("control-h{i}")) }
     }
 
-    /// The admin bundle (`MESHCTL_ADMIN`), made by the first manager.
+    /// The admin bundle (`MESHCTL_ADMIN`), made by the first manager's init (outside any
+    /// manager's state directory, as on real hosts).
     pub fn admin_dir(&self) -> PathBuf {
-        self.manager_dir(1).join("admin")
+        self.dir.join("admin")
     }
 
     /// The state directory of host `i`'s meshd.
