@@ -28,7 +28,7 @@ use tracing::warn;
 use crate::auth::{self, Caller};
 use crate::ca::{ClusterCa, Subject};
 use crate::config::ManagerOptions;
-use crate::planning::plans::{self, Liveness, PlanError};
+use crate::plans::{self, Liveness, PlanError};
 use crate::raft::network::Peers;
 use crate::raft::seal::DataKey;
 use crate::raft::store::{Store, StoreError};

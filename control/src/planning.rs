@@ -1,8 +1,7 @@
-//! Planning changes: pure functions that read the state and return the commands that make a
-//! change ([`plans`]), with placement ([`placement`]), address management ([`ipam`]) and the
-//! network key rings ([`keys`]). Nothing here applies anything.
+//! The building blocks that plans use and the state stores: placement constraints and choice
+//! ([`placement`]), address management ([`ipam`]) and the network key rings ([`keys`]). Pure: no
+//! state, no I/O.
 
 pub mod ipam;
 pub mod keys;
 pub mod placement;
-pub mod plans;

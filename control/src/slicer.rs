@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_membership_left_alone_by_a_change_is_the_same_shared_one() {
-        use crate::planning::plans::{self, Liveness, ServiceSpec};
+        use crate::plans::{self, Liveness, ServiceSpec};
         let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
         let a = node("a");
         state.apply(Command::AddNode(a.clone())).unwrap();

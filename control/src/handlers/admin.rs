@@ -11,7 +11,7 @@ use crate::auth;
 use crate::ca::Subject;
 use crate::config;
 use crate::manager::Manager;
-use crate::planning::plans::{self, ServiceSpec};
+use crate::plans::{self, ServiceSpec};
 use crate::raft::seal::UnlockKey;
 use crate::raft::store::Leadership;
 use crate::state::{

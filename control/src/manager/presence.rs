@@ -9,7 +9,7 @@ use mesh_api::ids::NodeId;
 use tokio_util::sync::CancellationToken;
 
 use super::Manager;
-use crate::planning::plans::Liveness;
+use crate::plans::Liveness;
 use crate::state::NodeState;
 
 /// Open sessions of a node, and since when it has had none.
