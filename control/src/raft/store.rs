@@ -272,8 +272,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct Shared {
     state: RwLock<ClusterState>,
     revision: watch::Sender<u64>,
-    /// The file, for re-sealing it under a new data key.
-    disk: Disk,
+    /// The file, for re-sealing it under a new data key: weakly, so that the file closes once
+    /// raft (which owns the storage) shuts down, whoever still holds a handle of the store.
+    disk: WeakDisk,
+}
+
+/// A [`Disk`] that does not keep the file open.
+struct WeakDisk {
+    db: std::sync::Weak<Database>,
+    key: Arc<RwLock<DataKey>>,
 }
 
 /// A snapshot as stored: its metadata and the state it captures.
@@ -301,7 +308,8 @@ impl StateMachine {
             None => (initial, None, StoredMembership::default()),
         };
         let (revision, _) = watch::channel(state.revision);
-        let shared = Arc::new(Shared { state: RwLock::new(state), revision, disk: disk.clone() });
+        let weak = WeakDisk { db: Arc::downgrade(&disk.db), key: disk.key.clone() };
+        let shared = Arc::new(Shared { state: RwLock::new(state), revision, disk: weak });
         Ok(StateMachine { disk, shared, applied, membership })
     }
 
@@ -501,7 +509,10 @@ impl Store {
 
     /// Seals the whole store again under `fresh` (see [`Disk::rekey`]).
     pub fn rekey(&self, fresh: DataKey) -> Result<(), StoreError> {
-        self.shared.disk.rekey(fresh).map_err(|e| StoreError::Raft(e.to_string()))
+        let weak = &self.shared.disk;
+        let db = weak.db.upgrade().ok_or_else(|| StoreError::Raft("the store is shut down".into()))?;
+        let disk = Disk { db, key: weak.key.clone() };
+        disk.rekey(fresh).map_err(|e| StoreError::Raft(e.to_string()))
     }
 
     /// Waits until this manager leads (a single manager elects itself within a second).
