@@ -279,6 +279,9 @@ pub struct JoinedManager {
     pub node_id: NodeId,
     pub raft_id: u64,
     pub cluster_id: ClusterId,
+    /// The cluster is autolocked: the data key is not on disk yet (see [`open_joined`]).
+    pub autolock: bool,
+    pub data_key: DataKey,
 }
 
 /// Joins the cluster at `managers` as a manager with the manager `token`: a manager certificate
@@ -300,12 +303,23 @@ pub async fn join(
     files::create_private_dir(root)?;
     files::write_atomic(&dir.ca_cert(), joined.ca_pem.as_bytes(), PUBLIC)?;
     dir.write_manager_identity(&joined.identity)?;
-    DataKey::generate().save(&dir.data_key(), None)?;
+    // Into an autolocked cluster no key is written in the clear: this one stays in memory until
+    // the manager learns the unlock key from the log and writes it wrapped.
+    let data_key = DataKey::generate();
+    if !joined.autolock {
+        data_key.save(&dir.data_key(), None)?;
+    }
     config.raft_id = u64::from(joined.node_index);
     config.join = managers.to_vec();
     files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
     let cluster_id = cluster_of(&dir, &joined.ca_pem)?;
-    Ok(JoinedManager { node_id: joined.id, raft_id: config.raft_id, cluster_id })
+    Ok(JoinedManager {
+        node_id: joined.id,
+        raft_id: config.raft_id,
+        cluster_id,
+        autolock: joined.autolock,
+        data_key,
+    })
 }
 
 fn cluster_of(dir: &ManagerDir, ca_pem: &str) -> Result<ClusterId, ClusterError> {
@@ -343,9 +357,23 @@ pub fn read_config(root: &Path) -> Result<ManagerConfig, ClusterError> {
         .map_err(|e| ClusterError::Corrupt { path, error: e.to_string() })
 }
 
+/// Opens a manager that just joined an autolocked cluster, with the data key [`join`] kept in
+/// memory.
+pub async fn open_joined(root: &Path, joined: &JoinedManager) -> Result<Opened, ClusterError> {
+    open_inner(root, None, Some(joined.data_key.clone())).await
+}
+
 /// Opens the manager in `root`; a locked one needs `unlock`. Does not wait for a leader: with
 /// several managers an election needs the others up too.
 pub async fn open(root: &Path, unlock: Option<&UnlockKey>) -> Result<Opened, ClusterError> {
+    open_inner(root, unlock, None).await
+}
+
+async fn open_inner(
+    root: &Path,
+    unlock: Option<&UnlockKey>,
+    known: Option<DataKey>,
+) -> Result<Opened, ClusterError> {
     let dir = ManagerDir::new(root);
     let config = read_config(root)?;
     let ca_pem = files::read_string(&dir.ca_cert())?;
@@ -355,13 +383,28 @@ pub async fn open(root: &Path, unlock: Option<&UnlockKey>) -> Result<Opened, Clu
     // The data key file, or (after a crash in the middle of putting a fresh data key in place)
     // the one beside it that the store was sealed under.
     let (key_path, next) = (dir.data_key(), dir.data_key_next());
+    if known.is_none() && !key_path.exists() && !next.exists() {
+        return Err(ClusterError::Corrupt {
+            path: key_path,
+            error: "no data key: this manager joined an autolocked cluster and stopped before it \
+                    learned the unlock key, so its store cannot be opened; remove the state directory \
+                    and join again"
+                .into(),
+        });
+    }
     let mut candidates = vec![key_path.clone()];
     if next.exists() {
         candidates.push(next.clone());
     }
+    if known.is_some() {
+        candidates = vec![PathBuf::new()];
+    }
     let mut failure = None;
     for path in candidates {
-        let data_key = KeyFile::read(&path)?.open(&path, unlock)?;
+        let data_key = match &known {
+            Some(key) => key.clone(),
+            None => KeyFile::read(&path)?.open(&path, unlock)?,
+        };
         // The state comes from the store's snapshot and log; this is only the empty shape.
         let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
         let opened = Store::open(

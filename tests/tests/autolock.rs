@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use control::raft::seal::{SealError, UnlockKey};
+use control::raft::seal::{KeyFile, SealError, UnlockKey};
 use mesh_api::proto::pb;
 use mesh_api::tokens::Role;
 use mesh_tests::TestCluster;
@@ -246,4 +246,68 @@ async fn raft_messages_need_a_manager_certificate() {
     // Still the leader, in the same term.
     assert!(cluster.manager.store().leadership().leading);
     assert_eq!(cluster.manager.store().raft().metrics().borrow().current_term, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manager_joining_an_autolocked_cluster_never_writes_its_data_key_in_the_clear() {
+    let port = free_port();
+    let mut m =
+        Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
+    let init = Command::new(bin_dir().join("mesh-control"))
+        .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--admin-dir"])
+        .arg(m.state().join("admin"))
+        .arg("--state-dir")
+        .arg(m.state())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let key = key_in(&String::from_utf8_lossy(&init.stdout));
+    m.start();
+    assert!(m.meshctl(&["unlock"], &format!("{key}\n")).status.success());
+    let token = m.ok(&["join-token", "manager", "-q"]).trim().to_owned();
+
+    let second = tempfile::tempdir().unwrap();
+    let state = second.path().join("m");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(second.path().join("log")).unwrap();
+    let mut child = Command::new(bin_dir().join("mesh-control"))
+        .args([
+            "join",
+            "--control",
+            &m.listen,
+            "--token",
+            &token,
+            "--listen",
+            &listen,
+            "--advertise",
+            &listen,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Watched all along: the data key file, whenever it exists, is wrapped by the unlock key.
+    let path = state.join("data.key");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut wrapped = false;
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            assert!(text.starts_with("MESHLOCK1 "), "the joining manager wrote its data key in the clear");
+            wrapped = KeyFile::read(&path).unwrap().open(&path, Some(&key.parse().unwrap())).is_ok();
+            if wrapped {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(second.path().join("log")).unwrap_or_default();
+    assert!(wrapped, "no wrapped data key file appeared:\n{log}");
+    // Stopped, it is locked like any autolocked manager, and its state opens with the key.
+    let state_now =
+        read_state(&state, Some(&key)).await.expect("the joined manager's state opens with the key");
+    assert!(state_now.unlock_key.is_some());
+    assert!(read_state(&state, None).await.is_err());
 }

@@ -44,6 +44,8 @@ pub struct Joined {
     pub identity: Identity,
     /// Every manager's control address.
     pub managers: Vec<String>,
+    /// For a manager: the cluster is autolocked.
+    pub autolock: bool,
 }
 
 /// A fresh P-256 key pair and a CSR for it. The CSR's subject is left empty: control assigns it.
@@ -122,6 +124,7 @@ pub async fn join(
         ca_pem,
         identity: Identity { cert_pem: response.cert_pem, key_pem: key.serialize_pem() },
         managers: if leader.managers.is_empty() { managers.to_vec() } else { leader.managers },
+        autolock: response.autolock,
     })
 }
 

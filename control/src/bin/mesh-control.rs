@@ -241,7 +241,7 @@ async fn run() -> anyhow::Result<()> {
                 println!("A restarted manager serves nothing until given it: meshctl unlock");
             }
             if run {
-                serve(state_dir, args.options()?, args.metrics, created.unlock_key).await?;
+                serve(state_dir, args.options()?, args.metrics, created.unlock_key, None).await?;
             }
         }
         Cmd::Join { token, control, place, serve: args } => {
@@ -255,9 +255,11 @@ async fn run() -> anyhow::Result<()> {
                 joined.raft_id,
                 state_dir.display()
             );
-            serve(state_dir, options, args.metrics, None).await?;
+            serve(state_dir, options, args.metrics, None, joined.autolock.then_some(&joined)).await?;
         }
-        Cmd::Run { state_dir, serve: args } => serve(state_dir, args.options()?, args.metrics, None).await?,
+        Cmd::Run { state_dir, serve: args } => {
+            serve(state_dir, args.options()?, args.metrics, None, None).await?
+        }
     }
     Ok(())
 }
@@ -269,6 +271,7 @@ async fn serve(
     options: ManagerOptions,
     metrics: Option<MetricsAddr>,
     known: Option<UnlockKey>,
+    joined: Option<&statedir::JoinedManager>,
 ) -> anyhow::Result<()> {
     let listen = statedir::read_config(&state_dir)?.listen;
     let bind = || async {
@@ -276,7 +279,7 @@ async fn serve(
     };
     let unlock = if known.is_some() {
         known
-    } else if statedir::is_locked(&state_dir)? {
+    } else if joined.is_none() && statedir::is_locked(&state_dir)? {
         warn!(%listen, "this manager is locked (autolock): serving nothing but `meshctl unlock`");
         let key = tokio::select! {
             key = serve::serve_locked(&state_dir, bind().await?) => key?,
@@ -287,7 +290,10 @@ async fn serve(
     } else {
         None
     };
-    let opened = statedir::open(&state_dir, unlock.as_ref()).await?;
+    let opened = match joined {
+        Some(joined) => statedir::open_joined(&state_dir, joined).await?,
+        None => statedir::open(&state_dir, unlock.as_ref()).await?,
+    };
     let config = opened.config.clone();
     let (cluster_id, lifetime, nodes) =
         opened.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime(), s.nodes.len()));

@@ -96,6 +96,8 @@ impl pb::identity_server::Identity for IdentityApi {
             cert_pem,
             ca_pem: manager.ca_cert.pem.clone(),
             node_index,
+            autolock: role == mesh_api::tokens::Role::Manager
+                && manager.store.read(|s| s.unlock_key.is_some()),
         }))
     }
 
