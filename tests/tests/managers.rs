@@ -202,7 +202,7 @@ fn a_manager_cut_off_cannot_commit_and_all_three_restarted_keep_the_state() {
     let alone = lab.work.path().join("alone");
     std::fs::create_dir_all(&alone).unwrap();
     for f in ["ca.crt", "admin.crt", "admin.key"] {
-        std::fs::copy(lab.manager_dir(1).join("admin").join(f), alone.join(f)).unwrap();
+        std::fs::copy(lab.admin_dir().join(f), alone.join(f)).unwrap();
     }
     std::fs::write(alone.join("control"), format!("{}:7400\n", lab.addr(cut))).unwrap();
     let alone_admin = |args: &[&str]| {
