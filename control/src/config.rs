@@ -4,6 +4,8 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+pub use mesh_api::accept::Quota;
+
 /// The port the control API (and raft between managers) listens on unless told otherwise.
 pub const DEFAULT_CONTROL_PORT: u16 = mesh_api::client::DEFAULT_CONTROL_PORT;
 /// Where the control API listens unless told otherwise.
@@ -96,13 +98,6 @@ pub const MAX_ANONYMOUS_MESSAGE: usize = 16 << 10;
 pub const MAX_MESSAGE: usize = 4 << 20;
 /// The largest HTTP/2 header block accepted.
 pub const MAX_HEADER_LIST: u32 = 16 << 10;
-
-/// How many connections one quota admits, in all and from one source address.
-#[derive(Clone, Copy, Debug)]
-pub struct Quota {
-    pub total: usize,
-    pub per_source: usize,
-}
 
 /// The control port's limits, so that nobody can exhaust a manager's memory or file descriptors
 /// before proving who they are ([`CONNECTION_LIMITS`]).

@@ -262,8 +262,18 @@ pub async fn serve(udp: UdpSocket, tcp: TcpListener, zone: Arc<ArcSwap<Zone>>, u
     let tcp_upstream = upstream.clone();
     // The TCP side stops with the server.
     let _tcp = AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut backoff = mesh_api::accept::AcceptBackoff::default();
         loop {
-            let Ok((mut conn, _)) = tcp.accept().await else { continue };
+            let mut conn = match tcp.accept().await {
+                Ok((conn, _)) => {
+                    backoff.reset();
+                    conn
+                }
+                Err(e) => {
+                    backoff.wait("DNS over TCP", &e).await;
+                    continue;
+                }
+            };
             let zone = tcp_zone.clone();
             let upstream = tcp_upstream.clone();
             tokio::spawn(async move {

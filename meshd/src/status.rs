@@ -208,8 +208,19 @@ pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>, renew_now: Rene
     let path = socket_path(state_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    let mut backoff = mesh_api::accept::AcceptBackoff::default();
     loop {
-        let (conn, _) = listener.accept().await?;
+        // An accept error (out of file descriptors, say) is waited out, never the end of meshd.
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => {
+                backoff.reset();
+                conn
+            }
+            Err(e) => {
+                backoff.wait("the status socket", &e).await;
+                continue;
+            }
+        };
         let (status, renew_now) = (status.clone(), renew_now.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(ANSWER_TIMEOUT, answer(conn, &status, &renew_now)).await {

@@ -498,3 +498,41 @@ fn identities_and_decisions_are_checked_again_on_open_connections() {
         "the tunnel outlived its node's removal by {cut_after:?}"
     );
 }
+
+#[test]
+fn a_flood_of_silent_connections_on_the_mesh_port_stays_bounded_and_the_mesh_keeps_working() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let lab = &s.lab;
+    let pid = lab.meshd_pid(3);
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let before = fds();
+    let mesh_port: std::net::SocketAddr = format!("{}:4800", lab.addr(3)).parse().unwrap();
+    // From host 1 (no workload of its own there): far more connections than one address may have
+    // in their handshake, none ever starting it.
+    let held = in_namespace(&lab.host(1), || {
+        let mut held = Vec::new();
+        for _ in 0..1500 {
+            if let Ok(tcp) = std::net::TcpStream::connect_timeout(&mesh_port, Duration::from_millis(500)) {
+                held.push(tcp);
+            }
+        }
+        held
+    });
+    assert!(held.len() >= 1000, "only {} connections were made", held.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during <= before + 256 + 32,
+        "meshd holds {during} descriptors (from {before}) for silent connections"
+    );
+    // Meanwhile web on host 2 goes on calling api through the mesh.
+    for _ in 0..5 {
+        assert_eq!(
+            curl(&s, false, "GET", "/v1/items/7", &[]).0,
+            200,
+            "the mesh stopped working during the flood"
+        );
+    }
+    drop(held);
+}

@@ -7,6 +7,7 @@
 //! manager's.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod bundle;
 pub mod client;
 pub mod files;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tracing::{info, warn};
+use tracing::info;
 
 /// Where to serve metrics: an address, or nowhere.
 #[derive(Clone, Copy, Debug)]
@@ -26,11 +26,15 @@ pub fn parse_addr(text: &str) -> Result<MetricsAddr, String> {
 pub async fn serve(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(%address, "metrics at http://{address}/metrics");
+    let mut backoff = crate::accept::AcceptBackoff::default();
     loop {
         let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
+            Ok(s) => {
+                backoff.reset();
+                s
+            }
             Err(e) => {
-                warn!(error = %e, "accepting a metrics connection failed");
+                backoff.wait("metrics", &e).await;
                 continue;
             }
         };

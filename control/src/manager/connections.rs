@@ -2,15 +2,12 @@
 //! connection registered under the node it authenticated as, so that removing a node (or losing
 //! the lead) cuts its connections at once.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_api::ids::NodeId;
 use mesh_api::pki::CertInfo;
@@ -24,10 +21,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::server::Connected;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::Manager;
-use crate::config::{Limits, Quota};
+use crate::config::Limits;
+use mesh_api::accept::{AcceptBackoff, Admission, Permit, refused};
 
 impl Manager {
     /// Cuts every open connection of `node`.
@@ -67,72 +65,6 @@ impl Manager {
     }
 }
 
-/// Counts what a [`Quota`] admitted; a [`Permit`] gives its place back when dropped.
-#[derive(Debug)]
-struct Admission {
-    quota: Quota,
-    used: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-impl Admission {
-    fn new(quota: Quota) -> Arc<Admission> {
-        Arc::new(Admission { quota, used: Mutex::new((0, HashMap::new())) })
-    }
-
-    /// A place for a connection from `source`, if the quota has one.
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Permit> {
-        let mut used = self.used.lock().expect("lock");
-        let (total, by_source) = &mut *used;
-        let mine = by_source.entry(source).or_default();
-        if *total >= self.quota.total || *mine >= self.quota.per_source {
-            if *mine == 0 {
-                by_source.remove(&source);
-            }
-            return None;
-        }
-        *total += 1;
-        *mine += 1;
-        Some(Permit { admission: self.clone(), source })
-    }
-}
-
-/// One admitted connection.
-#[derive(Debug)]
-struct Permit {
-    admission: Arc<Admission>,
-    source: IpAddr,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut used = self.admission.used.lock().expect("lock");
-        let (total, by_source) = &mut *used;
-        *total -= 1;
-        if let Some(mine) = by_source.get_mut(&self.source) {
-            *mine -= 1;
-            if *mine == 0 {
-                by_source.remove(&self.source);
-            }
-        }
-    }
-}
-
-/// Refusals of connections over a limit, logged at most once per interval.
-static REFUSED: AtomicU64 = AtomicU64::new(0);
-static LAST_REFUSAL_LOG: Mutex<Option<Instant>> = Mutex::new(None);
-
-fn refused(what: &str, peer: SocketAddr) {
-    let count = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
-    let mut last = LAST_REFUSAL_LOG.lock().expect("lock");
-    if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-        *last = Some(Instant::now());
-        warn!(%peer, refused = count, "refusing a connection: {what} (logged once per {LOG_EVERY:?})");
-    }
-}
-
-/// How often a flood of refusals is logged.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
 /// Accepts TLS connections on `listener` (configuration from `tls` at each handshake) within
 /// `limits`, registers each with `track` so it can be cut, and hands them to the gRPC server.
 /// Accept errors (out of file descriptors, say) are waited out, never the end of the loop.
@@ -148,17 +80,15 @@ pub(crate) fn accept_tls(
     let anonymous = Admission::new(limits.anonymous);
     let authenticated = Admission::new(limits.authenticated);
     let task = tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = AcceptBackoff::default();
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(conn) => {
-                    backoff = Duration::from_millis(10);
+                    backoff.reset();
                     conn
                 }
                 Err(e) => {
-                    warn!(error = %e, "accept failed; waiting {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff.wait("the control port", &e).await;
                     continue;
                 }
             };

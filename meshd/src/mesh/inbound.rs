@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api::accept::{AcceptBackoff, Admission, Permit, Quota, refused};
 use mesh_api::model::Protocol;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -66,24 +67,43 @@ const REFUSED_LINGER: time::Duration = time::Duration::seconds(10);
 
 /// Serves the mesh port until dropped.
 pub async fn serve(mesh: Arc<Mesh>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let handshaking = Admission::new(HANDSHAKING);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff.reset();
+                c
+            }
             Err(e) => {
-                warn!(error = %e, "accepting on the mesh port failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.wait("the mesh port", &e).await;
                 continue;
             }
         };
+        // Before a certificate is seen, what one address (and everyone) may hold is bounded.
+        let Some(permit) = handshaking.admit(remote.ip()) else {
+            refused("too many TLS handshakes in progress on the mesh port", remote);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let span = info_span!("mesh_connection", %remote, peer = Empty, service = Empty);
-        tokio::spawn(connection(mesh.clone(), tcp, remote, acceptor.clone()).instrument(span));
+        tokio::spawn(connection(mesh.clone(), tcp, remote, acceptor.clone(), permit).instrument(span));
     }
 }
 
+/// Mesh port connections still in their TLS handshake: in all, and from one address (a node's
+/// meshd opens one connection per calling workload).
+const HANDSHAKING: Quota = Quota { total: 1024, per_source: 256 };
+
 /// One connection from another node's meshd, carrying streams from one caller. Runs in the
 /// connection's span, which names the caller once its certificate is read.
-async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketAddr, acceptor: TlsAcceptor) {
+async fn connection(
+    mesh: Arc<Mesh>,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    handshaking: Permit,
+) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -95,6 +115,7 @@ async fn connection(mesh: Arc<Mesh>, tcp: tokio::net::TcpStream, remote: SocketA
             return;
         }
     };
+    drop(handshaking);
     // A certificate that chains to the CA but is not a workload's still gets an answer saying why.
     let peer: Arc<Result<Peer, PeerError>> = Arc::new(Peer::from_certificate(
         tls.get_ref().1.peer_certificates().and_then(|c| c.first()),

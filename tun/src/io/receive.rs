@@ -17,6 +17,21 @@ use crate::filter::{Admission, Flow, Incoming};
 
 /// Room before each inner packet handed to a tun device: its virtio-net header goes there.
 const TUN_HEADROOM: usize = 16;
+/// Room every buffer of a packet bound for a device has: tun-rs's GRO table merges the segments
+/// of one TCP flow into the first one's buffer only when it has room for them, so a buffer the
+/// size of one packet would leave every segment its own write to the device (and the receiving
+/// TCP acking every second segment across the overlay).
+const COALESCED: usize = TUN_HEADROOM + 65535;
+
+/// A buffer for one packet bound for a device, recycled from `spare` when one is there, always
+/// with room for the segments that GRO may merge into it.
+fn packet_buffer(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
+    let mut b = spare.pop().unwrap_or_default();
+    b.clear();
+    b.reserve(COALESCED);
+    b.resize(TUN_HEADROOM, 0);
+    b
+}
 
 /// What the receive path holds: it alone owns the replay windows and the filter's state.
 pub(super) struct Receiver<V> {
@@ -92,9 +107,7 @@ impl<V: Admission> Receiver<V> {
                         debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
                     }
                     Ok(d) => {
-                        let mut b = spare.pop().unwrap_or_default();
-                        b.clear();
-                        b.resize(TUN_HEADROOM, 0);
+                        let mut b = packet_buffer(&mut spare);
                         b.extend_from_slice(&datagram[d.range]);
                         pending.entry((d.network, d.destination)).or_default().push(b);
                     }
@@ -113,6 +126,25 @@ impl<V: Admission> Receiver<V> {
                 }
                 spare.append(&mut packets);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_bound_for_a_device_have_room_for_coalesced_segments() {
+        let mut spare = vec![Vec::with_capacity(1500), Vec::new()];
+        for _ in 0..3 {
+            let b = packet_buffer(&mut spare);
+            assert_eq!(b.len(), TUN_HEADROOM, "headroom only");
+            assert!(
+                b.capacity() >= COALESCED,
+                "a buffer of {} bytes cannot take merged segments",
+                b.capacity()
+            );
         }
     }
 }

@@ -167,7 +167,7 @@ mod tests {
         for want in [
             "LAB_DIR='/tmp/it'\\''s'\n",
             "LAB_CONTROL='10.98.0.11:7400'\n",
-            "export MESHCTL_ADMIN='/tmp/it'\\''s/control/admin'\n",
+            "export MESHCTL_ADMIN='/tmp/it'\\''s/admin'\n",
             "LAB_HOST=([1]='bn42-h1' [2]='bn42-h2' [3]='bn42-h3')\n",
             "LAB_ADDR=([1]='10.98.0.11' [2]='10.98.0.12' [3]='10.98.0.13')\n",
             "LAB_NODE_DIR=([2]='/tmp/it'\\''s/h2' [3]='/tmp/it'\\''s/h3')\n",

@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(t.workload(3, "api", 1), "t123abc-h3-api-1");
         assert_eq!(t.manager_dir(1), Path::new("/tmp/lab/control"));
         assert_eq!(t.manager_dir(2), Path::new("/tmp/lab/control-h2"));
-        assert_eq!(t.admin_dir(), Path::new("/tmp/lab/control/admin"));
+        assert_eq!(t.admin_dir(), Path::new("/tmp/lab/admin"));
         assert_eq!(t.node_dir(2), Path::new("/tmp/lab/h2"));
     }
 
