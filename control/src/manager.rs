@@ -258,11 +258,9 @@ impl Manager {
     {
         let _writer = self.writer.lock().await;
         let live = self.liveness();
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let commands = self.store.read(|state| {
-            let commands = plan(state, &live)?;
-            plans::with_rotations(state, commands, now)
-        })?;
+        // No rekey when a node leaves a network: its pair keys leave every other node's slice
+        // with it (see `planning::keys`).
+        let commands = self.store.read(|state| plan(state, &live))?;
         if !commands.is_empty() {
             self.store.apply_all(commands).await?;
         }

@@ -284,34 +284,6 @@ pub fn reconcile(state: &ClusterState, live: &Liveness) -> Vec<Command> {
     commands
 }
 
-/// Appends a rekey for every encrypted network that some node stops being on once `commands`
-/// are applied: a node that leaves a network must not be able to read what follows, so both
-/// keys it knew (current and next) are replaced ([`KeyRing::rekeyed`]).
-pub fn with_rotations(
-    state: &ClusterState,
-    mut commands: Vec<Command>,
-    now: i64,
-) -> Result<Vec<Command>, PlanError> {
-    let next = after(state, &commands)?;
-    for network in next.networks.values() {
-        let Some(ring) = &network.keys else { continue };
-        if !state.networks.contains_key(&network.name) {
-            continue;
-        }
-        let before = state.nodes_on_network(&network.name);
-        let remaining = next.nodes_on_network(&network.name);
-        let removed_nodes = next.nodes.values().filter(|n| n.state == NodeState::Removed).map(|n| &n.id);
-        let left = before.iter().any(|n| !remaining.contains(n))
-            || removed_nodes
-                .into_iter()
-                .any(|n| before.contains(n) && state.nodes[n].state != NodeState::Removed);
-        if left {
-            commands.push(Command::SetKeyRing { network: network.name.clone(), ring: ring.rekeyed(now) });
-        }
-    }
-    Ok(commands)
-}
-
 /// The state once `commands` are applied.
 fn after(state: &ClusterState, commands: &[Command]) -> Result<ClusterState, PlanError> {
     let mut next = state.clone();
@@ -396,7 +368,14 @@ fn place(
             held.insert(a);
             addresses.insert(n.clone(), a);
         }
-        kept.insert(slot, Endpoint { slot, node, addresses });
+        // Keys of the epochs before this one protect nothing the new endpoint's node had a part
+        // in: it is never sent them.
+        let since = service
+            .networks
+            .iter()
+            .filter_map(|n| Some((n.clone(), state.networks[n].keys.as_ref()?.current.epoch)))
+            .collect();
+        kept.insert(slot, Endpoint { slot, node, addresses, since });
     }
     service.endpoints = kept;
     Ok(service)

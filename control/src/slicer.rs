@@ -8,13 +8,15 @@
 //! what changed since the session's previous message (see [`NodeSlice::to_wire`]); a session's
 //! first message is whole, so after any reconnect the node converges to the current slice at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use mesh_api::ids::NodeId;
+use mesh_api::keys::{KeyUse, NetworkKey, PairKey};
 use mesh_api::pki::MAX_WORKLOAD_CERT_LIFETIME;
 use mesh_api::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, ServiceRecord, SliceNetwork};
 
+use crate::planning::keys::PairKeys;
 use crate::state::ClusterState;
 
 /// The policy in force, parsed once per version.
@@ -83,6 +85,7 @@ fn membership(state: &ClusterState, name: &str) -> Membership {
                 node: e.node.clone(),
                 underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
                 node_index: state.nodes.get(&e.node).map_or(0, |n| n.index),
+                boot: state.nodes.get(&e.node).map_or(0, |n| n.boot),
             })
         })
         .collect();
@@ -112,6 +115,55 @@ fn membership(state: &ClusterState, name: &str) -> Membership {
 pub const REMOVED_NODES_KEPT: std::time::Duration =
     MAX_WORKLOAD_CERT_LIFETIME.saturating_add(std::time::Duration::from_secs(600));
 
+/// The slice this session sent last and the node's boot number then: pair keys that cannot have
+/// changed since are taken from it rather than derived again.
+pub type Earlier<'a> = Option<(&'a NodeSlice, u16)>;
+
+/// The keys of `me`'s pairs with every other active node among `peers`, for each epoch of `ring`
+/// from `since` on, in (peer, epoch) order (see [`crate::planning::keys`]). A key `earlier` holds
+/// for the same network, epoch, peer boot and own boot is reused: a rotation derives one key per
+/// peer, a restart one per epoch.
+fn pair_keys(
+    state: &ClusterState,
+    network: &crate::state::Network,
+    peers: &[Peer],
+    me: (u32, u16),
+    since: u32,
+    earlier: Earlier<'_>,
+) -> (Vec<(KeyUse, u32)>, Vec<PairKey>) {
+    let Some(ring) = &network.keys else { return (Vec::new(), Vec::new()) };
+    let epochs: Vec<(KeyUse, &NetworkKey)> = ring.keys().filter(|(_, k)| k.epoch >= since).collect();
+    let derivers: Vec<PairKeys> = epochs.iter().map(|(_, k)| PairKeys::new(network.id, k)).collect();
+    let before = earlier.and_then(|(slice, boot)| {
+        let n = slice.networks.iter().find(|n| n.id == network.id && n.name == network.name)?;
+        (boot == me.1).then_some(n)
+    });
+    let boots_before: HashMap<u32, u16> =
+        before.map(|n| n.peers.iter().map(|p| (p.node_index, p.boot)).collect()).unwrap_or_default();
+    let mut others: Vec<(u32, u16)> = peers
+        .iter()
+        .filter(|p| p.node_index != me.0 && state.active_node(&p.node).is_ok())
+        .map(|p| (p.node_index, p.boot))
+        .collect();
+    others.sort_unstable();
+    others.dedup();
+    let mut keys = Vec::with_capacity(others.len() * derivers.len());
+    for (peer, boot) in others {
+        let same_peer = boots_before.get(&peer) == Some(&boot);
+        for d in &derivers {
+            let epoch = d.epoch();
+            let key = same_peer
+                .then(|| before.and_then(|n| n.pair_key(peer, epoch)).map(|k| k.key))
+                .flatten()
+                .unwrap_or_else(|| d.derive(me, (peer, boot)));
+            keys.push(PairKey { peer, epoch, key });
+        }
+    }
+    // `ring.keys()` is newest first; keys go in (peer, epoch) order.
+    keys.sort_unstable_by_key(|k| (k.peer, k.epoch));
+    (epochs.iter().map(|(u, k)| (*u, k.epoch)).collect(), keys)
+}
+
 /// The slice of `state` that `node` may know, at `now` (Unix seconds).
 pub fn slice_for(
     state: &ClusterState,
@@ -120,10 +172,28 @@ pub fn slice_for(
     memberships: &Memberships,
     now: i64,
 ) -> NodeSlice {
+    slice_after(state, node, policies, memberships, now, None)
+}
+
+/// [`slice_for`], reusing what it can of the slice the session sent before.
+pub fn slice_after(
+    state: &ClusterState,
+    node: &NodeId,
+    policies: &PolicyCache,
+    memberships: &Memberships,
+    now: i64,
+    earlier: Earlier<'_>,
+) -> NodeSlice {
+    let me = state.nodes.get(node).map_or((0, 0), |n| (n.index, n.boot));
     let mut endpoints = Vec::new();
-    let mut networks: BTreeSet<&str> = BTreeSet::new();
+    // Network -> the oldest epoch this node may hold keys of (see `Endpoint::since`).
+    let mut networks: BTreeMap<&str, u32> = BTreeMap::new();
     for (service, e) in state.endpoints().filter(|(_, e)| &e.node == node) {
-        networks.extend(e.addresses.keys().map(String::as_str));
+        for name in e.addresses.keys() {
+            let since = e.since.get(name).copied().unwrap_or(0);
+            let held = networks.entry(name.as_str()).or_insert(since);
+            *held = (*held).min(since);
+        }
         endpoints.push(LocalEndpoint {
             service: service.name.clone(),
             slot: e.slot,
@@ -133,16 +203,18 @@ pub fn slice_for(
     }
     let networks = networks
         .into_iter()
-        .filter_map(|name| state.networks.get(name))
-        .map(|network| {
+        .filter_map(|(name, since)| Some((state.networks.get(name)?, since)))
+        .map(|(network, since)| {
             let name = &network.name;
             let (peers, services) = memberships.of(state, name);
+            let (ring, pair_keys) = pair_keys(state, network, &peers, me, since, earlier);
             SliceNetwork {
                 name: name.clone(),
                 id: network.id,
                 subnet: network.subnet,
                 encrypted: network.keys.is_some(),
-                keys: network.keys.iter().flat_map(|r| r.keys().map(|(u, k)| (u, k.clone()))).collect(),
+                ring,
+                pair_keys,
                 peers,
                 services,
             }
@@ -152,7 +224,7 @@ pub fn slice_for(
     let policy = policies
         .current(state)
         .map(|(version, p)| NodePolicy { version, text: p.restricted_to(&hosted).to_toml() });
-    let node_index = state.nodes.get(node).map_or(0, |n| n.index);
+    let node_index = me.0;
     let all: Vec<&str> = state.services.keys().map(String::as_str).collect();
     let visibility = match policies.current(state) {
         Some((_, p)) => hosted.iter().map(|s| (s.clone(), reachable(&p, s, &all))).collect(),
@@ -227,6 +299,7 @@ mod tests {
             index: 0,
             control: None,
             removed_at: None,
+            boot: 0,
         }
     }
 

@@ -248,6 +248,13 @@ impl ClusterState {
             }
             Command::SetNodeLabels { id, labels } => self.node_mut(&id)?.labels = labels,
             Command::SetNodeUnderlay { id, underlay } => self.node_mut(&id)?.underlay = Some(underlay),
+            Command::SetNodeBoot { id, boot } => {
+                let node = self.node_mut(&id)?;
+                if boot < node.boot {
+                    return Err(StateError::BootRollback { id, boot, recorded: node.boot });
+                }
+                node.boot = boot;
+            }
             Command::CreateNetwork(network) => {
                 if self.networks.contains_key(&network.name) {
                     return Err(StateError::NetworkExists(network.name));

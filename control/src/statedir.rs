@@ -230,6 +230,7 @@ pub async fn init_with_admin_dir(
             index: 0,
             control: Some(config.advertise),
             removed_at: None,
+            boot: 0,
         }),
         Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
         Command::AddAdmin {

@@ -43,7 +43,7 @@ pub enum AgentError {
 const RENEWALS_QUEUED: usize = 4;
 
 /// Runs the agent until an unrecoverable error: renewal, the session, the data plane, status.
-pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     let dir = config.session.state_dir.clone();
     let node = Arc::new(NodeDir::new(&dir).load()?);
     info!(
@@ -72,6 +72,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }));
     let dataplane = if config.dataplane {
         let boot = overlay::next_boot(&dir).map_err(|e| AgentError::Dataplane(e.to_string()))?;
+        config.session.boot = boot;
         let dp = Dataplane::start(&config, &node, node_certificate, boot).await.map_err(|e| {
             AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.session.underlay))
         })?;

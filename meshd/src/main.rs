@@ -95,7 +95,7 @@ async fn main() {
         Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility, metrics } => {
             match config::underlay_address(underlay.as_deref(), &state_dir) {
                 Ok(underlay) => agent::run(AgentConfig {
-                    session: SessionConfig { state_dir, underlay },
+                    session: SessionConfig { state_dir, underlay, boot: 0 },
                     netns_prefix,
                     dataplane: !no_dataplane,
                     dns_visibility,

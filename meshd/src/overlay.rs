@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use mesh_api::keys::KeyUse;
 use mesh_api::slice::NodeSlice;
-use tun::core::{Config, KeyRole, NetworkConfig, PeerConfig};
+use tun::core::{Config, KeyRole, NetworkConfig, PeerConfig, PeerKey};
 
 use crate::mesh::View;
 
@@ -27,11 +27,29 @@ pub fn bind(listen: SocketAddr, boot: u16, views: Arc<ArcSwap<View>>) -> std::io
     Overlay::bind(listen, boot, views)
 }
 
-/// The next boot number, stored (and synced) before it is used: part of every nonce's counter,
-/// so a restarted meshd never repeats one (see the `tun` crate docs).
+/// The next boot number, stored (and synced) before it is used: part of every nonce's counter
+/// and of every pair key, so a restarted meshd never repeats a nonce (see the `tun` crate docs).
+/// Only a missing file means a first start: an unreadable or corrupt one is an error, never a
+/// silent restart at 1 (which would repeat the nonces of boot 1).
 pub fn next_boot(dir: &Path) -> std::io::Result<u16> {
     let path = dir.join("boot");
-    let last: u16 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let last: u16 = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            std::io::Error::other(format!(
+                "{} holds {:?}, not a boot number: refusing to start, as starting again from 1 \
+                 would repeat nonces; join this node again",
+                path.display(),
+                text.trim()
+            ))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            return Err(std::io::Error::other(format!(
+                "cannot read {}: {e}; refusing to start without the last boot number",
+                path.display()
+            )));
+        }
+    };
     let next = last.checked_add(1).ok_or_else(|| {
         std::io::Error::other(format!("{} is spent (65535 starts): join this node again", path.display()))
     })?;
@@ -52,15 +70,15 @@ pub fn config(slice: &NodeSlice) -> Config {
                 name: n.name.clone(),
                 encrypted: n.encrypted,
                 keys: n
-                    .keys
+                    .pair_keys
                     .iter()
-                    .map(|(u, k)| {
-                        let role = match u {
+                    .filter_map(|k| {
+                        let role = match n.ring.iter().find(|(_, e)| *e == k.epoch)?.0 {
                             KeyUse::Next => KeyRole::Next,
                             KeyUse::Current => KeyRole::Current,
                             KeyUse::Previous => KeyRole::Previous,
                         };
-                        (role, k.epoch, k.key)
+                        Some(PeerKey { peer: k.peer, role, epoch: k.epoch, key: k.key })
                     })
                     .collect(),
                 peers: n
@@ -90,5 +108,15 @@ mod tests {
         std::fs::write(dir.path().join("boot"), "65535\n").unwrap();
         let spent = next_boot(dir.path()).unwrap_err().to_string();
         assert!(spent.contains("is spent (65535 starts): join this node again"), "{spent}");
+        for corrupt in ["", "banana\n", "-1\n", "70000\n"] {
+            std::fs::write(dir.path().join("boot"), corrupt).unwrap();
+            let refused = next_boot(dir.path()).unwrap_err().to_string();
+            assert!(refused.contains("not a boot number: refusing to start"), "{refused}");
+            assert_eq!(std::fs::read_to_string(dir.path().join("boot")).unwrap(), corrupt, "left as found");
+        }
+        // Unreadable: a directory where the file should be.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir(other.path().join("boot")).unwrap();
+        assert!(next_boot(other.path()).unwrap_err().to_string().contains("refusing to start"));
     }
 }

@@ -29,6 +29,8 @@ pub struct SessionConfig {
     pub state_dir: PathBuf,
     /// Reported to control as where this node receives overlay traffic.
     pub underlay: SocketAddr,
+    /// This run's boot number, reported to control (0 without a data plane: none is used).
+    pub boot: u16,
 }
 
 /// Events of a session, for whoever holds the node's state.
@@ -94,7 +96,7 @@ async fn connect_and_follow(
     let addr = leader.addr;
     Span::current().record("control", tracing::field::display(&addr));
     let mut stream = pb::dispatcher_client::DispatcherClient::new(leader.channel)
-        .session(pb::SessionRequest { underlay: config.underlay.to_string() })
+        .session(pb::SessionRequest { underlay: config.underlay.to_string(), boot: config.boot.into() })
         .await
         .map_err(|s| ClientError::refused(&addr, s))?
         .into_inner();

@@ -30,7 +30,8 @@ fn network(name: &str, id: u32, subnet: &str, services: Vec<ServiceRecord>) -> S
         id,
         subnet: subnet.parse().unwrap(),
         encrypted: true,
-        keys: vec![],
+        ring: vec![],
+        pair_keys: vec![],
         peers: Vec::<Peer>::new().into(),
         services: services.into(),
     }

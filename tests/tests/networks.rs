@@ -44,13 +44,13 @@ fn keys_seen(slices: &[NodeSlice], network: &str) -> Vec<[u8; KEY_LEN]> {
     slices
         .iter()
         .flat_map(|s| s.networks.iter().filter(|n| n.name == network))
-        .flat_map(|n| n.keys.iter().map(|(_, k)| k.key))
+        .flat_map(|n| n.pair_keys.iter().map(|k| k.key))
         .collect()
 }
 
 fn current_epoch(slice: &NodeSlice, network: &str) -> Option<u32> {
     let n = slice.networks.iter().find(|n| n.name == network)?;
-    n.keys.iter().find(|(u, _)| *u == KeyUse::Current).map(|(_, k)| k.epoch)
+    n.ring.iter().find(|(u, _)| *u == KeyUse::Current).map(|(_, e)| *e)
 }
 
 fn has_network(slice: &NodeSlice, network: &str) -> bool {
@@ -114,26 +114,28 @@ async fn a_node_whose_endpoint_leaves_gets_no_later_key_and_the_key_rotates() {
     let stay = scaled.endpoints[0].node.clone();
     let (kept, left) = if nodes[0].id == stay { (&nodes[0], &nodes[1]) } else { (&nodes[1], &nodes[0]) };
 
-    // The leaver's slice drops the network; the network rotated at once.
+    // The leaver's slice drops the network; the kept node's drops the leaver and every key of
+    // their pair, at once and without a rekey (the other pairs' keys do not change).
     left.wait_for("the network to be gone", |s| !has_network(s, "front")).await;
-    kept.wait_for("a rekey", |s| current_epoch(s, "front") == Some(3)).await;
-    assert_eq!(admin.inspect_network("front").await.unwrap().key_epoch, Some(3));
-    // Later keys never reach the leaver.
-    admin.rotate_network_key("front").await.unwrap();
-    kept.wait_for("epoch 4", |s| current_epoch(s, "front") == Some(4)).await;
     let leaver_keys = keys_seen(&left.slices(), "front");
-    let latest = kept.latest().unwrap();
-    let net = latest.networks.iter().find(|n| n.name == "front").unwrap();
-    for (key_use, key) in &net.keys {
-        if key.epoch >= 3 {
-            assert!(!leaver_keys.contains(&key.key), "{key_use:?} epoch {} reached the leaver", key.epoch);
-        }
-    }
+    assert!(!leaver_keys.is_empty());
+    let latest = kept
+        .wait_for("the leaver's pair keys to go", |s| {
+            s.networks
+                .iter()
+                .filter(|n| n.name == "front")
+                .all(|n| n.pair_keys.iter().all(|k| !leaver_keys.contains(&k.key)))
+        })
+        .await;
+    assert_eq!(current_epoch(&latest, "front"), Some(1), "no rekey");
+    // Later keys never reach the leaver either.
+    admin.rotate_network_key("front").await.unwrap();
+    kept.wait_for("epoch 2", |s| current_epoch(s, "front") == Some(2)).await;
     assert!(left.slices().iter().all(|s| current_epoch(s, "front").unwrap_or(0) <= 1));
 }
 
 #[tokio::test]
-async fn a_removed_node_triggers_a_rotation_and_cannot_reconnect() {
+async fn a_removed_node_loses_its_pair_keys_everywhere_and_cannot_reconnect() {
     let (cluster, mut nodes) = cluster_with_nodes(3, ManagerOptions::default()).await;
     let mut admin = cluster.admin().await;
     admin.create_network("front", "10.52.0.0/24", true).await.unwrap();
@@ -144,9 +146,9 @@ async fn a_removed_node_triggers_a_rotation_and_cannot_reconnect() {
     nodes[victim].wait_for("the network", |s| has_network(s, "front")).await;
 
     admin.remove_node(victim_id.as_str(), false).await.unwrap();
-    // The key rotated, and the endpoint moved to the node that had none.
+    // The endpoint moved to the node that had none; no rekey: the victim's keys were its pairs'.
     let after = admin.inspect_network("front").await.unwrap();
-    assert_eq!(after.key_epoch, Some(3), "rekeyed: a fresh current past the next it knew");
+    assert_eq!(after.key_epoch, Some(1));
     assert!(!after.nodes.contains(&victim_id));
     let moved = admin.inspect_service("web").await.unwrap();
     assert_eq!(moved.endpoints.len(), 2);
@@ -157,22 +159,23 @@ async fn a_removed_node_triggers_a_rotation_and_cannot_reconnect() {
     eventually("the removed node's session to end", || removed_ended(&removed)).await;
     let why = removed.ended().await.expect("session ended");
     assert!(why.to_string().contains("removed"), "{why}");
-    // Neither key that senders use from now on (nor the next one) was ever sent to it.
+    // No survivor holds any key the removed node was ever sent.
     let seen = keys_seen(&removed.slices(), "front");
-    let survivor = &nodes[0];
-    let latest = survivor.wait_for("the rekey", |s| current_epoch(s, "front") == Some(3)).await;
-    let net = latest.networks.iter().find(|n| n.name == "front").unwrap();
-    for (key_use, key) in &net.keys {
-        if *key_use != KeyUse::Previous {
-            assert!(!seen.contains(&key.key), "the removed node saw the {key_use:?} key");
-        }
+    assert!(!seen.is_empty());
+    for survivor in &nodes {
+        survivor
+            .wait_for("the removed node's pair keys to go", |s| {
+                has_network(s, "front")
+                    && s.networks.iter().all(|n| n.pair_keys.iter().all(|k| !seen.contains(&k.key)))
+            })
+            .await;
     }
 
     // A fresh attempt with its certificate is refused.
     let node = meshd::identity::NodeDir::new(&removed.state_dir()).load().unwrap();
     let channel = cluster.channel_as(Some(&node.identity)).await;
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
-        .session(pb::SessionRequest { underlay: String::new() })
+        .session(pb::SessionRequest { underlay: String::new(), boot: 0 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -195,7 +198,7 @@ async fn keys_rotate_periodically() {
     admin.create_service(service("clock", &["tick"], 1, &[])).await.unwrap();
     let slice = nodes[0].wait_for("three periodic rotations", |s| current_epoch(s, "tick") >= Some(4)).await;
     let net = &slice.networks[0];
-    let epochs: Vec<u32> = net.keys.iter().map(|(_, k)| k.epoch).collect();
+    let epochs: Vec<u32> = net.ring.iter().map(|(_, e)| *e).collect();
     let current = current_epoch(&slice, "tick").unwrap();
     assert_eq!(epochs, vec![current + 1, current, current - 1], "next, current, previous");
 }
@@ -215,11 +218,11 @@ async fn endpoints_move_off_a_node_that_goes_down() {
     let moved = admin.inspect_service("web").await.unwrap();
     assert_eq!(moved.endpoints.len(), 1);
     assert_eq!(moved.endpoints[0].node, other.id);
-    assert_eq!(
-        admin.inspect_network("front").await.unwrap().key_epoch,
-        Some(3),
-        "the down node's keys retired"
-    );
+    // No rekey: the down node's pair keys left the other node's slice with it.
+    assert_eq!(admin.inspect_network("front").await.unwrap().key_epoch, Some(1));
+    let latest = other.latest().unwrap();
+    let front = latest.networks.iter().find(|n| n.name == "front").unwrap();
+    assert!(front.pair_keys.is_empty(), "no other node on the network, no pair keys");
 }
 
 #[tokio::test]
@@ -267,14 +270,14 @@ async fn node_certificates_cannot_manage_networks_and_sessions_carry_only_their_
             .await
             .unwrap();
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
-        .session(pb::SessionRequest { underlay: String::new() })
+        .session(pb::SessionRequest { underlay: String::new(), boot: 0 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // A bad underlay is refused.
     let channel = cluster.channel_as(Some(&node.identity)).await;
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
-        .session(pb::SessionRequest { underlay: "not-an-address".into() })
+        .session(pb::SessionRequest { underlay: "not-an-address".into(), boot: 0 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -374,10 +377,10 @@ async fn addresses_are_never_handed_out_twice_and_exhaustion_is_a_clear_error() 
 
 #[tokio::test]
 async fn no_key_material_is_readable_in_the_managers_files() {
-    let (cluster, nodes) = cluster_with_nodes(1, ManagerOptions::default()).await;
+    let (cluster, nodes) = cluster_with_nodes(2, ManagerOptions::default()).await;
     let mut admin = cluster.admin().await;
     admin.create_network("front", "10.71.0.0/24", true).await.unwrap();
-    admin.create_service(service("web", &["front"], 1, &[])).await.unwrap();
+    admin.create_service(service("web", &["front"], 2, &[])).await.unwrap();
     admin.rotate_network_key("front").await.unwrap();
     nodes[0].wait_for("epoch 2", |s| current_epoch(s, "front") == Some(2)).await;
     let keys = keys_seen(&nodes[0].slices(), "front");
@@ -415,7 +418,11 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
     let (dir, id) = cluster.join(mesh_api::tokens::Role::Worker).await;
     let state_dir = mesh_tests::node_dir(&dir);
     let config = meshd::config::AgentConfig {
-        session: meshd::session::SessionConfig { state_dir: state_dir.clone(), underlay: underlay(9) },
+        session: meshd::session::SessionConfig {
+            state_dir: state_dir.clone(),
+            underlay: underlay(9),
+            boot: 0,
+        },
         netns_prefix: "unused".into(),
         dataplane: false,
         dns_visibility: meshd::dns::Visibility::All,

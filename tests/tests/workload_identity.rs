@@ -75,7 +75,7 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = pb::dispatcher_client::DispatcherClient::new(channel)
-        .session(pb::SessionRequest { underlay: String::new() })
+        .session(pb::SessionRequest { underlay: String::new(), boot: 0 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);

@@ -31,10 +31,12 @@ pub enum DropReason {
     NoRoute,
     /// Outbound: this boot's counter space is spent.
     CounterExhausted,
+    /// Inbound: the UDP source is not the registered underlay address of the claimed sender.
+    WrongSource,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::UnknownNetwork,
         DropReason::UnknownSender,
@@ -45,6 +47,7 @@ impl DropReason {
         DropReason::Filtered,
         DropReason::NoRoute,
         DropReason::CounterExhausted,
+        DropReason::WrongSource,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl DropReason {
             DropReason::Filtered => "filtered",
             DropReason::NoRoute => "no_route",
             DropReason::CounterExhausted => "counter_exhausted",
+            DropReason::WrongSource => "wrong_source",
         }
     }
 }
@@ -104,13 +108,33 @@ pub struct PeerConfig {
     pub underlay: Option<SocketAddr>,
 }
 
+/// The key this node shares with the node of index `peer`, for one epoch of the ring.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerKey {
+    pub peer: u32,
+    pub role: KeyRole,
+    pub epoch: u32,
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PeerKey {{ peer: {}, {:?}, epoch: {}, key: <redacted> }}",
+            self.peer, self.role, self.epoch
+        )
+    }
+}
+
 /// One network as this node holds it.
 #[derive(Clone, Debug)]
 pub struct NetworkConfig {
     pub id: u32,
     pub name: String,
     pub encrypted: bool,
-    pub keys: Vec<(KeyRole, u32, [u8; 32])>,
+    /// The pair keys: for each peer node, one per epoch of the ring.
+    pub keys: Vec<PeerKey>,
     /// Every endpoint on the network, local ones included.
     pub peers: Vec<PeerConfig>,
 }
@@ -122,15 +146,32 @@ pub struct Config {
     pub networks: Vec<NetworkConfig>,
 }
 
+/// A receive key and a fingerprint of its bytes (to tell when a pair's key changed).
+type ReceiveKey = (Arc<dyn Aead>, u64);
+
 struct Net {
     id: u32,
     encrypted: bool,
-    send: Option<(u32, Arc<dyn Aead>)>,
-    receive: HashMap<u32, Arc<dyn Aead>>,
+    /// Peer node index -> the current epoch and its key.
+    send: HashMap<u32, (u32, Arc<dyn Aead>)>,
+    /// (Peer node index, epoch) -> key.
+    receive: HashMap<(u32, u32), ReceiveKey>,
     /// Overlay address -> (node index, underlay).
     route: HashMap<Ipv4Addr, (u32, Option<SocketAddr>)>,
-    /// Node indexes with an endpoint on the network.
-    senders: std::collections::HashSet<u32>,
+    /// Node index -> its underlay, for each node with an endpoint on the network.
+    senders: HashMap<u32, Option<SocketAddr>>,
+}
+
+/// A fingerprint of a key: a replay window belongs to one key, and is dropped with it.
+fn fingerprint(key: &[u8; 32]) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key);
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// The same address whether or not an IPv6 socket reports it IPv4-mapped.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// The tables built from a [`Config`]; rebuilt whole when the config changes.
@@ -145,15 +186,19 @@ impl Tables {
             .networks
             .iter()
             .map(|n| {
-                let receive: HashMap<u32, Arc<dyn Aead>> =
-                    n.keys.iter().map(|(_, epoch, key)| (*epoch, Arc::from(backend.key(key)))).collect();
+                let receive: HashMap<(u32, u32), ReceiveKey> = n
+                    .keys
+                    .iter()
+                    .map(|k| ((k.peer, k.epoch), (Arc::from(backend.key(&k.key)), fingerprint(&k.key))))
+                    .collect();
                 let send = n
                     .keys
                     .iter()
-                    .find(|(role, _, _)| *role == KeyRole::Current)
-                    .map(|(_, epoch, _)| (*epoch, receive[epoch].clone()));
+                    .filter(|k| k.role == KeyRole::Current)
+                    .map(|k| (k.peer, (k.epoch, receive[&(k.peer, k.epoch)].0.clone())))
+                    .collect();
                 let route = n.peers.iter().map(|p| (p.address, (p.node_index, p.underlay))).collect();
-                let senders = n.peers.iter().map(|p| p.node_index).collect();
+                let senders = n.peers.iter().map(|p| (p.node_index, p.underlay.map(canonical))).collect();
                 (n.id, Net { id: n.id, encrypted: n.encrypted, send, receive, route, senders })
             })
             .collect();
@@ -221,17 +266,18 @@ impl Sealer {
         if src != from {
             return Err(DropReason::Filtered);
         }
-        let (_, underlay) = net.route.get(&dst).ok_or(DropReason::NoRoute)?;
+        let (peer, underlay) = net.route.get(&dst).ok_or(DropReason::NoRoute)?;
         let underlay = underlay.ok_or(DropReason::NoRoute)?;
-        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
-        if counter > self.limit {
-            return Err(DropReason::CounterExhausted);
-        }
-        let (kind, epoch, key) = match (&net.send, net.encrypted) {
+        let (kind, epoch, key) = match (net.send.get(peer), net.encrypted) {
             (Some((epoch, key)), true) => (PacketType::Sealed, *epoch, Some(key)),
             (None, true) => return Err(DropReason::UnknownEpoch),
             (_, false) => (PacketType::Plain, 0, None),
         };
+        // Taken only once the packet will be sent: a refused packet spends no counter.
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        if counter > self.limit {
+            return Err(DropReason::CounterExhausted);
+        }
         let header = Header { kind, network: net.id, epoch, sender: tables.local_index, counter };
         let mut h = [0u8; HEADER_LEN];
         header.encode(&mut h);
@@ -254,21 +300,24 @@ pub struct Delivery {
     pub range: std::ops::Range<usize>,
 }
 
-/// The receive side: owns the replay windows (one task receives, so no lock per packet).
+/// The receive side: owns the replay windows (one task receives, so no lock per packet), one
+/// per (network, sender, epoch) and the key it was kept for.
 #[derive(Default)]
 pub struct Opener {
-    windows: HashMap<(u32, u32, u32), ReplayWindow>,
+    windows: HashMap<(u32, u32, u32), (u64, ReplayWindow)>,
 }
 
 impl Opener {
-    /// Opens `datagram` in place, checks it, and says which workload gets the inner packet.
+    /// Opens `datagram`, which came from the underlay address `source`, in place, checks it,
+    /// and says which workload gets the inner packet.
     pub fn open(
         &mut self,
         tables: &Tables,
         counters: &Counters,
+        source: SocketAddr,
         datagram: &mut [u8],
     ) -> Result<Delivery, DropReason> {
-        let result = self.open_inner(tables, datagram);
+        let result = self.open_inner(tables, source, datagram);
         match &result {
             Ok(d) => {
                 counters.received.fetch_add(1, Ordering::Relaxed);
@@ -279,16 +328,36 @@ impl Opener {
         result
     }
 
-    fn open_inner(&mut self, tables: &Tables, datagram: &mut [u8]) -> Result<Delivery, DropReason> {
+    fn open_inner(
+        &mut self,
+        tables: &Tables,
+        source: SocketAddr,
+        datagram: &mut [u8],
+    ) -> Result<Delivery, DropReason> {
         let header = Header::decode(datagram).map_err(|_| DropReason::Malformed)?;
         let net = tables.networks.get(&header.network).ok_or(DropReason::UnknownNetwork)?;
-        if header.sender == tables.local_index || !net.senders.contains(&header.sender) {
+        if header.sender == tables.local_index {
             return Err(DropReason::UnknownSender);
+        }
+        let underlay = net.senders.get(&header.sender).ok_or(DropReason::UnknownSender)?;
+        // Only the sender's attested underlay may speak for it: this is all that stops off-path
+        // forgery on an unencrypted network (an on-path attacker can still forge there).
+        if *underlay != Some(canonical(source)) {
+            return Err(DropReason::WrongSource);
         }
         let inner_len = match (header.kind, net.encrypted) {
             (PacketType::Sealed, true) => {
-                let key = net.receive.get(&header.epoch).ok_or(DropReason::UnknownEpoch)?;
-                let window = self.windows.entry((header.network, header.sender, header.epoch)).or_default();
+                let (key, print) =
+                    net.receive.get(&(header.sender, header.epoch)).ok_or(DropReason::UnknownEpoch)?;
+                let (held, window) = self
+                    .windows
+                    .entry((header.network, header.sender, header.epoch))
+                    .or_insert_with(|| (*print, ReplayWindow::default()));
+                if held != print {
+                    // The pair's key changed (a restart on either side): a new key, a new window.
+                    *held = *print;
+                    *window = ReplayWindow::default();
+                }
                 if !window.check(header.counter) {
                     return Err(DropReason::Replay);
                 }
@@ -315,10 +384,15 @@ impl Opener {
         Ok(Delivery { network: header.network, destination: dst, range })
     }
 
-    /// Forgets windows of keys no longer held (after a rotation).
+    /// Forgets the windows of keys no longer held (after a rotation, a peer's restart or its
+    /// leaving).
     pub fn retain_epochs(&mut self, tables: &Tables) {
-        self.windows.retain(|(net, _, epoch), _| {
-            tables.networks.get(net).is_some_and(|n| n.receive.contains_key(epoch))
+        self.windows.retain(|(net, sender, epoch), (print, _)| {
+            tables
+                .networks
+                .get(net)
+                .and_then(|n| n.receive.get(&(*sender, *epoch)))
+                .is_some_and(|(_, held)| held == print)
         });
     }
 }

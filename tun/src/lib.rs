@@ -10,20 +10,36 @@
 //! With the `linux-io` feature, `io` is the I/O around them: tun devices, the underlay UDP
 //! socket, batching and offloads, and the tasks that move packets. Only that module uses Tokio.
 //!
+//! # Keys
+//!
+//! Every key is a pair key: the one this node shares with one peer node on one network for one
+//! epoch, derived by control from an epoch secret that never leaves the managers, the two node
+//! indexes and the two nodes' boot numbers (control's `planning::keys` has the schedule). A node
+//! is sent only the keys of its own pairs. The core seals for a destination node with that
+//! pair's current key, and opens a datagram with the key of (sender index, epoch) — after checking
+//! that the UDP source is the sender's attested underlay address. So a member can open, forge or
+//! jam only its own pairs' traffic; a leaver's keys go from every table with it; a restart of
+//! either side changes the pair's keys, so what was recorded before it fails authentication
+//! after it (the replay windows need no disk). On an unencrypted network the source check is all
+//! there is: it stops off-path forgery, not an attacker on the path.
+//!
 //! # Nonces
 //!
 //! The 96-bit AES-GCM nonce is `sender index (32 bits) || counter (64 bits)`.
 //!
-//! * Across senders sharing a network key: control gives every node a cluster-unique index at
-//!   join and never reuses one, and a node only ever sends with its own index, so two senders'
-//!   nonces differ in their first 32 bits.
+//! * Between the two senders of a pair key: control gives every node a cluster-unique index at
+//!   join and never reuses one, and a node only ever sends with its own index, so the two
+//!   senders' nonces differ in their first 32 bits.
 //! * Within one sender: the counter's top 16 bits are the node's boot number, which meshd
-//!   increments and syncs to disk before it sends anything; the low 48 bits count packets within
-//!   a boot from 0 and never wrap (a boot that reaches 2^48 packets stops sending). A restarted
-//!   meshd therefore never repeats a counter it used before, under any key.
+//!   increments and syncs to disk before it sends anything (and refuses to start when that file
+//!   is unreadable or corrupt, rather than start again from 1); the low 48 bits count packets
+//!   within a boot from 0 and never wrap (a boot that reaches 2^48 packets stops sending). A
+//!   restarted meshd therefore never repeats a counter it used before, under any key; control
+//!   refuses a session reporting a boot number lower than one already seen (a restored or copied
+//!   state directory).
 //!
-//! So no nonce repeats under one key. (Keys rotate every 12 hours and whenever a node leaves a
-//! network, well before the 2^32-packet guidance for random-free GCM nonces would matter.)
+//! So no nonce repeats under one key. (Keys rotate every 12 hours and change with every restart
+//! of either side, well before the 2^32-packet guidance for random-free GCM nonces would matter.)
 #![forbid(unsafe_code)]
 
 pub mod aead;

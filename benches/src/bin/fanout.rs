@@ -114,8 +114,11 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
     let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (i, dir) in joined.iter().enumerate() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let underlay = SocketAddr::from(([127, 0, (i / 250) as u8, (i % 250) as u8 + 1], 4800));
-        tokio::spawn(meshd::session::run(SessionConfig { state_dir: dir.clone(), underlay }, tx));
+        // Control registers the IP a session comes from: every simulated node is on loopback,
+        // told apart by its port.
+        let underlay = SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
+        let config = SessionConfig { state_dir: dir.clone(), underlay, boot: 1 };
+        tokio::spawn(meshd::session::run(config, tx));
         let epochs = epochs.clone();
         let peers = peers.clone();
         let connected = connected.clone();
@@ -129,9 +132,9 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
                         let epoch = slice
                             .networks
                             .iter()
-                            .flat_map(|n| n.keys.iter())
+                            .flat_map(|n| n.ring.iter())
                             .find(|(u, _)| *u == KeyUse::Current)
-                            .map(|(_, k)| k.epoch);
+                            .map(|(_, e)| *e);
                         if let Some(epoch) = epoch {
                             epochs.lock().unwrap().insert(i, (epoch, Instant::now()));
                         }

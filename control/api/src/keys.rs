@@ -1,4 +1,6 @@
-//! An overlay network key as a node receives it: the key, its epoch, and what it may be used for.
+//! Overlay keys: a network's epoch secrets as managers hold them ([`NetworkKey`], never sent to
+//! a node) and the pair keys a node receives ([`PairKey`]: the key it shares with one peer node
+//! for one epoch), with what an epoch may be used for ([`KeyUse`]).
 
 use std::fmt;
 
@@ -27,6 +29,21 @@ impl fmt::Debug for NetworkKey {
 impl NetworkKey {
     pub fn random(epoch: u32) -> NetworkKey {
         NetworkKey { epoch, key: ids::random_bytes::<KEY_LEN>() }
+    }
+}
+
+/// The key this node shares with the node of index `peer` on one network, for one epoch. Only
+/// the two nodes of the pair (and the managers, who derive it) ever hold it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairKey {
+    pub peer: u32,
+    pub epoch: u32,
+    pub key: [u8; KEY_LEN],
+}
+
+impl fmt::Debug for PairKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PairKey {{ peer: {}, epoch: {}, key: <redacted> }}", self.peer, self.epoch)
     }
 }
 

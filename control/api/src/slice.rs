@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::ids::NodeId;
-use crate::keys::{KEY_LEN, KeyUse, NetworkKey};
+use crate::keys::{KEY_LEN, KeyUse, PairKey};
 use crate::model::{PortSpec, Protocol};
 use crate::proto::{InvalidMessage, ipv4, pb};
 
@@ -33,6 +33,8 @@ pub struct Peer {
     pub underlay: Option<SocketAddr>,
     /// The node's index in overlay headers.
     pub node_index: u32,
+    /// The node's boot number (0 until it reported one): part of its pair keys.
+    pub boot: u16,
 }
 
 /// A service as seen from one network.
@@ -51,8 +53,12 @@ pub struct SliceNetwork {
     pub id: u32,
     pub subnet: Ipv4Net,
     pub encrypted: bool,
+    /// The epochs of the network's ring, by use, newest first (no key bytes).
+    pub ring: Vec<(KeyUse, u32)>,
+    /// The keys this node shares with each peer node on the network, per epoch of `ring`, in
+    /// (peer, epoch) order. Never any other pair's key, nor the network's epoch secrets.
     #[serde(skip)]
-    pub keys: Vec<(KeyUse, NetworkKey)>,
+    pub pair_keys: Vec<PairKey>,
     /// The same for every node on the network: shared, computed once per state revision.
     pub peers: Arc<[Peer]>,
     pub services: Arc<[ServiceRecord]>,
@@ -65,7 +71,8 @@ impl std::fmt::Debug for SliceNetwork {
             .field("id", &self.id)
             .field("subnet", &self.subnet)
             .field("encrypted", &self.encrypted)
-            .field("keys", &self.keys)
+            .field("ring", &self.ring)
+            .field("pair_keys", &self.pair_keys.len())
             .field("peers", &self.peers)
             .field("services", &self.services)
             .finish()
@@ -75,7 +82,15 @@ impl std::fmt::Debug for SliceNetwork {
 impl SliceNetwork {
     /// Epochs of the keys held, by use (never the key bytes).
     pub fn epochs(&self) -> Vec<(KeyUse, u32)> {
-        self.keys.iter().map(|(u, k)| (*u, k.epoch)).collect()
+        self.ring.clone()
+    }
+
+    /// The key shared with peer node `peer` for `epoch`, if held.
+    pub fn pair_key(&self, peer: u32, epoch: u32) -> Option<&PairKey> {
+        self.pair_keys
+            .binary_search_by(|k| (k.peer, k.epoch).cmp(&(peer, epoch)))
+            .ok()
+            .map(|i| &self.pair_keys[i])
     }
 }
 
@@ -167,28 +182,50 @@ impl NodeSlice {
     /// take it from is malformed: the session must start again from a whole slice.
     pub fn from_wire(wire: pb::NodeSlice, previous: Option<&NodeSlice>) -> Result<NodeSlice, InvalidMessage> {
         // The networks not sent whole: the peers and services gone (none when unchanged), sorted
-        // for lookups.
+        // for lookups; and the pair keys gone, when the pair keys are sent as what changed.
         let mut partial: BTreeMap<String, (Vec<Ipv4Addr>, Vec<String>)> = BTreeMap::new();
-        for n in wire.networks.iter().filter(|n| n.membership_unchanged || n.membership_delta) {
-            let mut peers_gone: Vec<Ipv4Addr> =
-                n.peers_gone.iter().map(|a| ipv4(a, "peer gone")).collect::<Result<_, _>>()?;
-            peers_gone.sort();
-            let mut services_gone = n.services_gone.clone();
-            services_gone.sort();
-            partial.insert(n.name.clone(), (peers_gone, services_gone));
+        let mut keys_partial: BTreeMap<String, Vec<(u32, u32)>> = BTreeMap::new();
+        for n in wire.networks.iter() {
+            if n.membership_unchanged || n.membership_delta {
+                let mut peers_gone: Vec<Ipv4Addr> =
+                    n.peers_gone.iter().map(|a| ipv4(a, "peer gone")).collect::<Result<_, _>>()?;
+                peers_gone.sort();
+                let mut services_gone = n.services_gone.clone();
+                services_gone.sort();
+                partial.insert(n.name.clone(), (peers_gone, services_gone));
+            }
+            if n.pair_keys_delta {
+                let mut gone: Vec<(u32, u32)> = n.pair_keys_gone.iter().map(|k| (k.peer, k.epoch)).collect();
+                gone.sort();
+                keys_partial.insert(n.name.clone(), gone);
+            }
         }
         let (removed_unchanged, policy_unchanged) = (wire.removed_nodes_unchanged, wire.policy_unchanged);
         let mut slice = NodeSlice::try_from(wire)?;
         let base = || previous.ok_or(InvalidMessage::Field("unchanged section without an earlier slice"));
         for network in slice.networks.iter_mut() {
-            let Some((peers_gone, services_gone)) = partial.remove(&network.name) else { continue };
+            let membership = partial.remove(&network.name);
+            let keys = keys_partial.remove(&network.name);
+            if membership.is_none() && keys.is_none() {
+                continue;
+            }
             let before = base()?
                 .networks
                 .iter()
                 .find(|b| b.name == network.name)
                 .ok_or(InvalidMessage::Field("unchanged network without an earlier one"))?;
-            network.peers = apply(&before.peers, &network.peers, &peers_gone, |p| p.address);
-            network.services = apply(&before.services, &network.services, &services_gone, |r| r.name.clone());
+            if let Some((peers_gone, services_gone)) = membership {
+                network.peers = apply(&before.peers, &network.peers, &peers_gone, |p| p.address);
+                network.services =
+                    apply(&before.services, &network.services, &services_gone, |r| r.name.clone());
+            }
+            if let Some(gone) = keys {
+                network.pair_keys =
+                    merged(&before.pair_keys, &network.pair_keys, &gone, |k| (k.peer, k.epoch));
+            }
+            // The keys of epochs that left the ring go with them.
+            let ring = &network.ring;
+            network.pair_keys.retain(|k| ring.iter().any(|(_, e)| *e == k.epoch));
         }
         if removed_unchanged {
             slice.removed_nodes = base()?.removed_nodes.clone();
@@ -263,17 +300,14 @@ impl SliceNetwork {
             id: self.id,
             subnet: self.subnet.to_string(),
             encrypted: self.encrypted,
-            keys: self
-                .keys
+            epochs: self
+                .ring
                 .iter()
-                .map(|(u, k)| pb::NetworkKey {
-                    epoch: k.epoch,
-                    key: k.key.to_vec(),
-                    r#use: key_use(*u).into(),
-                })
+                .map(|(u, e)| pb::KeyEpoch { epoch: *e, r#use: key_use(*u).into() })
                 .collect(),
             ..Default::default()
         };
+        self.pair_keys_to_wire(before, &mut wire);
         let delta = match before {
             Some(b) if b.peers == self.peers && b.services == self.services => {
                 wire.membership_unchanged = true;
@@ -307,6 +341,38 @@ impl SliceNetwork {
         }
         wire
     }
+}
+
+impl SliceNetwork {
+    /// The pair keys on the wire: none when unchanged, what changed when that is smaller than
+    /// the whole (a rotation: one new key per peer), else the whole.
+    fn pair_keys_to_wire(&self, before: Option<&SliceNetwork>, wire: &mut pb::SliceNetwork) {
+        let whole = |keys: &[PairKey]| keys.iter().map(wire_pair_key).collect::<Vec<_>>();
+        let Some(before) = before else {
+            wire.pair_keys = whole(&self.pair_keys);
+            return;
+        };
+        if before.pair_keys == self.pair_keys {
+            wire.pair_keys_delta = true;
+            return;
+        }
+        let (changed, gone) = changes(&before.pair_keys, &self.pair_keys, |k| (k.peer, k.epoch));
+        // Keys of epochs that left the ring need no listing: the reader drops them.
+        let gone: Vec<(u32, u32)> =
+            gone.into_iter().filter(|(_, e)| self.ring.iter().any(|(_, r)| r == e)).collect();
+        if changed.len() + gone.len() < self.pair_keys.len() {
+            wire.pair_keys_delta = true;
+            wire.pair_keys = changed.into_iter().map(wire_pair_key).collect();
+            wire.pair_keys_gone =
+                gone.into_iter().map(|(peer, epoch)| pb::PairKeyRef { peer, epoch }).collect();
+        } else {
+            wire.pair_keys = whole(&self.pair_keys);
+        }
+    }
+}
+
+fn wire_pair_key(k: &PairKey) -> pb::PairKey {
+    pb::PairKey { peer: k.peer, epoch: k.epoch, key: k.key.to_vec() }
 }
 
 /// What `after` has that `before` had not, or had otherwise, and the keys of what `before` had
@@ -351,6 +417,12 @@ fn apply<T: Clone, K: Ord>(before: &Arc<[T]>, changed: &[T], gone: &[K], key: im
     if changed.is_empty() && gone.is_empty() {
         return before.clone();
     }
+    merged(before, changed, gone, key).into()
+}
+
+/// `before` without the `gone` keys, with `changed` added or in place of what had their keys,
+/// all in key order. One pass.
+fn merged<T: Clone, K: Ord>(before: &[T], changed: &[T], gone: &[K], key: impl Fn(&T) -> K) -> Vec<T> {
     let mut out = Vec::with_capacity(before.len() + changed.len());
     let mut changed = changed.iter().peekable();
     for t in before.iter() {
@@ -365,7 +437,7 @@ fn apply<T: Clone, K: Ord>(before: &Arc<[T]>, changed: &[T], gone: &[K], key: im
         }
     }
     out.extend(changed.cloned());
-    out.into()
+    out
 }
 
 fn wire_peer(p: &Peer) -> pb::Peer {
@@ -374,6 +446,7 @@ fn wire_peer(p: &Peer) -> pb::Peer {
         node: p.node.to_string(),
         underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
         node_index: p.node_index,
+        boot: p.boot.into(),
     }
 }
 
@@ -410,9 +483,9 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             .networks
             .into_iter()
             .map(|n| {
-                let keys = n
-                    .keys
-                    .into_iter()
+                let ring = n
+                    .epochs
+                    .iter()
                     .map(|k| {
                         let u = match pb::KeyUse::try_from(k.r#use) {
                             Ok(pb::KeyUse::Next) => KeyUse::Next,
@@ -420,11 +493,22 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                             Ok(pb::KeyUse::Previous) => KeyUse::Previous,
                             _ => return Err(InvalidMessage::Field("key use")),
                         };
-                        let key: [u8; KEY_LEN] =
-                            k.key.try_into().map_err(|_| InvalidMessage::Field("key"))?;
-                        Ok((u, NetworkKey { epoch: k.epoch, key }))
+                        Ok((u, k.epoch))
                     })
                     .collect::<Result<_, InvalidMessage>>()?;
+                let mut pair_keys: Vec<PairKey> = n
+                    .pair_keys
+                    .into_iter()
+                    .map(|k| {
+                        let key: [u8; KEY_LEN] =
+                            k.key.try_into().map_err(|_| InvalidMessage::Field("pair key"))?;
+                        Ok(PairKey { peer: k.peer, epoch: k.epoch, key })
+                    })
+                    .collect::<Result<_, InvalidMessage>>()?;
+                pair_keys.sort_by_key(|k| (k.peer, k.epoch));
+                if pair_keys.windows(2).any(|w| (w[0].peer, w[0].epoch) == (w[1].peer, w[1].epoch)) {
+                    return Err(InvalidMessage::Field("pair keys: two for one peer and epoch"));
+                }
                 let peers = n
                     .peers
                     .into_iter()
@@ -438,6 +522,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                                 Some(p.underlay.parse().map_err(|_| InvalidMessage::Field("underlay"))?)
                             },
                             node_index: p.node_index,
+                            boot: u16::try_from(p.boot).map_err(|_| InvalidMessage::Field("boot"))?,
                         })
                     })
                     .collect::<Result<_, InvalidMessage>>()?;
@@ -462,7 +547,8 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     id: n.id,
                     subnet: n.subnet.parse().map_err(|_| InvalidMessage::Field("subnet"))?,
                     encrypted: n.encrypted,
-                    keys,
+                    ring,
+                    pair_keys,
                     peers,
                     services,
                 })
@@ -498,13 +584,15 @@ mod tests {
             id: 7,
             subnet: "10.9.0.0/16".parse().unwrap(),
             encrypted: true,
-            keys: vec![(KeyUse::Current, NetworkKey { epoch, key: [epoch as u8; KEY_LEN] })],
+            ring: vec![(KeyUse::Next, epoch + 1), (KeyUse::Current, epoch)],
+            pair_keys: pair_keys(peers as u32, epoch),
             peers: (0..peers)
                 .map(|i| Peer {
                     address: Ipv4Addr::new(10, 9, 0, i as u8 + 2),
                     node: NodeId::random(),
                     underlay: Some(SocketAddr::from(([192, 0, 2, i as u8], 4789))),
                     node_index: i as u32,
+                    boot: 1,
                 })
                 .collect(),
             services: vec![ServiceRecord {
@@ -515,6 +603,19 @@ mod tests {
             }]
             .into(),
         }
+    }
+
+    /// Keys for peers `0..peers`, epochs `epoch` and `epoch + 1`, in (peer, epoch) order.
+    fn pair_keys(peers: u32, epoch: u32) -> Vec<PairKey> {
+        (0..peers)
+            .flat_map(|peer| {
+                [epoch, epoch + 1].map(|epoch| PairKey {
+                    peer,
+                    epoch,
+                    key: [(peer * 7 + epoch) as u8; KEY_LEN],
+                })
+            })
+            .collect()
     }
 
     fn slice(version: u64, networks: Vec<SliceNetwork>) -> NodeSlice {
@@ -547,7 +648,13 @@ mod tests {
         let first = slice(1, vec![network("front", 1, 200), network("back", 1, 3)]);
         let mut rotated = first.clone();
         rotated.version = 2;
-        rotated.networks[0].keys = network("front", 2, 0).keys;
+        rotated.networks[0].ring = vec![(KeyUse::Next, 3), (KeyUse::Current, 2), (KeyUse::Previous, 1)];
+        rotated.networks[0].pair_keys = {
+            let mut keys = pair_keys(200, 1);
+            keys.extend(pair_keys(200, 2).into_iter().filter(|k| k.epoch == 3));
+            keys.sort_by_key(|k| (k.peer, k.epoch));
+            keys
+        };
         let (sent, read) = through_a_session(&[first.clone(), rotated.clone()]);
         assert_eq!(read, [first.clone(), rotated.clone()], "the node ends up with the whole slices");
         assert_eq!(sent[0].networks[0].peers.len(), 200, "a session's first message is whole");
@@ -555,9 +662,28 @@ mod tests {
         assert!(delta.networks.iter().all(|n| n.membership_unchanged && n.peers.is_empty()));
         assert!(delta.removed_nodes_unchanged && delta.removed_nodes.is_empty());
         assert!(delta.policy_unchanged && delta.policy.is_empty());
-        assert_eq!(delta.networks[0].keys[0].epoch, 2);
+        let front = &delta.networks[0];
+        assert_eq!(front.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(), [3, 2, 1]);
+        assert!(front.pair_keys_delta && front.pair_keys_gone.is_empty());
+        assert_eq!(front.pair_keys.len(), 200, "only the new next key of each pair");
+        assert!(front.pair_keys.iter().all(|k| k.epoch == 3));
+        // A key is 37 bytes on the wire, a peer about as much again: a rotation costs the new keys.
         use prost::Message;
-        assert!(delta.encoded_len() * 20 < sent[0].encoded_len(), "{} bytes", delta.encoded_len());
+        assert!(delta.encoded_len() < 200 * 45, "{} bytes", delta.encoded_len());
+        assert!(delta.encoded_len() * 3 < sent[0].encoded_len(), "{} bytes", delta.encoded_len());
+        // The next rotation drops epoch 1 without listing it.
+        let mut again = rotated.clone();
+        again.version = 3;
+        again.networks[0].ring = vec![(KeyUse::Next, 4), (KeyUse::Current, 3), (KeyUse::Previous, 2)];
+        again.networks[0].pair_keys = {
+            let mut keys = pair_keys(200, 2);
+            keys.extend(pair_keys(200, 3).into_iter().filter(|k| k.epoch == 4));
+            keys.sort_by_key(|k| (k.peer, k.epoch));
+            keys
+        };
+        let (sent, read) = through_a_session(&[rotated.clone(), again.clone()]);
+        assert_eq!(read[1], again);
+        assert!(sent[1].networks[0].pair_keys_gone.is_empty() && sent[1].networks[0].pair_keys.len() == 200);
     }
 
     #[test]
@@ -632,6 +758,8 @@ mod tests {
                 (
                     proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
                     proptest::collection::btree_map("[a-e]", 0u8..3, 0..5),
+                    1u32..5,
+                    proptest::collection::btree_map((0u32..6, 0u32..7), proptest::prelude::any::<u8>(), 0..30),
                 ),
                 1..6,
             )
@@ -641,7 +769,7 @@ mod tests {
             let slices: Vec<NodeSlice> = steps
                 .iter()
                 .enumerate()
-                .map(|(i, (peers, services))| {
+                .map(|(i, (peers, services, epoch, keys))| {
                     base.version = i as u64 + 1;
                     let net = &mut base.networks[0];
                     net.peers = peers
@@ -651,6 +779,7 @@ mod tests {
                             node: nodes[*n as usize].clone(),
                             underlay: Some(SocketAddr::from(([192, 0, 2, *n], 4789))),
                             node_index: u32::from(*n),
+                            boot: u16::from(*n),
                         })
                         .collect();
                     net.services = services
@@ -661,6 +790,13 @@ mod tests {
                             ports: vec![PortSpec { port: 80 + u16::from(*port), protocol: Protocol::Tcp }],
                             endpoints: vec![],
                         })
+                        .collect();
+                    net.ring = vec![(KeyUse::Next, epoch + 1), (KeyUse::Current, *epoch), (KeyUse::Previous, epoch - 1)];
+                    // Only keys of the ring's epochs, as the manager sends.
+                    net.pair_keys = keys
+                        .iter()
+                        .filter(|((_, e), _)| e + 1 >= *epoch && *e <= epoch + 1)
+                        .map(|((peer, e), b)| PairKey { peer: *peer, epoch: *e, key: [*b; KEY_LEN] })
                         .collect();
                     base.clone()
                 })

@@ -86,6 +86,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 index: 0,
                 control: None,
                 removed_at: None,
+                boot: 0,
             }))
             .await
             .map_err(internal)?;

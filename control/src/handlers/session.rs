@@ -14,11 +14,45 @@ use tracing::{Instrument, debug, info};
 use crate::auth::Caller;
 use crate::manager::Manager;
 use crate::metrics::SliceKind;
-use crate::slicer::slice_for;
+use crate::slicer::slice_after;
 use crate::state::Command;
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The underlay a session may register: the IP control sees the session come from, with the
+/// port the node reports (an unspecified reported IP means that one). A node announcing another
+/// IP is refused, so no node can have peers send its traffic, or attribute datagrams, to an
+/// address it does not hold. `None` when the node reports none.
+pub(crate) fn attested_underlay(
+    reported: &str,
+    seen_from: Option<std::net::IpAddr>,
+) -> Result<Option<std::net::SocketAddr>, Status> {
+    if reported.is_empty() {
+        return Ok(None);
+    }
+    let underlay: std::net::SocketAddr = reported
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("underlay `{reported}` is not an address ip:port")))?;
+    let Some(seen) = seen_from else {
+        return Err(Status::failed_precondition(
+            "cannot tell the address this session comes from, so cannot attest its underlay",
+        ));
+    };
+    if underlay.ip().is_unspecified() {
+        return Ok(Some(std::net::SocketAddr::new(seen, underlay.port())));
+    }
+    // A session over loopback comes from this manager's own host, whose addresses control
+    // cannot tell apart: what it reports is taken (whoever runs there holds the manager anyway).
+    if underlay.ip().to_canonical() != seen && !seen.is_loopback() {
+        return Err(Status::permission_denied(format!(
+            "underlay {underlay} refused: this session comes from {seen}, and a node's underlay IP \
+             must be the one it reaches control from (start meshd with --underlay {seen}:{port})",
+            port = underlay.port()
+        )));
+    }
+    Ok(Some(underlay))
 }
 
 pub(crate) struct SessionApi(pub(crate) Arc<Manager>);
@@ -40,16 +74,30 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
                 ));
             }
         };
-        let underlay = request.get_ref().underlay.trim();
-        if !underlay.is_empty() {
-            let underlay: std::net::SocketAddr = underlay.parse().map_err(|_| {
-                Status::invalid_argument(format!("underlay `{underlay}` is not an address ip:port"))
-            })?;
-            let known = manager.store.read(|s| s.nodes.get(&node).and_then(|n| n.underlay));
-            if known != Some(underlay) {
-                let id = node.clone();
-                manager.change(move |_, _| Ok(vec![Command::SetNodeUnderlay { id, underlay }])).await?;
-            }
+        let seen_from = request.remote_addr().map(|a| a.ip().to_canonical());
+        let reported = request.get_ref().underlay.trim();
+        let underlay = attested_underlay(reported, seen_from)?;
+        let boot = u16::try_from(request.get_ref().boot).map_err(|_| {
+            Status::invalid_argument(format!("boot number {} is out of range", request.get_ref().boot))
+        })?;
+        let (known, recorded) =
+            manager.store.read(|s| s.nodes.get(&node).map_or((None, 0), |n| (n.underlay, n.boot)));
+        if boot != 0 && boot < recorded {
+            return Err(Status::failed_precondition(
+                crate::state::StateError::BootRollback { id: node.clone(), boot, recorded }.to_string(),
+            ));
+        }
+        let mut commands = Vec::new();
+        if let Some(underlay) = underlay
+            && known != Some(underlay)
+        {
+            commands.push(Command::SetNodeUnderlay { id: node.clone(), underlay });
+        }
+        if boot != 0 && boot != recorded {
+            commands.push(Command::SetNodeBoot { id: node.clone(), boot });
+        }
+        if !commands.is_empty() {
+            manager.change(move |_, _| Ok(commands)).await?;
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let guard = manager.session_opened(&node);
@@ -59,11 +107,13 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
             async move {
             let guard = guard;
             let mut revisions = manager.store.subscribe();
-            let mut last: Option<NodeSlice> = None;
+            let mut last: Option<(NodeSlice, u16)> = None;
             loop {
-                let (slice, removed) = manager.store.read(|s| {
+                let (slice, boot, removed) = manager.store.read(|s| {
+                    let earlier = last.as_ref().map(|(slice, boot)| (slice, *boot));
                     (
-                        slice_for(s, &node, &manager.policies, &manager.memberships, now()),
+                        slice_after(s, &node, &manager.policies, &manager.memberships, now(), earlier),
+                        s.nodes.get(&node).map_or(0, |n| n.boot),
                         s.active_node(&node).is_err(),
                     )
                 });
@@ -75,9 +125,9 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
                         .await;
                     break;
                 }
-                if last.as_ref().is_none_or(|l| !l.same_content(&slice)) {
+                if last.as_ref().is_none_or(|(l, _)| !l.same_content(&slice)) {
                     debug!(node = %node, version = slice.version, "sending slice");
-                    let wire = slice.to_wire(last.as_ref());
+                    let wire = slice.to_wire(last.as_ref().map(|(l, _)| l));
                     let kind = SliceKind { kind: if last.is_some() { "delta" } else { "whole" } };
                     manager.metrics.slices.get_or_create(&kind).inc();
                     manager
@@ -88,7 +138,7 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
                     if tx.send(Ok(wire)).await.is_err() {
                         break;
                     }
-                    last = Some(slice);
+                    last = Some((slice, boot));
                 }
                 tokio::select! {
                     changed = revisions.changed() => if changed.is_err() { break },
@@ -105,5 +155,28 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
             .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_registers_only_the_underlay_ip_it_comes_from() {
+        let from = Some("192.0.2.7".parse().unwrap());
+        let ok = attested_underlay("192.0.2.7:4800", from).unwrap();
+        assert_eq!(ok, Some("192.0.2.7:4800".parse().unwrap()));
+        assert_eq!(attested_underlay("0.0.0.0:4801", from).unwrap(), Some("192.0.2.7:4801".parse().unwrap()));
+        assert_eq!(attested_underlay("", from).unwrap(), None);
+        let refused = attested_underlay("192.0.2.8:4800", from).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("this session comes from 192.0.2.7"), "{}", refused.message());
+        let mapped = Some("::ffff:192.0.2.7".parse::<std::net::IpAddr>().unwrap().to_canonical());
+        assert!(attested_underlay("192.0.2.7:4800", mapped).is_ok());
+        assert!(attested_underlay("192.0.2.7:4800", None).is_err());
+        let local = Some("127.0.0.1".parse().unwrap());
+        assert!(attested_underlay("127.0.0.9:4800", local).is_ok(), "the manager's own host");
+        assert_eq!(attested_underlay("nonsense", from).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

@@ -59,6 +59,11 @@ pub enum Command {
         id: NodeId,
         underlay: SocketAddr,
     },
+    /// The boot number a node's session reported; never lower than the one recorded.
+    SetNodeBoot {
+        id: NodeId,
+        boot: u16,
+    },
     CreateNetwork(Network),
     RemoveNetwork {
         name: String,

@@ -29,6 +29,11 @@ pub enum StateError {
     NetworkInUse { network: String, services: String },
     #[error("network `{0}` is unencrypted and has no keys")]
     Unencrypted(String),
+    #[error(
+        "node {id} reports boot number {boot}, but it already ran boot {recorded}: its state \
+         directory was restored or copied, which would repeat nonces; join the node again"
+    )]
+    BootRollback { id: NodeId, boot: u16, recorded: u16 },
     #[error("no service named `{0}`")]
     UnknownService(String),
     #[error("address {address} is outside network `{network}` ({subnet}) or reserved")]

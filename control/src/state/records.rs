@@ -40,6 +40,10 @@ pub struct NodeRecord {
     /// Unix seconds: when the node was removed (for nodes removed before this was kept: none).
     #[serde(default)]
     pub removed_at: Option<i64>,
+    /// The boot number of the node's meshd, as its latest session reported it (0 before one
+    /// did): part of its pair keys, so that a restart changes them. It only grows.
+    #[serde(default)]
+    pub boot: u16,
 }
 
 impl NodeRecord {
@@ -85,6 +89,10 @@ pub struct Endpoint {
     pub node: NodeId,
     /// Network name -> address.
     pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// Network name -> the key epoch current when the endpoint was placed on it: its node is
+    /// sent no key of an older epoch (none for endpoints placed before this was kept).
+    #[serde(default)]
+    pub since: BTreeMap<String, u32>,
 }
 
 /// A service: what it runs, where, and its addresses.

@@ -23,7 +23,8 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         id: 1,
         subnet: "10.1.0.0/24".parse().unwrap(),
         encrypted: true,
-        keys: vec![],
+        ring: vec![],
+        pair_keys: vec![],
         peers: Vec::<Peer>::new().into(),
         services: vec![service].into(),
     };

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use tun::aead::Backend;
-use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, Tables};
+use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, PeerKey, Tables};
 
 static TABLES: LazyLock<Tables> = LazyLock::new(|| {
     let peers = [(2u8, 1u32), (3, 2)]
@@ -23,7 +23,7 @@ static TABLES: LazyLock<Tables> = LazyLock::new(|| {
             id: 7,
             name: "enc".into(),
             encrypted: true,
-            keys: vec![(KeyRole::Current, 1, [1; 32])],
+            keys: vec![PeerKey { peer: 1, role: KeyRole::Current, epoch: 1, key: [1; 32] }],
             peers: peers.clone(),
         },
         NetworkConfig { id: 8, name: "plain".into(), encrypted: false, keys: vec![], peers },
@@ -35,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = tun::header::Header::decode(data);
     let counters = Counters::default();
     let mut buf = data.to_vec();
-    if let Ok(d) = Opener::default().open(&TABLES, &counters, &mut buf) {
+    // From the underlay of node 1, the peer of node 2.
+    let source = SocketAddr::from(([192, 168, 0, 2], 4800));
+    if let Ok(d) = Opener::default().open(&TABLES, &counters, source, &mut buf) {
         // Only a plain-network packet can be forged without the key.
         assert_eq!(d.network, 8);
     }

@@ -101,7 +101,7 @@ impl<V: Admission> Receiver<V> {
                 let end = (at + stride).min(m.len);
                 let datagram = &mut buf[at..end];
                 at = end;
-                match opener.open(&t, &counters, datagram) {
+                match opener.open(&t, &counters, m.addr, datagram) {
                     Ok(d) if !incoming.admit(&*view, generation, &datagram[d.range.clone()], now) => {
                         counters.count_drop(DropReason::Filtered);
                         debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
