@@ -6,25 +6,46 @@
 //! * a new flow that an L4 rule (`protocol = "tcp"`) allows from the sender's service to the
 //!   workload's service on that port (TCP and UDP alike);
 //! * a reply to a flow the workload itself opened: the send path notes the flows leaving each
-//!   workload ([`Outgoing`]) and the receive path ([`Incoming`]) admits the packets coming back.
+//!   workload ([`Outgoing`]) and [`Incoming`] admits the packets of those flows coming back.
+//!   A packet merely shaped like a reply (from a port the workload may open, say) is not one.
 //!
-//! Everything else is dropped and counted as `filtered`. Pure logic over packet bytes (read by
-//! [`packet::classify`]) and time: the policy is asked through [`Admission`]; decisions are
-//! cached per flow until the policy or the slice changes. The notes go from the send paths to the
-//! receive path however the I/O layer carries them (a bounded channel, with the `linux-io`
-//! feature).
+//! ```text
+//!  workload a ──► Outgoing(a).note ──(flow a:x → b:p)──► Incoming.opened
+//!  workload a ◄── Incoming.admit: ICMP | Admission::opens(b, a, x) | a opened (a:x, b:p)
+//! ```
+//!
+//! Delivery between two workloads of one node goes through the same rules as delivery from
+//! another node, with state of its own ([`Local`]: an [`Incoming`] and the senders' notes, which
+//! the send paths share): there is no stateless reverse rule (with `a → b:5432` allowed, `b` may answer `a`'s flows from 5432, not
+//! send from 5432 to any port of `a`).
+//!
+//! Ports and flags are read only from a whole, unfragmented transport header
+//! ([`packet::classify`]): a first fragment too short to hold it is dropped, and so is every
+//! non-first fragment (ICMP aside), since one could rewrite the header its first fragment
+//! showed (RFC 1858). Fragment IDs are not tracked: workloads see the overlay's MTU and path-MTU
+//! errors, so a fragmented TCP or UDP datagram does not get through.
+//!
+//! Everything else is dropped and counted as `filtered`. Pure logic over packet bytes and time:
+//! the policy is asked through [`Admission`]; decisions are cached per flow until the policy or
+//! the slice changes. Every table is bounded at [`MAX_FLOWS`] and, full, evicts the entry
+//! inserted or renewed longest ago in O(1) (a workload opening flows as fast as it can costs a
+//! constant per flow). The notes go from the send paths to the receive path however the I/O
+//! layer carries them (a bounded channel, with the `linux-io` feature).
 
-use std::collections::HashMap;
+mod recent;
+
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::packet::{self, Packet};
+use recent::Recent;
 
 /// How long a workload's outgoing flow admits replies after its last outgoing packet.
 pub const REPLY_WINDOW: Duration = Duration::from_secs(180);
 /// How often the send path renews a flow it already noted.
 const RENEW_AFTER: Duration = Duration::from_secs(30);
-/// Bound on each table (and on the notes in flight); past it, the oldest entries go.
+/// Bound on each table (and on the notes in flight); past it, the entry inserted or renewed
+/// longest ago goes.
 pub const MAX_FLOWS: usize = 1 << 16;
 
 /// A transport flow seen from the workload: its own address and port, the remote's.
@@ -44,11 +65,16 @@ pub trait Admission {
 
 /// The send path's side, one per workload interface: notes the flows the workload opens (and
 /// renews them while they last) for the receive path.
-#[derive(Default)]
 pub struct Outgoing {
-    noted: HashMap<Flow, Instant>,
+    noted: Recent<Flow, Instant>,
     /// The flow noted last (a burst is mostly one flow): checked before the table.
     last: Option<(Flow, Instant)>,
+}
+
+impl Default for Outgoing {
+    fn default() -> Outgoing {
+        Outgoing { noted: Recent::new(MAX_FLOWS), last: None }
+    }
 }
 
 impl Outgoing {
@@ -66,32 +92,43 @@ impl Outgoing {
         if self.last.is_some_and(|(f, at)| f == flow && now.duration_since(at) < RENEW_AFTER) {
             return None;
         }
-        if let Some(at) = self.noted.get(&flow) {
-            self.last = Some((flow, *at));
-        }
-        if self.noted.get(&flow).is_some_and(|at| now.duration_since(*at) < RENEW_AFTER) {
+        if let Some(&at) = self.noted.get(&flow)
+            && now.duration_since(at) < RENEW_AFTER
+        {
+            self.last = Some((flow, at));
             return None;
-        }
-        if self.noted.len() >= MAX_FLOWS {
-            self.noted.retain(|_, at| now.duration_since(*at) < RENEW_AFTER);
         }
         self.noted.insert(flow, now);
         self.last = Some((flow, now));
         Some(flow)
     }
+
+    /// How many flows are noted (at most [`MAX_FLOWS`]).
+    pub fn len(&self) -> usize {
+        self.noted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The receive path's side: decides on every packet arriving for a local workload.
-#[derive(Default)]
 pub struct Incoming {
     /// Flows local workloads opened -> when last renewed.
-    opened: HashMap<Flow, Instant>,
+    opened: Recent<Flow, Instant>,
     /// (remote, local, port, protocol) -> the policy's verdict, for the current view.
-    decided: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), bool>,
+    decided: Recent<(Ipv4Addr, Ipv4Addr, u16, u8), bool>,
     view: usize,
     /// The flow admitted last, and when (a burst is mostly one flow): admitted again without the
     /// tables for up to [`LAST_FOR`] while the view is the same.
     last: Option<(Flow, Instant)>,
+}
+
+impl Default for Incoming {
+    fn default() -> Incoming {
+        Incoming { opened: Recent::new(MAX_FLOWS), decided: Recent::new(MAX_FLOWS), view: 0, last: None }
+    }
 }
 
 /// How long the last admitted flow skips the tables (far below [`REPLY_WINDOW`]).
@@ -104,10 +141,16 @@ impl Incoming {
 
     /// Takes in a flow a local workload opened (or renewed), as [`Outgoing::note`] returned it.
     pub fn opened(&mut self, flow: Flow, now: Instant) {
-        if self.opened.len() >= MAX_FLOWS {
-            self.opened.retain(|_, at| now.duration_since(*at) < REPLY_WINDOW);
-        }
         self.opened.insert(flow, now);
+    }
+
+    /// How many opened flows are held (at most [`MAX_FLOWS`]).
+    pub fn len(&self) -> usize {
+        self.opened.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether `packet` (already authenticated, for a local workload) may be delivered.
@@ -115,8 +158,8 @@ impl Incoming {
     /// changes.
     pub fn admit(&mut self, admission: &impl Admission, view: usize, packet: &[u8], now: Instant) -> bool {
         match packet::classify(packet) {
-            Packet::Icmp | Packet::Fragment => true,
-            Packet::Other => false,
+            Packet::Icmp => true,
+            Packet::Fragment | Packet::Other => false,
             Packet::Transport { protocol, source, destination, .. } => {
                 let flow = Flow { protocol, local: destination, remote: source };
                 if view == self.view
@@ -140,28 +183,41 @@ impl Incoming {
             self.decided.clear();
             self.view = view;
         }
-        if self.decided.len() >= MAX_FLOWS {
-            self.decided.clear();
-        }
         let (remote, local) = (flow.remote, flow.local);
-        *self
-            .decided
-            .entry((remote.0, local.0, local.1, flow.protocol))
-            .or_insert_with(|| admission.opens(remote.0, local.0, local.1))
+        let key = (remote.0, local.0, local.1, flow.protocol);
+        if let Some(&verdict) = self.decided.get(&key) {
+            return verdict;
+        }
+        let verdict = admission.opens(remote.0, local.0, local.1);
+        self.decided.insert(key, verdict);
+        verdict
     }
 }
 
-/// For delivery between two workloads of this node (both services' rules are here): a new
-/// flow needs an L4 rule towards the destination; anything else must belong to a flow the
-/// reverse rule allows, and may not open a connection.
-pub fn admit_local(admission: &impl Admission, packet: &[u8]) -> bool {
-    match packet::classify(packet) {
-        Packet::Icmp | Packet::Fragment => true,
-        Packet::Other => false,
-        Packet::Transport { source, destination, opening, .. } => {
-            admission.opens(source.0, destination.0, destination.1)
-                || (!opening && admission.opens(destination.0, source.0, source.1))
+/// Delivery between two workloads of this node, which never crosses the underlay: the same
+/// rules as [`Incoming`], with the sending workload's flows noted as it sends them (they need no
+/// channel: both ends are here).
+#[derive(Default)]
+pub struct Local {
+    incoming: Incoming,
+    outgoing: Outgoing,
+}
+
+impl Local {
+    pub fn new() -> Local {
+        Local::default()
+    }
+
+    /// Whether `packet`, sent by a workload of this node to another, may be delivered; when it
+    /// may, its flow is noted as one the sender opened, so that the replies to it pass.
+    pub fn deliver(&mut self, admission: &impl Admission, view: usize, packet: &[u8], now: Instant) -> bool {
+        if !self.incoming.admit(admission, view, packet, now) {
+            return false;
         }
+        if let Some(flow) = self.outgoing.note(packet, now) {
+            self.incoming.opened(flow, now);
+        }
+        true
     }
 }
 
@@ -230,12 +286,146 @@ mod tests {
         assert!(!incoming.admit(&Rules(vec![]), 2, &p, now), "new view: asked again");
     }
 
+    /// What a workload of this node sends to another, and whether it is delivered.
+    type Step = (&'static str, Vec<u8>, bool);
+
     #[test]
-    fn local_delivery_checks_both_directions_without_state() {
+    fn local_delivery_admits_rules_and_replies_to_flows_the_workload_opened_only() {
         let rules = Rules(vec![(A, B, 5432)]);
-        assert!(admit_local(&rules, &packet(TCP, (A, 40000), (B, 5432), SYN)));
-        assert!(admit_local(&rules, &packet(TCP, (B, 5432), (A, 40000), SYN | ACK)), "reply");
-        assert!(!admit_local(&rules, &packet(TCP, (B, 5432), (A, 40000), SYN)), "a reply never opens");
-        assert!(!admit_local(&rules, &packet(TCP, (B, 40000), (A, 22), SYN)));
+        let steps: Vec<Step> = vec![
+            ("nothing opened: a reverse-rule shape", packet(UDP, (B, 5432), (A, 9999), 0), false),
+            ("a opens b:5432, as the rule allows", packet(TCP, (A, 40000), (B, 5432), SYN), true),
+            ("b replies to that flow", packet(TCP, (B, 5432), (A, 40000), SYN | ACK), true),
+            ("a goes on", packet(TCP, (A, 40000), (B, 5432), ACK), true),
+            ("b, from the allowed port, to another port of a", packet(UDP, (B, 5432), (A, 9999), 0), false),
+            (
+                "b, TCP from the allowed port, to another port of a",
+                packet(TCP, (B, 5432), (A, 40001), ACK),
+                false,
+            ),
+            ("b opens a port of a without a rule", packet(TCP, (B, 40000), (A, 22), SYN), false),
+            ("a opens a port of b without a rule", packet(TCP, (A, 40000), (B, 22), SYN), false),
+            ("b answering the refused flow", packet(TCP, (B, 22), (A, 40000), SYN | ACK), false),
+            ("a opens a UDP flow the rule allows", packet(UDP, (A, 5000), (B, 5432), 0), true),
+            ("b replies to it", packet(UDP, (B, 5432), (A, 5000), 0), true),
+            ("ICMP both ways", packet(ICMP, (B, 0), (A, 0), 0), true),
+        ];
+        let mut local = Local::new();
+        let now = Instant::now();
+        for (step, p, delivered) in steps {
+            assert_eq!(local.deliver(&rules, 1, &p, now), delivered, "{step}");
+        }
+    }
+
+    #[test]
+    fn a_reply_shaped_packet_from_another_node_needs_a_flow_the_workload_opened() {
+        let rules = Rules(vec![(A, B, 5432)]);
+        let mut incoming = Incoming::new();
+        let now = Instant::now();
+        // On B's node: A may open B:5432, so B's answers leave from 5432; nothing lets a packet
+        // from A:5432 (or to another port of B) in.
+        assert!(!incoming.admit(&rules, 1, &packet(UDP, (A, 5432), (B, 9999), 0), now));
+        // On A's node: A opened B:5432 from 40000; B's answer passes, B from 5432 elsewhere not.
+        let mut outgoing = Outgoing::new();
+        let flow = outgoing.note(&packet(TCP, (A, 40000), (B, 5432), SYN), now).expect("new flow");
+        incoming.opened(flow, now);
+        assert!(incoming.admit(&rules, 1, &packet(TCP, (B, 5432), (A, 40000), SYN | ACK), now));
+        assert!(!incoming.admit(&rules, 1, &packet(UDP, (B, 5432), (A, 9999), 0), now));
+    }
+
+    /// `p` as a fragment: `more` fragments follow, at `offset` (in 8 bytes).
+    fn fragment(mut p: Vec<u8>, more: bool, offset: u16) -> Vec<u8> {
+        let len = u16::try_from(p.len()).unwrap();
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        p[6..8].copy_from_slice(&(offset | if more { 0x2000 } else { 0 }).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn fragments_without_a_whole_transport_header_are_dropped() {
+        let rules = Rules(vec![(A, B, 5432), (A, B, 9)]);
+        let syn = packet(TCP, (A, 40000), (B, 5432), SYN);
+        let udp = packet(UDP, (A, 5000), (B, 5432), 0);
+        // A later fragment whose first 4 bytes look like the ports of an allowed (or opened) flow.
+        let mut tail = packet(UDP, (A, 5000), (B, 5432), 0);
+        tail.truncate(28);
+        let mut syn_rest = syn[..20].to_vec();
+        syn_rest.extend_from_slice(&syn[28..]);
+        let cases: [(&str, Vec<u8>, bool); 6] = [
+            (
+                "a SYN whose first fragment carries 8 bytes of TCP header",
+                fragment(syn[..28].to_vec(), true, 0),
+                false,
+            ),
+            ("a non-first fragment of that SYN", fragment(syn_rest, false, 1), false),
+            ("a non-first fragment shaped like an allowed flow", fragment(tail.clone(), false, 1), false),
+            ("a non-first fragment with more to come", fragment(tail, true, 185), false),
+            ("a first fragment holding the whole TCP header", fragment(syn, true, 0), true),
+            ("a first fragment holding the whole UDP header", fragment(udp[..28].to_vec(), true, 0), true),
+        ];
+        let now = Instant::now();
+        for (case, p, admitted) in cases {
+            assert_eq!(Incoming::new().admit(&rules, 1, &p, now), admitted, "from another node: {case}");
+            assert_eq!(Local::new().deliver(&rules, 1, &p, now), admitted, "on this node: {case}");
+        }
+    }
+
+    #[test]
+    fn a_flood_of_flows_keeps_the_tables_at_their_bound_and_evicts_by_age_only() {
+        let mut outgoing = Outgoing::new();
+        let mut incoming = Incoming::new();
+        let none = Rules(vec![]);
+        let start = Instant::now();
+        let open = |outgoing: &mut Outgoing, incoming: &mut Incoming, p: &[u8], now| {
+            if let Some(flow) = outgoing.note(p, now) {
+                incoming.opened(flow, now);
+            }
+        };
+        // B's legitimate flow, opened first, then renewed by its traffic.
+        let legitimate = packet(TCP, (B, 40000), (A, 443), ACK);
+        let reply = packet(TCP, (A, 443), (B, 40000), ACK);
+        open(&mut outgoing, &mut incoming, &legitimate, start);
+        let flood = |i: u32| packet(UDP, (B, 5000), (Ipv4Addr::from(0x0b00_0000 + i), 53), 0);
+        for i in 0..200_000 {
+            let now = start + Duration::from_millis(u64::from(i));
+            open(&mut outgoing, &mut incoming, &flood(i), now);
+            assert!(outgoing.len() <= MAX_FLOWS && incoming.len() <= MAX_FLOWS, "past the bound at {i}");
+            if i == 100_000 {
+                // Renewed (past RENEW_AFTER): the newest again, so only later flows are younger.
+                assert!(now.duration_since(start) > RENEW_AFTER);
+                assert!(!incoming.admit(&none, 1, &reply, now), "evicted by the flood so far");
+                open(&mut outgoing, &mut incoming, &legitimate, now);
+                assert!(incoming.admit(&none, 1, &reply, now), "noted again");
+            }
+        }
+        assert_eq!((outgoing.len(), incoming.len()), (MAX_FLOWS, MAX_FLOWS));
+        // 99,999 flows came after the renewal: more than the bound, so it is gone now; the
+        // newest flows are all still there.
+        let later = start + Duration::from_secs(201);
+        assert!(!incoming.admit(&none, 1, &reply, later), "evicted once MAX_FLOWS newer flows came");
+        let newest = |i: u32| packet(UDP, (Ipv4Addr::from(0x0b00_0000 + i), 53), (B, 5000), 0);
+        let oldest_kept = 200_000 - u32::try_from(MAX_FLOWS).unwrap();
+        assert!(incoming.admit(&none, 1, &newest(oldest_kept), later));
+        assert!(incoming.admit(&none, 1, &newest(199_999), later));
+        assert!(!incoming.admit(&none, 1, &newest(oldest_kept - 1), later), "the next older is gone");
+    }
+
+    #[test]
+    fn a_legitimate_flow_outlives_a_flood_smaller_than_the_bound() {
+        let mut incoming = Incoming::new();
+        let none = Rules(vec![]);
+        let now = Instant::now();
+        let legitimate = Flow { protocol: TCP, local: (B, 40000), remote: (A, 443) };
+        incoming.opened(legitimate, now);
+        for i in 0..u32::try_from(MAX_FLOWS).unwrap() - 1 {
+            let flow =
+                Flow { protocol: UDP, local: (B, 5000), remote: (Ipv4Addr::from(0x0b00_0000 + i), 53) };
+            incoming.opened(flow, now);
+        }
+        let reply = packet(TCP, (A, 443), (B, 40000), ACK);
+        assert!(incoming.admit(&none, 1, &reply, now), "the table is full, nothing evicted yet");
+        incoming.opened(Flow { protocol: UDP, local: (B, 5001), remote: (A, 53) }, now);
+        let after = now + LAST_FOR + Duration::from_millis(1);
+        assert!(!incoming.admit(&none, 1, &reply, after), "the oldest goes first");
     }
 }

@@ -15,7 +15,8 @@
 //! The core's tables and the policy's view are swapped whole by their owner, so readers never
 //! lock; the receive task alone owns the replay windows and the filter's state, so they take no
 //! lock per packet either. A packet between two workloads of this node goes from one interface
-//! to the other without the underlay, through the same filter.
+//! to the other without the underlay, through the same filter: its state for local delivery
+//! ([`filter::Local`]) is shared by the send paths under a lock taken per packet so delivered.
 //!
 //! Where the speed is won: one read of a device hands over a whole TCP burst (TSO, split into
 //! packets by tun-rs), the datagrams for one peer leave in one `sendmsg` (UDP GSO), one `recvmsg`
@@ -29,7 +30,7 @@ mod udp;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
@@ -57,6 +58,8 @@ pub struct Overlay<V> {
     views: Arc<ArcSwap<V>>,
     /// The send paths' notes of flows workloads open, for the receive path's filter.
     flows: mpsc::Sender<filter::Flow>,
+    /// The filter's state for delivery between workloads of this node.
+    local: Arc<Mutex<send::LocalFilter<V>>>,
     _receiver: AbortOnDropHandle<()>,
 }
 
@@ -84,6 +87,7 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
             devices,
             sealer: Arc::new(Sealer::new(boot, counters.clone())),
             counters,
+            local: Arc::new(Mutex::new(send::LocalFilter::new(views.load_full()))),
             views,
             flows,
             _receiver: AbortOnDropHandle::new(tokio::spawn(receiver.run())),
@@ -115,6 +119,7 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
             sealer: self.sealer.clone(),
             views: self.views.clone(),
             flows: self.flows.clone(),
+            local: self.local.clone(),
         };
         let task = AbortOnDropHandle::new(tokio::spawn(sender.run()));
         self.devices.rcu(|map| {

@@ -1,7 +1,10 @@
 //! The one reader of inner packets: the fixed IPv4 header the [`core`](crate::core) routes by, and
 //! the transport ports and TCP flags the [`filter`](crate::filter) decides by. Pure functions of
 //! the bytes; anything short, of another version or with a header length below the minimum is
-//! not an IPv4 packet.
+//! not an IPv4 packet. Ports and flags are read only from a whole transport header (8 bytes of
+//! UDP, the TCP header its data offset gives, at least 20 bytes): a first fragment cut shorter,
+//! like a SYN whose flags ride in a later fragment, is [`Packet::Other`] (RFC 1858), and a
+//! non-first fragment carries no header at all ([`Packet::Fragment`]).
 //!
 //! ```text
 //!  0       4       8              16      19              31
@@ -20,6 +23,9 @@ use std::net::Ipv4Addr;
 
 /// Bytes in an IPv4 header without options.
 pub const MIN_HEADER_LEN: usize = 20;
+
+/// Bytes in a UDP header.
+const UDP_HEADER_LEN: usize = 8;
 
 pub const ICMP: u8 = 1;
 pub const TCP: u8 = 6;
@@ -59,7 +65,8 @@ impl Ipv4Header {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packet {
     Icmp,
-    /// A non-first fragment: no ports, and useless without its first fragment, which is checked.
+    /// A non-first fragment: no ports or flags to decide by, and it could overwrite those its
+    /// first fragment showed when reassembled (RFC 1858), so the filter never lets one in.
     Fragment,
     Transport {
         protocol: u8,
@@ -68,7 +75,7 @@ pub enum Packet {
         /// A TCP SYN without ACK: a connection being opened.
         opening: bool,
     },
-    /// Anything else (other protocols, truncated headers): never let in.
+    /// Anything else (other protocols, transport headers cut short): never let in.
     Other,
 }
 
@@ -85,8 +92,16 @@ pub fn classify(packet: &[u8]) -> Packet {
         return Packet::Other;
     }
     let at = ip.header_len;
-    let Some(ports) = packet.get(at..at + 4) else { return Packet::Other };
-    let opening = ip.protocol == TCP && packet.get(at + 13).is_some_and(|flags| flags & 0x12 == 0x02);
+    let l4_len = match ip.protocol {
+        TCP => match packet.get(at + 12) {
+            Some(offset) if offset >> 4 >= 5 => usize::from(offset >> 4) * 4,
+            _ => return Packet::Other,
+        },
+        _ => UDP_HEADER_LEN,
+    };
+    let Some(l4) = packet.get(at..at + l4_len) else { return Packet::Other };
+    let opening = ip.protocol == TCP && l4[13] & 0x12 == 0x02;
+    let ports = &l4[..4];
     Packet::Transport {
         protocol: ip.protocol,
         source: (ip.source, u16::from_be_bytes([ports[0], ports[1]])),
@@ -104,9 +119,12 @@ pub(crate) mod tests {
     pub const SYN: u8 = 0x02;
     pub const ACK: u8 = 0x10;
 
-    /// A 40-byte IPv4 packet of `protocol` with ports and, for TCP, `flags`.
+    /// A 40-byte IPv4 packet of `protocol` with ports and, for TCP, `flags` (a 20-byte TCP
+    /// header).
     pub fn packet(protocol: u8, from: (Ipv4Addr, u16), to: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
         let mut p = vec![0u8; 40];
+        p[2..4].copy_from_slice(&40u16.to_be_bytes());
+        p[32] = 0x50;
         p[0] = 0x45;
         p[9] = protocol;
         p[12..16].copy_from_slice(&from.0.octets());
@@ -125,6 +143,11 @@ pub(crate) mod tests {
         assert_eq!(classify(&fragment), Packet::Fragment);
         assert_eq!(classify(&packet(47, (A, 1), (B, 2), 0)), Packet::Other);
         assert_eq!(classify(&[0x45; 10]), Packet::Other);
+        // A first fragment (more fragments set, offset 0) is read like any packet when it holds
+        // the whole transport header.
+        let mut first = packet(TCP, (A, 1000), (B, 80), SYN);
+        first[6] = 0x20;
+        assert!(matches!(classify(&first), Packet::Transport { opening: true, .. }));
         assert_eq!(
             classify(&packet(TCP, (A, 1000), (B, 80), SYN)),
             Packet::Transport { protocol: TCP, source: (A, 1000), destination: (B, 80), opening: true }
@@ -133,6 +156,27 @@ pub(crate) mod tests {
             classify(&packet(TCP, (A, 1000), (B, 80), SYN | ACK)),
             Packet::Transport { opening: false, .. }
         ));
+    }
+
+    #[test]
+    fn transport_headers_cut_short_are_never_read() {
+        let syn = packet(TCP, (A, 1000), (B, 80), SYN);
+        let udp = packet(UDP, (A, 1000), (B, 53), 0);
+        let mut bad_offset = syn.clone();
+        bad_offset[32] = 0x40;
+        let mut long_offset = syn.clone();
+        long_offset[32] = 0x60;
+        let cases: [(&str, &[u8]); 5] = [
+            ("a SYN whose first fragment holds 8 bytes of TCP header", &syn[..28]),
+            ("a TCP header without its flags", &syn[..33]),
+            ("a data offset below 5 words", &bad_offset),
+            ("a data offset past the end", &long_offset),
+            ("a UDP header cut short", &udp[..27]),
+        ];
+        for (case, p) in cases {
+            assert_eq!(classify(p), Packet::Other, "{case}");
+        }
+        assert!(matches!(classify(&udp[..28]), Packet::Transport { .. }), "8 bytes make a UDP header");
     }
 
     #[test]

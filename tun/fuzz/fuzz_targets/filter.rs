@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use tun::filter::{Admission, Incoming, Outgoing, admit_local};
+use tun::filter::{Admission, Incoming, Local, Outgoing};
 use tun::packet::{Ipv4Header, Packet, classify};
 
 /// Lets every new flow to port 5432 in.
@@ -32,8 +32,11 @@ fuzz_target!(|data: &[u8]| {
         incoming.opened(flow, now);
     }
     let admitted = incoming.admit(&Port5432, 1, data, now);
-    let local = admit_local(&Port5432, data);
+    let local = Local::new().deliver(&Port5432, 1, data, now);
     if parsed.is_none() {
         assert!(!admitted && !local, "not IPv4, yet let in");
+    }
+    if class == Packet::Fragment {
+        assert!(!admitted && !local, "a non-first fragment let in");
     }
 });

@@ -1,7 +1,7 @@
 //! Workload -> underlay, one task per attached interface.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -12,8 +12,32 @@ use tracing::warn;
 use super::Devices;
 use super::udp::{Batch, MAX_DATAGRAM};
 use crate::core::{DropReason, Sealer, Tables};
-use crate::filter::{self, Admission, Flow, Outgoing};
+use crate::filter::{Admission, Flow, Local, Outgoing};
 use crate::packet::Ipv4Header;
+
+/// The filter's state for delivery between workloads of this node, shared by every send path
+/// (locked per packet so delivered, never across an await), with the view it last decided by.
+pub(super) struct LocalFilter<V> {
+    filter: Local,
+    /// Held so that a new view is told by its address, which this keeps from being reused.
+    view: Arc<V>,
+    generation: usize,
+}
+
+impl<V: Admission> LocalFilter<V> {
+    pub fn new(view: Arc<V>) -> LocalFilter<V> {
+        LocalFilter { filter: Local::new(), view, generation: 0 }
+    }
+
+    fn deliver(&mut self, views: &ArcSwap<V>, packet: &[u8], now: Instant) -> bool {
+        let view = views.load_full();
+        if !Arc::ptr_eq(&view, &self.view) {
+            self.generation = self.generation.wrapping_add(1);
+            self.view = view;
+        }
+        self.filter.deliver(&*self.view, self.generation, packet, now)
+    }
+}
 
 /// What one interface's send path holds.
 pub(super) struct Sender<V> {
@@ -26,6 +50,7 @@ pub(super) struct Sender<V> {
     pub sealer: Arc<Sealer>,
     pub views: Arc<ArcSwap<V>>,
     pub flows: mpsc::Sender<Flow>,
+    pub local: Arc<Mutex<LocalFilter<V>>>,
 }
 
 impl<V: Admission> Sender<V> {
@@ -33,7 +58,7 @@ impl<V: Admission> Sender<V> {
     /// peer in as few calls as GSO allows; a packet for a workload on this node goes straight to
     /// that workload's interface, through the filter.
     pub async fn run(self) {
-        let Sender { device, network, address, socket, tables, devices, sealer, views, flows } = self;
+        let Sender { device, network, address, socket, tables, devices, sealer, views, flows, local } = self;
         let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
             Ok(s) => s,
             Err(e) => {
@@ -63,7 +88,12 @@ impl<V: Admission> Sender<V> {
                     && ip.source == address
                     && tables.is_local(network, ip.destination)
                 {
-                    if !filter::admit_local(&**views.load(), packet) {
+                    let admitted = local.lock().unwrap_or_else(PoisonError::into_inner).deliver(
+                        &views,
+                        packet,
+                        Instant::now(),
+                    );
+                    if !admitted {
                         sealer.counters.count_drop(DropReason::Filtered);
                     } else if let Some(local) = devices.load().get(&(network, ip.destination)) {
                         let _ = local.send(packet).await;
