@@ -27,6 +27,23 @@ struct Manager {
 }
 
 impl Manager {
+    /// A new autolocked cluster on a free loopback port (not started); its unlock key.
+    fn init_autolocked() -> (Manager, String) {
+        let port = free_port();
+        let m =
+            Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
+        let init = Command::new(bin_dir().join("mesh-control"))
+            .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--admin-dir"])
+            .arg(m.state().join("admin"))
+            .arg("--state-dir")
+            .arg(m.state())
+            .output()
+            .unwrap();
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        let key = key_in(&String::from_utf8_lossy(&init.stdout));
+        (m, key)
+    }
+
     fn state(&self) -> PathBuf {
         self.dir.path().join("m")
     }
@@ -108,18 +125,7 @@ async fn read_state(dir: &Path, key: Option<&str>) -> Result<control::state::Clu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_without_the_key() {
-    let port = free_port();
-    let mut m =
-        Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
-    let init = Command::new(bin_dir().join("mesh-control"))
-        .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--admin-dir"])
-        .arg(m.state().join("admin"))
-        .arg("--state-dir")
-        .arg(m.state())
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let key = key_in(&String::from_utf8_lossy(&init.stdout));
+    let (mut m, key) = Manager::init_autolocked();
 
     // Fresh from init, the manager is locked as any restarted one is.
     m.start();
@@ -250,18 +256,7 @@ async fn raft_messages_need_a_manager_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manager_joining_an_autolocked_cluster_never_writes_its_data_key_in_the_clear() {
-    let port = free_port();
-    let mut m =
-        Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
-    let init = Command::new(bin_dir().join("mesh-control"))
-        .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--admin-dir"])
-        .arg(m.state().join("admin"))
-        .arg("--state-dir")
-        .arg(m.state())
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let key = key_in(&String::from_utf8_lossy(&init.stdout));
+    let (mut m, key) = Manager::init_autolocked();
     m.start();
     assert!(m.meshctl(&["unlock"], &format!("{key}\n")).status.success());
     let token = m.ok(&["join-token", "manager", "-q"]).trim().to_owned();

@@ -335,6 +335,39 @@ fn a_removed_nodes_datagrams_are_dropped() {
     assert_eq!(s.lab.received(3), received);
 }
 
+#[test]
+fn datagrams_recorded_before_a_receivers_restart_are_refused_after_it() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    // Recorded on the switch: host 2's datagrams to host 3, accepted once.
+    let frames = capture(&s.lab, 2.0, || {
+        for _ in 0..3 {
+            ping(&s.lab, &s.web, &s.api_front);
+        }
+    });
+    let recorded = datagrams(&frames, &s.lab.addr(2), &s.lab.addr(3));
+    assert!(!recorded.is_empty());
+    // The receiver restarts: its boot number changes, and with it every key of its pairs.
+    s.lab.stop_meshd(3);
+    s.lab.start_meshd(3);
+    s.lab.wait("web to reach api again after the restart", || ping(&s.lab, &s.web, &s.api_front));
+    let received = s.lab.received(3);
+    let refused = |l: &Lab| {
+        ["bad_tag", "unknown_epoch", "unknown_sender", "replay"].iter().map(|r| l.drops(3, r)).sum::<u64>()
+    };
+    let before = refused(&s.lab);
+    // Re-injected from host 2's own address and port (its meshd stopped to free the port, so the
+    // source check passes): none opens.
+    s.lab.stop_meshd(2);
+    let mut args = vec!["python3".to_owned(), script("inject.py"), s.lab.addr(3), "4800".into()];
+    args.extend(recorded.iter().map(|d| hex(d)));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(s.lab.exec(&s.lab.host(2), &args).env("SOURCE_PORT", "4800").status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(refused(&s.lab), before + recorded.len() as u64, "a recorded datagram was accepted again");
+    assert_eq!(s.lab.received(3), received, "nothing recorded was delivered");
+}
+
 fn namespaces(lab: &Lab, host: usize) -> Vec<String> {
     let prefix = format!("{}-", lab.host(host));
     let mut names: Vec<String> = std::fs::read_dir("/var/run/netns")
