@@ -368,6 +368,43 @@ fn datagrams_recorded_before_a_receivers_restart_are_refused_after_it() {
     assert_eq!(s.lab.received(3), received, "nothing recorded was delivered");
 }
 
+#[test]
+fn a_transfer_between_the_others_goes_on_intact_while_a_member_is_removed() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::start(4);
+    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.34.0.0/24"]);
+    for (service, host) in [("web", 2), ("api", 3), ("extra", 4)] {
+        lab.meshctl(&["service", "create", service, "--network", "front", "--constraint", &on(host)]);
+    }
+    lab.apply_policy(
+        "[[rule]]\nname = \"overlay-tests\"\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"web\", \"api\", \"extra\"]\nprotocol = \"tcp\"\n",
+    );
+    let (web, api) = (lab.workload(2, "web", 1), lab.workload(3, "api", 1));
+    let api_front = address(&lab, "api", "front");
+    let extra_front = address(&lab, "extra", "front");
+    lab.wait("web to reach api and extra", || ping(&lab, &web, &api_front) && ping(&lab, &web, &extra_front));
+    let h4 = lab.node_id(4);
+    let server = serve(&lab, &api, 5005);
+    let cut = std::thread::scope(|scope| {
+        let removal = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            let started = std::time::Instant::now();
+            lab.meshctl(&["node", "rm", &h4]);
+            // Until neither remaining node holds anything of the removed one: no pair key,
+            // no peer entry.
+            lab.wait("hosts 2 and 3 to forget host 4", || {
+                [2, 3].iter().all(|i| !lab.status(*i)["networks"].to_string().contains(&h4))
+            });
+            started.elapsed()
+        });
+        transfer(&lab, server, &web, &api_front, 5005, 64 << 20, None);
+        removal.join().unwrap()
+    });
+    assert!(cut < Duration::from_secs(5), "the remaining nodes held the removed node's keys for {cut:?}");
+    assert!(!ping(&lab, &web, &extra_front), "the removed node's workload is still reachable");
+}
+
 fn namespaces(lab: &Lab, host: usize) -> Vec<String> {
     let prefix = format!("{}-", lab.host(host));
     let mut names: Vec<String> = std::fs::read_dir("/var/run/netns")
