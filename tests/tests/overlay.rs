@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mesh_tests::lab::{Lab, script};
+use mesh_tests::lab::{Lab, in_namespace, script};
 
 /// Labs run one at a time: they share the machine's two cores.
 static ONE_LAB: Mutex<()> = Mutex::new(());
@@ -403,6 +403,30 @@ fn a_transfer_between_the_others_goes_on_intact_while_a_member_is_removed() {
     });
     assert!(cut < Duration::from_secs(5), "the remaining nodes held the removed node's keys for {cut:?}");
     assert!(!ping(&lab, &web, &extra_front), "the removed node's workload is still reachable");
+}
+
+#[test]
+fn a_session_announcing_another_nodes_underlay_is_refused() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let lab = &s.lab;
+    // Host 2's own identity, asking to receive overlay traffic at host 3's address.
+    let config = meshd::session::SessionConfig {
+        state_dir: lab.node_dir(2),
+        underlay: format!("{}:4800", lab.addr(3)).parse().unwrap(),
+        boot: 99,
+    };
+    let ended = in_namespace(&lab.host(2), || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::time::timeout(Duration::from_secs(10), meshd::session::run(config, tx)).await
+        })
+    });
+    let error = ended.expect("the session was refused, not held").to_string();
+    assert!(error.contains("refused") && error.contains(&lab.addr(2)), "{error}");
+    // Nothing changed: traffic still goes where it should.
+    assert!(ping(lab, &s.web, &s.api_front));
 }
 
 fn namespaces(lab: &Lab, host: usize) -> Vec<String> {
