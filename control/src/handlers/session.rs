@@ -103,8 +103,7 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
         let guard = manager.session_opened(&node);
         info!(node = %node, "session opened");
         let span = tracing::info_span!("session", node = %node);
-        tokio::spawn(
-            async move {
+        let task = async move {
             let guard = guard;
             let mut revisions = manager.store.subscribe();
             let mut last: Option<(NodeSlice, u16)> = None;
@@ -151,9 +150,8 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
                 }
             }
             info!(node = %node, "session closed");
-        }
-            .instrument(span),
-        );
+        };
+        tokio::spawn(task.instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
