@@ -22,7 +22,8 @@ for pair in wrk:wrk haproxy:haproxy openssl:openssl nft:nftables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ ${#need[@]} -eq 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; }
-cargo build --release --locked -q -p control -p meshctl -p meshd -p mesh-tests --bin mesh-echo
+cargo build --release --locked -q -p control -p meshctl -p meshd
+cargo build --release --locked -q -p mesh-tests --bin mesh-echo
 bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release  # where cargo put them
 out=${OUT:-$PWD/target/bench-l7.json}
 
