@@ -106,12 +106,14 @@ async fn connection(
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        // Per connection, before anyone is known: at debug, so that a flood of bad handshakes
+        // cannot flood the log (the admission quota's refusals are logged, rate-limited).
         Ok(Err(e)) => {
-            warn!(%remote, error = %e, "mesh handshake refused");
+            debug!(%remote, error = %e, "mesh handshake refused");
             return;
         }
         Err(_) => {
-            warn!(%remote, "mesh handshake timed out");
+            debug!(%remote, "mesh handshake timed out");
             return;
         }
     };
