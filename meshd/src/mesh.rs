@@ -30,7 +30,7 @@ pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,9 @@ impl Route {
 /// What the mesh knows at one slice version: swapped whole on change.
 #[derive(Default)]
 pub struct View {
+    /// Distinct for every view built (0: the empty one): the overlay's filter caches verdicts
+    /// per version.
+    version: u64,
     /// `None` when no policy is in force: everything is denied.
     engine: Option<Arc<Engine>>,
     /// Overlay address -> service, for every endpoint the slice shows.
@@ -137,7 +140,9 @@ impl View {
                 );
             }
         }
+        static BUILT: AtomicU64 = AtomicU64::new(0);
         View {
+            version: BUILT.fetch_add(1, Ordering::Relaxed) + 1,
             engine,
             by_address,
             local,
@@ -186,6 +191,10 @@ impl View {
 }
 
 impl Admission for View {
+    fn version(&self) -> u64 {
+        self.version
+    }
+
     fn opens(&self, from: Ipv4Addr, to: Ipv4Addr, port: u16) -> bool {
         let (Some(source), Some(local)) = (self.by_address.get(&from), self.local.get(&to)) else {
             return false;

@@ -553,3 +553,86 @@ fn dig_in_a_workload_resolves_only_its_networks_and_follows_moves_within_a_secon
     let one = within_a_second(1);
     assert_eq!(one.trim(), address(&s.lab, "api", "front"));
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_flood_of_flows_from_one_workload_leaves_anothers_flows_alone_and_memory_bounded() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let lab = &s.lab;
+    let on_h2 = format!("node.id=={}", lab.node_id(2));
+    lab.meshctl(&["service", "create", "flood", "--network", "front", "--constraint", &on_h2]);
+    let flood = lab.workload(2, "flood", 1);
+    // Flows may be opened to api only: api's answers get into web (and flood) as replies to
+    // flows they opened, or not at all.
+    lab.apply_policy(
+        "[[rule]]\nname = \"to-api\"\naction = \"allow\"\nfrom = [\"*\"]\nto = [\"api\"]\nprotocol = \"tcp\"\n",
+    );
+    lab.wait("the flooding workload to reach api", || ping(lab, &flood, &s.api_front));
+    let mut echo = lab
+        .exec(&s.api, &["python3", &script("flows.py"), "echo", "7000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(echo.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    // web talks to api on one UDP flow, a datagram every 0.7 s: each answer comes later than
+    // the receive path's last-flow shortcut lasts, so every one is decided by web's state.
+    let stop = lab.work.path().join("stop-conversation");
+    let mut converse = lab
+        .exec(&s.web, &["python3", &script("flows.py"), "converse", &s.api_front, "7000", "0.7"])
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(converse.stdout.take().unwrap());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the conversation got no first answer");
+    let (h2, h3) = (lab.meshd_pid(2), lab.meshd_pid(3));
+    let before = (rss_kib(h2), rss_kib(h3));
+    let sent_before = lab.status(2)["packets_sent"].as_u64().unwrap();
+    // 200,000 distinct flows from `flood`, on the same host as web, to api (an L4 rule allows
+    // them: api's node decides each as new): three times what one workload's tables hold.
+    let flooded = lab
+        .exec(&flood, &["python3", &script("flows.py"), "flood", &s.api_front, "200000"])
+        .output()
+        .unwrap();
+    assert!(flooded.status.success(), "flood: {}", String::from_utf8_lossy(&flooded.stderr));
+    eprintln!("flood (flows, seconds): {}", String::from_utf8_lossy(&flooded.stdout).trim());
+    let after = (rss_kib(h2), rss_kib(h3));
+    let sent = lab.status(2)["packets_sent"].as_u64().unwrap() - sent_before;
+    // Some may be dropped at the flooding workload's own tun queue (a debug build keeps up with
+    // less); twice what one workload's tables hold is enough to have evicted web's flow if the
+    // flood could.
+    eprintln!("the flood's datagrams through host 2's meshd: {sent}");
+    assert!(sent >= 2 * 65_536, "only {sent} of the flood's datagrams went through host 2's meshd");
+    std::fs::write(&stop, "").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    converse.wait().unwrap();
+    let _ = echo.kill();
+    let _ = echo.wait();
+    let talk: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    eprintln!("conversation during the flood: {talk}");
+    eprintln!(
+        "meshd RSS KiB before/after: host 2 {} -> {}, host 3 {} -> {}",
+        before.0, after.0, before.1, after.1
+    );
+    let (probes, answered) = (talk["sent"].as_u64().unwrap(), talk["answered"].as_u64().unwrap());
+    assert!(probes >= 5, "the conversation went on through the flood: {talk}");
+    assert_eq!(answered, probes, "web's flow lost answers to another workload's flood: {talk}");
+    // Both meshd's tables for the flood are bounded (a few MiB per workload at their bound).
+    for (host, b, a) in [(2, before.0, after.0), (3, before.1, after.1)] {
+        assert!(a < b + 64 * 1024, "host {host}'s meshd grew from {b} to {a} KiB");
+    }
+    // The flood's flows went where the rule let them; web still reaches api afterwards.
+    assert!(ping(lab, &s.web, &s.api_front));
+}

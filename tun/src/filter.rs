@@ -6,17 +6,18 @@
 //! * a new flow that an L4 rule (`protocol = "tcp"`) allows from the sender's service to the
 //!   workload's service on that port (TCP and UDP alike);
 //! * a reply to a flow the workload itself opened: the send path notes the flows leaving each
-//!   workload ([`Outgoing`]) and [`Incoming`] admits the packets of those flows coming back.
-//!   A packet merely shaped like a reply (from a port the workload may open, say) is not one.
+//!   workload ([`Outgoing`]) in that workload's own state ([`Workload::opened`]), which admits the
+//!   packets of those flows coming back. A packet merely shaped like a reply (from a port the
+//!   workload may open, say) is not one.
 //!
 //! ```text
-//!  workload a ──► Outgoing(a).note ──(flow a:x → b:p)──► Incoming.opened
-//!  workload a ◄── Incoming.admit: ICMP | Admission::opens(b, a, x) | a opened (a:x, b:p)
+//!  workload a ──► Outgoing(a).note ──(flow a:x → b:p)──► Workload(a).opened
+//!  workload a ◄── Workload(a).admit: ICMP | Admission::opens(b, a, x) | a opened (a:x, b:p)
 //! ```
 //!
-//! Delivery between two workloads of one node goes through the same rules as delivery from
-//! another node, with state of its own ([`Local`]: an [`Incoming`] and the senders' notes, which
-//! the send paths share): there is no stateless reverse rule (with `a → b:5432` allowed, `b` may answer `a`'s flows from 5432, not
+//! Delivery between two workloads of one node goes through the same state as delivery from
+//! another node: the receiver's [`Workload`] admits, the sender's notes what it opened. There is
+//! no stateless reverse rule (with `a → b:5432` allowed, `b` may answer `a`'s flows from 5432, not
 //! send from 5432 to any port of `a`).
 //!
 //! Ports and flags are read only from a whole, unfragmented transport header
@@ -27,14 +28,15 @@
 //!
 //! Everything else is dropped and counted as `filtered`. Pure logic over packet bytes and time:
 //! the policy is asked through [`Admission`]; decisions are cached per flow until the policy or
-//! the slice changes. Every table is bounded at [`MAX_FLOWS`] and, full, evicts the entry
-//! inserted or renewed longest ago in O(1) (a workload opening flows as fast as it can costs a
-//! constant per flow). The notes go from the send paths to the receive path however the I/O
-//! layer carries them (a bounded channel, with the `linux-io` feature).
+//! the slice changes. The state is kept per local workload, each table bounded at
+//! [`MAX_FLOWS`] and, full, evicting the entry inserted or renewed longest ago in O(1): a workload
+//! opening flows as fast as it can (or a peer opening flows into it) costs a constant per flow and
+//! evicts only that workload's own entries, never another's.
 
 mod recent;
 
 use std::net::Ipv4Addr;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::packet::{self, Packet};
@@ -44,8 +46,7 @@ use recent::Recent;
 pub const REPLY_WINDOW: Duration = Duration::from_secs(180);
 /// How often the send path renews a flow it already noted.
 const RENEW_AFTER: Duration = Duration::from_secs(30);
-/// Bound on each table (and on the notes in flight); past it, the entry inserted or renewed
-/// longest ago goes.
+/// Bound on each table of one workload; past it, the entry inserted or renewed longest ago goes.
 pub const MAX_FLOWS: usize = 1 << 16;
 
 /// A transport flow seen from the workload: its own address and port, the remote's.
@@ -58,13 +59,17 @@ pub struct Flow {
 
 /// The policy's word on new flows into local workloads.
 pub trait Admission {
+    /// Tells views apart: two views with one version give the same answers (cached verdicts
+    /// go when it changes).
+    fn version(&self) -> u64;
+
     /// Whether an L4 rule lets the service at overlay address `from` open `port` on the local
     /// workload at `to`.
     fn opens(&self, from: Ipv4Addr, to: Ipv4Addr, port: u16) -> bool;
 }
 
 /// The send path's side, one per workload interface: notes the flows the workload opens (and
-/// renews them while they last) for the receive path.
+/// renews them while they last) for its [`Workload`] state.
 pub struct Outgoing {
     noted: Recent<Flow, Instant>,
     /// The flow noted last (a burst is mostly one flow): checked before the table.
@@ -83,7 +88,7 @@ impl Outgoing {
     }
 
     /// Notes `packet`, leaving a workload for a remote endpoint. Returns the flow when the
-    /// receive path must hear of it ([`Incoming::opened`]): new, or due for renewal.
+    /// workload's state must hear of it ([`Workload::opened`]): new, or due for renewal.
     pub fn note(&mut self, packet: &[u8], now: Instant) -> Option<Flow> {
         let Packet::Transport { protocol, source, destination, .. } = packet::classify(packet) else {
             return None;
@@ -113,33 +118,28 @@ impl Outgoing {
     }
 }
 
-/// The receive path's side: decides on every packet arriving for a local workload.
-pub struct Incoming {
-    /// Flows local workloads opened -> when last renewed.
+/// What the filter holds for one local workload: the flows it opened, and the policy's verdicts
+/// on flows into it. Its send path writes the first, whoever delivers to it reads both.
+pub struct Workload {
+    /// Flows the workload opened -> when last renewed.
     opened: Recent<Flow, Instant>,
-    /// (remote, local, port, protocol) -> the policy's verdict, for the current view.
-    decided: Recent<(Ipv4Addr, Ipv4Addr, u16, u8), bool>,
-    view: usize,
-    /// The flow admitted last, and when (a burst is mostly one flow): admitted again without the
-    /// tables for up to [`LAST_FOR`] while the view is the same.
-    last: Option<(Flow, Instant)>,
+    /// (remote, local port, protocol) -> the policy's verdict, for view `version`.
+    decided: Recent<(Ipv4Addr, u16, u8), bool>,
+    version: u64,
 }
 
-impl Default for Incoming {
-    fn default() -> Incoming {
-        Incoming { opened: Recent::new(MAX_FLOWS), decided: Recent::new(MAX_FLOWS), view: 0, last: None }
+impl Default for Workload {
+    fn default() -> Workload {
+        Workload { opened: Recent::new(MAX_FLOWS), decided: Recent::new(MAX_FLOWS), version: 0 }
     }
 }
 
-/// How long the last admitted flow skips the tables (far below [`REPLY_WINDOW`]).
-const LAST_FOR: Duration = Duration::from_millis(500);
-
-impl Incoming {
-    pub fn new() -> Incoming {
-        Incoming::default()
+impl Workload {
+    pub fn new() -> Workload {
+        Workload::default()
     }
 
-    /// Takes in a flow a local workload opened (or renewed), as [`Outgoing::note`] returned it.
+    /// Takes in a flow the workload opened (or renewed), as [`Outgoing::note`] returned it.
     pub fn opened(&mut self, flow: Flow, now: Instant) {
         self.opened.insert(flow, now);
     }
@@ -153,38 +153,28 @@ impl Incoming {
         self.len() == 0
     }
 
-    /// Whether `packet` (already authenticated, for a local workload) may be delivered.
-    /// `view` identifies the policy and slice behind `admission`: cached verdicts go when it
-    /// changes.
-    pub fn admit(&mut self, admission: &impl Admission, view: usize, packet: &[u8], now: Instant) -> bool {
+    /// Whether `packet` (authenticated, for this workload) may be delivered.
+    pub fn admit(&mut self, admission: &impl Admission, packet: &[u8], now: Instant) -> bool {
         match packet::classify(packet) {
             Packet::Icmp => true,
             Packet::Fragment | Packet::Other => false,
             Packet::Transport { protocol, source, destination, .. } => {
-                let flow = Flow { protocol, local: destination, remote: source };
-                if view == self.view
-                    && self.last.is_some_and(|(f, at)| f == flow && now.duration_since(at) < LAST_FOR)
-                {
-                    return true;
-                }
-                let admitted = self.decide(admission, view, flow, now);
-                self.last = admitted.then_some((flow, now));
-                admitted
+                self.decide(admission, Flow { protocol, local: destination, remote: source }, now)
             }
         }
     }
 
-    fn decide(&mut self, admission: &impl Admission, view: usize, flow: Flow, now: Instant) -> bool {
-        // `flow` is seen from the local workload: a reply when the workload opened it.
+    fn decide(&mut self, admission: &impl Admission, flow: Flow, now: Instant) -> bool {
+        // `flow` is seen from the workload: a reply when the workload opened it.
         if self.opened.get(&flow).is_some_and(|at| now.duration_since(*at) < REPLY_WINDOW) {
             return true;
         }
-        if view != self.view {
+        if admission.version() != self.version {
             self.decided.clear();
-            self.view = view;
+            self.version = admission.version();
         }
         let (remote, local) = (flow.remote, flow.local);
-        let key = (remote.0, local.0, local.1, flow.protocol);
+        let key = (remote.0, local.1, flow.protocol);
         if let Some(&verdict) = self.decided.get(&key) {
             return verdict;
         }
@@ -194,30 +184,51 @@ impl Incoming {
     }
 }
 
-/// Delivery between two workloads of this node, which never crosses the underlay: the same
-/// rules as [`Incoming`], with the sending workload's flows noted as it sends them (they need no
-/// channel: both ends are here).
+/// The receive path's side, one per node: decides on every packet arriving for a local
+/// workload, by that workload's state (locked only when the packet is not of the flow admitted
+/// last).
 #[derive(Default)]
-pub struct Local {
-    incoming: Incoming,
-    outgoing: Outgoing,
+pub struct Incoming {
+    /// The flow admitted last, on which network, under which view, and when (a burst is mostly
+    /// one flow): admitted again without the workload's state for up to [`LAST_FOR`].
+    last: Option<(u32, Flow, u64, Instant)>,
 }
 
-impl Local {
-    pub fn new() -> Local {
-        Local::default()
+/// How long the last admitted flow skips the tables (far below [`REPLY_WINDOW`]).
+const LAST_FOR: Duration = Duration::from_millis(500);
+
+impl Incoming {
+    pub fn new() -> Incoming {
+        Incoming::default()
     }
 
-    /// Whether `packet`, sent by a workload of this node to another, may be delivered; when it
-    /// may, its flow is noted as one the sender opened, so that the replies to it pass.
-    pub fn deliver(&mut self, admission: &impl Admission, view: usize, packet: &[u8], now: Instant) -> bool {
-        if !self.incoming.admit(admission, view, packet, now) {
-            return false;
+    /// Whether `packet` (authenticated, for the local workload whose state is `workload`, on
+    /// `network`) may be delivered.
+    pub fn admit(
+        &mut self,
+        admission: &impl Admission,
+        network: u32,
+        workload: &Mutex<Workload>,
+        packet: &[u8],
+        now: Instant,
+    ) -> bool {
+        match packet::classify(packet) {
+            Packet::Icmp => true,
+            Packet::Fragment | Packet::Other => false,
+            Packet::Transport { protocol, source, destination, .. } => {
+                let flow = Flow { protocol, local: destination, remote: source };
+                let version = admission.version();
+                if self.last.is_some_and(|(n, f, v, at)| {
+                    (n, f, v) == (network, flow, version) && now.duration_since(at) < LAST_FOR
+                }) {
+                    return true;
+                }
+                let admitted =
+                    workload.lock().unwrap_or_else(PoisonError::into_inner).decide(admission, flow, now);
+                self.last = admitted.then_some((network, flow, version, now));
+                admitted
+            }
         }
-        if let Some(flow) = self.outgoing.note(packet, now) {
-            self.incoming.opened(flow, now);
-        }
-        true
     }
 }
 
@@ -231,38 +242,55 @@ mod tests {
     struct Rules(Vec<(Ipv4Addr, Ipv4Addr, u16)>);
 
     impl Admission for Rules {
+        fn version(&self) -> u64 {
+            1
+        }
+
         fn opens(&self, from: Ipv4Addr, to: Ipv4Addr, port: u16) -> bool {
             self.0.contains(&(from, to, port))
         }
     }
 
+    /// `Rules` under another version.
+    struct Versioned(u64, Rules);
+
+    impl Admission for Versioned {
+        fn version(&self) -> u64 {
+            self.0
+        }
+
+        fn opens(&self, from: Ipv4Addr, to: Ipv4Addr, port: u16) -> bool {
+            self.1.opens(from, to, port)
+        }
+    }
+
     #[test]
     fn new_flows_need_an_l4_rule_and_icmp_always_passes() {
-        let mut incoming = Incoming::new();
+        let mut incoming = Workload::new();
         let rules = Rules(vec![(A, B, 5432)]);
         let now = Instant::now();
-        assert!(incoming.admit(&rules, 1, &packet(TCP, (A, 40000), (B, 5432), SYN), now));
-        assert!(incoming.admit(&rules, 1, &packet(UDP, (A, 40000), (B, 5432), 0), now));
-        assert!(!incoming.admit(&rules, 1, &packet(TCP, (A, 40000), (B, 80), SYN), now));
-        assert!(!incoming.admit(&rules, 1, &packet(TCP, (B, 40000), (A, 5432), SYN), now), "one way");
-        assert!(incoming.admit(&rules, 1, &packet(ICMP, (B, 0), (A, 0), 0), now));
-        assert!(!incoming.admit(&rules, 1, &packet(47, (A, 0), (B, 0), 0), now));
+        assert!(incoming.admit(&rules, &packet(TCP, (A, 40000), (B, 5432), SYN), now));
+        assert!(incoming.admit(&rules, &packet(UDP, (A, 40000), (B, 5432), 0), now));
+        assert!(!incoming.admit(&rules, &packet(TCP, (A, 40000), (B, 80), SYN), now));
+        assert!(!incoming.admit(&rules, &packet(TCP, (B, 40000), (A, 5432), SYN), now), "one way");
+        assert!(incoming.admit(&rules, &packet(ICMP, (B, 0), (A, 0), 0), now));
+        assert!(!incoming.admit(&rules, &packet(47, (A, 0), (B, 0), 0), now));
     }
 
     #[test]
     fn replies_to_flows_a_workload_opened_pass_until_the_window_closes() {
         let mut outgoing = Outgoing::new();
-        let mut incoming = Incoming::new();
+        let mut incoming = Workload::new();
         let none = Rules(vec![]);
         let now = Instant::now();
         let reply = packet(TCP, (A, 5432), (B, 40000), SYN | ACK);
-        assert!(!incoming.admit(&none, 1, &reply, now), "nothing opened yet");
+        assert!(!incoming.admit(&none, &reply, now), "nothing opened yet");
         let noted = outgoing.note(&packet(TCP, (B, 40000), (A, 5432), SYN), now);
         incoming.opened(noted.expect("a new flow is noted"), now);
-        assert!(incoming.admit(&none, 1, &reply, now));
+        assert!(incoming.admit(&none, &reply, now));
         // Another port of the same workload is still closed.
-        assert!(!incoming.admit(&none, 1, &packet(TCP, (A, 5432), (B, 40001), ACK), now));
-        assert!(!incoming.admit(&none, 1, &reply, now + REPLY_WINDOW + Duration::from_secs(1)));
+        assert!(!incoming.admit(&none, &packet(TCP, (A, 5432), (B, 40001), ACK), now));
+        assert!(!incoming.admit(&none, &reply, now + REPLY_WINDOW + Duration::from_secs(1)));
     }
 
     #[test]
@@ -278,12 +306,34 @@ mod tests {
 
     #[test]
     fn cached_verdicts_follow_a_new_view() {
-        let mut incoming = Incoming::new();
+        let mut incoming = Workload::new();
         let p = packet(TCP, (A, 40000), (B, 5432), SYN);
         let now = Instant::now();
-        assert!(incoming.admit(&Rules(vec![(A, B, 5432)]), 1, &p, now));
-        assert!(incoming.admit(&Rules(vec![]), 1, &p, now), "same view: cached");
-        assert!(!incoming.admit(&Rules(vec![]), 2, &p, now), "new view: asked again");
+        assert!(incoming.admit(&Versioned(1, Rules(vec![(A, B, 5432)])), &p, now));
+        assert!(incoming.admit(&Versioned(1, Rules(vec![])), &p, now), "same view: cached");
+        assert!(!incoming.admit(&Versioned(2, Rules(vec![])), &p, now), "new view: asked again");
+    }
+
+    /// Two workloads of one node, A and B, as the send paths move packets between them: the
+    /// receiver's state admits, the sender's notes what it opened.
+    #[derive(Default)]
+    struct Pair {
+        a: (Outgoing, Workload),
+        b: (Outgoing, Workload),
+    }
+
+    impl Pair {
+        fn deliver(&mut self, rules: &Rules, p: &[u8], now: Instant) -> bool {
+            let from_a = crate::packet::Ipv4Header::parse(p).is_some_and(|ip| ip.source == A);
+            let (from, to) = if from_a { (&mut self.a, &mut self.b) } else { (&mut self.b, &mut self.a) };
+            if !to.1.admit(rules, p, now) {
+                return false;
+            }
+            if let Some(flow) = from.0.note(p, now) {
+                from.1.opened(flow, now);
+            }
+            true
+        }
     }
 
     /// What a workload of this node sends to another, and whether it is delivered.
@@ -310,27 +360,27 @@ mod tests {
             ("b replies to it", packet(UDP, (B, 5432), (A, 5000), 0), true),
             ("ICMP both ways", packet(ICMP, (B, 0), (A, 0), 0), true),
         ];
-        let mut local = Local::new();
+        let mut local = Pair::default();
         let now = Instant::now();
         for (step, p, delivered) in steps {
-            assert_eq!(local.deliver(&rules, 1, &p, now), delivered, "{step}");
+            assert_eq!(local.deliver(&rules, &p, now), delivered, "{step}");
         }
     }
 
     #[test]
     fn a_reply_shaped_packet_from_another_node_needs_a_flow_the_workload_opened() {
         let rules = Rules(vec![(A, B, 5432)]);
-        let mut incoming = Incoming::new();
+        let mut incoming = Workload::new();
         let now = Instant::now();
         // On B's node: A may open B:5432, so B's answers leave from 5432; nothing lets a packet
         // from A:5432 (or to another port of B) in.
-        assert!(!incoming.admit(&rules, 1, &packet(UDP, (A, 5432), (B, 9999), 0), now));
+        assert!(!incoming.admit(&rules, &packet(UDP, (A, 5432), (B, 9999), 0), now));
         // On A's node: A opened B:5432 from 40000; B's answer passes, B from 5432 elsewhere not.
         let mut outgoing = Outgoing::new();
         let flow = outgoing.note(&packet(TCP, (A, 40000), (B, 5432), SYN), now).expect("new flow");
         incoming.opened(flow, now);
-        assert!(incoming.admit(&rules, 1, &packet(TCP, (B, 5432), (A, 40000), SYN | ACK), now));
-        assert!(!incoming.admit(&rules, 1, &packet(UDP, (B, 5432), (A, 9999), 0), now));
+        assert!(incoming.admit(&rules, &packet(TCP, (B, 5432), (A, 40000), SYN | ACK), now));
+        assert!(!incoming.admit(&rules, &packet(UDP, (B, 5432), (A, 9999), 0), now));
     }
 
     /// `p` as a fragment: `more` fragments follow, at `offset` (in 8 bytes).
@@ -365,18 +415,18 @@ mod tests {
         ];
         let now = Instant::now();
         for (case, p, admitted) in cases {
-            assert_eq!(Incoming::new().admit(&rules, 1, &p, now), admitted, "from another node: {case}");
-            assert_eq!(Local::new().deliver(&rules, 1, &p, now), admitted, "on this node: {case}");
+            assert_eq!(Workload::new().admit(&rules, &p, now), admitted, "from another node: {case}");
+            assert_eq!(Pair::default().deliver(&rules, &p, now), admitted, "on this node: {case}");
         }
     }
 
     #[test]
     fn a_flood_of_flows_keeps_the_tables_at_their_bound_and_evicts_by_age_only() {
         let mut outgoing = Outgoing::new();
-        let mut incoming = Incoming::new();
+        let mut incoming = Workload::new();
         let none = Rules(vec![]);
         let start = Instant::now();
-        let open = |outgoing: &mut Outgoing, incoming: &mut Incoming, p: &[u8], now| {
+        let open = |outgoing: &mut Outgoing, incoming: &mut Workload, p: &[u8], now| {
             if let Some(flow) = outgoing.note(p, now) {
                 incoming.opened(flow, now);
             }
@@ -393,26 +443,26 @@ mod tests {
             if i == 100_000 {
                 // Renewed (past RENEW_AFTER): the newest again, so only later flows are younger.
                 assert!(now.duration_since(start) > RENEW_AFTER);
-                assert!(!incoming.admit(&none, 1, &reply, now), "evicted by the flood so far");
+                assert!(!incoming.admit(&none, &reply, now), "evicted by the flood so far");
                 open(&mut outgoing, &mut incoming, &legitimate, now);
-                assert!(incoming.admit(&none, 1, &reply, now), "noted again");
+                assert!(incoming.admit(&none, &reply, now), "noted again");
             }
         }
         assert_eq!((outgoing.len(), incoming.len()), (MAX_FLOWS, MAX_FLOWS));
         // 99,999 flows came after the renewal: more than the bound, so it is gone now; the
         // newest flows are all still there.
         let later = start + Duration::from_secs(201);
-        assert!(!incoming.admit(&none, 1, &reply, later), "evicted once MAX_FLOWS newer flows came");
+        assert!(!incoming.admit(&none, &reply, later), "evicted once MAX_FLOWS newer flows came");
         let newest = |i: u32| packet(UDP, (Ipv4Addr::from(0x0b00_0000 + i), 53), (B, 5000), 0);
         let oldest_kept = 200_000 - u32::try_from(MAX_FLOWS).unwrap();
-        assert!(incoming.admit(&none, 1, &newest(oldest_kept), later));
-        assert!(incoming.admit(&none, 1, &newest(199_999), later));
-        assert!(!incoming.admit(&none, 1, &newest(oldest_kept - 1), later), "the next older is gone");
+        assert!(incoming.admit(&none, &newest(oldest_kept), later));
+        assert!(incoming.admit(&none, &newest(199_999), later));
+        assert!(!incoming.admit(&none, &newest(oldest_kept - 1), later), "the next older is gone");
     }
 
     #[test]
     fn a_legitimate_flow_outlives_a_flood_smaller_than_the_bound() {
-        let mut incoming = Incoming::new();
+        let mut incoming = Workload::new();
         let none = Rules(vec![]);
         let now = Instant::now();
         let legitimate = Flow { protocol: TCP, local: (B, 40000), remote: (A, 443) };
@@ -423,9 +473,62 @@ mod tests {
             incoming.opened(flow, now);
         }
         let reply = packet(TCP, (A, 443), (B, 40000), ACK);
-        assert!(incoming.admit(&none, 1, &reply, now), "the table is full, nothing evicted yet");
+        assert!(incoming.admit(&none, &reply, now), "the table is full, nothing evicted yet");
         incoming.opened(Flow { protocol: UDP, local: (B, 5001), remote: (A, 53) }, now);
         let after = now + LAST_FOR + Duration::from_millis(1);
-        assert!(!incoming.admit(&none, 1, &reply, after), "the oldest goes first");
+        assert!(!incoming.admit(&none, &reply, after), "the oldest goes first");
+    }
+
+    #[test]
+    fn a_flood_from_one_workload_evicts_none_of_anothers_flows() {
+        const C: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+        let none = Rules(vec![]);
+        let start = Instant::now();
+        // B opened a flow to A, then went quiet.
+        let (mut b_out, b) = (Outgoing::new(), Mutex::new(Workload::new()));
+        let flow = b_out.note(&packet(TCP, (B, 40000), (A, 443), ACK), start).expect("new flow");
+        b.lock().unwrap().opened(flow, start);
+        // C, on the same node, opens flows as fast as it can: three times the bound.
+        let (mut c_out, c) = (Outgoing::new(), Mutex::new(Workload::new()));
+        for i in 0..3 * u32::try_from(MAX_FLOWS).unwrap() {
+            let p = packet(UDP, (C, 5000 + (i % 7) as u16), (Ipv4Addr::from(0x0b00_0000 + i), 53), 0);
+            if let Some(flow) = c_out.note(&p, start) {
+                c.lock().unwrap().opened(flow, start);
+            }
+        }
+        assert_eq!(c.lock().unwrap().len(), MAX_FLOWS, "C's state is at its bound");
+        // A floods B's port range too (nothing allows it): B's verdict cache is bounded.
+        let mut incoming = Incoming::new();
+        for port in 1..=u16::MAX {
+            assert!(!incoming.admit(&none, 1, &b, &packet(UDP, (A, 9), (B, port), 0), start));
+        }
+        let later = start + Duration::from_secs(60);
+        let reply = packet(TCP, (A, 443), (B, 40000), ACK);
+        assert!(incoming.admit(&none, 1, &b, &reply, later), "B's flow outlived both floods");
+        assert_eq!(b.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_receive_paths_last_flow_is_held_per_network_and_view() {
+        let rules = Rules(vec![(A, B, 5432)]);
+        let (b, other) = (Mutex::new(Workload::new()), Mutex::new(Workload::new()));
+        let mut incoming = Incoming::new();
+        let now = Instant::now();
+        let p = packet(TCP, (A, 40000), (B, 5432), ACK);
+        assert!(incoming.admit(&rules, 1, &b, &p, now));
+        // The same 5-tuple for a workload with B's address on another network: its own state.
+        assert!(!incoming.admit(&Rules(vec![]), 2, &other, &p, now), "another network");
+        assert!(incoming.admit(&rules, 1, &b, &p, now));
+        // A new view that refuses it: not let through on the strength of the last flow.
+        assert!(!incoming.admit(&Versioned(7, Rules(vec![])), 1, &b, &p, now), "another view");
+        assert!(!incoming.admit(&Versioned(7, Rules(vec![])), 1, &b, &p, now));
+        // Its fast path expires: a reply window closed since is seen.
+        let mut out = Outgoing::new();
+        let opened = out.note(&packet(UDP, (B, 5000), (A, 53), 0), now).unwrap();
+        b.lock().unwrap().opened(opened, now);
+        let reply = packet(UDP, (A, 53), (B, 5000), 0);
+        let none = Rules(vec![]);
+        assert!(incoming.admit(&none, 1, &b, &reply, now + REPLY_WINDOW - LAST_FOR / 2));
+        assert!(!incoming.admit(&none, 1, &b, &reply, now + REPLY_WINDOW + LAST_FOR * 2));
     }
 }

@@ -13,10 +13,11 @@
 //! ```
 //!
 //! The core's tables and the policy's view are swapped whole by their owner, so readers never
-//! lock; the receive task alone owns the replay windows and the filter's state, so they take no
-//! lock per packet either. A packet between two workloads of this node goes from one interface
-//! to the other without the underlay, through the same filter: its state for local delivery
-//! ([`filter::Local`]) is shared by the send paths under a lock taken per packet so delivered.
+//! lock; the receive task alone owns the replay windows. The filter's state is per workload
+//! ([`filter::Workload`], beside its device): its send path locks it to note a new flow, and
+//! whoever delivers to it locks it for a packet that is not of the flow admitted last. A packet
+//! between two workloads of this node goes from one interface to the other without the
+//! underlay, through the same state.
 //!
 //! Where the speed is won: one read of a device hands over a whole TCP burst (TSO, split into
 //! packets by tun-rs), the datagrams for one peer leave in one `sendmsg` (UDP GSO), one `recvmsg`
@@ -34,7 +35,6 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::aead::Backend;
@@ -43,8 +43,14 @@ use crate::filter::{self, Admission};
 
 pub use device::{Device, MTU};
 
+/// An attached interface: its device, and the filter's state for its workload.
+struct Attached {
+    device: tun_rs::AsyncDevice,
+    filter: Mutex<filter::Workload>,
+}
+
 /// The attached interfaces by (network ID, address), swapped whole on change.
-type Devices = Arc<ArcSwap<HashMap<(u32, Ipv4Addr), Arc<tun_rs::AsyncDevice>>>>;
+type Devices = Arc<ArcSwap<HashMap<(u32, Ipv4Addr), Arc<Attached>>>>;
 
 /// The running overlay of one node: the underlay socket, the tables in force, the attached
 /// interfaces and the receive task. `V` is the policy's view the filter asks about new flows,
@@ -56,10 +62,6 @@ pub struct Overlay<V> {
     sealer: Arc<Sealer>,
     counters: Arc<Counters>,
     views: Arc<ArcSwap<V>>,
-    /// The send paths' notes of flows workloads open, for the receive path's filter.
-    flows: mpsc::Sender<filter::Flow>,
-    /// The filter's state for delivery between workloads of this node.
-    local: Arc<Mutex<send::LocalFilter<V>>>,
     _receiver: AbortOnDropHandle<()>,
 }
 
@@ -72,14 +74,12 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
         let counters = Arc::new(Counters::default());
         let tables = Arc::new(ArcSwap::from_pointee(tables(&Config { local_index: 0, networks: vec![] })));
         let devices = Devices::default();
-        let (flows, noted) = mpsc::channel(filter::MAX_FLOWS);
         let receiver = receive::Receiver {
             socket: socket.clone(),
             tables: tables.clone(),
             devices: devices.clone(),
             counters: counters.clone(),
             views: views.clone(),
-            noted,
         };
         Ok(Overlay {
             socket,
@@ -87,9 +87,7 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
             devices,
             sealer: Arc::new(Sealer::new(boot, counters.clone())),
             counters,
-            local: Arc::new(Mutex::new(send::LocalFilter::new(views.load_full()))),
             views,
-            flows,
             _receiver: AbortOnDropHandle::new(tokio::spawn(receiver.run())),
         })
     }
@@ -108,9 +106,10 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
     /// packets are sent, and packets for `address` delivered to it, until the returned
     /// [`Interface`] is dropped.
     pub fn attach(&self, network: u32, address: Ipv4Addr, device: Device) -> std::io::Result<Interface> {
-        let device = Arc::new(device.into_async()?);
+        let attached =
+            Arc::new(Attached { device: device.into_async()?, filter: Mutex::new(filter::Workload::new()) });
         let sender = send::Sender {
-            device: device.clone(),
+            own: attached.clone(),
             network,
             address,
             socket: self.socket.clone(),
@@ -118,16 +117,14 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
             devices: self.devices.clone(),
             sealer: self.sealer.clone(),
             views: self.views.clone(),
-            flows: self.flows.clone(),
-            local: self.local.clone(),
         };
         let task = AbortOnDropHandle::new(tokio::spawn(sender.run()));
         self.devices.rcu(|map| {
             let mut map = HashMap::clone(map);
-            map.insert((network, address), device.clone());
+            map.insert((network, address), attached.clone());
             map
         });
-        Ok(Interface { network, address, device, devices: self.devices.clone(), _send: task })
+        Ok(Interface { network, address, attached, devices: self.devices.clone(), _send: task })
     }
 }
 
@@ -140,7 +137,7 @@ fn tables(config: &Config) -> Tables {
 pub struct Interface {
     network: u32,
     address: Ipv4Addr,
-    device: Arc<tun_rs::AsyncDevice>,
+    attached: Arc<Attached>,
     devices: Devices,
     _send: AbortOnDropHandle<()>,
 }
@@ -158,7 +155,7 @@ impl Drop for Interface {
         // Only this interface's own entry: another may have taken the address since.
         self.devices.rcu(|map| {
             let mut map = HashMap::clone(map);
-            if map.get(&key).is_some_and(|d| Arc::ptr_eq(d, &self.device)) {
+            if map.get(&key).is_some_and(|d| Arc::ptr_eq(d, &self.attached)) {
                 map.remove(&key);
             }
             map

@@ -7,13 +7,12 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Devices;
 use super::udp::MAX_DATAGRAM;
 use crate::core::{Counters, DropReason, Opener, Tables};
-use crate::filter::{Admission, Flow, Incoming};
+use crate::filter::{Admission, Incoming};
 
 /// Room before each inner packet handed to a tun device: its virtio-net header goes there.
 const TUN_HEADROOM: usize = 16;
@@ -33,22 +32,20 @@ fn packet_buffer(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
     b
 }
 
-/// What the receive path holds: it alone owns the replay windows and the filter's state.
+/// What the receive path holds: it alone owns the replay windows.
 pub(super) struct Receiver<V> {
     pub socket: Arc<UdpSocket>,
     pub tables: Arc<ArcSwap<Tables>>,
     pub devices: Devices,
     pub counters: Arc<Counters>,
     pub views: Arc<ArcSwap<V>>,
-    /// The flows the send paths saw workloads open.
-    pub noted: mpsc::Receiver<Flow>,
 }
 
 impl<V: Admission> Receiver<V> {
     /// Receives (one call may carry many coalesced datagrams: UDP GRO), opens and checks each,
     /// and writes them to each workload's interface coalesced again (tun GRO).
     pub async fn run(self) {
-        let Receiver { socket, tables, devices, counters, views, mut noted } = self;
+        let Receiver { socket, tables, devices, counters, views } = self;
         let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
             Ok(s) => s,
             Err(e) => {
@@ -60,11 +57,9 @@ impl<V: Admission> Receiver<V> {
         let mut incoming = Incoming::new();
         let mut buf = vec![0u8; MAX_DATAGRAM * 2];
         let mut meta = [quinn_udp::RecvMeta::default()];
-        // The tables and the view last seen, held so that a new one is told by its address
-        // (which the held one keeps from being reused); the view's generation for the filter.
+        // The tables last seen, held so that new ones are told by their address (which the
+        // held ones keep from being reused).
         let mut held_tables = tables.load_full();
-        let mut held_view = views.load_full();
-        let mut generation = 0usize;
         let mut gro = tun_rs::GROTable::default();
         // Inner packets waiting for each device, in reusable buffers.
         let mut pending: HashMap<(u32, Ipv4Addr), Vec<Vec<u8>>> = HashMap::new();
@@ -87,14 +82,8 @@ impl<V: Admission> Receiver<V> {
                 held_tables = t.clone();
             }
             let view = views.load_full();
-            if !Arc::ptr_eq(&view, &held_view) {
-                generation = generation.wrapping_add(1);
-                held_view = view.clone();
-            }
+            let devs = devices.load();
             let now = Instant::now();
-            while let Ok(flow) = noted.try_recv() {
-                incoming.opened(flow, now);
-            }
             let stride = if m.stride == 0 { m.len } else { m.stride };
             let mut at = 0;
             while at < m.len {
@@ -102,11 +91,16 @@ impl<V: Admission> Receiver<V> {
                 let datagram = &mut buf[at..end];
                 at = end;
                 match opener.open(&t, &counters, m.addr, datagram) {
-                    Ok(d) if !incoming.admit(&*view, generation, &datagram[d.range.clone()], now) => {
-                        counters.count_drop(DropReason::Filtered);
-                        debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
-                    }
                     Ok(d) => {
+                        let Some(to) = devs.get(&(d.network, d.destination)) else {
+                            debug!(from = %m.addr, "datagram for a workload no longer attached");
+                            continue;
+                        };
+                        if !incoming.admit(&*view, d.network, &to.filter, &datagram[d.range.clone()], now) {
+                            counters.count_drop(DropReason::Filtered);
+                            debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
+                            continue;
+                        }
                         let mut b = packet_buffer(&mut spare);
                         b.extend_from_slice(&datagram[d.range]);
                         pending.entry((d.network, d.destination)).or_default().push(b);
@@ -117,10 +111,9 @@ impl<V: Admission> Receiver<V> {
             if pending.is_empty() {
                 continue;
             }
-            let devs = devices.load();
             for (key, mut packets) in pending.drain() {
-                if let Some(device) = devs.get(&key)
-                    && let Err(e) = device.send_multiple(&mut gro, &mut packets, TUN_HEADROOM).await
+                if let Some(to) = devs.get(&key)
+                    && let Err(e) = to.device.send_multiple(&mut gro, &mut packets, TUN_HEADROOM).await
                 {
                     debug!(error = %e, "writing to a workload failed");
                 }
