@@ -173,6 +173,12 @@ impl Manager {
         &self.store
     }
 
+    /// This manager's own certificate and key, as its state directory holds them (the key
+    /// sealed by the data key).
+    pub(crate) fn identity(&self) -> Result<mesh_api::tls::Identity, crate::statedir::ClusterError> {
+        crate::statedir::open_identity(&self.dir, &self.data_key.lock().expect("lock"))
+    }
+
     /// The cluster CA, key included (from the replicated state).
     pub fn ca(&self) -> Result<Arc<ClusterCa>, Status> {
         let mut signer = self.signer.lock().expect("lock");

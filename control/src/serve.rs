@@ -5,9 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_api::pki::CertInfo;
 use mesh_api::proto::pb;
-use mesh_api::tls;
 use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::warn;
@@ -16,7 +14,7 @@ use crate::config;
 use crate::handlers::admin::AdminApi;
 use crate::handlers::gate::GateLayer;
 use crate::handlers::identity::IdentityApi;
-use crate::handlers::managers::{LockedApi, ManagersApi};
+use crate::handlers::managers::ManagersApi;
 use crate::handlers::session::SessionApi;
 use crate::manager::Manager;
 use crate::manager::connections::accept_tls;
@@ -128,34 +126,8 @@ fn server(
         .layer(GateLayer::new(cluster))
 }
 
-/// Serves a locked manager on `listener`: nothing but `Unlock`, until an admin gives the key that
-/// opens this manager's data key, which is returned.
-pub async fn serve_locked(
-    root: &std::path::Path,
-    listener: TcpListener,
-) -> Result<UnlockKey, statedir::ClusterError> {
-    let dir = ManagerDir::new(root);
-    let ca_pem = mesh_api::files::read_string(&dir.ca_cert())?;
-    let der = mesh_api::pki::pem_to_der(&ca_pem)?;
-    let tls_config = tls::server_config(&der, &statedir::open_identity(&dir)?)
-        .map_err(|e| statedir::ClusterError::Corrupt { path: dir.manager_cert(), error: e.to_string() })?;
-    let cluster = CertInfo::from_pem(&ca_pem)?.organization;
-    let (unlocked, mut key) = tokio::sync::mpsc::channel(1);
-    let mut gated = server(&cluster);
-    let api = LockedApi { dir, cluster, unlocked };
-    let (incoming, _accept) =
-        accept_tls(listener, config::CONNECTION_LIMITS, move || tls_config.clone(), |_, _| {});
-    let server = gated
-        .add_service(
-            pb::managers_server::ManagersServer::new(api)
-                .max_decoding_message_size(config::MAX_ANONYMOUS_MESSAGE),
-        )
-        .serve_with_incoming(incoming);
-    tokio::select! {
-        key = key.recv() => Ok(key.expect("the server holds the sender")),
-        result = server => Err(statedir::ClusterError::Corrupt {
-            path: root.to_owned(),
-            error: format!("the locked manager's server stopped: {result:?}"),
-        }),
-    }
+/// Serves a locked manager: nothing over the network, only the unlock socket in its state
+/// directory, until someone on this host gives the key that opens its data key, which is returned.
+pub async fn serve_locked(root: &std::path::Path) -> Result<UnlockKey, statedir::ClusterError> {
+    crate::handlers::unlock::serve(&ManagerDir::new(root)).await
 }

@@ -6,7 +6,9 @@
 //! DIR/data.key           the data key that seals the state at rest (0600); under autolock it is
 //!                        itself wrapped by the unlock key, which no manager keeps
 //! DIR/ca.crt             the root CA certificate
-//! DIR/manager.crt, .key  this manager's own certificate (key 0600)
+//! DIR/manager.crt, .key  this manager's own certificate; its key (0600) sealed by the data key,
+//!                        so under autolock it too is unreadable without the unlock key
+//! DIR/unlock.sock        while locked: where `meshctl unlock` gives the unlock key (0600)
 //! DIR/config.json        the listen and advertised addresses, the raft ID
 //! DIR/admin/             (first manager) the admin bundle for meshctl: ca.crt, admin.crt,
 //!                        admin.key (0600), control (one manager address per line)
@@ -126,6 +128,14 @@ impl ManagerDir {
     pub fn manager_key(&self) -> PathBuf {
         self.root.join("manager.key")
     }
+    /// The manager key sealed by a data key being put in place (see `Manager::rekey`).
+    pub fn manager_key_next(&self) -> PathBuf {
+        self.root.join("manager.key.next")
+    }
+    /// Where a locked manager listens for its unlock key.
+    pub fn unlock_socket(&self) -> PathBuf {
+        self.root.join(mesh_api::unlock::SOCKET)
+    }
     pub fn config(&self) -> PathBuf {
         self.root.join("config.json")
     }
@@ -202,9 +212,10 @@ pub async fn init_with_admin_dir(
         ca.issue_with_new_key(&Subject::admin(&cluster_id, crate::config::DEFAULT_ADMIN_CERT_LIFETIME))?;
     let admin_info = CertInfo::from_pem(&admin_cert)?;
     let identity = Identity { cert_pem: manager_cert.clone(), key_pem: manager_key };
+    let data_key = DataKey::generate();
 
     files::write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), PUBLIC)?;
-    dir.write_manager_identity(&identity)?;
+    dir.write_manager_identity(&identity, &data_key)?;
     AdminBundle {
         managers: vec![config.advertise.to_string()],
         ca_pem: ca.cert_pem().to_owned(),
@@ -242,7 +253,6 @@ pub async fn init_with_admin_dir(
             },
         },
     ];
-    let data_key = DataKey::generate();
     dir.write_data_key(&data_key, unlock_key.as_ref())?;
     let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
     let peers = Peers::new(ca.cert_der(), &identity)?;
@@ -303,10 +313,10 @@ pub async fn join(
     }
     files::create_private_dir(root)?;
     files::write_atomic(&dir.ca_cert(), joined.ca_pem.as_bytes(), PUBLIC)?;
-    dir.write_manager_identity(&joined.identity)?;
     // Into an autolocked cluster no key is written in the clear: this one stays in memory until
     // the manager learns the unlock key from the log and writes it wrapped.
     let data_key = DataKey::generate();
+    dir.write_manager_identity(&joined.identity, &data_key)?;
     if !joined.autolock {
         data_key.save(&dir.data_key(), None)?;
     }
@@ -379,8 +389,7 @@ async fn open_inner(
     let config = read_config(root)?;
     let ca_pem = files::read_string(&dir.ca_cert())?;
     let cluster_id = cluster_of(&dir, &ca_pem)?;
-    let manager_identity = open_identity(&dir)?;
-    let peers = Peers::new(&mesh_api::pki::pem_to_der(&ca_pem)?, &manager_identity)?;
+    let ca_der = mesh_api::pki::pem_to_der(&ca_pem)?;
     // The data key file, or (after a crash in the middle of putting a fresh data key in place)
     // the one beside it that the store was sealed under.
     let (key_path, next) = (dir.data_key(), dir.data_key_next());
@@ -406,6 +415,14 @@ async fn open_inner(
             Some(key) => key.clone(),
             None => KeyFile::read(&path)?.open(&path, unlock)?,
         };
+        let manager_identity = match open_identity(&dir, &data_key) {
+            Ok(identity) => identity,
+            Err(e) => {
+                failure = Some(e);
+                continue;
+            }
+        };
+        let peers = Peers::new(&ca_der, &manager_identity)?;
         // The state comes from the store's snapshot and log; this is only the empty shape.
         let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
         let opened = Store::open(
@@ -434,10 +451,10 @@ async fn open_inner(
                     data_key,
                 });
             }
-            Err(e) => failure = Some(e),
+            Err(e) => failure = Some(e.into()),
         }
     }
-    Err(failure.expect("data.key is always tried").into())
+    Err(failure.expect("data.key is always tried"))
 }
 
 /// The state of a stopped manager, read from its files (for tools and tests).
@@ -456,18 +473,94 @@ pub async fn read_state(root: &Path, unlock: Option<&UnlockKey>) -> Result<Clust
     Ok(state)
 }
 
+/// What the manager key is sealed for (bound in as associated data).
+const MANAGER_KEY: &[u8] = b"manager-key";
+
 impl ManagerDir {
-    /// Replaces this manager's own certificate and key.
-    pub fn write_manager_identity(&self, identity: &Identity) -> Result<(), FileError> {
-        files::write_atomic(&self.manager_key(), identity.key_pem.as_bytes(), SECRET)?;
+    /// Replaces this manager's own certificate and key, the key sealed by `data_key`.
+    pub fn write_manager_identity(&self, identity: &Identity, data_key: &DataKey) -> Result<(), FileError> {
+        data_key.save_sealed(&self.manager_key(), identity.key_pem.as_bytes(), MANAGER_KEY)?;
         files::write_atomic(&self.manager_cert(), identity.cert_pem.as_bytes(), PUBLIC)
+    }
+
+    /// Writes the manager key sealed by `fresh` beside the current one (see `Manager::rekey`).
+    pub fn write_manager_key_next(&self, identity: &Identity, fresh: &DataKey) -> Result<(), FileError> {
+        fresh.save_sealed(&self.manager_key_next(), identity.key_pem.as_bytes(), MANAGER_KEY)
+    }
+
+    /// Puts the manager key that [`ManagerDir::write_manager_key_next`] wrote in place.
+    pub fn commit_manager_key_next(&self) -> Result<(), FileError> {
+        let next = self.manager_key_next();
+        std::fs::rename(&next, self.manager_key()).map_err(|e| FileError::new("renaming", &next, e))
     }
 }
 
-/// This manager's current certificate and key.
-pub fn open_identity(dir: &ManagerDir) -> Result<Identity, FileError> {
-    Ok(Identity {
-        cert_pem: files::read_string(&dir.manager_cert())?,
-        key_pem: files::read_string(&dir.manager_key())?,
-    })
+/// This manager's current certificate and key, opened with `data_key`: from `manager.key`, or
+/// (after a crash in the middle of a data key change) the one beside it, which is then put in
+/// place. A key file from before keys were sealed is read as it is and rewritten sealed.
+pub fn open_identity(dir: &ManagerDir, data_key: &DataKey) -> Result<Identity, ClusterError> {
+    let cert_pem = files::read_string(&dir.manager_cert())?;
+    let (path, next) = (dir.manager_key(), dir.manager_key_next());
+    let opened = match data_key.load_sealed(&path, MANAGER_KEY) {
+        Err(SealError::Tag) if next.exists() => {
+            let key = data_key.load_sealed(&next, MANAGER_KEY)?;
+            dir.commit_manager_key_next()?;
+            key
+        }
+        other => other?,
+    };
+    let key_pem = match opened {
+        Some(bytes) => String::from_utf8(bytes)
+            .map_err(|_| ClusterError::Corrupt { path: path.clone(), error: "not a PEM key".into() })?,
+        None => {
+            let plain = files::read_string(&path)?;
+            if !plain.contains("PRIVATE KEY-----") {
+                return Err(ClusterError::Corrupt { path, error: "neither sealed nor a PEM key".into() });
+            }
+            let identity = Identity { cert_pem, key_pem: plain };
+            dir.write_manager_identity(&identity, data_key)?;
+            return Ok(identity);
+        }
+    };
+    Ok(Identity { cert_pem, key_pem })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(key: &str) -> Identity {
+        Identity { cert_pem: "CERT".into(), key_pem: format!("-----BEGIN PRIVATE KEY-----\n{key}\n") }
+    }
+
+    #[test]
+    fn the_manager_key_opens_after_a_crash_at_any_step_of_a_data_key_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ManagerDir::new(tmp.path());
+        let (old, fresh) = (DataKey::generate(), DataKey::generate());
+        dir.write_manager_identity(&identity("k"), &old).unwrap();
+        // Written beside, not yet in place: both keys still open it.
+        dir.write_manager_key_next(&identity("k"), &fresh).unwrap();
+        assert_eq!(open_identity(&dir, &old).unwrap().key_pem, identity("k").key_pem);
+        // The store was sealed under the fresh key, then the crash: the fresh key finds the
+        // key beside the file and puts it in place.
+        assert_eq!(open_identity(&dir, &fresh).unwrap().key_pem, identity("k").key_pem);
+        assert!(!dir.manager_key_next().exists());
+        assert!(open_identity(&dir, &fresh).is_ok());
+        assert!(open_identity(&dir, &old).is_err(), "the old data key opens the key no more");
+    }
+
+    #[test]
+    fn a_manager_key_in_the_clear_is_read_once_and_sealed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ManagerDir::new(tmp.path());
+        files::write_atomic(&dir.manager_cert(), b"CERT", PUBLIC).unwrap();
+        files::write_atomic(&dir.manager_key(), identity("k").key_pem.as_bytes(), SECRET).unwrap();
+        let key = DataKey::generate();
+        assert_eq!(open_identity(&dir, &key).unwrap().key_pem, identity("k").key_pem);
+        let text = std::fs::read_to_string(dir.manager_key()).unwrap();
+        assert!(text.starts_with("MESHSEALED1 ") && !text.contains("PRIVATE"), "{text}");
+        files::write_atomic(&dir.manager_key(), b"garbage", SECRET).unwrap();
+        assert!(open_identity(&dir, &key).is_err());
+    }
 }

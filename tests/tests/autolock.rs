@@ -1,6 +1,7 @@
-//! Autolock with the real binaries on loopback: a restarted manager serves nothing but `meshctl
-//! unlock`, refuses a wrong key, and its files cannot be read without the key; rotation retires
-//! the old key; turning autolock off unwraps the data key. Also what an attacker tries against
+//! Autolock with the real binaries on loopback: a restarted manager serves nothing on the network
+//! until `meshctl unlock --state-dir` gives it the key on its host, refuses a wrong key, and its
+//! files (its TLS key included) cannot be read without the key; rotation retires the old key;
+//! turning autolock off unwraps the data key. Also what an attacker tries against
 //! the managers: a worker token to make a manager, raft messages with a worker's or an admin's
 //! certificate.
 
@@ -34,7 +35,7 @@ impl Manager {
             Manager { dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{port}"), child: None };
         let init = Command::new(bin_dir().join("mesh-control"))
             .args(["init", "--autolock", "--listen", &m.listen, "--advertise", &m.listen, "--admin-dir"])
-            .arg(m.state().join("admin"))
+            .arg(m.admin())
             .arg("--state-dir")
             .arg(m.state())
             .output()
@@ -48,6 +49,30 @@ impl Manager {
         self.dir.path().join("m")
     }
 
+    /// The admin bundle: the operator's, outside the manager's state directory.
+    fn admin(&self) -> PathBuf {
+        self.dir.path().join("admin")
+    }
+
+    fn serving(&self) -> bool {
+        std::net::TcpStream::connect(&self.listen).is_ok()
+    }
+
+    /// `meshctl unlock --state-dir` with `key` on stdin; once it succeeds, waits for the
+    /// manager to serve.
+    fn unlock(&self, key: &str) -> Output {
+        let state = self.state();
+        let out = self.meshctl(&["unlock", "--state-dir", state.to_str().unwrap()], &format!("{key}\n"));
+        if out.status.success() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !self.serving() {
+                assert!(Instant::now() < deadline, "mesh-control did not serve once unlocked");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        out
+    }
+
     fn start(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
@@ -59,9 +84,9 @@ impl Manager {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        // Up (locked or not) once it accepts connections.
+        // Up once it serves, or (locked) once it listens on its unlock socket.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.listen).is_err() {
+        while !self.serving() && !self.state().join("unlock.sock").exists() {
             assert!(Instant::now() < deadline, "mesh-control did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -77,7 +102,7 @@ impl Manager {
     fn meshctl(&self, args: &[&str], stdin: &str) -> Output {
         let mut child = Command::new(bin_dir().join("meshctl"))
             .args(args)
-            .env("MESHCTL_ADMIN", self.state().join("admin"))
+            .env("MESHCTL_ADMIN", self.admin())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -127,17 +152,42 @@ async fn read_state(dir: &Path, key: Option<&str>) -> Result<control::state::Clu
 async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_without_the_key() {
     let (mut m, key) = Manager::init_autolocked();
 
-    // Fresh from init, the manager is locked as any restarted one is.
+    // Fresh from init, the manager is locked as any restarted one is: nothing on the network
+    // (it could not do TLS: its key is sealed too), only the unlock socket, 0600.
     m.start();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!m.serving(), "a locked manager accepts connections on its control port");
+    let socket = std::fs::metadata(m.state().join("unlock.sock")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&socket.permissions()) & 0o777, 0o600);
     let locked = m.meshctl(&["network", "ls"], "");
-    let message = String::from_utf8_lossy(&locked.stderr);
-    assert!(!locked.status.success() && message.contains("locked"), "{message}");
+    assert!(!locked.status.success());
     let wrong = UnlockKey::generate().to_string();
-    let refused = m.meshctl(&["unlock"], &format!("{wrong}\n"));
-    let message = String::from_utf8_lossy(&refused.stdout);
-    assert!(!refused.status.success() && message.contains("wrong unlock key"), "{message}");
-    let unlocked = m.meshctl(&["unlock"], &format!("{key}\n"));
-    assert!(unlocked.status.success(), "{}", String::from_utf8_lossy(&unlocked.stdout));
+    for (bad, why) in [
+        (wrong.as_str(), "wrong unlock key"),
+        ("MESHKEY-1-00", "an unlock key is"),
+        ("", "no unlock key"),
+        (&"x".repeat(4096), "not an unlock key"),
+    ] {
+        let refused = m.unlock(bad);
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && message.contains(why), "{why}: {message}");
+    }
+    // Straight at the socket: a megabyte without a newline is cut off at the line bound and
+    // refused; the manager goes on waiting.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(m.state().join("unlock.sock")).unwrap();
+        let _ = raw.write_all(&vec![b'M'; 1 << 20]);
+        let mut answer = String::new();
+        let _ = raw.read_to_string(&mut answer);
+        assert!(answer.starts_with("refused: "), "{answer:?}");
+    }
+    assert!(!m.serving(), "still locked after refused keys");
+    let unlocked = m.unlock(&key);
+    assert!(unlocked.status.success(), "{}", String::from_utf8_lossy(&unlocked.stderr));
+    assert!(!m.state().join("unlock.sock").exists(), "the unlock socket is removed once unlocked");
+    let again = m.unlock(&key);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no locked manager"), "unlocked twice");
     m.ok(&["network", "create", "kept", "--subnet", "10.60.0.0/24"]);
     assert_eq!(key_in(&m.ok(&["cluster", "unlock-key"])), key);
     let token = m.ok(&["join-token", "worker", "-q"]).trim().to_owned();
@@ -154,8 +204,11 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     let ca_body: String = ca_key.lines().filter(|l| !l.starts_with("-----")).collect();
     let data_key = std::fs::read_to_string(m.state().join("data.key")).unwrap();
     assert!(data_key.starts_with("MESHLOCK1 "), "the data key file is wrapped: {data_key}");
+    let manager_key = std::fs::read_to_string(m.state().join("manager.key")).unwrap();
+    assert!(manager_key.starts_with("MESHSEALED1 "), "the manager key is sealed: {manager_key}");
     for (path, bytes) in files(&m.state()) {
         let text = String::from_utf8_lossy(&bytes).replace('\n', "");
+        assert!(!text.contains("PRIVATE KEY"), "{} holds a private key in the clear", path.display());
         for secret in [&key[10..], token.as_str(), ca_body.as_str()] {
             assert!(!text.contains(secret), "{} holds a secret in the clear", path.display());
         }
@@ -168,7 +221,7 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     // Rotated, the old key no longer unlocks; the new one does, and the state is the same.
     let old_key_file = std::fs::read(m.state().join("data.key")).unwrap();
     m.start();
-    assert!(m.meshctl(&["unlock"], &format!("{key}\n")).status.success());
+    assert!(m.unlock(&key).status.success());
     let rotated = key_in(&m.ok(&["cluster", "unlock-key", "--rotate"]));
     assert_ne!(rotated, key);
     // The manager rewraps its data key file as the rotation is applied.
@@ -188,11 +241,15 @@ async fn a_locked_manager_serves_only_unlock_and_its_files_are_unreadable_withou
     std::fs::write(m.state().join("data.key"), &old_key_file).unwrap();
     let stale = control::statedir::read_state(&m.state(), Some(&key.parse().unwrap())).await;
     assert!(stale.is_err(), "the old data key with the old unlock key still opens the store");
+    // ... nor the manager's key, sealed again under the fresh data key.
+    let path = m.state().join("data.key");
+    let old_data_key = KeyFile::read(&path).unwrap().open(&path, Some(&key.parse().unwrap())).unwrap();
+    assert!(old_data_key.load_sealed(&m.state().join("manager.key"), b"manager-key").is_err());
     std::fs::write(m.state().join("data.key"), &now_key_file).unwrap();
     m.start();
-    let old = m.meshctl(&["unlock"], &format!("{key}\n"));
+    let old = m.unlock(&key);
     assert!(!old.status.success(), "the rotated-out key still unlocks");
-    assert!(m.meshctl(&["unlock"], &format!("{rotated}\n")).status.success());
+    assert!(m.unlock(&rotated).status.success());
     assert!(m.ok(&["network", "ls"]).contains("kept"));
 
     // Off: the data key is in the clear again and a restart needs no key.
@@ -258,7 +315,7 @@ async fn raft_messages_need_a_manager_certificate() {
 async fn a_manager_joining_an_autolocked_cluster_never_writes_its_data_key_in_the_clear() {
     let (mut m, key) = Manager::init_autolocked();
     m.start();
-    assert!(m.meshctl(&["unlock"], &format!("{key}\n")).status.success());
+    assert!(m.unlock(&key).status.success());
     let token = m.ok(&["join-token", "manager", "-q"]).trim().to_owned();
 
     let second = tempfile::tempdir().unwrap();
@@ -300,6 +357,8 @@ async fn a_manager_joining_an_autolocked_cluster_never_writes_its_data_key_in_th
     let _ = child.wait();
     let log = std::fs::read_to_string(second.path().join("log")).unwrap_or_default();
     assert!(wrapped, "no wrapped data key file appeared:\n{log}");
+    let manager_key = std::fs::read_to_string(state.join("manager.key")).unwrap();
+    assert!(manager_key.starts_with("MESHSEALED1 "), "the joining manager's key is in the clear");
     // Stopped, it is locked like any autolocked manager, and its state opens with the key.
     let state_now =
         read_state(&state, Some(&key)).await.expect("the joined manager's state opens with the key");

@@ -431,16 +431,6 @@ impl AdminClient {
     }
 }
 
-/// Gives `key` to the (locked) manager at `addr`, as the admin of `bundle`.
-pub async fn unlock(bundle: &crate::bundle::AdminBundle, addr: &str, key: &str) -> Result<(), ClientError> {
-    let channel = channel(addr, admin_tls(bundle)?).await?;
-    pb::managers_client::ManagersClient::new(channel)
-        .unlock(pb::UnlockRequest { key: key.to_owned() })
-        .await
-        .map_err(|s| ClientError::refused(addr, s))?;
-    Ok(())
-}
-
 /// TLS as the admin of `bundle`, trusting only its CA.
 fn admin_tls(bundle: &crate::bundle::AdminBundle) -> Result<Arc<ClientConfig>, ClientError> {
     let ca_der = crate::pki::pem_to_der(&bundle.ca_pem).map_err(|e| {

@@ -21,3 +21,4 @@ pub mod proto;
 pub mod slice;
 pub mod tls;
 pub mod tokens;
+pub mod unlock;

@@ -46,11 +46,13 @@ enum Cmd {
     /// Cluster-wide settings: autolock and its unlock key.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Unlock managers that restarted locked (autolock): the unlock key is read from stdin.
+    /// Unlock a manager that restarted locked (autolock), on its host: the unlock key is read
+    /// from stdin (not echoed on a terminal). No admin bundle is needed: whoever can open the
+    /// manager's state directory and knows the key may unlock it.
     Unlock {
-        /// The manager to unlock (host:port); default: every manager in the admin bundle.
+        /// The locked manager's state directory (its unlock socket is there).
         #[arg(long)]
-        manager: Vec<String>,
+        state_dir: std::path::PathBuf,
     },
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
@@ -150,6 +152,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Cmd::Lab(LabCmd::Status { dir }) => return lab::status(dir),
         Cmd::Lab(LabCmd::Down { dir }) => return lab::down(dir),
+        Cmd::Unlock { state_dir } => return cluster::unlock(state_dir).await,
         Cmd::Policy(PolicyCmd::Test { file }) => return policy::policy_test(file),
         Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, file: Some(file) }) => {
             let (name, text) = policy::read_policy(file)?;
@@ -159,13 +162,10 @@ async fn run() -> anyhow::Result<()> {
         _ => {}
     }
     let admin_dir = cli.admin.context(
-        "no admin bundle: pass --admin DIR or set MESHCTL_ADMIN (mesh-control init writes it to STATE_DIR/admin)",
+        "no admin bundle: pass --admin DIR or set MESHCTL_ADMIN (mesh-control init writes it to --admin-dir, by default ~/.config/mesh/admin)",
     )?;
     let mut bundle = AdminBundle::load(&admin_dir)
         .with_context(|| format!("cannot read the admin bundle in {}", admin_dir.display()))?;
-    if let Cmd::Unlock { manager } = &cli.command {
-        return cluster::unlock(&bundle, manager).await;
-    }
     let mut client = AdminClient::connect(&bundle).await?;
     // A bundle that cannot be written (read-only) still works with the managers it names.
     let _ = bundle.remember_managers(&admin_dir, client.managers());
@@ -178,7 +178,6 @@ async fn run() -> anyhow::Result<()> {
         Cmd::JoinToken { role, rotate, quiet } => {
             cluster::join_token(&mut client, &bundle, &role, rotate, quiet).await
         }
-        Cmd::Unlock { .. } => unreachable!("handled above"),
-        Cmd::Lab(_) => unreachable!("lab commands return above"),
+        Cmd::Unlock { .. } | Cmd::Lab(_) => unreachable!("these return above"),
     }
 }

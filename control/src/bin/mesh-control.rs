@@ -34,7 +34,8 @@ enum Cmd {
         #[arg(long, value_parser = parse_duration)]
         cert_expiry: Option<humantime::Duration>,
         /// Wrap the state's data key with an unlock key (`MESHKEY-1-...`, printed once): a
-        /// restarted manager serves nothing but `meshctl unlock` until given it.
+        /// restarted manager serves nothing until given it on its host (`meshctl unlock
+        /// --state-dir DIR`).
         #[arg(long)]
         autolock: bool,
         /// Where to write the admin bundle for meshctl (made 0700) [default: ~/.config/mesh/admin].
@@ -238,7 +239,8 @@ async fn run() -> anyhow::Result<()> {
                 println!();
                 println!("Autolock is on. The unlock key, shown only this once (keep it safe):");
                 println!("    {key}");
-                println!("A restarted manager serves nothing until given it: meshctl unlock");
+                println!("A restarted manager serves nothing until given it, on its host:");
+                println!("    meshctl unlock --state-dir {}", state_dir.display());
             }
             if run {
                 serve(state_dir, args.options()?, args.metrics, created.unlock_key, None).await?;
@@ -264,8 +266,8 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves the manager in `state_dir`; a locked one first waits for `meshctl unlock` (unless this
-/// process already holds the key: `init --autolock --run`).
+/// Serves the manager in `state_dir`; a locked one first waits for `meshctl unlock` on this host
+/// (unless this process already holds the key: `init --autolock --run`).
 async fn serve(
     state_dir: PathBuf,
     options: ManagerOptions,
@@ -280,9 +282,13 @@ async fn serve(
     let unlock = if known.is_some() {
         known
     } else if joined.is_none() && statedir::is_locked(&state_dir)? {
-        warn!(%listen, "this manager is locked (autolock): serving nothing but `meshctl unlock`");
+        warn!(
+            socket = %statedir::ManagerDir::new(&state_dir).unlock_socket().display(),
+            "this manager is locked (autolock): it serves nothing until unlocked on this host: meshctl unlock --state-dir {}",
+            state_dir.display()
+        );
         let key = tokio::select! {
-            key = serve::serve_locked(&state_dir, bind().await?) => key?,
+            key = serve::serve_locked(&state_dir) => key?,
             _ = stop() => return Ok(()),
         };
         info!("unlocked");

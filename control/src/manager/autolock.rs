@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::raft::seal::{DataKey, UnlockKey};
+use crate::statedir;
 
 impl Manager {
     /// Keeps this manager's data key file wrapped by the unlock key in force, or in the clear
@@ -59,16 +60,23 @@ impl Manager {
         }
     }
 
-    /// A fresh data key for `unlock`: written wrapped beside the current file first, then the
-    /// store sealed under it in one transaction, then put in the current file's place. A crash
-    /// between the two leaves the new key in `data.key.next`, which opening tries.
+    /// A fresh data key for `unlock`: written wrapped beside the current file first, with the
+    /// manager key sealed by it beside its file, then the store sealed under it in one
+    /// transaction, then both put in place. A crash in between leaves the new ones in
+    /// `data.key.next` and `manager.key.next`, which opening tries.
     fn rekey(&self, unlock: &UnlockKey) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // Held throughout: a renewal of the manager's certificate waits, then seals its new key
+        // under the fresh data key.
+        let mut current = self.data_key.lock().expect("lock");
+        let identity = statedir::open_identity(&self.dir, &current)?;
         let fresh = DataKey::generate();
         let next = self.dir.data_key_next();
         fresh.save(&next, Some(unlock))?;
+        self.dir.write_manager_key_next(&identity, &fresh)?;
         self.store.rekey(fresh.clone())?;
+        self.dir.commit_manager_key_next()?;
         std::fs::rename(&next, self.dir.data_key())?;
-        *self.data_key.lock().expect("lock") = fresh;
+        *current = fresh;
         Ok(())
     }
 }

@@ -12,7 +12,6 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::state::NodeState;
-use crate::statedir;
 
 impl Manager {
     /// Follows leadership: taking the lead gives every node `down_after` from now to reconnect
@@ -100,7 +99,7 @@ impl Manager {
     }
 
     async fn ask_to_be_added(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let identity = statedir::open_identity(&self.dir)?;
+        let identity = self.identity()?;
         let leader = self.leader_as(&identity, &self.config.join).await?;
         pb::managers_client::ManagersClient::new(leader.channel)
             .add_manager(pb::AddManagerRequest { control: self.config.advertise.to_string() })

@@ -14,7 +14,6 @@ use tracing::info;
 use super::Manager;
 use crate::ca::Subject;
 use crate::state::Command;
-use crate::statedir;
 
 impl Manager {
     /// Re-issues this manager's own certificate once past half its lifetime: the leader issues
@@ -22,7 +21,7 @@ impl Manager {
     pub(crate) async fn renew_own_certificate_if_due(
         &self,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let current = statedir::open_identity(&self.dir)?;
+        let current = self.identity()?;
         let info = CertInfo::from_pem(&current.cert_pem)?;
         let now = OffsetDateTime::now_utc();
         let half = info.not_before + (info.not_after - info.not_before) / 2;
@@ -51,7 +50,8 @@ impl Manager {
             Identity { cert_pem, key_pem: key.serialize_pem() }
         };
         let config = tls::server_config(&self.ca_cert.der, &identity)?;
-        self.dir.write_manager_identity(&identity)?;
+        // Under the data key's lock: a fresh data key (autolock) re-seals the key file meanwhile.
+        self.dir.write_manager_identity(&identity, &self.data_key.lock().expect("lock"))?;
         self.peers.set_identity(&self.ca_cert.der, &identity)?;
         *self.server_tls.lock().expect("lock") = config;
         info!(node = %id, "renewed the manager's own certificate");

@@ -32,6 +32,9 @@ pub enum SealError {
     File(#[from] FileError),
 }
 
+/// The first word of a secret file sealed by the data key; hex of the sealed blob follows.
+const SEALED_FILE: &str = "MESHSEALED1 ";
+
 /// The first word of a locked data key file; hex of the wrapped key follows.
 const LOCKED: &str = "MESHLOCK1 ";
 const UNLOCK_PREFIX: &str = "MESHKEY-1-";
@@ -156,6 +159,21 @@ impl DataKey {
         files::write_atomic(path, format!("{text}\n").as_bytes(), files::SECRET)
     }
 
+    /// Writes `plain` to `path` (0600) sealed by this key for `purpose`.
+    pub fn save_sealed(&self, path: &Path, plain: &[u8], purpose: &[u8]) -> Result<(), FileError> {
+        let text = format!("{SEALED_FILE}{}\n", hex(&self.seal(plain, purpose)));
+        files::write_atomic(path, text.as_bytes(), files::SECRET)
+    }
+
+    /// What [`DataKey::save_sealed`] wrote to `path` for `purpose`; `None` when the file is not
+    /// sealed at all (as written before sealing, to be rewritten).
+    pub fn load_sealed(&self, path: &Path, purpose: &[u8]) -> Result<Option<Vec<u8>>, SealError> {
+        let text = files::read_string(path)?;
+        let Some(sealed) = text.trim().strip_prefix(SEALED_FILE) else { return Ok(None) };
+        let blob = unhex_vec(sealed).ok_or(SealError::Format)?;
+        self.open(&blob, purpose).map(Some)
+    }
+
     pub fn seal(&self, plain: &[u8], purpose: &[u8]) -> Vec<u8> {
         let nonce = ids::random_bytes::<NONCE_LEN>();
         let sealed = self
@@ -193,6 +211,23 @@ mod tests {
         assert!(matches!(key.open(&blob, b"log"), Err(SealError::Tag)));
         assert!(matches!(DataKey::generate().open(&blob, b"state"), Err(SealError::Tag)));
         assert!(matches!(key.open(b"MSEAL1short", b"state"), Err(SealError::Format)));
+    }
+
+    #[test]
+    fn a_sealed_file_opens_only_with_its_key_and_purpose() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let key = DataKey::generate();
+        key.save_sealed(&path, b"-----BEGIN PRIVATE KEY-----", b"manager-key").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(SEALED_FILE) && !text.contains("PRIVATE"), "{text}");
+        assert_eq!(key.load_sealed(&path, b"manager-key").unwrap().unwrap(), b"-----BEGIN PRIVATE KEY-----");
+        assert!(matches!(key.load_sealed(&path, b"other"), Err(SealError::Tag)));
+        assert!(matches!(DataKey::generate().load_sealed(&path, b"manager-key"), Err(SealError::Tag)));
+        std::fs::write(&path, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        assert!(key.load_sealed(&path, b"manager-key").unwrap().is_none(), "not sealed");
+        std::fs::write(&path, "MESHSEALED1 zz\n").unwrap();
+        assert!(matches!(key.load_sealed(&path, b"manager-key"), Err(SealError::Format)));
     }
 
     #[test]

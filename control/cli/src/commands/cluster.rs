@@ -188,37 +188,40 @@ pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()
     Ok(())
 }
 
-/// `meshctl unlock`: gives the unlock key (from stdin) to each locked manager.
-pub async fn unlock(bundle: &AdminBundle, managers: &[String]) -> anyhow::Result<()> {
+/// `meshctl unlock --state-dir DIR`: gives the unlock key (from stdin) to the locked manager
+/// whose state directory is `state_dir`, on this host.
+pub async fn unlock(state_dir: &std::path::Path) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal};
-    if std::io::stdin().is_terminal() {
-        eprint!("Unlock key: ");
-    }
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).context("cannot read the unlock key from stdin")?;
-    let key = line.trim();
+    let key = if std::io::stdin().is_terminal() {
+        read_without_echo("Unlock key: ")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("cannot read the unlock key from stdin")?;
+        line
+    };
+    let key = key.trim();
     anyhow::ensure!(!key.is_empty(), "no unlock key given on stdin");
-    let targets = if managers.is_empty() { &bundle.managers } else { managers };
-    let mut unlocked = 0;
-    let mut failed = Vec::new();
-    for addr in targets {
-        match mesh_api::client::unlock(bundle, addr, key).await {
-            Ok(()) => {
-                println!("{addr}: unlocked");
-                unlocked += 1;
-            }
-            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => println!("{addr}: not locked"),
-            Err(e) => {
-                println!("{addr}: {e}");
-                failed.push(addr.clone());
-            }
-        }
-    }
-    anyhow::ensure!(failed.is_empty(), "{} manager(s) not unlocked: {}", failed.len(), failed.join(", "));
-    if unlocked == 0 {
-        println!("no manager was locked");
-    }
+    mesh_api::unlock::unlock(state_dir, key).await?;
+    println!("{}: unlocked", state_dir.display());
     Ok(())
+}
+
+/// A line from the terminal, not echoed.
+fn read_without_echo(prompt: &str) -> anyhow::Result<String> {
+    use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+    use std::io::BufRead;
+    eprint!("{prompt}");
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin).context("reading the terminal's settings")?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&stdin, SetArg::TCSANOW, &quiet).context("turning the terminal's echo off")?;
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    let _ = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
+    eprintln!();
+    read.context("cannot read the unlock key")?;
+    Ok(line)
 }
 
 /// `meshctl join-token ROLE`: shows (or rotates) the token and how to use it on another host.
