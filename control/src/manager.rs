@@ -240,6 +240,12 @@ impl Manager {
     }
 
     /// Every manager's control address, the leader first.
+    /// Every manager's node ID (removed ones are not managers any more): the certificates
+    /// nodes and admins accept as control.
+    pub fn manager_ids(&self) -> Vec<String> {
+        self.store.read(|s| s.managers().map(|m| m.id.to_string()).collect())
+    }
+
     pub fn manager_addresses(&self) -> Vec<String> {
         let l = self.store.leadership();
         let mut out: Vec<String> = l.leader_addr().map(str::to_owned).into_iter().collect();

@@ -246,6 +246,7 @@ pub fn slice_after(
             .map(|n| n.id.clone())
             .collect(),
         managers: state.managers().filter_map(|m| m.control.map(|c| c.to_string())).collect(),
+        manager_ids: state.managers().map(|m| m.id.to_string()).collect(),
     }
 }
 

@@ -218,6 +218,7 @@ pub async fn init_with_admin_dir(
     dir.write_manager_identity(&identity, &data_key)?;
     AdminBundle {
         managers: vec![config.advertise.to_string()],
+        manager_ids: vec![manager_id.to_string()],
         ca_pem: ca.cert_pem().to_owned(),
         identity: Identity { cert_pem: admin_cert, key_pem: admin_key },
     }

@@ -122,8 +122,8 @@ async fn connect_and_follow(
             continue;
         }
         // Where to go if this manager is lost.
-        if let Err(e) = NodeDir::new(&config.state_dir).set_managers(&slice.managers) {
-            warn!(error = %e, "cannot record the managers' addresses");
+        if let Err(e) = NodeDir::new(&config.state_dir).set_managers(&slice.managers, &slice.manager_ids) {
+            warn!(error = %e, "cannot record the managers' addresses and IDs");
         }
         *held = slice.version;
         info!(

@@ -352,6 +352,7 @@ mod tests {
             ca_pem: String::new(),
             identity: Identity { cert_pem: String::new(), key_pem: String::new() },
             managers: vec![],
+            manager_ids: vec![],
         })
     }
 

@@ -59,6 +59,7 @@ fn slice(api_endpoints: &[[u8; 4]]) -> NodeSlice {
         visibility: Default::default(),
         removed_nodes: vec![],
         managers: vec![],
+        manager_ids: vec![],
     }
 }
 

@@ -240,9 +240,11 @@ async fn admin_credentials_are_issued_from_a_csr_listed_and_revoked() {
     assert!(lifetime <= time::Duration::hours(1) + time::Duration::minutes(2), "{lifetime}");
     let second_bundle = mesh_api::bundle::AdminBundle {
         managers: vec![cluster.control()],
+        manager_ids: issued.manager_ids.clone(),
         ca_pem: issued.ca_pem.clone(),
         identity: Identity { cert_pem: issued.cert_pem.clone(), key_pem: key.serialize_pem() },
     };
+    assert_eq!(issued.manager_ids, cluster.manager.manager_ids(), "the new bundle pins the managers");
     let mut second = mesh_api::client::AdminClient::connect(&second_bundle).await.unwrap();
     let admins = second.list_admins().await.unwrap();
     assert_eq!(admins.len(), 2, "{admins:?}");

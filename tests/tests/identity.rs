@@ -436,3 +436,64 @@ async fn joining_an_already_joined_state_dir_is_refused() {
     assert!(matches!(err, IdentityError::AlreadyJoined(..)), "{err:?}");
     assert_eq!(NodeDir::new(&node_dir(&dir)).load().unwrap().id, id, "identity untouched");
 }
+
+/// Serves TLS handshakes (and nothing more) on loopback as `identity`; its address.
+async fn tls_server(ca_der: &[u8], identity: mesh_api::tls::Identity) -> String {
+    let config = mesh_api::tls::server_config(ca_der, &identity).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0u8; 1]).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS handshake with `addr` as control, trusting `trust`: `Err` with rustls's reason.
+async fn handshake(addr: &str, trust: mesh_api::tls::ServerTrust<'_>) -> Result<(), String> {
+    let config = mesh_api::tls::client_config(trust, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(pki::CONTROL_SERVER_NAME).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map(drop).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_node_accepts_as_control_only_the_managers_it_was_told_of() {
+    let cluster = TestCluster::start(HOUR).await;
+    let (dir, _) = cluster.join(Role::Worker).await;
+    let node = NodeDir::new(&node_dir(&dir)).load().unwrap();
+    let manager_id = cluster.manager.manager_ids();
+    assert_eq!(node.manager_ids, manager_id, "the join recorded the managers' node IDs");
+    let ca = cluster.manager.ca_der().to_vec();
+    let ca_signer = cluster.manager.ca().unwrap();
+    let cluster_id: ids::ClusterId = node.info.organization.parse().unwrap();
+    // What a removed (or stolen-from, decommissioned) manager holds: a manager certificate of
+    // this CA, still valid, for a node that is not a manager any more.
+    let rogue_id = ids::NodeId::random();
+    let (cert_pem, key_pem) =
+        ca_signer.issue_with_new_key(&Subject::node(&cluster_id, &rogue_id, Role::Manager, HOUR)).unwrap();
+    let rogue = tls_server(&ca, mesh_api::tls::Identity { cert_pem, key_pem }).await;
+    let pinned = mesh_api::tls::ServerTrust::Managers { ca: &ca, ids: &node.manager_ids };
+    let err = handshake(&rogue, pinned).await.unwrap_err();
+    assert!(err.contains("not one of the managers"), "{err}");
+    // The real manager passes the same check; a worker's certificate never does, whatever is
+    // pinned (it is no manager certificate).
+    handshake(&cluster.control(), mesh_api::tls::ServerTrust::Managers { ca: &ca, ids: &node.manager_ids })
+        .await
+        .unwrap();
+    let worker = tls_server(&ca, node.identity.clone()).await;
+    let ids = [node.id.to_string()];
+    assert!(handshake(&worker, mesh_api::tls::ServerTrust::Managers { ca: &ca, ids: &ids }).await.is_err());
+    // The pin is what refused the rogue: trusted by the CA alone (as a state directory from
+    // before manager IDs were kept is), it passes.
+    handshake(&rogue, mesh_api::tls::ServerTrust::Ca(&ca)).await.unwrap();
+    // A session's slice keeps the node's list current: the node's leader is found through it.
+    assert!(node.leader().await.is_ok());
+}

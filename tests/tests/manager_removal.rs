@@ -67,9 +67,16 @@ fn a_removed_manager_leaves_the_raft_group_stops_and_learns_nothing_after() {
     assert_eq!(removed["state"], "removed");
     assert!(removed.get("manager_status").is_none(), "{removed}");
 
-    // No manager list names it any more: the admin bundle's, refreshed by the calls above.
+    // No manager list names it any more: the admin bundle's, refreshed by the calls above, and
+    // the worker's (from its session's slices). Neither accepts its certificate as control again.
     let bundle = std::fs::read_to_string(lab.admin_dir().join("control")).unwrap();
     assert!(!bundle.contains(&lab.addr(follower)), "{bundle}");
+    let pinned = std::fs::read_to_string(lab.admin_dir().join("managers")).unwrap();
+    assert!(pinned.contains(&leader_id) && !pinned.contains(&follower_id), "admin pins: {pinned}");
+    lab.wait("the worker to pin the managers left", || {
+        let pinned = std::fs::read_to_string(lab.node_dir(4).join("managers")).unwrap_or_default();
+        pinned.contains(&leader_id) && !pinned.contains(&follower_id)
+    });
 
     // Its own state stopped at its removal: none of the new secrets reached it.
     let state = tokio::runtime::Runtime::new()

@@ -77,6 +77,8 @@ pub struct Leader {
     pub channel: Channel,
     /// Every manager's control address, as the leader knows them.
     pub managers: Vec<String>,
+    /// Every manager's node ID, as the leader knows them.
+    pub manager_ids: Vec<String>,
 }
 
 /// Finds the leader among `managers`, following the leader named by followers, and returns a
@@ -103,8 +105,13 @@ pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Le
             let mut client = pb::managers_client::ManagersClient::new(channel.clone());
             match client.leader(pb::LeaderRequest {}).await {
                 Ok(answer) => {
-                    let managers = answer.into_inner().managers;
-                    return Ok(Leader { addr, channel, managers });
+                    let answer = answer.into_inner();
+                    return Ok(Leader {
+                        addr,
+                        channel,
+                        managers: answer.managers,
+                        manager_ids: answer.manager_ids,
+                    });
                 }
                 Err(status) => {
                     if let Some(hint) = leader_hint(&status) {
@@ -173,6 +180,7 @@ pub async fn fetch_root_ca(addr: &str) -> Result<String, ClientError> {
 pub struct AdminClient {
     addr: String,
     managers: Vec<String>,
+    manager_ids: Vec<String>,
     inner: pb::admin_client::AdminClient<Channel>,
 }
 
@@ -182,12 +190,18 @@ impl AdminClient {
         let leader = leader(&bundle.managers, admin_tls(bundle)?).await?;
         let mut client = AdminClient::from_channel(&leader.addr, leader.channel);
         client.managers = leader.managers;
+        client.manager_ids = leader.manager_ids;
         Ok(client)
     }
 
     /// Every manager's address, as the leader named them when this client connected.
     pub fn managers(&self) -> &[String] {
         &self.managers
+    }
+
+    /// Every manager's node ID, as the leader named them when this client connected.
+    pub fn manager_ids(&self) -> &[String] {
+        &self.manager_ids
     }
 
     /// The manager this client talks to.
@@ -200,6 +214,7 @@ impl AdminClient {
         AdminClient {
             addr: addr.to_owned(),
             managers: Vec::new(),
+            manager_ids: Vec::new(),
             inner: pb::admin_client::AdminClient::new(channel),
         }
     }
@@ -436,7 +451,8 @@ fn admin_tls(bundle: &crate::bundle::AdminBundle) -> Result<Arc<ClientConfig>, C
     let ca_der = crate::pki::pem_to_der(&bundle.ca_pem).map_err(|e| {
         ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
     })?;
-    Ok(tls::client_config(ServerTrust::Ca(&ca_der), Some(&bundle.identity))?)
+    let trust = ServerTrust::Managers { ca: &ca_der, ids: &bundle.manager_ids };
+    Ok(tls::client_config(trust, Some(&bundle.identity))?)
 }
 
 fn name_request(name: &str) -> pb::NameRequest {

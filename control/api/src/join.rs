@@ -44,6 +44,8 @@ pub struct Joined {
     pub identity: Identity,
     /// Every manager's control address.
     pub managers: Vec<String>,
+    /// Every manager's node ID, as the leader named them.
+    pub manager_ids: Vec<String>,
     /// For a manager: the cluster is autolocked.
     pub autolock: bool,
 }
@@ -124,6 +126,7 @@ pub async fn join(
         ca_pem,
         identity: Identity { cert_pem: response.cert_pem, key_pem: key.serialize_pem() },
         managers: if leader.managers.is_empty() { managers.to_vec() } else { leader.managers },
+        manager_ids: leader.manager_ids,
         autolock: response.autolock,
     })
 }

@@ -118,6 +118,8 @@ pub struct NodeSlice {
     pub removed_nodes: Vec<NodeId>,
     /// Every manager's control address.
     pub managers: Vec<String>,
+    /// Every manager's node ID: the certificates the node accepts as control.
+    pub manager_ids: Vec<String>,
 }
 
 impl NodeSlice {
@@ -144,6 +146,7 @@ impl NodeSlice {
                 self.removed_nodes.iter().map(ToString::to_string).collect()
             },
             managers: self.managers.clone(),
+            manager_ids: self.manager_ids.clone(),
             removed_nodes_unchanged,
             policy_unchanged,
             policy_version: if policy_unchanged { 0 } else { self.policy.as_ref().map_or(0, |p| p.version) },
@@ -245,6 +248,7 @@ impl NodeSlice {
             && self.visibility == other.visibility
             && self.removed_nodes == other.removed_nodes
             && self.managers == other.managers
+            && self.manager_ids == other.manager_ids
     }
 }
 
@@ -570,6 +574,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                 .collect(),
             removed_nodes: s.removed_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
             managers: s.managers,
+            manager_ids: s.manager_ids,
         })
     }
 }
@@ -629,6 +634,7 @@ mod tests {
             visibility: BTreeMap::new(),
             removed_nodes: vec![NodeId::random()],
             managers: vec!["10.0.0.1:7400".into()],
+            manager_ids: vec!["m1".into()],
         }
     }
 

@@ -91,6 +91,11 @@ pub enum ServerTrust<'a> {
     /// The server's certificate must chain to this CA (DER) and name
     /// [`crate::pki::CONTROL_SERVER_NAME`].
     Ca(&'a [u8]),
+    /// As [`ServerTrust::Ca`], and the certificate must be a manager certificate of one of these
+    /// node IDs: the managers the client was last told of (by a session's slice, a leader's
+    /// answer). A certificate of a removed or demoted manager, valid as it may still be, is
+    /// refused. With no IDs known yet (a state written before they were kept), as `Ca`.
+    Managers { ca: &'a [u8], ids: &'a [String] },
     /// Any certificate, for one purpose only: fetching the root CA during a join, which the
     /// joining node then checks against the digest in its token before trusting or sending
     /// anything. The handshake signature is still verified.
@@ -107,6 +112,16 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match trust {
         ServerTrust::Ca(ca_der) => builder.with_root_certificates(roots(ca_der)?),
+        ServerTrust::Managers { ca, ids: [] } => builder.with_root_certificates(roots(ca)?),
+        ServerTrust::Managers { ca, ids } => {
+            let chain =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedManagers { chain, ids: ids.to_vec() }))
+        }
         ServerTrust::FetchCaOnly => {
             builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyForCaFetch(provider)))
         }
@@ -120,6 +135,61 @@ pub fn client_config(
     };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// See [`ServerTrust::Managers`]: the CA's checks first, then the pin.
+#[derive(Debug)]
+struct PinnedManagers {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    ids: Vec<String>,
+}
+
+impl ServerCertVerifier for PinnedManagers {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let info = crate::pki::CertInfo::from_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("unreadable server certificate: {e}")))?;
+        let manager = crate::tokens::Role::from_ou(&info.unit) == Some(crate::tokens::Role::Manager);
+        if !manager || !self.ids.contains(&info.common_name) {
+            return Err(rustls::Error::General(format!(
+                "the server's certificate ({} {}) is not one of the managers this client knows ({})",
+                info.unit,
+                info.common_name,
+                self.ids.join(", ")
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 /// See [`ServerTrust::FetchCaOnly`].

@@ -168,7 +168,7 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot read the admin bundle in {}", admin_dir.display()))?;
     let mut client = AdminClient::connect(&bundle).await?;
     // A bundle that cannot be written (read-only) still works with the managers it names.
-    let _ = bundle.remember_managers(&admin_dir, client.managers());
+    let _ = bundle.remember_managers(&admin_dir, client.managers(), client.manager_ids());
     match cli.command {
         Cmd::Node(cmd) => node::run(cmd, &mut client).await,
         Cmd::Network(cmd) => network::run(cmd, &mut client).await,

@@ -427,6 +427,7 @@ impl pb::admin_server::Admin for AdminApi {
             ca_pem: self.0.ca_cert.pem.clone(),
             managers: self.0.manager_addresses(),
             credential: Some(admin_pb(&info.serial, &record)),
+            manager_ids: self.0.manager_ids(),
         }))
     }
 

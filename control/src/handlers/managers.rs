@@ -24,6 +24,7 @@ impl pb::managers_server::Managers for ManagersApi {
         Ok(Response::new(pb::LeaderResponse {
             leader: self.0.config.advertise.to_string(),
             managers: self.0.manager_addresses(),
+            manager_ids: self.0.manager_ids(),
         }))
     }
 

@@ -38,6 +38,7 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         visibility: Default::default(),
         removed_nodes: vec![],
         managers: vec![],
+        manager_ids: vec![],
     };
     Zone::for_workload(&slice, &BTreeSet::from(["front".to_owned()]))
 });

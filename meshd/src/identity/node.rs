@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_api::bundle::{addresses, write_addresses};
+use mesh_api::bundle::{MANAGER_IDS, addresses, read_ids, write_addresses};
 use mesh_api::client::{self, ClientError};
 use mesh_api::files::{self, FileError, PUBLIC, SECRET};
 use mesh_api::ids::NodeId;
@@ -50,6 +50,10 @@ impl NodeDir {
     pub fn control(&self) -> PathBuf {
         self.root.join("control")
     }
+    /// The managers' node IDs: the only certificates accepted as control.
+    pub fn manager_ids(&self) -> PathBuf {
+        self.root.join(MANAGER_IDS)
+    }
 
     /// The node's current identity. Completes a renewal a crash interrupted between writing the
     /// new certificate and moving its key into place.
@@ -69,18 +73,22 @@ impl NodeDir {
         }
         let ca_pem = files::read_string(&self.ca())?;
         let managers = addresses(&files::read_string(&self.control())?);
+        let manager_ids = read_ids(&self.manager_ids())?;
         let info = CertInfo::from_pem(&cert_pem)?;
         let id = info.common_name.parse().map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
-        Ok(NodeIdentity { id, info, ca_pem, identity: Identity { cert_pem, key_pem }, managers })
+        Ok(NodeIdentity { id, info, ca_pem, identity: Identity { cert_pem, key_pem }, managers, manager_ids })
     }
 
-    /// Records the managers' addresses, when they changed.
-    pub fn set_managers(&self, managers: &[String]) -> Result<(), FileError> {
+    /// Records the managers' addresses and node IDs, when they changed.
+    pub fn set_managers(&self, managers: &[String], ids: &[String]) -> Result<(), FileError> {
         let current = files::read_string(&self.control()).map(|t| addresses(&t)).unwrap_or_default();
-        if managers.is_empty() || current == managers {
-            return Ok(());
+        if !managers.is_empty() && current != managers {
+            write_addresses(&self.control(), managers)?;
         }
-        write_addresses(&self.control(), managers)
+        if !ids.is_empty() && read_ids(&self.manager_ids())? != ids {
+            write_addresses(&self.manager_ids(), ids)?;
+        }
+        Ok(())
     }
 }
 
@@ -93,13 +101,17 @@ pub struct NodeIdentity {
     pub identity: Identity,
     /// The managers' control addresses.
     pub managers: Vec<String>,
+    /// The managers' node IDs: only their certificates are accepted as control (none known in
+    /// a state directory written before they were kept: any manager certificate of the CA).
+    pub manager_ids: Vec<String>,
 }
 
 impl NodeIdentity {
     /// A channel to the leading manager, over mTLS with the node certificate.
     pub async fn leader(&self) -> Result<client::Leader, IdentityError> {
         let ca_der = pki::pem_to_der(&self.ca_pem)?;
-        let config = mesh_api::tls::client_config(ServerTrust::Ca(&ca_der), Some(&self.identity))
+        let trust = ServerTrust::Managers { ca: &ca_der, ids: &self.manager_ids };
+        let config = mesh_api::tls::client_config(trust, Some(&self.identity))
             .map_err(|e| IdentityError::Client(ClientError::Tls(e)))?;
         Ok(client::leader(&self.managers, config).await?)
     }
@@ -126,6 +138,7 @@ pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Res
     files::create_private_dir(dir)?;
     files::write_atomic(&node_dir.ca(), joined.ca_pem.as_bytes(), PUBLIC)?;
     write_addresses(&node_dir.control(), &joined.managers)?;
+    write_addresses(&node_dir.manager_ids(), &joined.manager_ids)?;
     files::write_atomic(&node_dir.key(), joined.identity.key_pem.as_bytes(), SECRET)?;
     files::write_atomic(&node_dir.cert(), joined.identity.cert_pem.as_bytes(), PUBLIC)?;
     Ok(joined.id)

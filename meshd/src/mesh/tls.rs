@@ -302,6 +302,7 @@ mod tests {
             ca_pem: String::new(),
             identity,
             managers: vec![],
+            manager_ids: vec![],
         };
         let (publish, renewed) = watch::channel(Arc::new(node(node_certificate(&cluster, &id))));
         let served = Arc::new(NodeCertificate::new(&publish.borrow().identity).unwrap());

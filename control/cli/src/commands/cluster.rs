@@ -138,6 +138,7 @@ pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()
             let issued = client.issue_admin(csr_pem, expiry, &label).await?;
             let bundle = AdminBundle {
                 managers: issued.managers,
+                manager_ids: issued.manager_ids,
                 ca_pem: issued.ca_pem,
                 identity: mesh_api::tls::Identity { cert_pem: issued.cert_pem, key_pem: key.serialize_pem() },
             };
