@@ -353,9 +353,12 @@ pub struct Opened {
     pub data_key: DataKey,
 }
 
-/// Whether the manager in `root` is locked: its data key is wrapped by the unlock key.
+/// Whether the manager in `root` is locked: its data key (or, after a crash in the middle of
+/// putting a fresh one in place, the one beside it) is wrapped by the unlock key.
 pub fn is_locked(root: &Path) -> Result<bool, ClusterError> {
-    Ok(matches!(KeyFile::read(&ManagerDir::new(root).data_key())?, KeyFile::Locked(_)))
+    let dir = ManagerDir::new(root);
+    let path = if dir.data_key().exists() { dir.data_key() } else { dir.data_key_next() };
+    Ok(matches!(KeyFile::read(&path)?, KeyFile::Locked(_)))
 }
 
 /// The listen and advertised addresses of the manager in `root`.
@@ -403,23 +406,31 @@ async fn open_inner(
                 .into(),
         });
     }
-    let mut candidates = vec![key_path.clone()];
-    if next.exists() {
-        candidates.push(next.clone());
-    }
+    let mut candidates: Vec<PathBuf> =
+        [&key_path, &next].into_iter().filter(|p| p.exists()).cloned().collect();
     if known.is_some() {
         candidates = vec![PathBuf::new()];
     }
-    let mut failure = None;
+    // Each candidate key is tried whole (it opens the manager key and the store, or it is not
+    // the one); nothing is moved into place before the store opened with it. The first failure
+    // is the one reported (a wrong unlock key, say).
+    let mut failure: Option<ClusterError> = None;
     for path in candidates {
         let data_key = match &known {
-            Some(key) => key.clone(),
-            None => KeyFile::read(&path)?.open(&path, unlock)?,
+            Some(key) => Ok(key.clone()),
+            None => KeyFile::read(&path).and_then(|f| f.open(&path, unlock)),
         };
-        let manager_identity = match open_identity(&dir, &data_key) {
-            Ok(identity) => identity,
+        let data_key = match data_key {
+            Ok(key) => key,
             Err(e) => {
-                failure = Some(e);
+                failure.get_or_insert(e.into());
+                continue;
+            }
+        };
+        let (manager_identity, key_from_next) = match read_identity(&dir, &data_key) {
+            Ok(found) => found,
+            Err(e) => {
+                failure.get_or_insert(e);
                 continue;
             }
         };
@@ -436,24 +447,26 @@ async fn open_inner(
             peers.clone(),
         )
         .await;
-        match opened {
-            Ok(store) => {
-                if path == next {
-                    std::fs::rename(&next, &key_path).map_err(|e| FileError::new("renaming", &next, e))?;
-                }
-                return Ok(Opened {
-                    dir,
-                    config,
-                    store,
-                    cluster_id,
-                    ca_pem,
-                    manager_identity,
-                    peers,
-                    data_key,
-                });
+        let store = match opened {
+            Ok(store) => store,
+            Err(e) => {
+                failure.get_or_insert(e.into());
+                continue;
             }
-            Err(e) => failure = Some(e.into()),
+        };
+        // Opened: what this key sealed goes in place, and what a change that never came into
+        // force left beside it goes.
+        if key_from_next {
+            dir.commit_manager_key_next()?;
+        } else if dir.manager_key_next().exists() {
+            let _ = std::fs::remove_file(dir.manager_key_next());
         }
+        if path == next {
+            std::fs::rename(&next, &key_path).map_err(|e| FileError::new("renaming", &next, e))?;
+        } else if next.exists() && known.is_none() {
+            let _ = std::fs::remove_file(&next);
+        }
+        return Ok(Opened { dir, config, store, cluster_id, ca_pem, manager_identity, peers, data_key });
     }
     Err(failure.expect("data.key is always tried"))
 }
@@ -497,18 +510,20 @@ impl ManagerDir {
 }
 
 /// This manager's current certificate and key, opened with `data_key`: from `manager.key`, or
-/// (after a crash in the middle of a data key change) the one beside it, which is then put in
-/// place. A key file from before keys were sealed is read as it is and rewritten sealed.
+/// (after a crash in the middle of a data key change) the one beside it. A key file from
+/// before keys were sealed is read as it is and rewritten sealed.
 pub fn open_identity(dir: &ManagerDir, data_key: &DataKey) -> Result<Identity, ClusterError> {
+    read_identity(dir, data_key).map(|(identity, _)| identity)
+}
+
+/// [`open_identity`], and whether the key came from `manager.key.next` (not moved: that is for
+/// whoever knows the store opened under `data_key`).
+fn read_identity(dir: &ManagerDir, data_key: &DataKey) -> Result<(Identity, bool), ClusterError> {
     let cert_pem = files::read_string(&dir.manager_cert())?;
     let (path, next) = (dir.manager_key(), dir.manager_key_next());
-    let opened = match data_key.load_sealed(&path, MANAGER_KEY) {
-        Err(SealError::Tag) if next.exists() => {
-            let key = data_key.load_sealed(&next, MANAGER_KEY)?;
-            dir.commit_manager_key_next()?;
-            key
-        }
-        other => other?,
+    let (opened, from_next) = match data_key.load_sealed(&path, MANAGER_KEY) {
+        Err(SealError::Tag) if next.exists() => (data_key.load_sealed(&next, MANAGER_KEY)?, true),
+        other => (other?, false),
     };
     let key_pem = match opened {
         Some(bytes) => String::from_utf8(bytes)
@@ -520,10 +535,10 @@ pub fn open_identity(dir: &ManagerDir, data_key: &DataKey) -> Result<Identity, C
             }
             let identity = Identity { cert_pem, key_pem: plain };
             dir.write_manager_identity(&identity, data_key)?;
-            return Ok(identity);
+            return Ok((identity, false));
         }
     };
-    Ok(Identity { cert_pem, key_pem })
+    Ok((Identity { cert_pem, key_pem }, from_next))
 }
 
 #[cfg(test)]
@@ -544,10 +559,13 @@ mod tests {
         dir.write_manager_key_next(&identity("k"), &fresh).unwrap();
         assert_eq!(open_identity(&dir, &old).unwrap().key_pem, identity("k").key_pem);
         // The store was sealed under the fresh key, then the crash: the fresh key finds the
-        // key beside the file and puts it in place.
-        assert_eq!(open_identity(&dir, &fresh).unwrap().key_pem, identity("k").key_pem);
-        assert!(!dir.manager_key_next().exists());
-        assert!(open_identity(&dir, &fresh).is_ok());
+        // key beside the file, which is put in place only once the store opened with it.
+        let (found, from_next) = read_identity(&dir, &fresh).unwrap();
+        assert_eq!((found.key_pem, from_next), (identity("k").key_pem, true));
+        assert!(dir.manager_key_next().exists(), "nothing moved by reading");
+        dir.commit_manager_key_next().unwrap();
+        let (found, from_next) = read_identity(&dir, &fresh).unwrap();
+        assert_eq!((found.key_pem, from_next), (identity("k").key_pem, false));
         assert!(open_identity(&dir, &old).is_err(), "the old data key opens the key no more");
     }
 

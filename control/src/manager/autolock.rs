@@ -74,9 +74,11 @@ impl Manager {
         fresh.save(&next, Some(unlock))?;
         self.dir.write_manager_key_next(&identity, &fresh)?;
         self.store.rekey(fresh.clone())?;
+        // The store is under the fresh key from here on, whatever happens to the renames (a
+        // retry finds the manager key beside its file, as opening does).
+        *current = fresh;
         self.dir.commit_manager_key_next()?;
         std::fs::rename(&next, self.dir.data_key())?;
-        *current = fresh;
         Ok(())
     }
 }
