@@ -7,14 +7,15 @@
 #
 #   sudo benches/throughput.sh [seconds]    (default 10 s per measurement)
 #
-# Needs root. Builds the release binaries; installs iperf3 (apt) if missing. Peers come from
-# PEERS (default ../shared/bench/peers.sh); without it they are left out.
+# Needs root. Builds the release binaries (NO_BUILD=1: measures those already in
+# target/release, e.g. to compare two builds back to back); installs iperf3 (apt) if missing.
+# Peers come from PEERS (default ../shared/bench/peers.sh); without it they are left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 [ "$(id -u)" = 0 ] || { echo "throughput.sh: needs root (network namespaces)" >&2; exit 1; }
 command -v iperf3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
-cargo build --release --locked -q -p control -p meshctl -p meshd
+[ -n "${NO_BUILD:-}" ] || cargo build --release --locked -q -p control -p meshctl -p meshd
 bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release  # where cargo put them
 peers=${PEERS:-../shared/bench/peers.sh}
 out=${OUT:-$PWD/target/bench-overlay.json}

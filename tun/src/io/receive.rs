@@ -14,6 +14,12 @@ use super::udp::MAX_DATAGRAM;
 use crate::core::{Counters, DropReason, Opener, Tables};
 use crate::filter::{Admission, Incoming};
 
+/// Messages one receive call may bring (each may be a GRO train of many datagrams): under load
+/// one `recvmmsg` drains what queued while the last batch was written to the workloads.
+const RECV_BATCH: usize = 8;
+/// Room for one received message: a GRO train stays within 64 KiB; twice that, to be sure it is
+/// never cut short.
+const RECV_CHUNK: usize = MAX_DATAGRAM * 2;
 /// Room before each inner packet handed to a tun device: its virtio-net header goes there.
 const TUN_HEADROOM: usize = 16;
 /// Room every buffer of a packet bound for a device has: tun-rs's GRO table merges the segments
@@ -55,8 +61,9 @@ impl<V: Admission> Receiver<V> {
         };
         let mut opener = Opener::default();
         let mut incoming = Incoming::new();
-        let mut buf = vec![0u8; MAX_DATAGRAM * 2];
-        let mut meta = [quinn_udp::RecvMeta::default()];
+        // Room for RECV_BATCH messages per call (recvmmsg), each a GRO train of up to 64 KiB.
+        let mut buf = vec![0u8; RECV_CHUNK * RECV_BATCH];
+        let mut meta = [quinn_udp::RecvMeta::default(); RECV_BATCH];
         // The tables last seen, held so that new ones are told by their address (which the
         // held ones keep from being reused).
         let mut held_tables = tables.load_full();
@@ -67,15 +74,22 @@ impl<V: Admission> Receiver<V> {
         loop {
             let received = socket
                 .async_io(tokio::io::Interest::READABLE, || {
-                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                    state.recv((&*socket).into(), &mut iov, &mut meta)
+                    let mut iovs: [std::io::IoSliceMut; RECV_BATCH] = {
+                        let mut chunks = buf.chunks_mut(RECV_CHUNK);
+                        std::array::from_fn(|_| {
+                            std::io::IoSliceMut::new(chunks.next().expect("RECV_BATCH chunks"))
+                        })
+                    };
+                    state.recv((&*socket).into(), &mut iovs, &mut meta)
                 })
                 .await;
-            if let Err(e) = received {
-                debug!(error = %e, "receiving from the underlay failed");
-                continue;
-            }
-            let m = meta[0];
+            let messages = match received {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!(error = %e, "receiving from the underlay failed");
+                    continue;
+                }
+            };
             let t = tables.load_full();
             if !Arc::ptr_eq(&t, &held_tables) {
                 opener.retain_epochs(&t);
@@ -84,28 +98,31 @@ impl<V: Admission> Receiver<V> {
             let view = views.load_full();
             let devs = devices.load();
             let now = Instant::now();
-            let stride = if m.stride == 0 { m.len } else { m.stride };
-            let mut at = 0;
-            while at < m.len {
-                let end = (at + stride).min(m.len);
-                let datagram = &mut buf[at..end];
-                at = end;
-                match opener.open(&t, &counters, m.addr, datagram) {
-                    Ok(d) => {
-                        let Some(to) = devs.get(&(d.network, d.destination)) else {
-                            debug!(from = %m.addr, "datagram for a workload no longer attached");
-                            continue;
-                        };
-                        if !incoming.admit(&*view, d.network, &to.filter, &datagram[d.range.clone()], now) {
-                            counters.count_drop(DropReason::Filtered);
-                            debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
-                            continue;
+            for (m, message) in meta.iter().zip(buf.chunks_mut(RECV_CHUNK)).take(messages) {
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                let mut at = 0;
+                while at < m.len {
+                    let end = (at + stride).min(m.len);
+                    let datagram = &mut message[at..end];
+                    at = end;
+                    match opener.open(&t, &counters, m.addr, datagram) {
+                        Ok(d) => {
+                            let Some(to) = devs.get(&(d.network, d.destination)) else {
+                                debug!(from = %m.addr, "datagram for a workload no longer attached");
+                                continue;
+                            };
+                            if !incoming.admit(&*view, d.network, &to.filter, &datagram[d.range.clone()], now)
+                            {
+                                counters.count_drop(DropReason::Filtered);
+                                debug!(from = %m.addr, "datagram filtered: no L4 rule lets it into the workload");
+                                continue;
+                            }
+                            let mut b = packet_buffer(&mut spare);
+                            b.extend_from_slice(&datagram[d.range]);
+                            pending.entry((d.network, d.destination)).or_default().push(b);
                         }
-                        let mut b = packet_buffer(&mut spare);
-                        b.extend_from_slice(&datagram[d.range]);
-                        pending.entry((d.network, d.destination)).or_default().push(b);
+                        Err(reason) => debug!(from = %m.addr, reason = reason.name(), "datagram dropped"),
                     }
-                    Err(reason) => debug!(from = %m.addr, reason = reason.name(), "datagram dropped"),
                 }
             }
             if pending.is_empty() {
