@@ -29,11 +29,12 @@ json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
 
 m = results["machine"]
 lines = [f"Ran {results['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}.", ""]
-lines += ["| overlay path | Gbit/s | meshd CPU s per Gbit | UDP loss |", "|---|---|---|---|"]
+lines += ["| overlay path | Gbit/s | × underlay (same run) | meshd CPU s per Gbit | UDP loss |", "|---|---|---|---|---|"]
 for r in overlay["throughput"]:
     cpu = r.get("meshd_cpu_s_per_gbit")
     loss = r.get("lost_percent")
-    lines.append(f"| {r['name']} | {r['gbps']:.2f} | {'' if cpu is None else cpu} | {'' if loss is None else f'{loss} %'} |")
+    ratio = r.get("ratio_to_underlay")
+    lines.append(f"| {r['name']} | {r['gbps']:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | {'' if cpu is None else cpu} | {'' if loss is None else f'{loss} %'} |")
 p = overlay["ping_ms"]
 lines += ["", f"Ping, average of 200: mesh overlay {p['mesh']:.3f} ms, plain underlay {p['underlay']:.3f} ms.", ""]
 lines += ["| L7 path (wrk, keep-alive) | requests/s | p50 | p99 |", "|---|---|---|---|"]

@@ -78,14 +78,19 @@ for line in peer_lines.splitlines():
     parts = line.split()
     if len(parts) >= 2:
         rows.append({"name": f"peer {parts[0]} TCP, 1 stream", "gbps": float(parts[1])})
+underlay = next((r["gbps"] for r in rows if r["name"] == "underlay TCP, 1 stream"), None)
+for r in rows:
+    if underlay and not r["name"].startswith("underlay"):
+        r["ratio_to_underlay"] = round(r["gbps"] / underlay, 3)
 data = {"seconds": secs, "throughput": rows,
         "ping_ms": {"mesh": float(mesh_ping), "underlay": float(plain_ping)}}
 json.dump(data, open(out, "w"), indent=2)
-print(f"{'path':<28} {'Gbit/s':>7} {'meshd CPU s/Gbit':>17} {'UDP loss':>9}")
+print(f"{'path':<28} {'Gbit/s':>7} {'x underlay':>10} {'meshd CPU s/Gbit':>17} {'UDP loss':>9}")
 for r in rows:
     cpu = r.get("meshd_cpu_s_per_gbit")
     loss = r.get("lost_percent")
-    print(f"{r['name']:<28} {r['gbps']:>7.2f} {'' if cpu is None else cpu:>17} {'' if loss is None else str(loss) + ' %':>9}")
+    ratio = r.get("ratio_to_underlay")
+    print(f"{r['name']:<28} {r['gbps']:>7.2f} {'' if ratio is None else f'{ratio:.3f}':>10} {'' if cpu is None else cpu:>17} {'' if loss is None else str(loss) + ' %':>9}")
 print(f"ping (avg of 200): mesh {data['ping_ms']['mesh']:.3f} ms, underlay {data['ping_ms']['underlay']:.3f} ms")
 print(f"JSON: {out}")
 PY
