@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The overlay, measured: iperf3 between two workloads on two hosts through meshd (encrypted
-# network) — TCP with 1 and 4 streams, UDP — with meshd's CPU seconds per gigabit, and ping
+# network) — TCP with 1 and 4 streams, UDP unbounded and at fixed offered rates (UDP_RATES, in
+# Gbit/s; default 0.25 0.5 1 2) — with meshd's CPU seconds per gigabit, and ping
 # latency; beside the plain underlay between the same hosts, and Nebula and boringtun measured in
 # the same run by the peers script. Prints a table and writes JSON (OUT, default
 # target/bench-overlay.json).
@@ -61,6 +62,10 @@ rows=()
 rows+=("$(iperf "mesh TCP, 1 stream" "$cli_ns" "$srv_ns" "$srv_ip")")
 rows+=("$(iperf "mesh TCP, 4 streams" "$cli_ns" "$srv_ns" "$srv_ip" -P 4)")
 rows+=("$(iperf "mesh UDP" "$cli_ns" "$srv_ns" "$srv_ip" -u -b 0 -l 1300)")
+# Inner UDP at fixed offered rates (UDP_RATES, Gbit/s): throughput and loss at each.
+for rate in ${UDP_RATES:-0.25 0.5 1 2}; do
+  rows+=("$(iperf "mesh UDP at $rate Gbit/s" "$cli_ns" "$srv_ns" "$srv_ip" -u -b "${rate}G" -l 1300)")
+done
 rows+=("$(iperf "underlay TCP, 1 stream" "$(host 2)" "$(host 3)" "$(addr 3)")")
 mesh_ping=$(ping_ms "$cli_ns" "$srv_ip"); plain_ping=$(ping_ms "$(host 2)" "$(addr 3)")
 for i in 2 3; do ip netns exec "$(host "$i")" "$bin/meshd" status --state-dir "$(node_dir "$i")" | grep '^packets' | sed "s/^/  h$i /" >&2; done

@@ -48,47 +48,68 @@ impl<V: Admission> Sender<V> {
         let mut out = Vec::with_capacity(MAX_DATAGRAM);
         let mut batch = Batch::new();
         loop {
-            let n = match own.device.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
+            let mut n = match own.device.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
                 Ok(n) => n,
                 Err(e) => {
                     warn!(error = %e, %address, "reading the workload's interface failed; stopping");
                     return;
                 }
             };
-            let tables = tables.load();
-            let now = Instant::now();
-            for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-                let packet = &buf[..size];
-                if let Some(ip) = Ipv4Header::parse(packet)
-                    && ip.source == address
-                    && tables.is_local(network, ip.destination)
-                {
-                    // To a workload of this node: its state admits, as from another node.
-                    let to = devices.load().get(&(network, ip.destination)).cloned();
-                    let admitted =
-                        to.as_ref().is_some_and(|to| lock(&to.filter).admit(&**views.load(), packet, now));
-                    if !admitted {
-                        sealer.counters.count_drop(DropReason::Filtered);
+            // What is already queued on the device joins this batch (small packets, one per
+            // read, then leave in one GSO send per peer); an empty queue ends it at once.
+            let mut reads = 1;
+            loop {
+                let tables = tables.load();
+                let now = Instant::now();
+                for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+                    let packet = &buf[..size];
+                    if let Some(ip) = Ipv4Header::parse(packet)
+                        && ip.source == address
+                        && tables.is_local(network, ip.destination)
+                    {
+                        // To a workload of this node: its state admits, as from another node.
+                        let to = devices.load().get(&(network, ip.destination)).cloned();
+                        let admitted = to
+                            .as_ref()
+                            .is_some_and(|to| lock(&to.filter).admit(&**views.load(), packet, now));
+                        if !admitted {
+                            sealer.counters.count_drop(DropReason::Filtered);
+                            continue;
+                        }
+                        note(&mut outgoing, &own, packet, now);
+                        if let Some(to) = to {
+                            let _ = to.device.send(packet).await;
+                        }
                         continue;
                     }
-                    note(&mut outgoing, &own, packet, now);
-                    if let Some(to) = to {
-                        let _ = to.device.send(packet).await;
+                    if let Ok(to) = sealer.seal(&tables, network, address, packet, &mut out) {
+                        note(&mut outgoing, &own, packet, now);
+                        if !batch.fits(to, out.len(), max_segments) {
+                            batch.flush(&socket, &state).await;
+                        }
+                        batch.push(to, &out);
                     }
-                    continue;
                 }
-                if let Ok(to) = sealer.seal(&tables, network, address, packet, &mut out) {
-                    note(&mut outgoing, &own, packet, now);
-                    if !batch.fits(to, out.len(), max_segments) {
-                        batch.flush(&socket, &state).await;
+                if reads == READS_PER_FLUSH {
+                    break;
+                }
+                match own.device.try_recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
+                    Ok(more) => {
+                        n = more;
+                        reads += 1;
                     }
-                    batch.push(to, &out);
+                    // Nothing queued (or an error the blocking read above reports).
+                    Err(_) => break,
                 }
             }
             batch.flush(&socket, &state).await;
         }
     }
 }
+
+/// Most device reads taken before the batch is sent (a TCP burst is one read; small packets are
+/// one each).
+const READS_PER_FLUSH: usize = 64;
 
 /// Notes `packet`, leaving the workload of `own`, in its filter state when it opens (or renews)
 /// a flow, so that the replies to it pass.
