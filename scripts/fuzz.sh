@@ -17,6 +17,11 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-co
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 export CARGO_TARGET_DIR=$PWD/target/fuzz
+# The workspace's release profile (thin LTO, debug info) is for the binaries users run; a fuzz
+# build for a bounded smoke run needs neither, nor full optimisation (opt-level 1 builds much
+# faster and still runs the targets at hundreds of thousands of inputs a minute).
+export CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+  CARGO_PROFILE_RELEASE_OPT_LEVEL=1
 # RUSTFLAGS then reach only what runs under the fuzzer, not build scripts or proc macros.
 triple=$(rustc -vV | sed -n "s/^host: //p")
 out=$CARGO_TARGET_DIR/artifacts
