@@ -361,6 +361,16 @@ pub fn is_locked(root: &Path) -> Result<bool, ClusterError> {
     Ok(matches!(KeyFile::read(&path)?, KeyFile::Locked(_)))
 }
 
+/// Whether `key` opens this manager's data key: the current file, or (after a crash in the
+/// middle of putting a fresh one in place) the one beside it, as opening tries them.
+pub fn unlock_opens(dir: &ManagerDir, key: &UnlockKey) -> Result<(), SealError> {
+    let open = |path: &Path| KeyFile::read(path).and_then(|f| f.open(path, Some(key))).map(drop);
+    match open(&dir.data_key()) {
+        Err(_) if dir.data_key_next().exists() => open(&dir.data_key_next()),
+        other => other,
+    }
+}
+
 /// The listen and advertised addresses of the manager in `root`.
 pub fn read_config(root: &Path) -> Result<ManagerConfig, ClusterError> {
     let dir = ManagerDir::new(root);

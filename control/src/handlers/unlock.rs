@@ -8,8 +8,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
-use crate::raft::seal::{KeyFile, SealError, UnlockKey};
-use crate::statedir::{ClusterError, ManagerDir};
+use crate::raft::seal::UnlockKey;
+use crate::statedir::{self, ClusterError, ManagerDir};
 use mesh_api::files::FileError;
 use mesh_api::unlock::{MAX_LINE, REFUSED, TIMEOUT, UNLOCKED};
 
@@ -53,7 +53,7 @@ async fn exchange(dir: &ManagerDir, stream: UnixStream) -> Option<UnlockKey> {
     let (answer, key) = match read.map(|_| line.parse::<UnlockKey>()) {
         Err(e) => (format!("{REFUSED}{e}"), None),
         Ok(Err(e)) => (format!("{REFUSED}{e}"), None),
-        Ok(Ok(key)) => match opens(dir, &key) {
+        Ok(Ok(key)) => match statedir::unlock_opens(dir, &key) {
             Ok(()) => (UNLOCKED.to_owned(), Some(key)),
             Err(e) => (format!("{REFUSED}{e}"), None),
         },
@@ -64,17 +64,6 @@ async fn exchange(dir: &ManagerDir, stream: UnixStream) -> Option<UnlockKey> {
     }
     let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
     key
-}
-
-/// Whether `key` opens this manager's data key (the current file, or the one being put in place).
-fn opens(dir: &ManagerDir, key: &UnlockKey) -> Result<(), SealError> {
-    let current = KeyFile::read(&dir.data_key()).and_then(|f| f.open(&dir.data_key(), Some(key)));
-    match current {
-        Err(SealError::WrongUnlockKey) if dir.data_key_next().exists() => KeyFile::read(&dir.data_key_next())
-            .and_then(|f| f.open(&dir.data_key_next(), Some(key)))
-            .map(drop),
-        other => other.map(drop),
-    }
 }
 
 struct RemoveOnDrop(std::path::PathBuf);
