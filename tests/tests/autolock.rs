@@ -64,7 +64,7 @@ impl Manager {
         let state = self.state();
         let out = self.meshctl(&["unlock", "--state-dir", state.to_str().unwrap()], &format!("{key}\n"));
         if out.status.success() {
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + Duration::from_secs(60);
             while !self.serving() {
                 assert!(Instant::now() < deadline, "mesh-control did not serve once unlocked");
                 std::thread::sleep(Duration::from_millis(50));
