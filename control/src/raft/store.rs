@@ -98,9 +98,11 @@ impl Disk {
     /// Seals everything in the file again under `fresh`, in one transaction, and uses it from
     /// then on: a copy of the old data key opens nothing written before or after.
     fn rekey(&self, fresh: DataKey) -> Result<(), StorageError<RaftId>> {
-        // Held for writing throughout: nothing is sealed or read under either key meanwhile.
-        let mut key = self.key.write().expect("lock");
+        // The write transaction first, then the key: every writer takes them in that order (it
+        // seals under its transaction), so none waits for the other while holding what it needs.
         let txn = self.db.begin_write().map_err(io_err)?;
+        // Held for writing until the end: nothing is sealed or read under either key meanwhile.
+        let mut key = self.key.write().expect("lock");
         {
             let mut logs = txn.open_table(LOGS).map_err(io_err)?;
             let sealed: Vec<(u64, Vec<u8>)> = logs
@@ -634,5 +636,50 @@ impl Store {
     /// Stops the raft node.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rekey racing the raft core's writes: each takes the write transaction and the key, and
+    /// taking them in opposite orders deadlocked a joining manager under autolock.
+    #[test]
+    fn a_rekey_racing_writes_finishes_and_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::open(&dir.path().join("store.redb"), DataKey::generate()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let disk = disk.clone();
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    for i in 0..300u32 {
+                        disk.put_meta(&format!("w{w}"), &i).unwrap();
+                    }
+                    done.send(()).unwrap();
+                })
+            })
+            .collect();
+        let rekeys = {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                for _ in 0..30 {
+                    disk.rekey(DataKey::generate()).unwrap();
+                }
+                done.send(()).unwrap();
+            })
+        };
+        for _ in 0..3 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("deadlocked: a writer never finished");
+        }
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        rekeys.join().unwrap();
+        for w in 0..2 {
+            assert_eq!(disk.get_meta::<u32>(&format!("w{w}")).unwrap(), Some(299));
+        }
     }
 }
