@@ -14,6 +14,7 @@ use crate::state::{
     ClusterState, Command, Endpoint, Network, NodeState, PolicyRecord, PortSpec, Service, StateError,
 };
 use mesh_api::ids::{self, NodeId};
+use mesh_api::model::RunSpec;
 
 /// Longest network or service name.
 pub const MAX_NAME: usize = 63;
@@ -41,6 +42,8 @@ pub enum PlanError {
     Ipam(#[from] IpamError),
     #[error(transparent)]
     Constraint(#[from] InvalidConstraint),
+    #[error("{0}")]
+    Run(String),
     #[error("a service needs at least one network")]
     NoNetwork,
     #[error("network `{0}` is listed twice")]
@@ -88,6 +91,7 @@ pub struct ServiceSpec {
     pub replicas: u32,
     pub constraints: Vec<String>,
     pub command: Option<String>,
+    pub run: RunSpec,
 }
 
 fn check_name(kind: &'static str, name: &str) -> Result<(), PlanError> {
@@ -167,6 +171,7 @@ pub fn create_service(
     if spec.networks.is_empty() {
         return Err(PlanError::NoNetwork);
     }
+    spec.run.check().map_err(PlanError::Run)?;
     let mut seen = BTreeSet::new();
     for n in &spec.networks {
         if !state.networks.contains_key(n) {
@@ -200,6 +205,7 @@ pub fn create_service(
         replicas: spec.replicas,
         constraints,
         command: spec.command.filter(|c| !c.trim().is_empty()),
+        run: spec.run,
         vips,
         endpoints: BTreeMap::new(),
     };

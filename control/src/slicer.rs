@@ -199,6 +199,7 @@ pub fn slice_after(
             slot: e.slot,
             addresses: e.addresses.clone(),
             command: service.command.clone(),
+            run: service.run.clone(),
         });
     }
     let networks = networks
@@ -325,6 +326,7 @@ mod tests {
             replicas: 1,
             constraints: vec![],
             command: None,
+            run: Default::default(),
         };
         let plan = plans::create_service(&state, spec("web"), &live).unwrap();
         apply(&mut state, plan);

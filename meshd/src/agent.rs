@@ -184,6 +184,7 @@ impl Dataplane {
             certificates.clone(),
             Arc::new(Upstream::from_system()),
             config.dns_visibility,
+            crate::sandbox::Host::new(&config.session.state_dir),
         )
         .await;
         info!(bind = %listen, prefix = %config.netns_prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod netns;
 pub mod overlay;
 pub mod reconciler;
+pub mod sandbox;
 pub mod session;
 pub mod status;
 pub mod workload;

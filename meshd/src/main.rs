@@ -72,8 +72,18 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The sandbox helper (`meshd sandbox-exec PLAN`, started by meshd itself for each workload):
+    // before any thread exists, for it changes namespaces and users of the whole process.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == meshd::sandbox::HELPER) {
+        let plan = args.next().and_then(|p| p.into_string().ok()).unwrap_or_default();
+        meshd::sandbox::exec(&plan);
+    }
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run());
+}
+
+async fn run() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

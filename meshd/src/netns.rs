@@ -1,7 +1,7 @@
 //! Network namespaces, one per local endpoint, named `<prefix>-<service>-<slot>`: making and
 //! removing them, a thread that lives inside one to open sockets there for the mesh, the tun
-//! interfaces (one per network) and DNS sockets made inside, and the service's command run inside
-//! and restarted when it exits. What runs for an endpoint is the `workload` module's.
+//! interfaces (one per network) and DNS sockets made inside, and the service's command run inside,
+//! confined, and restarted when it exits. What runs for an endpoint is the `workload` module's.
 //!
 //! Namespaces are made with iproute2 (`ip netns`), so `ip netns exec` reaches them too.
 
@@ -15,6 +15,8 @@ use nix::sched::{CloneFlags, setns};
 use tokio::process::Command;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
+
+use crate::sandbox::{self, Plan};
 
 /// Name of the interface in each workload namespace, suffixed by the network's position.
 pub const INTERFACE: &str = "mesh";
@@ -64,11 +66,18 @@ pub async fn create(name: &str) -> io::Result<()> {
             "-qw",
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
+            // The workload runs unprivileged: any port is its to bind, and ping needs no raw
+            // socket.
+            "net.ipv4.ip_unprivileged_port_start=0",
+            "net.ipv4.ping_group_range=0 2147483647",
         ])
         .output()
         .await?;
     if !out.status.success() {
-        warn!(namespace = name, error = %String::from_utf8_lossy(&out.stderr).trim(), "cannot turn IPv6 off");
+        return Err(io::Error::other(format!(
+            "setting up namespace {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(())
 }
@@ -81,6 +90,8 @@ pub async fn delete(name: &str) -> io::Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(name));
+    let ns = name.to_owned();
+    let _ = tokio::task::spawn_blocking(move || sandbox::cgroup::remove(&ns)).await;
     ip(&["netns", "del", name]).await
 }
 
@@ -200,19 +211,16 @@ pub fn bind_dns(ns: &str) -> io::Result<(std::net::UdpSocket, std::net::TcpListe
     Ok((udp, tcp))
 }
 
-/// Runs `command` in namespace `ns` with `sh -c`, restarting it when it exits, until dropped.
-pub fn supervise(ns: String, command: String) -> AbortOnDropHandle<()> {
+/// Runs the command of `plan` confined in its namespace (see [`sandbox`]), restarting it when it
+/// exits, until dropped.
+pub fn supervise(plan: Plan) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
+        let ns = plan.namespace.clone();
         let mut restarts = 0u32;
         loop {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "sh", "-c", &command])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .spawn();
-            match child {
+            match sandbox::spawn(&plan) {
                 Ok(mut child) => {
-                    info!(namespace = %ns, command = %command, "workload started");
+                    info!(namespace = %ns, command = %plan.command, uid = plan.uid, "workload started");
                     let status = child.wait().await;
                     warn!(namespace = %ns, ?status, "workload exited; restarting");
                 }

@@ -24,6 +24,7 @@ use crate::mesh::outbound::Service;
 use crate::mesh::{LocalTarget, Mesh, View};
 use crate::netns;
 use crate::overlay::{self, Overlay};
+use crate::sandbox::Host;
 use crate::workload::{Spec, Workload};
 
 /// The parts a slice is fanned out to, and the workloads it made.
@@ -35,6 +36,8 @@ pub struct Reconciler {
     certificates: Arc<WorkloadCertificates>,
     upstream: Arc<Upstream>,
     visibility: Visibility,
+    /// What confines the workloads' commands on this host.
+    sandbox: Arc<Host>,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -49,6 +52,7 @@ impl Reconciler {
         certificates: Arc<WorkloadCertificates>,
         upstream: Arc<Upstream>,
         visibility: Visibility,
+        sandbox: Arc<Host>,
     ) -> Reconciler {
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
@@ -61,6 +65,7 @@ impl Reconciler {
             certificates,
             upstream,
             visibility,
+            sandbox,
             workloads: Mutex::new(HashMap::new()),
         }
     }
@@ -103,11 +108,14 @@ impl Reconciler {
                 service: endpoint.service.clone(),
                 slot: endpoint.slot,
                 command: endpoint.command.clone(),
+                run: endpoint.run.clone(),
                 addresses: addresses.clone(),
                 networks: endpoint.addresses.keys().cloned().collect(),
             };
             let certificate = self.certificates.watch(&endpoint.service, endpoint.slot);
-            match Workload::start(&ns, spec, &self.overlay, self.upstream.clone(), certificate).await {
+            match Workload::start(&ns, spec, &self.overlay, self.upstream.clone(), certificate, &self.sandbox)
+                .await
+            {
                 Ok(w) => {
                     info!(namespace = %ns, addresses = ?addresses, "workload ready");
                     workloads.insert(ns, w);

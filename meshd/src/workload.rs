@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use mesh_api::model::RunSpec;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::task::AbortOnDropHandle;
 use tun::io::Interface;
@@ -18,13 +19,15 @@ use crate::identity::WorkloadCertificate;
 use crate::mesh::outbound::{Caller, Interception};
 use crate::netns::{self, Netns};
 use crate::overlay::Overlay;
+use crate::sandbox::{self, Host, UidLease};
 
 /// What a workload is made of, from the endpoint in the slice.
 pub struct Spec {
     pub service: String,
     pub slot: u32,
-    /// The command its workloads run, if the service names one.
+    /// The command its workloads run, if the service names one, and how it is confined.
     pub command: Option<String>,
+    pub run: RunSpec,
     /// (network ID, address, subnet prefix length), one per network it is on, in order.
     pub addresses: Vec<(u32, Ipv4Addr, u8)>,
     /// The names of those networks: what its DNS answers for.
@@ -45,19 +48,28 @@ pub struct Workload {
     pub interception: Interception,
     _dns: AbortOnDropHandle<()>,
     _command: Option<AbortOnDropHandle<()>>,
+    /// Its user, held while it lives (dropped after the command's task, which kills it).
+    _uid: UidLease,
 }
 
 impl Workload {
     /// Makes namespace `ns` (replacing a stale one), its DNS server, its interfaces on
-    /// `overlay`, and starts the command; `certificate` is its workload certificate as identity
-    /// publishes it.
+    /// `overlay`, and starts the command confined as `host` and the spec say; `certificate` is
+    /// its workload certificate as identity publishes it.
     pub async fn start(
         ns: &str,
         spec: Spec,
         overlay: &Overlay,
         upstream: Arc<Upstream>,
         certificate: WorkloadCertificate,
+        host: &Arc<Host>,
     ) -> std::io::Result<Workload> {
+        let uid = host.lease_uid()?;
+        // Checked before anything is made: a service that cannot be confined does not start.
+        let plan = match &spec.command {
+            Some(command) => Some(host.plan(ns, command, &spec.run, &uid)?),
+            None => None,
+        };
         netns::create(ns).await?;
         let netns = Arc::new(Netns::enter(ns)?);
         let (udp, tcp) = netns::bind_dns(ns)?;
@@ -74,7 +86,13 @@ impl Workload {
             let device = netns::open_tun(ns, &format!("{}{i}", netns::INTERFACE), *address, *prefix_len)?;
             interfaces.push(overlay.attach(*id, *address, device)?);
         }
-        let command = spec.command.map(|command| netns::supervise(ns.to_owned(), command));
+        let command = match plan {
+            Some(mut plan) => {
+                plan.cgroups = sandbox::cgroup::create(ns, &spec.run)?;
+                Some(netns::supervise(plan))
+            }
+            None => None,
+        };
         let caller =
             Arc::new(Caller { endpoint: format!("{}.{}", spec.service, spec.slot), netns, certificate });
         Ok(Workload {
@@ -87,6 +105,7 @@ impl Workload {
             interception: Interception::default(),
             _dns: dns,
             _command: command,
+            _uid: uid,
         })
     }
 

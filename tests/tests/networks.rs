@@ -36,6 +36,7 @@ fn service(name: &str, networks: &[&str], replicas: u32, constraints: &[&str]) -
         replicas,
         constraints: constraints.iter().map(|s| s.to_string()).collect(),
         command: String::new(),
+        run: None,
     }
 }
 

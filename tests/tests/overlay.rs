@@ -446,8 +446,12 @@ fn workloads_run_their_command_are_torn_down_and_rebuilt_after_a_crash() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = setup();
     let h3 = s.lab.node_id(3);
-    // A command that records each start and exits soon: meshd restarts it.
-    let log = s.lab.work.path().join("starts.log");
+    // A command that records each start (in a directory it is let write) and exits soon: meshd
+    // restarts it.
+    let dir = s.lab.work.path().join("job");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let log = dir.join("starts.log");
     let command = format!("echo started >> {}; sleep 0.3", log.display());
     s.lab.meshctl(&[
         "service",
@@ -457,6 +461,8 @@ fn workloads_run_their_command_are_torn_down_and_rebuilt_after_a_crash() {
         "front",
         "--constraint",
         &format!("node.id=={h3}"),
+        "--writable",
+        dir.to_str().unwrap(),
         "--command",
         &command,
     ]);

@@ -20,6 +20,7 @@ fn service(name: &str, node: &mesh_api::ids::NodeId) -> pb::CreateServiceRequest
         replicas: 1,
         constraints: vec![format!("node.id=={node}")],
         command: String::new(),
+        run: None,
     }
 }
 

@@ -35,6 +35,7 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
             replicas: 1,
             constraints: vec![format!("node.id=={}", a.id)],
             command: String::new(),
+            run: None,
         })
         .await
         .unwrap();

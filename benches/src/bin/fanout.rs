@@ -210,6 +210,7 @@ fn bench_service(name: &str, replicas: usize) -> pb::CreateServiceRequest {
         replicas: replicas as u32,
         constraints: vec![],
         command: String::new(),
+        run: None,
     }
 }
 

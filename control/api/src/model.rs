@@ -39,3 +39,164 @@ pub struct PortSpec {
     pub port: u16,
     pub protocol: Protocol,
 }
+
+/// How a service's command runs: its environment and the secrets it reads, and how it is
+/// confined beyond what every workload gets (a user of its own with no capabilities, its own
+/// mount and PID namespaces, the host's files read-only, a private `/tmp` and `/run`, the node's
+/// state hidden): who it runs as, what it may write, what it may use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// `NAME`, `UID` or `UID:GID` as the node knows it; empty: a user of the workload's own.
+    #[serde(default)]
+    pub user: String,
+    /// Absolute host paths the workload may write (read-write bind mounts; they must exist).
+    #[serde(default)]
+    pub writable: Vec<String>,
+    /// At most this many thousandths of a CPU.
+    #[serde(default)]
+    pub cpu_millis: Option<u32>,
+    /// At most this much memory, in bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// `NAME=VALUE`, set for the command (after `PATH` and `HOME`, which they may replace).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Secrets by name, each read by the workload at `/run/secrets/NAME`.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// Most environment variables a service sets, and most bytes of them together.
+pub const MAX_ENV: usize = 128;
+pub const MAX_ENV_BYTES: usize = 32 << 10;
+/// Most secrets one service reads.
+pub const MAX_SECRETS: usize = 64;
+
+/// Whether `name` can name a secret (and be its file name): 1-64 of a-z, A-Z, 0-9, `.`, `_`
+/// and `-`, not starting with `.` or `-`.
+pub fn valid_secret_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// The smallest memory limit a workload may be given: less and it cannot start a shell.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// The largest CPU limit, in thousandths: 1,024 CPUs.
+pub const MAX_CPU_MILLIS: u32 = 1024 * 1000;
+
+impl RunSpec {
+    /// Checks what an admin asked for; the error says what is wrong and what is allowed.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.user.is_empty() {
+            let user = &self.user;
+            let named = user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && user.len() <= 32
+                && user.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
+            let numeric = match user.split_once(':') {
+                Some((u, g)) => u.parse::<u32>().is_ok() && g.parse::<u32>().is_ok(),
+                None => user.parse::<u32>().is_ok(),
+            };
+            if !named && !numeric {
+                return Err(format!("user `{user}` is not valid: expected NAME, UID or UID:GID"));
+            }
+            if user == "root" || user.split(':').any(|id| id.parse::<u32>() == Ok(0)) {
+                return Err(format!("user `{user}`: a workload never runs as root (uid or gid 0)"));
+            }
+        }
+        for path in &self.writable {
+            let clean = path.starts_with('/')
+                && path.len() > 1
+                && !path.ends_with('/')
+                && path.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..")
+                && !path.contains('\0');
+            if !clean {
+                return Err(format!(
+                    "writable path `{path}` is not valid: expected an absolute path without `.`, `..`, \
+                     empty parts or a trailing slash, other than `/`"
+                ));
+            }
+        }
+        if let Some(cpu) = self.cpu_millis
+            && !(1..=MAX_CPU_MILLIS).contains(&cpu)
+        {
+            return Err(format!("CPU limit {cpu}/1000 is not valid: from 0.001 to 1024 CPUs"));
+        }
+        if let Some(memory) = self.memory_bytes
+            && memory < MIN_MEMORY
+        {
+            return Err(format!("memory limit {memory} bytes is not valid: at least 4 MiB"));
+        }
+        if self.env.len() > MAX_ENV || self.env.iter().map(String::len).sum::<usize>() > MAX_ENV_BYTES {
+            return Err(format!("at most {MAX_ENV} environment variables of {MAX_ENV_BYTES} bytes in all"));
+        }
+        for pair in &self.env {
+            let name = pair.split_once('=').map(|(n, _)| n);
+            let valid = name.is_some_and(|n| {
+                n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
+            if !valid || pair.contains('\0') {
+                return Err(format!(
+                    "environment `{pair}` is not valid: expected NAME=VALUE, NAME of A-Z, a-z, 0-9 and `_`, \
+                     not starting with a digit"
+                ));
+            }
+        }
+        if self.secrets.len() > MAX_SECRETS {
+            return Err(format!("at most {MAX_SECRETS} secrets per service"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for name in &self.secrets {
+            if !valid_secret_name(name) {
+                return Err(format!(
+                    "secret name `{name}` is not valid: 1-64 of a-z, A-Z, 0-9, `.`, `_`, `-`, not starting with `.` or `-`"
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(format!("secret `{name}` is listed twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut RunSpec)) -> Result<(), String> {
+        let mut s = RunSpec::default();
+        f(&mut s);
+        s.check()
+    }
+
+    #[test]
+    fn a_sandbox_never_names_root_nor_a_path_that_climbs_out() {
+        assert!(with(|_| {}).is_ok());
+        for user in ["www-data", "1000", "1000:1000", "_svc"] {
+            assert!(with(|s| s.user = user.into()).is_ok(), "{user}");
+        }
+        for user in ["root", "0", "0:0", "1000:0", "0:1000", "Root", "a b", "1000:", ":1000", "-x"] {
+            assert!(with(|s| s.user = user.into()).is_err(), "{user} accepted");
+        }
+        assert!(with(|s| s.writable = vec!["/srv/data".into()]).is_ok());
+        for path in ["/", "srv", "/srv/../etc", "/srv/./x", "/srv//x", "/srv/", ""] {
+            assert!(with(|s| s.writable = vec![path.into()]).is_err(), "{path} accepted");
+        }
+        assert!(with(|s| s.cpu_millis = Some(0)).is_err());
+        assert!(with(|s| s.cpu_millis = Some(500)).is_ok());
+        assert!(with(|s| s.memory_bytes = Some(1 << 20)).is_err());
+        assert!(with(|s| s.memory_bytes = Some(64 << 20)).is_ok());
+        assert!(with(|s| s.env = vec!["MODE=fast".into(), "_X=".into(), "A=b=c".into()]).is_ok());
+        for pair in ["NOVALUE", "=x", "1A=x", "A-B=x", "A\0=x", "A=\0"] {
+            assert!(with(|s| s.env = vec![pair.into()]).is_err(), "{pair:?} accepted");
+        }
+        assert!(with(|s| s.secrets = vec!["db.password".into()]).is_ok());
+        for name in ["", "../x", "a/b", ".hidden", "-x", "a b"] {
+            assert!(with(|s| s.secrets = vec![name.into()]).is_err(), "{name:?} accepted");
+        }
+        assert!(with(|s| s.secrets = vec!["a".into(), "a".into()]).is_err(), "a secret twice");
+    }
+}

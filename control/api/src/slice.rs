@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::ids::NodeId;
 use crate::keys::{KEY_LEN, KeyUse, PairKey};
-use crate::model::{PortSpec, Protocol};
+use crate::model::{PortSpec, Protocol, RunSpec};
 use crate::proto::{InvalidMessage, ipv4, pb};
 
 /// One of this node's endpoints.
@@ -22,6 +22,7 @@ pub struct LocalEndpoint {
     /// Network name -> this endpoint's address on it.
     pub addresses: BTreeMap<String, Ipv4Addr>,
     pub command: Option<String>,
+    pub run: RunSpec,
 }
 
 /// Where an overlay address lives.
@@ -170,6 +171,7 @@ impl NodeSlice {
                         .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
                         .collect(),
                     command: e.command.clone().unwrap_or_default(),
+                    run: Some(e.run.clone().into()),
                 })
                 .collect(),
             networks: self
@@ -278,6 +280,41 @@ impl TryFrom<pb::Port> for PortSpec {
         };
         Ok(PortSpec { port, protocol })
     }
+}
+
+impl From<RunSpec> for pb::RunSpec {
+    fn from(s: RunSpec) -> pb::RunSpec {
+        pb::RunSpec {
+            user: s.user,
+            writable: s.writable,
+            cpu_millis: s.cpu_millis.unwrap_or(0),
+            memory_bytes: s.memory_bytes.unwrap_or(0),
+            env: s.env,
+            secrets: s.secrets,
+        }
+    }
+}
+
+/// How a command runs, from the wire, as it was sent: [`RunSpec::check`] says whether it may be used.
+impl From<pb::RunSpec> for RunSpec {
+    fn from(s: pb::RunSpec) -> RunSpec {
+        RunSpec {
+            user: s.user,
+            writable: s.writable,
+            cpu_millis: Some(s.cpu_millis).filter(|c| *c != 0),
+            memory_bytes: Some(s.memory_bytes).filter(|m| *m != 0),
+            env: s.env,
+            secrets: s.secrets,
+        }
+    }
+}
+
+/// How a command runs, in a slice, checked as control checks it: a node refuses what control
+/// would.
+fn checked(s: Option<pb::RunSpec>) -> Result<RunSpec, InvalidMessage> {
+    let run = s.map(RunSpec::from).unwrap_or_default();
+    run.check().map_err(|_| InvalidMessage::Field("run"))?;
+    Ok(run)
 }
 
 fn key_use(u: KeyUse) -> pb::KeyUse {
@@ -480,6 +517,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     slot: e.slot,
                     addresses,
                     command: Some(e.command).filter(|c| !c.is_empty()),
+                    run: checked(e.run)?,
                 })
             })
             .collect::<Result<_, InvalidMessage>>()?;

@@ -18,6 +18,7 @@ use crate::state::{
     AdminRecord, ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service, Settings,
 };
 use mesh_api::ids::NodeId;
+use mesh_api::model::RunSpec;
 use mesh_api::pki::CertInfo;
 use mesh_api::proto::pb;
 use mesh_api::tokens::{JoinToken, Role};
@@ -54,6 +55,7 @@ fn service_pb(s: &Service) -> pb::Service {
         replicas: s.replicas,
         constraints: s.constraints.iter().map(|c| c.to_string()).collect(),
         command: s.command.clone().unwrap_or_default(),
+        run: Some(s.run.clone().into()),
         vips: s
             .vips
             .iter()
@@ -72,6 +74,7 @@ fn service_pb(s: &Service) -> pb::Service {
                     .map(|(n, a)| pb::EndpointAddress { network: n.clone(), address: a.to_string() })
                     .collect(),
                 command: String::new(),
+                run: None,
             })
             .collect(),
     }
@@ -575,6 +578,7 @@ impl pb::admin_server::Admin for AdminApi {
             replicas: req.replicas,
             constraints: req.constraints,
             command: Some(req.command).filter(|c| !c.is_empty()),
+            run: req.run.map(RunSpec::from).unwrap_or_default(),
         };
         self.0.change(|state, live| plans::create_service(state, spec, live)).await?;
         info!(service = %req.name, "service created");

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 use mesh_api::ids::NodeId;
-use mesh_api::model::{NodeState, PortSpec};
+use mesh_api::model::{NodeState, PortSpec, RunSpec};
 use mesh_api::tokens::Role;
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +104,9 @@ pub struct Service {
     pub replicas: u32,
     pub constraints: Vec<Constraint>,
     pub command: Option<String>,
+    /// How its command runs (state written before this field has none: the defaults).
+    #[serde(default)]
+    pub run: RunSpec,
     /// Network name -> virtual IP.
     pub vips: BTreeMap<String, Ipv4Addr>,
     /// Slot -> endpoint.

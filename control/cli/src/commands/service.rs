@@ -24,9 +24,28 @@ pub enum ServiceCmd {
         /// node.labels.KEY==VALUE or node.id==ID (repeat for several; all must hold).
         #[arg(long = "constraint")]
         constraints: Vec<String>,
-        /// The command each endpoint's workload runs.
+        /// The command each endpoint's workload runs (`sh -c`), confined: a user of its own
+        /// with no capabilities, its own mount and PID namespaces, the host's files read-only, a
+        /// private /tmp, the node's state hidden.
         #[arg(long)]
         command: Option<String>,
+        /// Run as NAME, UID or UID:GID of the node instead of a user of the workload's own
+        /// (never root).
+        #[arg(long)]
+        user: Option<String>,
+        /// NAME=VALUE in the command's environment (repeat for several). The command starts with
+        /// nothing of meshd's: only PATH and HOME=/tmp, which these may replace.
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// A host path the workload may write (it must exist; repeat for several).
+        #[arg(long = "writable", value_name = "PATH")]
+        writable: Vec<String>,
+        /// At most this many CPUs (e.g. 0.5).
+        #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
+        limit_cpu: Option<u32>,
+        /// At most this much memory: BYTES, or with a suffix K, M or G (powers of 1024).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        limit_memory: Option<u64>,
     },
     /// List services.
     Ls {
@@ -44,7 +63,19 @@ pub enum ServiceCmd {
 /// Runs `meshctl service ...` against the leader.
 pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()> {
     match cmd {
-        ServiceCmd::Create { name, networks, ports, replicas, constraints, command } => {
+        ServiceCmd::Create {
+            name,
+            networks,
+            ports,
+            replicas,
+            constraints,
+            command,
+            user,
+            env,
+            writable,
+            limit_cpu,
+            limit_memory,
+        } => {
             let ports = ports.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let request = pb::CreateServiceRequest {
                 name,
@@ -53,6 +84,14 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                 replicas,
                 constraints,
                 command: command.unwrap_or_default(),
+                run: Some(pb::RunSpec {
+                    user: user.unwrap_or_default(),
+                    writable,
+                    cpu_millis: limit_cpu.unwrap_or(0),
+                    memory_bytes: limit_memory.unwrap_or(0),
+                    env,
+                    secrets: vec![],
+                }),
             };
             let s = client.create_service(request).await?;
             println!("service {} created with {} endpoint(s)", s.name, s.endpoints.len());
@@ -103,4 +142,47 @@ fn parse_port(text: &str) -> anyhow::Result<pb::Port> {
         "port `{text}` has protocol `{protocol}`: expected tcp, udp or http"
     );
     Ok(pb::Port { port: port.into(), protocol: protocol.to_owned() })
+}
+
+/// CPUs (`0.5`, `2`) in thousandths.
+fn parse_cpus(text: &str) -> Result<u32, String> {
+    let cpus: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of CPUs (e.g. 0.5 or 2)"))?;
+    let millis = (cpus * 1000.0).round();
+    if !(1.0..=f64::from(mesh_api::model::MAX_CPU_MILLIS)).contains(&millis) {
+        return Err(format!("{text} CPUs: from 0.001 to 1024"));
+    }
+    Ok(millis as u32)
+}
+
+/// A size in bytes: `BYTES`, or `N` followed by K, M or G (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("`{text}` is not a size: BYTES, or a number followed by K, M or G");
+    let (number, shift) = match text.char_indices().last().ok_or_else(bad)? {
+        (i, 'k' | 'K') => (&text[..i], 10),
+        (i, 'm' | 'M') => (&text[..i], 20),
+        (i, 'g' | 'G') => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_read_as_an_admin_writes_them() {
+        assert_eq!(parse_cpus("0.5"), Ok(500));
+        assert_eq!(parse_cpus("2"), Ok(2000));
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("lots").is_err());
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
 }

@@ -1,0 +1,147 @@
+//! The filesystem a workload sees, built by the helper in its own mount namespace: the host's
+//! mounts, every one read-only; a `/proc` of its PID namespace and a `/sys` of its network
+//! namespace; its namespace's resolver as `/etc/resolv.conf`; a private `/tmp`, `/var/tmp` and
+//! `/dev/shm`; the node's state covered by empty read-only directories; and the paths the
+//! service may write, bound read-write.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::Mode;
+
+use super::Plan;
+
+const NONE: Option<&str> = None;
+/// Scratch space a workload writes, its own: private, and gone with it.
+const SCRATCH: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+
+pub(super) fn build(plan: &Plan) -> io::Result<()> {
+    // Nothing done here reaches the host's mounts, nor theirs this view.
+    mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)?;
+    // The writable paths, held before anything covers them (the lab's live under /tmp).
+    let writable = plan
+        .writable
+        .iter()
+        .map(|path| {
+            let fd = open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| io::Error::other(format!("writable path {}: {e}", path.display())))?;
+            Ok((path, fd))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let kernel = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), kernel, NONE)?;
+    umount2("/sys", MntFlags::MNT_DETACH)?;
+    mount(Some("sysfs"), "/sys", Some("sysfs"), kernel | MsFlags::MS_RDONLY, NONE)?;
+    let resolver = Path::new("/etc/netns").join(&plan.namespace).join("resolv.conf");
+    if resolver.exists() {
+        mount(Some(&resolver), "/etc/resolv.conf", NONE, MsFlags::MS_BIND, NONE)
+            .map_err(|e| io::Error::other(format!("the workload's resolver: {e}")))?;
+    }
+    read_only()?;
+    for scratch in SCRATCH {
+        if Path::new(scratch).is_dir() {
+            let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            mount(Some("tmpfs"), scratch, Some("tmpfs"), flags, Some("mode=1777"))?;
+        }
+    }
+    for hidden in &plan.hidden {
+        if hidden.is_dir() {
+            mount(Some("tmpfs"), hidden, Some("tmpfs"), kernel | MsFlags::MS_RDONLY, Some("mode=0,size=4k"))
+                .map_err(|e| io::Error::other(format!("hiding {}: {e}", hidden.display())))?;
+        }
+    }
+    for (path, fd) in &writable {
+        let source = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
+        mount_point(path, source.is_dir())?;
+        mount(Some(&source), *path, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE)
+            .map_err(|e| io::Error::other(format!("writable path {}: {e}", path.display())))?;
+        let rw = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount(NONE, *path, NONE, rw, NONE)?;
+    }
+    Ok(())
+}
+
+/// Makes every mount read-only, each keeping its other flags.
+fn read_only() -> io::Result<()> {
+    let table = fs::read_to_string("/proc/self/mountinfo")?;
+    for line in table.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(point), Some(options)) = (fields.get(4), fields.get(5)) else { continue };
+        let point = unescape(point);
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        for option in options.split(',') {
+            flags |= match option {
+                "nosuid" => MsFlags::MS_NOSUID,
+                "nodev" => MsFlags::MS_NODEV,
+                "noexec" => MsFlags::MS_NOEXEC,
+                "noatime" => MsFlags::MS_NOATIME,
+                "nodiratime" => MsFlags::MS_NODIRATIME,
+                "relatime" => MsFlags::MS_RELATIME,
+                _ => MsFlags::empty(),
+            };
+        }
+        match mount(NONE, point.as_str(), NONE, flags, NONE) {
+            Ok(()) => {}
+            // A mount point no longer reachable by its path (removed, or covered): nothing of
+            // it can be reached through this view.
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(io::Error::other(format!("making {point} read-only: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// A mount point's path as mountinfo writes it: space, tab, newline and backslash in octal.
+fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Makes sure `path` can be mounted on: a writable path under a scratch directory is not in the
+/// fresh one, so it is made there (a directory or an empty file, like its source).
+fn mount_point(path: &Path, directory: bool) -> io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if directory {
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(path)
+    } else {
+        if let Some(parent) = path.parent() {
+            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        }
+        fs::File::create(path).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_read_as_the_kernel_escapes_them() {
+        assert_eq!(unescape("/mnt/with\\040space"), "/mnt/with space");
+        assert_eq!(unescape("/a\\011tab\\134slash"), "/a\ttab\\slash");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/odd\\"), "/odd\\");
+    }
+}
