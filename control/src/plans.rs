@@ -11,7 +11,8 @@ use crate::planning::ipam::{self, IpamError};
 use crate::planning::keys::KeyRing;
 use crate::planning::placement::{self, Constraint, InvalidConstraint, valid_label_part};
 use crate::state::{
-    ClusterState, Command, Endpoint, Network, NodeState, PolicyRecord, PortSpec, Service, StateError,
+    ClusterState, Command, Endpoint, Network, NodeState, PolicyRecord, PortSpec, Secret, SecretRecord,
+    Service, StateError,
 };
 use mesh_api::ids::{self, NodeId};
 use mesh_api::model::RunSpec;
@@ -232,6 +233,45 @@ pub fn remove_service(state: &ClusterState, name: &str) -> Result<Vec<Command>, 
         return Err(PlanError::UnknownService(name.to_owned()));
     }
     Ok(vec![Command::RemoveService { name: name.to_owned() }])
+}
+
+/// A new secret of `data`, made at `now` (Unix seconds).
+pub fn create_secret(
+    state: &ClusterState,
+    name: &str,
+    data: &[u8],
+    now: i64,
+) -> Result<Vec<Command>, PlanError> {
+    use base64::Engine;
+    use sha2::Digest;
+    if !mesh_api::model::valid_secret_name(name) || data.len() > mesh_api::model::MAX_SECRET_BYTES {
+        return Err(PlanError::State(StateError::BadSecret(name.to_owned())));
+    }
+    if state.secrets.contains_key(name) {
+        return Err(PlanError::State(StateError::SecretExists(name.to_owned())));
+    }
+    let record = SecretRecord {
+        data: Secret(base64::engine::general_purpose::STANDARD.encode(data)),
+        digest: sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect(),
+        size: data.len() as u64,
+        created_at: now,
+    };
+    Ok(vec![Command::PutSecret { name: name.to_owned(), record }])
+}
+
+/// Removes a secret, refused while a service reads it.
+pub fn remove_secret(state: &ClusterState, name: &str) -> Result<Vec<Command>, PlanError> {
+    if !state.secrets.contains_key(name) {
+        return Err(PlanError::State(StateError::UnknownSecret(name.to_owned())));
+    }
+    let users = state.secret_users(name);
+    if !users.is_empty() {
+        return Err(PlanError::State(StateError::SecretInUse {
+            name: name.to_owned(),
+            services: users.join(", "),
+        }));
+    }
+    Ok(vec![Command::RemoveSecret { name: name.to_owned() }])
 }
 
 /// Label changes, then whatever placement they imply.

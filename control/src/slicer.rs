@@ -14,7 +14,7 @@ use std::sync::Arc;
 use mesh_api::ids::NodeId;
 use mesh_api::keys::{KeyUse, NetworkKey, PairKey};
 use mesh_api::pki::MAX_WORKLOAD_CERT_LIFETIME;
-use mesh_api::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, ServiceRecord, SliceNetwork};
+use mesh_api::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, SecretFile, ServiceRecord, SliceNetwork};
 
 use crate::planning::keys::PairKeys;
 use crate::state::ClusterState;
@@ -200,6 +200,7 @@ pub fn slice_after(
             addresses: e.addresses.clone(),
             command: service.command.clone(),
             run: service.run.clone(),
+            secrets: secret_files(state, &service.run.secrets),
         });
     }
     let networks = networks
@@ -277,6 +278,19 @@ pub fn reachable(
             .collect()
     };
     allowed.into_iter().filter(|s| !shut.contains(s) && services.contains(s)).map(str::to_owned).collect()
+}
+
+/// The secrets named, decoded, for an endpoint of this node (the only slices they are sent in).
+fn secret_files(state: &ClusterState, names: &[String]) -> Vec<SecretFile> {
+    use base64::Engine;
+    names
+        .iter()
+        .filter_map(|name| {
+            let record = state.secrets.get(name)?;
+            let data = base64::engine::general_purpose::STANDARD.decode(&record.data.0).ok()?;
+            Some(SecretFile { name: name.clone(), data })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use mesh_api::tokens::{Role, SecretHash};
 
 use crate::planning::ipam;
 
+use mesh_api::model::MAX_SECRET_BYTES;
+
 mod command;
 mod error;
 mod records;
@@ -24,7 +26,8 @@ mod records;
 pub use command::Command;
 pub use error::StateError;
 pub use records::{
-    AdminRecord, CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, Service, Settings,
+    AdminRecord, CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, SecretRecord, Service,
+    Settings,
 };
 
 /// The whole replicated cluster state.
@@ -62,6 +65,9 @@ pub struct ClusterState {
     /// Cluster-wide settings stored by an admin.
     #[serde(default)]
     pub settings: Settings,
+    /// Secrets by name.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretRecord>,
     /// Bumped by every applied command: the version of node slices.
     #[serde(default)]
     pub revision: u64,
@@ -83,6 +89,7 @@ impl ClusterState {
             next_node_index: 1,
             settings: Settings::default(),
             admins: Some(BTreeMap::new()),
+            secrets: BTreeMap::new(),
             revision: 0,
         }
     }
@@ -313,6 +320,22 @@ impl ClusterState {
             Command::RemoveService { name } => {
                 self.services.remove(&name).ok_or(StateError::UnknownService(name))?;
             }
+            Command::PutSecret { name, record } => {
+                if self.secrets.contains_key(&name) {
+                    return Err(StateError::SecretExists(name));
+                }
+                if !mesh_api::model::valid_secret_name(&name) || record.size > MAX_SECRET_BYTES as u64 {
+                    return Err(StateError::BadSecret(name));
+                }
+                self.secrets.insert(name, record);
+            }
+            Command::RemoveSecret { name } => {
+                let users = self.secret_users(&name);
+                if !users.is_empty() {
+                    return Err(StateError::SecretInUse { name, services: users.join(", ") });
+                }
+                self.secrets.remove(&name).ok_or(StateError::UnknownSecret(name))?;
+            }
             Command::SetPolicy(record) => {
                 let next = self.policies.last().map_or(1, |p| p.version + 1);
                 if record.version != next {
@@ -330,8 +353,20 @@ impl ClusterState {
     }
 
     /// The invariants of one service against the rest of the state.
+    /// The services that read secret `name`.
+    pub fn secret_users(&self, name: &str) -> Vec<String> {
+        self.services
+            .values()
+            .filter(|s| s.run.secrets.iter().any(|n| n == name))
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
     fn check_service(&self, name: &str) -> Result<(), StateError> {
         let service = &self.services[name];
+        if let Some(missing) = service.run.secrets.iter().find(|s| !self.secrets.contains_key(*s)) {
+            return Err(StateError::UnknownSecret(missing.clone()));
+        }
         let mut nodes = BTreeSet::new();
         for network in &service.networks {
             let net =

@@ -91,6 +91,7 @@ pub async fn delete(name: &str) -> io::Result<()> {
     }
     let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(name));
     let ns = name.to_owned();
+    sandbox::secrets::remove(name);
     let _ = tokio::task::spawn_blocking(move || sandbox::cgroup::remove(&ns)).await;
     ip(&["netns", "del", name]).await
 }

@@ -109,6 +109,7 @@ impl Reconciler {
                 slot: endpoint.slot,
                 command: endpoint.command.clone(),
                 run: endpoint.run.clone(),
+                secrets: endpoint.secrets.clone(),
                 addresses: addresses.clone(),
                 networks: endpoint.addresses.keys().cloned().collect(),
             };

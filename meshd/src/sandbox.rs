@@ -17,6 +17,7 @@
 //! goes (meshd kills it on removal) every process of the workload goes with it.
 
 pub mod cgroup;
+pub mod secrets;
 mod view;
 
 use std::collections::BTreeSet;
@@ -109,6 +110,7 @@ impl Host {
             cgroups: Vec::new(),
             command: command.to_owned(),
             env: sandbox.env.clone(),
+            secrets: None,
         })
     }
 }
@@ -168,6 +170,8 @@ pub struct Plan {
     pub command: String,
     /// `NAME=VALUE`, set after `PATH` and `HOME`.
     pub env: Vec<String>,
+    /// The tmpfs holding its secrets (see [`Host::secrets`]), bound at `/run/secrets`.
+    pub secrets: Option<PathBuf>,
 }
 
 /// Starts the helper for `plan`: in the plan's network namespace, as PID 1 of a new PID

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh_api::model::RunSpec;
+use mesh_api::slice::SecretFile;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::task::AbortOnDropHandle;
 use tun::io::Interface;
@@ -19,6 +20,7 @@ use crate::identity::WorkloadCertificate;
 use crate::mesh::outbound::{Caller, Interception};
 use crate::netns::{self, Netns};
 use crate::overlay::Overlay;
+use crate::sandbox::secrets::Secrets;
 use crate::sandbox::{self, Host, UidLease};
 
 /// What a workload is made of, from the endpoint in the slice.
@@ -28,6 +30,8 @@ pub struct Spec {
     /// The command its workloads run, if the service names one, and how it is confined.
     pub command: Option<String>,
     pub run: RunSpec,
+    /// The secrets its command reads (those `run` names).
+    pub secrets: Vec<SecretFile>,
     /// (network ID, address, subnet prefix length), one per network it is on, in order.
     pub addresses: Vec<(u32, Ipv4Addr, u8)>,
     /// The names of those networks: what its DNS answers for.
@@ -48,6 +52,8 @@ pub struct Workload {
     pub interception: Interception,
     _dns: AbortOnDropHandle<()>,
     _command: Option<AbortOnDropHandle<()>>,
+    /// Unmounted after the command's task is dropped (which kills it).
+    _secrets: Option<Secrets>,
     /// Its user, held while it lives (dropped after the command's task, which kills it).
     _uid: UidLease,
 }
@@ -86,9 +92,12 @@ impl Workload {
             let device = netns::open_tun(ns, &format!("{}{i}", netns::INTERFACE), *address, *prefix_len)?;
             interfaces.push(overlay.attach(*id, *address, device)?);
         }
+        let mut secrets = None;
         let command = match plan {
             Some(mut plan) => {
                 plan.cgroups = sandbox::cgroup::create(ns, &spec.run)?;
+                secrets = Secrets::mount(ns, &spec.secrets, plan.uid, plan.gid)?;
+                plan.secrets = secrets.as_ref().map(|s| s.dir().to_owned());
                 Some(netns::supervise(plan))
             }
             None => None,
@@ -105,6 +114,7 @@ impl Workload {
             interception: Interception::default(),
             _dns: dns,
             _command: command,
+            _secrets: secrets,
             _uid: uid,
         })
     }

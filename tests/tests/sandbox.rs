@@ -276,3 +276,84 @@ fn a_service_that_asks_for_root_or_a_bad_limit_is_refused_by_control() {
     assert!(!out.status.success(), "a CPU limit of 0 accepted");
     assert!(lab.meshctl(&["service", "ls"]).lines().all(|l| !l.starts_with("svc")));
 }
+
+#[test]
+fn a_secret_is_its_workloads_alone_and_never_on_the_nodes_disk() {
+    let lab = Lab::start(3);
+    let on3 = format!("node.id=={}", lab.node_id(3));
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.49.0.0/24"]);
+    let value = format!("s3cr3t-{}-value", std::process::id());
+    let file = lab.work.path().join("token.txt");
+    std::fs::write(&file, &value).unwrap();
+    lab.meshctl(&["secret", "create", "token", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    let out = lab.work.path().join("secret-out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let o = out.display();
+    // The reader records what it sees; a neighbour on the same host looks for it everywhere.
+    let reader = format!(
+        "cat /run/secrets/token > {o}/read; stat -c '%a %u' /run/secrets/token > {o}/mode; \
+         touch /run/secrets/x 2> {o}/write-error; exec sleep 1000"
+    );
+    // (It looks for the value's prefix: the whole value in its command would be in meshd's log.)
+    let nosy_out = lab.work.path().join("nosy-out");
+    std::fs::create_dir(&nosy_out).unwrap();
+    std::fs::set_permissions(&nosy_out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let n = nosy_out.display();
+    let nosy = format!(
+        "(ls /run/secrets; ls /run/meshd/secrets; cat /run/meshd/secrets/*/token; \
+          grep -rs s3cr3t- /proc/*/environ /run /dev/shm) > {n}/nosy 2>&1; echo done >> {n}/nosy; exec sleep 1000"
+    );
+    for (name, command, secret, dir) in [("reader", &reader, true, &out), ("nosy", &nosy, false, &nosy_out)] {
+        let mut args = vec!["service", "create", name, "--network", "front", "--constraint", &on3];
+        args.extend(["--writable", dir.to_str().unwrap(), "--command", command]);
+        if secret {
+            args.extend(["--secret", "token"]);
+        }
+        lab.meshctl(&args);
+    }
+    lab.wait("the reader's record", || out.join("mode").exists() && out.join("read").exists());
+    lab.wait("the neighbour's record", || {
+        std::fs::read_to_string(nosy_out.join("nosy")).is_ok_and(|t| t.contains("done"))
+    });
+    assert_eq!(std::fs::read_to_string(out.join("read")).unwrap(), value);
+    let reader_ns = lab.workload(3, "reader", 1);
+    let reader_pid = process(&lab, &reader_ns, "sleep").expect("the reader");
+    let uid = status_field(reader_pid, "Uid").split_whitespace().next().unwrap().to_owned();
+    assert_eq!(std::fs::read_to_string(out.join("mode")).unwrap().trim(), format!("400 {uid}"));
+    let write = std::fs::read_to_string(out.join("write-error")).unwrap();
+    assert!(write.contains("Read-only file system") || write.contains("Permission denied"), "{write}");
+    let nosy = std::fs::read_to_string(nosy_out.join("nosy")).unwrap();
+    assert!(!nosy.contains(&value), "the neighbour read the secret: {nosy}");
+    assert!(nosy.contains("No such file or directory"), "{nosy}");
+
+    // On the host it lives on a tmpfs only; no file of the lab (node, manager, logs) holds it.
+    let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let dir = format!("/run/meshd/secrets/{reader_ns}");
+    assert!(mounted.lines().any(|l| l.starts_with("tmpfs ") && l.contains(&dir)), "{dir} is not a tmpfs");
+    let needle = value.as_bytes();
+    for path in walk(&lab.work.path().join("lab")) {
+        let content = std::fs::read(&path).unwrap_or_default();
+        assert!(!content.windows(needle.len()).any(|w| w == needle), "{} holds the secret", path.display());
+    }
+    // Removed with its endpoint.
+    lab.meshctl(&["service", "rm", "reader"]);
+    lab.wait("the secret's tmpfs to go", || {
+        !std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&dir) && !Path::new(&dir).exists()
+    });
+}
+
+/// Every file under `dir` (sockets and the like read as empty).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => files.extend(walk(&path)),
+            Ok(t) if t.is_file() => files.push(path),
+            _ => {}
+        }
+    }
+    files
+}

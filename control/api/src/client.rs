@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pki::CONTROL_SERVER_NAME;
-use crate::proto::{ClusterView, NetworkView, NodeView, PolicyView, ServiceView, pb};
+use crate::proto::{ClusterView, NetworkView, NodeView, PolicyView, SecretView, ServiceView, pb};
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
 
@@ -403,6 +403,22 @@ impl AdminClient {
 
     pub async fn remove_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
         let s = self.inner.remove_service(name_request(name)).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn create_secret(&mut self, name: &str, data: Vec<u8>) -> Result<SecretView, ClientError> {
+        let request = pb::CreateSecretRequest { name: name.to_owned(), data };
+        let s = self.inner.create_secret(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn list_secrets(&mut self) -> Result<Vec<SecretView>, ClientError> {
+        let list = self.inner.list_secrets(pb::ListSecretsRequest {}).await.map_err(|s| self.refused(s))?;
+        list.into_inner().secrets.into_iter().map(|s| self.convert(s)).collect()
+    }
+
+    pub async fn remove_secret(&mut self, name: &str) -> Result<SecretView, ClientError> {
+        let s = self.inner.remove_secret(name_request(name)).await.map_err(|s| self.refused(s))?;
         self.convert(s.into_inner())
     }
 

@@ -71,6 +71,8 @@ pub const MAX_ENV: usize = 128;
 pub const MAX_ENV_BYTES: usize = 32 << 10;
 /// Most secrets one service reads.
 pub const MAX_SECRETS: usize = 64;
+/// Most bytes of one secret.
+pub const MAX_SECRET_BYTES: usize = 64 << 10;
 
 /// Whether `name` can name a secret (and be its file name): 1-64 of a-z, A-Z, 0-9, `.`, `_`
 /// and `-`, not starting with `.` or `-`.

@@ -155,8 +155,36 @@ pub struct ServiceView {
     pub replicas: u32,
     pub constraints: Vec<String>,
     pub command: Option<String>,
+    /// How the command runs: environment, secrets (by name), user, confinement.
+    pub run: crate::model::RunSpec,
     pub vips: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
     pub endpoints: Vec<EndpointView>,
+}
+
+/// A secret as an admin sees it: never its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SecretView {
+    pub name: String,
+    /// SHA-256 of the bytes, hex.
+    pub digest: String,
+    pub size: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The services that read it.
+    pub services: Vec<String>,
+}
+
+impl TryFrom<pb::SecretInfo> for SecretView {
+    type Error = InvalidMessage;
+    fn try_from(s: pb::SecretInfo) -> Result<SecretView, InvalidMessage> {
+        Ok(SecretView {
+            name: s.name,
+            digest: s.digest,
+            size: s.size,
+            created_at: s.created_at,
+            services: s.services,
+        })
+    }
 }
 
 /// An IPv4 address from a wire field, or an error naming the field.
@@ -174,6 +202,7 @@ impl TryFrom<pb::Service> for ServiceView {
             replicas: s.replicas,
             constraints: s.constraints,
             command: Some(s.command).filter(|c| !c.is_empty()),
+            run: s.run.map(crate::model::RunSpec::from).unwrap_or_default(),
             vips: s
                 .vips
                 .into_iter()

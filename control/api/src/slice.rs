@@ -23,6 +23,31 @@ pub struct LocalEndpoint {
     pub addresses: BTreeMap<String, Ipv4Addr>,
     pub command: Option<String>,
     pub run: RunSpec,
+    /// The secrets its service reads (`run.secrets`), for its workload alone.
+    pub secrets: Vec<SecretFile>,
+}
+
+/// A secret sent for one endpoint's workload; its bytes are never printed nor serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretFile {{ name: {:?}, data: <{} bytes> }}", self.name, self.data.len())
+    }
+}
+
+impl Serialize for SecretFile {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("SecretFile", 2)?;
+        s.serialize_field("name", &self.name)?;
+        s.serialize_field("size", &self.data.len())?;
+        s.end()
+    }
 }
 
 /// Where an overlay address lives.
@@ -172,6 +197,11 @@ impl NodeSlice {
                         .collect(),
                     command: e.command.clone().unwrap_or_default(),
                     run: Some(e.run.clone().into()),
+                    secrets: e
+                        .secrets
+                        .iter()
+                        .map(|s| pb::SecretFile { name: s.name.clone(), data: s.data.clone() })
+                        .collect(),
                 })
                 .collect(),
             networks: self
@@ -315,6 +345,30 @@ fn checked(s: Option<pb::RunSpec>) -> Result<RunSpec, InvalidMessage> {
     let run = s.map(RunSpec::from).unwrap_or_default();
     run.check().map_err(|_| InvalidMessage::Field("run"))?;
     Ok(run)
+}
+
+/// An endpoint's secrets from a slice: exactly those its run spec names, each once and within
+/// bounds.
+fn secrets(files: Vec<pb::SecretFile>, run: &RunSpec) -> Result<Vec<SecretFile>, InvalidMessage> {
+    let names: Vec<&String> = files.iter().map(|f| &f.name).collect();
+    let wanted: Vec<&String> = run.secrets.iter().collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    let mut expected = wanted.clone();
+    expected.sort();
+    if sorted.len() != names.len() || sorted != expected {
+        return Err(InvalidMessage::Field("secrets"));
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            if f.data.len() > crate::model::MAX_SECRET_BYTES {
+                return Err(InvalidMessage::Field("secret size"));
+            }
+            Ok(SecretFile { name: f.name, data: f.data })
+        })
+        .collect()
 }
 
 fn key_use(u: KeyUse) -> pb::KeyUse {
@@ -512,12 +566,14 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     .into_iter()
                     .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
                     .collect::<Result<_, InvalidMessage>>()?;
+                let run = checked(e.run)?;
                 Ok(LocalEndpoint {
                     service: e.service,
                     slot: e.slot,
                     addresses,
                     command: Some(e.command).filter(|c| !c.is_empty()),
-                    run: checked(e.run)?,
+                    secrets: secrets(e.secrets, &run)?,
+                    run,
                 })
             })
             .collect::<Result<_, InvalidMessage>>()?;

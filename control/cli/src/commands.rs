@@ -5,4 +5,5 @@ pub mod network;
 pub mod node;
 pub mod output;
 pub mod policy;
+pub mod secret;
 pub mod service;

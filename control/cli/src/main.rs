@@ -10,6 +10,7 @@ use commands::cluster::{self, ClusterCmd};
 use commands::network::{self, NetworkCmd};
 use commands::node::{self, NodeCmd};
 use commands::policy::{self, PolicyCmd};
+use commands::secret::{self, SecretCmd};
 use commands::service::{self, ServiceCmd};
 use mesh_api::bundle::AdminBundle;
 use mesh_api::client::AdminClient;
@@ -37,6 +38,9 @@ enum Cmd {
     /// Services and their endpoints.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Secrets that services' workloads read at /run/secrets/NAME.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// The service-to-service ACL policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -173,6 +177,7 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Node(cmd) => node::run(cmd, &mut client).await,
         Cmd::Network(cmd) => network::run(cmd, &mut client).await,
         Cmd::Service(cmd) => service::run(cmd, &mut client).await,
+        Cmd::Secret(cmd) => secret::run(cmd, &mut client).await,
         Cmd::Policy(cmd) => policy::run(cmd, &mut client).await,
         Cmd::Cluster(cmd) => cluster::run(cmd, &mut client).await,
         Cmd::JoinToken { role, rotate, quiet } => {

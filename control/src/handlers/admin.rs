@@ -47,6 +47,18 @@ fn network_pb(state: &ClusterState, n: &Network) -> pb::Network {
     }
 }
 
+/// What an admin sees of a secret: never its bytes.
+fn secret_pb(state: &ClusterState, name: &str) -> pb::SecretInfo {
+    let record = &state.secrets[name];
+    pb::SecretInfo {
+        name: name.to_owned(),
+        digest: record.digest.clone(),
+        size: record.size,
+        created_at: record.created_at,
+        services: state.secret_users(name),
+    }
+}
+
 fn service_pb(s: &Service) -> pb::Service {
     pb::Service {
         name: s.name.clone(),
@@ -75,6 +87,7 @@ fn service_pb(s: &Service) -> pb::Service {
                     .collect(),
                 command: String::new(),
                 run: None,
+                secrets: vec![],
             })
             .collect(),
     }
@@ -205,6 +218,16 @@ impl AdminApi {
                 .get(name)
                 .map(service_pb)
                 .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))
+        })
+    }
+
+    fn secret(&self, name: &str) -> Result<pb::SecretInfo, Status> {
+        self.0.store.read(|s| {
+            if s.secrets.contains_key(name) {
+                Ok(secret_pb(s, name))
+            } else {
+                Err(Status::not_found(format!("no secret named `{name}`")))
+            }
         })
     }
 }
@@ -622,6 +645,40 @@ impl pb::admin_server::Admin for AdminApi {
         let before = self.service(&name)?;
         self.0.change(|state, _| plans::remove_service(state, &name)).await?;
         info!(service = %name, "service removed");
+        Ok(Response::new(before))
+    }
+
+    async fn create_secret(
+        &self,
+        request: Request<pb::CreateSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let at = now();
+        self.0.change(|state, _| plans::create_secret(state, &req.name, &req.data, at)).await?;
+        // The name only: the bytes are never logged.
+        info!(secret = %req.name, size = req.data.len(), "secret created");
+        Ok(Response::new(self.secret(&req.name)?))
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        self.admin(&request)?;
+        let secrets = self.0.store.read(|s| s.secrets.keys().map(|name| secret_pb(s, name)).collect());
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    async fn remove_secret(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().name;
+        let before = self.secret(&name)?;
+        self.0.change(|state, _| plans::remove_secret(state, &name)).await?;
+        info!(secret = %name, "secret removed");
         Ok(Response::new(before))
     }
 

@@ -7,7 +7,9 @@ use mesh_api::ids::NodeId;
 use mesh_api::tokens::{Role, SecretHash};
 use serde::{Deserialize, Serialize};
 
-use super::records::{AdminRecord, CaRecord, Network, NodeRecord, PolicyRecord, Secret, Service, Settings};
+use super::records::{
+    AdminRecord, CaRecord, Network, NodeRecord, PolicyRecord, Secret, SecretRecord, Service, Settings,
+};
 use crate::planning::keys::KeyRing;
 
 /// A change to the cluster state.
@@ -75,6 +77,15 @@ pub enum Command {
     /// Creates or replaces a service (its endpoints included).
     PutService(Service),
     RemoveService {
+        name: String,
+    },
+    /// Creates a secret (never replaced: a changed secret is a new name).
+    PutSecret {
+        name: String,
+        record: SecretRecord,
+    },
+    /// Removes a secret no service reads.
+    RemoveSecret {
         name: String,
     },
     /// Several commands applied in order, all or nothing: one plan.

@@ -54,6 +54,14 @@ pub enum StateError {
     UnknownAdmin(String),
     #[error("serial {0} is the last admin credential: issue another first (meshctl cluster admin issue)")]
     LastAdmin(String),
+    #[error("a secret named `{0}` already exists (secrets never change: create one under a new name)")]
+    SecretExists(String),
+    #[error("no secret named `{0}`")]
+    UnknownSecret(String),
+    #[error("secret `{0}`: a name of 1-64 of a-z, A-Z, 0-9, `.`, `_`, `-`, and at most 64 KiB")]
+    BadSecret(String),
+    #[error("secret `{name}` is read by {services}: remove it from them first")]
+    SecretInUse { name: String, services: String },
     #[error("service `{service}` has two endpoints on node {node}")]
     TwoEndpointsOnNode { service: String, node: NodeId },
 }

@@ -63,6 +63,19 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// A secret services' workloads read (`meshctl secret create`): its bytes (base64) are shown to
+/// no admin and sent only in the slices of nodes that run a workload reading it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// The bytes, base64.
+    pub data: Secret,
+    /// SHA-256 of the bytes, hex: what admins see.
+    pub digest: String,
+    pub size: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
 /// The cluster's root CA, replicated so that any manager can issue certificates after another is
 /// lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,8 @@
 //! The filesystem a workload sees, built by the helper in its own mount namespace: the host's
 //! mounts, every one read-only; a `/proc` of its PID namespace and a `/sys` of its network
-//! namespace; its namespace's resolver as `/etc/resolv.conf`; a private `/tmp`, `/var/tmp` and
-//! `/dev/shm`; the node's state covered by empty read-only directories; and the paths the
-//! service may write, bound read-write.
+//! namespace; a private `/tmp`, `/var/tmp`, `/dev/shm` and `/run`; its namespace's resolver as
+//! `/etc/resolv.conf`; its secrets, read-only, at `/run/secrets`; the node's state covered by
+//! empty read-only directories; and the paths the service may write, bound read-write.
 
 use std::fs;
 use std::io;
@@ -16,37 +16,54 @@ use nix::sys::stat::Mode;
 use super::Plan;
 
 const NONE: Option<&str> = None;
-/// Scratch space a workload writes, its own: private, and gone with it.
-const SCRATCH: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+/// Scratch space a workload writes, its own: private, and gone with it (with its mode).
+const SCRATCH: [(&str, &str); 4] =
+    [("/tmp", "mode=1777"), ("/var/tmp", "mode=1777"), ("/dev/shm", "mode=1777"), ("/run", "mode=0755")];
+/// Where a workload reads its secrets.
+pub const SECRETS: &str = "/run/secrets";
 
 pub(super) fn build(plan: &Plan) -> io::Result<()> {
     // Nothing done here reaches the host's mounts, nor theirs this view.
     mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)?;
     // The writable paths, held before anything covers them (the lab's live under /tmp).
-    let writable = plan
-        .writable
-        .iter()
-        .map(|path| {
-            let fd = open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-                .map_err(|e| io::Error::other(format!("writable path {}: {e}", path.display())))?;
-            Ok((path, fd))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
+    let hold = |path: &PathBuf| {
+        open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+    };
+    let writable =
+        plan.writable.iter().map(|path| Ok((path, hold(path)?))).collect::<io::Result<Vec<_>>>()?;
+    let secrets = plan.secrets.as_ref().map(hold).transpose()?;
     let kernel = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), kernel, NONE)?;
     umount2("/sys", MntFlags::MNT_DETACH)?;
     mount(Some("sysfs"), "/sys", Some("sysfs"), kernel | MsFlags::MS_RDONLY, NONE)?;
-    let resolver = Path::new("/etc/netns").join(&plan.namespace).join("resolv.conf");
-    if resolver.exists() {
-        mount(Some(&resolver), "/etc/resolv.conf", NONE, MsFlags::MS_BIND, NONE)
-            .map_err(|e| io::Error::other(format!("the workload's resolver: {e}")))?;
-    }
     read_only()?;
-    for scratch in SCRATCH {
+    for (scratch, mode) in SCRATCH {
         if Path::new(scratch).is_dir() {
             let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-            mount(Some("tmpfs"), scratch, Some("tmpfs"), flags, Some("mode=1777"))?;
+            mount(Some("tmpfs"), scratch, Some("tmpfs"), flags, Some(mode))?;
         }
+    }
+    // After the scratch mounts: a resolv.conf that is a link into /run points into the new one.
+    let resolver = Path::new("/etc/netns").join(&plan.namespace).join("resolv.conf");
+    if resolver.exists() {
+        let target = resolv_conf_target();
+        mount_point(&target, false)?;
+        mount(Some(&resolver), &target, NONE, MsFlags::MS_BIND, NONE)
+            .map_err(|e| io::Error::other(format!("the workload's resolver: {e}")))?;
+    }
+    if let Some(fd) = &secrets {
+        let source = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
+        mount_point(Path::new(SECRETS), true)?;
+        mount(Some(&source), SECRETS, NONE, MsFlags::MS_BIND, NONE)
+            .map_err(|e| io::Error::other(format!("the workload's secrets: {e}")))?;
+        mount(
+            NONE,
+            SECRETS,
+            NONE,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | kernel,
+            NONE,
+        )?;
     }
     for hidden in &plan.hidden {
         if hidden.is_dir() {
@@ -63,6 +80,16 @@ pub(super) fn build(plan: &Plan) -> io::Result<()> {
         mount(NONE, *path, NONE, rw, NONE)?;
     }
     Ok(())
+}
+
+/// Where `/etc/resolv.conf` really is: the file, or what it links to (made absolute).
+fn resolv_conf_target() -> PathBuf {
+    let link = Path::new("/etc/resolv.conf");
+    match fs::read_link(link) {
+        Ok(target) if target.is_absolute() => target,
+        Ok(target) => Path::new("/etc").join(target),
+        Err(_) => link.to_owned(),
+    }
 }
 
 /// Makes every mount read-only, each keeping its other flags.

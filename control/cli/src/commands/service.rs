@@ -29,23 +29,8 @@ pub enum ServiceCmd {
         /// private /tmp, the node's state hidden.
         #[arg(long)]
         command: Option<String>,
-        /// Run as NAME, UID or UID:GID of the node instead of a user of the workload's own
-        /// (never root).
-        #[arg(long)]
-        user: Option<String>,
-        /// NAME=VALUE in the command's environment (repeat for several). The command starts with
-        /// nothing of meshd's: only PATH and HOME=/tmp, which these may replace.
-        #[arg(long = "env", value_name = "NAME=VALUE")]
-        env: Vec<String>,
-        /// A host path the workload may write (it must exist; repeat for several).
-        #[arg(long = "writable", value_name = "PATH")]
-        writable: Vec<String>,
-        /// At most this many CPUs (e.g. 0.5).
-        #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
-        limit_cpu: Option<u32>,
-        /// At most this much memory: BYTES, or with a suffix K, M or G (powers of 1024).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        limit_memory: Option<u64>,
+        #[command(flatten)]
+        run: Box<RunArgs>,
     },
     /// List services.
     Ls {
@@ -60,22 +45,49 @@ pub enum ServiceCmd {
     Rm { name: String },
 }
 
+/// How the command runs: its user, environment, secrets, writable paths and limits.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Run as NAME, UID or UID:GID of the node instead of a user of the workload's own
+    /// (never root).
+    #[arg(long)]
+    user: Option<String>,
+    /// NAME=VALUE in the command's environment (repeat for several). The command starts with
+    /// nothing of meshd's: only PATH and HOME=/tmp, which these may replace.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// A secret (`meshctl secret create`) the workload reads at /run/secrets/NAME, its own
+    /// (mode 0400); repeat for several.
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
+    /// A host path the workload may write (it must exist; repeat for several).
+    #[arg(long = "writable", value_name = "PATH")]
+    writable: Vec<String>,
+    /// At most this many CPUs (e.g. 0.5).
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
+    limit_cpu: Option<u32>,
+    /// At most this much memory: BYTES, or with a suffix K, M or G (powers of 1024).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    limit_memory: Option<u64>,
+}
+
+impl RunArgs {
+    fn into_wire(self) -> pb::RunSpec {
+        pb::RunSpec {
+            user: self.user.unwrap_or_default(),
+            writable: self.writable,
+            cpu_millis: self.limit_cpu.unwrap_or(0),
+            memory_bytes: self.limit_memory.unwrap_or(0),
+            env: self.env,
+            secrets: self.secrets,
+        }
+    }
+}
+
 /// Runs `meshctl service ...` against the leader.
 pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()> {
     match cmd {
-        ServiceCmd::Create {
-            name,
-            networks,
-            ports,
-            replicas,
-            constraints,
-            command,
-            user,
-            env,
-            writable,
-            limit_cpu,
-            limit_memory,
-        } => {
+        ServiceCmd::Create { name, networks, ports, replicas, constraints, command, run } => {
             let ports = ports.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let request = pb::CreateServiceRequest {
                 name,
@@ -84,14 +96,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                 replicas,
                 constraints,
                 command: command.unwrap_or_default(),
-                run: Some(pb::RunSpec {
-                    user: user.unwrap_or_default(),
-                    writable,
-                    cpu_millis: limit_cpu.unwrap_or(0),
-                    memory_bytes: limit_memory.unwrap_or(0),
-                    env,
-                    secrets: vec![],
-                }),
+                run: Some(run.into_wire()),
             };
             let s = client.create_service(request).await?;
             println!("service {} created with {} endpoint(s)", s.name, s.endpoints.len());
