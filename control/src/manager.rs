@@ -9,6 +9,7 @@ pub mod connections;
 pub mod leadership;
 pub mod presence;
 pub mod renewal;
+pub mod reports;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,6 +123,8 @@ pub struct Manager {
     pub(crate) policies: crate::slicer::PolicyCache,
     pub(crate) memberships: crate::slicer::Memberships,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// What nodes report of their endpoints.
+    pub(crate) reports: reports::Reports,
     /// Serializes changes: a plan is made and applied with no other change in between.
     writer: tokio::sync::Mutex<()>,
 }
@@ -160,6 +163,7 @@ impl Manager {
             policies: Default::default(),
             memberships: Default::default(),
             metrics: Default::default(),
+            reports: Default::default(),
             writer: tokio::sync::Mutex::new(()),
         }))
     }

@@ -70,12 +70,18 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         underlay: config.session.underlay.to_string(),
         ..Status::default()
     }));
+    let endpoints = crate::endpoints::Endpoints::new();
     let dataplane = if config.dataplane {
         let boot = overlay::next_boot(&dir).map_err(|e| AgentError::Dataplane(e.to_string()))?;
         config.session.boot = boot;
-        let dp = Dataplane::start(&config, &node, node_certificate, boot).await.map_err(|e| {
-            AgentError::Dataplane(format!("cannot start the data plane on {}: {e}", config.session.underlay))
-        })?;
+        let dp = Dataplane::start(&config, &node, node_certificate, boot, endpoints.clone()).await.map_err(
+            |e| {
+                AgentError::Dataplane(format!(
+                    "cannot start the data plane on {}: {e}",
+                    config.session.underlay
+                ))
+            },
+        )?;
         let mut s = status.lock().expect("lock");
         s.counters = Some(dp.counters.clone());
         s.certificates = Some(dp.certificates.clone());
@@ -107,7 +113,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     };
     let result = tokio::select! {
         renewing = identity::keep_renewed(&dir, node_published, renew_requests) => renewing.map_err(AgentError::from),
-        refused = session::run(config.session.clone(), events_tx) => Err(AgentError::Session(refused)),
+        refused = session::run(config.session.clone(), events_tx, endpoints.subscribe()) => Err(AgentError::Session(refused)),
         served = status::serve(&dir, status.clone(), renew_now) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
         _ = follow => Ok(()),
         _ = shutdown_signal() => Ok(()),
@@ -148,6 +154,7 @@ impl Dataplane {
         node: &NodeIdentity,
         node_certificate: watch::Receiver<Arc<NodeIdentity>>,
         boot: u16,
+        endpoints: Arc<crate::endpoints::Endpoints>,
     ) -> std::io::Result<Dataplane> {
         let listen = overlay::listen_address(config.session.underlay);
         let cluster = node.info.organization.parse().map_err(std::io::Error::other)?;
@@ -185,6 +192,7 @@ impl Dataplane {
             Arc::new(Upstream::from_system()),
             config.dns_visibility,
             crate::sandbox::Host::new(&config.session.state_dir),
+            endpoints,
         )
         .await;
         info!(bind = %listen, prefix = %config.netns_prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");

@@ -19,6 +19,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod dns;
+pub mod endpoints;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;

@@ -16,7 +16,12 @@ use tokio::process::Command;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
+use crate::endpoints::{self, Endpoint};
 use crate::sandbox::{self, Plan};
+use mesh_api::model::RunState;
+
+/// How long a command lives before it counts as running.
+const RUNNING_AFTER: Duration = Duration::from_secs(1);
 
 /// Name of the interface in each workload namespace, suffixed by the network's position.
 pub const INTERFACE: &str = "mesh";
@@ -214,7 +219,8 @@ pub fn bind_dns(ns: &str) -> io::Result<(std::net::UdpSocket, std::net::TcpListe
 
 /// Runs the command of `plan` confined in its namespace (see [`sandbox`]), restarting it when it
 /// exits, until dropped.
-pub fn supervise(plan: Plan) -> AbortOnDropHandle<()> {
+/// Its state goes to `report`: running once it has lived a second, restarting when it exits.
+pub fn supervise(plan: Plan, report: Endpoint) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         let ns = plan.namespace.clone();
         let mut restarts = 0u32;
@@ -222,10 +228,21 @@ pub fn supervise(plan: Plan) -> AbortOnDropHandle<()> {
             match sandbox::spawn(&plan) {
                 Ok(mut child) => {
                     info!(namespace = %ns, command = %plan.command, uid = plan.uid, "workload started");
-                    let status = child.wait().await;
+                    report.set(RunState::Starting, None, restarts > 0);
+                    let status = tokio::select! {
+                        status = child.wait() => status,
+                        _ = tokio::time::sleep(RUNNING_AFTER) => {
+                            report.set(RunState::Running, None, false);
+                            child.wait().await
+                        }
+                    };
                     warn!(namespace = %ns, ?status, "workload exited; restarting");
+                    report.set(RunState::Restarting, Some(endpoints::exit_text(&status)), false);
                 }
-                Err(e) => warn!(namespace = %ns, error = %e, "cannot start workload"),
+                Err(e) => {
+                    warn!(namespace = %ns, error = %e, "cannot start workload");
+                    report.set(RunState::Failed, Some(format!("cannot start: {e}")), false);
+                }
             }
             restarts += 1;
             tokio::time::sleep(Duration::from_millis(200 * u64::from(restarts.min(10)))).await;

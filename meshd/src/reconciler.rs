@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::dns::{Upstream, Visibility, Zone};
+use crate::endpoints::Endpoints;
 use crate::identity::WorkloadCertificates;
 use crate::mesh::outbound::Service;
 use crate::mesh::{LocalTarget, Mesh, View};
@@ -38,6 +39,8 @@ pub struct Reconciler {
     visibility: Visibility,
     /// What confines the workloads' commands on this host.
     sandbox: Arc<Host>,
+    /// What the workloads report of themselves.
+    endpoints: Arc<Endpoints>,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -53,6 +56,7 @@ impl Reconciler {
         upstream: Arc<Upstream>,
         visibility: Visibility,
         sandbox: Arc<Host>,
+        endpoints: Arc<Endpoints>,
     ) -> Reconciler {
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
@@ -66,6 +70,7 @@ impl Reconciler {
             upstream,
             visibility,
             sandbox,
+            endpoints,
             workloads: Mutex::new(HashMap::new()),
         }
     }
@@ -80,6 +85,7 @@ impl Reconciler {
         let wanted_endpoints: HashSet<String> =
             wanted.values().map(|e| format!("{}.{}", e.service, e.slot)).collect();
         self.certificates.retain(|endpoint| wanted_endpoints.contains(endpoint));
+        self.endpoints.retain(|service, slot| wanted_endpoints.contains(&format!("{service}.{slot}")));
         for ns in stale {
             if let Some(w) = workloads.remove(&ns)
                 && let Err(e) = w.remove().await
@@ -114,14 +120,25 @@ impl Reconciler {
                 networks: endpoint.addresses.keys().cloned().collect(),
             };
             let certificate = self.certificates.watch(&endpoint.service, endpoint.slot);
-            match Workload::start(&ns, spec, &self.overlay, self.upstream.clone(), certificate, &self.sandbox)
-                .await
+            match Workload::start(
+                &ns,
+                spec,
+                &self.overlay,
+                self.upstream.clone(),
+                certificate,
+                &self.sandbox,
+                &self.endpoints,
+            )
+            .await
             {
                 Ok(w) => {
                     info!(namespace = %ns, addresses = ?addresses, "workload ready");
                     workloads.insert(ns, w);
                 }
-                Err(e) => warn!(namespace = %ns, error = %e, "building the workload failed"),
+                Err(e) => {
+                    warn!(namespace = %ns, error = %e, "building the workload failed");
+                    self.endpoints.failed(&endpoint.service, endpoint.slot, e.to_string());
+                }
             }
         }
         // Every workload's names follow the slice at once.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use mesh_api::client::ClientError;
 use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::field::Empty;
 use tracing::{Span, info, instrument, warn};
 
@@ -44,11 +44,15 @@ pub enum SessionEvent {
 /// Holds the session until control refuses the node (removed, say). Sends every new slice and
 /// connection change to `events`.
 #[instrument(name = "session", skip_all, fields(underlay = %config.underlay))]
-pub async fn run(config: SessionConfig, events: mpsc::UnboundedSender<SessionEvent>) -> SessionError {
+pub async fn run(
+    config: SessionConfig,
+    events: mpsc::UnboundedSender<SessionEvent>,
+    mut reports: Reports,
+) -> SessionError {
     let mut held: u64 = 0;
     let mut attempt = 0u32;
     loop {
-        match connect_and_follow(&config, &events, &mut held, &mut attempt).await {
+        match connect_and_follow(&config, &events, &mut held, &mut attempt, &mut reports).await {
             Err(e) if e.code() == Some(tonic::Code::PermissionDenied) => {
                 let _ = events.send(SessionEvent::Disconnected(e.to_string()));
                 warn!(error = %e, "control refuses this node's session; not retrying");
@@ -76,6 +80,7 @@ async fn connect_and_follow(
     events: &mpsc::UnboundedSender<SessionEvent>,
     held: &mut u64,
     attempt: &mut u32,
+    reports: &mut Reports,
 ) -> Result<(), ClientError> {
     // The identity is read afresh each time: the certificate may have been renewed.
     let node = NodeDir::new(&config.state_dir).load().map_err(|e| ClientError::Refused {
@@ -95,6 +100,7 @@ async fn connect_and_follow(
     })?;
     let addr = leader.addr;
     Span::current().record("control", tracing::field::display(&addr));
+    let mut reporter = pb::dispatcher_client::DispatcherClient::new(leader.channel.clone());
     let mut stream = pb::dispatcher_client::DispatcherClient::new(leader.channel)
         .session(pb::SessionRequest { underlay: config.underlay.to_string(), boot: config.boot.into() })
         .await
@@ -105,7 +111,22 @@ async fn connect_and_follow(
     *attempt = 0;
     // What the previous message carried: the sections a message marks unchanged come from it.
     let mut previous: Option<NodeSlice> = None;
-    while let Some(message) = stream.message().await.map_err(|s| ClientError::refused(&addr, s))? {
+    // This connection's manager is told what the endpoints do now, and after every change.
+    reports.mark_changed();
+    // Whoever writes the states may be gone (no data plane): then there is nothing to report.
+    let mut watching = true;
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(|s| ClientError::refused(&addr, s))?,
+            changed = reports.changed(), if watching => {
+                match changed {
+                    Ok(()) => report(&mut reporter, reports).await,
+                    Err(_) => watching = false,
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else { break };
         // A malformed message leaves nothing to read the next one against: the session starts
         // again, from a whole slice.
         let slice = NodeSlice::from_wire(message, previous.as_ref()).map_err(|e| ClientError::Refused {
@@ -135,4 +156,20 @@ async fn connect_and_follow(
         let _ = events.send(SessionEvent::Slice(slice));
     }
     Ok(())
+}
+
+/// The endpoints' states, as the session watches them.
+pub type Reports = watch::Receiver<std::collections::BTreeMap<(String, u32), mesh_api::model::EndpointState>>;
+
+/// Sends the endpoints' states as they are now; a failure is logged, and the next change (or
+/// connection) sends them again.
+async fn report(
+    client: &mut pb::dispatcher_client::DispatcherClient<tonic::transport::Channel>,
+    reports: &mut Reports,
+) {
+    let endpoints: Vec<pb::EndpointReport> =
+        reports.borrow_and_update().values().cloned().map(Into::into).collect();
+    if let Err(e) = client.report_endpoints(pb::EndpointReports { endpoints }).await {
+        warn!(error = %e, "reporting the endpoints' states to control failed");
+    }
 }

@@ -9,13 +9,14 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use mesh_api::model::RunSpec;
+use mesh_api::model::{RunSpec, RunState};
 use mesh_api::slice::SecretFile;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::task::AbortOnDropHandle;
 use tun::io::Interface;
 
 use crate::dns::{Upstream, Zone};
+use crate::endpoints::{Endpoint, Endpoints};
 use crate::identity::WorkloadCertificate;
 use crate::mesh::outbound::{Caller, Interception};
 use crate::netns::{self, Netns};
@@ -54,6 +55,8 @@ pub struct Workload {
     _command: Option<AbortOnDropHandle<()>>,
     /// Unmounted after the command's task is dropped (which kills it).
     _secrets: Option<Secrets>,
+    /// The report of an endpoint without a command (one with a command reports from its task).
+    _ready: Option<Endpoint>,
     /// Its user, held while it lives (dropped after the command's task, which kills it).
     _uid: UidLease,
 }
@@ -69,7 +72,9 @@ impl Workload {
         upstream: Arc<Upstream>,
         certificate: WorkloadCertificate,
         host: &Arc<Host>,
+        endpoints: &Arc<Endpoints>,
     ) -> std::io::Result<Workload> {
+        let report = endpoints.endpoint(&spec.service, spec.slot);
         let uid = host.lease_uid()?;
         // Checked before anything is made: a service that cannot be confined does not start.
         let plan = match &spec.command {
@@ -93,14 +98,19 @@ impl Workload {
             interfaces.push(overlay.attach(*id, *address, device)?);
         }
         let mut secrets = None;
+        let mut ready = None;
         let command = match plan {
             Some(mut plan) => {
                 plan.cgroups = sandbox::cgroup::create(ns, &spec.run)?;
                 secrets = Secrets::mount(ns, &spec.secrets, plan.uid, plan.gid)?;
                 plan.secrets = secrets.as_ref().map(|s| s.dir().to_owned());
-                Some(netns::supervise(plan))
+                Some(netns::supervise(plan, report))
             }
-            None => None,
+            None => {
+                report.set(RunState::Ready, None, false);
+                ready = Some(report);
+                None
+            }
         };
         let caller =
             Arc::new(Caller { endpoint: format!("{}.{}", spec.service, spec.slot), netns, certificate });
@@ -115,6 +125,7 @@ impl Workload {
             _dns: dns,
             _command: command,
             _secrets: secrets,
+            _ready: ready,
             _uid: uid,
         })
     }

@@ -169,6 +169,8 @@ pub struct SimNode {
     pub id: NodeId,
     pub underlay: SocketAddr,
     pub events: Arc<std::sync::Mutex<Vec<SessionEvent>>>,
+    /// What its session reports of its endpoints (tests set them, as workloads would).
+    pub endpoints: Arc<meshd::endpoints::Endpoints>,
     session: JoinHandle<SessionError>,
 }
 
@@ -185,8 +187,9 @@ impl SimNode {
                 sink.lock().expect("lock").push(event);
             }
         });
-        let session = tokio::spawn(meshd::session::run(config, tx));
-        let node = SimNode { dir, id, underlay, events, session };
+        let endpoints = meshd::endpoints::Endpoints::new();
+        let session = tokio::spawn(meshd::session::run(config, tx, endpoints.subscribe()));
+        let node = SimNode { dir, id, underlay, events, endpoints, session };
         node.wait_connected().await;
         node
     }

@@ -420,7 +420,11 @@ fn a_session_announcing_another_nodes_underlay_is_refused() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::time::timeout(Duration::from_secs(10), meshd::session::run(config, tx)).await
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                meshd::session::run(config, tx, meshd::endpoints::Endpoints::new().subscribe()),
+            )
+            .await
         })
     });
     let error = ended.expect("the session was refused, not held").to_string();
@@ -471,6 +475,12 @@ fn workloads_run_their_command_are_torn_down_and_rebuilt_after_a_crash() {
     });
     let job = s.lab.workload(3, "job", 1);
     assert!(namespaces(&s.lab, 3).contains(&job));
+    // meshd reports it: restarted, and how it last ended.
+    s.lab.wait("service ps to show the restarts", || {
+        let ps: serde_json::Value =
+            serde_json::from_str(&s.lab.meshctl(&["service", "ps", "job", "--format", "json"])).unwrap();
+        ps[0]["restarts"].as_u64().unwrap_or(0) >= 2 && ps[0]["last_exit"] == "exit 0"
+    });
 
     // Scaling to zero removes the namespace (and what ran in it).
     s.lab.meshctl(&["service", "scale", "job", "0"]);

@@ -215,6 +215,9 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
     let web = lab.workload(2, "web", 1);
     lab.wait("web to reach the probe through the mesh", || curl(&lab, &web, "http://probe/").0 == 200);
     assert!(curl(&lab, &web, "http://probe/x").1.starts_with("probe GET /x"));
+    // Its node reports it running; the service counts it.
+    lab.wait("the probe reported running", || lab.meshctl(&["service", "ps", "probe"]).contains("running"));
+    assert!(lab.meshctl(&["service", "ls"]).lines().any(|l| l.starts_with("probe") && l.contains(" 1/1 ")));
     // meshd's interception in the probe's namespace survived its attempt.
     let rules = lab.exec(&lab.workload(3, "probe", 1), &["nft", "list", "ruleset"]).output().unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).contains("redirect"), "the interception is gone");

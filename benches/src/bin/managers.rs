@@ -216,7 +216,11 @@ async fn open_sessions(
         meshd::identity::join(&bundle.managers.join(","), &token, &state_dir, &format!("sim{i}")).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let underlay = std::net::SocketAddr::from(([127, 0, 1, (i % 250) as u8 + 1], 4800));
-        tokio::spawn(meshd::session::run(SessionConfig { state_dir, underlay, boot: 1 }, tx));
+        tokio::spawn(meshd::session::run(
+            SessionConfig { state_dir, underlay, boot: 1 },
+            tx,
+            meshd::endpoints::Endpoints::new().subscribe(),
+        ));
         let connected = connected.clone();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {

@@ -12,7 +12,9 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pki::CONTROL_SERVER_NAME;
-use crate::proto::{ClusterView, NetworkView, NodeView, PolicyView, SecretView, ServiceView, pb};
+use crate::proto::{
+    ClusterView, EndpointPsView, NetworkView, NodeView, PolicyView, SecretView, ServiceView, pb,
+};
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
 
@@ -404,6 +406,11 @@ impl AdminClient {
     pub async fn remove_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
         let s = self.inner.remove_service(name_request(name)).await.map_err(|s| self.refused(s))?;
         self.convert(s.into_inner())
+    }
+
+    pub async fn service_ps(&mut self, name: &str) -> Result<Vec<EndpointPsView>, ClientError> {
+        let ps = self.inner.service_ps(name_request(name)).await.map_err(|s| self.refused(s))?;
+        ps.into_inner().endpoints.into_iter().map(|e| self.convert(e)).collect()
     }
 
     pub async fn create_secret(&mut self, name: &str, data: Vec<u8>) -> Result<SecretView, ClientError> {

@@ -164,6 +164,62 @@ impl RunSpec {
     }
 }
 
+/// What a workload is doing, as its node reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Its namespace is being made, or its command started and not yet seen running.
+    Starting,
+    Running,
+    /// Its command exited and is started again after a pause.
+    Restarting,
+    /// It cannot run (its user, a writable path, its limits or its secrets could not be set up).
+    Failed,
+    /// No command: the endpoint is its namespace and interfaces, which are in place.
+    Ready,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Restarting => "restarting",
+            RunState::Failed => "failed",
+            RunState::Ready => "ready",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RunState> {
+        [RunState::Starting, RunState::Running, RunState::Restarting, RunState::Failed, RunState::Ready]
+            .into_iter()
+            .find(|s| s.name() == text)
+    }
+
+    /// Whether the endpoint does its job: its command runs, or it has none.
+    pub fn up(self) -> bool {
+        matches!(self, RunState::Running | RunState::Ready)
+    }
+}
+
+/// One endpoint's state as its node reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointState {
+    pub service: String,
+    pub slot: u32,
+    pub state: RunState,
+    /// How often its command was started again.
+    pub restarts: u32,
+    /// Unix seconds: since when it is in this state.
+    pub since: i64,
+    /// How the command last ended (`exit 1`, `signal 9`), or why it cannot run.
+    pub last_exit: Option<String>,
+}
+
+/// Most endpoints one node reports, and the longest text of a report.
+pub const MAX_REPORTED: usize = 4096;
+pub const MAX_REPORT_TEXT: usize = 512;
+
 #[cfg(test)]
 mod tests {
     use super::*;

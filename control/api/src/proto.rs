@@ -159,6 +159,43 @@ pub struct ServiceView {
     pub run: crate::model::RunSpec,
     pub vips: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
     pub endpoints: Vec<EndpointView>,
+    /// Endpoints their nodes report running (or ready, without a command).
+    pub running: u32,
+}
+
+/// One endpoint as `service ps` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointPsView {
+    pub slot: u32,
+    pub node: crate::ids::NodeId,
+    pub hostname: String,
+    pub addresses: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+    /// starting, running, restarting, failed, ready, or pending (nothing reported yet).
+    pub state: String,
+    pub restarts: u32,
+    /// Unix seconds; 0 when nothing was reported.
+    pub since: i64,
+    pub last_exit: Option<String>,
+}
+
+impl TryFrom<pb::EndpointPs> for EndpointPsView {
+    type Error = InvalidMessage;
+    fn try_from(e: pb::EndpointPs) -> Result<EndpointPsView, InvalidMessage> {
+        Ok(EndpointPsView {
+            slot: e.slot,
+            node: e.node.parse()?,
+            hostname: e.hostname,
+            addresses: e
+                .addresses
+                .into_iter()
+                .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
+                .collect::<Result<_, InvalidMessage>>()?,
+            state: e.state,
+            restarts: e.restarts,
+            since: e.since,
+            last_exit: Some(e.last_exit).filter(|t| !t.is_empty()),
+        })
+    }
 }
 
 /// A secret as an admin sees it: never its bytes.
@@ -203,6 +240,7 @@ impl TryFrom<pb::Service> for ServiceView {
             constraints: s.constraints,
             command: Some(s.command).filter(|c| !c.is_empty()),
             run: s.run.map(crate::model::RunSpec::from).unwrap_or_default(),
+            running: s.running,
             vips: s
                 .vips
                 .into_iter()

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::ids::NodeId;
 use crate::keys::{KEY_LEN, KeyUse, PairKey};
-use crate::model::{PortSpec, Protocol, RunSpec};
+use crate::model::{EndpointState, MAX_REPORT_TEXT, PortSpec, Protocol, RunSpec, RunState};
 use crate::proto::{InvalidMessage, ipv4, pb};
 
 /// One of this node's endpoints.
@@ -309,6 +309,37 @@ impl TryFrom<pb::Port> for PortSpec {
             _ => return Err(InvalidMessage::Field("protocol")),
         };
         Ok(PortSpec { port, protocol })
+    }
+}
+
+impl From<EndpointState> for pb::EndpointReport {
+    fn from(e: EndpointState) -> pb::EndpointReport {
+        pb::EndpointReport {
+            service: e.service,
+            slot: e.slot,
+            state: e.state.name().to_owned(),
+            restarts: e.restarts,
+            since: e.since,
+            last_exit: e.last_exit.unwrap_or_default(),
+        }
+    }
+}
+
+/// A report from a node, bounded: a node says nothing longer than [`MAX_REPORT_TEXT`].
+impl TryFrom<pb::EndpointReport> for EndpointState {
+    type Error = InvalidMessage;
+    fn try_from(e: pb::EndpointReport) -> Result<EndpointState, InvalidMessage> {
+        if e.service.len() > MAX_REPORT_TEXT || e.last_exit.len() > MAX_REPORT_TEXT {
+            return Err(InvalidMessage::Field("report text"));
+        }
+        Ok(EndpointState {
+            service: e.service,
+            slot: e.slot,
+            state: RunState::parse(&e.state).ok_or(InvalidMessage::Field("state"))?,
+            restarts: e.restarts,
+            since: e.since,
+            last_exit: Some(e.last_exit).filter(|t| !t.is_empty()),
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use crate::auth;
 use crate::ca::Subject;
 use crate::config;
 use crate::manager::Manager;
+use crate::manager::reports::Reports;
 use crate::plans::{self, ServiceSpec};
 use crate::raft::seal::UnlockKey;
 use crate::raft::store::Leadership;
@@ -59,8 +60,15 @@ fn secret_pb(state: &ClusterState, name: &str) -> pb::SecretInfo {
     }
 }
 
-fn service_pb(s: &Service) -> pb::Service {
+/// A service as admins see it; `reports` tells how many of its endpoints run.
+fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
+    let running = s
+        .endpoints
+        .values()
+        .filter(|e| reports.of(&e.node, &s.name, e.slot).is_some_and(|r| r.state.up()))
+        .count();
     pb::Service {
+        running: running as u32,
         name: s.name.clone(),
         networks: s.networks.clone(),
         ports: s.ports.iter().copied().map(pb::Port::from).collect(),
@@ -216,7 +224,7 @@ impl AdminApi {
         self.0.store.read(|s| {
             s.services
                 .get(name)
-                .map(service_pb)
+                .map(|s| service_pb(s, &self.0.reports))
                 .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))
         })
     }
@@ -613,7 +621,8 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         self.admin(&request)?;
-        let services = self.0.store.read(|s| s.services.values().map(service_pb).collect());
+        let services =
+            self.0.store.read(|s| s.services.values().map(|s| service_pb(s, &self.0.reports)).collect());
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
@@ -646,6 +655,51 @@ impl pb::admin_server::Admin for AdminApi {
         self.0.change(|state, _| plans::remove_service(state, &name)).await?;
         info!(service = %name, "service removed");
         Ok(Response::new(before))
+    }
+
+    async fn service_ps(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::ServicePsResponse>, Status> {
+        self.admin(&request)?;
+        let name = &request.get_ref().name;
+        let endpoints = self.0.store.read(|state| {
+            let service = state
+                .services
+                .get(name)
+                .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))?;
+            Ok::<_, Status>(
+                service
+                    .endpoints
+                    .values()
+                    .map(|e| {
+                        let report = self.0.reports.of(&e.node, name, e.slot);
+                        pb::EndpointPs {
+                            slot: e.slot,
+                            node: e.node.to_string(),
+                            hostname: state
+                                .nodes
+                                .get(&e.node)
+                                .map(|n| n.hostname.clone())
+                                .unwrap_or_default(),
+                            addresses: e
+                                .addresses
+                                .iter()
+                                .map(|(n, a)| pb::EndpointAddress {
+                                    network: n.clone(),
+                                    address: a.to_string(),
+                                })
+                                .collect(),
+                            state: report.as_ref().map_or("pending", |r| r.state.name()).to_owned(),
+                            restarts: report.as_ref().map_or(0, |r| r.restarts),
+                            since: report.as_ref().map_or(0, |r| r.since),
+                            last_exit: report.and_then(|r| r.last_exit).unwrap_or_default(),
+                        }
+                    })
+                    .collect(),
+            )
+        })?;
+        Ok(Response::new(pb::ServicePsResponse { endpoints }))
     }
 
     async fn create_secret(

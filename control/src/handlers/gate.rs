@@ -40,7 +40,9 @@ fn who_may_call(path: &str) -> Option<Who> {
     let (service, method) = path.strip_prefix("/mesh.v1.")?.split_once('/')?;
     Some(match (service, method) {
         ("Identity", "GetRootCa" | "Join") | ("Managers", "Leader") => Who::Anyone,
-        ("Identity", "Renew" | "IssueWorkloadCert") | ("Dispatcher", "Session") => Who::Node,
+        ("Identity", "Renew" | "IssueWorkloadCert") | ("Dispatcher", "Session" | "ReportEndpoints") => {
+            Who::Node
+        }
         ("Raft", _) | ("Managers", "AddManager") => Who::Manager,
         ("Admin", _) | ("Managers", "Unlock") => Who::Admin,
         _ => return None,
@@ -145,6 +147,7 @@ mod tests {
             "/mesh.v1.Admin/ListNodes",
             "/mesh.v1.Admin/Anything",
             "/mesh.v1.Dispatcher/Session",
+            "/mesh.v1.Dispatcher/ReportEndpoints",
             "/mesh.v1.Managers/Unlock",
             "/mesh.v1.Managers/AddManager",
         ] {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use mesh_api::model::{EndpointState, MAX_REPORTED};
 use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
 use tokio_stream::wrappers::ReceiverStream;
@@ -153,6 +154,28 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
         };
         tokio::spawn(task.instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_endpoints(
+        &self,
+        request: Request<pb::EndpointReports>,
+    ) -> Result<Response<pb::ReportEndpointsResponse>, Status> {
+        let node = match self.0.caller(&request)? {
+            Caller::Node { id, .. } => id,
+            Caller::Admin => return Err(Status::permission_denied("reports are for nodes")),
+        };
+        let reports = request.into_inner().endpoints;
+        if reports.len() > MAX_REPORTED {
+            return Err(Status::invalid_argument(format!("at most {MAX_REPORTED} endpoints per report")));
+        }
+        let reported = reports
+            .into_iter()
+            .map(EndpointState::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(format!("malformed report: {e}")))?;
+        debug!(node = %node, endpoints = reported.len(), "endpoints reported");
+        self.0.store.read(|state| self.0.reports.put(state, &node, reported));
+        Ok(Response::new(pb::ReportEndpointsResponse {}))
     }
 }
 

@@ -39,6 +39,14 @@ pub enum ServiceCmd {
     },
     /// Show one service with its endpoints.
     Inspect { name: String },
+    /// Each endpoint of a service: its node, addresses and state as its node reports it
+    /// (starting, running, restarting, failed, ready; pending until it reports), restarts,
+    /// since when, and how its command last ended.
+    Ps {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Change the number of endpoints.
     Scale { name: String, replicas: u32 },
     /// Remove a service and its endpoints.
@@ -116,7 +124,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                             s.name.clone(),
                             s.networks.join(","),
                             if s.ports.is_empty() { "-".to_owned() } else { s.ports.join(",") },
-                            format!("{}/{}", s.endpoints.len(), s.replicas),
+                            format!("{}/{}", s.running, s.replicas),
                             s.vips.values().map(|v| v.to_string()).collect::<Vec<_>>().join(","),
                         ])
                     )
@@ -125,6 +133,37 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
         }
         ServiceCmd::Inspect { name } => {
             println!("{}", serde_json::to_string_pretty(&client.inspect_service(&name).await?)?)
+        }
+        ServiceCmd::Ps { name, format } => {
+            let endpoints = client.service_ps(&name).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&endpoints)?),
+                Format::Table => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    print!(
+                        "{}",
+                        render(
+                            &["SLOT", "NODE", "HOST", "ADDRESSES", "STATE", "RESTARTS", "SINCE", "LAST EXIT"],
+                            endpoints.iter().map(|e| vec![
+                                format!("{name}.{}", e.slot),
+                                e.node.to_string(),
+                                e.hostname.clone(),
+                                e.addresses.values().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+                                e.state.clone(),
+                                e.restarts.to_string(),
+                                if e.since == 0 {
+                                    "-".into()
+                                } else {
+                                    format!("{}s ago", (now - e.since).max(0))
+                                },
+                                e.last_exit.clone().unwrap_or_else(|| "-".into()),
+                            ])
+                        )
+                    )
+                }
+            }
         }
         ServiceCmd::Scale { name, replicas } => {
             let s = client.scale_service(&name, replicas).await?;

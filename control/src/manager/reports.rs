@@ -1,0 +1,36 @@
+//! What nodes report of their own endpoints (`ReportEndpoints`), held by the manager the nodes'
+//! sessions are with (the leader) and not replicated: after a failover each node reports again
+//! to the new leader when its session opens there. A node's report replaces its previous one and
+//! only its own endpoints are kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use mesh_api::ids::NodeId;
+use mesh_api::model::EndpointState;
+
+use crate::state::ClusterState;
+
+#[derive(Default)]
+pub struct Reports(Mutex<HashMap<NodeId, Vec<EndpointState>>>);
+
+impl Reports {
+    /// Keeps `reported` as what `node` runs now, less whatever the state does not place on it:
+    /// a node speaks for its own endpoints only.
+    pub fn put(&self, state: &ClusterState, node: &NodeId, mut reported: Vec<EndpointState>) {
+        reported.retain(|r| {
+            state
+                .services
+                .get(&r.service)
+                .and_then(|s| s.endpoints.get(&r.slot))
+                .is_some_and(|e| &e.node == node)
+        });
+        self.0.lock().expect("lock").insert(node.clone(), reported);
+    }
+
+    /// What `node` last reported of endpoint `service`.`slot`.
+    pub fn of(&self, node: &NodeId, service: &str, slot: u32) -> Option<EndpointState> {
+        let reports = self.0.lock().expect("lock");
+        reports.get(node)?.iter().find(|r| r.service == service && r.slot == slot).cloned()
+    }
+}
