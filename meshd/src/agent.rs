@@ -189,10 +189,12 @@ impl Dataplane {
             overlay,
             mesh,
             certificates.clone(),
-            Arc::new(Upstream::from_system()),
-            config.dns_visibility,
-            crate::sandbox::Host::new(&config.session.state_dir),
-            endpoints,
+            crate::reconciler::Hosting {
+                upstream: Arc::new(Upstream::from_system()),
+                visibility: config.dns_visibility,
+                sandbox: crate::sandbox::Host::new(&config.session.state_dir),
+                endpoints,
+            },
         )
         .await;
         info!(bind = %listen, prefix = %config.netns_prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");

@@ -45,6 +45,15 @@ pub struct Reconciler {
     workloads: Mutex<HashMap<String, Workload>>,
 }
 
+/// What this host gives every workload besides its network: names, confinement, reporting.
+pub struct Hosting {
+    /// Where names outside the mesh are resolved.
+    pub upstream: Arc<Upstream>,
+    pub visibility: Visibility,
+    pub sandbox: Arc<Host>,
+    pub endpoints: Arc<Endpoints>,
+}
+
 impl Reconciler {
     /// A reconciler for workloads in namespaces named `prefix-…`. Namespaces under that prefix
     /// left by an earlier run are removed; what is wanted is rebuilt from the first slice.
@@ -53,11 +62,9 @@ impl Reconciler {
         overlay: Overlay,
         mesh: Arc<Mesh>,
         certificates: Arc<WorkloadCertificates>,
-        upstream: Arc<Upstream>,
-        visibility: Visibility,
-        sandbox: Arc<Host>,
-        endpoints: Arc<Endpoints>,
+        hosting: Hosting,
     ) -> Reconciler {
+        let Hosting { upstream, visibility, sandbox, endpoints } = hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = netns::delete(&ns).await;
