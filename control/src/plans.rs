@@ -17,8 +17,7 @@ use crate::state::{
 use mesh_api::ids::{self, NodeId};
 use mesh_api::model::RunSpec;
 
-/// Longest network or service name.
-pub const MAX_NAME: usize = 63;
+pub use mesh_api::model::MAX_NAME;
 /// Most endpoints a service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
 
@@ -96,12 +95,11 @@ pub struct ServiceSpec {
 }
 
 fn check_name(kind: &'static str, name: &str) -> Result<(), PlanError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.ends_with('-');
-    if ok { Ok(()) } else { Err(PlanError::BadName { kind, name: name.to_owned() }) }
+    if mesh_api::model::valid_name(name) {
+        Ok(())
+    } else {
+        Err(PlanError::BadName { kind, name: name.to_owned() })
+    }
 }
 
 /// A network: name and subnet checked, a fresh unique 24-bit ID, a fresh key ring if encrypted.

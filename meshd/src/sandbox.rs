@@ -39,6 +39,8 @@ pub const HELPER: &str = "sandbox-exec";
 pub const FIRST_UID: u32 = 1_800_000_000;
 /// How many workloads a node can run at once, by the users it can make for them.
 pub const UIDS: u32 = 1 << 20;
+/// The lowest uid and gid a service may name (`--user`): below are the system's accounts.
+pub const FIRST_NAMED: u32 = 1000;
 /// The environment a workload's command starts with: nothing of meshd's.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -60,6 +62,7 @@ impl Host {
             PathBuf::from("/etc/netns"),
             PathBuf::from("/var/lib/mesh-control"),
             PathBuf::from("/etc/mesh"),
+            PathBuf::from(secrets::ROOT).parent().map(Path::to_owned).unwrap_or_default(),
         ];
         // Where the paths really are (a symlinked /var/run included), each once.
         hidden = hidden.into_iter().map(|p| p.canonicalize().unwrap_or(p)).collect();
@@ -89,6 +92,14 @@ impl Host {
                 .canonicalize()
                 .map_err(|e| io::Error::new(e.kind(), format!("writable path {path}: {e}")))?;
             let kernel = ["/proc", "/sys", "/dev"].iter().any(|k| real.starts_with(k));
+            // A directory or a plain file: a socket or a device is a door to what serves it.
+            let kind = std::fs::metadata(&real)?.file_type();
+            if !kind.is_dir() && !kind.is_file() {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("writable path {path} is neither a directory nor a file"),
+                ));
+            }
             let hides = self.hidden.iter().any(|h| real.starts_with(h) || h.starts_with(&real));
             if kernel || hides || real == Path::new("/") {
                 return Err(io::Error::new(
@@ -147,6 +158,22 @@ fn user(named: &str, own: u32) -> io::Result<(u32, u32)> {
             io::ErrorKind::PermissionDenied,
             format!("user `{named}` is root (uid or gid 0): a workload never runs as root"),
         ));
+    }
+    if !named.is_empty() {
+        // A system account or group (disk, shadow, docker...) opens what the host gives it;
+        // another workload's own user is that workload's.
+        let system = uid < FIRST_NAMED || gid < FIRST_NAMED;
+        let leased =
+            (FIRST_UID..FIRST_UID + UIDS).contains(&uid) || (FIRST_UID..FIRST_UID + UIDS).contains(&gid);
+        if system || leased {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "user `{named}` ({uid}:{gid}) is a system account or a workload's own: a service may name \
+                     only a regular user and group ({FIRST_NAMED} and above)"
+                ),
+            ));
+        }
     }
     Ok((uid, gid))
 }
@@ -217,6 +244,11 @@ pub fn exec(plan: &str) -> ! {
 
 fn confine(plan: &Plan) -> io::Result<i32> {
     no_leaked_descriptors()?;
+    // A session of its own: no controlling terminal (meshd's, if it has one, cannot be reached
+    // or typed into), no process group shared with meshd.
+    nix::unistd::setsid()?;
+    // No core dump: one would write the workload's memory, its secrets with it, to a disk.
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)?;
     cgroup::join(&plan.cgroups)?;
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)?;
     nix::unistd::sethostname(&plan.namespace)?;
@@ -324,6 +356,13 @@ mod tests {
         assert_eq!(user("", FIRST_UID + 3).unwrap(), (FIRST_UID + 3, FIRST_UID + 3));
         assert_eq!(user("1000", 7).unwrap(), (1000, 1000));
         assert_eq!(user("1000:2000", 7).unwrap(), (1000, 2000));
+        // System accounts and groups (disk is 6, shadow 42 on Debian), another workload's user.
+        let leased = FIRST_UID + 1;
+        for refused in
+            ["0", "0:1000", "1000:0", "root", "65534:6", "1000:42", "999", &leased.to_string(), "daemon"]
+        {
+            assert!(user(refused, 7).is_err(), "{refused} accepted");
+        }
         for root in ["0", "0:1000", "1000:0", "root"] {
             assert!(user(root, 7).is_err(), "{root} accepted");
         }

@@ -2,7 +2,7 @@
 """A workload that tries what an attacker with code execution in it would, records what each
 move gave (JSON in OUT/result.json), then serves HTTP on port 80 through `exec SERVER...`.
 
-    sandbox_probe.py OUT STATE_DIR MESHD_PID OTHER_PID HOST_MARKER SERVER...
+    sandbox_probe.py OUT STATE_DIR MESHD_PID OTHER_PID HOST_MARKER HOST_DISK SERVER...
 
 Each entry is "ok" (the move worked) or the error it met.
 """
@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 
-out, state_dir, meshd_pid, other_pid, marker = sys.argv[1:6]
-server = sys.argv[6:]
+out, state_dir, meshd_pid, other_pid, marker, disk = sys.argv[1:7]
+server = sys.argv[7:]
 meshd_pid, other_pid = int(meshd_pid), int(other_pid)
 result = {}
 
@@ -96,6 +96,19 @@ attempt("nft_flush", lambda: command("nft", "flush", "ruleset"))
 attempt("ip_route_flush", lambda: command("ip", "route", "flush", "table", "main"))
 attempt("raw_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) and None)
 attempt("sysctl_write", lambda: write("/proc/sys/net/ipv4/ip_forward"))
+# Devices: only the harmless ones; no disk, no terminal, no tun; a session of its own.
+attempt("dev_listing", lambda: sorted(os.listdir("/dev")))
+attempt("open_host_disk", lambda: os.close(os.open(f"/dev/{disk}", os.O_RDONLY)))
+attempt("open_tty", lambda: os.close(os.open("/dev/tty", os.O_RDWR)))
+attempt("open_tun", lambda: os.close(os.open("/dev/net/tun", os.O_RDWR)))
+attempt("mknod_disk", lambda: os.mknod("/tmp/disk", 0o600 | 0o060000, os.makedev(8, 0)))
+attempt("write_dev_null", lambda: write("/dev/null"))
+result["session"] = os.getsid(0)
+import resource
+result["core_limit"] = list(resource.getrlimit(resource.RLIMIT_CORE))
+st = os.statvfs("/tmp")
+result["tmp_bytes"] = st.f_blocks * st.f_frsize
+attempt("list_etc_netns", lambda: os.listdir("/etc/netns"))
 # Set-user-ID programs give nothing back.
 attempt("setuid_mount", lambda: command("mount", "-t", "tmpfs", "none", "/tmp"))
 # Files: the host's read-only, scratch private, the writable path writable.

@@ -108,8 +108,15 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
     std::fs::create_dir(&out).unwrap();
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
     let state_dir = lab.node_dir(3);
+    // A disk of the host's, by its name (the probe tries /dev/NAME).
+    let disk = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| !n.starts_with("loop") && !n.starts_with("ram"))
+        .unwrap_or_else(|| "vda".into());
     let command = format!(
-        "exec python3 {} {} {} {} {other} {marker} {} http 80 probe",
+        "exec python3 {} {} {} {} {other} {marker} {disk} {} http 80 probe",
         script("sandbox_probe.py"),
         out.display(),
         state_dir.display(),
@@ -171,6 +178,22 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
         "{environ:?}"
     );
 
+    // Its own /dev: nothing of the host's devices, no terminal, a session of its own.
+    let dev: Vec<&str> = r["dev_listing"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    let expected = [
+        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero",
+    ];
+    assert_eq!(dev, expected, "/dev holds only the harmless devices");
+    for k in ["open_host_disk", "open_tty", "open_tun"] {
+        failed(k, &["FileNotFoundError"]);
+    }
+    failed("mknod_disk", &["PermissionError"]);
+    assert_eq!(said("write_dev_null"), "ok");
+    assert_eq!(r["session"], 1, "the helper's session (PID 1 of its namespace), not meshd's");
+    assert_eq!(r["core_limit"], serde_json::json!([0, 0]));
+    assert!(r["tmp_bytes"].as_u64().unwrap() <= 256 << 20, "an unbounded /tmp: {}", r["tmp_bytes"]);
+    // Hidden by an empty directory it cannot open (/etc/netns: other namespaces' files).
+    failed("list_etc_netns", &["PermissionError"]);
     // The node's secrets are not there to read.
     failed("read_node_key", &["FileNotFoundError", "PermissionError"]);
     let listed = &r["list_state_dir"];

@@ -74,6 +74,19 @@ pub const MAX_SECRETS: usize = 64;
 /// Most bytes of one secret.
 pub const MAX_SECRET_BYTES: usize = 64 << 10;
 
+/// Longest network or service name.
+pub const MAX_NAME: usize = 63;
+
+/// Whether `name` can name a network or a service: 1-63 of a-z, 0-9 and `-`, starting with a
+/// letter, not ending with `-` (it becomes part of namespace names, paths and DNS names).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+}
+
 /// Whether `name` can name a secret (and be its file name): 1-64 of a-z, A-Z, 0-9, `.`, `_`
 /// and `-`, not starting with `.` or `-`.
 pub fn valid_secret_name(name: &str) -> bool {

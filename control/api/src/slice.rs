@@ -598,6 +598,10 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
                     .collect::<Result<_, InvalidMessage>>()?;
                 let run = checked(e.run)?;
+                // It names the endpoint's namespace and the paths meshd makes and removes as root.
+                if !crate::model::valid_name(&e.service) {
+                    return Err(InvalidMessage::Field("endpoint service"));
+                }
                 Ok(LocalEndpoint {
                     service: e.service,
                     slot: e.slot,
@@ -878,6 +882,53 @@ mod tests {
         // Nor against an earlier slice without that network.
         let other = slice(1, vec![network("other", 1, 1)]);
         assert!(NodeSlice::from_wire(delta, Some(&other)).is_err());
+    }
+
+    fn endpoint(service: &str, run: RunSpec, secrets: Vec<SecretFile>) -> LocalEndpoint {
+        let addresses = BTreeMap::from([("front".to_owned(), Ipv4Addr::new(10, 9, 0, 2))]);
+        LocalEndpoint {
+            service: service.into(),
+            slot: 1,
+            addresses,
+            command: Some("true".into()),
+            run,
+            secrets,
+        }
+    }
+
+    /// What a compromised manager might send a node about its endpoints: refused whole.
+    #[test]
+    fn an_endpoint_a_node_could_not_run_safely_is_refused() {
+        let secret = |name: &str| SecretFile { name: name.into(), data: b"x".to_vec() };
+        let reads = |names: &[&str]| RunSpec {
+            secrets: names.iter().map(|n| n.to_string()).collect(),
+            ..RunSpec::default()
+        };
+        let cases = [
+            ("a name that climbs out of paths", endpoint("a-0/../../../lib", RunSpec::default(), vec![])),
+            ("an empty name", endpoint("", RunSpec::default(), vec![])),
+            ("root", endpoint("api", RunSpec { user: "0:0".into(), ..RunSpec::default() }, vec![])),
+            (
+                "a writable path with ..",
+                endpoint(
+                    "api",
+                    RunSpec { writable: vec!["/srv/../etc".into()], ..RunSpec::default() },
+                    vec![],
+                ),
+            ),
+            ("a secret it does not read", endpoint("api", reads(&[]), vec![secret("other")])),
+            ("a secret twice", endpoint("api", reads(&["a"]), vec![secret("a"), secret("a")])),
+            ("a secret missing", endpoint("api", reads(&["a", "b"]), vec![secret("a")])),
+            ("a secret named a path", endpoint("api", reads(&["../x"]), vec![secret("../x")])),
+        ];
+        for (what, e) in cases {
+            let mut s = slice(1, vec![network("front", 1, 2)]);
+            s.endpoints = vec![e];
+            assert!(NodeSlice::from_wire(s.to_wire(None), None).is_err(), "{what} accepted");
+        }
+        let mut fine = slice(1, vec![network("front", 1, 2)]);
+        fine.endpoints = vec![endpoint("api", reads(&["a"]), vec![secret("a")])];
+        assert_eq!(NodeSlice::from_wire(fine.to_wire(None), None).unwrap().endpoints, fine.endpoints);
     }
 
     proptest::proptest! {

@@ -1,6 +1,8 @@
 //! The filesystem a workload sees, built by the helper in its own mount namespace: the host's
-//! mounts, every one read-only; a `/proc` of its PID namespace and a `/sys` of its network
-//! namespace; a private `/tmp`, `/var/tmp`, `/dev/shm` and `/run`; its namespace's resolver as
+//! mounts, every one read-only and without devices; a `/proc` of its PID namespace and a `/sys`
+//! of its network namespace; a `/dev` of its own with only the harmless devices (no disk, no
+//! terminal, no tun: see [`DEVICES`]) and ptys of its own; a private `/tmp`, `/var/tmp`,
+//! `/dev/shm` and `/run`, each of bounded size; its namespace's resolver as
 //! `/etc/resolv.conf`; its secrets, read-only, at `/run/secrets`; the node's state covered by
 //! empty read-only directories; and the paths the service may write, bound read-write.
 
@@ -16,9 +18,17 @@ use nix::sys::stat::Mode;
 use super::Plan;
 
 const NONE: Option<&str> = None;
-/// Scratch space a workload writes, its own: private, and gone with it (with its mode).
-const SCRATCH: [(&str, &str); 4] =
-    [("/tmp", "mode=1777"), ("/var/tmp", "mode=1777"), ("/dev/shm", "mode=1777"), ("/run", "mode=0755")];
+/// Scratch space a workload writes, its own: private, gone with it, and bounded (the memory it
+/// takes is charged to the workload's cgroup, and a full one fills nothing of the host's).
+const SCRATCH: [(&str, &str); 4] = [
+    ("/tmp", "mode=1777,size=256m,nr_inodes=65536"),
+    ("/var/tmp", "mode=1777,size=64m,nr_inodes=16384"),
+    ("/dev/shm", "mode=1777,size=64m,nr_inodes=16384"),
+    ("/run", "mode=0755,size=16m,nr_inodes=4096"),
+];
+/// The devices a workload has: (name, major, minor). Nothing else of the host's `/dev`.
+const DEVICES: [(&str, u64, u64); 5] =
+    [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9)];
 /// Where a workload reads its secrets.
 pub const SECRETS: &str = "/run/secrets";
 
@@ -38,6 +48,7 @@ pub(super) fn build(plan: &Plan) -> io::Result<()> {
     umount2("/sys", MntFlags::MNT_DETACH)?;
     mount(Some("sysfs"), "/sys", Some("sysfs"), kernel | MsFlags::MS_RDONLY, NONE)?;
     read_only()?;
+    devices()?;
     for (scratch, mode) in SCRATCH {
         if Path::new(scratch).is_dir() {
             let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -82,6 +93,45 @@ pub(super) fn build(plan: &Plan) -> io::Result<()> {
     Ok(())
 }
 
+/// A `/dev` of the workload's own: the harmless character devices, a devpts instance of its own
+/// (its ptys are nobody else's), and the usual links.
+fn devices() -> io::Result<()> {
+    use nix::sys::stat::{SFlag, makedev, mknod};
+    mount(
+        Some("tmpfs"),
+        "/dev",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    for (name, major, minor) in DEVICES {
+        let path = Path::new("/dev").join(name);
+        mknod(&path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor))?;
+        // mknod's mode passes through the umask.
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    }
+    for dir in ["pts", "shm"] {
+        fs::DirBuilder::new().mode(0o755).create(Path::new("/dev").join(dir))?;
+    }
+    mount(
+        Some("devpts"),
+        "/dev/pts",
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, Path::new("/dev").join(link))?;
+    }
+    Ok(())
+}
+
 /// Where `/etc/resolv.conf` really is: the file, or what it links to (made absolute).
 fn resolv_conf_target() -> PathBuf {
     let link = Path::new("/etc/resolv.conf");
@@ -92,14 +142,14 @@ fn resolv_conf_target() -> PathBuf {
     }
 }
 
-/// Makes every mount read-only, each keeping its other flags.
+/// Makes every mount read-only and without devices, each keeping its other flags.
 fn read_only() -> io::Result<()> {
     let table = fs::read_to_string("/proc/self/mountinfo")?;
     for line in table.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let (Some(point), Some(options)) = (fields.get(4), fields.get(5)) else { continue };
         let point = unescape(point);
-        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
         for option in options.split(',') {
             flags |= match option {
                 "nosuid" => MsFlags::MS_NOSUID,
@@ -113,9 +163,10 @@ fn read_only() -> io::Result<()> {
         }
         match mount(NONE, point.as_str(), NONE, flags, NONE) {
             Ok(()) => {}
-            // A mount point no longer reachable by its path (removed, or covered): nothing of
-            // it can be reached through this view.
-            Err(nix::errno::Errno::ENOENT) => {}
+            // A mount point no longer reachable by its path: removed (ENOENT), or covered by a
+            // mount made above (the host's /proc and /sys submounts: the path is no mount root
+            // in the new one, EINVAL). Nothing of it can be reached through this view.
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL) => {}
             Err(e) => return Err(io::Error::other(format!("making {point} read-only: {e}"))),
         }
     }
