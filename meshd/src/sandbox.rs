@@ -18,6 +18,7 @@
 
 pub mod cgroup;
 pub mod secrets;
+mod syscalls;
 mod view;
 
 use std::collections::BTreeSet;
@@ -254,6 +255,7 @@ fn confine(plan: &Plan) -> io::Result<i32> {
     nix::unistd::sethostname(&plan.namespace)?;
     view::build(plan)?;
     drop_privileges(plan.uid, plan.gid)?;
+    syscalls::restrict()?;
     std::env::set_current_dir("/")?;
     let mut child = std::process::Command::new("/bin/sh")
         .arg("-c")

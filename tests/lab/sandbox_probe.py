@@ -109,6 +109,22 @@ result["core_limit"] = list(resource.getrlimit(resource.RLIMIT_CORE))
 st = os.statvfs("/tmp")
 result["tmp_bytes"] = st.f_blocks * st.f_frsize
 attempt("list_etc_netns", lambda: os.listdir("/etc/netns"))
+# No user namespace of its own (every capability over what it would make), no keyrings.
+attempt("unshare_user", lambda: command("unshare", "--user", "--map-root-user", "true"))
+attempt("unshare_user_net", lambda: command("unshare", "-Urn", "nft", "list", "ruleset"))
+
+
+def keyctl_session():
+    import platform
+    if platform.machine() != "x86_64":
+        return "skipped: not x86_64"
+    SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING = 250, 0, -3
+    if libc.syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0) >= 0:
+        return None
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+attempt("keyctl_session", keyctl_session)
 # Set-user-ID programs give nothing back.
 attempt("setuid_mount", lambda: command("mount", "-t", "tmpfs", "none", "/tmp"))
 # Files: the host's read-only, scratch private, the writable path writable.

@@ -222,6 +222,17 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
     failed("raw_socket", &["PermissionError"]);
     failed("sysctl_write", &["Read-only file system", "PermissionError"]);
     assert!(!said("setuid_mount").starts_with("exit 0"), "{}", said("setuid_mount"));
+    // No user namespace of its own, no keyring shared with whatever else meshd's session ran.
+    for k in ["unshare_user", "unshare_user_net"] {
+        assert!(
+            !said(k).starts_with("exit 0") && said(k).contains("Operation not permitted"),
+            "{k}: {}",
+            said(k)
+        );
+    }
+    if !said("keyctl_session").starts_with("skipped") {
+        failed("keyctl_session", &["Operation not permitted"]);
+    }
     // The host's files read-only; its scratch its own; the path it was given writable.
     for k in ["write_etc", "write_usr", "write_root"] {
         failed(k, &["Read-only file system", "PermissionError"]);
