@@ -25,7 +25,7 @@ h2=${LAB_NODE_ID[2]}; h3=${LAB_NODE_ID[3]}
 meshctl network create bench --subnet 10.97.0.0/24 >/dev/null
 meshctl service create client --network bench --constraint "node.id==$h2" >/dev/null
 meshctl service create server --network bench --port 5201 --port 8080/http --constraint "node.id==$h3" \
-  ${SERVER_COMMAND:+--command "$SERVER_COMMAND"} >/dev/null
+  ${SERVER_COMMAND:+--command "$SERVER_COMMAND" --readable "$bin"} >/dev/null
 # The policy: iperf3 straight over the overlay (an L4 rule), HTTP GETs through the mesh.
 cat >"$work/policy.toml" <<'POLICY'
 [[rule]]

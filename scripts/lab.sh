@@ -145,7 +145,7 @@ before=$(epoch); meshctl network rotate-key front | sed 's/^/  /'
 check "a key rotation advances the epoch" test "$(epoch)" -gt "$before"
 
 step "Policy"
-meshctl service create api --network front --port 80/http --command "exec python3 $PWD/examples/http-echo.py 80 api" | sed 's/^/  /'
+meshctl service create api --network front --port 80/http --command "exec python3 $PWD/examples/http-echo.py 80 api" --readable "$PWD/examples" | sed 's/^/  /'
 check "the example policy's own tests pass locally" meshctl policy test "$PWD/examples/policy.toml"
 meshctl policy apply "$PWD/examples/policy.toml" | sed 's/^/  /'
 sed 's/methods = \["GET", "HEAD"\]/methods = ["HEAD"]/' examples/policy.toml >"$work/broken-policy.toml"

@@ -10,6 +10,7 @@ pub mod leadership;
 pub mod presence;
 pub mod renewal;
 pub mod reports;
+pub mod requests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +126,8 @@ pub struct Manager {
     pub(crate) metrics: crate::metrics::Metrics,
     /// What nodes report of their endpoints.
     pub(crate) reports: reports::Reports,
+    /// Requests waiting for nodes' answers.
+    pub(crate) requests: requests::Requests,
     /// Serializes changes: a plan is made and applied with no other change in between.
     writer: tokio::sync::Mutex<()>,
 }
@@ -164,6 +167,7 @@ impl Manager {
             memberships: Default::default(),
             metrics: Default::default(),
             reports: Default::default(),
+            requests: Default::default(),
             writer: tokio::sync::Mutex::new(()),
         }))
     }

@@ -106,8 +106,9 @@ pub async fn serve(
             .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
+            // Nodes only (the gate admits no one else): their answers carry output, up to 2 MiB.
             pb::dispatcher_server::DispatcherServer::new(SessionApi(manager))
-                .max_decoding_message_size(small),
+                .max_decoding_message_size(config::MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

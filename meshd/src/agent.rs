@@ -113,7 +113,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     };
     let result = tokio::select! {
         renewing = identity::keep_renewed(&dir, node_published, renew_requests) => renewing.map_err(AgentError::from),
-        refused = session::run(config.session.clone(), events_tx, endpoints.subscribe()) => Err(AgentError::Session(refused)),
+        refused = session::run(config.session.clone(), events_tx, endpoints.clone()) => Err(AgentError::Session(refused)),
         served = status::serve(&dir, status.clone(), renew_now) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
         _ = follow => Ok(()),
         _ = shutdown_signal() => Ok(()),

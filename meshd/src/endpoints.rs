@@ -1,34 +1,61 @@
 //! What this node's endpoints are doing, as meshd reports it to control (`meshctl service ps`):
 //! each one's state, restarts, since when, and how its command last ended. The workloads write
-//! it; the session sends it whole whenever it changes, and once on every connection.
+//! it; the session sends it whole whenever it changes, and once on every connection. And what
+//! each endpoint's command wrote (`meshctl service logs`): its stdout and stderr, line by line,
+//! in a bounded ring per endpoint that outlives restarts and goes with the endpoint.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use mesh_api::model::{EndpointState, RunState};
+use mesh_api::model::{EndpointState, LogLine, MAX_LOG_LINE, RunState};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// The states of this node's endpoints, by (service, slot).
-pub struct Endpoints(watch::Sender<BTreeMap<(String, u32), EndpointState>>);
+/// An endpoint: (service, slot).
+type Key = (String, u32);
+
+/// The states of this node's endpoints, and their output, by endpoint.
+pub struct Endpoints {
+    states: watch::Sender<BTreeMap<Key, EndpointState>>,
+    output: Mutex<HashMap<Key, Arc<Mutex<Ring>>>>,
+}
 
 impl Endpoints {
     pub fn new() -> Arc<Endpoints> {
-        Arc::new(Endpoints(watch::channel(BTreeMap::new()).0))
+        Arc::new(Endpoints { states: watch::channel(BTreeMap::new()).0, output: Mutex::new(HashMap::new()) })
+    }
+
+    /// The last `tail` lines (0: all) of what endpoint `service`.`slot` wrote, at or after
+    /// `since_millis`; `None` when this node has no such endpoint.
+    pub fn logs(&self, service: &str, slot: u32, tail: usize, since_millis: i64) -> Option<Vec<LogLine>> {
+        let ring = self
+            .output
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(service.to_owned(), slot))?
+            .clone();
+        let ring = ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let lines: Vec<&LogLine> = ring.lines.iter().filter(|l| l.at_millis >= since_millis).collect();
+        let skip = if tail == 0 { 0 } else { lines.len().saturating_sub(tail) };
+        Some(lines[skip..].iter().map(|l| (*l).clone()).collect())
     }
 
     /// Told of every change.
-    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<(String, u32), EndpointState>> {
-        self.0.subscribe()
+    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<Key, EndpointState>> {
+        self.states.subscribe()
     }
 
     /// The handle through which endpoint `service`.`slot` reports; it leaves the report when
     /// dropped.
     pub fn endpoint(self: &Arc<Endpoints>, service: &str, slot: u32) -> Endpoint {
-        let endpoint = Endpoint { endpoints: self.clone(), key: (service.to_owned(), slot) };
+        let key = (service.to_owned(), slot);
+        let output = Arc::new(Mutex::new(Ring::default()));
+        self.output.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), output.clone());
+        let endpoint = Endpoint { endpoints: self.clone(), key, output };
         endpoint.set(RunState::Starting, None, false);
         endpoint
     }
@@ -36,7 +63,7 @@ impl Endpoints {
     /// An endpoint that could not be built at all (its workload never started).
     pub fn failed(&self, service: &str, slot: u32, why: String) {
         let key = (service.to_owned(), slot);
-        self.0.send_if_modified(|all| {
+        self.states.send_if_modified(|all| {
             let restarts = all.get(&key).map_or(0, |e| e.restarts);
             let changed = all
                 .get(&key)
@@ -50,7 +77,7 @@ impl Endpoints {
 
     /// Forgets endpoints no longer placed here.
     pub fn retain(&self, keep: impl Fn(&str, u32) -> bool) {
-        self.0.send_if_modified(|all| {
+        self.states.send_if_modified(|all| {
             let before = all.len();
             all.retain(|(service, slot), _| keep(service, *slot));
             all.len() != before
@@ -66,13 +93,14 @@ fn state(key: &(String, u32), state: RunState, restarts: u32, last_exit: Option<
 pub struct Endpoint {
     endpoints: Arc<Endpoints>,
     key: (String, u32),
+    output: Arc<Mutex<Ring>>,
 }
 
 impl Endpoint {
     /// Records `state`; `restarted` counts one more start; `last_exit` replaces the one held
     /// when given.
     pub fn set(&self, state_now: RunState, last_exit: Option<String>, restarted: bool) {
-        self.endpoints.0.send_modify(|all| {
+        self.endpoints.states.send_modify(|all| {
             let held = all.get(&self.key);
             let restarts = held.map_or(0, |e| e.restarts) + u32::from(restarted);
             let last_exit = last_exit.or_else(|| held.and_then(|e| e.last_exit.clone()));
@@ -81,11 +109,64 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Keeps what the command writes on `pipe` (`stream`: stdout or stderr), line by line, until
+    /// it closes.
+    pub async fn keep_output(&self, pipe: impl tokio::io::AsyncRead + Unpin, stream: &'static str) {
+        use tokio::io::AsyncBufReadExt;
+        let mut reader = tokio::io::BufReader::new(pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // Bounded: a line without an end is cut at MAX_LOG_LINE and the rest read as lines.
+            let read = (&mut reader).take(MAX_LOG_LINE as u64).read_until(b'\n', &mut line).await;
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(&line)).into_owned();
+            let at_millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
+            self.output.lock().unwrap_or_else(PoisonError::into_inner).push(LogLine {
+                at_millis,
+                stream: stream.to_owned(),
+                text,
+            });
+        }
+    }
+}
+
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        self.endpoints.0.send_modify(|all| {
+        self.endpoints.states.send_modify(|all| {
             all.remove(&self.key);
         });
+        let mut rings = self.endpoints.output.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only this handle's ring: a newer handle of the same endpoint may hold the key.
+        if rings.get(&self.key).is_some_and(|r| Arc::ptr_eq(r, &self.output)) {
+            rings.remove(&self.key);
+        }
+    }
+}
+
+/// Most lines and bytes one endpoint's output keeps: the oldest go first.
+pub const RING_LINES: usize = 2000;
+pub const RING_BYTES: usize = 1 << 20;
+
+/// One endpoint's last lines.
+#[derive(Default)]
+pub struct Ring {
+    lines: VecDeque<LogLine>,
+    bytes: usize,
+}
+
+impl Ring {
+    fn push(&mut self, line: LogLine) {
+        self.bytes += line.text.len();
+        self.lines.push_back(line);
+        while self.lines.len() > RING_LINES || self.bytes > RING_BYTES {
+            let Some(old) = self.lines.pop_front() else { break };
+            self.bytes -= old.text.len();
+        }
     }
 }
 
@@ -129,5 +210,31 @@ mod tests {
         assert!(!seen.has_changed().unwrap(), "the same failure again is no change");
         endpoints.retain(|_, _| false);
         assert!(seen.borrow_and_update().is_empty());
+    }
+
+    #[tokio::test]
+    async fn output_is_kept_line_by_line_bounded_and_goes_with_its_endpoint() {
+        let endpoints = Endpoints::new();
+        let e = endpoints.endpoint("api", 1);
+        // Many lines, one far too long, one not UTF-8, the last without a newline.
+        let mut written = Vec::new();
+        for i in 0..(RING_LINES + 500) {
+            written.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        written.extend_from_slice(&vec![b'x'; MAX_LOG_LINE * 2 + 10]);
+        written.extend_from_slice(b"\n\xff\xfe bad\nlast");
+        e.keep_output(&written[..], "stderr").await;
+        let all = endpoints.logs("api", 1, 0, 0).unwrap();
+        assert_eq!(all.len(), RING_LINES, "the oldest went first");
+        assert!(all.iter().all(|l| l.text.len() <= MAX_LOG_LINE && l.stream == "stderr"));
+        assert_eq!(all.last().unwrap().text, "last");
+        assert!(all[all.len() - 2].text.ends_with(" bad"));
+        let tail = endpoints.logs("api", 1, 3, 0).unwrap();
+        assert_eq!(tail.len(), 3);
+        assert_eq!(tail[2].text, "last");
+        assert!(endpoints.logs("api", 1, 0, i64::MAX).unwrap().is_empty(), "nothing since the future");
+        assert!(endpoints.logs("api", 2, 0, 0).is_none());
+        drop(e);
+        assert!(endpoints.logs("api", 1, 0, 0).is_none(), "gone with its endpoint");
     }
 }

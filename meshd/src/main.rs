@@ -73,12 +73,11 @@ enum Cmd {
 }
 
 fn main() {
-    // The sandbox helper (`meshd sandbox-exec PLAN`, started by meshd itself for each workload):
-    // before any thread exists, for it changes namespaces and users of the whole process.
-    let mut args = std::env::args_os().skip(1);
-    if args.next().is_some_and(|a| a == meshd::sandbox::HELPER) {
-        let plan = args.next().and_then(|p| p.into_string().ok()).unwrap_or_default();
-        meshd::sandbox::exec(&plan);
+    // The sandbox helper (`meshd sandbox-exec`, started by meshd itself for each workload, its
+    // plan on stdin): before any thread exists, for it changes namespaces and users of the whole
+    // process.
+    if std::env::args_os().nth(1).is_some_and(|a| a == meshd::sandbox::HELPER) {
+        meshd::sandbox::exec();
     }
     tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run());
 }

@@ -229,13 +229,30 @@ pub fn supervise(plan: Plan, report: Endpoint) -> AbortOnDropHandle<()> {
                 Ok(mut child) => {
                     info!(namespace = %ns, command = %plan.command, uid = plan.uid, "workload started");
                     report.set(RunState::Starting, None, restarts > 0);
-                    let status = tokio::select! {
-                        status = child.wait() => status,
-                        _ = tokio::time::sleep(RUNNING_AFTER) => {
-                            report.set(RunState::Running, None, false);
-                            child.wait().await
+                    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+                    let output = async {
+                        let out = async {
+                            if let Some(pipe) = stdout {
+                                report.keep_output(pipe, "stdout").await;
+                            }
+                        };
+                        let err = async {
+                            if let Some(pipe) = stderr {
+                                report.keep_output(pipe, "stderr").await;
+                            }
+                        };
+                        tokio::join!(out, err);
+                    };
+                    let exited = async {
+                        tokio::select! {
+                            status = child.wait() => status,
+                            _ = tokio::time::sleep(RUNNING_AFTER) => {
+                                report.set(RunState::Running, None, false);
+                                child.wait().await
+                            }
                         }
                     };
+                    let ((), status) = tokio::join!(output, exited);
                     warn!(namespace = %ns, ?status, "workload exited; restarting");
                     report.set(RunState::Restarting, Some(endpoints::exit_text(&status)), false);
                 }

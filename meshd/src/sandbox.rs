@@ -88,17 +88,20 @@ impl Host {
     pub fn plan(&self, ns: &str, command: &str, sandbox: &RunSpec, uid: &UidLease) -> io::Result<Plan> {
         let (uid, gid) = user(&sandbox.user, FIRST_UID + uid.n)?;
         let mut writable = Vec::new();
-        for path in &sandbox.writable {
+        let mut readable = Vec::new();
+        let shown =
+            sandbox.writable.iter().map(|p| (p, true)).chain(sandbox.readable.iter().map(|p| (p, false)));
+        for (path, write) in shown {
             let real = Path::new(path)
                 .canonicalize()
-                .map_err(|e| io::Error::new(e.kind(), format!("writable path {path}: {e}")))?;
+                .map_err(|e| io::Error::new(e.kind(), format!("path {path}: {e}")))?;
             let kernel = ["/proc", "/sys", "/dev"].iter().any(|k| real.starts_with(k));
             // A directory or a plain file: a socket or a device is a door to what serves it.
             let kind = std::fs::metadata(&real)?.file_type();
             if !kind.is_dir() && !kind.is_file() {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
-                    format!("writable path {path} is neither a directory nor a file"),
+                    format!("path {path} is neither a directory nor a file"),
                 ));
             }
             let hides = self.hidden.iter().any(|h| real.starts_with(h) || h.starts_with(&real));
@@ -106,12 +109,12 @@ impl Host {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
-                        "writable path {path} is (or holds) what a workload never writes: the root, \
-                             /proc, /sys, /dev or the node's state"
+                        "path {path} is (or holds) what a workload never reads or writes: the root, \
+                         /proc, /sys, /dev or the node's state"
                     ),
                 ));
             }
-            writable.push(real);
+            if write { writable.push(real) } else { readable.push(real) }
         }
         Ok(Plan {
             namespace: ns.to_owned(),
@@ -119,6 +122,7 @@ impl Host {
             gid,
             hidden: self.hidden.clone(),
             writable,
+            readable,
             cgroups: Vec::new(),
             command: command.to_owned(),
             env: sandbox.env.clone(),
@@ -193,6 +197,8 @@ pub struct Plan {
     pub gid: u32,
     pub hidden: Vec<PathBuf>,
     pub writable: Vec<PathBuf>,
+    /// Shown read-only, where the view covers them.
+    pub readable: Vec<PathBuf>,
     /// The cgroup directories the workload joins (see [`cgroup::create`]).
     pub cgroups: Vec<PathBuf>,
     pub command: String,
@@ -218,22 +224,36 @@ pub fn spawn(plan: &Plan) -> io::Result<tokio::process::Child> {
                 let _runtime = runtime.enter();
                 tokio::process::Command::new("/proc/self/exe")
                     .arg(HELPER)
-                    .arg(&json)
                     .env_clear()
-                    .stdin(Stdio::null())
+                    // The plan goes on stdin, not the command line (which every user of the
+                    // host can read in /proc); the helper then puts /dev/null there.
+                    .stdin(Stdio::piped())
+                    // Its output is kept per endpoint (`meshctl service logs`).
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
                     .kill_on_drop(true)
                     .spawn()
             })
             .join()
             .map_err(|_| io::Error::other("the thread starting a workload panicked"))?
     })
+    .map(|mut child| {
+        if let Some(mut stdin) = child.stdin.take() {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                // Dropped at the end: the helper reads to the end of it.
+                let _ = stdin.write_all(json.as_bytes()).await;
+            });
+        }
+        child
+    })
 }
 
-/// The helper (`meshd sandbox-exec PLAN`): confines itself as `plan` says, runs the command and
-/// reaps every process of the namespace until the command exits, then exits as it did. Never
-/// returns; a step that fails ends it before the command runs (fail closed).
-pub fn exec(plan: &str) -> ! {
-    let result = serde_json::from_str::<Plan>(plan).map_err(io::Error::other).and_then(|plan| confine(&plan));
+/// The helper (`meshd sandbox-exec`, its plan on stdin): confines itself as the plan says, runs
+/// the command and reaps every process of the namespace until the command exits, then exits as
+/// it did. Never returns; a step that fails ends it before the command runs (fail closed).
+pub fn exec() -> ! {
+    let result = read_plan().and_then(|plan| confine(&plan));
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -242,6 +262,19 @@ pub fn exec(plan: &str) -> ! {
         }
     }
 }
+
+/// The plan, read from stdin to its end (bounded); stdin is /dev/null after.
+fn read_plan() -> io::Result<Plan> {
+    use std::io::Read;
+    let mut json = String::new();
+    std::io::stdin().take(MAX_PLAN).read_to_string(&mut json)?;
+    let null = File::open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    serde_json::from_str(&json).map_err(|e| io::Error::other(format!("the plan: {e}")))
+}
+
+/// Largest plan read.
+const MAX_PLAN: u64 = 1 << 20;
 
 fn confine(plan: &Plan) -> io::Result<i32> {
     no_leaked_descriptors()?;

@@ -14,7 +14,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::field::Empty;
 use tracing::{Span, info, instrument, warn};
 
+use std::sync::Arc;
+
+use mesh_api::model::{MAX_LOG_BYTES, MAX_LOG_LINES};
+
 use crate::backoff;
+use crate::endpoints::Endpoints;
 use crate::identity::{IdentityError, NodeDir};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +52,13 @@ pub enum SessionEvent {
 pub async fn run(
     config: SessionConfig,
     events: mpsc::UnboundedSender<SessionEvent>,
-    mut reports: Reports,
+    endpoints: Arc<Endpoints>,
 ) -> SessionError {
+    let mut reports = endpoints.subscribe();
     let mut held: u64 = 0;
     let mut attempt = 0u32;
     loop {
-        match connect_and_follow(&config, &events, &mut held, &mut attempt, &mut reports).await {
+        match connect_and_follow(&config, &events, &mut held, &mut attempt, &mut reports, &endpoints).await {
             Err(e) if e.code() == Some(tonic::Code::PermissionDenied) => {
                 let _ = events.send(SessionEvent::Disconnected(e.to_string()));
                 warn!(error = %e, "control refuses this node's session; not retrying");
@@ -81,6 +87,7 @@ async fn connect_and_follow(
     held: &mut u64,
     attempt: &mut u32,
     reports: &mut Reports,
+    endpoints: &Arc<Endpoints>,
 ) -> Result<(), ClientError> {
     // The identity is read afresh each time: the certificate may have been renewed.
     let node = NodeDir::new(&config.state_dir).load().map_err(|e| ClientError::Refused {
@@ -106,6 +113,12 @@ async fn connect_and_follow(
         .await
         .map_err(|s| ClientError::refused(&addr, s))?
         .into_inner();
+    // Control's requests (an endpoint's output, for an admin), answered as they come.
+    let mut requests = reporter
+        .requests(pb::NodeRequestsRequest {})
+        .await
+        .map_err(|s| ClientError::refused(&addr, s))?
+        .into_inner();
     info!(control = %addr, underlay = %config.underlay, "session with control open");
     let _ = events.send(SessionEvent::Connected);
     *attempt = 0;
@@ -123,6 +136,11 @@ async fn connect_and_follow(
                     Ok(()) => report(&mut reporter, reports).await,
                     Err(_) => watching = false,
                 }
+                continue;
+            }
+            request = requests.message() => {
+                let Some(request) = request.map_err(|s| ClientError::refused(&addr, s))? else { break };
+                tokio::spawn(answer(reporter.clone(), endpoints.clone(), request));
                 continue;
             }
         };
@@ -156,6 +174,40 @@ async fn connect_and_follow(
         let _ = events.send(SessionEvent::Slice(slice));
     }
     Ok(())
+}
+
+/// Answers one of control's requests for an endpoint's output.
+async fn answer(
+    mut client: pb::dispatcher_client::DispatcherClient<tonic::transport::Channel>,
+    endpoints: Arc<Endpoints>,
+    request: pb::NodeRequest,
+) {
+    let tail = (request.tail as usize).min(MAX_LOG_LINES);
+    let answer = match endpoints.logs(&request.service, request.slot, tail, request.since_millis) {
+        Some(mut lines) => {
+            // The newest lines that fit one answer.
+            let mut bytes = 0;
+            let keep = lines.iter().rev().take_while(|l| {
+                bytes += l.text.len() + 32;
+                bytes <= MAX_LOG_BYTES
+            });
+            let keep = keep.count();
+            let lines = lines.split_off(lines.len() - keep.min(lines.len()));
+            pb::LogsAnswer {
+                id: request.id,
+                lines: lines.into_iter().map(Into::into).collect(),
+                error: String::new(),
+            }
+        }
+        None => pb::LogsAnswer {
+            id: request.id,
+            lines: vec![],
+            error: format!("this node runs no endpoint {}.{}", request.service, request.slot),
+        },
+    };
+    if let Err(e) = client.answer_logs(answer).await {
+        warn!(error = %e, "answering control's request for an endpoint's output failed");
+    }
 }
 
 /// The endpoints' states, as the session watches them.

@@ -85,6 +85,7 @@ attempt("list_var_run_netns", lambda: os.listdir("/var/run/netns"))
 attempt("setns_pid1_net", lambda: setns("/proc/1/ns/net"))
 attempt("setns_own_net", lambda: setns("/proc/self/ns/net"))
 attempt("pid1_is", lambda: read("/proc/1/cmdline").split(b"\0")[0].decode())
+attempt("pid1_cmdline", lambda: read("/proc/1/cmdline").decode())
 attempt("pids_seen", lambda: sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
 # Processes outside: meshd and another workload.
 attempt("signal_meshd", lambda: os.kill(meshd_pid, 0))

@@ -53,6 +53,13 @@ pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// `--readable` for a service whose command runs this build's binaries or the lab's scripts:
+/// wherever the checkout is (under /tmp, say), the workload's own /tmp would cover them.
+pub fn readable() -> [String; 4] {
+    let scripts = format!("{}/lab", env!("CARGO_MANIFEST_DIR"));
+    ["--readable".into(), bin_dir().display().to_string(), "--readable".into(), scripts]
+}
+
 /// The lab's helper scripts.
 pub fn script(name: &str) -> String {
     format!("{}/lab/{name}", env!("CARGO_MANIFEST_DIR"))

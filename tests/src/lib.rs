@@ -188,7 +188,7 @@ impl SimNode {
             }
         });
         let endpoints = meshd::endpoints::Endpoints::new();
-        let session = tokio::spawn(meshd::session::run(config, tx, endpoints.subscribe()));
+        let session = tokio::spawn(meshd::session::run(config, tx, endpoints.clone()));
         let node = SimNode { dir, id, underlay, events, endpoints, session };
         node.wait_connected().await;
         node

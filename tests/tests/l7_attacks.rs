@@ -13,7 +13,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mesh_tests::lab::{Lab, in_namespace};
+use mesh_tests::lab::{Lab, in_namespace, readable};
 
 static ONE_LAB: Mutex<()> = Mutex::new(());
 
@@ -87,6 +87,8 @@ fn setup() -> Setup {
     let create = ["service", "create", "api", "--network", "front", "--port", "80/http", "--port", "7000"];
     let mut args = create.to_vec();
     args.extend(["--constraint", constraint.as_str(), "--command", api.as_str()]);
+    let readable = readable();
+    args.extend(readable.iter().map(String::as_str));
     lab.meshctl(&args);
     lab.apply_policy(POLICY);
     let api: serde_json::Value = serde_json::from_str(&lab.meshctl(&["service", "inspect", "api"])).unwrap();

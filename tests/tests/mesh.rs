@@ -13,7 +13,7 @@ use control::ca::{ClusterCa, Subject};
 use mesh_api::ids::NodeId;
 use mesh_api::pki::CertInfo;
 use mesh_api::tls::Identity;
-use mesh_tests::lab::{Lab, Program, in_namespace, script};
+use mesh_tests::lab::{Lab, Program, in_namespace, readable, script};
 use meshd::identity::WorkloadIdentity;
 use meshd::mesh::outbound::{OpenError, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,6 +88,7 @@ fn setup() -> Setup {
     lab.meshctl(&["network", "create", "front", "--subnet", "10.41.0.0/24"]);
     lab.meshctl(&["network", "create", "back", "--subnet", "10.42.0.0/24"]);
     let api = format!("{e} http 80 api & {e} tcp 7000 & exec {e} tcp 7001", e = echo());
+    let readable = readable();
     lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(2)]);
     lab.meshctl(&[
         "service",
@@ -105,6 +106,8 @@ fn setup() -> Setup {
         &on(3),
         "--command",
         &api,
+        readable[0].as_str(),
+        readable[1].as_str(),
     ]);
     let other = format!("exec {} http 80 other", echo());
     lab.meshctl(&[
@@ -119,6 +122,8 @@ fn setup() -> Setup {
         &on(3),
         "--command",
         &other,
+        readable[0].as_str(),
+        readable[1].as_str(),
     ]);
     lab.apply_policy(POLICY);
     let api = inspect(&lab, "api");

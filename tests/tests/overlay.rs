@@ -422,7 +422,7 @@ fn a_session_announcing_another_nodes_underlay_is_refused() {
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::time::timeout(
                 Duration::from_secs(10),
-                meshd::session::run(config, tx, meshd::endpoints::Endpoints::new().subscribe()),
+                meshd::session::run(config, tx, meshd::endpoints::Endpoints::new()),
             )
             .await
         })

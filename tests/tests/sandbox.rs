@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use mesh_tests::lab::{Lab, script};
+use mesh_tests::lab::{Lab, readable, script};
 
 const POLICY: &str = r#"
 default = "deny"
@@ -124,6 +124,7 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
         env!("CARGO_BIN_EXE_mesh-echo"),
     );
     let out_arg = out.to_str().unwrap();
+    let readable = readable();
     lab.meshctl(&[
         "service",
         "create",
@@ -138,6 +139,10 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
         out_arg,
         "--env",
         "PROBE_MODE=attack",
+        readable[0].as_str(),
+        readable[1].as_str(),
+        readable[2].as_str(),
+        readable[3].as_str(),
         "--command",
         &command,
     ]);
@@ -208,6 +213,9 @@ fn a_workload_cannot_reach_the_node_its_neighbours_or_the_host_yet_serves() {
     failed("setns_pid1_net", &["Operation not permitted", "Permission denied"]);
     failed("setns_own_net", &["Operation not permitted"]);
     assert!(said("pid1_is").ends_with("exe") || said("pid1_is").contains("meshd"), "{}", r["pid1_is"]);
+    // The plan (command, environment, paths) is not on the helper's command line.
+    let pid1 = said("pid1_cmdline");
+    assert!(!pid1.contains("PROBE_MODE") && !pid1.contains("sandbox_probe"), "{pid1:?}");
     let seen: Vec<u64> = r["pids_seen"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
     assert!(seen.iter().all(|p| *p < 100), "only its own processes: {seen:?}");
     // meshd and the neighbour do not exist as far as it can tell.
@@ -393,4 +401,63 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+#[test]
+fn what_a_workload_writes_is_kept_on_its_node_and_shown_to_admins() {
+    let lab = Lab::start(3);
+    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.46.0.0/24"]);
+    // Written across a restart (the mark is kept in a path it may write), on both streams; the
+    // last line a moment after the others.
+    let dir = lab.work.path().join("chatty");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let command = format!(
+        "echo one; echo two; echo oops >&2; sleep 0.3; echo three; \
+         [ -e {d}/again ] || {{ touch {d}/again; exit 3; }}; exec sleep 1000",
+        d = dir.display()
+    );
+    let on3 = on(3);
+    let dir_arg = dir.to_str().unwrap();
+    lab.meshctl(&[
+        "service",
+        "create",
+        "chatty",
+        "--network",
+        "front",
+        "--constraint",
+        &on3,
+        "--writable",
+        dir_arg,
+        "--command",
+        &command,
+    ]);
+    let logs = |args: &[&str]| {
+        let mut all = vec!["service", "logs", "chatty"];
+        all.extend(args);
+        lab.meshctl(&all)
+    };
+    // The second run finds the mark and stays.
+    lab.wait("both runs' output", || logs(&[]).matches("chatty.1 | three").count() == 2);
+    let all = logs(&[]);
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.iter().filter(|l| **l == "chatty.1 | one").count(), 2, "{all}");
+    assert!(lines.contains(&"chatty.1 | oops"), "stderr is kept too: {all}");
+    let one = lines.iter().position(|l| *l == "chatty.1 | one").unwrap();
+    let three = lines.iter().position(|l| *l == "chatty.1 | three").unwrap();
+    assert!(one < three, "oldest first: {all}");
+    assert_eq!(logs(&["--tail", "1"]).trim(), "chatty.1 | three");
+    assert!(logs(&["--since", "1h"]).contains("chatty.1 | one"));
+    // Kept across the restart by meshd, which also told control how the first run ended.
+    let ps: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["service", "ps", "chatty", "--format", "json"])).unwrap();
+    assert_eq!(ps[0]["restarts"], 1, "{ps}");
+    assert_eq!(ps[0]["last_exit"], "exit 3", "{ps}");
+    // A service that does not exist is a clear error; the output goes with the endpoint.
+    let missing = lab.meshctl_output(&["service", "logs", "nope"]);
+    assert!(
+        !missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no service named")
+    );
+    lab.meshctl(&["service", "rm", "chatty"]);
 }

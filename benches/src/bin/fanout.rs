@@ -120,7 +120,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         // told apart by its port.
         let underlay = SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
         let config = SessionConfig { state_dir: dir.clone(), underlay, boot: 1 };
-        tokio::spawn(meshd::session::run(config, tx, meshd::endpoints::Endpoints::new().subscribe()));
+        tokio::spawn(meshd::session::run(config, tx, meshd::endpoints::Endpoints::new()));
         let epochs = epochs.clone();
         let peers = peers.clone();
         let connected = connected.clone();

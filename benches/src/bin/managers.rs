@@ -219,7 +219,7 @@ async fn open_sessions(
         tokio::spawn(meshd::session::run(
             SessionConfig { state_dir, underlay, boot: 1 },
             tx,
-            meshd::endpoints::Endpoints::new().subscribe(),
+            meshd::endpoints::Endpoints::new(),
         ));
         let connected = connected.clone();
         tokio::spawn(async move {

@@ -13,7 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::pki::CONTROL_SERVER_NAME;
 use crate::proto::{
-    ClusterView, EndpointPsView, NetworkView, NodeView, PolicyView, SecretView, ServiceView, pb,
+    ClusterView, EndpointLogsView, EndpointPsView, NetworkView, NodeView, PolicyView, SecretView,
+    ServiceView, pb,
 };
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
@@ -411,6 +412,17 @@ impl AdminClient {
     pub async fn service_ps(&mut self, name: &str) -> Result<Vec<EndpointPsView>, ClientError> {
         let ps = self.inner.service_ps(name_request(name)).await.map_err(|s| self.refused(s))?;
         ps.into_inner().endpoints.into_iter().map(|e| self.convert(e)).collect()
+    }
+
+    pub async fn service_logs(
+        &mut self,
+        name: &str,
+        tail: u32,
+        since_millis: i64,
+    ) -> Result<Vec<EndpointLogsView>, ClientError> {
+        let request = pb::ServiceLogsRequest { name: name.to_owned(), tail, since_millis };
+        let logs = self.inner.service_logs(request).await.map_err(|s| self.refused(s))?;
+        logs.into_inner().endpoints.into_iter().map(|e| self.convert(e)).collect()
     }
 
     pub async fn create_secret(&mut self, name: &str, data: Vec<u8>) -> Result<SecretView, ClientError> {

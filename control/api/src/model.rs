@@ -52,6 +52,10 @@ pub struct RunSpec {
     /// Absolute host paths the workload may write (read-write bind mounts; they must exist).
     #[serde(default)]
     pub writable: Vec<String>,
+    /// Absolute host paths the workload reads where its view would cover them (its private
+    /// `/tmp` or `/run`): read-only bind mounts; they must exist.
+    #[serde(default)]
+    pub readable: Vec<String>,
     /// At most this many thousandths of a CPU.
     #[serde(default)]
     pub cpu_millis: Option<u32>,
@@ -120,7 +124,7 @@ impl RunSpec {
                 return Err(format!("user `{user}`: a workload never runs as root (uid or gid 0)"));
             }
         }
-        for path in &self.writable {
+        for path in self.writable.iter().chain(&self.readable) {
             let clean = path.starts_with('/')
                 && path.len() > 1
                 && !path.ends_with('/')
@@ -128,7 +132,7 @@ impl RunSpec {
                 && !path.contains('\0');
             if !clean {
                 return Err(format!(
-                    "writable path `{path}` is not valid: expected an absolute path without `.`, `..`, \
+                    "path `{path}` is not valid: expected an absolute path without `.`, `..`, \
                      empty parts or a trailing slash, other than `/`"
                 ));
             }
@@ -228,6 +232,21 @@ pub struct EndpointState {
     /// How the command last ended (`exit 1`, `signal 9`), or why it cannot run.
     pub last_exit: Option<String>,
 }
+
+/// A line a workload wrote, as its node kept it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Unix milliseconds, when meshd read it.
+    pub at_millis: i64,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub text: String,
+}
+
+/// Longest line kept (longer ones are cut), most lines one answer carries, and most bytes.
+pub const MAX_LOG_LINE: usize = 4096;
+pub const MAX_LOG_LINES: usize = 10_000;
+pub const MAX_LOG_BYTES: usize = 2 << 20;
 
 /// Most endpoints one node reports, and the longest text of a report.
 pub const MAX_REPORTED: usize = 4096;

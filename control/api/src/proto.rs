@@ -163,6 +163,28 @@ pub struct ServiceView {
     pub running: u32,
 }
 
+/// What one endpoint wrote, as `service logs` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointLogsView {
+    pub slot: u32,
+    pub node: crate::ids::NodeId,
+    pub lines: Vec<crate::model::LogLine>,
+    /// Why its lines could not be fetched.
+    pub error: Option<String>,
+}
+
+impl TryFrom<pb::EndpointLogs> for EndpointLogsView {
+    type Error = InvalidMessage;
+    fn try_from(e: pb::EndpointLogs) -> Result<EndpointLogsView, InvalidMessage> {
+        Ok(EndpointLogsView {
+            slot: e.slot,
+            node: e.node.parse()?,
+            lines: e.lines.into_iter().map(Into::into).collect(),
+            error: Some(e.error).filter(|t| !t.is_empty()),
+        })
+    }
+}
+
 /// One endpoint as `service ps` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointPsView {

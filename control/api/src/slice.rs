@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use crate::ids::NodeId;
 use crate::keys::{KEY_LEN, KeyUse, PairKey};
-use crate::model::{EndpointState, MAX_REPORT_TEXT, PortSpec, Protocol, RunSpec, RunState};
+use crate::model::{
+    EndpointState, LogLine, MAX_LOG_LINE, MAX_REPORT_TEXT, PortSpec, Protocol, RunSpec, RunState,
+};
 use crate::proto::{InvalidMessage, ipv4, pb};
 
 /// One of this node's endpoints.
@@ -343,11 +345,34 @@ impl TryFrom<pb::EndpointReport> for EndpointState {
     }
 }
 
+impl From<LogLine> for pb::LogLine {
+    fn from(l: LogLine) -> pb::LogLine {
+        pb::LogLine { at_millis: l.at_millis, stream: l.stream, text: l.text }
+    }
+}
+
+/// A line from the wire, bounded: cut to [`MAX_LOG_LINE`] bytes, on a character boundary.
+impl From<pb::LogLine> for LogLine {
+    fn from(l: pb::LogLine) -> LogLine {
+        let mut text = l.text;
+        if text.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let stream = if l.stream == "stderr" { "stderr" } else { "stdout" };
+        LogLine { at_millis: l.at_millis, stream: stream.to_owned(), text }
+    }
+}
+
 impl From<RunSpec> for pb::RunSpec {
     fn from(s: RunSpec) -> pb::RunSpec {
         pb::RunSpec {
             user: s.user,
             writable: s.writable,
+            readable: s.readable,
             cpu_millis: s.cpu_millis.unwrap_or(0),
             memory_bytes: s.memory_bytes.unwrap_or(0),
             env: s.env,
@@ -362,6 +387,7 @@ impl From<pb::RunSpec> for RunSpec {
         RunSpec {
             user: s.user,
             writable: s.writable,
+            readable: s.readable,
             cpu_millis: Some(s.cpu_millis).filter(|c| *c != 0),
             memory_bytes: Some(s.memory_bytes).filter(|m| *m != 0),
             env: s.env,

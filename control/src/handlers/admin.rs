@@ -702,6 +702,38 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(pb::ServicePsResponse { endpoints }))
     }
 
+    async fn service_logs(
+        &self,
+        request: Request<pb::ServiceLogsRequest>,
+    ) -> Result<Response<pb::ServiceLogsResponse>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let tail = if req.tail == 0 { mesh_api::model::MAX_LOG_LINES as u32 } else { req.tail };
+        let endpoints: Vec<(u32, NodeId)> = self.0.store.read(|state| {
+            let service = state
+                .services
+                .get(&req.name)
+                .ok_or_else(|| Status::not_found(format!("no service named `{}`", req.name)))?;
+            Ok::<_, Status>(service.endpoints.values().map(|e| (e.slot, e.node.clone())).collect())
+        })?;
+        // Every node at once: the slowest sets the wait, at most the answer timeout.
+        let mut asks = tokio::task::JoinSet::new();
+        for (slot, node) in endpoints {
+            let (manager, name) = (self.0.clone(), req.name.clone());
+            asks.spawn(async move {
+                let answer = manager.requests.logs(&node, &name, slot, tail, req.since_millis).await;
+                let (lines, error) = match answer {
+                    Ok(lines) => (lines.into_iter().map(pb::LogLine::from).collect(), String::new()),
+                    Err(e) => (Vec::new(), e),
+                };
+                pb::EndpointLogs { slot, node: node.to_string(), lines, error }
+            });
+        }
+        let mut endpoints = asks.join_all().await;
+        endpoints.sort_by_key(|e| e.slot);
+        Ok(Response::new(pb::ServiceLogsResponse { endpoints }))
+    }
+
     async fn create_secret(
         &self,
         request: Request<pb::CreateSecretRequest>,

@@ -40,9 +40,8 @@ fn who_may_call(path: &str) -> Option<Who> {
     let (service, method) = path.strip_prefix("/mesh.v1.")?.split_once('/')?;
     Some(match (service, method) {
         ("Identity", "GetRootCa" | "Join") | ("Managers", "Leader") => Who::Anyone,
-        ("Identity", "Renew" | "IssueWorkloadCert") | ("Dispatcher", "Session" | "ReportEndpoints") => {
-            Who::Node
-        }
+        ("Identity", "Renew" | "IssueWorkloadCert")
+        | ("Dispatcher", "Session" | "ReportEndpoints" | "Requests" | "AnswerLogs") => Who::Node,
         ("Raft", _) | ("Managers", "AddManager") => Who::Manager,
         ("Admin", _) | ("Managers", "Unlock") => Who::Admin,
         _ => return None,
@@ -148,6 +147,8 @@ mod tests {
             "/mesh.v1.Admin/Anything",
             "/mesh.v1.Dispatcher/Session",
             "/mesh.v1.Dispatcher/ReportEndpoints",
+            "/mesh.v1.Dispatcher/Requests",
+            "/mesh.v1.Dispatcher/AnswerLogs",
             "/mesh.v1.Managers/Unlock",
             "/mesh.v1.Managers/AddManager",
         ] {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use mesh_api::model::{EndpointState, MAX_REPORTED};
+use mesh_api::model::{EndpointState, LogLine, MAX_LOG_LINES, MAX_REPORT_TEXT, MAX_REPORTED};
 use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,6 +61,8 @@ pub(crate) struct SessionApi(pub(crate) Arc<Manager>);
 #[tonic::async_trait]
 impl pb::dispatcher_server::Dispatcher for SessionApi {
     type SessionStream = ReceiverStream<Result<pb::NodeSlice, Status>>;
+    type RequestsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::NodeRequest, Status>> + Send>>;
 
     async fn session(
         &self,
@@ -176,6 +178,42 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
         debug!(node = %node, endpoints = reported.len(), "endpoints reported");
         self.0.store.read(|state| self.0.reports.put(state, &node, reported));
         Ok(Response::new(pb::ReportEndpointsResponse {}))
+    }
+
+    async fn requests(
+        &self,
+        request: Request<pb::NodeRequestsRequest>,
+    ) -> Result<Response<Self::RequestsStream>, Status> {
+        let node = match self.0.caller(&request)? {
+            Caller::Node { id, .. } => id,
+            Caller::Admin => return Err(Status::permission_denied("requests are for nodes")),
+        };
+        let rx = self.0.requests.attach(&node);
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn answer_logs(
+        &self,
+        request: Request<pb::LogsAnswer>,
+    ) -> Result<Response<pb::AnswerLogsResponse>, Status> {
+        let node = match self.0.caller(&request)? {
+            Caller::Node { id, .. } => id,
+            Caller::Admin => return Err(Status::permission_denied("answers are for nodes")),
+        };
+        let answer = request.into_inner();
+        if answer.lines.len() > MAX_LOG_LINES {
+            return Err(Status::invalid_argument(format!("at most {MAX_LOG_LINES} lines per answer")));
+        }
+        let lines = if answer.error.is_empty() {
+            Ok(answer.lines.into_iter().map(LogLine::from).collect())
+        } else {
+            Err(answer.error.chars().take(MAX_REPORT_TEXT).collect())
+        };
+        if !self.0.requests.answer(&node, answer.id, lines) {
+            debug!(node = %node, id = answer.id, "an answer to no request of this node's; ignored");
+        }
+        Ok(Response::new(pb::AnswerLogsResponse {}))
     }
 }
 

@@ -42,6 +42,8 @@ pub(super) fn build(plan: &Plan) -> io::Result<()> {
     };
     let writable =
         plan.writable.iter().map(|path| Ok((path, hold(path)?))).collect::<io::Result<Vec<_>>>()?;
+    let readable =
+        plan.readable.iter().map(|path| Ok((path, hold(path)?))).collect::<io::Result<Vec<_>>>()?;
     let secrets = plan.secrets.as_ref().map(hold).transpose()?;
     let kernel = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), kernel, NONE)?;
@@ -81,6 +83,18 @@ pub(super) fn build(plan: &Plan) -> io::Result<()> {
             mount(Some("tmpfs"), hidden, Some("tmpfs"), kernel | MsFlags::MS_RDONLY, Some("mode=0,size=4k"))
                 .map_err(|e| io::Error::other(format!("hiding {}: {e}", hidden.display())))?;
         }
+    }
+    for (path, fd) in &readable {
+        let source = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
+        mount_point(path, source.is_dir())?;
+        mount(Some(&source), *path, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE)
+            .map_err(|e| io::Error::other(format!("readable path {}: {e}", path.display())))?;
+        let ro = MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        mount(NONE, *path, NONE, ro, NONE)?;
     }
     for (path, fd) in &writable {
         let source = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));

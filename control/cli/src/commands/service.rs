@@ -47,6 +47,20 @@ pub enum ServiceCmd {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// What the service's workloads wrote (stdout and stderr, each line prefixed by its
+    /// endpoint), fetched through control from the nodes that run them.
+    Logs {
+        name: String,
+        /// Keep printing new lines (every second) until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the last N lines of each endpoint (default: all its node keeps, up to 2,000).
+        #[arg(long, value_name = "N")]
+        tail: Option<u32>,
+        /// Only lines written in the last DURATION (e.g. 30s, 10m, 2h).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+    },
     /// Change the number of endpoints.
     Scale { name: String, replicas: u32 },
     /// Remove a service and its endpoints.
@@ -71,6 +85,11 @@ pub struct RunArgs {
     /// A host path the workload may write (it must exist; repeat for several).
     #[arg(long = "writable", value_name = "PATH")]
     writable: Vec<String>,
+    /// A host path the workload reads where its own /tmp, /var/tmp or /run would cover it
+    /// (read-only; it must exist; repeat for several). The rest of the host's files it reads
+    /// anyway, read-only.
+    #[arg(long = "readable", value_name = "PATH")]
+    readable: Vec<String>,
     /// At most this many CPUs (e.g. 0.5).
     #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
     limit_cpu: Option<u32>,
@@ -84,6 +103,7 @@ impl RunArgs {
         pb::RunSpec {
             user: self.user.unwrap_or_default(),
             writable: self.writable,
+            readable: self.readable,
             cpu_millis: self.limit_cpu.unwrap_or(0),
             memory_bytes: self.limit_memory.unwrap_or(0),
             env: self.env,
@@ -165,6 +185,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                 }
             }
         }
+        ServiceCmd::Logs { name, follow, tail, since } => logs(client, &name, follow, tail, since).await?,
         ServiceCmd::Scale { name, replicas } => {
             let s = client.scale_service(&name, replicas).await?;
             println!("service {} scaled: {}/{} endpoint(s)", s.name, s.endpoints.len(), s.replicas);
@@ -174,6 +195,58 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// Prints what `name`'s endpoints wrote, oldest first, and with `follow` what they write next.
+async fn logs(
+    client: &mut AdminClient,
+    name: &str,
+    follow: bool,
+    tail: Option<u32>,
+    since: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let now_millis = || {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    };
+    let mut since_millis = since.map_or(0, |d| now_millis() - d.as_millis() as i64);
+    let mut tail = tail.unwrap_or(0);
+    // Lines printed at the newest millisecond seen, per endpoint: the next poll asks from that
+    // millisecond on and skips them.
+    let mut printed_at: std::collections::HashMap<u32, (i64, Vec<String>)> = Default::default();
+    loop {
+        let endpoints = client.service_logs(name, tail, since_millis).await?;
+        let mut lines: Vec<(i64, u32, &mesh_api::model::LogLine)> = Vec::new();
+        for e in &endpoints {
+            if let Some(error) = &e.error {
+                eprintln!("{name}.{}: {error}", e.slot);
+            }
+            let (at, seen) = printed_at.get(&e.slot).cloned().unwrap_or_default();
+            for l in &e.lines {
+                if l.at_millis < at || (l.at_millis == at && seen.contains(&l.text)) {
+                    continue;
+                }
+                lines.push((l.at_millis, e.slot, l));
+            }
+        }
+        lines.sort_by_key(|(at, slot, _)| (*at, *slot));
+        for (at, slot, line) in &lines {
+            println!("{name}.{slot} | {}", line.text);
+            let entry = printed_at.entry(*slot).or_default();
+            if entry.0 != *at {
+                *entry = (*at, Vec::new());
+            }
+            entry.1.push(line.text.clone());
+        }
+        if !follow {
+            return Ok(());
+        }
+        if let Some(newest) = printed_at.values().map(|(at, _)| *at).min() {
+            since_millis = since_millis.max(newest);
+        }
+        // After the first answer, everything new.
+        tail = 0;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 fn parse_port(text: &str) -> anyhow::Result<pb::Port> {

@@ -178,6 +178,11 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         }
         if let Some(c) = &svc.command {
             args.extend(["--command".into(), c.replace("{spec_dir}", &spec_dir.to_string_lossy())]);
+            // The spec's files are the workload's to read wherever the spec lives (under /tmp,
+            // say, which the workload's own /tmp covers).
+            if c.contains("{spec_dir}") {
+                args.extend(["--readable".into(), spec_dir.to_string_lossy().into_owned()]);
+            }
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         print!("{}", indent(&lab.meshctl(&args)?));
