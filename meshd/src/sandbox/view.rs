@@ -85,24 +85,12 @@ pub(super) fn build(plan: &Plan) -> io::Result<()> {
         }
     }
     for (path, fd) in &readable {
-        let source = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
-        mount_point(path, source.is_dir())?;
-        mount(Some(&source), *path, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE)
+        show(path, fd, MsFlags::MS_RDONLY)
             .map_err(|e| io::Error::other(format!("readable path {}: {e}", path.display())))?;
-        let ro = MsFlags::MS_REMOUNT
-            | MsFlags::MS_BIND
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV;
-        mount(NONE, *path, NONE, ro, NONE)?;
     }
     for (path, fd) in &writable {
-        let source = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)));
-        mount_point(path, source.is_dir())?;
-        mount(Some(&source), *path, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE)
+        show(path, fd, MsFlags::empty())
             .map_err(|e| io::Error::other(format!("writable path {}: {e}", path.display())))?;
-        let rw = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        mount(NONE, *path, NONE, rw, NONE)?;
     }
     Ok(())
 }
@@ -154,6 +142,16 @@ fn resolv_conf_target() -> PathBuf {
         Ok(target) => Path::new("/etc").join(target),
         Err(_) => link.to_owned(),
     }
+}
+
+/// Binds the host path held by `fd` at `path` in this view (the mount point made where a scratch
+/// mount covers it), with `flags` (read-only, or none: writable), never set-user-ID or devices.
+fn show(path: &Path, fd: &impl std::os::fd::AsRawFd, flags: MsFlags) -> io::Result<()> {
+    let source = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    mount_point(path, source.is_dir())?;
+    mount(Some(&source), path, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE)?;
+    let remount = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | flags;
+    Ok(mount(NONE, path, NONE, remount, NONE)?)
 }
 
 /// Makes every mount read-only and without devices, each keeping its other flags.
