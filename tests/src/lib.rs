@@ -253,3 +253,25 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A loopback underlay address for a simulated node.
+pub fn loopback_underlay(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, i], 4800))
+}
+
+/// A one-replica service on network `front`, pinned to `node`, running `sleep 1000` as `run` says.
+pub fn pinned_service(
+    name: &str,
+    node: &str,
+    run: Option<mesh_api::proto::pb::RunSpec>,
+) -> mesh_api::proto::pb::CreateServiceRequest {
+    mesh_api::proto::pb::CreateServiceRequest {
+        name: name.into(),
+        networks: vec!["front".into()],
+        ports: vec![],
+        replicas: 1,
+        constraints: vec![format!("node.id=={node}")],
+        command: "sleep 1000".into(),
+        run,
+    }
+}

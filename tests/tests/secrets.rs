@@ -3,33 +3,18 @@
 //! running a workload that reads it, for that endpoint alone; admins never see its bytes; the
 //! manager's files never hold it in the clear. (`sandbox.rs` follows it into the workload.)
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
-use mesh_tests::{SimNode, TestCluster};
+use mesh_tests::{SimNode, TestCluster, loopback_underlay, pinned_service};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const BYTES: &[u8] = b"hunter2-\x00\xffs3cr3t-bytes-7f3a91";
 
-fn underlay(i: u8) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, i], 4800))
-}
-
 fn service(name: &str, node: &str, secrets: &[&str]) -> pb::CreateServiceRequest {
-    pb::CreateServiceRequest {
-        name: name.into(),
-        networks: vec!["front".into()],
-        ports: vec![],
-        replicas: 1,
-        constraints: vec![format!("node.id=={node}")],
-        command: "sleep 1000".into(),
-        run: Some(pb::RunSpec {
-            secrets: secrets.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }),
-    }
+    let run = pb::RunSpec { secrets: secrets.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    pinned_service(name, node, Some(run))
 }
 
 /// Whether any slice carried the secret's bytes, for any endpoint.
@@ -42,7 +27,7 @@ async fn a_secret_reaches_only_the_node_that_runs_a_reader_and_no_admin_sees_it(
     let cluster = TestCluster::start(HOUR).await;
     let mut nodes = Vec::new();
     for i in 0..3 {
-        nodes.push(SimNode::start(&cluster, underlay(20 + i)).await);
+        nodes.push(SimNode::start(&cluster, loopback_underlay(20 + i)).await);
     }
     let mut admin = cluster.admin().await;
     admin.create_network("front", "10.52.0.0/24", true).await.unwrap();

@@ -2,38 +2,25 @@
 //! their own endpoints' states; admins see each endpoint as its node reported it, and a node
 //! cannot speak for another's endpoints.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_api::client::AdminClient;
 use mesh_api::model::RunState;
 use mesh_api::proto::EndpointPsView;
 use mesh_api::proto::pb;
-use mesh_tests::{SimNode, TestCluster};
+use mesh_tests::{SimNode, TestCluster, loopback_underlay, pinned_service};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn underlay(i: u8) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, i], 4800))
-}
-
 fn service(name: &str, node: &str) -> pb::CreateServiceRequest {
-    pb::CreateServiceRequest {
-        name: name.into(),
-        networks: vec!["front".into()],
-        ports: vec![],
-        replicas: 1,
-        constraints: vec![format!("node.id=={node}")],
-        command: "sleep 1000".into(),
-        run: None,
-    }
+    pinned_service(name, node, None)
 }
 
 #[tokio::test]
 async fn endpoints_are_shown_as_their_own_node_reports_them() {
     let cluster = TestCluster::start(HOUR).await;
-    let a = SimNode::start(&cluster, underlay(30)).await;
-    let b = SimNode::start(&cluster, underlay(31)).await;
+    let a = SimNode::start(&cluster, loopback_underlay(30)).await;
+    let b = SimNode::start(&cluster, loopback_underlay(31)).await;
     let mut admin = cluster.admin().await;
     admin.create_network("front", "10.53.0.0/24", true).await.unwrap();
     admin.create_service(service("api", a.id.as_str())).await.unwrap();
