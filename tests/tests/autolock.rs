@@ -17,8 +17,14 @@ use mesh_api::tokens::Role;
 use mesh_tests::TestCluster;
 use mesh_tests::lab::bin_dir;
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up), so that no outgoing
+/// connection of a test running beside this one takes it while a manager is stopped between runs.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    (0..10_000u32)
+        .map(|i| 20_000 + ((seed / 7 + i * 7919) % 12_000) as u16)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port between 20000 and 32000")
 }
 
 struct Manager {
@@ -60,17 +66,29 @@ impl Manager {
 
     /// `meshctl unlock --state-dir` with `key` on stdin; once it succeeds, waits for the
     /// manager to serve.
-    fn unlock(&self, key: &str) -> Output {
+    fn unlock(&mut self, key: &str) -> Output {
         let state = self.state();
         let out = self.meshctl(&["unlock", "--state-dir", state.to_str().unwrap()], &format!("{key}\n"));
         if out.status.success() {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !self.serving() {
-                assert!(Instant::now() < deadline, "mesh-control did not serve once unlocked");
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                    panic!("mesh-control exited once unlocked ({status}):\n{}", self.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "mesh-control did not serve once unlocked:\n{}",
+                    self.log()
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
         out
+    }
+
+    /// What the manager wrote to its log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
     fn start(&mut self) {
@@ -87,7 +105,10 @@ impl Manager {
         // Up once it serves, or (locked) once it listens on its unlock socket.
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.serving() && !self.state().join("unlock.sock").exists() {
-            assert!(Instant::now() < deadline, "mesh-control did not listen");
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("mesh-control exited ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "mesh-control did not listen:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
