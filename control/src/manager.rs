@@ -287,13 +287,16 @@ impl Manager {
         Ok(())
     }
 
-    /// Moves endpoints off down or ineligible nodes, fills missing replicas, and turns key rings
-    /// that are due.
+    /// Moves endpoints off down or ineligible nodes, fills missing replicas, steps rolling
+    /// updates, and turns key rings that are due.
     pub(crate) async fn reconcile(&self) -> Result<(), ChangeError> {
         let interval = self.settings().key_rotation.as_secs() as i64;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         self.change(|state, live| {
             let mut commands = plans::reconcile(state, live);
+            // Rolling updates step on the endpoints as placed now.
+            let report = |node: &NodeId, service: &str, slot: u32| self.reports.of(node, service, slot);
+            commands.extend(plans::roll_out(&plans::after(state, &commands)?, &report, now));
             commands.extend(plans::due_rotations(state, interval, now));
             Ok(commands)
         })

@@ -17,7 +17,12 @@ use crate::state::{
 use mesh_api::ids::{self, NodeId};
 use mesh_api::model::RunSpec;
 
+mod rollout;
+
 pub use mesh_api::model::MAX_NAME;
+pub use rollout::{
+    MAX_UPDATE_SECS, ServiceUpdate, UpdateOptions, roll_out, rollback_service, update_service,
+};
 /// Most endpoints a service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
 
@@ -207,8 +212,12 @@ pub fn create_service(
         run: spec.run,
         vips,
         endpoints: BTreeMap::new(),
+        version: 0,
+        earlier: BTreeMap::new(),
+        previous: None,
+        rollout: None,
     };
-    Ok(vec![Command::PutService(place(state, service, live, true)?)])
+    Ok(vec![Command::PutService(Box::new(place(state, service, live, true)?))])
 }
 
 pub fn scale_service(
@@ -223,7 +232,7 @@ pub fn scale_service(
         return Err(PlanError::Replicas(replicas));
     }
     service.replicas = replicas;
-    Ok(vec![Command::PutService(place(state, service, live, true)?)])
+    Ok(vec![Command::PutService(Box::new(place(state, service, live, true)?))])
 }
 
 pub fn remove_service(state: &ClusterState, name: &str) -> Result<Vec<Command>, PlanError> {
@@ -319,7 +328,7 @@ pub fn reconcile(state: &ClusterState, live: &Liveness) -> Vec<Command> {
         let service = current.services[&name].clone();
         let Ok(placed) = place(&current, service.clone(), live, false) else { continue };
         if placed != service {
-            let command = Command::PutService(placed);
+            let command = Command::PutService(Box::new(placed));
             if current.apply(command.clone()).is_ok() {
                 commands.push(command);
             }
@@ -329,7 +338,7 @@ pub fn reconcile(state: &ClusterState, live: &Liveness) -> Vec<Command> {
 }
 
 /// The state once `commands` are applied.
-fn after(state: &ClusterState, commands: &[Command]) -> Result<ClusterState, PlanError> {
+pub fn after(state: &ClusterState, commands: &[Command]) -> Result<ClusterState, PlanError> {
     let mut next = state.clone();
     for c in commands {
         next.apply(c.clone())?;
@@ -419,7 +428,8 @@ fn place(
             .iter()
             .filter_map(|n| Some((n.clone(), state.networks[n].keys.as_ref()?.current.epoch)))
             .collect();
-        kept.insert(slot, Endpoint { slot, node, addresses, since });
+        // A new endpoint runs the service's current version at once.
+        kept.insert(slot, Endpoint { slot, node, addresses, since, version: service.version });
     }
     service.endpoints = kept;
     Ok(service)

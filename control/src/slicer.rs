@@ -194,13 +194,16 @@ pub fn slice_after(
             let held = networks.entry(name.as_str()).or_insert(since);
             *held = (*held).min(since);
         }
+        // The version this endpoint is at: during a rolling update, not yet the service's.
+        let definition = service.definition(e.version);
         endpoints.push(LocalEndpoint {
             service: service.name.clone(),
             slot: e.slot,
             addresses: e.addresses.clone(),
-            command: service.command.clone(),
-            run: service.run.clone(),
-            secrets: secret_files(state, &service.run.secrets),
+            version: e.version,
+            secrets: secret_files(state, &definition.run.secrets),
+            command: definition.command,
+            run: definition.run,
         });
     }
     let networks = networks

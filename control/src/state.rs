@@ -26,8 +26,8 @@ mod records;
 pub use command::Command;
 pub use error::StateError;
 pub use records::{
-    AdminRecord, CaRecord, Endpoint, Network, NodeRecord, PolicyRecord, Secret, SecretRecord, Service,
-    Settings,
+    AdminRecord, CaRecord, Definition, Endpoint, Network, NodeRecord, OnFailure, PolicyRecord, Rollout,
+    RolloutState, Secret, SecretRecord, Service, Settings,
 };
 
 /// The whole replicated cluster state.
@@ -308,7 +308,7 @@ impl ClusterState {
             }
             Command::PutService(service) => {
                 let name = service.name.clone();
-                let old = self.services.insert(name.clone(), service);
+                let old = self.services.insert(name.clone(), *service);
                 if let Err(e) = self.check_service(&name) {
                     match old {
                         Some(old) => self.services.insert(name, old),
@@ -352,19 +352,15 @@ impl ClusterState {
         Ok(())
     }
 
-    /// The invariants of one service against the rest of the state.
-    /// The services that read secret `name`.
+    /// The services that read secret `name` (in any version they keep).
     pub fn secret_users(&self, name: &str) -> Vec<String> {
-        self.services
-            .values()
-            .filter(|s| s.run.secrets.iter().any(|n| n == name))
-            .map(|s| s.name.clone())
-            .collect()
+        self.services.values().filter(|s| s.secrets().any(|n| n == name)).map(|s| s.name.clone()).collect()
     }
 
+    /// The invariants of one service against the rest of the state.
     fn check_service(&self, name: &str) -> Result<(), StateError> {
         let service = &self.services[name];
-        if let Some(missing) = service.run.secrets.iter().find(|s| !self.secrets.contains_key(*s)) {
+        if let Some(missing) = service.secrets().find(|s| !self.secrets.contains_key(*s)) {
             return Err(StateError::UnknownSecret(missing.clone()));
         }
         let mut nodes = BTreeSet::new();

@@ -49,27 +49,28 @@ impl Endpoints {
         self.states.subscribe()
     }
 
-    /// The handle through which endpoint `service`.`slot` reports; it leaves the report when
-    /// dropped.
-    pub fn endpoint(self: &Arc<Endpoints>, service: &str, slot: u32) -> Endpoint {
+    /// The handle through which endpoint `service`.`slot`, running version `version` of its
+    /// service's definition, reports; it leaves the report when dropped.
+    pub fn endpoint(self: &Arc<Endpoints>, service: &str, slot: u32, version: u64) -> Endpoint {
         let key = (service.to_owned(), slot);
         let output = Arc::new(Mutex::new(Ring::default()));
         self.output.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), output.clone());
-        let endpoint = Endpoint { endpoints: self.clone(), key, output };
+        let endpoint = Endpoint { endpoints: self.clone(), key, version, output };
         endpoint.set(RunState::Starting, None, false);
         endpoint
     }
 
-    /// An endpoint that could not be built at all (its workload never started).
-    pub fn failed(&self, service: &str, slot: u32, why: String) {
+    /// An endpoint that could not be built at all at version `version` (its workload never
+    /// started).
+    pub fn failed(&self, service: &str, slot: u32, version: u64, why: String) {
         let key = (service.to_owned(), slot);
         self.states.send_if_modified(|all| {
             let restarts = all.get(&key).map_or(0, |e| e.restarts);
-            let changed = all
-                .get(&key)
-                .is_none_or(|e| e.state != RunState::Failed || e.last_exit.as_ref() != Some(&why));
+            let changed = all.get(&key).is_none_or(|e| {
+                e.state != RunState::Failed || e.last_exit.as_ref() != Some(&why) || e.version != version
+            });
             if changed {
-                all.insert(key.clone(), state(&key, RunState::Failed, restarts, Some(why)));
+                all.insert(key.clone(), state(&key, version, RunState::Failed, restarts, Some(why)));
             }
             changed
         });
@@ -85,14 +86,21 @@ impl Endpoints {
     }
 }
 
-fn state(key: &(String, u32), state: RunState, restarts: u32, last_exit: Option<String>) -> EndpointState {
-    EndpointState { service: key.0.clone(), slot: key.1, state, restarts, since: now(), last_exit }
+fn state(
+    key: &(String, u32),
+    version: u64,
+    state: RunState,
+    restarts: u32,
+    last_exit: Option<String>,
+) -> EndpointState {
+    EndpointState { service: key.0.clone(), slot: key.1, state, restarts, since: now(), last_exit, version }
 }
 
 /// One endpoint's reporting handle.
 pub struct Endpoint {
     endpoints: Arc<Endpoints>,
     key: (String, u32),
+    version: u64,
     output: Arc<Mutex<Ring>>,
 }
 
@@ -104,7 +112,7 @@ impl Endpoint {
             let held = all.get(&self.key);
             let restarts = held.map_or(0, |e| e.restarts) + u32::from(restarted);
             let last_exit = last_exit.or_else(|| held.and_then(|e| e.last_exit.clone()));
-            all.insert(self.key.clone(), state(&self.key, state_now, restarts, last_exit));
+            all.insert(self.key.clone(), state(&self.key, self.version, state_now, restarts, last_exit));
         });
     }
 }
@@ -191,7 +199,7 @@ mod tests {
     fn an_endpoint_reports_its_states_and_restarts_and_leaves_when_dropped() {
         let endpoints = Endpoints::new();
         let mut seen = endpoints.subscribe();
-        let e = endpoints.endpoint("api", 1);
+        let e = endpoints.endpoint("api", 1, 0);
         assert_eq!(seen.borrow_and_update()[&("api".into(), 1)].state, RunState::Starting);
         e.set(RunState::Running, None, false);
         e.set(RunState::Restarting, Some("exit 3".into()), true);
@@ -204,9 +212,9 @@ mod tests {
         drop(e);
         assert!(seen.has_changed().unwrap());
         assert!(seen.borrow_and_update().is_empty());
-        endpoints.failed("db", 2, "no user `x` on this node".into());
+        endpoints.failed("db", 2, 0, "no user `x` on this node".into());
         assert_eq!(seen.borrow_and_update()[&("db".into(), 2)].state, RunState::Failed);
-        endpoints.failed("db", 2, "no user `x` on this node".into());
+        endpoints.failed("db", 2, 0, "no user `x` on this node".into());
         assert!(!seen.has_changed().unwrap(), "the same failure again is no change");
         endpoints.retain(|_, _| false);
         assert!(seen.borrow_and_update().is_empty());
@@ -215,7 +223,7 @@ mod tests {
     #[tokio::test]
     async fn output_is_kept_line_by_line_bounded_and_goes_with_its_endpoint() {
         let endpoints = Endpoints::new();
-        let e = endpoints.endpoint("api", 1);
+        let e = endpoints.endpoint("api", 1, 0);
         // Many lines, one far too long, one not UTF-8, the last without a newline.
         let mut written = Vec::new();
         for i in 0..(RING_LINES + 500) {

@@ -109,23 +109,29 @@ impl Reconciler {
                 }
             }
             addresses.sort();
-            if let Some(existing) = workloads.get(&ns) {
-                let want: Vec<(u32, Ipv4Addr)> = addresses.iter().map(|(id, a, _)| (*id, *a)).collect();
-                if existing.addresses() == want {
-                    continue;
-                }
-                // Rebuilt on its new addresses (starting it replaces the namespace).
-                workloads.remove(&ns);
-            }
             let spec = Spec {
                 service: endpoint.service.clone(),
                 slot: endpoint.slot,
+                version: endpoint.version,
                 command: endpoint.command.clone(),
                 run: endpoint.run.clone(),
                 secrets: endpoint.secrets.clone(),
                 addresses: addresses.clone(),
                 networks: endpoint.addresses.keys().cloned().collect(),
             };
+            if let Some(existing) = workloads.get(&ns) {
+                if existing.runs(&spec) {
+                    continue;
+                }
+                // Rebuilt on its new addresses or definition (a rolling update): the old one
+                // stops first, and starting the new one replaces the namespace.
+                info!(namespace = %ns, version = spec.version, "workload changed: rebuilding it");
+                if let Some(old) = workloads.remove(&ns)
+                    && let Err(e) = old.remove().await
+                {
+                    warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+                }
+            }
             let certificate = self.certificates.watch(&endpoint.service, endpoint.slot);
             match Workload::start(
                 &ns,
@@ -144,7 +150,7 @@ impl Reconciler {
                 }
                 Err(e) => {
                     warn!(namespace = %ns, error = %e, "building the workload failed");
-                    self.endpoints.failed(&endpoint.service, endpoint.slot, e.to_string());
+                    self.endpoints.failed(&endpoint.service, endpoint.slot, endpoint.version, e.to_string());
                 }
             }
         }

@@ -28,6 +28,8 @@ use crate::sandbox::{self, Host, UidLease};
 pub struct Spec {
     pub service: String,
     pub slot: u32,
+    /// The version of its service's definition (the command and how it runs) given to it.
+    pub version: u64,
     /// The command its workloads run, if the service names one, and how it is confined.
     pub command: Option<String>,
     pub run: RunSpec,
@@ -59,6 +61,9 @@ pub struct Workload {
     _ready: Option<Endpoint>,
     /// Its user, held while it lives (dropped after the command's task, which kills it).
     _uid: UidLease,
+    /// The version it runs and that version's command, confinement and secrets (by name:
+    /// a secret never changes under its name).
+    definition: (u64, Option<String>, RunSpec),
 }
 
 impl Workload {
@@ -74,7 +79,8 @@ impl Workload {
         host: &Arc<Host>,
         endpoints: &Arc<Endpoints>,
     ) -> std::io::Result<Workload> {
-        let report = endpoints.endpoint(&spec.service, spec.slot);
+        let report = endpoints.endpoint(&spec.service, spec.slot, spec.version);
+        let definition = (spec.version, spec.command.clone(), spec.run.clone());
         let uid = host.lease_uid()?;
         // Checked before anything is made: a service that cannot be confined does not start.
         let plan = match &spec.command {
@@ -127,7 +133,15 @@ impl Workload {
             _secrets: secrets,
             _ready: ready,
             _uid: uid,
+            definition,
         })
+    }
+
+    /// Whether it is what `spec` asks for already: the same addresses, version and definition.
+    pub fn runs(&self, spec: &Spec) -> bool {
+        let addresses: Vec<(u32, Ipv4Addr)> = spec.addresses.iter().map(|(id, a, _)| (*id, *a)).collect();
+        self.addresses() == addresses
+            && self.definition == (spec.version, spec.command.clone(), spec.run.clone())
     }
 
     /// (network ID, address) of each of its interfaces, in order.
@@ -135,8 +149,15 @@ impl Workload {
         self.interfaces.iter().map(Interface::key).collect()
     }
 
-    /// Stops everything that runs for the workload and removes its namespace.
-    pub async fn remove(self) -> std::io::Result<()> {
+    /// Stops everything that runs for the workload (its command killed and reaped first) and
+    /// removes its namespace.
+    pub async fn remove(mut self) -> std::io::Result<()> {
+        if let Some(command) = self._command.take() {
+            command.abort();
+            // Its task is gone once this returns, and with it the command's process (killed
+            // on drop; the rest of its PID namespace dies with it).
+            let _ = command.await;
+        }
         let namespace = self.namespace.clone();
         drop(self);
         netns::delete(&namespace).await

@@ -33,7 +33,7 @@ async fn endpoints_are_shown_as_their_own_node_reports_them() {
     assert_eq!(admin.inspect_service("api").await.unwrap().running, 0);
 
     // Node a runs api, which crashed once.
-    let api = a.endpoints.endpoint("api", 1);
+    let api = a.endpoints.endpoint("api", 1, 0);
     api.set(RunState::Restarting, Some("exit 3".into()), false);
     api.set(RunState::Running, None, true);
     let last = wait_ps(&mut admin, "api", |ps| ps[0].state == "running").await;
@@ -42,10 +42,10 @@ async fn endpoints_are_shown_as_their_own_node_reports_them() {
     assert!(last[0].since > 0);
 
     // Node b lies about a's endpoint (and about one that does not exist): ignored.
-    let lie = b.endpoints.endpoint("api", 1);
+    let lie = b.endpoints.endpoint("api", 1, 0);
     lie.set(RunState::Failed, Some("forged".into()), false);
-    let _ghost = b.endpoints.endpoint("ghost", 9);
-    let web = b.endpoints.endpoint("web", 1);
+    let _ghost = b.endpoints.endpoint("ghost", 9, 0);
+    let web = b.endpoints.endpoint("web", 1, 0);
     web.set(RunState::Running, None, false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while admin.inspect_service("web").await.unwrap().running != 1 {

@@ -404,6 +404,22 @@ impl AdminClient {
         self.convert(s.into_inner())
     }
 
+    pub async fn update_service(
+        &mut self,
+        request: pb::UpdateServiceRequest,
+    ) -> Result<ServiceView, ClientError> {
+        let s = self.inner.update_service(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
+    pub async fn rollback_service(
+        &mut self,
+        request: pb::RollbackServiceRequest,
+    ) -> Result<ServiceView, ClientError> {
+        let s = self.inner.rollback_service(request).await.map_err(|s| self.refused(s))?;
+        self.convert(s.into_inner())
+    }
+
     pub async fn remove_service(&mut self, name: &str) -> Result<ServiceView, ClientError> {
         let s = self.inner.remove_service(name_request(name)).await.map_err(|s| self.refused(s))?;
         self.convert(s.into_inner())

@@ -231,6 +231,9 @@ pub struct EndpointState {
     pub since: i64,
     /// How the command last ended (`exit 1`, `signal 9`), or why it cannot run.
     pub last_exit: Option<String>,
+    /// The version of its service's definition it runs.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A line a workload wrote, as its node kept it.

@@ -144,6 +144,43 @@ pub struct EndpointView {
     pub slot: u32,
     pub node: NodeId,
     pub addresses: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+    /// The version of the service's definition it is given.
+    pub version: u64,
+}
+
+/// A service's last rolling update, as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RolloutView {
+    /// updating, paused or completed.
+    pub state: String,
+    /// Why it paused; for a rollback a failed update started, how that update failed.
+    pub message: Option<String>,
+    pub rollback: bool,
+    /// Endpoints at the service's version, of all its endpoints.
+    pub updated: u32,
+    pub total: u32,
+    pub parallelism: u32,
+    pub delay_secs: u64,
+    pub monitor_secs: u64,
+    pub on_failure: String,
+    pub started_at: i64,
+}
+
+impl From<pb::Rollout> for RolloutView {
+    fn from(r: pb::Rollout) -> RolloutView {
+        RolloutView {
+            state: r.state,
+            message: Some(r.message).filter(|m| !m.is_empty()),
+            rollback: r.rollback,
+            updated: r.updated,
+            total: r.total,
+            parallelism: r.parallelism,
+            delay_secs: r.delay_secs,
+            monitor_secs: r.monitor_secs,
+            on_failure: r.on_failure,
+            started_at: r.started_at,
+        }
+    }
 }
 
 /// A service as an admin sees it.
@@ -161,6 +198,10 @@ pub struct ServiceView {
     pub endpoints: Vec<EndpointView>,
     /// Endpoints their nodes report running (or ready, without a command).
     pub running: u32,
+    /// The version of its command and how it runs; the one a rollback returns to.
+    pub version: u64,
+    pub previous: Option<u64>,
+    pub rollout: Option<RolloutView>,
 }
 
 /// What one endpoint wrote, as `service logs` shows it.
@@ -198,6 +239,9 @@ pub struct EndpointPsView {
     /// Unix seconds; 0 when nothing was reported.
     pub since: i64,
     pub last_exit: Option<String>,
+    /// The version the service gives it, and the one its node reports running.
+    pub version: u64,
+    pub running_version: u64,
 }
 
 impl TryFrom<pb::EndpointPs> for EndpointPsView {
@@ -216,6 +260,8 @@ impl TryFrom<pb::EndpointPs> for EndpointPsView {
             restarts: e.restarts,
             since: e.since,
             last_exit: Some(e.last_exit).filter(|t| !t.is_empty()),
+            version: e.version,
+            running_version: e.running_version,
         })
     }
 }
@@ -263,6 +309,9 @@ impl TryFrom<pb::Service> for ServiceView {
             command: Some(s.command).filter(|c| !c.is_empty()),
             run: s.run.map(crate::model::RunSpec::from).unwrap_or_default(),
             running: s.running,
+            version: s.version,
+            previous: s.previous,
+            rollout: s.rollout.map(RolloutView::from),
             vips: s
                 .vips
                 .into_iter()
@@ -280,6 +329,7 @@ impl TryFrom<pb::Service> for ServiceView {
                             .into_iter()
                             .map(|a| Ok((a.network, ipv4(&a.address, "endpoint address")?)))
                             .collect::<Result<_, InvalidMessage>>()?,
+                        version: e.version,
                     })
                 })
                 .collect::<Result<_, InvalidMessage>>()?,

@@ -23,6 +23,8 @@ pub struct LocalEndpoint {
     pub slot: u32,
     /// Network name -> this endpoint's address on it.
     pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// The version of its service's definition it runs, and that definition.
+    pub version: u64,
     pub command: Option<String>,
     pub run: RunSpec,
     /// The secrets its service reads (`run.secrets`), for its workload alone.
@@ -204,6 +206,7 @@ impl NodeSlice {
                         .iter()
                         .map(|s| pb::SecretFile { name: s.name.clone(), data: s.data.clone() })
                         .collect(),
+                    version: e.version,
                 })
                 .collect(),
             networks: self
@@ -323,6 +326,7 @@ impl From<EndpointState> for pb::EndpointReport {
             restarts: e.restarts,
             since: e.since,
             last_exit: e.last_exit.unwrap_or_default(),
+            version: e.version,
         }
     }
 }
@@ -341,6 +345,7 @@ impl TryFrom<pb::EndpointReport> for EndpointState {
             restarts: e.restarts,
             since: e.since,
             last_exit: Some(e.last_exit).filter(|t| !t.is_empty()),
+            version: e.version,
         })
     }
 }
@@ -632,6 +637,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     service: e.service,
                     slot: e.slot,
                     addresses,
+                    version: e.version,
                     command: Some(e.command).filter(|c| !c.is_empty()),
                     secrets: secrets(e.secrets, &run)?,
                     run,
@@ -916,6 +922,7 @@ mod tests {
             service: service.into(),
             slot: 1,
             addresses,
+            version: 1,
             command: Some("true".into()),
             run,
             secrets,

@@ -12,11 +12,12 @@ use crate::ca::Subject;
 use crate::config;
 use crate::manager::Manager;
 use crate::manager::reports::Reports;
-use crate::plans::{self, ServiceSpec};
+use crate::plans::{self, ServiceSpec, ServiceUpdate, UpdateOptions};
 use crate::raft::seal::UnlockKey;
 use crate::raft::store::Leadership;
 use crate::state::{
-    AdminRecord, ClusterState, Command, Network, NodeRecord, NodeState, PortSpec, Secret, Service, Settings,
+    AdminRecord, ClusterState, Command, Network, NodeRecord, NodeState, OnFailure, PortSpec, RolloutState,
+    Secret, Service, Settings,
 };
 use mesh_api::ids::NodeId;
 use mesh_api::model::RunSpec;
@@ -67,7 +68,29 @@ fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
         .values()
         .filter(|e| reports.of(&e.node, &s.name, e.slot).is_some_and(|r| r.state.up()))
         .count();
+    let rollout = s.rollout.as_ref().map(|r| {
+        let (state, message) = match &r.state {
+            RolloutState::Paused(why) => ("paused", why.clone()),
+            RolloutState::Updating => ("updating", r.failure.clone().unwrap_or_default()),
+            RolloutState::Completed => ("completed", r.failure.clone().unwrap_or_default()),
+        };
+        pb::Rollout {
+            state: state.to_owned(),
+            message,
+            rollback: r.rollback,
+            updated: s.endpoints.values().filter(|e| e.version == s.version).count() as u32,
+            total: s.endpoints.len() as u32,
+            parallelism: r.parallelism,
+            delay_secs: r.delay_secs,
+            monitor_secs: r.monitor_secs,
+            on_failure: on_failure_name(r.on_failure).to_owned(),
+            started_at: r.started_at,
+        }
+    });
     pb::Service {
+        version: s.version,
+        previous: s.previous,
+        rollout,
         running: running as u32,
         name: s.name.clone(),
         networks: s.networks.clone(),
@@ -96,9 +119,45 @@ fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
                 command: String::new(),
                 run: None,
                 secrets: vec![],
+                version: e.version,
             })
             .collect(),
     }
+}
+
+fn on_failure_name(a: OnFailure) -> &'static str {
+    match a {
+        OnFailure::Pause => "pause",
+        OnFailure::Rollback => "rollback",
+    }
+}
+
+fn update_options(o: Option<pb::UpdateOptions>) -> Result<UpdateOptions, Status> {
+    let Some(o) = o else { return Ok(UpdateOptions::default()) };
+    let on_failure = match o.on_failure.as_str() {
+        "" | "pause" => OnFailure::Pause,
+        "rollback" => OnFailure::Rollback,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "update failure action `{other}` is not valid: pause or rollback"
+            )));
+        }
+    };
+    Ok(UpdateOptions {
+        parallelism: o.parallelism,
+        delay_secs: o.delay_secs,
+        monitor_secs: o.monitor_secs,
+        on_failure,
+    })
+}
+
+fn port(p: &pb::Port) -> Result<PortSpec, Status> {
+    PortSpec::try_from(p.clone()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "port `{}/{}` is not valid ({e}): a port is 1-65535, its protocol tcp, udp or http",
+            p.port, p.protocol
+        ))
+    })
 }
 
 impl AdminApi {
@@ -590,18 +649,7 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Service>, Status> {
         self.admin(&request)?;
         let req = request.into_inner();
-        let ports = req
-            .ports
-            .iter()
-            .map(|p| {
-                PortSpec::try_from(p.clone()).map_err(|e| {
-                    Status::invalid_argument(format!(
-                        "port `{}/{}` is not valid ({e}): a port is 1-65535, its protocol tcp, udp or http",
-                        p.port, p.protocol
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+        let ports = req.ports.iter().map(port).collect::<Result<Vec<_>, Status>>()?;
         let spec = ServiceSpec {
             name: req.name.clone(),
             networks: req.networks,
@@ -643,6 +691,54 @@ impl pb::admin_server::Admin for AdminApi {
         self.0.change(|state, live| plans::scale_service(state, &req.name, req.replicas, live)).await?;
         info!(service = %req.name, replicas = req.replicas, "service scaled");
         Ok(Response::new(self.service(&req.name)?))
+    }
+
+    async fn update_service(
+        &self,
+        request: Request<pb::UpdateServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let update = ServiceUpdate {
+            command: req.command,
+            env_add: req.env_add,
+            env_rm: req.env_rm,
+            user: req.user,
+            secret_add: req.secret_add,
+            secret_rm: req.secret_rm,
+            cpu_millis: req.cpu_millis,
+            memory_bytes: req.memory_bytes,
+            replicas: req.replicas,
+            constraint_add: req.constraint_add,
+            constraint_rm: req.constraint_rm,
+            port_add: req.port_add.iter().map(port).collect::<Result<_, _>>()?,
+            port_rm: req.port_rm.iter().map(port).collect::<Result<_, _>>()?,
+            force: req.force,
+            options: update_options(req.options)?,
+        };
+        let at = now();
+        let report = |node: &NodeId, service: &str, slot: u32| self.0.reports.of(node, service, slot);
+        self.0
+            .change(|state, live| plans::update_service(state, &req.name, &update, live, &report, at))
+            .await?;
+        let s = self.service(&req.name)?;
+        info!(service = %req.name, version = s.version, "service updated");
+        Ok(Response::new(s))
+    }
+
+    async fn rollback_service(
+        &self,
+        request: Request<pb::RollbackServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let options = update_options(req.options)?;
+        let at = now();
+        let report = |node: &NodeId, service: &str, slot: u32| self.0.reports.of(node, service, slot);
+        self.0.change(|state, _| plans::rollback_service(state, &req.name, options, &report, at)).await?;
+        let s = self.service(&req.name)?;
+        info!(service = %req.name, version = s.version, "service rolled back");
+        Ok(Response::new(s))
     }
 
     async fn remove_service(
@@ -693,6 +789,8 @@ impl pb::admin_server::Admin for AdminApi {
                             state: report.as_ref().map_or("pending", |r| r.state.name()).to_owned(),
                             restarts: report.as_ref().map_or(0, |r| r.restarts),
                             since: report.as_ref().map_or(0, |r| r.since),
+                            version: e.version,
+                            running_version: report.as_ref().map_or(0, |r| r.version),
                             last_exit: report.and_then(|r| r.last_exit).unwrap_or_default(),
                         }
                     })

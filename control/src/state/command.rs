@@ -75,7 +75,7 @@ pub enum Command {
         ring: KeyRing,
     },
     /// Creates or replaces a service (its endpoints included).
-    PutService(Service),
+    PutService(Box<Service>),
     RemoveService {
         name: String,
     },

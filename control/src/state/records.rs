@@ -106,6 +106,59 @@ pub struct Endpoint {
     /// sent no key of an older epoch (none for endpoints placed before this was kept).
     #[serde(default)]
     pub since: BTreeMap<String, u32>,
+    /// The version of its service's definition its workload runs (see [`Service::version`]).
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// What an endpoint's workload runs: one version of its service's command and how it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Definition {
+    pub command: Option<String>,
+    pub run: RunSpec,
+}
+
+/// What `service update --update-failure-action` says to do when an updated endpoint fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnFailure {
+    /// Stop handing out the new version; the endpoints updated so far keep it.
+    #[default]
+    Pause,
+    /// Return every endpoint to the version before.
+    Rollback,
+}
+
+/// Where a rolling update stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutState {
+    Updating,
+    /// Stopped because an updated endpoint failed: why.
+    Paused(String),
+    Completed,
+}
+
+/// A rolling update of a service's endpoints to its current version, a batch at a time: the
+/// next batch is handed out once every endpoint of the version is up (and stayed up for
+/// `monitor_secs`), and `delay_secs` after that.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Endpoints per batch (0: all at once).
+    pub parallelism: u32,
+    pub delay_secs: u64,
+    /// How long an updated endpoint must have been up before it counts.
+    pub monitor_secs: u64,
+    pub on_failure: OnFailure,
+    /// Whether this update returns to the version before (`service rollback`, or a failure).
+    pub rollback: bool,
+    pub state: RolloutState,
+    /// Unix seconds: when it started, and when its last batch was handed out.
+    pub started_at: i64,
+    pub batch_at: i64,
+    /// Unix seconds: when the next batch may be handed out, once the last one is up.
+    pub next_at: Option<i64>,
+    /// For a rollback started by a failed update: how that update failed.
+    #[serde(default)]
+    pub failure: Option<String>,
 }
 
 /// A service: what it runs, where, and its addresses.
@@ -120,10 +173,45 @@ pub struct Service {
     /// How its command runs (state written before this field has none: the defaults).
     #[serde(default)]
     pub run: RunSpec,
+    /// The version of `command` and `run`: each update that changes them makes a new one.
+    #[serde(default)]
+    pub version: u64,
+    /// Versions before this one that an endpoint still runs (during a rolling update) or that
+    /// `service rollback` returns to.
+    #[serde(default)]
+    pub earlier: BTreeMap<u64, Definition>,
+    /// The version `service rollback` returns to.
+    #[serde(default)]
+    pub previous: Option<u64>,
+    /// The last rolling update, while it runs and after.
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
     /// Network name -> virtual IP.
     pub vips: BTreeMap<String, Ipv4Addr>,
     /// Slot -> endpoint.
     pub endpoints: BTreeMap<u32, Endpoint>,
+}
+
+impl Service {
+    /// What version `version` runs (the current one for a version no longer kept).
+    pub fn definition(&self, version: u64) -> Definition {
+        match self.earlier.get(&version) {
+            Some(d) if version != self.version => d.clone(),
+            _ => Definition { command: self.command.clone(), run: self.run.clone() },
+        }
+    }
+
+    /// Every secret some version of it that is kept reads.
+    pub fn secrets(&self) -> impl Iterator<Item = &String> {
+        self.run.secrets.iter().chain(self.earlier.values().flat_map(|d| d.run.secrets.iter()))
+    }
+
+    /// Keeps only the earlier versions some endpoint runs or a rollback returns to.
+    pub fn prune(&mut self) {
+        let used: std::collections::BTreeSet<u64> =
+            self.endpoints.values().map(|e| e.version).chain(self.previous).collect();
+        self.earlier.retain(|v, _| used.contains(v) && *v != self.version);
+    }
 }
 
 /// One applied version of the ACL policy.

@@ -63,8 +63,109 @@ pub enum ServiceCmd {
     },
     /// Change the number of endpoints.
     Scale { name: String, replicas: u32 },
+    /// Change a service in place. Replicas, constraints and ports change at once; a changed
+    /// command, environment, user, secrets or limits is a new version, rolled out to the
+    /// endpoints a batch at a time (each endpoint's workload restarted with it). Waits and
+    /// shows progress until every endpoint runs it (unless --detach); on a paused update, no
+    /// change resumes it.
+    Update {
+        name: String,
+        #[command(flatten)]
+        change: Box<UpdateArgs>,
+    },
+    /// Return the service's command and how it runs (environment, user, secrets, limits) to the
+    /// version before the current one, rolled out like an update. Replicas, constraints and
+    /// ports stay as they are.
+    Rollback {
+        name: String,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+    },
     /// Remove a service and its endpoints.
     Rm { name: String },
+}
+
+/// What `service update` changes.
+#[derive(clap::Args)]
+pub struct UpdateArgs {
+    /// The new command (`""`: none).
+    #[arg(long)]
+    command: Option<String>,
+    /// NAME=VALUE set in the command's environment, replacing NAME's value (repeat).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env_add: Vec<String>,
+    /// NAME removed from the command's environment (repeat).
+    #[arg(long = "env-rm", value_name = "NAME")]
+    env_rm: Vec<String>,
+    /// Run as NAME, UID or UID:GID (`""`: a user of the workload's own).
+    #[arg(long)]
+    user: Option<String>,
+    /// A secret added (repeat).
+    #[arg(long = "secret-add", value_name = "NAME")]
+    secret_add: Vec<String>,
+    /// A secret no longer read (repeat).
+    #[arg(long = "secret-rm", value_name = "NAME")]
+    secret_rm: Vec<String>,
+    /// At most this many CPUs (0: no limit).
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpus_or_none)]
+    limit_cpu: Option<u32>,
+    /// At most this much memory (0: no limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    limit_memory: Option<u64>,
+    /// The number of endpoints (changed at once, as `service scale` does).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// node.labels.KEY==VALUE or node.id==ID added (repeat); endpoints on nodes that no longer
+    /// satisfy the constraints move at once.
+    #[arg(long = "constraint-add", value_name = "CONSTRAINT")]
+    constraint_add: Vec<String>,
+    /// A constraint removed, as it was given (repeat).
+    #[arg(long = "constraint-rm", value_name = "CONSTRAINT")]
+    constraint_rm: Vec<String>,
+    /// PORT[/tcp|/udp|/http] added (repeat).
+    #[arg(long = "port-add", value_name = "PORT")]
+    port_add: Vec<String>,
+    /// PORT[/tcp|/udp|/http] removed (repeat).
+    #[arg(long = "port-rm", value_name = "PORT")]
+    port_rm: Vec<String>,
+    /// A new version even if nothing of it changed: every endpoint restarted, in batches.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+}
+
+/// How a new version is rolled out.
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    /// Endpoints updated at a time (0: all at once).
+    #[arg(long, default_value_t = 1)]
+    update_parallelism: u32,
+    /// Wait between one batch being up and the next (e.g. 10s).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    update_delay: std::time::Duration,
+    /// How long an updated endpoint must run before it counts as up; one that fails (cannot
+    /// start, or its command exits) in that time fails the update.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    update_monitor: std::time::Duration,
+    /// What a failed update does: pause (the endpoints updated so far keep the new version) or
+    /// rollback (every endpoint returns to the version before).
+    #[arg(long, default_value = "pause", value_parser = ["pause", "rollback"])]
+    update_failure_action: String,
+    /// Return at once instead of showing the update's progress until it ends.
+    #[arg(long, short = 'd')]
+    detach: bool,
+}
+
+impl RolloutArgs {
+    fn wire(&self) -> pb::UpdateOptions {
+        pb::UpdateOptions {
+            parallelism: self.update_parallelism,
+            delay_secs: self.update_delay.as_secs(),
+            monitor_secs: self.update_monitor.as_secs(),
+            on_failure: self.update_failure_action.clone(),
+        }
+    }
 }
 
 /// How the command runs: its user, environment, secrets, writable paths and limits.
@@ -165,12 +266,29 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                     print!(
                         "{}",
                         render(
-                            &["SLOT", "NODE", "HOST", "ADDRESSES", "STATE", "RESTARTS", "SINCE", "LAST EXIT"],
+                            &[
+                                "SLOT",
+                                "NODE",
+                                "HOST",
+                                "ADDRESSES",
+                                "VERSION",
+                                "STATE",
+                                "RESTARTS",
+                                "SINCE",
+                                "LAST EXIT"
+                            ],
                             endpoints.iter().map(|e| vec![
                                 format!("{name}.{}", e.slot),
                                 e.node.to_string(),
                                 e.hostname.clone(),
                                 e.addresses.values().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+                                // What it is given, and (while its node still runs another)
+                                // what it runs.
+                                if e.state == "pending" || e.running_version == e.version {
+                                    e.version.to_string()
+                                } else {
+                                    format!("{} (running {})", e.version, e.running_version)
+                                },
                                 e.state.clone(),
                                 e.restarts.to_string(),
                                 if e.since == 0 {
@@ -190,11 +308,125 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
             let s = client.scale_service(&name, replicas).await?;
             println!("service {} scaled: {}/{} endpoint(s)", s.name, s.endpoints.len(), s.replicas);
         }
+        ServiceCmd::Update { name, change } => {
+            let UpdateArgs {
+                command,
+                env_add,
+                env_rm,
+                user,
+                secret_add,
+                secret_rm,
+                limit_cpu,
+                limit_memory,
+                replicas,
+                constraint_add,
+                constraint_rm,
+                port_add,
+                port_rm,
+                force,
+                rollout,
+            } = *change;
+            let ports =
+                |list: &[String]| list.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>();
+            let before = client.inspect_service(&name).await?;
+            let request = pb::UpdateServiceRequest {
+                name: name.clone(),
+                command,
+                env_add,
+                env_rm,
+                user,
+                replicas,
+                constraint_add,
+                constraint_rm,
+                port_add: ports(&port_add)?,
+                port_rm: ports(&port_rm)?,
+                options: Some(rollout.wire()),
+                force,
+                secret_add,
+                secret_rm,
+                cpu_millis: limit_cpu,
+                memory_bytes: limit_memory,
+            };
+            let s = client.update_service(request).await?;
+            // A new version, or a paused update resumed: followed; else nothing is rolled out.
+            let rolling = |v: &mesh_api::proto::ServiceView| {
+                (v.version, v.rollout.as_ref().map(|r| (r.state.clone(), r.started_at)))
+            };
+            let paused = s.rollout.as_ref().is_some_and(|r| r.state == "paused");
+            if rolling(&s) == rolling(&before) && !paused {
+                println!("service {name}: version {} (its command and how it runs unchanged)", s.version);
+                println!("  {}/{} endpoint(s) running", s.running, s.replicas);
+                return Ok(());
+            }
+            println!("service {name}: version {} (was {})", s.version, before.version);
+            follow(client, s, rollout.detach, false).await?;
+        }
+        ServiceCmd::Rollback { name, rollout } => {
+            let request = pb::RollbackServiceRequest { name: name.clone(), options: Some(rollout.wire()) };
+            let before = client.inspect_service(&name).await?;
+            let s = client.rollback_service(request).await?;
+            println!("service {name}: rolling back to version {} (was {})", s.version, before.version);
+            follow(client, s, rollout.detach, true).await?;
+        }
         ServiceCmd::Rm { name } => {
             println!("service {} removed", client.remove_service(&name).await?.name)
         }
     }
     Ok(())
+}
+
+/// Shows a rolling update's progress (endpoints at the new version, of all) until it ends; an
+/// error if it paused, or failed and rolled back (`asked_rollback`: a rollback was what was
+/// asked for).
+async fn follow(
+    client: &mut AdminClient,
+    mut s: mesh_api::proto::ServiceView,
+    detach: bool,
+    asked_rollback: bool,
+) -> anyhow::Result<()> {
+    let mut shown = None;
+    loop {
+        let Some(r) = s.rollout.clone() else { return Ok(()) };
+        let line = format!(
+            "  {}: {}/{} endpoint(s) at version {}{}",
+            r.state,
+            r.updated,
+            r.total,
+            s.version,
+            if r.rollback { " (rollback)" } else { "" }
+        );
+        if shown.as_ref() != Some(&line) {
+            println!("{line}");
+            shown = Some(line);
+        }
+        match r.state.as_str() {
+            "completed" if r.rollback && !asked_rollback => anyhow::bail!(
+                "the update failed and was rolled back: every endpoint runs version {} again\n  {}",
+                s.version,
+                r.message.unwrap_or_default()
+            ),
+            "completed" => {
+                println!("service {}: every endpoint runs version {}", s.name, s.version);
+                return Ok(());
+            }
+            "paused" => anyhow::bail!(
+                "the update paused: {}\n  fix it and run `meshctl service update {}` again to resume, or `meshctl service rollback {}`",
+                r.message.unwrap_or_default(),
+                s.name,
+                s.name
+            ),
+            _ if detach => {
+                println!(
+                    "  follow it with `meshctl service inspect {}` or `meshctl service ps {}`",
+                    s.name, s.name
+                );
+                return Ok(());
+            }
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        s = client.inspect_service(&s.name).await?;
+    }
 }
 
 /// Prints what `name`'s endpoints wrote, oldest first, and with `follow` what they write next.
@@ -259,6 +491,11 @@ fn parse_port(text: &str) -> anyhow::Result<pb::Port> {
         "port `{text}` has protocol `{protocol}`: expected tcp, udp or http"
     );
     Ok(pb::Port { port: port.into(), protocol: protocol.to_owned() })
+}
+
+/// CPUs as [`parse_cpus`] reads them, or 0: no limit.
+fn parse_cpus_or_none(text: &str) -> Result<u32, String> {
+    if text.trim() == "0" { Ok(0) } else { parse_cpus(text) }
 }
 
 /// CPUs (`0.5`, `2`) in thousandths.

@@ -1,0 +1,176 @@
+//! `meshctl service update` and `service rollback`, as root in a lab: a service of two endpoints
+//! (one per host) serving what its environment says over HTTP, updated one endpoint at a time;
+//! an update whose command fails pauses where it is (or rolls back by itself), and a rollback
+//! returns every endpoint to the version before. A client workload reads it through the mesh
+//! all along.
+
+use std::collections::BTreeSet;
+
+use mesh_tests::lab::Lab;
+
+const POLICY: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "web-reads-api"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [80]
+methods = ["GET"]
+"#;
+
+/// Serves `$V` at `/` on port 80 from the workload's own /tmp.
+const SERVE: &str = r#"printf %s "$V" > /tmp/index.html && cd /tmp && exec python3 -m http.server 80"#;
+
+/// What `api` answers `web`, over a few requests (each its own connection, spread over the
+/// endpoints); failed requests are left out.
+fn answers(lab: &Lab, web: &str) -> BTreeSet<String> {
+    (0..8)
+        .filter_map(|_| {
+            let out = lab.exec(web, &["curl", "-sS", "-f", "-m", "3", "http://api/"]).output().ok()?;
+            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .collect()
+}
+
+/// `service ps api --format json`: (slot, version, running version, state) of each endpoint.
+fn ps(lab: &Lab) -> Vec<(u64, u64, u64, String)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["service", "ps", "api", "--format", "json"]))
+            .expect("service ps as JSON");
+    json.as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| {
+            (
+                e["slot"].as_u64().unwrap(),
+                e["version"].as_u64().unwrap(),
+                e["running_version"].as_u64().unwrap(),
+                e["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn inspect(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(&lab.meshctl(&["service", "inspect", "api"])).expect("service inspect as JSON")
+}
+
+fn failing(lab: &Lab, args: &[&str]) -> String {
+    let out = lab.meshctl_output(args);
+    assert!(!out.status.success(), "meshctl {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
+    let lab = Lab::start(3);
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.48.0.0/24"]);
+    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
+    lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(2)]);
+    lab.meshctl(&[
+        "service",
+        "create",
+        "api",
+        "--network",
+        "front",
+        "--port",
+        "80/http",
+        "--replicas",
+        "2",
+        "--command",
+        SERVE,
+        "--env",
+        "V=one",
+    ]);
+    lab.apply_policy(POLICY);
+    let web = lab.workload(2, "web", 1);
+    lab.wait("both endpoints of api to serve version 0", || {
+        answers(&lab, &web) == BTreeSet::from(["one".to_owned()])
+            && ps(&lab)
+                .iter()
+                .all(|(_, v, running, state)| (*v, *running, state.as_str()) == (0, 0, "running"))
+    });
+
+    // A changed environment is a new version, handed to one endpoint, then (once it has run
+    // a second) to the other; meshctl shows it and returns when both run it.
+    let out = lab.meshctl(&["service", "update", "api", "--env", "V=two", "--update-monitor", "1s"]);
+    assert!(out.contains("version 1 (was 0)"), "{out}");
+    assert!(out.contains("updating: 1/2 endpoint(s) at version 1"), "the first batch is one endpoint: {out}");
+    assert!(out.contains("every endpoint runs version 1"), "{out}");
+    assert_eq!(ps(&lab).iter().map(|e| (e.1, e.2)).collect::<Vec<_>>(), [(1, 1), (1, 1)]);
+    lab.wait("both endpoints to serve the new version", || {
+        answers(&lab, &web) == BTreeSet::from(["two".to_owned()])
+    });
+    let s = inspect(&lab);
+    assert_eq!((s["version"].as_u64(), s["previous"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(s["rollout"]["state"], "completed");
+
+    // A command that exits: the update pauses at its first endpoint, the other keeps version 1
+    // and goes on serving.
+    let err = failing(&lab, &["service", "update", "api", "--command", "exit 3", "--update-monitor", "1s"]);
+    assert!(err.contains("paused") && err.contains("exit 3"), "{err}");
+    assert!(err.contains("meshctl service rollback api"), "the way out is shown: {err}");
+    let endpoints = ps(&lab);
+    assert_eq!(endpoints.iter().map(|e| e.1).collect::<Vec<_>>(), [2, 1], "{endpoints:?}");
+    assert_eq!(inspect(&lab)["rollout"]["state"], "paused");
+    assert!(answers(&lab, &web).contains("two"), "the endpoint not updated still serves");
+    // Asked again with nothing changed, the paused update resumes, and pauses again at once.
+    let err = failing(&lab, &["service", "update", "api", "--update-monitor", "1s"]);
+    assert!(err.contains("paused") && err.contains("exit 3"), "{err}");
+
+    // Rolled back: version 1 again everywhere, serving.
+    let out = lab.meshctl(&["service", "rollback", "api", "--update-monitor", "1s"]);
+    assert!(
+        out.contains("rolling back to version 1 (was 2)") && out.contains("every endpoint runs version 1"),
+        "{out}"
+    );
+    lab.wait("both endpoints to serve after the rollback", || {
+        answers(&lab, &web) == BTreeSet::from(["two".to_owned()])
+    });
+    assert_eq!(ps(&lab).iter().map(|e| (e.1, e.2)).collect::<Vec<_>>(), [(1, 1), (1, 1)]);
+
+    // With --update-failure-action rollback, a failing update undoes itself; meshctl says so.
+    let err = failing(
+        &lab,
+        &[
+            "service",
+            "update",
+            "api",
+            "--command",
+            "exit 4",
+            "--update-monitor",
+            "1s",
+            "--update-failure-action",
+            "rollback",
+        ],
+    );
+    assert!(err.contains("rolled back") && err.contains("exit 4"), "{err}");
+    assert_eq!(inspect(&lab)["version"].as_u64(), Some(1));
+    lab.wait("both endpoints to serve after the automatic rollback", || {
+        answers(&lab, &web) == BTreeSet::from(["two".to_owned()])
+            && ps(&lab)
+                .iter()
+                .all(|(_, v, running, state)| (*v, *running, state.as_str()) == (1, 1, "running"))
+    });
+
+    // Replicas change at once, without a new version; what cannot be done is refused.
+    let out = lab.meshctl(&["service", "update", "api", "--replicas", "1"]);
+    assert!(out.contains("unchanged"), "{out}");
+    assert_eq!(ps(&lab).len(), 1);
+    assert_eq!(inspect(&lab)["version"].as_u64(), Some(1));
+    for (args, why) in [
+        (vec!["service", "update", "api", "--env-rm", "NOPE"], "no environment variable `NOPE`"),
+        (vec!["service", "update", "api", "--port-rm", "81"], "no port 81"),
+        (vec!["service", "update", "api", "--constraint-rm", "node.labels.zone==a"], "no constraint"),
+        (vec!["service", "update", "api", "--user", "0"], "root"),
+        (vec!["service", "update", "api", "--replicas", "3"], "node(s) are ready"),
+        (vec!["service", "update", "nope", "--replicas", "1"], "no service named `nope`"),
+        (vec!["service", "rollback", "web"], "no version before"),
+    ] {
+        let err = failing(&lab, &args);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    assert_eq!(inspect(&lab)["version"].as_u64(), Some(1), "a refused update changes nothing");
+}
