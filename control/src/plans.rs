@@ -97,6 +97,8 @@ pub struct ServiceSpec {
     pub constraints: Vec<String>,
     pub command: Option<String>,
     pub run: RunSpec,
+    /// The operator's signature of the spec.
+    pub signed: Option<mesh_api::specs::SignedSpec>,
 }
 
 fn check_name(kind: &'static str, name: &str) -> Result<(), PlanError> {
@@ -202,6 +204,11 @@ pub fn create_service(
         let used: BTreeSet<Ipv4Addr> = state.addresses_on(n).into_keys().collect();
         vips.insert(n.clone(), ipam::allocate(n, &net.subnet, &used)?);
     }
+    let command = spec.command.clone().filter(|c| !c.trim().is_empty());
+    let definition = crate::state::Definition { command, run: spec.run.clone(), signed: None };
+    if let Some(signed) = &spec.signed {
+        rollout::check_signed(signed, &spec.name, &definition, &spec.networks)?;
+    }
     let service = Service {
         name: spec.name,
         networks: spec.networks,
@@ -210,6 +217,7 @@ pub fn create_service(
         constraints,
         command: spec.command.filter(|c| !c.trim().is_empty()),
         run: spec.run,
+        signed: spec.signed,
         vips,
         endpoints: BTreeMap::new(),
         version: 0,

@@ -201,6 +201,7 @@ pub fn slice_after(
             slot: e.slot,
             addresses: e.addresses.clone(),
             version: e.version,
+            signed: definition.signed,
             secrets: secret_files(state, &definition.run.secrets),
             command: definition.command,
             run: definition.run,
@@ -344,6 +345,7 @@ mod tests {
             constraints: vec![],
             command: None,
             run: Default::default(),
+            signed: None,
         };
         let plan = plans::create_service(&state, spec("web"), &live).unwrap();
         apply(&mut state, plan);

@@ -60,6 +60,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         dataplane = config.dataplane,
         dns_visibility = ?config.dns_visibility,
         metrics = ?config.metrics,
+        spec_key = %node.spec_key.map_or("none pinned: any command control sends runs".to_owned(), |k| k.to_string()),
         "configuration"
     );
     let (node_published, node_certificate) = watch::channel(node.clone());
@@ -85,6 +86,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         let mut s = status.lock().expect("lock");
         s.counters = Some(dp.counters.clone());
         s.certificates = Some(dp.certificates.clone());
+        s.reports = Some(endpoints.subscribe());
         Some(dp)
     } else {
         None
@@ -194,6 +196,7 @@ impl Dataplane {
                 visibility: config.dns_visibility,
                 sandbox: crate::sandbox::Host::new(&config.session.state_dir),
                 endpoints,
+                spec_key: node.spec_key,
             },
         )
         .await;

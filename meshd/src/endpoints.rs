@@ -60,17 +60,17 @@ impl Endpoints {
         endpoint
     }
 
-    /// An endpoint that could not be built at all at version `version` (its workload never
-    /// started).
-    pub fn failed(&self, service: &str, slot: u32, version: u64, why: String) {
+    /// An endpoint whose workload was not started at version `version`: it could not be built
+    /// (`Failed`), or its spec is not signed as the node requires (`Unsigned`, `BadSignature`).
+    pub fn cannot_run(&self, service: &str, slot: u32, version: u64, now: RunState, why: String) {
         let key = (service.to_owned(), slot);
         self.states.send_if_modified(|all| {
             let restarts = all.get(&key).map_or(0, |e| e.restarts);
-            let changed = all.get(&key).is_none_or(|e| {
-                e.state != RunState::Failed || e.last_exit.as_ref() != Some(&why) || e.version != version
-            });
+            let changed = all
+                .get(&key)
+                .is_none_or(|e| e.state != now || e.last_exit.as_ref() != Some(&why) || e.version != version);
             if changed {
-                all.insert(key.clone(), state(&key, version, RunState::Failed, restarts, Some(why)));
+                all.insert(key.clone(), state(&key, version, now, restarts, Some(why)));
             }
             changed
         });
@@ -212,9 +212,9 @@ mod tests {
         drop(e);
         assert!(seen.has_changed().unwrap());
         assert!(seen.borrow_and_update().is_empty());
-        endpoints.failed("db", 2, 0, "no user `x` on this node".into());
+        endpoints.cannot_run("db", 2, 0, RunState::Failed, "no user `x` on this node".into());
         assert_eq!(seen.borrow_and_update()[&("db".into(), 2)].state, RunState::Failed);
-        endpoints.failed("db", 2, 0, "no user `x` on this node".into());
+        endpoints.cannot_run("db", 2, 0, RunState::Failed, "no user `x` on this node".into());
         assert!(!seen.has_changed().unwrap(), "the same failure again is no change");
         endpoints.retain(|_, _| false);
         assert!(seen.borrow_and_update().is_empty());

@@ -32,6 +32,8 @@ pub use workload::{WorkloadCertificate, WorkloadCertificates, WorkloadIdentity, 
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    #[error("the pinned spec-signing key cannot be read: {0}")]
+    SpecKey(String),
     #[error("{0} already holds a joined node ({1} exists); refusing to join again")]
     AlreadyJoined(PathBuf, PathBuf),
     #[error("{0} holds no node identity; run `meshd join` first")]

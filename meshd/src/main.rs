@@ -33,6 +33,11 @@ enum Cmd {
         /// The name this node reports (default: the host's name).
         #[arg(long)]
         hostname: Option<String>,
+        /// Pin the operator's spec-signing public key (`MESHSPEC-ED25519-1 ...`, or the file
+        /// `meshctl spec-key create` wrote): the node then runs only commands whose spec that
+        /// key signed. Only at join: no manager can change it later.
+        #[arg(long, value_name = "KEY|FILE")]
+        spec_key: Option<String>,
     },
     /// Run the agent: keep the node's certificate renewed and hold the session with control.
     Run {
@@ -91,15 +96,20 @@ async fn run() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Cmd::Join { control, token, state_dir, hostname } => {
+        Cmd::Join { control, token, state_dir, hostname, spec_key } => {
             let hostname = hostname.unwrap_or_else(mesh_api::join::hostname);
-            identity::join(&control, &token, &state_dir, &hostname)
-                .await
-                .map(|id| {
-                    println!("{id}");
-                    eprintln!("Joined as node {id}; identity stored in {}.", state_dir.display());
-                })
-                .map_err(anyhow::Error::from)
+            let join = async {
+                if let Some(key) = spec_key {
+                    let key = mesh_api::specs::PinnedKey::read(&key)?;
+                    identity::NodeDir::new(&state_dir).pin_spec_key(&key)?;
+                    eprintln!("Pinned the spec-signing key {key}: only commands it signed run here.");
+                }
+                let id = identity::join(&control, &token, &state_dir, &hostname).await?;
+                println!("{id}");
+                eprintln!("Joined as node {id}; identity stored in {}.", state_dir.display());
+                anyhow::Ok(())
+            };
+            join.await
         }
         Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility, metrics } => {
             match config::underlay_address(underlay.as_deref(), &state_dir) {

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
+use mesh_api::model::RunState;
 use mesh_api::slice::{LocalEndpoint, NodeSlice};
+use mesh_api::specs::{self, PinnedKey};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -41,6 +43,8 @@ pub struct Reconciler {
     sandbox: Arc<Host>,
     /// What the workloads report of themselves.
     endpoints: Arc<Endpoints>,
+    /// The operator's spec-signing key, when the node pinned one: only what it signed runs.
+    spec_key: Option<PinnedKey>,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -52,6 +56,8 @@ pub struct Hosting {
     pub visibility: Visibility,
     pub sandbox: Arc<Host>,
     pub endpoints: Arc<Endpoints>,
+    /// The spec-signing key the node pinned at join.
+    pub spec_key: Option<PinnedKey>,
 }
 
 impl Reconciler {
@@ -64,7 +70,7 @@ impl Reconciler {
         certificates: Arc<WorkloadCertificates>,
         hosting: Hosting,
     ) -> Reconciler {
-        let Hosting { upstream, visibility, sandbox, endpoints } = hosting;
+        let Hosting { upstream, visibility, sandbox, endpoints, spec_key } = hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = netns::delete(&ns).await;
@@ -78,6 +84,7 @@ impl Reconciler {
             visibility,
             sandbox,
             endpoints,
+            spec_key,
             workloads: Mutex::new(HashMap::new()),
         }
     }
@@ -119,6 +126,22 @@ impl Reconciler {
                 addresses: addresses.clone(),
                 networks: endpoint.addresses.keys().cloned().collect(),
             };
+            // With a pinned key, nothing runs that the operator did not sign as sent (and what
+            // ran before under this endpoint stops: its spec is no longer what is asked).
+            let refused = match &self.spec_key {
+                Some(key) if endpoint.command.is_some() => specs::verify_endpoint(key, endpoint).err(),
+                _ => None,
+            };
+            if let Some((state, why)) = refused {
+                if let Some(old) = workloads.remove(&ns)
+                    && let Err(e) = old.remove().await
+                {
+                    warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+                }
+                warn!(namespace = %ns, version = spec.version, reason = %why, "not running the workload: {}", state.name());
+                self.endpoints.cannot_run(&spec.service, spec.slot, spec.version, state, why);
+                continue;
+            }
             if let Some(existing) = workloads.get(&ns) {
                 if existing.runs(&spec) {
                     continue;
@@ -150,7 +173,14 @@ impl Reconciler {
                 }
                 Err(e) => {
                     warn!(namespace = %ns, error = %e, "building the workload failed");
-                    self.endpoints.failed(&endpoint.service, endpoint.slot, endpoint.version, e.to_string());
+                    let failed = RunState::Failed;
+                    self.endpoints.cannot_run(
+                        &endpoint.service,
+                        endpoint.slot,
+                        endpoint.version,
+                        failed,
+                        e.to_string(),
+                    );
                 }
             }
         }

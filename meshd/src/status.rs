@@ -52,6 +52,13 @@ pub struct Status {
     pub workload_certificates: Vec<String>,
     #[serde(skip)]
     pub certificates: Option<Arc<WorkloadCertificates>>,
+    /// What the endpoints report of themselves, read at each query.
+    #[serde(skip)]
+    pub reports: Option<
+        tokio::sync::watch::Receiver<
+            std::collections::BTreeMap<(String, u32), mesh_api::model::EndpointState>,
+        >,
+    >,
 }
 
 impl PartialEq for Status {
@@ -68,6 +75,12 @@ pub struct EndpointStatus {
     pub slot: u32,
     /// network=address
     pub addresses: Vec<String>,
+    /// As reported to control (`running`, `unsigned`, `bad-signature`...), and why when it
+    /// does not run.
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -102,6 +115,8 @@ impl Status {
                 service: e.service.clone(),
                 slot: e.slot,
                 addresses: e.addresses.iter().map(|(n, a)| format!("{n}={a}")).collect(),
+                state: None,
+                reason: None,
             })
             .collect();
         self.networks = slice
@@ -153,7 +168,14 @@ impl Status {
         );
         out.push_str(&format!("endpoints ({})\n", self.endpoints.len()));
         for e in &self.endpoints {
-            out.push_str(&format!("  {}.{}  {}\n", e.service, e.slot, e.addresses.join(" ")));
+            let state = match (&e.state, &e.reason) {
+                (Some(state), Some(why)) if !matches!(state.as_str(), "running" | "ready") => {
+                    format!("  {state}: {why}")
+                }
+                (Some(state), _) => format!("  {state}"),
+                _ => String::new(),
+            };
+            out.push_str(&format!("  {}.{}  {}{state}\n", e.service, e.slot, e.addresses.join(" ")));
         }
         for c in &self.workload_certificates {
             out.push_str(&format!("  certificate {c}\n"));
@@ -246,6 +268,14 @@ async fn answer(mut conn: UnixStream, status: &Mutex<Status>, renew_now: &RenewN
 /// The status, with the counters and certificates read now.
 fn snapshot(status: &Mutex<Status>) -> Status {
     let mut s = status.lock().expect("lock");
+    if let Some(reports) = s.reports.clone() {
+        let reports = reports.borrow();
+        for e in &mut s.endpoints {
+            let report = reports.get(&(e.service.clone(), e.slot));
+            e.state = report.map(|r| r.state.name().to_owned());
+            e.reason = report.and_then(|r| r.last_exit.clone());
+        }
+    }
     if let Some(certs) = s.certificates.clone() {
         s.workload_certificates =
             certs.expiries().into_iter().map(|(k, not_after)| format!("{k} until {not_after}")).collect();
@@ -353,6 +383,7 @@ mod tests {
             identity: Identity { cert_pem: String::new(), key_pem: String::new() },
             managers: vec![],
             manager_ids: vec![],
+            spec_key: None,
         })
     }
 

@@ -94,6 +94,11 @@ impl Lab {
     /// Starts a lab of `hosts` hosts: `managers` managers in hosts 1..=managers (the first makes
     /// the cluster, the others join it), each run with `manager_args`; meshd in the other hosts.
     pub fn start_with(hosts: usize, managers: usize, manager_args: &[&str]) -> Lab {
+        Lab::start_joining(hosts, managers, manager_args, &[])
+    }
+
+    /// As [`Lab::start_with`], each meshd joined with `join_args` too.
+    pub fn start_joining(hosts: usize, managers: usize, manager_args: &[&str], join_args: &[&str]) -> Lab {
         require_root();
         let work = tempfile::tempdir().expect("temp dir");
         let prefix = meshctl::lab::unique_prefix("t");
@@ -102,6 +107,7 @@ impl Lab {
         topology.managers = managers;
         topology.meshd = MeshdOn::Workers;
         topology.manager_args = manager_args.iter().map(|a| a.to_string()).collect();
+        topology.join_args = join_args.iter().map(|a| a.to_string()).collect();
         let mut lab = meshctl::lab::Lab::create(topology).unwrap_or_else(|e| panic!("building the lab: {e}"));
         let built = |lab: &meshctl::lab::Lab, step: &str, r: Result<(), meshctl::lab::LabError>| {
             if let Err(e) = r {

@@ -273,5 +273,6 @@ pub fn pinned_service(
         constraints: vec![format!("node.id=={node}")],
         command: "sleep 1000".into(),
         run,
+        signed: None,
     }
 }

@@ -37,6 +37,7 @@ fn service(name: &str, networks: &[&str], replicas: u32, constraints: &[&str]) -
         constraints: constraints.iter().map(|s| s.to_string()).collect(),
         command: String::new(),
         run: None,
+        signed: None,
     }
 }
 

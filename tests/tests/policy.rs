@@ -21,6 +21,7 @@ fn service(name: &str, node: &mesh_api::ids::NodeId) -> pb::CreateServiceRequest
         constraints: vec![format!("node.id=={node}")],
         command: String::new(),
         run: None,
+        signed: None,
     }
 }
 

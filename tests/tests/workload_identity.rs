@@ -36,6 +36,7 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
             constraints: vec![format!("node.id=={}", a.id)],
             command: String::new(),
             run: None,
+            signed: None,
         })
         .await
         .unwrap();

@@ -211,6 +211,7 @@ fn bench_service(name: &str, replicas: usize) -> pb::CreateServiceRequest {
         constraints: vec![],
         command: String::new(),
         run: None,
+        signed: None,
     }
 }
 

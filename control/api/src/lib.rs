@@ -19,6 +19,7 @@ pub mod model;
 pub mod pki;
 pub mod proto;
 pub mod slice;
+pub mod specs;
 pub mod tls;
 pub mod tokens;
 pub mod unlock;

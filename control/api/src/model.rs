@@ -70,6 +70,74 @@ pub struct RunSpec {
     pub secrets: Vec<String>,
 }
 
+/// What `service update` changes of a service's command and how it runs; what is left empty
+/// stays. Control applies it, and so does meshctl to sign what control will make of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DefinitionChange {
+    /// The new command (`Some("")`: none).
+    pub command: Option<String>,
+    /// `NAME=VALUE` set (replacing any `NAME=`), and names removed.
+    pub env_add: Vec<String>,
+    pub env_rm: Vec<String>,
+    pub user: Option<String>,
+    pub secret_add: Vec<String>,
+    pub secret_rm: Vec<String>,
+    /// 0: no limit.
+    pub cpu_millis: Option<u32>,
+    pub memory_bytes: Option<u64>,
+}
+
+impl DefinitionChange {
+    /// `command` and `run` once changed, checked; the error says what is wrong.
+    pub fn apply(
+        &self,
+        command: &Option<String>,
+        run: &RunSpec,
+    ) -> Result<(Option<String>, RunSpec), String> {
+        let mut command = command.clone();
+        let mut run = run.clone();
+        if let Some(new) = &self.command {
+            command = Some(new.clone()).filter(|c| !c.trim().is_empty());
+        }
+        let env_name = |e: &str| e.split_once('=').map_or(e, |(n, _)| n).to_owned();
+        for name in &self.env_rm {
+            if !run.env.iter().any(|e| env_name(e) == *name) {
+                return Err(format!("the service sets no environment variable `{name}`"));
+            }
+            run.env.retain(|e| env_name(e) != *name);
+        }
+        for e in &self.env_add {
+            let name = env_name(e);
+            match run.env.iter_mut().find(|held| env_name(held) == name) {
+                Some(held) => held.clone_from(e),
+                None => run.env.push(e.clone()),
+            }
+        }
+        if let Some(user) = &self.user {
+            run.user.clone_from(user);
+        }
+        for name in &self.secret_rm {
+            if !run.secrets.contains(name) {
+                return Err(format!("the service reads no secret `{name}`"));
+            }
+            run.secrets.retain(|s| s != name);
+        }
+        for name in &self.secret_add {
+            if !run.secrets.contains(name) {
+                run.secrets.push(name.clone());
+            }
+        }
+        if let Some(cpu) = self.cpu_millis {
+            run.cpu_millis = Some(cpu).filter(|c| *c != 0);
+        }
+        if let Some(memory) = self.memory_bytes {
+            run.memory_bytes = Some(memory).filter(|m| *m != 0);
+        }
+        run.check()?;
+        Ok((command, run))
+    }
+}
+
 /// Most environment variables a service sets, and most bytes of them together.
 pub const MAX_ENV: usize = 128;
 pub const MAX_ENV_BYTES: usize = 32 << 10;
@@ -194,6 +262,11 @@ pub enum RunState {
     Failed,
     /// No command: the endpoint is its namespace and interfaces, which are in place.
     Ready,
+    /// Its node pins the operator's spec-signing key and the spec is not signed.
+    Unsigned,
+    /// Its node pins the operator's spec-signing key and the signature does not verify, or
+    /// the signed spec says something else than the slice.
+    BadSignature,
 }
 
 impl RunState {
@@ -204,13 +277,23 @@ impl RunState {
             RunState::Restarting => "restarting",
             RunState::Failed => "failed",
             RunState::Ready => "ready",
+            RunState::Unsigned => "unsigned",
+            RunState::BadSignature => "bad-signature",
         }
     }
 
     pub fn parse(text: &str) -> Option<RunState> {
-        [RunState::Starting, RunState::Running, RunState::Restarting, RunState::Failed, RunState::Ready]
-            .into_iter()
-            .find(|s| s.name() == text)
+        [
+            RunState::Starting,
+            RunState::Running,
+            RunState::Restarting,
+            RunState::Failed,
+            RunState::Ready,
+            RunState::Unsigned,
+            RunState::BadSignature,
+        ]
+        .into_iter()
+        .find(|s| s.name() == text)
     }
 
     /// Whether the endpoint does its job: its command runs, or it has none.

@@ -148,6 +148,22 @@ pub struct EndpointView {
     pub version: u64,
 }
 
+/// What an update request changes of the service's command and how it runs.
+impl From<&pb::UpdateServiceRequest> for crate::model::DefinitionChange {
+    fn from(req: &pb::UpdateServiceRequest) -> crate::model::DefinitionChange {
+        crate::model::DefinitionChange {
+            command: req.command.clone(),
+            env_add: req.env_add.clone(),
+            env_rm: req.env_rm.clone(),
+            user: req.user.clone(),
+            secret_add: req.secret_add.clone(),
+            secret_rm: req.secret_rm.clone(),
+            cpu_millis: req.cpu_millis,
+            memory_bytes: req.memory_bytes,
+        }
+    }
+}
+
 /// A service's last rolling update, as an admin sees it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RolloutView {
@@ -202,6 +218,8 @@ pub struct ServiceView {
     pub version: u64,
     pub previous: Option<u64>,
     pub rollout: Option<RolloutView>,
+    /// Whether the operator signed the current version's spec.
+    pub signed: bool,
 }
 
 /// What one endpoint wrote, as `service logs` shows it.
@@ -310,6 +328,7 @@ impl TryFrom<pb::Service> for ServiceView {
             run: s.run.map(crate::model::RunSpec::from).unwrap_or_default(),
             running: s.running,
             version: s.version,
+            signed: s.signed,
             previous: s.previous,
             rollout: s.rollout.map(RolloutView::from),
             vips: s

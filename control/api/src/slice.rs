@@ -29,6 +29,8 @@ pub struct LocalEndpoint {
     pub run: RunSpec,
     /// The secrets its service reads (`run.secrets`), for its workload alone.
     pub secrets: Vec<SecretFile>,
+    /// The operator's signature of this version's spec, as control keeps it.
+    pub signed: Option<crate::specs::SignedSpec>,
 }
 
 /// A secret sent for one endpoint's workload; its bytes are never printed nor serialized.
@@ -207,6 +209,10 @@ impl NodeSlice {
                         .map(|s| pb::SecretFile { name: s.name.clone(), data: s.data.clone() })
                         .collect(),
                     version: e.version,
+                    signed: e.signed.as_ref().map(|s| pb::SignedSpec {
+                        document: s.document.clone(),
+                        signature: s.signature.clone(),
+                    }),
                 })
                 .collect(),
             networks: self
@@ -638,6 +644,9 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     slot: e.slot,
                     addresses,
                     version: e.version,
+                    signed: e
+                        .signed
+                        .map(|s| crate::specs::SignedSpec { document: s.document, signature: s.signature }),
                     command: Some(e.command).filter(|c| !c.is_empty()),
                     secrets: secrets(e.secrets, &run)?,
                     run,
@@ -923,6 +932,7 @@ mod tests {
             slot: 1,
             addresses,
             version: 1,
+            signed: None,
             command: Some("true".into()),
             run,
             secrets,

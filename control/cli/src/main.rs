@@ -23,6 +23,11 @@ struct Cli {
     /// The admin bundle directory made by `mesh-control init` (DIR/admin).
     #[arg(long, env = "MESHCTL_ADMIN", global = true)]
     admin: Option<PathBuf>,
+    /// The operator's spec-signing key (`meshctl spec-key create`): `service create` and
+    /// `update` sign what they ask to run with it, for nodes that pinned its public key. By
+    /// default the admin bundle's `spec-signing.key`, when there is one.
+    #[arg(long, env = "MESHCTL_SPEC_KEY", global = true, value_name = "FILE")]
+    spec_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -58,6 +63,10 @@ enum Cmd {
         #[arg(long)]
         state_dir: std::path::PathBuf,
     },
+    /// The operator's spec-signing key: nodes that pin its public key at join (`meshd join
+    /// --spec-key`) run only the commands it signed, whatever a manager sends them.
+    #[command(subcommand)]
+    SpecKey(SpecKeyCmd),
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -68,6 +77,21 @@ enum Cmd {
         /// Print only the token.
         #[arg(short, long)]
         quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpecKeyCmd {
+    /// Make a key pair in DIR (default: the admin bundle): spec-signing.key (0600, keep it with
+    /// the operator, never on a manager) and spec-signing.pub (what nodes pin).
+    Create {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print the public key (to pin with `meshd join --spec-key`).
+    Show {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -157,6 +181,7 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Lab(LabCmd::Status { dir }) => return lab::status(dir),
         Cmd::Lab(LabCmd::Down { dir }) => return lab::down(dir),
         Cmd::Unlock { state_dir } => return cluster::unlock(state_dir).await,
+        Cmd::SpecKey(cmd) => return spec_key(cmd, cli.admin.as_deref()),
         Cmd::Policy(PolicyCmd::Test { file }) => return policy::policy_test(file),
         Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, file: Some(file) }) => {
             let (name, text) = policy::read_policy(file)?;
@@ -170,19 +195,53 @@ async fn run() -> anyhow::Result<()> {
     )?;
     let mut bundle = AdminBundle::load(&admin_dir)
         .with_context(|| format!("cannot read the admin bundle in {}", admin_dir.display()))?;
+    let signing = cli.spec_key.clone().or_else(|| {
+        let default = admin_dir.join(mesh_api::specs::PRIVATE_FILE);
+        default.exists().then_some(default)
+    });
+    let signer = signing
+        .map(|path| {
+            mesh_api::specs::SigningKey::load(&path)
+                .with_context(|| format!("cannot read the spec-signing key {}", path.display()))
+        })
+        .transpose()?;
     let mut client = AdminClient::connect(&bundle).await?;
     // A bundle that cannot be written (read-only) still works with the managers it names.
     let _ = bundle.remember_managers(&admin_dir, client.managers(), client.manager_ids());
     match cli.command {
         Cmd::Node(cmd) => node::run(cmd, &mut client).await,
         Cmd::Network(cmd) => network::run(cmd, &mut client).await,
-        Cmd::Service(cmd) => service::run(cmd, &mut client).await,
+        Cmd::Service(cmd) => service::run(cmd, &mut client, signer.as_ref()).await,
         Cmd::Secret(cmd) => secret::run(cmd, &mut client).await,
         Cmd::Policy(cmd) => policy::run(cmd, &mut client).await,
         Cmd::Cluster(cmd) => cluster::run(cmd, &mut client).await,
         Cmd::JoinToken { role, rotate, quiet } => {
             cluster::join_token(&mut client, &bundle, &role, rotate, quiet).await
         }
-        Cmd::Unlock { .. } | Cmd::Lab(_) => unreachable!("these return above"),
+        Cmd::Unlock { .. } | Cmd::Lab(_) | Cmd::SpecKey(_) => unreachable!("these return above"),
     }
+}
+
+/// `meshctl spec-key create|show`, in DIR or the admin bundle.
+fn spec_key(cmd: &SpecKeyCmd, admin: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (SpecKeyCmd::Create { dir } | SpecKeyCmd::Show { dir }) = cmd;
+    let dir =
+        dir.as_deref().or(admin).context("no directory for the key: pass --dir DIR (or --admin DIR)")?;
+    match cmd {
+        SpecKeyCmd::Create { .. } => {
+            let public = mesh_api::specs::SigningKey::create(dir)?;
+            println!("{public}");
+            eprintln!(
+                "Spec-signing key made: {} (keep it with the operator; never on a manager) and {}.",
+                dir.join(mesh_api::specs::PRIVATE_FILE).display(),
+                dir.join(mesh_api::specs::PUBLIC_FILE).display()
+            );
+            eprintln!("Pin it on each node as it joins: meshd join ... --spec-key '{public}'");
+        }
+        SpecKeyCmd::Show { .. } => {
+            let key = mesh_api::specs::SigningKey::load(&dir.join(mesh_api::specs::PRIVATE_FILE))?;
+            println!("{}", key.public());
+        }
+    }
+    Ok(())
 }

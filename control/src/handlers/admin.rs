@@ -88,6 +88,7 @@ fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
         }
     });
     pb::Service {
+        signed: s.signed.is_some(),
         version: s.version,
         previous: s.previous,
         rollout,
@@ -120,9 +121,14 @@ fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
                 run: None,
                 secrets: vec![],
                 version: e.version,
+                signed: None,
             })
             .collect(),
     }
+}
+
+fn signed_spec(s: pb::SignedSpec) -> mesh_api::specs::SignedSpec {
+    mesh_api::specs::SignedSpec { document: s.document, signature: s.signature }
 }
 
 fn on_failure_name(a: OnFailure) -> &'static str {
@@ -658,6 +664,7 @@ impl pb::admin_server::Admin for AdminApi {
             constraints: req.constraints,
             command: Some(req.command).filter(|c| !c.is_empty()),
             run: req.run.map(RunSpec::from).unwrap_or_default(),
+            signed: req.signed.map(signed_spec),
         };
         self.0.change(|state, live| plans::create_service(state, spec, live)).await?;
         info!(service = %req.name, "service created");
@@ -700,20 +707,14 @@ impl pb::admin_server::Admin for AdminApi {
         self.admin(&request)?;
         let req = request.into_inner();
         let update = ServiceUpdate {
-            command: req.command,
-            env_add: req.env_add,
-            env_rm: req.env_rm,
-            user: req.user,
-            secret_add: req.secret_add,
-            secret_rm: req.secret_rm,
-            cpu_millis: req.cpu_millis,
-            memory_bytes: req.memory_bytes,
+            definition: (&req).into(),
             replicas: req.replicas,
             constraint_add: req.constraint_add,
             constraint_rm: req.constraint_rm,
             port_add: req.port_add.iter().map(port).collect::<Result<_, _>>()?,
             port_rm: req.port_rm.iter().map(port).collect::<Result<_, _>>()?,
             force: req.force,
+            signed: req.signed.map(signed_spec),
             options: update_options(req.options)?,
         };
         let at = now();

@@ -11,11 +11,12 @@
 use std::collections::BTreeSet;
 
 use mesh_api::ids::NodeId;
-use mesh_api::model::{EndpointState, PortSpec, RunState};
+use mesh_api::model::{DefinitionChange, EndpointState, PortSpec, RunState};
 
 use super::{Liveness, PlanError, place};
 use crate::planning::placement::Constraint;
 use crate::state::{ClusterState, Command, Definition, Endpoint, OnFailure, Rollout, RolloutState, Service};
+use mesh_api::specs::SignedSpec;
 
 /// What node `.0` last reported of endpoint `.1`.`.2`.
 pub type Reported<'a> = dyn Fn(&NodeId, &str, u32) -> Option<EndpointState> + 'a;
@@ -54,17 +55,8 @@ impl UpdateOptions {
 /// What `service update` changes; what is left empty stays as it is.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceUpdate {
-    /// The new command (`Some("")`: none).
-    pub command: Option<String>,
-    /// `NAME=VALUE` set (replacing any `NAME=`), and names removed.
-    pub env_add: Vec<String>,
-    pub env_rm: Vec<String>,
-    pub user: Option<String>,
-    pub secret_add: Vec<String>,
-    pub secret_rm: Vec<String>,
-    /// 0: no limit.
-    pub cpu_millis: Option<u32>,
-    pub memory_bytes: Option<u64>,
+    /// Its command and how it runs.
+    pub definition: DefinitionChange,
     pub replicas: Option<u32>,
     pub constraint_add: Vec<String>,
     pub constraint_rm: Vec<String>,
@@ -72,52 +64,30 @@ pub struct ServiceUpdate {
     pub port_rm: Vec<PortSpec>,
     /// A new version even when the definition is the same: every endpoint is restarted.
     pub force: bool,
+    /// The operator's signature of the new definition (it must say what the update makes).
+    pub signed: Option<SignedSpec>,
     pub options: UpdateOptions,
 }
 
-/// The new definition: `definition` with `update`'s changes.
+/// The new definition: `definition` with `update`'s changes (and its signature, to be replaced).
 fn changed(definition: &Definition, update: &ServiceUpdate) -> Result<Definition, PlanError> {
-    let mut next = definition.clone();
-    if let Some(command) = &update.command {
-        next.command = Some(command.clone()).filter(|c| !c.trim().is_empty());
-    }
-    let run = &mut next.run;
-    let env_name = |e: &str| e.split_once('=').map_or(e, |(n, _)| n).to_owned();
-    for name in &update.env_rm {
-        if !run.env.iter().any(|e| env_name(e) == *name) {
-            return Err(PlanError::Run(format!("the service sets no environment variable `{name}`")));
-        }
-        run.env.retain(|e| env_name(e) != *name);
-    }
-    for e in &update.env_add {
-        let name = env_name(e);
-        match run.env.iter_mut().find(|held| env_name(held) == name) {
-            Some(held) => held.clone_from(e),
-            None => run.env.push(e.clone()),
-        }
-    }
-    if let Some(user) = &update.user {
-        run.user.clone_from(user);
-    }
-    for name in &update.secret_rm {
-        if !run.secrets.contains(name) {
-            return Err(PlanError::Run(format!("the service reads no secret `{name}`")));
-        }
-        run.secrets.retain(|s| s != name);
-    }
-    for name in &update.secret_add {
-        if !run.secrets.contains(name) {
-            run.secrets.push(name.clone());
-        }
-    }
-    if let Some(cpu) = update.cpu_millis {
-        run.cpu_millis = Some(cpu).filter(|c| *c != 0);
-    }
-    if let Some(memory) = update.memory_bytes {
-        run.memory_bytes = Some(memory).filter(|m| *m != 0);
-    }
-    run.check().map_err(PlanError::Run)?;
-    Ok(next)
+    let (command, run) =
+        update.definition.apply(&definition.command, &definition.run).map_err(PlanError::Run)?;
+    Ok(Definition { command, run, signed: definition.signed.clone() })
+}
+
+/// Whether `signed` (read, not verified: control holds no key) says what `definition` of
+/// service `name` on `networks` is; nodes verify the signature itself.
+pub(super) fn check_signed(
+    signed: &SignedSpec,
+    name: &str,
+    definition: &Definition,
+    networks: &[String],
+) -> Result<(), PlanError> {
+    let document = signed.read().map_err(|e| PlanError::Run(e.to_string()))?;
+    document
+        .matches(name, &definition.command, &definition.run, &networks.iter().cloned().collect())
+        .map_err(|e| PlanError::Run(format!("the signed spec is not what the service would run: {e}")))
 }
 
 /// Ports and constraints with `update`'s changes.
@@ -183,13 +153,18 @@ fn start(
     rollback: bool,
     now: i64,
 ) {
-    let before = Definition { command: service.command.take(), run: std::mem::take(&mut service.run) };
+    let before = Definition {
+        command: service.command.take(),
+        run: std::mem::take(&mut service.run),
+        signed: service.signed.take(),
+    };
     service.earlier.insert(service.version, before);
     service.previous = Some(service.version);
     service.earlier.remove(&version);
     service.version = version;
     service.command = definition.command;
     service.run = definition.run;
+    service.signed = definition.signed;
     service.rollout = Some(Rollout {
         parallelism: options.parallelism,
         delay_secs: options.delay_secs,
@@ -220,8 +195,18 @@ pub fn update_service(
     let mut service =
         state.services.get(name).cloned().ok_or_else(|| PlanError::UnknownService(name.to_owned()))?;
     let current = service.definition(service.version);
-    let definition = changed(&current, update)?;
+    let mut definition = changed(&current, update)?;
     reshape(&mut service, update)?;
+    let differs = (&definition.command, &definition.run) != (&current.command, &current.run);
+    match &update.signed {
+        Some(signed) => {
+            check_signed(signed, name, &definition, &service.networks)?;
+            definition.signed = Some(signed.clone());
+        }
+        // What the operator signed is not what runs any more.
+        None if differs => definition.signed = None,
+        None => {}
+    }
     if definition != current || update.force {
         let version = next_version(&service);
         start(&mut service, version, definition, update.options, false, now);
@@ -297,7 +282,11 @@ fn advance(service: &mut Service, report: &dyn Fn(&Endpoint) -> Option<EndpointS
         // Exited or unable to start; or exited and started again since the update began (its
         // node may report the new start before control saw the exit).
         let restarted = r.restarts > 0 && r.since >= rollout.started_at;
-        if matches!(r.state, RunState::Failed | RunState::Restarting) || restarted {
+        if matches!(
+            r.state,
+            RunState::Failed | RunState::Restarting | RunState::Unsigned | RunState::BadSignature
+        ) || restarted
+        {
             let why = r.last_exit.unwrap_or_else(|| r.state.name().to_owned());
             let message = format!("{}.{} on node {} {}: {why}", service.name, e.slot, e.node, r.state.name());
             match rollout.on_failure {
@@ -385,6 +374,7 @@ mod tests {
             constraints: vec![],
             command: Some("v0".into()),
             run: RunSpec::default(),
+            signed: None,
             version: 0,
             earlier: BTreeMap::new(),
             previous: None,
@@ -423,7 +413,7 @@ mod tests {
     }
 
     fn begin(s: &mut Service, options: UpdateOptions, now: i64) {
-        let definition = Definition { command: Some("v1".into()), run: RunSpec::default() };
+        let definition = Definition { command: Some("v1".into()), run: RunSpec::default(), signed: None };
         start(s, 1, definition, options, false, now);
         advance(s, &|_| None, now);
     }
@@ -540,7 +530,7 @@ mod tests {
         let mut s = service(3);
         begin(&mut s, UpdateOptions { monitor_secs: 0, ..Default::default() }, 100);
         assert_eq!(versions(&s), [1, 0, 0]);
-        let newest = Definition { command: Some("v2".into()), run: RunSpec::default() };
+        let newest = Definition { command: Some("v2".into()), run: RunSpec::default(), signed: None };
         let version = next_version(&s);
         assert_eq!(version, 2);
         start(&mut s, version, newest, UpdateOptions { parallelism: 0, ..Default::default() }, false, 101);
@@ -554,27 +544,30 @@ mod tests {
 
     #[test]
     fn the_definition_changes_as_asked_and_is_checked() {
-        let mut d = Definition { command: Some("serve".into()), run: RunSpec::default() };
+        let mut d = Definition { command: Some("serve".into()), run: RunSpec::default(), signed: None };
         d.run.env = vec!["A=1".into(), "B=2".into()];
-        let update = ServiceUpdate {
+        let definition = DefinitionChange {
             env_add: vec!["A=3".into(), "C=4".into()],
             env_rm: vec!["B".into()],
             user: Some("1234".into()),
             ..Default::default()
         };
+        let update = ServiceUpdate { definition, ..Default::default() };
         let next = changed(&d, &update).unwrap();
         assert_eq!(next.run.env, ["A=3", "C=4"]);
         assert_eq!(next.run.user, "1234");
         assert_eq!(next.command.as_deref(), Some("serve"));
-        let none = changed(&d, &ServiceUpdate { command: Some(" ".into()), ..Default::default() }).unwrap();
+        let change = |definition| ServiceUpdate { definition, ..Default::default() };
+        let none = changed(&d, &change(DefinitionChange { command: Some(" ".into()), ..Default::default() }))
+            .unwrap();
         assert_eq!(none.command, None);
         for bad in [
-            ServiceUpdate { env_rm: vec!["Z".into()], ..Default::default() },
-            ServiceUpdate { user: Some("root;rm".into()), ..Default::default() },
-            ServiceUpdate { env_add: vec!["NOEQUALS".into()], ..Default::default() },
-            ServiceUpdate { secret_rm: vec!["nope".into()], ..Default::default() },
+            DefinitionChange { env_rm: vec!["Z".into()], ..Default::default() },
+            DefinitionChange { user: Some("root;rm".into()), ..Default::default() },
+            DefinitionChange { env_add: vec!["NOEQUALS".into()], ..Default::default() },
+            DefinitionChange { secret_rm: vec!["nope".into()], ..Default::default() },
         ] {
-            assert!(changed(&d, &bad).is_err(), "{bad:?}");
+            assert!(changed(&d, &change(bad.clone())).is_err(), "{bad:?}");
         }
     }
 

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use ipnet::Ipv4Net;
 use mesh_api::ids::NodeId;
 use mesh_api::model::{NodeState, PortSpec, RunSpec};
+use mesh_api::specs::SignedSpec;
 use mesh_api::tokens::Role;
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +117,9 @@ pub struct Endpoint {
 pub struct Definition {
     pub command: Option<String>,
     pub run: RunSpec,
+    /// The operator's signature of it, untouched (see `mesh_api::specs`).
+    #[serde(default)]
+    pub signed: Option<SignedSpec>,
 }
 
 /// What `service update --update-failure-action` says to do when an updated endpoint fails.
@@ -173,6 +177,9 @@ pub struct Service {
     /// How its command runs (state written before this field has none: the defaults).
     #[serde(default)]
     pub run: RunSpec,
+    /// The operator's signature of `command` and `run` (and the name and networks), untouched.
+    #[serde(default)]
+    pub signed: Option<SignedSpec>,
     /// The version of `command` and `run`: each update that changes them makes a new one.
     #[serde(default)]
     pub version: u64,
@@ -197,7 +204,11 @@ impl Service {
     pub fn definition(&self, version: u64) -> Definition {
         match self.earlier.get(&version) {
             Some(d) if version != self.version => d.clone(),
-            _ => Definition { command: self.command.clone(), run: self.run.clone() },
+            _ => Definition {
+                command: self.command.clone(),
+                run: self.run.clone(),
+                signed: self.signed.clone(),
+            },
         }
     }
 

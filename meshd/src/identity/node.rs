@@ -13,6 +13,7 @@ use mesh_api::ids::NodeId;
 use mesh_api::join::{self, check_issued, key_and_csr};
 use mesh_api::pki::{self, CertInfo};
 use mesh_api::proto::pb;
+use mesh_api::specs::PinnedKey;
 use mesh_api::tls::{Identity, ServerTrust};
 use rand::Rng;
 use rcgen::KeyPair;
@@ -54,6 +55,32 @@ impl NodeDir {
     pub fn manager_ids(&self) -> PathBuf {
         self.root.join(MANAGER_IDS)
     }
+    /// The operator's spec-signing public key, pinned at join.
+    pub fn spec_key(&self) -> PathBuf {
+        self.root.join(mesh_api::specs::PUBLIC_FILE)
+    }
+
+    /// Pins `key` before the node joins: from then on it runs only commands whose spec the
+    /// operator signed with it. Refused once the node has joined (no one changes it after).
+    pub fn pin_spec_key(&self, key: &PinnedKey) -> Result<(), IdentityError> {
+        if self.cert().exists() {
+            return Err(IdentityError::AlreadyJoined(self.root.clone(), self.cert()));
+        }
+        files::create_private_dir(&self.root)?;
+        files::write_atomic(&self.spec_key(), format!("{key}\n").as_bytes(), PUBLIC)?;
+        Ok(())
+    }
+
+    /// The pinned spec-signing key, if the node pinned one; a file that holds no key is an error
+    /// (never read as "none pinned").
+    fn pinned_spec_key(&self) -> Result<Option<PinnedKey>, IdentityError> {
+        let path = self.spec_key();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = files::read_string(&path)?;
+        text.parse().map(Some).map_err(|e| IdentityError::SpecKey(format!("{}: {e}", path.display())))
+    }
 
     /// The node's current identity. Completes a renewal a crash interrupted between writing the
     /// new certificate and moving its key into place.
@@ -76,7 +103,16 @@ impl NodeDir {
         let manager_ids = read_ids(&self.manager_ids())?;
         let info = CertInfo::from_pem(&cert_pem)?;
         let id = info.common_name.parse().map_err(|e| IdentityError::BadCertificate(format!("{e}")))?;
-        Ok(NodeIdentity { id, info, ca_pem, identity: Identity { cert_pem, key_pem }, managers, manager_ids })
+        let spec_key = self.pinned_spec_key()?;
+        Ok(NodeIdentity {
+            id,
+            info,
+            ca_pem,
+            identity: Identity { cert_pem, key_pem },
+            managers,
+            manager_ids,
+            spec_key,
+        })
     }
 
     /// Records the managers' addresses and node IDs, when they changed.
@@ -104,6 +140,9 @@ pub struct NodeIdentity {
     /// The managers' node IDs: only their certificates are accepted as control (none known in
     /// a state directory written before they were kept: any manager certificate of the CA).
     pub manager_ids: Vec<String>,
+    /// The operator's spec-signing key, when the node pinned one at join: it then runs only
+    /// commands whose spec that key signed.
+    pub spec_key: Option<PinnedKey>,
 }
 
 impl NodeIdentity {

@@ -303,6 +303,7 @@ mod tests {
             identity,
             managers: vec![],
             manager_ids: vec![],
+            spec_key: None,
         };
         let (publish, renewed) = watch::channel(Arc::new(node(node_certificate(&cluster, &id))));
         let served = Arc::new(NodeCertificate::new(&publish.borrow().identity).unwrap());

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use mesh_api::client::AdminClient;
 use mesh_api::proto::pb;
+use mesh_api::specs::{SigningKey, SpecDocument};
 
 use super::output::{Format, render};
 
@@ -214,10 +215,18 @@ impl RunArgs {
 }
 
 /// Runs `meshctl service ...` against the leader.
-pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()> {
+pub async fn run(
+    cmd: ServiceCmd,
+    client: &mut AdminClient,
+    signer: Option<&SigningKey>,
+) -> anyhow::Result<()> {
     match cmd {
         ServiceCmd::Create { name, networks, ports, replicas, constraints, command, run } => {
             let ports = ports.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            let run = run.into_wire();
+            // Signed as control will read it.
+            let command = command.filter(|c| !c.trim().is_empty());
+            let signed = signer.map(|key| sign(key, &name, &command, &run.clone().into(), &networks));
             let request = pb::CreateServiceRequest {
                 name,
                 networks,
@@ -225,10 +234,12 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                 replicas,
                 constraints,
                 command: command.unwrap_or_default(),
-                run: Some(run.into_wire()),
+                run: Some(run),
+                signed,
             };
             let s = client.create_service(request).await?;
-            println!("service {} created with {} endpoint(s)", s.name, s.endpoints.len());
+            let signed = if s.signed { ", its spec signed" } else { "" };
+            println!("service {} created with {} endpoint(s){signed}", s.name, s.endpoints.len());
             for (network, vip) in &s.vips {
                 println!("  {network}: virtual IP {vip}");
             }
@@ -329,7 +340,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
             let ports =
                 |list: &[String]| list.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>();
             let before = client.inspect_service(&name).await?;
-            let request = pb::UpdateServiceRequest {
+            let mut request = pb::UpdateServiceRequest {
                 name: name.clone(),
                 command,
                 env_add,
@@ -346,7 +357,21 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
                 secret_rm,
                 cpu_millis: limit_cpu,
                 memory_bytes: limit_memory,
+                signed: None,
             };
+            // What control will make of the definition, signed: when it changes, is restarted,
+            // or was not signed yet.
+            if let Some(key) = signer {
+                let change = mesh_api::model::DefinitionChange::from(&request);
+                let (command, run) =
+                    change.apply(&before.command, &before.run).map_err(anyhow::Error::msg)?;
+                if (command.as_ref(), &run) != (before.command.as_ref(), &before.run)
+                    || force
+                    || !before.signed
+                {
+                    request.signed = Some(sign(key, &name, &command, &run, &before.networks));
+                }
+            }
             let s = client.update_service(request).await?;
             // A new version, or a paused update resumed: followed; else nothing is rolled out.
             let rolling = |v: &mesh_api::proto::ServiceView| {
@@ -373,6 +398,21 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The operator's signature of service `name` running `command` as `run` on `networks`.
+fn sign(
+    key: &SigningKey,
+    name: &str,
+    command: &Option<String>,
+    run: &mesh_api::model::RunSpec,
+    networks: &[String],
+) -> pb::SignedSpec {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let document = SpecDocument::new(name, command.clone(), run.clone(), networks, now);
+    let signed = key.sign(&document);
+    pb::SignedSpec { document: signed.document, signature: signed.signature }
 }
 
 /// Shows a rolling update's progress (endpoints at the new version, of all) until it ends; an

@@ -160,7 +160,8 @@ impl Lab {
             .in_host(i, "meshd")
             .args(["join", "--control", &control, "--token", token, "--state-dir"])
             .arg(dir)
-            .args(["--hostname", &host]))?
+            .args(["--hostname", &host])
+            .args(&self.topology().join_args))?
         .trim()
         .to_owned();
         self.record.node_ids.insert(i, id.clone());

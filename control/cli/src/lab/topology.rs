@@ -49,6 +49,9 @@ pub struct Topology {
     /// Appended to every `mesh-control run` and `join` (e.g. `--key-rotation 6s`).
     #[serde(default)]
     pub manager_args: Vec<String>,
+    /// Appended to every `meshd join` (e.g. `--spec-key FILE`).
+    #[serde(default)]
+    pub join_args: Vec<String>,
     /// The lab's state directories, logs and record; made by the lab, removed with it.
     pub dir: PathBuf,
     pub bin: PathBuf,
@@ -75,6 +78,7 @@ impl Topology {
             managers: 1,
             meshd: MeshdOn::Every,
             manager_args: Vec::new(),
+            join_args: Vec::new(),
             dir: dir.into(),
             bin: bin.into(),
             persistent: false,

