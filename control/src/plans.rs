@@ -207,7 +207,7 @@ pub fn create_service(
     let command = spec.command.clone().filter(|c| !c.trim().is_empty());
     let definition = crate::state::Definition { command, run: spec.run.clone(), signed: None };
     if let Some(signed) = &spec.signed {
-        rollout::check_signed(signed, &spec.name, &definition, &spec.networks)?;
+        rollout::check_signed(state, signed, &spec.name, &definition, &spec.networks)?;
     }
     let service = Service {
         name: spec.name,

@@ -360,6 +360,17 @@ impl ClusterState {
     /// The invariants of one service against the rest of the state.
     fn check_service(&self, name: &str) -> Result<(), StateError> {
         let service = &self.services[name];
+        if let Some(e) = service
+            .endpoints
+            .values()
+            .find(|e| e.version != service.version && !service.earlier.contains_key(&e.version))
+        {
+            return Err(StateError::UnknownVersion {
+                service: service.name.clone(),
+                slot: e.slot,
+                version: e.version,
+            });
+        }
         if let Some(missing) = service.secrets().find(|s| !self.secrets.contains_key(*s)) {
             return Err(StateError::UnknownSecret(missing.clone()));
         }

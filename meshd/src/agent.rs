@@ -197,6 +197,7 @@ impl Dataplane {
                 sandbox: crate::sandbox::Host::new(&config.session.state_dir),
                 endpoints,
                 spec_key: node.spec_key,
+                cluster: node.info.organization.clone(),
             },
         )
         .await;

@@ -43,8 +43,10 @@ pub struct Reconciler {
     sandbox: Arc<Host>,
     /// What the workloads report of themselves.
     endpoints: Arc<Endpoints>,
-    /// The operator's spec-signing key, when the node pinned one: only what it signed runs.
+    /// The operator's spec-signing key, when the node pinned one: only what it signed for this
+    /// cluster runs.
     spec_key: Option<PinnedKey>,
+    cluster: String,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -56,8 +58,9 @@ pub struct Hosting {
     pub visibility: Visibility,
     pub sandbox: Arc<Host>,
     pub endpoints: Arc<Endpoints>,
-    /// The spec-signing key the node pinned at join.
+    /// The spec-signing key the node pinned at join, and the node's cluster.
     pub spec_key: Option<PinnedKey>,
+    pub cluster: String,
 }
 
 impl Reconciler {
@@ -70,7 +73,7 @@ impl Reconciler {
         certificates: Arc<WorkloadCertificates>,
         hosting: Hosting,
     ) -> Reconciler {
-        let Hosting { upstream, visibility, sandbox, endpoints, spec_key } = hosting;
+        let Hosting { upstream, visibility, sandbox, endpoints, spec_key, cluster } = hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = netns::delete(&ns).await;
@@ -85,6 +88,7 @@ impl Reconciler {
             sandbox,
             endpoints,
             spec_key,
+            cluster,
             workloads: Mutex::new(HashMap::new()),
         }
     }
@@ -129,7 +133,9 @@ impl Reconciler {
             // With a pinned key, nothing runs that the operator did not sign as sent (and what
             // ran before under this endpoint stops: its spec is no longer what is asked).
             let refused = match &self.spec_key {
-                Some(key) if endpoint.command.is_some() => specs::verify_endpoint(key, endpoint).err(),
+                Some(key) if endpoint.command.is_some() => {
+                    specs::verify_endpoint(key, &self.cluster, endpoint).err()
+                }
                 _ => None,
             };
             if let Some((state, why)) = refused {

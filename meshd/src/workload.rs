@@ -59,8 +59,9 @@ pub struct Workload {
     _secrets: Option<Secrets>,
     /// The report of an endpoint without a command (one with a command reports from its task).
     _ready: Option<Endpoint>,
-    /// Its user, held while it lives (dropped after the command's task, which kills it).
-    _uid: UidLease,
+    /// Its user, held while it lives (dropped after the command's task, which kills it; by
+    /// [`Workload::remove`], after its namespace is gone).
+    _uid: Option<UidLease>,
     /// The version it runs and that version's command, confinement and secrets (by name:
     /// a secret never changes under its name).
     definition: (u64, Option<String>, RunSpec),
@@ -132,7 +133,7 @@ impl Workload {
             _command: command,
             _secrets: secrets,
             _ready: ready,
-            _uid: uid,
+            _uid: Some(uid),
             definition,
         })
     }
@@ -158,8 +159,13 @@ impl Workload {
             // on drop; the rest of its PID namespace dies with it).
             let _ = command.await;
         }
+        // Its user goes back to the pool only once nothing of it can run any more: after the
+        // namespace (and its cgroup) are gone.
+        let uid = self._uid.take();
         let namespace = self.namespace.clone();
         drop(self);
-        netns::delete(&namespace).await
+        let deleted = netns::delete(&namespace).await;
+        drop(uid);
+        deleted
     }
 }

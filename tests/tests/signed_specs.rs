@@ -132,10 +132,80 @@ fn a_node_runs_only_what_the_operator_signed() {
     assert_eq!(rogue["state"], "unsigned");
     assert!(rogue["reason"].as_str().unwrap().contains("not signed"), "{rogue}");
 
-    // An update without the key (a changed environment the operator did not sign): the node
-    // stops the old workload rather than run the new one, and the update pauses; a rollback to
-    // the signed version (its signature kept with it) serves again.
-    let out = lab.meshctl_output(&["service", "update", "api", "--env", "V=evil", "--update-monitor", "1s"]);
+    // meshctl signs an update only on top of a version its key signed: never on what a
+    // manager says the service runs.
+    let out = lab.meshctl_output(&[
+        "--spec-key",
+        signing.to_str().unwrap(),
+        "service",
+        "update",
+        "rogue",
+        "--env",
+        "A=1",
+    ]);
+    assert!(!out.status.success(), "signed an update of an unsigned service");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not signed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Secrets: their bytes are signed, as the operator sent them; one this operator did not
+    // make (no digest recorded beside the key) is not signed.
+    let secret = keys.path().join("token");
+    std::fs::write(&secret, "s3cret").unwrap();
+    signed(&["secret", "create", "token", secret.to_str().unwrap()]);
+    lab.meshctl(&["secret", "create", "other", secret.to_str().unwrap()]);
+    signed(&[
+        "service",
+        "create",
+        "reader",
+        "--network",
+        "front",
+        "--constraint",
+        &on(3),
+        "--secret",
+        "token",
+        "--command",
+        "test \"$(cat /run/secrets/token)\" = s3cret && sleep 1000",
+    ]);
+    lab.wait("the signed reader of a secret to run", || state(&lab, "reader").0 == "running");
+    let out = lab.meshctl_output(&[
+        "--spec-key",
+        signing.to_str().unwrap(),
+        "service",
+        "create",
+        "other-reader",
+        "--network",
+        "front",
+        "--secret",
+        "other",
+        "--command",
+        "sleep 1000",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no digest recorded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An update without the key is refused for a signed service, unless --unsigned (what a
+    // manager could make on its own): the node stops the old workload rather than run the new
+    // one, and the update pauses; a rollback to the signed version (its signature kept with
+    // it) serves again.
+    let out = lab.meshctl_output(&["service", "update", "api", "--env", "V=evil"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--unsigned"));
+    let out = lab.meshctl_output(&[
+        "service",
+        "update",
+        "api",
+        "--env",
+        "V=evil",
+        "--unsigned",
+        "--update-monitor",
+        "1s",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("unsigned"), "{err}");
     assert_ne!(curl(&lab, &web).as_deref(), Some("evil"));

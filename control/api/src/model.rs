@@ -45,6 +45,7 @@ pub struct PortSpec {
 /// mount and PID namespaces, the host's files read-only, a private `/tmp` and `/run`, the node's
 /// state hidden): who it runs as, what it may write, what it may use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunSpec {
     /// `NAME`, `UID` or `UID:GID` as the node knows it; empty: a user of the workload's own.
     #[serde(default)]

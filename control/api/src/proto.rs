@@ -218,8 +218,10 @@ pub struct ServiceView {
     pub version: u64,
     pub previous: Option<u64>,
     pub rollout: Option<RolloutView>,
-    /// Whether the operator signed the current version's spec.
+    /// Whether the operator signed the current version's spec, and that signed spec.
     pub signed: bool,
+    #[serde(skip)]
+    pub spec: Option<crate::specs::SignedSpec>,
 }
 
 /// What one endpoint wrote, as `service logs` shows it.
@@ -329,6 +331,7 @@ impl TryFrom<pb::Service> for ServiceView {
             running: s.running,
             version: s.version,
             signed: s.signed,
+            spec: s.spec.map(|x| crate::specs::SignedSpec { document: x.document, signature: x.signature }),
             previous: s.previous,
             rollout: s.rollout.map(RolloutView::from),
             vips: s

@@ -3,13 +3,15 @@
 //! The operator makes an Ed25519 key pair with `meshctl spec-key create` and keeps the private
 //! half (no manager ever holds it); each node pins the public half when it joins (`meshd join
 //! --spec-key`), in its own state directory, where no manager can change it. `meshctl service
-//! create/update` signs a [`SpecDocument`] — the service's name, its command, how the command
-//! runs (environment, user, secrets, paths, limits) and its networks — and control stores and
-//! forwards the document and its signature untouched, one per version of the service's
-//! definition. A node that pins a key runs a command only when the signature verifies and the
-//! document says exactly what the slice asks for ([`verify_endpoint`]).
+//! create/update` signs a [`SpecDocument`] — the cluster, the service's name, its command, how
+//! the command runs (environment, user, paths, limits), the SHA-256 of each secret it reads and
+//! its networks — and control stores and forwards the document and its signature untouched, one
+//! per version of the service's definition. A node that pins a key runs a command only when the
+//! signature verifies and the document says exactly what the slice asks for, secrets' bytes
+//! included ([`verify_endpoint`]). meshctl builds an update on the current version's document
+//! only once it verified it with its own key: never on what a manager says the service is.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -53,29 +55,38 @@ pub enum SpecError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecDocument {
+    /// The cluster's ID: a document of another cluster (the same key may sign for several) is
+    /// refused.
+    pub cluster: String,
     pub service: String,
     pub command: Option<String>,
     pub run: RunSpec,
     /// Sorted, without duplicates.
     pub networks: Vec<String>,
+    /// Each secret `run` names -> the SHA-256 (hex) of its bytes.
+    pub secrets: BTreeMap<String, String>,
     /// Unix seconds, when it was signed.
     pub signed_at: i64,
 }
 
 impl SpecDocument {
     pub fn new(
+        cluster: &str,
         service: &str,
         command: Option<String>,
         run: RunSpec,
         networks: &[String],
+        secrets: BTreeMap<String, String>,
         signed_at: i64,
     ) -> SpecDocument {
         let networks: BTreeSet<String> = networks.iter().cloned().collect();
         SpecDocument {
+            cluster: cluster.to_owned(),
             service: service.to_owned(),
             command,
             run,
             networks: networks.into_iter().collect(),
+            secrets,
             signed_at,
         }
     }
@@ -102,6 +113,10 @@ impl SpecDocument {
         let signed: BTreeSet<String> = self.networks.iter().cloned().collect();
         if &signed != networks {
             return differ("its networks", format!("{signed:?}"), format!("{networks:?}"));
+        }
+        let named: BTreeSet<&String> = run.secrets.iter().collect();
+        if self.secrets.keys().collect::<BTreeSet<_>>() != named {
+            return differ("its secrets", format!("{:?}", self.secrets.keys()), format!("{named:?}"));
         }
         Ok(())
     }
@@ -154,7 +169,18 @@ impl SigningKey {
         Ok(public)
     }
 
+    /// The key in `path`, which only its owner may read.
     pub fn load(path: &Path) -> Result<SigningKey, SpecError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            std::fs::metadata(path).map_err(|e| FileError::new("reading", path, e))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(SpecError::BadPrivateKey(format!(
+                "{} (mode {:o}: others may read it; chmod 600 it, and make a new key if it may have been read)",
+                path.display(),
+                mode & 0o777
+            )));
+        }
         let text = files::read_string(path)?;
         let bad = || SpecError::BadPrivateKey(path.display().to_string());
         let encoded = text.trim().strip_prefix(PRIVATE_PREFIX).ok_or_else(bad)?;
@@ -216,27 +242,54 @@ impl PinnedKey {
     }
 }
 
-/// Whether a node pinning `key` may run `endpoint`'s command: signed by the key, and the document
-/// says exactly what the endpoint asks (its service, command, run spec and networks). The error
-/// is the state to report (`unsigned` or `bad-signature`) and why.
-pub fn verify_endpoint(key: &PinnedKey, endpoint: &LocalEndpoint) -> Result<(), (RunState, String)> {
+/// The SHA-256 of `data`, hex: how a document names a secret's bytes.
+pub fn digest(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a node of cluster `cluster` pinning `key` may run `endpoint`'s command: signed by the
+/// key for this cluster, and the document says exactly what the endpoint asks (its service,
+/// command, run spec, networks, and the bytes of each secret). The error is the state to report
+/// (`unsigned` or `bad-signature`) and why.
+pub fn verify_endpoint(
+    key: &PinnedKey,
+    cluster: &str,
+    endpoint: &LocalEndpoint,
+) -> Result<(), (RunState, String)> {
     let Some(signed) = &endpoint.signed else {
         return Err((
             RunState::Unsigned,
             "its spec is not signed; this node runs only specs signed by its pinned key".into(),
         ));
     };
-    let document = key.verify(signed).map_err(|e| (RunState::BadSignature, e.to_string()))?;
+    let bad = |e: SpecError| (RunState::BadSignature, e.to_string());
+    let document = key.verify(signed).map_err(bad)?;
+    if document.cluster != cluster {
+        let (signed, asked) = (document.cluster, cluster.to_owned());
+        return Err(bad(SpecError::Mismatch { field: "the cluster", signed, asked }));
+    }
     let networks: BTreeSet<String> = endpoint.addresses.keys().cloned().collect();
-    document
-        .matches(&endpoint.service, &endpoint.command, &endpoint.run, &networks)
-        .map_err(|e| (RunState::BadSignature, e.to_string()))
+    document.matches(&endpoint.service, &endpoint.command, &endpoint.run, &networks).map_err(bad)?;
+    for secret in &endpoint.secrets {
+        let sent = digest(&secret.data);
+        let signed = document.secrets.get(&secret.name);
+        if signed != Some(&sent) {
+            return Err(bad(SpecError::Mismatch {
+                field: "a secret's bytes",
+                signed: format!("{}: sha256 {}", secret.name, signed.map_or("-", |d| d.as_str())),
+                asked: format!("sha256 {sent}"),
+            }));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
+
+    use crate::slice::SecretFile;
 
     use super::*;
 
@@ -247,16 +300,19 @@ mod tests {
             addresses: BTreeMap::from([("front".to_owned(), Ipv4Addr::new(10, 1, 0, 2))]),
             version: 0,
             command: Some("serve".into()),
-            run: RunSpec { env: vec!["A=1".into()], ..RunSpec::default() },
-            secrets: vec![],
+            run: RunSpec { env: vec!["A=1".into()], secrets: vec!["db".into()], ..RunSpec::default() },
+            secrets: vec![SecretFile { name: "db".into(), data: b"hunter2".to_vec() }],
             signed,
         }
     }
 
     fn document() -> SpecDocument {
-        let run = RunSpec { env: vec!["A=1".into()], ..RunSpec::default() };
-        SpecDocument::new("api", Some("serve".into()), run, &["front".into()], 1)
+        let run = RunSpec { env: vec!["A=1".into()], secrets: vec!["db".into()], ..RunSpec::default() };
+        let secrets = BTreeMap::from([("db".to_owned(), digest(b"hunter2"))]);
+        SpecDocument::new(CLUSTER, "api", Some("serve".into()), run, &["front".into()], secrets, 1)
     }
+
+    const CLUSTER: &str = "c1";
 
     fn keys() -> (tempfile::TempDir, SigningKey, PinnedKey) {
         let dir = tempfile::tempdir().unwrap();
@@ -277,7 +333,7 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join(PRIVATE_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(SigningKey::create(dir.path()).is_err(), "an existing key is never replaced");
-        assert_eq!(verify_endpoint(&public, &endpoint(Some(key.sign(&document())))), Ok(()));
+        assert_eq!(verify_endpoint(&public, CLUSTER, &endpoint(Some(key.sign(&document())))), Ok(()));
     }
 
     /// What a compromised manager could send a node that pins the operator's key.
@@ -286,7 +342,7 @@ mod tests {
         let (_dir, key, public) = keys();
         let (_other_dir, other, _) = keys();
         let good = key.sign(&document());
-        let refused = |e: LocalEndpoint| verify_endpoint(&public, &e).unwrap_err();
+        let refused = |e: LocalEndpoint| verify_endpoint(&public, CLUSTER, &e).unwrap_err();
 
         // No signature at all.
         assert_eq!(refused(endpoint(None)).0, RunState::Unsigned);
@@ -333,9 +389,26 @@ mod tests {
             document: good.document.replacen('{', "{\"privileged\":true,", 1),
             signature: String::new(),
         };
-        let document = extra.document.clone();
-        let signature = STANDARD.encode(key.0.sign(&signed_bytes(&document)).as_ref());
-        assert!(refused(endpoint(Some(SignedSpec { document, signature }))).1.contains("cannot be read"));
+        let text = extra.document.clone();
+        let signature = STANDARD.encode(key.0.sign(&signed_bytes(&text)).as_ref());
+        assert!(
+            refused(endpoint(Some(SignedSpec { document: text, signature }))).1.contains("cannot be read")
+        );
+        // Another secret's bytes under the signed name, a secret the document does not name, or
+        // one it names left out.
+        let mut e = endpoint(Some(good.clone()));
+        e.secrets[0].data = b"swapped".to_vec();
+        assert!(refused(e).1.contains("a secret's bytes"));
+        let mut e = endpoint(Some(good.clone()));
+        e.run.secrets.push("ca-key".into());
+        e.secrets.push(SecretFile { name: "ca-key".into(), data: b"x".to_vec() });
+        assert!(refused(e).1.contains("how it runs"));
+        let mut e = endpoint(Some(good.clone()));
+        e.secrets.push(SecretFile { name: "ca-key".into(), data: b"x".to_vec() });
+        assert!(refused(e).1.contains("a secret's bytes"));
+        // A document of another cluster signed by the same key.
+        let elsewhere = key.sign(&SpecDocument { cluster: "c2".into(), ..document() });
+        assert!(refused(endpoint(Some(elsewhere))).1.contains("the cluster"));
         // Huge.
         let huge = SignedSpec { document: "x".repeat(MAX_DOCUMENT + 1), signature: good.signature.clone() };
         assert_eq!(refused(endpoint(Some(huge))).0, RunState::BadSignature);

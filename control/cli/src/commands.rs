@@ -7,3 +7,4 @@ pub mod output;
 pub mod policy;
 pub mod secret;
 pub mod service;
+pub mod signing;

@@ -24,8 +24,8 @@ struct Cli {
     #[arg(long, env = "MESHCTL_ADMIN", global = true)]
     admin: Option<PathBuf>,
     /// The operator's spec-signing key (`meshctl spec-key create`): `service create` and
-    /// `update` sign what they ask to run with it, for nodes that pinned its public key. By
-    /// default the admin bundle's `spec-signing.key`, when there is one.
+    /// `update` sign what they ask to run with it, for nodes that pinned its public key, and
+    /// `secret create` records the digest of each secret beside it (FILE.secrets).
     #[arg(long, env = "MESHCTL_SPEC_KEY", global = true, value_name = "FILE")]
     spec_key: Option<PathBuf>,
     #[command(subcommand)]
@@ -82,16 +82,17 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SpecKeyCmd {
-    /// Make a key pair in DIR (default: the admin bundle): spec-signing.key (0600, keep it with
-    /// the operator, never on a manager) and spec-signing.pub (what nodes pin).
+    /// Make a key pair in DIR: spec-signing.key (0600; keep it with the operator, never on a
+    /// manager, and not in an admin bundle that lives on one) and spec-signing.pub (what nodes
+    /// pin).
     Create {
         #[arg(long)]
-        dir: Option<PathBuf>,
+        dir: PathBuf,
     },
-    /// Print the public key (to pin with `meshd join --spec-key`).
+    /// Print the public key of the key pair in DIR (to pin with `meshd join --spec-key`).
     Show {
         #[arg(long)]
-        dir: Option<PathBuf>,
+        dir: PathBuf,
     },
 }
 
@@ -181,7 +182,7 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Lab(LabCmd::Status { dir }) => return lab::status(dir),
         Cmd::Lab(LabCmd::Down { dir }) => return lab::down(dir),
         Cmd::Unlock { state_dir } => return cluster::unlock(state_dir).await,
-        Cmd::SpecKey(cmd) => return spec_key(cmd, cli.admin.as_deref()),
+        Cmd::SpecKey(cmd) => return spec_key(cmd),
         Cmd::Policy(PolicyCmd::Test { file }) => return policy::policy_test(file),
         Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, file: Some(file) }) => {
             let (name, text) = policy::read_policy(file)?;
@@ -195,16 +196,11 @@ async fn run() -> anyhow::Result<()> {
     )?;
     let mut bundle = AdminBundle::load(&admin_dir)
         .with_context(|| format!("cannot read the admin bundle in {}", admin_dir.display()))?;
-    let signing = cli.spec_key.clone().or_else(|| {
-        let default = admin_dir.join(mesh_api::specs::PRIVATE_FILE);
-        default.exists().then_some(default)
-    });
-    let signer = signing
-        .map(|path| {
-            mesh_api::specs::SigningKey::load(&path)
-                .with_context(|| format!("cannot read the spec-signing key {}", path.display()))
-        })
-        .transpose()?;
+    let cluster = mesh_api::pki::CertInfo::from_pem(&bundle.identity.cert_pem)
+        .context("the admin certificate is unreadable")?
+        .organization;
+    let signer =
+        cli.spec_key.as_deref().map(|path| commands::signing::Signer::load(path, &cluster)).transpose()?;
     let mut client = AdminClient::connect(&bundle).await?;
     // A bundle that cannot be written (read-only) still works with the managers it names.
     let _ = bundle.remember_managers(&admin_dir, client.managers(), client.manager_ids());
@@ -212,7 +208,7 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Node(cmd) => node::run(cmd, &mut client).await,
         Cmd::Network(cmd) => network::run(cmd, &mut client).await,
         Cmd::Service(cmd) => service::run(cmd, &mut client, signer.as_ref()).await,
-        Cmd::Secret(cmd) => secret::run(cmd, &mut client).await,
+        Cmd::Secret(cmd) => secret::run(cmd, &mut client, signer.as_ref()).await,
         Cmd::Policy(cmd) => policy::run(cmd, &mut client).await,
         Cmd::Cluster(cmd) => cluster::run(cmd, &mut client).await,
         Cmd::JoinToken { role, rotate, quiet } => {
@@ -223,10 +219,8 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// `meshctl spec-key create|show`, in DIR or the admin bundle.
-fn spec_key(cmd: &SpecKeyCmd, admin: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn spec_key(cmd: &SpecKeyCmd) -> anyhow::Result<()> {
     let (SpecKeyCmd::Create { dir } | SpecKeyCmd::Show { dir }) = cmd;
-    let dir =
-        dir.as_deref().or(admin).context("no directory for the key: pass --dir DIR (or --admin DIR)")?;
     match cmd {
         SpecKeyCmd::Create { .. } => {
             let public = mesh_api::specs::SigningKey::create(dir)?;

@@ -89,6 +89,10 @@ fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
     });
     pb::Service {
         signed: s.signed.is_some(),
+        spec: s
+            .signed
+            .as_ref()
+            .map(|x| pb::SignedSpec { document: x.document.clone(), signature: x.signature.clone() }),
         version: s.version,
         previous: s.previous,
         rollout,
@@ -715,6 +719,7 @@ impl pb::admin_server::Admin for AdminApi {
             port_rm: req.port_rm.iter().map(port).collect::<Result<_, _>>()?,
             force: req.force,
             signed: req.signed.map(signed_spec),
+            unsigned: req.unsigned,
             options: update_options(req.options)?,
         };
         let at = now();

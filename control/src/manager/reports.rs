@@ -16,7 +16,8 @@ pub struct Reports(Mutex<HashMap<NodeId, Vec<EndpointState>>>);
 
 impl Reports {
     /// Keeps `reported` as what `node` runs now, less whatever the state does not place on it:
-    /// a node speaks for its own endpoints only.
+    /// a node speaks for its own endpoints only. `since` is this manager's clock (when it first
+    /// heard of the state), not the node's: a node's clock skew moves no rolling update.
     pub fn put(&self, state: &ClusterState, node: &NodeId, mut reported: Vec<EndpointState>) {
         reported.retain(|r| {
             state
@@ -25,7 +26,18 @@ impl Reports {
                 .and_then(|s| s.endpoints.get(&r.slot))
                 .is_some_and(|e| &e.node == node)
         });
-        self.0.lock().expect("lock").insert(node.clone(), reported);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut reports = self.0.lock().expect("lock");
+        let held = reports.get(node);
+        for r in &mut reported {
+            let same = |h: &&EndpointState| {
+                h.service == r.service
+                    && h.slot == r.slot
+                    && (h.state, h.restarts, h.version) == (r.state, r.restarts, r.version)
+            };
+            r.since = held.and_then(|h| h.iter().find(same)).map_or(now, |h| h.since);
+        }
+        reports.insert(node.clone(), reported);
     }
 
     /// What `node` last reported of endpoint `service`.`slot`.

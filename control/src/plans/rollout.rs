@@ -40,6 +40,9 @@ impl Default for UpdateOptions {
 
 /// Longest wait between batches, and longest an endpoint is watched.
 pub const MAX_UPDATE_SECS: u64 = 24 * 3600;
+/// How long an endpoint handed a version may take to report it (its node may be unreachable, or
+/// run a meshd that reports no versions): longer fails the update.
+pub const REPORT_WITHIN_SECS: i64 = 60;
 
 impl UpdateOptions {
     fn check(&self) -> Result<(), PlanError> {
@@ -66,6 +69,8 @@ pub struct ServiceUpdate {
     pub force: bool,
     /// The operator's signature of the new definition (it must say what the update makes).
     pub signed: Option<SignedSpec>,
+    /// Whether a change of a signed service's definition may go unsigned.
+    pub unsigned: bool,
     pub options: UpdateOptions,
 }
 
@@ -77,17 +82,29 @@ fn changed(definition: &Definition, update: &ServiceUpdate) -> Result<Definition
 }
 
 /// Whether `signed` (read, not verified: control holds no key) says what `definition` of
-/// service `name` on `networks` is; nodes verify the signature itself.
+/// service `name` on `networks` is, in this cluster, with these secrets; nodes verify the
+/// signature itself.
 pub(super) fn check_signed(
+    state: &ClusterState,
     signed: &SignedSpec,
     name: &str,
     definition: &Definition,
     networks: &[String],
 ) -> Result<(), PlanError> {
+    let wrong = |e: String| PlanError::Run(format!("the signed spec is not what the service would run: {e}"));
     let document = signed.read().map_err(|e| PlanError::Run(e.to_string()))?;
+    if document.cluster != state.cluster_id.as_str() {
+        return Err(wrong(format!("it is for cluster {}, not {}", document.cluster, state.cluster_id)));
+    }
     document
         .matches(name, &definition.command, &definition.run, &networks.iter().cloned().collect())
-        .map_err(|e| PlanError::Run(format!("the signed spec is not what the service would run: {e}")))
+        .map_err(|e| wrong(e.to_string()))?;
+    for (secret, digest) in &document.secrets {
+        if state.secrets.get(secret).is_some_and(|s| &s.digest != digest) {
+            return Err(wrong(format!("secret `{secret}` holds other bytes than those signed")));
+        }
+    }
+    Ok(())
 }
 
 /// Ports and constraints with `update`'s changes.
@@ -200,8 +217,13 @@ pub fn update_service(
     let differs = (&definition.command, &definition.run) != (&current.command, &current.run);
     match &update.signed {
         Some(signed) => {
-            check_signed(signed, name, &definition, &service.networks)?;
+            check_signed(state, signed, name, &definition, &service.networks)?;
             definition.signed = Some(signed.clone());
+        }
+        None if differs && current.signed.is_some() && !update.unsigned => {
+            return Err(PlanError::Run(format!(
+                "service `{name}`'s spec is signed: sign the change (meshctl --spec-key FILE), or pass --unsigned (nodes that pin the operator's key will not run it)"
+            )));
         }
         // What the operator signed is not what runs any more.
         None if differs => definition.signed = None,
@@ -213,8 +235,11 @@ pub fn update_service(
     } else if let Some(r) = service.rollout.as_mut()
         && matches!(r.state, RolloutState::Paused(_))
     {
+        // Restarts from before count no more.
         r.state = RolloutState::Updating;
         r.next_at = Some(now);
+        r.started_at = now;
+        r.batch_at = now;
     }
     let mut service = place(state, service, live, true)?;
     advance(&mut service, &|e| report(&e.node, name, e.slot), now);
@@ -276,6 +301,14 @@ fn advance(service: &mut Service, report: &dyn Fn(&Endpoint) -> Option<EndpointS
     let mut waiting = false;
     for e in service.endpoints.values().filter(|e| e.version == version) {
         let Some(r) = report(e).filter(|r| r.version == version) else {
+            if now - rollout.batch_at > REPORT_WITHIN_SECS {
+                let message = format!(
+                    "{}.{} on node {} did not report running version {version} within {REPORT_WITHIN_SECS} s",
+                    service.name, e.slot, e.node
+                );
+                fail(service, &rollout, report, message, now);
+                return true;
+            }
             waiting = true;
             continue;
         };
@@ -289,13 +322,7 @@ fn advance(service: &mut Service, report: &dyn Fn(&Endpoint) -> Option<EndpointS
         {
             let why = r.last_exit.unwrap_or_else(|| r.state.name().to_owned());
             let message = format!("{}.{} on node {} {}: {why}", service.name, e.slot, e.node, r.state.name());
-            match rollout.on_failure {
-                OnFailure::Rollback if rollback(service, options_of(&rollout), now).is_ok() => {
-                    service.rollout.as_mut().expect("a rollout").failure = Some(message);
-                    advance(service, report, now);
-                }
-                _ => set_state(service, RolloutState::Paused(message)),
-            }
+            fail(service, &rollout, report, message, now);
             return true;
         }
         if !(r.state.up() && now - r.since >= rollout.monitor_secs as i64) {
@@ -331,6 +358,23 @@ fn advance(service: &mut Service, report: &dyn Fn(&Endpoint) -> Option<EndpointS
     r.next_at = None;
     service.prune();
     true
+}
+
+/// The update failed: it pauses, or rolls back, as it was asked.
+fn fail(
+    service: &mut Service,
+    rollout: &Rollout,
+    report: &dyn Fn(&Endpoint) -> Option<EndpointState>,
+    message: String,
+    now: i64,
+) {
+    match rollout.on_failure {
+        OnFailure::Rollback if rollback(service, options_of(rollout), now).is_ok() => {
+            service.rollout.as_mut().expect("a rollout").failure = Some(message);
+            advance(service, report, now);
+        }
+        _ => set_state(service, RolloutState::Paused(message)),
+    }
 }
 
 fn options_of(r: &Rollout) -> UpdateOptions {
@@ -443,8 +487,13 @@ mod tests {
         let mut s = service(2);
         begin(&mut s, UpdateOptions { monitor_secs: 0, ..UpdateOptions::default() }, 100);
         let stale = |e: &Endpoint| Nodes::up(0).report(&Endpoint { version: 0, ..e.clone() });
-        assert!(!advance(&mut s, &stale, 200));
+        assert!(!advance(&mut s, &stale, 150));
         assert_eq!(versions(&s), [1, 0]);
+        // Nothing of the new version for a minute (an unreachable node, an old meshd): failed.
+        assert!(advance(&mut s, &stale, 161));
+        assert!(
+            matches!(&s.rollout.unwrap().state, RolloutState::Paused(why) if why.contains("did not report"))
+        );
     }
 
     #[test]

@@ -64,4 +64,6 @@ pub enum StateError {
     SecretInUse { name: String, services: String },
     #[error("service `{service}` has two endpoints on node {node}")]
     TwoEndpointsOnNode { service: String, node: NodeId },
+    #[error("endpoint {service}.{slot} runs version {version}, which the service does not keep")]
+    UnknownVersion { service: String, slot: u32, version: u64 },
 }

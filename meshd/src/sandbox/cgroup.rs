@@ -27,6 +27,18 @@ fn unified() -> bool {
 /// directories the workload joins. Fails when a limit is asked and cannot be set.
 pub fn create(ns: &str, sandbox: &RunSpec) -> io::Result<Vec<PathBuf>> {
     remove(ns);
+    // A cgroup that outlived its removal still holds tasks of the workload before (stuck in the
+    // kernel, say): a new workload never shares it.
+    let mut dirs = vec![Path::new(ROOT).join(PARENT).join(ns)];
+    dirs.extend(["pids", "memory", "cpu"].map(|c| Path::new(ROOT).join(c).join(PARENT).join(ns)));
+    for dir in dirs {
+        if fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()) {
+            return Err(io::Error::other(format!(
+                "{} still holds processes of the workload before; not reusing it",
+                dir.display()
+            )));
+        }
+    }
     let memory = sandbox.memory_bytes;
     let cpu = sandbox.cpu_millis.map(|m| u64::from(m) * CPU_PERIOD / 1000);
     if unified() {

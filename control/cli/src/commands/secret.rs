@@ -31,7 +31,11 @@ pub enum SecretCmd {
 }
 
 /// Runs `meshctl secret ...` against the leader.
-pub async fn run(cmd: SecretCmd, client: &mut AdminClient) -> anyhow::Result<()> {
+pub async fn run(
+    cmd: SecretCmd,
+    client: &mut AdminClient,
+    signer: Option<&super::signing::Signer>,
+) -> anyhow::Result<()> {
     match cmd {
         SecretCmd::Create { name, file } => {
             let mut data = Vec::new();
@@ -47,7 +51,17 @@ pub async fn run(cmd: SecretCmd, client: &mut AdminClient) -> anyhow::Result<()>
                     .with_context(|| format!("reading the secret from {file}"))?;
             }
             anyhow::ensure!(data.len() <= MAX_SECRET_BYTES, "a secret is at most {MAX_SECRET_BYTES} bytes");
+            let digest = mesh_api::specs::digest(&data);
             let s = client.create_secret(&name, data).await?;
+            anyhow::ensure!(
+                s.digest == digest,
+                "control reports sha256 {} for the secret sent as {digest}",
+                s.digest
+            );
+            if let Some(signer) = signer {
+                // What specs that read it will sign: the bytes sent, not control's word.
+                signer.record_secret(&name, &digest)?;
+            }
             println!("secret {} created ({} bytes, sha256 {})", s.name, s.size, s.digest);
         }
         SecretCmd::Ls { format } => {

@@ -1,10 +1,10 @@
 //! `meshctl service`: services and their endpoints.
 
+use super::signing::Signer;
 use anyhow::Context;
 use clap::Subcommand;
 use mesh_api::client::AdminClient;
 use mesh_api::proto::pb;
-use mesh_api::specs::{SigningKey, SpecDocument};
 
 use super::output::{Format, render};
 
@@ -132,6 +132,10 @@ pub struct UpdateArgs {
     /// A new version even if nothing of it changed: every endpoint restarted, in batches.
     #[arg(long)]
     force: bool,
+    /// Change a signed service's command or run spec without signing it (refused otherwise):
+    /// nodes that pin the operator's key will not run it.
+    #[arg(long)]
+    unsigned: bool,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
@@ -215,18 +219,17 @@ impl RunArgs {
 }
 
 /// Runs `meshctl service ...` against the leader.
-pub async fn run(
-    cmd: ServiceCmd,
-    client: &mut AdminClient,
-    signer: Option<&SigningKey>,
-) -> anyhow::Result<()> {
+pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Signer>) -> anyhow::Result<()> {
     match cmd {
         ServiceCmd::Create { name, networks, ports, replicas, constraints, command, run } => {
             let ports = ports.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let run = run.into_wire();
             // Signed as control will read it.
             let command = command.filter(|c| !c.trim().is_empty());
-            let signed = signer.map(|key| sign(key, &name, &command, &run.clone().into(), &networks));
+            let no_secrets = Default::default();
+            let signed = signer
+                .map(|s| s.sign(&name, &command, &run.clone().into(), &networks, &no_secrets))
+                .transpose()?;
             let request = pb::CreateServiceRequest {
                 name,
                 networks,
@@ -335,6 +338,7 @@ pub async fn run(
                 port_add,
                 port_rm,
                 force,
+                unsigned,
                 rollout,
             } = *change;
             let ports =
@@ -358,18 +362,19 @@ pub async fn run(
                 cpu_millis: limit_cpu,
                 memory_bytes: limit_memory,
                 signed: None,
+                unsigned,
             };
-            // What control will make of the definition, signed: when it changes, is restarted,
-            // or was not signed yet.
-            if let Some(key) = signer {
+            // The change applied to the current version as this key signed it (never to what a
+            // manager says it is), signed when it changes or is restarted.
+            if let Some(signer) = signer {
                 let change = mesh_api::model::DefinitionChange::from(&request);
-                let (command, run) =
-                    change.apply(&before.command, &before.run).map_err(anyhow::Error::msg)?;
-                if (command.as_ref(), &run) != (before.command.as_ref(), &before.run)
-                    || force
-                    || !before.signed
-                {
-                    request.signed = Some(sign(key, &name, &command, &run, &before.networks));
+                let changes = change != mesh_api::model::DefinitionChange::default();
+                if changes || force {
+                    let base = signer.verified(&name, before.spec.as_ref())?;
+                    let (command, run) =
+                        change.apply(&base.command, &base.run).map_err(anyhow::Error::msg)?;
+                    request.signed =
+                        Some(signer.sign(&name, &command, &run, &base.networks, &base.secrets)?);
                 }
             }
             let s = client.update_service(request).await?;
@@ -398,21 +403,6 @@ pub async fn run(
         }
     }
     Ok(())
-}
-
-/// The operator's signature of service `name` running `command` as `run` on `networks`.
-fn sign(
-    key: &SigningKey,
-    name: &str,
-    command: &Option<String>,
-    run: &mesh_api::model::RunSpec,
-    networks: &[String],
-) -> pb::SignedSpec {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let document = SpecDocument::new(name, command.clone(), run.clone(), networks, now);
-    let signed = key.sign(&document);
-    pb::SignedSpec { document: signed.document, signature: signed.signature }
 }
 
 /// Shows a rolling update's progress (endpoints at the new version, of all) until it ends; an
