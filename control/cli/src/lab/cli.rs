@@ -211,16 +211,20 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         });
         check(&format!("{} is up and its name resolves in its workload", svc.name), up);
     }
-    for c in &spec.checks {
-        let got = workload(&lab, &c.from).ok().map(|ns| {
+    // The answer to check `c`: the first requests may race the workloads' start, so a few tries
+    // for an expected answer.
+    let answer = |c: &CheckSpec| {
+        workload(&lab, &c.from).ok().map(|ns| {
             let mut last = 0;
-            // The first requests may race the workloads' start: a few tries for an expected answer.
             wait(Duration::from_secs(if c.expect == 0 { 1 } else { 10 }), || {
                 last = http(&lab, &ns, c);
                 last == c.expect
             });
             last
-        });
+        })
+    };
+    for c in &spec.checks {
+        let got = answer(c);
         let shown = match got {
             Some(0) => "no answer".to_owned(),
             Some(code) => code.to_string(),
@@ -240,6 +244,20 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         let rotated = lab.meshctl(&["network", "rotate-key", network]);
         let lossless = rotated.is_ok() && lossless(pinger)?;
         check(&format!("a key rotation of `{network}` under traffic loses nothing (300 pings)"), lossless);
+    }
+    // A rolling update: every endpoint of the first service with a command restarted in turn,
+    // and every check passes again after it.
+    if let Some(svc) = spec.services.iter().find(|s| s.command.is_some()) {
+        let out = lab.meshctl(&["service", "update", &svc.name, "--force", "--update-monitor", "1s"]);
+        let rolled = out.as_ref().is_ok_and(|o| o.contains("every endpoint runs version"));
+        let passing = spec.checks.iter().all(|c| answer(c) == Some(c.expect));
+        check(
+            &format!(
+                "a rolling update of `{}` (each endpoint restarted in turn) completes, and every check passes after it",
+                svc.name
+            ),
+            rolled && passing,
+        );
     }
     if managers > 1 {
         match failover(&mut lab, pair.as_ref()) {
