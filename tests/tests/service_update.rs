@@ -116,6 +116,13 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
     assert_eq!(endpoints.iter().map(|e| e.1).collect::<Vec<_>>(), [2, 1], "{endpoints:?}");
     assert_eq!(inspect(&lab)["rollout"]["state"], "paused");
     assert!(answers(&lab, &web).contains("two"), "the endpoint not updated still serves");
+    // meshctl check names both problems, each with its fix.
+    let out = lab.meshctl_output(&["check"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "meshctl check passed with a paused update: {report}");
+    assert!(report.contains("service api: the update to version 2 paused"), "{report}");
+    assert!(report.contains("meshctl service rollback api"), "{report}");
+    assert!(report.contains("endpoint api.1") && report.contains("exit 3"), "{report}");
     // Asked again with nothing changed, the paused update resumes, and pauses again at once.
     let err = failing(&lab, &["service", "update", "api", "--update-monitor", "1s"]);
     assert!(err.contains("paused") && err.contains("exit 3"), "{err}");
@@ -173,4 +180,12 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
         assert!(err.contains(why), "{args:?}: {err}");
     }
     assert_eq!(inspect(&lab)["version"].as_u64(), Some(1), "a refused update changes nothing");
+
+    // All well again: meshctl check says so. A rule for a port api does not declare is named.
+    let out = lab.meshctl(&["check"]);
+    assert!(out.starts_with("ok: "), "{out}");
+    lab.apply_policy(&POLICY.replace("ports = [80]", "ports = [80, 8080]"));
+    let out = lab.meshctl_output(&["check"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && report.contains("names port 8080 of api"), "{report}");
 }

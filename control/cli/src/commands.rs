@@ -1,5 +1,6 @@
 //! meshctl's commands, one module each; [`output`] is how they print.
 
+pub mod check;
 pub mod cluster;
 pub mod network;
 pub mod node;

@@ -67,6 +67,11 @@ enum Cmd {
     /// --spec-key`) run only the commands it signed, whatever a manager sends them.
     #[command(subcommand)]
     SpecKey(SpecKeyCmd),
+    /// What is wrong with the cluster, each problem with the command that fixes it: managers
+    /// and quorum, nodes down, certificates close to expiry, endpoints not running, updates
+    /// paused, key rotations overdue, policy rules that never match. Exit status 1 when
+    /// something is wrong.
+    Check,
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -211,6 +216,7 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Secret(cmd) => secret::run(cmd, &mut client, signer.as_ref()).await,
         Cmd::Policy(cmd) => policy::run(cmd, &mut client).await,
         Cmd::Cluster(cmd) => cluster::run(cmd, &mut client).await,
+        Cmd::Check => commands::check::run(&mut client).await,
         Cmd::JoinToken { role, rotate, quiet } => {
             cluster::join_token(&mut client, &bundle, &role, rotate, quiet).await
         }
