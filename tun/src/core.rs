@@ -2,7 +2,7 @@
 //! datagram from the underlay (open it, check it, deliver it), as pure functions of the tables
 //! and the bytes. No sockets, no devices.
 
-use std::collections::HashMap;
+use crate::Map as HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

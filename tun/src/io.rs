@@ -29,7 +29,7 @@ mod receive;
 mod send;
 mod udp;
 
-use std::collections::HashMap;
+use crate::Map as HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 

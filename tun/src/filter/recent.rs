@@ -3,7 +3,7 @@
 //! doubly linked list kept in a `Vec`), so a workload opening flows as fast as it can costs the
 //! one task that receives for every workload of the node a constant per flow, never a scan.
 
-use std::collections::HashMap;
+use crate::Map as HashMap;
 use std::hash::Hash;
 
 /// No slot: the end of the list.
@@ -30,7 +30,7 @@ impl<K: Copy + Eq + Hash, V> Recent<K, V> {
     pub fn new(capacity: usize) -> Recent<K, V> {
         Recent {
             capacity: capacity.max(1),
-            index: HashMap::new(),
+            index: HashMap::default(),
             slots: Vec::new(),
             oldest: NIL,
             newest: NIL,

@@ -1,6 +1,6 @@
 //! Underlay -> workloads, one task per node.
 
-use std::collections::HashMap;
+use crate::Map as HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,7 +34,7 @@ fn packet_buffer(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
     let mut b = spare.pop().unwrap_or_default();
     b.clear();
     b.reserve(COALESCED);
-    b.resize(TUN_HEADROOM, 0);
+    b.extend_from_slice(&[0; TUN_HEADROOM]);
     b
 }
 
@@ -69,7 +69,8 @@ impl<V: Admission> Receiver<V> {
         let mut held_tables = tables.load_full();
         let mut gro = tun_rs::GROTable::default();
         // Inner packets waiting for each device, in reusable buffers.
-        let mut pending: HashMap<(u32, Ipv4Addr), Vec<Vec<u8>>> = HashMap::new();
+        // Kept from batch to batch (emptied, not dropped): no allocation per batch.
+        let mut pending: HashMap<(u32, Ipv4Addr), Vec<Vec<u8>>> = HashMap::default();
         let mut spare: Vec<Vec<u8>> = Vec::new();
         loop {
             let received = socket
@@ -125,16 +126,17 @@ impl<V: Admission> Receiver<V> {
                     }
                 }
             }
-            if pending.is_empty() {
-                continue;
-            }
-            for (key, mut packets) in pending.drain() {
-                if let Some(to) = devs.get(&key)
-                    && let Err(e) = to.device.send_multiple(&mut gro, &mut packets, TUN_HEADROOM).await
+            for (key, packets) in pending.iter_mut().filter(|(_, p)| !p.is_empty()) {
+                if let Some(to) = devs.get(key)
+                    && let Err(e) = to.device.send_multiple(&mut gro, packets, TUN_HEADROOM).await
                 {
                     debug!(error = %e, "writing to a workload failed");
                 }
-                spare.append(&mut packets);
+                spare.append(packets);
+            }
+            // Devices come and go: the entries of those gone leave now and then.
+            if pending.len() > devs.len() + 16 {
+                pending.retain(|key, _| devs.contains_key(key));
             }
         }
     }
