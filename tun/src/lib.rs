@@ -42,7 +42,6 @@
 //! of either side, well before the 2^32-packet guidance for random-free GCM nonces would matter.)
 #![forbid(unsafe_code)]
 
-
 /// The data plane's hash maps: keyed per packet (addresses, flows, peers), hashed with aHash,
 /// randomly keyed per map (as std's SipHash is: no chosen collisions) and several times faster
 /// on the small keys these are.
