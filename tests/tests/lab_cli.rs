@@ -42,8 +42,9 @@ fn lab_up_exec_status_down() {
     }
     let _down = Down(down);
     assert!(up.status.success(), "lab up failed:\n{text}");
-    assert!(text.contains("checks: 10 passed, 0 failed"), "{text}");
+    assert!(text.contains("checks: 11 passed, 0 failed"), "{text}");
     assert!(text.contains("a key rotation of `front` under traffic loses nothing"), "{text}");
+    assert!(text.contains("ok    a rolling update of `api`"), "{text}");
     // Three hosts: three managers, and the leader's loss is survived.
     assert!(text.contains("3 managers, meshlab-h"), "{text}");
     assert!(text.contains("ok    the leading manager (meshlab-h"), "{text}");
