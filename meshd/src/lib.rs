@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod dns;
 pub mod endpoints;

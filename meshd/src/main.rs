@@ -61,6 +61,13 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_METRICS, value_parser = metrics_http::parse_addr)]
         metrics: MetricsAddr,
     },
+    /// Check this host's prerequisites for `meshd run` (root, tun, nftables, network
+    /// namespaces, cgroups, a joined state directory with a valid certificate, a manager
+    /// reachable), each failed one with its fix; exit status 1 when one fails.
+    Check {
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Show what the running agent holds: networks, key epochs (never key bytes), endpoints, peers.
     Status {
         #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
@@ -125,6 +132,7 @@ async fn run() {
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }
+        Cmd::Check { state_dir } => meshd::check::run(&state_dir).await,
         Cmd::Status { state_dir, json } => {
             status::query(&state_dir).await.map_err(anyhow::Error::msg).map(|s| {
                 if json {

@@ -181,6 +181,25 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
     }
     assert_eq!(inspect(&lab)["version"].as_u64(), Some(1), "a refused update changes nothing");
 
+    // meshd check on a host of the lab: every prerequisite holds; with its managers' addresses
+    // wrong, or no node joined, it says what is missing.
+    let node_dir = lab.node_dir(2);
+    let ok = lab.in_host(2, "meshd").args(["check", "--state-dir"]).arg(&node_dir).output().unwrap();
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success() && said.contains("ok    a manager reachable (TCP)"), "{said}");
+    let copy = lab.work.path().join("h2-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["ca.crt", "node.crt", "node.key", "control"] {
+        std::fs::copy(node_dir.join(f), copy.join(f)).unwrap();
+    }
+    std::fs::write(copy.join("control"), "127.0.0.1:1\n").unwrap();
+    let unreachable = lab.in_host(2, "meshd").args(["check", "--state-dir"]).arg(&copy).output().unwrap();
+    let said = String::from_utf8_lossy(&unreachable.stdout);
+    assert!(!unreachable.status.success() && said.contains("FAIL  a manager reachable"), "{said}");
+    let empty = lab.work.path().join("not-joined");
+    let missing = lab.in_host(2, "meshd").args(["check", "--state-dir"]).arg(&empty).output().unwrap();
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("run `meshd join` first"));
+
     // All well again: meshctl check says so. A rule for a port api does not declare is named.
     let out = lab.meshctl(&["check"]);
     assert!(out.starts_with("ok: "), "{out}");
