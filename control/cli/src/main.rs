@@ -72,6 +72,17 @@ enum Cmd {
     /// paused, key rotations overdue, policy rules that never match. Exit status 1 when
     /// something is wrong.
     Check,
+    /// Print the shell completion script for bash, zsh or fish, e.g.
+    /// `meshctl completion bash > /etc/bash_completion.d/meshctl`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (meshctl.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Show (or rotate) the join token for workers or managers.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -188,6 +199,19 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Lab(LabCmd::Down { dir }) => return lab::down(dir),
         Cmd::Unlock { state_dir } => return cluster::unlock(state_dir).await,
         Cmd::SpecKey(cmd) => return spec_key(cmd),
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "meshctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
+            return Ok(());
+        }
         Cmd::Policy(PolicyCmd::Test { file }) => return policy::policy_test(file),
         Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, file: Some(file) }) => {
             let (name, text) = policy::read_policy(file)?;
@@ -220,7 +244,9 @@ async fn run() -> anyhow::Result<()> {
         Cmd::JoinToken { role, rotate, quiet } => {
             cluster::join_token(&mut client, &bundle, &role, rotate, quiet).await
         }
-        Cmd::Unlock { .. } | Cmd::Lab(_) | Cmd::SpecKey(_) => unreachable!("these return above"),
+        Cmd::Unlock { .. } | Cmd::Lab(_) | Cmd::SpecKey(_) | Cmd::Completion { .. } | Cmd::Man { .. } => {
+            unreachable!("these return above")
+        }
     }
 }
 
