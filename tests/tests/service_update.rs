@@ -200,6 +200,15 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
     let missing = lab.in_host(2, "meshd").args(["check", "--state-dir"]).arg(&empty).output().unwrap();
     assert!(String::from_utf8_lossy(&missing.stdout).contains("run `meshd join` first"));
 
+    // meshctl version: its own and the leader's.
+    let out = lab.meshctl(&["version"]);
+    let v = env!("CARGO_PKG_VERSION");
+    assert!(
+        out.contains(&format!("meshctl       {v}"))
+            && out.contains(&format!("mesh-control  {v} (the leader")),
+        "{out}"
+    );
+
     // All well again: meshctl check says so. A rule for a port api does not declare is named.
     let out = lab.meshctl(&["check"]);
     assert!(out.starts_with("ok: "), "{out}");

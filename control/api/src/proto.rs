@@ -405,6 +405,8 @@ pub struct ClusterView {
     #[serde(with = "humantime_serde")]
     pub down_after: std::time::Duration,
     pub managers: Vec<String>,
+    /// The leader's version (empty from a leader older than this field).
+    pub version: String,
 }
 
 /// Durations as humans write them ("12h"), as the command line takes them.
@@ -428,6 +430,7 @@ impl TryFrom<pb::ClusterInfo> for ClusterView {
             workload_cert_expiry: secs(c.workload_cert_expiry_secs, "workload_cert_expiry_secs")?,
             down_after: secs(c.down_after_secs, "down_after_secs")?,
             managers: c.managers,
+            version: c.version,
         })
     }
 }

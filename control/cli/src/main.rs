@@ -72,6 +72,8 @@ enum Cmd {
     /// paused, key rotations overdue, policy rules that never match. Exit status 1 when
     /// something is wrong.
     Check,
+    /// This meshctl's version and the leading manager's.
+    Version,
     /// Print the shell completion script for bash, zsh or fish, e.g.
     /// `meshctl completion bash > /etc/bash_completion.d/meshctl`.
     Completion {
@@ -241,6 +243,14 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Policy(cmd) => policy::run(cmd, &mut client).await,
         Cmd::Cluster(cmd) => cluster::run(cmd, &mut client).await,
         Cmd::Check => commands::check::run(&mut client).await,
+        Cmd::Version => {
+            let leader = client.inspect_cluster().await?;
+            println!("meshctl       {}", env!("CARGO_PKG_VERSION"));
+            let version =
+                if leader.version.is_empty() { "unknown (it does not say)" } else { &leader.version };
+            println!("mesh-control  {version} (the leader, cluster {})", leader.id);
+            Ok(())
+        }
         Cmd::JoinToken { role, rotate, quiet } => {
             cluster::join_token(&mut client, &bundle, &role, rotate, quiet).await
         }

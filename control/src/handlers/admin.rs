@@ -577,6 +577,7 @@ impl pb::admin_server::Admin for AdminApi {
             workload_cert_expiry_secs: settings.workload_cert_lifetime.as_secs(),
             down_after_secs: settings.down_after.as_secs(),
             managers: self.0.manager_addresses(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
     }
 

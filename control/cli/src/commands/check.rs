@@ -310,6 +310,7 @@ mod tests {
             workload_cert_expiry: Duration::from_secs(3600),
             down_after: Duration::from_secs(15),
             managers: vec![],
+            version: String::new(),
         };
         let services = vec![(service("api", &["80/tcp", "443/http"]), vec![]), (service("web", &[]), vec![])];
         let policy = policy.map(|text| ::policy::Policy::parse("p.toml", text).unwrap());
