@@ -75,14 +75,23 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     let dataplane = if config.dataplane {
         let boot = overlay::next_boot(&dir).map_err(|e| AgentError::Dataplane(e.to_string()))?;
         config.session.boot = boot;
-        let dp = Dataplane::start(&config, &node, node_certificate, boot, endpoints.clone()).await.map_err(
-            |e| {
+        let holder = status.clone();
+        let ready: mesh_api::metrics_http::Readiness = Arc::new(move || {
+            let s = holder.lock().expect("lock");
+            if s.connected {
+                Ok(())
+            } else {
+                Err(format!("no session with control ({})", s.last_error.as_deref().unwrap_or("connecting")))
+            }
+        });
+        let dp = Dataplane::start(&config, &node, node_certificate, boot, endpoints.clone(), ready)
+            .await
+            .map_err(|e| {
                 AgentError::Dataplane(format!(
                     "cannot start the data plane on {}: {e}",
                     config.session.underlay
                 ))
-            },
-        )?;
+            })?;
         let mut s = status.lock().expect("lock");
         s.counters = Some(dp.counters.clone());
         s.certificates = Some(dp.certificates.clone());
@@ -157,6 +166,7 @@ impl Dataplane {
         node_certificate: watch::Receiver<Arc<NodeIdentity>>,
         boot: u16,
         endpoints: Arc<crate::endpoints::Endpoints>,
+        ready: mesh_api::metrics_http::Readiness,
     ) -> std::io::Result<Dataplane> {
         let listen = overlay::listen_address(config.session.underlay);
         let cluster = node.info.organization.parse().map_err(std::io::Error::other)?;
@@ -183,7 +193,11 @@ impl Dataplane {
         ];
         if let Some(listener) = metrics_listener {
             let registry = metrics.clone();
-            tasks.push(spawn(mesh_api::metrics_http::serve(listener, Arc::new(move || registry.encode()))));
+            tasks.push(spawn(mesh_api::metrics_http::serve(
+                listener,
+                Arc::new(move || registry.encode()),
+                ready,
+            )));
         }
         let certificates = Arc::new(WorkloadCertificates::new(&config.session.state_dir, metrics));
         let reconciler = Reconciler::start(

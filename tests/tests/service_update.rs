@@ -200,6 +200,16 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
     let missing = lab.in_host(2, "meshd").args(["check", "--state-dir"]).arg(&empty).output().unwrap();
     assert!(String::from_utf8_lossy(&missing.stdout).contains("run `meshd join` first"));
 
+    // Readiness next to the metrics: meshd holds its session, the manager knows its leader.
+    for (host, port) in [(2, 9480), (1, 9481)] {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let out = lab
+            .exec(&lab.host(host), &["curl", "-sS", "-m", "3", "-w", " %{http_code}", &url])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n 200", "h{host}:{port}");
+    }
+
     // meshctl version: its own and the leader's.
     let out = lab.meshctl(&["version"]);
     let v = env!("CARGO_PKG_VERSION");

@@ -326,7 +326,15 @@ async fn serve(
     };
     if let Some(listener) = metrics {
         let m = manager.clone();
-        tokio::spawn(metrics_http::serve(listener, std::sync::Arc::new(move || m.metrics_text())));
+        let r = manager.clone();
+        let ready: metrics_http::Readiness = std::sync::Arc::new(move || {
+            let l = r.store().leadership();
+            match l.leader {
+                Some(_) => Ok(()),
+                None => Err("no leader known: the managers have no majority".into()),
+            }
+        });
+        tokio::spawn(metrics_http::serve(listener, std::sync::Arc::new(move || m.metrics_text()), ready));
     }
     let shutdown = async {
         stop().await;
