@@ -120,16 +120,6 @@ impl Reconciler {
                 }
             }
             addresses.sort();
-            let spec = Spec {
-                service: endpoint.service.clone(),
-                slot: endpoint.slot,
-                version: endpoint.version,
-                command: endpoint.command.clone(),
-                run: endpoint.run.clone(),
-                secrets: endpoint.secrets.clone(),
-                addresses: addresses.clone(),
-                networks: endpoint.addresses.keys().cloned().collect(),
-            };
             // With a pinned key, nothing runs that the operator did not sign as sent (and what
             // ran before under this endpoint stops: its spec is no longer what is asked).
             let refused = match &self.spec_key {
@@ -144,23 +134,33 @@ impl Reconciler {
                 {
                     warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
                 }
-                warn!(namespace = %ns, version = spec.version, reason = %why, "not running the workload: {}", state.name());
-                self.endpoints.cannot_run(&spec.service, spec.slot, spec.version, state, why);
+                warn!(namespace = %ns, version = endpoint.version, reason = %why, "not running the workload: {}", state.name());
+                self.endpoints.cannot_run(&endpoint.service, endpoint.slot, endpoint.version, state, why);
                 continue;
             }
             if let Some(existing) = workloads.get(&ns) {
-                if existing.runs(&spec) {
+                if existing.runs(endpoint, &addresses) {
                     continue;
                 }
                 // Rebuilt on its new addresses or definition (a rolling update): the old one
                 // stops first, and starting the new one replaces the namespace.
-                info!(namespace = %ns, version = spec.version, "workload changed: rebuilding it");
+                info!(namespace = %ns, version = endpoint.version, "workload changed: rebuilding it");
                 if let Some(old) = workloads.remove(&ns)
                     && let Err(e) = old.remove().await
                 {
                     warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
                 }
             }
+            let spec = Spec {
+                service: endpoint.service.clone(),
+                slot: endpoint.slot,
+                version: endpoint.version,
+                command: endpoint.command.clone(),
+                run: endpoint.run.clone(),
+                secrets: endpoint.secrets.clone(),
+                addresses: addresses.clone(),
+                networks: endpoint.addresses.keys().cloned().collect(),
+            };
             let certificate = self.certificates.watch(&endpoint.service, endpoint.slot);
             match Workload::start(
                 &ns,

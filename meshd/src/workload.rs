@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh_api::model::{RunSpec, RunState};
-use mesh_api::slice::SecretFile;
+use mesh_api::slice::{LocalEndpoint, SecretFile};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::task::AbortOnDropHandle;
 use tun::io::Interface;
@@ -138,11 +138,12 @@ impl Workload {
         })
     }
 
-    /// Whether it is what `spec` asks for already: the same addresses, version and definition.
-    pub fn runs(&self, spec: &Spec) -> bool {
-        let addresses: Vec<(u32, Ipv4Addr)> = spec.addresses.iter().map(|(id, a, _)| (*id, *a)).collect();
-        self.addresses() == addresses
-            && self.definition == (spec.version, spec.command.clone(), spec.run.clone())
+    /// Whether it is what `endpoint` asks for already, on `addresses` (as a [`Spec`] holds them):
+    /// the same addresses, version and definition.
+    pub fn runs(&self, endpoint: &LocalEndpoint, addresses: &[(u32, Ipv4Addr, u8)]) -> bool {
+        let (version, command, run) = &self.definition;
+        self.interfaces.iter().map(Interface::key).eq(addresses.iter().map(|(id, a, _)| (*id, *a)))
+            && (*version, command, run) == (endpoint.version, &endpoint.command, &endpoint.run)
     }
 
     /// (network ID, address) of each of its interfaces, in order.

@@ -60,6 +60,22 @@ pub fn readable() -> [String; 4] {
     ["--readable".into(), bin_dir().display().to_string(), "--readable".into(), scripts]
 }
 
+/// A workload command serving `$V` (its environment) at `/` on port 80, from its own /tmp.
+pub const SERVE_V: &str = r#"printf %s "$V" > /tmp/index.html && cd /tmp && exec python3 -m http.server 80"#;
+
+/// A policy letting `web` GET from `api` on port 80; everything else is denied.
+pub const WEB_READS_API: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "web-reads-api"
+action = "allow"
+from = ["web"]
+to = ["api"]
+ports = [80]
+methods = ["GET"]
+"#;
+
 /// The lab's helper scripts.
 pub fn script(name: &str) -> String {
     format!("{}/lab/{name}", env!("CARGO_MANIFEST_DIR"))

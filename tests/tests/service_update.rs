@@ -6,22 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use mesh_tests::lab::Lab;
-
-const POLICY: &str = r#"
-default = "deny"
-
-[[rule]]
-name = "web-reads-api"
-action = "allow"
-from = ["web"]
-to = ["api"]
-ports = [80]
-methods = ["GET"]
-"#;
-
-/// Serves `$V` at `/` on port 80 from the workload's own /tmp.
-const SERVE: &str = r#"printf %s "$V" > /tmp/index.html && cd /tmp && exec python3 -m http.server 80"#;
+use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API};
 
 /// What `api` answers `web`, over a few requests (each its own connection, spread over the
 /// endpoints); failed requests are left out.
@@ -80,11 +65,11 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
         "--replicas",
         "2",
         "--command",
-        SERVE,
+        SERVE_V,
         "--env",
         "V=one",
     ]);
-    lab.apply_policy(POLICY);
+    lab.apply_policy(WEB_READS_API);
     let web = lab.workload(2, "web", 1);
     lab.wait("both endpoints of api to serve version 0", || {
         answers(&lab, &web) == BTreeSet::from(["one".to_owned()])
@@ -222,7 +207,7 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
     // All well again: meshctl check says so. A rule for a port api does not declare is named.
     let out = lab.meshctl(&["check"]);
     assert!(out.starts_with("ok: "), "{out}");
-    lab.apply_policy(&POLICY.replace("ports = [80]", "ports = [80, 8080]"));
+    lab.apply_policy(&WEB_READS_API.replace("ports = [80]", "ports = [80, 8080]"));
     let out = lab.meshctl_output(&["check"]);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success() && report.contains("names port 8080 of api"), "{report}");

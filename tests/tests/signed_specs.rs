@@ -7,21 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use mesh_tests::lab::{Lab, bin_dir};
-
-const POLICY: &str = r#"
-default = "deny"
-
-[[rule]]
-name = "web-reads-api"
-action = "allow"
-from = ["web"]
-to = ["api"]
-ports = [80]
-methods = ["GET"]
-"#;
-
-const SERVE: &str = r#"printf %s "$V" > /tmp/index.html && cd /tmp && exec python3 -m http.server 80"#;
+use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API, bin_dir};
 
 /// `meshctl spec-key create --dir DIR`: the public key it printed.
 fn spec_key(dir: &Path) -> String {
@@ -78,12 +64,12 @@ fn a_node_runs_only_what_the_operator_signed() {
         "--constraint",
         &on(3),
         "--command",
-        SERVE,
+        SERVE_V,
         "--env",
         "V=signed",
     ]);
     assert!(out.contains("its spec signed"), "{out}");
-    lab.apply_policy(POLICY);
+    lab.apply_policy(WEB_READS_API);
     let web = lab.workload(2, "web", 1);
     lab.wait("the signed service to serve", || {
         curl(&lab, &web).as_deref() == Some("signed") && state(&lab, "api").0 == "running"
