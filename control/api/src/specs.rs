@@ -394,6 +394,14 @@ mod tests {
         assert!(
             refused(endpoint(Some(SignedSpec { document: text, signature }))).1.contains("cannot be read")
         );
+        // The same field twice (a parser that kept the last would run the second), signed.
+        let twice =
+            good.document.replacen("\"command\":\"serve\"", "\"command\":\"serve\",\"command\":\"sh\"", 1);
+        assert_ne!(twice, good.document);
+        let signature = STANDARD.encode(key.0.sign(&signed_bytes(&twice)).as_ref());
+        assert!(
+            refused(endpoint(Some(SignedSpec { document: twice, signature }))).1.contains("cannot be read")
+        );
         // Another secret's bytes under the signed name, a secret the document does not name, or
         // one it names left out.
         let mut e = endpoint(Some(good.clone()));
