@@ -200,6 +200,8 @@ impl Dataplane {
             )));
         }
         let certificates = Arc::new(WorkloadCertificates::new(&config.session.state_dir, metrics));
+        let seen = identity::NodeDir::new(&config.session.state_dir).spec_seen();
+        let spec_seen = mesh_api::specs::Seen::open(&seen).map_err(std::io::Error::other)?;
         let reconciler = Reconciler::start(
             &config.netns_prefix,
             overlay,
@@ -211,6 +213,7 @@ impl Dataplane {
                 sandbox: crate::sandbox::Host::new(&config.session.state_dir),
                 endpoints,
                 spec_key: node.spec_key,
+                spec_seen,
                 cluster: node.info.organization.clone(),
             },
         )

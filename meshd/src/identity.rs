@@ -11,6 +11,8 @@
 //! DIR/node.crt   this node's certificate (CN = node ID, OU = role, O = cluster ID)
 //! DIR/node.key   its private key, never sent anywhere (0600)
 //! DIR/control    the managers' control addresses, one per line (kept current from the session)
+//! DIR/spec-signing.pub  the operator's spec-signing key, pinned at join (if given)
+//! DIR/spec-seen.json    per service, the newest signed spec admitted (what bounds replays)
 //! ```
 //!
 //! Workload certificates and their keys live in memory only.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use mesh_api::model::RunState;
 use mesh_api::slice::{LocalEndpoint, NodeSlice};
-use mesh_api::specs::{self, PinnedKey};
+use mesh_api::specs::{self, PinnedKey, Seen, SpecDocument};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -46,6 +46,8 @@ pub struct Reconciler {
     /// The operator's spec-signing key, when the node pinned one: only what it signed for this
     /// cluster runs.
     spec_key: Option<PinnedKey>,
+    /// What bounds replays of what the key signed.
+    spec_seen: std::sync::Mutex<Seen>,
     cluster: String,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
@@ -58,8 +60,10 @@ pub struct Hosting {
     pub visibility: Visibility,
     pub sandbox: Arc<Host>,
     pub endpoints: Arc<Endpoints>,
-    /// The spec-signing key the node pinned at join, and the node's cluster.
+    /// The spec-signing key the node pinned at join, the newest spec of each service it
+    /// admitted, and the node's cluster.
     pub spec_key: Option<PinnedKey>,
+    pub spec_seen: Seen,
     pub cluster: String,
 }
 
@@ -73,7 +77,7 @@ impl Reconciler {
         certificates: Arc<WorkloadCertificates>,
         hosting: Hosting,
     ) -> Reconciler {
-        let Hosting { upstream, visibility, sandbox, endpoints, spec_key, cluster } = hosting;
+        let Hosting { upstream, visibility, sandbox, endpoints, spec_key, spec_seen, cluster } = hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = netns::delete(&ns).await;
@@ -88,6 +92,7 @@ impl Reconciler {
             sandbox,
             endpoints,
             spec_key,
+            spec_seen: std::sync::Mutex::new(spec_seen),
             cluster,
             workloads: Mutex::new(HashMap::new()),
         }
@@ -121,23 +126,21 @@ impl Reconciler {
             }
             addresses.sort();
             // With a pinned key, nothing runs that the operator did not sign as sent (and what
-            // ran before under this endpoint stops: its spec is no longer what is asked).
-            let refused = match &self.spec_key {
+            // ran before under this endpoint stops: its spec is no longer what is asked), and
+            // nothing starts that a later signed spec of the service replaced.
+            let verified = match &self.spec_key {
                 Some(key) if endpoint.command.is_some() => {
-                    specs::verify_endpoint(key, &self.cluster, endpoint).err()
+                    specs::verify_endpoint(key, &self.cluster, endpoint).map(Some)
                 }
-                _ => None,
+                _ => Ok(None),
             };
-            if let Some((state, why)) = refused {
-                if let Some(old) = workloads.remove(&ns)
-                    && let Err(e) = old.remove().await
-                {
-                    warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+            let document = match verified {
+                Ok(document) => document,
+                Err((state, why)) => {
+                    self.refuse(&mut workloads, &ns, endpoint, state, why).await;
+                    continue;
                 }
-                warn!(namespace = %ns, version = endpoint.version, reason = %why, "not running the workload: {}", state.name());
-                self.endpoints.cannot_run(&endpoint.service, endpoint.slot, endpoint.version, state, why);
-                continue;
-            }
+            };
             if let Some(existing) = workloads.get(&ns) {
                 if existing.runs(endpoint, &addresses) {
                     continue;
@@ -150,6 +153,10 @@ impl Reconciler {
                 {
                     warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
                 }
+            }
+            if let Some(Err((state, why))) = document.as_ref().map(|d| self.admit(d)) {
+                self.refuse(&mut workloads, &ns, endpoint, state, why).await;
+                continue;
             }
             let spec = Spec {
                 service: endpoint.service.clone(),
@@ -200,6 +207,35 @@ impl Reconciler {
             w.zone.store(Arc::new(Zone::visible_to(slice, &w.networks, visible.as_ref())));
         }
         self.apply_mesh(slice, &mut workloads).await;
+    }
+
+    /// Whether a workload may start from `document` (verified): no older than the newest spec of
+    /// its service admitted here, or the one that rolls back to.
+    fn admit(&self, document: &SpecDocument) -> Result<(), (RunState, String)> {
+        let mut seen = self.spec_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.admit(document).map_err(|e| match e {
+            specs::SpecError::Replayed { .. } => (RunState::Replayed, e.to_string()),
+            specs::SpecError::File(_) => (RunState::Failed, format!("cannot record the spec as seen: {e}")),
+            _ => (RunState::BadSignature, e.to_string()),
+        })
+    }
+
+    /// Does not run `endpoint` (its workload, if one ran, stops) and reports why.
+    async fn refuse(
+        &self,
+        workloads: &mut HashMap<String, Workload>,
+        ns: &str,
+        endpoint: &LocalEndpoint,
+        state: RunState,
+        why: String,
+    ) {
+        if let Some(old) = workloads.remove(ns)
+            && let Err(e) = old.remove().await
+        {
+            warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
+        }
+        warn!(namespace = %ns, version = endpoint.version, reason = %why, "not running the workload: {}", state.name());
+        self.endpoints.cannot_run(&endpoint.service, endpoint.slot, endpoint.version, state, why);
     }
 
     /// The mesh's view of `slice`, then each workload's interception: every (virtual IP, TCP

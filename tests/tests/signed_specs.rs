@@ -7,7 +7,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API, bin_dir};
+use mesh_api::client::{AdminClient, ClientError};
+use mesh_api::proto::{ServiceView, pb};
+use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API, bin_dir, in_namespace};
 
 /// `meshctl spec-key create --dir DIR`: the public key it printed.
 fn spec_key(dir: &Path) -> String {
@@ -31,6 +33,42 @@ fn state(lab: &Lab, service: &str) -> (String, String) {
     )
 }
 
+/// A request to the admin API made by hand, from the admin host: what an admin without the
+/// spec-signing key (or a manager) can send, such as a document the operator signed earlier.
+fn admin<T: Send>(
+    lab: &Lab,
+    call: impl AsyncFnOnce(&mut AdminClient) -> Result<T, ClientError> + Send,
+) -> Result<T, ClientError> {
+    let bundle = mesh_api::bundle::AdminBundle::load(&lab.admin_dir()).expect("the admin bundle");
+    in_namespace(&lab.host(lab.admin_host()), || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mut client = AdminClient::connect(&bundle).await?;
+            call(&mut client).await
+        })
+    })
+}
+
+fn inspect(lab: &Lab, name: &str) -> ServiceView {
+    admin(lab, async |c| c.inspect_service(name).await).unwrap()
+}
+
+/// Replays `spec` as service `name`'s definition, with environment `env` (what it signed).
+fn replay(
+    lab: &Lab,
+    name: &str,
+    spec: &mesh_api::specs::SignedSpec,
+    env: &str,
+) -> Result<ServiceView, ClientError> {
+    let request = pb::UpdateServiceRequest {
+        name: name.into(),
+        env_add: vec![env.into()],
+        signed: Some(pb::SignedSpec { document: spec.document.clone(), signature: spec.signature.clone() }),
+        options: Some(pb::UpdateOptions { monitor_secs: 1, ..Default::default() }),
+        ..Default::default()
+    };
+    admin(lab, async move |c| c.update_service(request).await)
+}
+
 fn curl(lab: &Lab, ns: &str) -> Option<String> {
     let out = lab.exec(ns, &["curl", "-sS", "-f", "-m", "3", "http://api/"]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -45,7 +83,7 @@ fn a_node_runs_only_what_the_operator_signed() {
     spec_key(&other);
     assert!(public.starts_with("MESHSPEC-ED25519-1 "), "{public}");
     let pinned = operator.join("spec-signing.pub");
-    let lab = Lab::start_joining(3, 1, &[], &["--spec-key", pinned.to_str().unwrap()]);
+    let mut lab = Lab::start_joining(3, 1, &[], &["--spec-key", pinned.to_str().unwrap()]);
     let signing = operator.join("spec-signing.key");
     let signed = |args: &[&str]| lab.meshctl(&[&["--spec-key", signing.to_str().unwrap()], args].concat());
     let on = |i: usize| format!("node.id=={}", lab.node_id(i));
@@ -76,6 +114,7 @@ fn a_node_runs_only_what_the_operator_signed() {
     });
     let s: serde_json::Value = serde_json::from_str(&lab.meshctl(&["service", "inspect", "api"])).unwrap();
     assert_eq!(s["signed"], true);
+    let first = inspect(&lab, "api").spec.expect("the signed spec");
 
     // Made without the key (all a manager could do), or signed by a key the nodes did not pin:
     // never started, and the node says why — in service ps and in meshd status.
@@ -203,6 +242,44 @@ fn a_node_runs_only_what_the_operator_signed() {
     let out = signed(&["service", "update", "api", "--env", "V=two", "--update-monitor", "1s"]);
     assert!(out.contains("every endpoint runs version"), "{out}");
     lab.wait("the signed update to serve", || curl(&lab, &web).as_deref() == Some("two"));
+
+    // Replays: the first signed version sent again, with its genuine signature, by hand. Control
+    // refuses it while the current version says it is replaced; once a rollback returns to a
+    // version that still allows it, control lets it through, and the node, which saw the newer
+    // one, refuses it — also after a restart.
+    signed(&["service", "update", "api", "--env", "V=three", "--update-monitor", "1s"]);
+    lab.wait("the third signed version to serve", || curl(&lab, &web).as_deref() == Some("three"));
+    let refused = replay(&lab, "api", &first, "V=signed").unwrap_err().to_string();
+    assert!(refused.contains("replay"), "{refused}");
+    let out = lab.meshctl(&["service", "rollback", "api", "--update-monitor", "1s"]);
+    assert!(out.contains("every endpoint runs version"), "{out}");
+    lab.wait("the rollback to serve", || curl(&lab, &web).as_deref() == Some("two"));
+    replay(&lab, "api", &first, "V=signed").expect("control takes what the current version allows");
+    lab.wait("the replay to be refused", || state(&lab, "api").0 == "replayed");
+    assert!(state(&lab, "api").1.contains("a replay"), "{:?}", state(&lab, "api"));
+    assert_ne!(curl(&lab, &web).as_deref(), Some("signed"));
+    lab.stop_meshd(3);
+    lab.start_meshd(3);
+    lab.wait("the replay to be refused after a restart", || {
+        let status = lab.meshd_status(3).unwrap_or_default();
+        let endpoints = status["endpoints"].as_array().cloned().unwrap_or_default();
+        endpoints.iter().any(|e| e["service"] == "api" && e["state"] == "replayed")
+    });
+    assert_ne!(curl(&lab, &web).as_deref(), Some("signed"));
+    // The operator's next signed update starts again.
+    let key = signing.to_str().unwrap();
+    lab.meshctl(&[
+        "--spec-key",
+        key,
+        "service",
+        "update",
+        "api",
+        "--env",
+        "V=four",
+        "--update-monitor",
+        "1s",
+    ]);
+    lab.wait("a new signed version to serve", || curl(&lab, &web).as_deref() == Some("four"));
 
     // The pinned key is the node's own: joining again over it, or a key file that is not one,
     // is refused.

@@ -268,6 +268,9 @@ pub enum RunState {
     /// Its node pins the operator's spec-signing key and the signature does not verify, or
     /// the signed spec says something else than the slice.
     BadSignature,
+    /// Its node pins the operator's key and the signed spec is older than the oldest a later
+    /// spec of the service, seen by the node, allows.
+    Replayed,
 }
 
 impl RunState {
@@ -280,6 +283,7 @@ impl RunState {
             RunState::Ready => "ready",
             RunState::Unsigned => "unsigned",
             RunState::BadSignature => "bad-signature",
+            RunState::Replayed => "replayed",
         }
     }
 
@@ -292,6 +296,7 @@ impl RunState {
             RunState::Ready,
             RunState::Unsigned,
             RunState::BadSignature,
+            RunState::Replayed,
         ]
         .into_iter()
         .find(|s| s.name() == text)

@@ -49,6 +49,10 @@ pub enum SpecError {
     BadDocument(String),
     #[error("the signed document says {field} is {signed}, the slice asks for {asked}")]
     Mismatch { field: &'static str, signed: String, asked: String },
+    #[error(
+        "a replay: this spec of `{service}` (signed at {signed_at} ms) was replaced by one signed at {newest} ms that this node saw, which does not roll back to it"
+    )]
+    Replayed { service: String, signed_at: i64, newest: i64 },
 }
 
 /// What the operator signs: what defines a service's workload.
@@ -65,8 +69,12 @@ pub struct SpecDocument {
     pub networks: Vec<String>,
     /// Each secret `run` names -> the SHA-256 (hex) of its bytes.
     pub secrets: BTreeMap<String, String>,
-    /// Unix seconds, when it was signed.
+    /// Unix milliseconds, when it was signed: the order of a service's documents.
     pub signed_at: i64,
+    /// The `signed_at` of the one older document of this service that may still start on a
+    /// node that has seen this one: the version an update's rollback returns to. Every other
+    /// older document is refused there.
+    pub rollback_to: Option<i64>,
 }
 
 impl SpecDocument {
@@ -88,7 +96,19 @@ impl SpecDocument {
             networks: networks.into_iter().collect(),
             secrets,
             signed_at,
+            rollback_to: None,
         }
+    }
+
+    /// The same document, updating the one signed at `base`: a rollback may return to it.
+    pub fn rolling_back_to(self, base: i64) -> SpecDocument {
+        SpecDocument { rollback_to: Some(base), ..self }
+    }
+
+    /// Whether a node that has seen this document still starts `older`'s: it is no older, or
+    /// it is the one this document's rollback returns to.
+    pub fn allows(&self, older: &SpecDocument) -> bool {
+        older.signed_at >= self.signed_at || self.rollback_to == Some(older.signed_at)
     }
 
     /// Whether it says what `service`, `command`, `run` and `networks` say; the error names the
@@ -242,6 +262,71 @@ impl PinnedKey {
     }
 }
 
+/// What bounds replays on a node: per service, the newest document it admitted (its signing
+/// time and the one older document it allows); only documents no older than it, or the one it
+/// allows, start a workload. Kept in the node's state directory, so that a restart forgets
+/// nothing.
+#[derive(Debug)]
+pub struct Seen {
+    path: std::path::PathBuf,
+    newest: BTreeMap<String, Newest>,
+}
+
+/// The newest document of a service that a node admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Newest {
+    pub signed_at: i64,
+    pub rollback_to: Option<i64>,
+}
+
+impl Seen {
+    /// What `path` records (nothing when it does not exist); a file that cannot be read is an
+    /// error, never taken for "nothing seen".
+    pub fn open(path: &Path) -> Result<Seen, SpecError> {
+        let newest = match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| SpecError::BadDocument(format!("{}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(FileError::new("reading", path, e).into()),
+        };
+        Ok(Seen { path: path.to_owned(), newest })
+    }
+
+    /// The newest document of `service` admitted here.
+    pub fn newest(&self, service: &str) -> Option<Newest> {
+        self.newest.get(service).copied()
+    }
+
+    /// Whether a workload may start from `document` (verified): no older than the newest of its
+    /// service admitted here, or the one that allows. A newer one becomes the newest, written
+    /// down before this returns.
+    pub fn admit(&mut self, document: &SpecDocument) -> Result<(), SpecError> {
+        if document.rollback_to.is_some_and(|t| t >= document.signed_at) {
+            return Err(SpecError::BadDocument("it rolls back to a document no older than itself".into()));
+        }
+        let newest = self.newest(&document.service);
+        if let Some(n) = newest
+            && document.signed_at < n.signed_at
+        {
+            if n.rollback_to == Some(document.signed_at) {
+                return Ok(());
+            }
+            let service = document.service.clone();
+            return Err(SpecError::Replayed { service, signed_at: document.signed_at, newest: n.signed_at });
+        }
+        let admitted = Newest { signed_at: document.signed_at, rollback_to: document.rollback_to };
+        if newest != Some(admitted) {
+            let mut all = self.newest.clone();
+            all.insert(document.service.clone(), admitted);
+            let text = serde_json::to_string(&all).expect("records serialize");
+            files::write_atomic(&self.path, text.as_bytes(), files::PUBLIC)?;
+            self.newest = all;
+        }
+        Ok(())
+    }
+}
+
 /// The SHA-256 of `data`, hex: how a document names a secret's bytes.
 pub fn digest(data: &[u8]) -> String {
     use sha2::Digest;
@@ -250,13 +335,13 @@ pub fn digest(data: &[u8]) -> String {
 
 /// Whether a node of cluster `cluster` pinning `key` may run `endpoint`'s command: signed by the
 /// key for this cluster, and the document says exactly what the endpoint asks (its service,
-/// command, run spec, networks, and the bytes of each secret). The error is the state to report
-/// (`unsigned` or `bad-signature`) and why.
+/// command, run spec, networks, and the bytes of each secret). The document, or the state to
+/// report (`unsigned` or `bad-signature`) and why. Whether it is a replay is [`Seen::admit`]'s.
 pub fn verify_endpoint(
     key: &PinnedKey,
     cluster: &str,
     endpoint: &LocalEndpoint,
-) -> Result<(), (RunState, String)> {
+) -> Result<SpecDocument, (RunState, String)> {
     let Some(signed) = &endpoint.signed else {
         return Err((
             RunState::Unsigned,
@@ -282,7 +367,7 @@ pub fn verify_endpoint(
             }));
         }
     }
-    Ok(())
+    Ok(document)
 }
 
 #[cfg(test)]
@@ -333,7 +418,8 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join(PRIVATE_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(SigningKey::create(dir.path()).is_err(), "an existing key is never replaced");
-        assert_eq!(verify_endpoint(&public, CLUSTER, &endpoint(Some(key.sign(&document())))), Ok(()));
+        let verified = verify_endpoint(&public, CLUSTER, &endpoint(Some(key.sign(&document()))));
+        assert_eq!(verified, Ok(document()));
     }
 
     /// What a compromised manager could send a node that pins the operator's key.
@@ -420,6 +506,64 @@ mod tests {
         // Huge.
         let huge = SignedSpec { document: "x".repeat(MAX_DOCUMENT + 1), signature: good.signature.clone() };
         assert_eq!(refused(endpoint(Some(huge))).0, RunState::BadSignature);
+    }
+
+    /// A compromised manager sending, with a genuine signature, a version the operator replaced.
+    #[test]
+    fn a_replayed_older_spec_is_refused_and_a_restart_forgets_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spec-seen.json");
+        let at = |signed_at: i64| SpecDocument { signed_at, ..document() };
+        // v1 updates v0; v2 updates v1; v3 updates v1 again (v2 was rolled back).
+        let (v0, v1, v2, v3) = (
+            at(100),
+            at(200).rolling_back_to(100),
+            at(300).rolling_back_to(200),
+            at(400).rolling_back_to(200),
+        );
+        let mut seen = Seen::open(&path).unwrap();
+        assert_eq!(seen.newest("api"), None);
+        seen.admit(&v0).unwrap();
+        seen.admit(&v1).unwrap();
+        seen.admit(&v0).unwrap();
+        assert_eq!(
+            seen.newest("api"),
+            Some(Newest { signed_at: 200, rollback_to: Some(100) }),
+            "v1 rolls back to v0"
+        );
+        seen.admit(&v2).unwrap();
+        // v0 is older than v2 and not what v2 rolls back to: refused, now and after a restart.
+        assert!(matches!(seen.admit(&v0), Err(SpecError::Replayed { signed_at: 100, newest: 300, .. })));
+        let mut reopened = Seen::open(&path).unwrap();
+        assert!(matches!(reopened.admit(&v0), Err(SpecError::Replayed { .. })));
+        // The version a rollback returns to still starts, and admitting it changes nothing.
+        reopened.admit(&v1).unwrap();
+        assert_eq!(reopened.newest("api").unwrap().signed_at, 300);
+        // Once v3 is seen, the rolled-back v2 (newer than v1, the one v3 allows) is refused too.
+        reopened.admit(&v3).unwrap();
+        assert!(matches!(reopened.admit(&v2), Err(SpecError::Replayed { signed_at: 300, newest: 400, .. })));
+        reopened.admit(&v1).unwrap();
+        reopened.admit(&v3).unwrap();
+        // A document rolling back to itself or to what follows it is not one meshctl signs.
+        for forward in [at(500).rolling_back_to(500), at(500).rolling_back_to(600)] {
+            assert!(matches!(reopened.admit(&forward), Err(SpecError::BadDocument(_))));
+        }
+        assert_eq!(reopened.newest("api").unwrap().signed_at, 400);
+        // Other services keep their own record.
+        let web = SpecDocument { service: "web".into(), ..at(50) };
+        reopened.admit(&web).unwrap();
+        assert_eq!(reopened.newest("web").unwrap().signed_at, 50);
+        assert_eq!(reopened.newest("api").unwrap().signed_at, 400);
+        // A record that cannot be read is an error, never "nothing seen".
+        for bad in ["{\"api\": ", "{\"api\": {\"signed_at\": \"x\"}}", "[]"] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(Seen::open(&path).is_err(), "{bad}");
+        }
+        // Nowhere to write a newer document down: refused, not run on a record a restart would
+        // lose.
+        let mut lost = Seen::open(&dir.path().join("gone/spec-seen.json")).unwrap();
+        assert!(matches!(lost.admit(&v2), Err(SpecError::File(_))));
+        assert_eq!(lost.newest("api"), None);
     }
 
     #[test]

@@ -107,6 +107,16 @@ pub(super) fn check_signed(
     Ok(())
 }
 
+/// Whether nodes that admitted `current`'s signed spec start `next` (their own record decides:
+/// they may have seen a newer one). Unsigned or unreadable documents are the nodes' to refuse.
+fn allowed_after(current: &Definition, next: &SignedSpec) -> bool {
+    let read = |s: &SignedSpec| s.read().ok();
+    match (current.signed.as_ref().and_then(read), read(next)) {
+        (Some(current), Some(next)) => current.allows(&next),
+        _ => true,
+    }
+}
+
 /// Ports and constraints with `update`'s changes.
 fn reshape(service: &mut Service, update: &ServiceUpdate) -> Result<(), PlanError> {
     let same =
@@ -218,6 +228,11 @@ pub fn update_service(
     match &update.signed {
         Some(signed) => {
             check_signed(state, signed, name, &definition, &service.networks)?;
+            if !allowed_after(&current, signed) {
+                return Err(PlanError::Run(format!(
+                    "the signed spec is older than the one service `{name}` runs and not the one that rolls back to: nodes that saw the current one refuse it as a replay (sign the change again)"
+                )));
+            }
             definition.signed = Some(signed.clone());
         }
         None if differs && current.signed.is_some() && !update.unsigned => {
@@ -272,6 +287,13 @@ fn rollback(service: &mut Service, options: UpdateOptions, now: i64) -> Result<(
         PlanError::Run(format!("service `{}` has no version before this one to roll back to", service.name))
     })?;
     let definition = service.definition(previous);
+    if let Some(signed) = &definition.signed
+        && !allowed_after(&service.definition(service.version), signed)
+    {
+        return Err(PlanError::Run(format!(
+            "the signed spec of version {previous} is older than the current one's and not the one it rolls back to: nodes refuse it as a replay (update the service with the spec-signing key instead)"
+        )));
+    }
     start(service, previous, definition, options, true, now);
     Ok(())
 }
@@ -317,7 +339,11 @@ fn advance(service: &mut Service, report: &dyn Fn(&Endpoint) -> Option<EndpointS
         let restarted = r.restarts > 0 && r.since >= rollout.started_at;
         if matches!(
             r.state,
-            RunState::Failed | RunState::Restarting | RunState::Unsigned | RunState::BadSignature
+            RunState::Failed
+                | RunState::Restarting
+                | RunState::Unsigned
+                | RunState::BadSignature
+                | RunState::Replayed
         ) || restarted
         {
             let why = r.last_exit.unwrap_or_else(|| r.state.name().to_owned());
@@ -399,6 +425,7 @@ mod tests {
 
     use super::*;
     use mesh_api::model::RunSpec;
+    use mesh_api::specs::SpecDocument;
 
     fn service(replicas: u32) -> Service {
         let endpoints = (1..=replicas)
@@ -480,6 +507,34 @@ mod tests {
         assert_eq!(s.rollout.as_ref().unwrap().state, RolloutState::Completed);
         assert_eq!(s.earlier.keys().collect::<Vec<_>>(), [&0], "only what a rollback returns to is kept");
         assert!(!advance(&mut s, &|e| Nodes::up(100).report(e), 140), "a finished update does nothing");
+    }
+
+    /// A signed spec as control holds it (control verifies no signature: the nodes do).
+    fn signed_at(at: i64, rollback_to: Option<i64>) -> Option<SignedSpec> {
+        let document = SpecDocument::new("c", "api", None, RunSpec::default(), &[], BTreeMap::new(), at);
+        let document = SpecDocument { rollback_to, ..document };
+        Some(SignedSpec { document: serde_json::to_string(&document).unwrap(), signature: String::new() })
+    }
+
+    #[test]
+    fn a_rollback_to_a_spec_the_current_one_replaced_is_refused() {
+        // Version 2 updates version 1, which a rollback then returns to: allowed. Version 2
+        // rolling back to another spec than version 1's: the nodes would refuse version 1 as a
+        // replay, so control refuses to roll back (and a failed update pauses instead).
+        for (rolls_back_to, allowed) in [(Some(200), true), (Some(100), false), (None, false)] {
+            let mut s = service(1);
+            s.signed = signed_at(200, None);
+            let definition = Definition { signed: signed_at(300, rolls_back_to), ..s.definition(0) };
+            start(&mut s, 2, definition, UpdateOptions::default(), false, 100);
+            let rolled = rollback(&mut s, UpdateOptions::default(), 101);
+            assert_eq!(rolled.is_ok(), allowed, "{rolls_back_to:?}: {rolled:?}");
+            assert_eq!(s.version, if allowed { 0 } else { 2 });
+        }
+        // Unsigned versions are the nodes' to refuse or run.
+        let mut s = service(1);
+        let definition = Definition { signed: signed_at(300, None), ..s.definition(0) };
+        start(&mut s, 2, definition, UpdateOptions::default(), false, 100);
+        assert!(rollback(&mut s, UpdateOptions::default(), 101).is_ok());
     }
 
     #[test]

@@ -59,6 +59,10 @@ impl NodeDir {
     pub fn spec_key(&self) -> PathBuf {
         self.root.join(mesh_api::specs::PUBLIC_FILE)
     }
+    /// Per service, the newest signed spec admitted here (what bounds replays).
+    pub fn spec_seen(&self) -> PathBuf {
+        self.root.join("spec-seen.json")
+    }
 
     /// Pins `key` before the node joins: from then on it runs only commands whose spec the
     /// operator signed with it. Refused once the node has joined (no one changes it after).

@@ -226,10 +226,8 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
             let run = run.into_wire();
             // Signed as control will read it.
             let command = command.filter(|c| !c.trim().is_empty());
-            let no_secrets = Default::default();
-            let signed = signer
-                .map(|s| s.sign(&name, &command, &run.clone().into(), &networks, &no_secrets))
-                .transpose()?;
+            let signed =
+                signer.map(|s| s.sign(&name, &command, &run.clone().into(), &networks, None)).transpose()?;
             let request = pb::CreateServiceRequest {
                 name,
                 networks,
@@ -373,8 +371,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                     let base = signer.verified(&name, before.spec.as_ref())?;
                     let (command, run) =
                         change.apply(&base.command, &base.run).map_err(anyhow::Error::msg)?;
-                    request.signed =
-                        Some(signer.sign(&name, &command, &run, &base.networks, &base.secrets)?);
+                    request.signed = Some(signer.sign(&name, &command, &run, &base.networks, Some(&base))?);
                 }
             }
             let s = client.update_service(request).await?;

@@ -62,16 +62,19 @@ impl Signer {
         Ok(document)
     }
 
-    /// Signs service `name` running `command` as `run` on `networks`; each secret's digest is the
-    /// one `known` (a verified document) or this operator's record holds. Shows what it signs.
+    /// Signs service `name` running `command` as `run` on `networks`, as an update of `base` (a
+    /// verified document: the one its rollback returns to) or a new service; each secret's
+    /// digest is the one `base` or this operator's record holds. Shows what it signs.
     pub fn sign(
         &self,
         name: &str,
         command: &Option<String>,
         run: &RunSpec,
         networks: &[String],
-        known: &BTreeMap<String, String>,
+        base: Option<&SpecDocument>,
     ) -> anyhow::Result<pb::SignedSpec> {
+        let no_secrets = BTreeMap::new();
+        let known = base.map_or(&no_secrets, |b| &b.secrets);
         let recorded = self.digests()?;
         let mut secrets = BTreeMap::new();
         for secret in &run.secrets {
@@ -85,9 +88,22 @@ impl Signer {
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let document =
-            SpecDocument::new(&self.cluster, name, command.clone(), run.clone(), networks, secrets, now);
+            .map_or(0, |d| d.as_millis() as i64);
+        // Later than what it updates, whatever this machine's clock says: nodes order a
+        // service's documents by it.
+        let signed_at = base.map_or(now, |b| now.max(b.signed_at + 1));
+        let mut document = SpecDocument::new(
+            &self.cluster,
+            name,
+            command.clone(),
+            run.clone(),
+            networks,
+            secrets,
+            signed_at,
+        );
+        if let Some(base) = base {
+            document = document.rolling_back_to(base.signed_at);
+        }
         let signed = self.key.sign(&document);
         eprintln!("signing: {}", signed.document);
         Ok(pb::SignedSpec { document: signed.document, signature: signed.signature })
