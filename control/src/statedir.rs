@@ -73,7 +73,7 @@ pub struct ManagerConfig {
     #[serde(default = "first_raft_id")]
     pub raft_id: u64,
     /// For a manager that joined: the managers it joined through, asked to add it to the raft
-    /// group until it is in.
+    /// group until it votes (emptied then).
     #[serde(default)]
     pub join: Vec<String>,
     /// The name this manager's node record carries (the host's name unless told otherwise).
@@ -369,6 +369,13 @@ pub fn unlock_opens(dir: &ManagerDir, key: &UnlockKey) -> Result<(), SealError> 
         Err(_) if dir.data_key_next().exists() => open(&dir.data_key_next()),
         other => other,
     }
+}
+
+/// Records that the manager in `dir` is a voter of the raft group: it asks to be added no more
+/// (from then on, whether it votes is the operator's, `meshctl node promote/demote`).
+pub fn finish_join(dir: &ManagerDir, config: &ManagerConfig) -> Result<(), FileError> {
+    let config = ManagerConfig { join: Vec::new(), ..config.clone() };
+    files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)
 }
 
 /// The listen and advertised addresses of the manager in `root`.

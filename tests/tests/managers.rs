@@ -263,3 +263,39 @@ fn a_manager_cut_off_cannot_commit_and_all_three_restarted_keep_the_state() {
 fn lab_bin(name: &str) -> String {
     mesh_tests::lab::bin_dir().join(name).display().to_string()
 }
+
+/// Managers started together join together: raft makes one membership change at a time, and
+/// each joining manager's changes wait their turn (the lab starts them all at once). A join that
+/// stopped half way — a learner whose promotion never came, with its join still pending — is
+/// finished at its next start; a manager the operator demoted after its join stays a non-voter
+/// across restarts.
+#[test]
+fn managers_joining_at_once_all_vote_and_a_join_stopped_half_way_is_finished() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::start_with(4, 3, &[]);
+    assert!(managers_up(&lab, 3), "{}", lab.meshctl(&["node", "ls"]));
+    let leader = lab.leader().expect("a leader");
+    let follower = (2..=3).find(|i| *i != leader).unwrap();
+    let config_file = lab.manager_dir(follower).join("config.json");
+    let config = || -> serde_json::Value { json(&std::fs::read_to_string(&config_file).unwrap()) };
+    lab.wait("the join to be recorded as done once it votes", || config()["join"] == serde_json::json!([]));
+
+    // Demoted by the operator: a restart does not undo it.
+    lab.meshctl(&["node", "demote", &manager_id(&lab, follower)]);
+    lab.stop_manager(follower, false);
+    lab.start_manager(follower);
+    let non_voter = |lab: &Lab| lab.meshctl(&["node", "ls"]).contains("reachable (non-voter)");
+    lab.wait("the demoted manager back, not voting", || non_voter(&lab));
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(non_voter(&lab), "a demoted manager promoted itself: {}", lab.meshctl(&["node", "ls"]));
+
+    // The same learner with its join still pending (what a join that lost the race for its
+    // promotion, or stopped right after becoming a learner, leaves): it asks again and votes.
+    lab.stop_manager(follower, false);
+    let mut pending = config();
+    pending["join"] = serde_json::json!([lab.topology().control(leader)]);
+    std::fs::write(&config_file, serde_json::to_vec_pretty(&pending).unwrap()).unwrap();
+    lab.start_manager(follower);
+    lab.wait("the half-joined manager to vote", || managers_up(&lab, 3));
+    lab.wait("its join to be recorded as done", || config()["join"] == serde_json::json!([]));
+}

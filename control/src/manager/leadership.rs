@@ -13,6 +13,10 @@ use tracing::{info, warn};
 use super::Manager;
 use crate::state::NodeState;
 
+/// How long a joining manager waits for the leader to add it (as a learner that caught up, then
+/// as a voter; each change waits its turn behind others).
+const ADD_WITHIN: Duration = Duration::from_secs(45);
+
 impl Manager {
     /// Follows leadership: taking the lead gives every node `down_after` from now to reconnect
     /// before its endpoints move; losing it (or a majority's acknowledgement, when cut off) cuts
@@ -47,23 +51,33 @@ impl Manager {
         }
     }
 
-    /// A manager that joined asks the leader to add it to the raft group, until it is a member.
+    /// A manager that joined asks the leader to add it to the raft group, until it votes: a join
+    /// that stopped half way (a learner whose promotion lost the race for raft's one membership
+    /// change at a time, or a restart in between) is finished, not left a learner.
     pub(crate) async fn join_raft_group(self: Arc<Self>) {
         if self.config.join.is_empty() {
             return;
         }
         loop {
-            if self.store.leadership().is_member(self.store.id()) {
+            if self.store.leadership().voters.contains_key(&self.store.id()) {
+                info!(raft_id = self.store.id(), "this manager votes in the managers' raft group");
+                if let Err(e) = crate::statedir::finish_join(&self.dir, &self.config) {
+                    warn!(error = %e, "cannot record that the join is complete; it is asked for again at the next start");
+                }
                 return;
             }
-            match self.ask_to_be_added().await {
-                Ok(()) => {
-                    info!(raft_id = self.store.id(), "added to the managers' raft group");
-                    return;
+            match tokio::time::timeout(ADD_WITHIN, self.ask_to_be_added()).await {
+                // Added: seen as a voter here once the change reaches this manager's log.
+                Ok(Ok(())) => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(error = %e, "asking to be added to the managers' raft group failed; will retry")
                 }
+                Err(_) => warn!(
+                    "the leader did not add this manager to the raft group within {ADD_WITHIN:?}; will retry"
+                ),
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }

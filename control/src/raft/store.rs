@@ -31,6 +31,8 @@ use super::seal::{DataKey, SealError};
 use crate::state::{ClusterState, Command, StateError};
 
 use super::types::{Applied, Raft, RaftId, TypeConfig};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -434,6 +436,11 @@ const SNAPSHOT_EVERY: u64 = 500;
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a change may wait to be committed: a leader cut off from a majority cannot commit.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a membership change that found another under way tries again.
+const MEMBERSHIP_RETRY: Duration = Duration::from_millis(300);
+
+/// What a membership change fails with.
+type ChangeError = RaftError<RaftId, ClientWriteError<RaftId, BasicNode>>;
 /// A leader that has not heard from a majority for this long no longer counts as leading (it is
 /// likely cut off; the others elect another).
 const LEASE: u64 = 2_000;
@@ -576,40 +583,56 @@ impl Store {
     /// Adds manager `id` (reached at `addr`) to the group: first as a learner that catches up,
     /// then as a voter.
     pub async fn add_voter(&self, id: RaftId, addr: &str) -> Result<(), StoreError> {
-        let node = BasicNode { addr: addr.to_owned() };
-        self.membership(self.raft.add_learner(id, node, true)).await?;
+        let leadership = self.leadership();
+        if leadership.voters.contains_key(&id) {
+            return Ok(());
+        }
+        // A learner already (a join that stopped half way): only the promotion is left.
+        if !leadership.learners.contains_key(&id) {
+            let node = BasicNode { addr: addr.to_owned() };
+            self.membership(|| self.raft.add_learner(id, node.clone(), true)).await?;
+        }
         self.set_voter(id, true).await
     }
 
     /// Makes member `id` a voter, or only a learner (a non-voting copy).
     pub async fn set_voter(&self, id: RaftId, voter: bool) -> Result<(), StoreError> {
         let ids = BTreeSet::from([id]);
-        let change = match voter {
-            true => ChangeMembers::AddVoterIds(ids),
-            false => ChangeMembers::RemoveVoters(ids),
+        let change = || match voter {
+            true => ChangeMembers::AddVoterIds(ids.clone()),
+            false => ChangeMembers::RemoveVoters(ids.clone()),
         };
-        self.membership(self.raft.change_membership(change, true)).await
+        self.membership(|| self.raft.change_membership(change(), true)).await
     }
 
     /// Takes `id` out of the group altogether.
     pub async fn remove_member(&self, id: RaftId) -> Result<(), StoreError> {
         let ids = BTreeSet::from([id]);
         if self.leadership().voters.contains_key(&id) {
-            self.membership(self.raft.change_membership(ChangeMembers::RemoveVoters(ids.clone()), true))
-                .await?;
+            let remove = || ChangeMembers::RemoveVoters(ids.clone());
+            self.membership(|| self.raft.change_membership(remove(), true)).await?;
         }
-        self.membership(self.raft.change_membership(ChangeMembers::RemoveNodes(ids), false)).await
+        self.membership(|| self.raft.change_membership(ChangeMembers::RemoveNodes(ids.clone()), false)).await
     }
 
-    async fn membership<F, E>(&self, change: F) -> Result<(), StoreError>
+    /// Makes the membership change `change` makes, waiting its turn while another is under way
+    /// (raft makes one at a time: two managers joining at once, say), within `3 × WRITE_TIMEOUT`.
+    async fn membership<F>(&self, change: impl Fn() -> F) -> Result<(), StoreError>
     where
-        F: std::future::Future<Output = Result<openraft::raft::ClientWriteResponse<TypeConfig>, E>>,
-        E: std::fmt::Display,
+        F: std::future::Future<Output = Result<ClientWriteResponse<TypeConfig>, ChangeError>>,
     {
-        match tokio::time::timeout(3 * WRITE_TIMEOUT, change).await {
-            Err(_) => Err(StoreError::NoQuorum(3 * WRITE_TIMEOUT)),
-            Ok(Err(e)) => Err(StoreError::Raft(e.to_string())),
-            Ok(Ok(_)) => Ok(()),
+        let deadline = tokio::time::Instant::now() + 3 * WRITE_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, change()).await {
+                Err(_) => return Err(StoreError::NoQuorum(3 * WRITE_TIMEOUT)),
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                )))) if tokio::time::Instant::now() + MEMBERSHIP_RETRY < deadline => {
+                    tokio::time::sleep(MEMBERSHIP_RETRY).await
+                }
+                Ok(Err(e)) => return Err(StoreError::Raft(e.to_string())),
+            }
         }
     }
 

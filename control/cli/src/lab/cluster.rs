@@ -132,23 +132,23 @@ impl Lab {
             return Ok(());
         }
         let token = self.meshctl(&["join-token", "manager", "-q"])?.trim().to_owned();
-        // One at a time, each once the one before is a voter: concurrent joins race for the
-        // raft group's one membership change at a time, and a join that lost that race was
-        // once seen to stall past the wait below.
+        // All at once, as an operator starting them together would: they wait their turn for
+        // the raft group's one membership change at a time.
         for i in 2..=t.managers {
             let mut args: Vec<String> =
                 ["join", "--control", &t.control(1), "--token", &token, "--listen"].map(str::to_owned).into();
             args.extend([t.control(i), "--hostname".into(), t.host(i)]);
             self.spawn_manager(i, args)?;
-            let joined = process::wait(MANAGERS_JOINED, || {
-                self.managers().is_ok_and(|m| {
-                    m.iter().filter(|(_, s)| s == "leader").count() == 1
-                        && m.iter().filter(|(_, s)| s == "reachable").count() == i - 1
-                })
-            });
-            if !joined {
-                return Err(self.timeout(format!("{} did not join the raft group", t.host(i))));
-            }
+        }
+        let joined = process::wait(MANAGERS_JOINED, || {
+            self.managers().is_ok_and(|m| {
+                m.iter().filter(|(_, s)| s == "leader").count() == 1
+                    && m.iter().filter(|(_, s)| s == "reachable").count() == t.managers - 1
+            })
+        });
+        if !joined {
+            let status = self.managers().map(|m| format!("{m:?}")).unwrap_or_else(|e| e.to_string());
+            return Err(self.timeout(format!("not every manager joined the raft group as a voter: {status}")));
         }
         Ok(())
     }
