@@ -8,6 +8,8 @@ use crate::dns::Visibility;
 use crate::identity::NodeDir;
 use crate::session::SessionConfig;
 
+/// The configuration file of `meshd run`, read when it exists (`--config` names another).
+pub const DEFAULT_CONFIG: &str = "/etc/mesh/meshd.toml";
 /// Where a node's identity is kept.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 /// The port of the underlay: overlay datagrams (UDP) and mesh connections (TCP).

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mesh_api::metrics_http::{self, MetricsAddr};
+use mesh_api::settings::Layered;
 use meshd::config::{self, AgentConfig};
 use meshd::dns::Visibility;
 use meshd::session::SessionConfig;
@@ -13,6 +14,11 @@ use meshd::{agent, identity, status};
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "The per-host agent of a mesh cluster")]
 struct Cli {
+    /// The configuration file of `meshd run` (default: /etc/mesh/meshd.toml, when it exists): a
+    /// key per flag of `meshd run` (`state-dir = "..."`); flags and their environment variables
+    /// win over it. Other commands take the keys they share with it (`state-dir`).
+    #[arg(long, global = true, value_name = "FILE", env = "MESHD_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -60,6 +66,10 @@ enum Cmd {
         /// Where to serve Prometheus metrics (`GET /metrics`); `off` for nowhere.
         #[arg(long, default_value = config::DEFAULT_METRICS, value_parser = metrics_http::parse_addr)]
         metrics: MetricsAddr,
+        /// Show the effective configuration (each value with where it came from: the command
+        /// line, the environment, the file and line, or the default) and exit.
+        #[arg(long)]
+        print_config: bool,
     },
     /// Check this host's prerequisites for `meshd run` (root, tun, nftables, network
     /// namespaces, cgroups, a joined state directory with a valid certificate, a manager
@@ -102,7 +112,26 @@ async fn run() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::command();
+    let resolved = Layered::resolve(
+        &cli,
+        "run",
+        std::env::args_os().collect(),
+        "MESHD_CONFIG",
+        std::path::Path::new(config::DEFAULT_CONFIG),
+    );
+    let (layered, args) = resolved.unwrap_or_else(|e| {
+        eprintln!("meshd: {e}");
+        std::process::exit(2)
+    });
+    let matches = cli.try_get_matches_from(args).unwrap_or_else(|e| layered.explain(e).exit());
+    let parsed = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let result = match parsed.command {
+        Cmd::Run { print_config: true, .. } => {
+            let (name, sub) = matches.subcommand().expect("a subcommand");
+            print!("{}", layered.render(Cli::command().find_subcommand(name).expect("run"), sub, &[]));
+            Ok(())
+        }
         Cmd::Join { control, token, state_dir, hostname, spec_key } => {
             let hostname = hostname.unwrap_or_else(mesh_api::join::hostname);
             let join = async {
@@ -118,20 +147,26 @@ async fn run() {
             };
             join.await
         }
-        Cmd::Run { state_dir, underlay, netns_prefix, no_dataplane, dns_visibility, metrics } => {
-            match config::underlay_address(underlay.as_deref(), &state_dir) {
-                Ok(underlay) => agent::run(AgentConfig {
-                    session: SessionConfig { state_dir, underlay, boot: 0 },
-                    netns_prefix,
-                    dataplane: !no_dataplane,
-                    dns_visibility,
-                    metrics: metrics.0,
-                })
-                .await
-                .map_err(anyhow::Error::from),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
-        }
+        Cmd::Run {
+            state_dir,
+            underlay,
+            netns_prefix,
+            no_dataplane,
+            dns_visibility,
+            metrics,
+            print_config: _,
+        } => match config::underlay_address(underlay.as_deref(), &state_dir) {
+            Ok(underlay) => agent::run(AgentConfig {
+                session: SessionConfig { state_dir, underlay, boot: 0 },
+                netns_prefix,
+                dataplane: !no_dataplane,
+                dns_visibility,
+                metrics: metrics.0,
+            })
+            .await
+            .map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
         Cmd::Check { state_dir } => meshd::check::run(&state_dir).await,
         Cmd::Status { state_dir, json } => {
             status::query(&state_dir).await.map_err(anyhow::Error::msg).map(|s| {

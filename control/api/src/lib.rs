@@ -18,6 +18,7 @@ pub mod metrics_http;
 pub mod model;
 pub mod pki;
 pub mod proto;
+pub mod settings;
 pub mod slice;
 pub mod specs;
 pub mod tls;

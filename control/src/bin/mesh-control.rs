@@ -4,13 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use control::config::{self, ManagerOptions};
 use control::manager::Manager;
 use control::raft::seal::UnlockKey;
 use control::serve;
 use control::statedir::{self, ManagerConfig};
 use mesh_api::metrics_http::{self, MetricsAddr};
+use mesh_api::settings::Layered;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -20,9 +21,18 @@ use tracing::{info, warn};
     about = "The manager server of a mesh cluster: CA, join, cluster state, admin API"
 )]
 struct Cli {
+    /// The configuration file of `mesh-control run` (default: /etc/mesh/mesh-control.toml, when
+    /// it exists): a key per flag of `mesh-control run` (`state-dir = "..."`, `key-rotation =
+    /// "12h"`); flags and their environment variables win over it. `init` and `join` take the
+    /// keys they share with it.
+    #[arg(long, global = true, value_name = "FILE", env = "MESH_CONTROL_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
+
+/// The configuration file read when none is named.
+const DEFAULT_CONFIG: &str = "/etc/mesh/mesh-control.toml";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -68,6 +78,10 @@ enum Cmd {
         state_dir: PathBuf,
         #[command(flatten)]
         serve: ServeArgs,
+        /// Show the effective configuration (each value with where it came from: the command
+        /// line, the environment, the file and line, or the default) and exit.
+        #[arg(long)]
+        print_config: bool,
     },
 }
 
@@ -196,8 +210,22 @@ async fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let command = Cli::command();
+    let (layered, args) = Layered::resolve(
+        &command,
+        "run",
+        std::env::args_os().collect(),
+        "MESH_CONTROL_CONFIG",
+        std::path::Path::new(DEFAULT_CONFIG),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let matches = command.try_get_matches_from(args).unwrap_or_else(|e| layered.explain(e).exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
+        Cmd::Run { print_config: true, .. } => {
+            let (name, sub) = matches.subcommand().expect("a subcommand");
+            print!("{}", layered.render(Cli::command().find_subcommand(name).expect("run"), sub, &[]));
+        }
         Cmd::Init { place, cert_expiry, autolock, admin_dir, run, serve: args } => {
             let (state_dir, config) = place.config(&[])?;
             let lifetime = cert_expiry.map_or(config::DEFAULT_CERT_LIFETIME, Into::into);
@@ -259,7 +287,7 @@ async fn run() -> anyhow::Result<()> {
             );
             serve(state_dir, options, args.metrics, None, joined.autolock.then_some(&joined)).await?;
         }
-        Cmd::Run { state_dir, serve: args } => {
+        Cmd::Run { state_dir, serve: args, print_config: _ } => {
             serve(state_dir, args.options()?, args.metrics, None, None).await?
         }
     }
