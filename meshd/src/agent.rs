@@ -100,6 +100,8 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     } else {
         None
     };
+    // Up as far as this host goes: systemd's start is done (the session comes and goes).
+    mesh_api::notify::tell(&format!("READY=1\nSTATUS=node {}: connecting to control", node.id));
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let holder = status.clone();
     let reconciler = dataplane.as_ref().map(|dp| dp.reconciler.clone());
@@ -113,8 +115,16 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
                 SessionEvent::Connected => {
                     status.connected = true;
                     status.last_error = None;
+                    mesh_api::notify::tell(&format!(
+                        "STATUS=node {}: session with control open",
+                        status.node
+                    ));
                 }
                 SessionEvent::Disconnected(why) => {
+                    mesh_api::notify::tell(&format!(
+                        "STATUS=node {}: no session with control: {why}",
+                        status.node
+                    ));
                     status.connected = false;
                     status.last_error = Some(why);
                 }
@@ -129,6 +139,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         _ = follow => Ok(()),
         _ = shutdown_signal() => Ok(()),
     };
+    mesh_api::notify::tell("STOPPING=1");
     if let Some(dp) = dataplane {
         dp.reconciler.shutdown().await;
     }

@@ -107,3 +107,94 @@ fn the_daemons_read_their_configuration_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(&state.display().to_string()), "{err}");
 }
+
+/// The repository's root (the shipped units and configuration files live in `packaging/`).
+fn packaging(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging").join(path)
+}
+
+/// The shipped configuration files name every key of their command (commented out where the
+/// default holds) and read as they are; the systemd units pass `systemd-analyze verify` without
+/// a warning (their ExecStart pointed at this build's binaries).
+#[test]
+fn the_shipped_units_and_configuration_files_hold() {
+    for (binary, file) in [("meshd", "etc/mesh/meshd.toml"), ("mesh-control", "etc/mesh/mesh-control.toml")] {
+        let path = packaging(file);
+        let out = run(binary, &["run", "--config", path.to_str().unwrap(), "--print-config"]);
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let shipped = std::fs::read_to_string(&path).unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with("# config")) {
+            let key = line.trim_start_matches("# ").split([' ', '=']).next().unwrap();
+            let named = shipped.lines().any(|l| l.trim_start_matches('#').starts_with(&format!("{key} =")));
+            assert!(named, "{file} does not name `{key}`");
+        }
+    }
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is missing: install systemd (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (unit, binary) in [("mesh-control.service", "mesh-control"), ("meshd.service", "meshd")] {
+        let text = std::fs::read_to_string(packaging(&format!("systemd/{unit}"))).unwrap();
+        assert!(text.contains(&format!("ExecStart=/usr/bin/{binary} run")), "{unit}");
+        assert!(text.contains("Type=notify") && text.contains("Restart=on-failure"), "{unit}");
+        let here = text.replace(&format!("/usr/bin/{binary}"), &bin_dir().join(binary).display().to_string());
+        let path = dir.path().join(unit);
+        std::fs::write(&path, here).unwrap();
+        let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !err.contains(unit), "{unit}: {err}");
+    }
+}
+
+/// `mesh-control` tells systemd it is ready once it serves, and that it stops (`Type=notify`).
+#[test]
+fn mesh_control_notifies_systemd_when_it_serves_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify");
+    let listener = UnixDatagram::bind(&socket).unwrap();
+    listener.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let port = (0..2000u16)
+        .map(|i| 21_000 + (std::process::id() as u16 % 5000) + i)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port");
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(bin_dir().join("mesh-control"))
+        .args([
+            "init",
+            "--run",
+            "--metrics",
+            "off",
+            "--listen",
+            &listen,
+            "--advertise",
+            &listen,
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .arg("--admin-dir")
+        .arg(dir.path().join("admin"))
+        .env("NOTIFY_SOCKET", &socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buffer = [0u8; 512];
+    let mut receive = || {
+        let n = listener.recv(&mut buffer).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+            panic!("no notification: {e}\n{log}")
+        });
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let ready = receive();
+    assert!(ready.contains("READY=1") && ready.contains("STATUS=serving cluster"), "{ready}");
+    // Ready means serving: the API answers.
+    assert!(std::net::TcpStream::connect(&listen).is_ok(), "not listening once ready");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert_eq!(receive(), "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}

@@ -16,6 +16,7 @@ pub mod join;
 pub mod keys;
 pub mod metrics_http;
 pub mod model;
+pub mod notify;
 pub mod pki;
 pub mod proto;
 pub mod settings;

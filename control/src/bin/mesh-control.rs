@@ -315,6 +315,10 @@ async fn serve(
             "this manager is locked (autolock): it serves nothing until unlocked on this host: meshctl unlock --state-dir {}",
             state_dir.display()
         );
+        mesh_api::notify::tell(&format!(
+            "STATUS=locked: waiting for `meshctl unlock --state-dir {}` on this host",
+            state_dir.display()
+        ));
         let key = tokio::select! {
             key = serve::serve_locked(&state_dir) => key?,
             _ = stop() => return Ok(()),
@@ -368,7 +372,10 @@ async fn serve(
         stop().await;
         info!("shutting down");
     };
-    let stopped = serve::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await?;
+    mesh_api::notify::tell(&format!("READY=1\nSTATUS=serving cluster {cluster_id} on {}", config.listen));
+    let stopped = serve::serve(manager.clone(), listener, shutdown, unlock.as_ref()).await;
+    mesh_api::notify::tell("STOPPING=1");
+    let stopped = stopped?;
     manager.store().shutdown().await;
     anyhow::ensure!(
         stopped != serve::Stopped::Removed,

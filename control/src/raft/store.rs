@@ -25,6 +25,7 @@ use openraft::{
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tracing::warn;
 
 use super::network::Peers;
 use super::seal::{DataKey, SealError};
@@ -476,6 +477,8 @@ pub struct Store {
     raft: Raft,
     id: RaftId,
     shared: Arc<Shared>,
+    /// The store's file.
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -507,7 +510,7 @@ impl Store {
         let config = Arc::new(config.validate().map_err(|e| StoreError::Raft(e.to_string()))?);
         let raft =
             Raft::new(id, config, network, log, sm).await.map_err(|e| StoreError::Raft(e.to_string()))?;
-        let store = Store { raft, id, shared };
+        let store = Store { raft, id, shared, path: path.to_owned() };
         if bootstrap {
             let members = BTreeMap::from([(id, BasicNode { addr: addr.to_owned() })]);
             store.raft.initialize(members).await.map_err(|e| StoreError::Raft(e.to_string()))?;
@@ -656,9 +659,21 @@ impl Store {
         self.raft.trigger().snapshot().await.map_err(|e| StoreError::Raft(e.to_string()))
     }
 
-    /// Stops the raft node.
+    /// Stops the raft node and waits (up to 5 s) until the store's file is closed: what raft
+    /// runs beside its core lets go of it a little after the core stops, and the file cannot be
+    /// opened again before (`mesh-control init --run` opens it again in the same process).
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            match Database::open(&self.path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                _ => return,
+            }
+        }
+        warn!(path = %self.path.display(), "the store's file is still open 5 s after raft stopped");
     }
 }
 
