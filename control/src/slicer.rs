@@ -320,6 +320,7 @@ mod tests {
             control: None,
             removed_at: None,
             boot: 0,
+            demoted: false,
         }
     }
 

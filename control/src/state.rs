@@ -189,6 +189,13 @@ impl ClusterState {
                 }
                 node.control = Some(control);
             }
+            Command::SetDemoted { id, demoted } => {
+                let node = self.node_mut(&id)?;
+                if node.role != Role::Manager {
+                    return Err(StateError::NotAManager(id));
+                }
+                node.demoted = demoted;
+            }
             Command::SetUnlockKey(key) => self.unlock_key = key,
             Command::AddAdmin { serial, record } => {
                 self.admins.get_or_insert_with(BTreeMap::new).insert(serial, record);

@@ -243,6 +243,7 @@ pub async fn init_with_admin_dir(
             control: Some(config.advertise),
             removed_at: None,
             boot: 0,
+            demoted: false,
         }),
         Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
         Command::AddAdmin {

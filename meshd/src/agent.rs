@@ -44,6 +44,10 @@ const RENEWALS_QUEUED: usize = 4;
 
 /// Runs the agent until an unrecoverable error: renewal, the session, the data plane, status.
 pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
+    // Caught from here on: a stop while it starts is kept for when it waits for one (and the
+    // workloads are removed), never a kill.
+    let mut stop = mesh_api::notify::Stop::catch()
+        .map_err(|e| AgentError::Dataplane(format!("catching SIGTERM: {e}")))?;
     let dir = config.session.state_dir.clone();
     let node = Arc::new(NodeDir::new(&dir).load()?);
     info!(
@@ -137,24 +141,16 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         refused = session::run(config.session.clone(), events_tx, endpoints.clone()) => Err(AgentError::Session(refused)),
         served = status::serve(&dir, status.clone(), renew_now) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
         _ = follow => Ok(()),
-        _ = shutdown_signal() => Ok(()),
+        _ = stop.wait() => {
+            info!("shutting down");
+            Ok(())
+        }
     };
     mesh_api::notify::tell("STOPPING=1");
     if let Some(dp) = dataplane {
         dp.reconciler.shutdown().await;
     }
     result
-}
-
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutting down");
 }
 
 /// The data plane as `run` wires it: the overlay, the mesh port and metrics, and the reconciler

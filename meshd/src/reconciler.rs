@@ -117,6 +117,13 @@ impl Reconciler {
             }
             info!(namespace = %ns, "workload removed");
         }
+        // Each service's newest signed spec first: admitting it decides which older ones may
+        // still run, in this slice and among the workloads running already.
+        let mut wanted: Vec<(String, &LocalEndpoint)> = wanted.into_iter().collect();
+        wanted.sort_by_key(|(ns, e)| {
+            let signed_at = e.signed.as_ref().and_then(|s| s.read().ok()).map_or(i64::MIN, |d| d.signed_at);
+            (e.service.clone(), std::cmp::Reverse(signed_at), ns.clone())
+        });
         for (ns, endpoint) in wanted {
             let mut addresses: Vec<(u32, Ipv4Addr, u8)> = Vec::new();
             for (name, address) in &endpoint.addresses {
@@ -126,21 +133,23 @@ impl Reconciler {
             }
             addresses.sort();
             // With a pinned key, nothing runs that the operator did not sign as sent (and what
-            // ran before under this endpoint stops: its spec is no longer what is asked), and
-            // nothing starts that a later signed spec of the service replaced.
+            // ran before under this endpoint stops: its spec is no longer what is asked), nor
+            // what a later signed spec of the service replaced (a running one stops too).
             let verified = match &self.spec_key {
                 Some(key) if endpoint.command.is_some() => {
                     specs::verify_endpoint(key, &self.cluster, endpoint).map(Some)
                 }
                 _ => Ok(None),
             };
-            let document = match verified {
-                Ok(document) => document,
-                Err((state, why)) => {
-                    self.refuse(&mut workloads, &ns, endpoint, state, why).await;
-                    continue;
-                }
+            let admitted = match verified {
+                Ok(Some(document)) => self.admit(endpoint, &document),
+                Ok(None) => Ok(()),
+                Err(refused) => Err(refused),
             };
+            if let Err((state, why)) = admitted {
+                self.refuse(&mut workloads, &ns, endpoint, state, why).await;
+                continue;
+            }
             if let Some(existing) = workloads.get(&ns) {
                 if existing.runs(endpoint, &addresses) {
                     continue;
@@ -153,10 +162,6 @@ impl Reconciler {
                 {
                     warn!(namespace = %ns, error = %e, "removing a workload namespace failed");
                 }
-            }
-            if let Some(Err((state, why))) = document.as_ref().map(|d| self.admit(d)) {
-                self.refuse(&mut workloads, &ns, endpoint, state, why).await;
-                continue;
             }
             let spec = Spec {
                 service: endpoint.service.clone(),
@@ -211,9 +216,10 @@ impl Reconciler {
 
     /// Whether a workload may start from `document` (verified): no older than the newest spec of
     /// its service admitted here, or the one that rolls back to.
-    fn admit(&self, document: &SpecDocument) -> Result<(), (RunState, String)> {
+    fn admit(&self, endpoint: &LocalEndpoint, document: &SpecDocument) -> Result<(), (RunState, String)> {
+        let signed = endpoint.signed.as_ref().expect("a verified endpoint is signed");
         let mut seen = self.spec_seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.admit(document).map_err(|e| match e {
+        seen.admit(signed, document).map_err(|e| match e {
             specs::SpecError::Replayed { .. } => (RunState::Replayed, e.to_string()),
             specs::SpecError::File(_) => (RunState::Failed, format!("cannot record the spec as seen: {e}")),
             _ => (RunState::BadSignature, e.to_string()),

@@ -182,10 +182,18 @@ fn mesh_control_notifies_systemd_when_it_serves_and_when_it_stops() {
         .spawn()
         .unwrap();
     let mut buffer = [0u8; 512];
+    let pid = child.id();
     let mut receive = || {
         let n = listener.recv(&mut buffer).unwrap_or_else(|e| {
             let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
-            panic!("no notification: {e}\n{log}")
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|t| std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default())
+                .collect();
+            panic!("no notification: {e}\nprocess: {stat}\nthreads waiting in: {threads:?}\n{log}")
         });
         String::from_utf8_lossy(&buffer[..n]).into_owned()
     };
@@ -197,4 +205,64 @@ fn mesh_control_notifies_systemd_when_it_serves_and_when_it_stops() {
         .unwrap();
     assert_eq!(receive(), "STOPPING=1");
     assert!(child.wait().unwrap().success());
+}
+
+/// meshctl's output conventions against a lab: YAML beside JSON and tables, `-q` for names
+/// only, nodes named by a unique start of their ID (an ambiguous or unknown one refused).
+#[test]
+fn meshctl_prints_yaml_and_quiet_listings_and_takes_id_prefixes() {
+    let lab = mesh_tests::lab::Lab::start(2);
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.57.0.0/24"]);
+    lab.meshctl(&["service", "create", "api", "--network", "front", "--port", "80/http"]);
+    let ids = [lab.manager_id(1).expect("the manager's ID"), lab.node_id(2)];
+    let quiet = lab.meshctl(&["node", "ls", "-q"]);
+    let mut listed: Vec<&str> = quiet.lines().collect();
+    listed.sort();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(lab.meshctl(&["service", "ls", "-q"]), "api\n");
+    assert_eq!(lab.meshctl(&["network", "ls", "--quiet"]), "front\n");
+    lab.wait("api's endpoint to be placed", || lab.meshctl(&["service", "ps", "api", "-q"]) == "api.1\n");
+
+    // YAML says what JSON says, for listings and inspects.
+    for args in [
+        &["service", "ls"][..],
+        &["service", "inspect", "api"],
+        &["service", "ps", "api"],
+        &["network", "inspect", "front"],
+        &["node", "ls"],
+        &["secret", "ls"],
+    ] {
+        let json: serde_json::Value =
+            serde_json::from_str(&lab.meshctl(&[args, &["--format", "json"]].concat())).unwrap();
+        let yaml = lab.meshctl(&[args, &["--format", "yaml"]].concat());
+        let read: serde_json::Value =
+            serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{args:?}: {e}\n{yaml}"));
+        if args[1] == "ls" && args[0] == "node" {
+            // Times of the moment (last seen) move between the two calls.
+            assert_eq!(read.as_array().map(Vec::len), json.as_array().map(Vec::len), "{yaml}");
+        } else {
+            assert_eq!(read, json, "{args:?}:\n{yaml}");
+        }
+    }
+    let yaml = lab.meshctl(&["service", "inspect", "api", "--format", "yaml"]);
+    assert!(yaml.contains("\nname: api\n") && !yaml.contains('{'), "{yaml}");
+
+    // A unique start of an ID, or a host name, names its node.
+    let id = &ids[1];
+    let unique = (1..id.len())
+        .map(|n| &id[..n])
+        .find(|p| ids.iter().filter(|i| i.starts_with(p)).count() == 1)
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&lab.meshctl(&["node", "inspect", unique])).unwrap();
+    assert_eq!(shown["id"], id.as_str());
+    let hostname = shown["hostname"].as_str().unwrap().to_owned();
+    let by_name: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["node", "inspect", &hostname])).unwrap();
+    assert_eq!(by_name["id"], id.as_str());
+    let out = lab.meshctl(&["node", "update", unique, "--label-add", "zone=a"]);
+    assert!(out.contains(id.as_str()) && out.contains("zone=a"), "{out}");
+    let unknown = lab.meshctl_output(&["node", "inspect", "zzzz-no-such-node"]);
+    assert!(!unknown.status.success());
 }

@@ -266,8 +266,15 @@ fn a_node_runs_only_what_the_operator_signed() {
         endpoints.iter().any(|e| e["service"] == "api" && e["state"] == "replayed")
     });
     assert_ne!(curl(&lab, &web).as_deref(), Some("signed"));
-    // The operator's next signed update starts again.
+    // meshctl will not sign on top of the replayed version control now calls current (that
+    // would make it new again): it is not the newest this key signed, nor what that rolls back
+    // to. Rolled back to the version before, the operator's next signed update starts.
     let key = signing.to_str().unwrap();
+    let out = lab.meshctl_output(&["--spec-key", key, "service", "update", "api", "--env", "V=four"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("may be replaying"), "{err}");
+    lab.meshctl(&["service", "rollback", "api", "--update-monitor", "1s"]);
+    lab.wait("the version before the replay to serve", || curl(&lab, &web).as_deref() == Some("two"));
     lab.meshctl(&[
         "--spec-key",
         key,

@@ -27,6 +27,30 @@ pub fn notify_to(socket: Option<OsString>, state: &str) -> std::io::Result<bool>
     Ok(true)
 }
 
+/// SIGTERM and SIGINT, caught from the moment this is made: a stop that comes early (systemd's,
+/// right after `READY=1`) is kept until the daemon waits for it, rather than killing it outright
+/// with nothing cleaned up.
+pub struct Stop {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    /// Catches both signals from now on (in a Tokio runtime).
+    pub fn catch() -> std::io::Result<Stop> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Stop { term: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
+    }
+
+    /// Completes once either came (at once if one came already).
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
 /// [`notify`], logging (not failing on) an error: a daemon runs on whether or not systemd hears.
 pub fn tell(state: &str) {
     if let Err(e) = notify(state) {

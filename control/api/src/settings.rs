@@ -214,8 +214,13 @@ pub fn settable(sub: &clap::Command) -> impl Iterator<Item = &clap::Arg> {
 
 /// The file's top-level keys, each with its value and line.
 fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, (toml::Value, usize)>, String> {
-    let table: BTreeMap<String, toml::Spanned<toml::Value>> =
-        toml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Where and what, never the line itself: the file may be one the caller could not read.
+    let table: BTreeMap<String, toml::Spanned<toml::Value>> = toml::from_str(text).map_err(|e| {
+        let at = e.span().map_or(0, |s| s.start).min(text.len());
+        let line = text[..at].matches('\n').count() + 1;
+        let column = at - text[..at].rfind('\n').map_or(0, |n| n + 1) + 1;
+        format!("{}:{line}:{column}: {}", path.display(), e.message().trim_end())
+    })?;
     Ok(table
         .into_iter()
         .map(|(key, value)| {
@@ -338,7 +343,10 @@ mod tests {
         let e = refused("mode = { a = 1 }\n");
         assert!(e.contains("d.toml:1") && e.contains("table"), "{e}");
         let e = refused("mode = \n");
-        assert!(e.contains("d.toml") && e.contains("line 1"), "{e}");
+        assert!(e.contains("d.toml:1:"), "{e}");
+        // A file that is not TOML (one the caller could not read, say): no line of it is shown.
+        let e = refused("root:$6$secret-hash:19000:0:99999:7:::\n");
+        assert!(e.contains("d.toml:1:") && !e.contains("secret-hash"), "{e}");
         let e = refused("print-config = true\n");
         assert!(e.contains("unknown key `print-config`"), "{e}");
         // A file named and missing is an error, not nothing; named before the subcommand too.

@@ -50,7 +50,7 @@ pub enum SpecError {
     #[error("the signed document says {field} is {signed}, the slice asks for {asked}")]
     Mismatch { field: &'static str, signed: String, asked: String },
     #[error(
-        "a replay: this spec of `{service}` (signed at {signed_at} ms) was replaced by one signed at {newest} ms that this node saw, which does not roll back to it"
+        "a replay: this spec of `{service}` (signed at {signed_at} ms) is not the newest this node saw (signed at {newest} ms), nor the one that rolls back to"
     )]
     Replayed { service: String, signed_at: i64, newest: i64 },
 }
@@ -71,10 +71,10 @@ pub struct SpecDocument {
     pub secrets: BTreeMap<String, String>,
     /// Unix milliseconds, when it was signed: the order of a service's documents.
     pub signed_at: i64,
-    /// The `signed_at` of the one older document of this service that may still start on a
-    /// node that has seen this one: the version an update's rollback returns to. Every other
-    /// older document is refused there.
-    pub rollback_to: Option<i64>,
+    /// The SHA-256 (hex) of the one older signed document of this service that may still start
+    /// on a node that has seen this one: the version an update's rollback returns to. Every
+    /// other older document is refused there.
+    pub rollback_to: Option<String>,
 }
 
 impl SpecDocument {
@@ -100,15 +100,9 @@ impl SpecDocument {
         }
     }
 
-    /// The same document, updating the one signed at `base`: a rollback may return to it.
-    pub fn rolling_back_to(self, base: i64) -> SpecDocument {
-        SpecDocument { rollback_to: Some(base), ..self }
-    }
-
-    /// Whether a node that has seen this document still starts `older`'s: it is no older, or
-    /// it is the one this document's rollback returns to.
-    pub fn allows(&self, older: &SpecDocument) -> bool {
-        older.signed_at >= self.signed_at || self.rollback_to == Some(older.signed_at)
+    /// The same document, updating `base` (the one a rollback returns to).
+    pub fn rolling_back_to(self, base: &SignedSpec) -> SpecDocument {
+        SpecDocument { rollback_to: Some(base.digest()), ..self }
     }
 
     /// Whether it says what `service`, `command`, `run` and `networks` say; the error names the
@@ -150,6 +144,11 @@ pub struct SignedSpec {
 }
 
 impl SignedSpec {
+    /// The SHA-256 (hex) of the document as signed: what names it.
+    pub fn digest(&self) -> String {
+        digest(self.document.as_bytes())
+    }
+
     /// The document, read without checking the signature (what control does: it holds no key).
     pub fn read(&self) -> Result<SpecDocument, SpecError> {
         if self.document.len() > MAX_DOCUMENT {
@@ -262,10 +261,18 @@ impl PinnedKey {
     }
 }
 
-/// What bounds replays on a node: per service, the newest document it admitted (its signing
-/// time and the one older document it allows); only documents no older than it, or the one it
-/// allows, start a workload. Kept in the node's state directory, so that a restart forgets
-/// nothing.
+/// Whether a node that admitted `current` as the newest document of its service starts `next`:
+/// the same document, a newer one, or the one `current` rolls back to. Documents that cannot be
+/// read are the nodes' to refuse.
+pub fn allowed_after(current: &SignedSpec, next: &SignedSpec) -> bool {
+    let (Ok(now), Ok(then)) = (current.read(), next.read()) else { return true };
+    let newest = Newest { signed_at: now.signed_at, digest: current.digest(), rollback_to: now.rollback_to };
+    newest.allows(next, &then)
+}
+
+/// What bounds replays on a node: per service, the newest document it admitted; only that
+/// document, newer ones, and the one it rolls back to start a workload. Kept in the node's state
+/// directory, so that a restart forgets nothing.
 #[derive(Debug)]
 pub struct Seen {
     path: std::path::PathBuf,
@@ -273,11 +280,23 @@ pub struct Seen {
 }
 
 /// The newest document of a service that a node admitted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Newest {
     pub signed_at: i64,
-    pub rollback_to: Option<i64>,
+    /// Its SHA-256: a different document signed in the same millisecond is not it.
+    pub digest: String,
+    /// The SHA-256 of the document it rolls back to.
+    pub rollback_to: Option<String>,
+}
+
+impl Newest {
+    fn allows(&self, signed: &SignedSpec, document: &SpecDocument) -> bool {
+        let digest = signed.digest();
+        digest == self.digest
+            || document.signed_at > self.signed_at
+            || self.rollback_to.as_ref() == Some(&digest)
+    }
 }
 
 impl Seen {
@@ -294,35 +313,38 @@ impl Seen {
     }
 
     /// The newest document of `service` admitted here.
-    pub fn newest(&self, service: &str) -> Option<Newest> {
-        self.newest.get(service).copied()
+    pub fn newest(&self, service: &str) -> Option<&Newest> {
+        self.newest.get(service)
     }
 
-    /// Whether a workload may start from `document` (verified): no older than the newest of its
-    /// service admitted here, or the one that allows. A newer one becomes the newest, written
-    /// down before this returns.
-    pub fn admit(&mut self, document: &SpecDocument) -> Result<(), SpecError> {
-        if document.rollback_to.is_some_and(|t| t >= document.signed_at) {
-            return Err(SpecError::BadDocument("it rolls back to a document no older than itself".into()));
-        }
+    /// Whether a workload may start from `signed`, whose verified document is `document`: the
+    /// newest of its service admitted here, a newer one, or the one that rolls back to. A newer
+    /// one becomes the newest, written down before this returns.
+    pub fn admit(&mut self, signed: &SignedSpec, document: &SpecDocument) -> Result<(), SpecError> {
         let newest = self.newest(&document.service);
-        if let Some(n) = newest
-            && document.signed_at < n.signed_at
-        {
-            if n.rollback_to == Some(document.signed_at) {
+        if let Some(n) = newest {
+            if !n.allows(signed, document) {
+                let service = document.service.clone();
+                return Err(SpecError::Replayed {
+                    service,
+                    signed_at: document.signed_at,
+                    newest: n.signed_at,
+                });
+            }
+            if document.signed_at <= n.signed_at {
                 return Ok(());
             }
-            let service = document.service.clone();
-            return Err(SpecError::Replayed { service, signed_at: document.signed_at, newest: n.signed_at });
         }
-        let admitted = Newest { signed_at: document.signed_at, rollback_to: document.rollback_to };
-        if newest != Some(admitted) {
-            let mut all = self.newest.clone();
-            all.insert(document.service.clone(), admitted);
-            let text = serde_json::to_string(&all).expect("records serialize");
-            files::write_atomic(&self.path, text.as_bytes(), files::PUBLIC)?;
-            self.newest = all;
-        }
+        let admitted = Newest {
+            signed_at: document.signed_at,
+            digest: signed.digest(),
+            rollback_to: document.rollback_to.clone(),
+        };
+        let mut all = self.newest.clone();
+        all.insert(document.service.clone(), admitted);
+        let text = serde_json::to_string(&all).expect("records serialize");
+        files::write_atomic(&self.path, text.as_bytes(), files::PUBLIC)?;
+        self.newest = all;
         Ok(())
     }
 }
@@ -511,47 +533,52 @@ mod tests {
     /// A compromised manager sending, with a genuine signature, a version the operator replaced.
     #[test]
     fn a_replayed_older_spec_is_refused_and_a_restart_forgets_nothing() {
+        let (_keys, key, _) = keys();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spec-seen.json");
+        let sign = |d: SpecDocument| (key.sign(&d), d);
         let at = |signed_at: i64| SpecDocument { signed_at, ..document() };
         // v1 updates v0; v2 updates v1; v3 updates v1 again (v2 was rolled back).
-        let (v0, v1, v2, v3) = (
-            at(100),
-            at(200).rolling_back_to(100),
-            at(300).rolling_back_to(200),
-            at(400).rolling_back_to(200),
-        );
+        let v0 = sign(at(100));
+        let v1 = sign(at(200).rolling_back_to(&v0.0));
+        let v2 = sign(at(300).rolling_back_to(&v1.0));
+        let v3 = sign(at(400).rolling_back_to(&v1.0));
+        let admit = |seen: &mut Seen, v: &(SignedSpec, SpecDocument)| seen.admit(&v.0, &v.1);
         let mut seen = Seen::open(&path).unwrap();
         assert_eq!(seen.newest("api"), None);
-        seen.admit(&v0).unwrap();
-        seen.admit(&v1).unwrap();
-        seen.admit(&v0).unwrap();
-        assert_eq!(
-            seen.newest("api"),
-            Some(Newest { signed_at: 200, rollback_to: Some(100) }),
-            "v1 rolls back to v0"
-        );
-        seen.admit(&v2).unwrap();
+        admit(&mut seen, &v0).unwrap();
+        admit(&mut seen, &v1).unwrap();
+        admit(&mut seen, &v0).unwrap();
+        assert_eq!(seen.newest("api").unwrap().rollback_to, Some(v0.0.digest()), "v1 rolls back to v0");
+        admit(&mut seen, &v2).unwrap();
         // v0 is older than v2 and not what v2 rolls back to: refused, now and after a restart.
-        assert!(matches!(seen.admit(&v0), Err(SpecError::Replayed { signed_at: 100, newest: 300, .. })));
+        assert!(matches!(
+            admit(&mut seen, &v0),
+            Err(SpecError::Replayed { signed_at: 100, newest: 300, .. })
+        ));
         let mut reopened = Seen::open(&path).unwrap();
-        assert!(matches!(reopened.admit(&v0), Err(SpecError::Replayed { .. })));
+        assert!(matches!(admit(&mut reopened, &v0), Err(SpecError::Replayed { .. })));
         // The version a rollback returns to still starts, and admitting it changes nothing.
-        reopened.admit(&v1).unwrap();
+        admit(&mut reopened, &v1).unwrap();
+        admit(&mut reopened, &v2).unwrap();
         assert_eq!(reopened.newest("api").unwrap().signed_at, 300);
         // Once v3 is seen, the rolled-back v2 (newer than v1, the one v3 allows) is refused too.
-        reopened.admit(&v3).unwrap();
-        assert!(matches!(reopened.admit(&v2), Err(SpecError::Replayed { signed_at: 300, newest: 400, .. })));
-        reopened.admit(&v1).unwrap();
-        reopened.admit(&v3).unwrap();
-        // A document rolling back to itself or to what follows it is not one meshctl signs.
-        for forward in [at(500).rolling_back_to(500), at(500).rolling_back_to(600)] {
-            assert!(matches!(reopened.admit(&forward), Err(SpecError::BadDocument(_))));
-        }
-        assert_eq!(reopened.newest("api").unwrap().signed_at, 400);
+        admit(&mut reopened, &v3).unwrap();
+        assert!(matches!(
+            admit(&mut reopened, &v2),
+            Err(SpecError::Replayed { signed_at: 300, newest: 400, .. })
+        ));
+        admit(&mut reopened, &v1).unwrap();
+        admit(&mut reopened, &v3).unwrap();
+        // Another document signed in the same millisecond as the newest is not it.
+        let twin = sign(SpecDocument { command: Some("other".into()), ..at(400) });
+        assert!(matches!(admit(&mut reopened, &twin), Err(SpecError::Replayed { .. })));
+        // Control's courtesy check says the same as the node.
+        assert!(allowed_after(&v3.0, &v1.0) && allowed_after(&v3.0, &v3.0) && !allowed_after(&v3.0, &v2.0));
+        assert!(!allowed_after(&v3.0, &twin.0) && !allowed_after(&v2.0, &v0.0));
         // Other services keep their own record.
-        let web = SpecDocument { service: "web".into(), ..at(50) };
-        reopened.admit(&web).unwrap();
+        let web = sign(SpecDocument { service: "web".into(), ..at(50) });
+        admit(&mut reopened, &web).unwrap();
         assert_eq!(reopened.newest("web").unwrap().signed_at, 50);
         assert_eq!(reopened.newest("api").unwrap().signed_at, 400);
         // A record that cannot be read is an error, never "nothing seen".
@@ -562,7 +589,7 @@ mod tests {
         // Nowhere to write a newer document down: refused, not run on a record a restart would
         // lose.
         let mut lost = Seen::open(&dir.path().join("gone/spec-seen.json")).unwrap();
-        assert!(matches!(lost.admit(&v2), Err(SpecError::File(_))));
+        assert!(matches!(admit(&mut lost, &v2), Err(SpecError::File(_))));
         assert_eq!(lost.newest("api"), None);
     }
 

@@ -303,6 +303,8 @@ async fn serve(
     known: Option<UnlockKey>,
     joined: Option<&statedir::JoinedManager>,
 ) -> anyhow::Result<()> {
+    // Caught from here on: a stop while it starts is kept for when it waits for one.
+    let mut stop = mesh_api::notify::Stop::catch().context("catching SIGTERM")?;
     let listen = statedir::read_config(&state_dir)?.listen;
     let bind = || async {
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
@@ -321,7 +323,7 @@ async fn serve(
         ));
         let key = tokio::select! {
             key = serve::serve_locked(&state_dir) => key?,
-            _ = stop() => return Ok(()),
+            _ = stop.wait() => return Ok(()),
         };
         info!("unlocked");
         Some(key)
@@ -368,8 +370,8 @@ async fn serve(
         });
         tokio::spawn(metrics_http::serve(listener, std::sync::Arc::new(move || m.metrics_text()), ready));
     }
-    let shutdown = async {
-        stop().await;
+    let shutdown = async move {
+        stop.wait().await;
         info!("shutting down");
     };
     mesh_api::notify::tell(&format!("READY=1\nSTATUS=serving cluster {cluster_id} on {}", config.listen));
@@ -383,14 +385,4 @@ async fn serve(
         state_dir.display()
     );
     Ok(())
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn stop() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

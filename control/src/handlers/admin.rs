@@ -433,6 +433,8 @@ impl pb::admin_server::Admin for AdminApi {
             )));
         }
         self.0.store.set_voter(raft_id, true).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let promoted = Command::SetDemoted { id: id.clone(), demoted: false };
+        self.0.change(move |_, _| Ok(vec![promoted])).await?;
         info!(node = %id, "manager promoted to voter");
         Ok(Response::new(self.node(&id)?))
     }
@@ -448,6 +450,9 @@ impl pb::admin_server::Admin for AdminApi {
         if let Err(reason) = self.0.quorum_after_demoting(raft_id) {
             return Err(Status::failed_precondition(format!("refusing to demote manager {id}: {reason}")));
         }
+        // Recorded first: from then on its own asking to vote is refused.
+        let demoted = Command::SetDemoted { id: id.clone(), demoted: true };
+        self.0.change(move |_, _| Ok(vec![demoted])).await?;
         self.0.store.set_voter(raft_id, false).await.map_err(|e| Status::unavailable(e.to_string()))?;
         info!(node = %id, "manager demoted: it keeps a copy of the state but does not vote");
         Ok(Response::new(self.node(&id)?))

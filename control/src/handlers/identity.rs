@@ -87,6 +87,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 control: None,
                 removed_at: None,
                 boot: 0,
+                demoted: false,
             }))
             .await
             .map_err(internal)?;

@@ -45,7 +45,17 @@ impl pb::managers_server::Managers for ManagersApi {
                 "{control} cannot be reached by the other managers: give --advertise"
             )));
         }
-        let raft_id = manager.store.read(|s| s.nodes.get(&id).map(|n| n.raft_id())).unwrap_or_default();
+        let (raft_id, demoted) =
+            manager.store.read(|s| s.nodes.get(&id).map(|n| (n.raft_id(), n.demoted))).unwrap_or_default();
+        let leadership = manager.store.leadership();
+        if leadership.voters.contains_key(&raft_id) {
+            return Ok(Response::new(pb::AddManagerResponse { demoted: false }));
+        }
+        // Demoted by the operator: it asks in vain (a restart, or a stolen manager key).
+        if demoted && leadership.learners.contains_key(&raft_id) {
+            info!(node = %id, "a demoted manager asked to vote: it stays a learner (meshctl node promote)");
+            return Ok(Response::new(pb::AddManagerResponse { demoted: true }));
+        }
         let set_address = Command::SetManagerAddress { id: id.clone(), control };
         manager.change(move |_, _| Ok(vec![set_address])).await?;
         manager.store.add_voter(raft_id, &control.to_string()).await.map_err(|e| {
@@ -53,6 +63,6 @@ impl pb::managers_server::Managers for ManagersApi {
             Status::unavailable(e.to_string())
         })?;
         info!(node = %id, raft_id, %control, "manager added to the raft group as a voter");
-        Ok(Response::new(pb::AddManagerResponse {}))
+        Ok(Response::new(pb::AddManagerResponse { demoted: false }))
     }
 }

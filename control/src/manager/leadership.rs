@@ -67,8 +67,17 @@ impl Manager {
                 return;
             }
             match tokio::time::timeout(ADD_WITHIN, self.ask_to_be_added()).await {
+                Ok(Ok(true)) => {
+                    info!(
+                        "the operator demoted this manager: it stays a learner until `meshctl node promote`"
+                    );
+                    if let Err(e) = crate::statedir::finish_join(&self.dir, &self.config) {
+                        warn!(error = %e, "cannot record that the join is complete");
+                    }
+                    return;
+                }
                 // Added: seen as a voter here once the change reaches this manager's log.
-                Ok(Ok(())) => {
+                Ok(Ok(false)) => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     continue;
                 }
@@ -112,13 +121,14 @@ impl Manager {
         client::leader(managers, config).await
     }
 
-    async fn ask_to_be_added(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// Asks the leader to add this manager; whether the operator demoted it (it stays out).
+    async fn ask_to_be_added(&self) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
         let identity = self.identity()?;
         let leader = self.leader_as(&identity, &self.config.join).await?;
-        pb::managers_client::ManagersClient::new(leader.channel)
+        let answer = pb::managers_client::ManagersClient::new(leader.channel)
             .add_manager(pb::AddManagerRequest { control: self.config.advertise.to_string() })
             .await
             .map_err(|s| client::ClientError::refused(&leader.addr, s))?;
-        Ok(())
+        Ok(answer.into_inner().demoted)
     }
 }

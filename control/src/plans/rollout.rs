@@ -108,13 +108,9 @@ pub(super) fn check_signed(
 }
 
 /// Whether nodes that admitted `current`'s signed spec start `next` (their own record decides:
-/// they may have seen a newer one). Unsigned or unreadable documents are the nodes' to refuse.
+/// they may have seen a newer one). Unsigned versions are the nodes' to refuse.
 fn allowed_after(current: &Definition, next: &SignedSpec) -> bool {
-    let read = |s: &SignedSpec| s.read().ok();
-    match (current.signed.as_ref().and_then(read), read(next)) {
-        (Some(current), Some(next)) => current.allows(&next),
-        _ => true,
-    }
+    current.signed.as_ref().is_none_or(|c| mesh_api::specs::allowed_after(c, next))
 }
 
 /// Ports and constraints with `update`'s changes.
@@ -510,29 +506,34 @@ mod tests {
     }
 
     /// A signed spec as control holds it (control verifies no signature: the nodes do).
-    fn signed_at(at: i64, rollback_to: Option<i64>) -> Option<SignedSpec> {
+    fn signed_at(at: i64, rolls_back_to: Option<&SignedSpec>) -> SignedSpec {
         let document = SpecDocument::new("c", "api", None, RunSpec::default(), &[], BTreeMap::new(), at);
-        let document = SpecDocument { rollback_to, ..document };
-        Some(SignedSpec { document: serde_json::to_string(&document).unwrap(), signature: String::new() })
+        let document = match rolls_back_to {
+            Some(base) => document.rolling_back_to(base),
+            None => document,
+        };
+        SignedSpec { document: serde_json::to_string(&document).unwrap(), signature: String::new() }
     }
 
     #[test]
     fn a_rollback_to_a_spec_the_current_one_replaced_is_refused() {
-        // Version 2 updates version 1, which a rollback then returns to: allowed. Version 2
-        // rolling back to another spec than version 1's: the nodes would refuse version 1 as a
+        // Version 2 updates version 0, which a rollback then returns to: allowed. Version 2
+        // rolling back to another spec than version 0's: the nodes would refuse version 0 as a
         // replay, so control refuses to roll back (and a failed update pauses instead).
-        for (rolls_back_to, allowed) in [(Some(200), true), (Some(100), false), (None, false)] {
+        let v0 = signed_at(200, None);
+        let other = signed_at(100, None);
+        for (rolls_back_to, allowed) in [(Some(&v0), true), (Some(&other), false), (None, false)] {
             let mut s = service(1);
-            s.signed = signed_at(200, None);
-            let definition = Definition { signed: signed_at(300, rolls_back_to), ..s.definition(0) };
+            s.signed = Some(v0.clone());
+            let definition = Definition { signed: Some(signed_at(300, rolls_back_to)), ..s.definition(0) };
             start(&mut s, 2, definition, UpdateOptions::default(), false, 100);
             let rolled = rollback(&mut s, UpdateOptions::default(), 101);
-            assert_eq!(rolled.is_ok(), allowed, "{rolls_back_to:?}: {rolled:?}");
+            assert_eq!(rolled.is_ok(), allowed, "{rolled:?}");
             assert_eq!(s.version, if allowed { 0 } else { 2 });
         }
         // Unsigned versions are the nodes' to refuse or run.
         let mut s = service(1);
-        let definition = Definition { signed: signed_at(300, None), ..s.definition(0) };
+        let definition = Definition { signed: Some(signed_at(300, None)), ..s.definition(0) };
         start(&mut s, 2, definition, UpdateOptions::default(), false, 100);
         assert!(rollback(&mut s, UpdateOptions::default(), 101).is_ok());
     }

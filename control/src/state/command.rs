@@ -26,6 +26,11 @@ pub enum Command {
         id: NodeId,
         control: SocketAddr,
     },
+    /// The operator demoted a manager (`true`) or promoted it again.
+    SetDemoted {
+        id: NodeId,
+        demoted: bool,
+    },
     /// Changes cluster-wide settings (each `Some` replaces the value in force).
     UpdateSettings {
         cert_lifetime_secs: Option<u64>,

@@ -45,6 +45,10 @@ pub struct NodeRecord {
     /// did): part of its pair keys, so that a restart changes them. It only grows.
     #[serde(default)]
     pub boot: u16,
+    /// A manager the operator demoted (`meshctl node demote`): it does not vote again until
+    /// promoted, whatever it asks.
+    #[serde(default)]
+    pub demoted: bool,
 }
 
 impl NodeRecord {

@@ -11,7 +11,7 @@ use mesh_api::client::AdminClient;
 use mesh_api::proto::{ClusterView, pb};
 use mesh_api::tokens::Role;
 
-use super::output::{Format, render, when};
+use super::output::{Format, data, render, when};
 
 fn when_unix(secs: i64) -> String {
     when(time::OffsetDateTime::from_unix_timestamp(secs).ok())
@@ -174,7 +174,7 @@ pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()
         ClusterCmd::Inspect { format } => {
             let cluster = client.inspect_cluster().await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&cluster)?),
+                Format::Json | Format::Yaml => print!("{}", data(format, &cluster)?),
                 Format::Table => print!("{}", settings(&cluster)),
             }
         }

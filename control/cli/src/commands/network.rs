@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use mesh_api::client::AdminClient;
 
-use super::output::{Format, render};
+use super::output::{DataFormat, Format, data, render};
 
 #[derive(Subcommand)]
 pub enum NetworkCmd {
@@ -20,9 +20,16 @@ pub enum NetworkCmd {
     Ls {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Only the names, one per line.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Show one network (never its key bytes).
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        #[arg(long, value_enum, default_value_t = DataFormat::Json)]
+        format: DataFormat,
+    },
     /// Remove a network (refused while services are attached).
     Rm { name: String },
     /// Rotate a network's key now.
@@ -42,10 +49,14 @@ pub async fn run(cmd: NetworkCmd, client: &mut AdminClient) -> anyhow::Result<()
                 if n.encrypted { "encrypted" } else { "unencrypted" }
             );
         }
-        NetworkCmd::Ls { format } => {
+        NetworkCmd::Ls { format, quiet } => {
             let networks = client.list_networks().await?;
+            if quiet {
+                networks.iter().for_each(|n| println!("{}", n.name));
+                return Ok(());
+            }
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&networks)?),
+                Format::Json | Format::Yaml => print!("{}", data(format, &networks)?),
                 Format::Table => print!(
                     "{}",
                     render(
@@ -63,8 +74,8 @@ pub async fn run(cmd: NetworkCmd, client: &mut AdminClient) -> anyhow::Result<()
                 ),
             }
         }
-        NetworkCmd::Inspect { name } => {
-            println!("{}", serde_json::to_string_pretty(&client.inspect_network(&name).await?)?)
+        NetworkCmd::Inspect { name, format } => {
+            print!("{}", data(format.into(), &client.inspect_network(&name).await?)?)
         }
         NetworkCmd::Rm { name } => {
             println!("network {} removed", client.remove_network(&name).await?.name)

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use mesh_api::client::AdminClient;
 use mesh_api::model::MAX_SECRET_BYTES;
 
-use super::output::{Format, render};
+use super::output::{DataFormat, Format, data, render};
 
 #[derive(Subcommand)]
 pub enum SecretCmd {
@@ -23,9 +23,16 @@ pub enum SecretCmd {
     Ls {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Only the names, one per line.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Show one secret (never its bytes).
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        #[arg(long, value_enum, default_value_t = DataFormat::Json)]
+        format: DataFormat,
+    },
     /// Remove a secret; refused while a service reads it.
     Rm { name: String },
 }
@@ -64,10 +71,14 @@ pub async fn run(
             }
             println!("secret {} created ({} bytes, sha256 {})", s.name, s.size, s.digest);
         }
-        SecretCmd::Ls { format } => {
+        SecretCmd::Ls { format, quiet } => {
             let secrets = client.list_secrets().await?;
+            if quiet {
+                secrets.iter().for_each(|n| println!("{}", n.name));
+                return Ok(());
+            }
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&secrets)?),
+                Format::Json | Format::Yaml => print!("{}", data(format, &secrets)?),
                 Format::Table => print!(
                     "{}",
                     render(
@@ -82,13 +93,13 @@ pub async fn run(
                 ),
             }
         }
-        SecretCmd::Inspect { name } => {
+        SecretCmd::Inspect { name, format } => {
             let secrets = client.list_secrets().await?;
             let s = secrets
                 .iter()
                 .find(|s| s.name == name)
                 .with_context(|| format!("no secret named `{name}`"))?;
-            println!("{}", serde_json::to_string_pretty(s)?);
+            print!("{}", data(format.into(), s)?);
         }
         SecretCmd::Rm { name } => println!("secret {} removed", client.remove_secret(&name).await?.name),
     }

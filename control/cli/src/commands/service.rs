@@ -6,7 +6,7 @@ use clap::Subcommand;
 use mesh_api::client::AdminClient;
 use mesh_api::proto::pb;
 
-use super::output::{Format, render};
+use super::output::{DataFormat, Format, data, render};
 
 #[derive(Subcommand)]
 pub enum ServiceCmd {
@@ -37,9 +37,16 @@ pub enum ServiceCmd {
     Ls {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Only the names, one per line.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Show one service with its endpoints.
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        #[arg(long, value_enum, default_value_t = DataFormat::Json)]
+        format: DataFormat,
+    },
     /// Each endpoint of a service: its node, addresses and state as its node reports it
     /// (starting, running, restarting, failed, ready; pending until it reports), restarts,
     /// since when, and how its command last ended.
@@ -47,6 +54,9 @@ pub enum ServiceCmd {
         name: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Only the endpoints' names (SERVICE.SLOT), one per line.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// What the service's workloads wrote (stdout and stderr, each line prefixed by its
     /// endpoint), fetched through control from the nodes that run them.
@@ -238,17 +248,25 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 run: Some(run),
                 signed,
             };
+            let signed_spec = request.signed.clone();
             let s = client.create_service(request).await?;
+            if let (Some(signer), Some(signed)) = (signer, &signed_spec) {
+                signer.record_signed(&s.name, signed)?;
+            }
             let signed = if s.signed { ", its spec signed" } else { "" };
             println!("service {} created with {} endpoint(s){signed}", s.name, s.endpoints.len());
             for (network, vip) in &s.vips {
                 println!("  {network}: virtual IP {vip}");
             }
         }
-        ServiceCmd::Ls { format } => {
+        ServiceCmd::Ls { format, quiet } => {
             let services = client.list_services().await?;
+            if quiet {
+                services.iter().for_each(|n| println!("{}", n.name));
+                return Ok(());
+            }
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&services)?),
+                Format::Json | Format::Yaml => print!("{}", data(format, &services)?),
                 Format::Table => print!(
                     "{}",
                     render(
@@ -264,13 +282,17 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 ),
             }
         }
-        ServiceCmd::Inspect { name } => {
-            println!("{}", serde_json::to_string_pretty(&client.inspect_service(&name).await?)?)
+        ServiceCmd::Inspect { name, format } => {
+            print!("{}", data(format.into(), &client.inspect_service(&name).await?)?)
         }
-        ServiceCmd::Ps { name, format } => {
+        ServiceCmd::Ps { name, format, quiet } => {
             let endpoints = client.service_ps(&name).await?;
+            if quiet {
+                endpoints.iter().for_each(|e| println!("{name}.{}", e.slot));
+                return Ok(());
+            }
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&endpoints)?),
+                Format::Json | Format::Yaml => print!("{}", data(format, &endpoints)?),
                 Format::Table => {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -370,11 +392,16 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 if changes || force {
                     let base = signer.verified(&name, before.spec.as_ref())?;
                     let (command, run) =
-                        change.apply(&base.command, &base.run).map_err(anyhow::Error::msg)?;
-                    request.signed = Some(signer.sign(&name, &command, &run, &base.networks, Some(&base))?);
+                        change.apply(&base.1.command, &base.1.run).map_err(anyhow::Error::msg)?;
+                    request.signed =
+                        Some(signer.sign(&name, &command, &run, &base.1.networks, Some(&base))?);
                 }
             }
+            let signed = request.signed.clone();
             let s = client.update_service(request).await?;
+            if let (Some(signer), Some(signed)) = (signer, &signed) {
+                signer.record_signed(&name, signed)?;
+            }
             // A new version, or a paused update resumed: followed; else nothing is rolled out.
             let rolling = |v: &mesh_api::proto::ServiceView| {
                 (v.version, v.rollout.as_ref().map(|r| (r.state.clone(), r.started_at)))
