@@ -73,6 +73,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         node: node.id.to_string(),
         control: node.managers.join(","),
         underlay: config.session.underlay.to_string(),
+        netns_prefix: config.netns_prefix.clone(),
         ..Status::default()
     }));
     let endpoints = crate::endpoints::Endpoints::new();

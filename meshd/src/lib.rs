@@ -26,6 +26,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod overlay;
+pub mod ping;
 pub mod reconciler;
 pub mod sandbox;
 pub mod session;

@@ -86,6 +86,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Ping a service (`SERVICE` or `SERVICE.NETWORK`: each of its endpoints, at most 8) or an
+    /// overlay address through the overlay, from a workload of this node on the same network,
+    /// showing each path (peer node, network, transport and key epoch) and the round trip.
+    Ping {
+        target: String,
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Renew the node's certificate now (a fresh key pair, same node ID); a running agent does it,
     /// so that it serves the new certificate at once.
     Renew {
@@ -177,6 +188,21 @@ async fn run() {
                 }
             })
         }
+        Cmd::Ping { target, state_dir, json } => match status::ask_ping(&state_dir, &target).await {
+            Ok(echoes) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&echoes).expect("echoes serialize"));
+                } else {
+                    print!("{}", meshd::ping::render(&echoes));
+                }
+                if echoes.iter().all(|e| e.received > 0) {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("some paths did not answer"))
+                }
+            }
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
         Cmd::Renew { state_dir } => match status::ask_renewal(&state_dir).await {
             Ok(Some(Renewal::Renewed { node, not_after })) => {
                 println!("{node} renewed; certificate valid until {not_after}");

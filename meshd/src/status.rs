@@ -53,6 +53,11 @@ pub struct Status {
     #[serde(skip)]
     pub certificates: Option<Arc<WorkloadCertificates>>,
     /// What the endpoints report of themselves, read at each query.
+    /// The latest slice, and the workloads' namespace prefix: what `meshd ping` plans from.
+    #[serde(skip)]
+    pub slice: Option<Arc<NodeSlice>>,
+    #[serde(skip)]
+    pub netns_prefix: String,
     #[serde(skip)]
     pub reports: Option<
         tokio::sync::watch::Receiver<
@@ -100,6 +105,7 @@ pub struct NetworkStatus {
 impl Status {
     /// Takes in a new slice.
     pub fn apply(&mut self, slice: &NodeSlice) {
+        self.slice = Some(Arc::new(slice.clone()));
         self.version = slice.version;
         self.policy_version = slice.policy.as_ref().map(|p| p.version);
         self.policy_rules = slice
@@ -257,8 +263,10 @@ pub async fn serve(state_dir: &Path, status: Arc<Mutex<Status>>, renew_now: Rene
 async fn answer(mut conn: UnixStream, status: &Mutex<Status>, renew_now: &RenewNow) -> std::io::Result<()> {
     let mut request = Vec::new();
     (&mut conn).take(MAX_REQUEST).read_to_end(&mut request).await?;
-    let json = match String::from_utf8_lossy(&request).trim() {
+    let request = String::from_utf8_lossy(&request).trim().to_owned();
+    let json = match request.as_str() {
         "renew" => serde_json::to_vec(&renew(renew_now).await),
+        ping if ping.starts_with("ping ") => serde_json::to_vec(&echo(status, &ping["ping ".len()..]).await),
         _ => serde_json::to_vec(&snapshot(status)),
     }
     .expect("answers serialize");
@@ -266,6 +274,34 @@ async fn answer(mut conn: UnixStream, status: &Mutex<Status>, renew_now: &RenewN
 }
 
 /// The status, with the counters and certificates read now.
+/// `meshd ping TARGET`: three echoes along each path the latest slice gives.
+async fn echo(status: &Mutex<Status>, target: &str) -> Result<Vec<crate::ping::Echo>, String> {
+    let (slice, prefix) = {
+        let s = status.lock().expect("lock");
+        (s.slice.clone(), s.netns_prefix.clone())
+    };
+    let slice = slice.ok_or("no slice from control yet")?;
+    let probes = crate::ping::plan(&slice, &prefix, target.trim())?;
+    let mut echoes = Vec::new();
+    for probe in probes {
+        echoes.push(crate::ping::run(probe, 3).await);
+    }
+    Ok(echoes)
+}
+
+/// Asks the agent running on `state_dir` to ping `target`.
+pub async fn ask_ping(state_dir: &Path, target: &str) -> Result<Vec<crate::ping::Echo>, String> {
+    let answer = ask(state_dir, &format!("ping {target}")).await.map_err(|e| match e {
+        AskError::Unreachable(e) => format!(
+            "cannot reach meshd at {} ({e}); is `meshd run` running?",
+            socket_path(state_dir).display()
+        ),
+        AskError::Failed(e) => e,
+    })?;
+    serde_json::from_slice::<Result<Vec<crate::ping::Echo>, String>>(&answer)
+        .map_err(|e| format!("meshd answered something else: {e}"))?
+}
+
 fn snapshot(status: &Mutex<Status>) -> Status {
     let mut s = status.lock().expect("lock");
     if let Some(reports) = s.reports.clone() {
