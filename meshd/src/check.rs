@@ -97,6 +97,29 @@ pub async fn check(state_dir: &Path) -> Vec<Finding> {
                     reached.push(manager.clone());
                 }
             }
+            // The clock against the leader's: certificates are checked against both.
+            match tokio::time::timeout(Duration::from_secs(5), node.leader()).await {
+                Ok(Ok(leader)) => match leader.clock_skew_ms {
+                    Some(skew) => out.push(finding(
+                        "this host's clock agrees with control's",
+                        skew.abs() <= MAX_SKEW_MS,
+                        if skew.abs() <= MAX_SKEW_MS {
+                            format!("{skew:+} ms against the leader {}", leader.addr)
+                        } else {
+                            format!(
+                                "the leader {} is {skew:+} ms off this host (at most ±{MAX_SKEW_MS} ms): synchronize this host's clock (systemd-timesyncd, chrony)",
+                                leader.addr
+                            )
+                        },
+                    )),
+                    None => out.push(Finding {
+                        optional: true,
+                        ..finding("this host's clock agrees with control's", false, "the leader does not say its time")
+                    }),
+                },
+                Ok(Err(e)) => out.push(finding("the leader answers over mTLS", false, e.to_string())),
+                Err(_) => out.push(finding("the leader answers over mTLS", false, "no answer within 5 s")),
+            }
             out.push(finding(
                 "a manager reachable (TCP)",
                 !reached.is_empty(),
@@ -113,6 +136,9 @@ pub async fn check(state_dir: &Path) -> Vec<Finding> {
     }
     out
 }
+
+/// How far this host's clock may be from the leader's.
+const MAX_SKEW_MS: i64 = 5_000;
 
 /// Prints each finding; an error when one failed.
 pub async fn run(state_dir: &Path) -> anyhow::Result<()> {

@@ -172,6 +172,11 @@ fn a_service_is_updated_an_endpoint_at_a_time_and_rolled_back() {
     let ok = lab.in_host(2, "meshd").args(["check", "--state-dir"]).arg(&node_dir).output().unwrap();
     let said = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success() && said.contains("ok    a manager reachable (TCP)"), "{said}");
+    assert!(
+        said.contains("ok    this host's clock agrees with control's")
+            && said.contains(" ms against the leader"),
+        "{said}"
+    );
     let copy = lab.work.path().join("h2-copy");
     std::fs::create_dir_all(&copy).unwrap();
     for f in ["ca.crt", "node.crt", "node.key", "control"] {

@@ -82,6 +82,13 @@ pub struct Leader {
     pub managers: Vec<String>,
     /// Every manager's node ID, as the leader knows them.
     pub manager_ids: Vec<String>,
+    /// How far the leader's clock is ahead of this host's (milliseconds; negative: behind),
+    /// measured at the middle of the question's round trip; none from a manager that did not say.
+    pub clock_skew_ms: Option<i64>,
+}
+
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Finds the leader among `managers`, following the leader named by followers, and returns a
@@ -106,14 +113,17 @@ pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Le
                 }
             };
             let mut client = pb::managers_client::ManagersClient::new(channel.clone());
+            let asked = unix_millis();
             match client.leader(pb::LeaderRequest {}).await {
                 Ok(answer) => {
+                    let middle = asked + (unix_millis() - asked) / 2;
                     let answer = answer.into_inner();
                     return Ok(Leader {
                         addr,
                         channel,
                         managers: answer.managers,
                         manager_ids: answer.manager_ids,
+                        clock_skew_ms: (answer.now_millis != 0).then(|| answer.now_millis - middle),
                     });
                 }
                 Err(status) => {

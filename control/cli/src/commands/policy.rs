@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use mesh_api::client::AdminClient;
 
-use super::output::{render, when};
+use super::output::{Format, data, render, when};
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {
@@ -21,7 +21,10 @@ pub enum PolicyCmd {
         version: Option<u64>,
     },
     /// List the policy versions.
-    History,
+    History {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Put version N back in force (as a new version).
     Rollback { version: u64 },
     /// Show the verdict for a request and the rule behind it.
@@ -57,8 +60,12 @@ pub async fn run(cmd: PolicyCmd, client: &mut AdminClient) -> anyhow::Result<()>
             println!("policy version {} in force ({} rule(s))", applied.version, applied.rules);
         }
         PolicyCmd::Get { version } => print!("{}", client.get_policy(version).await?.text),
-        PolicyCmd::History => {
+        PolicyCmd::History { format } => {
             let versions = client.policy_history().await?;
+            if !matches!(format, Format::Table) {
+                print!("{}", data(format, &versions)?);
+                return Ok(());
+            }
             print!(
                 "{}",
                 render(
