@@ -133,7 +133,10 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
                     status.connected = false;
                     status.last_error = Some(why);
                 }
-                SessionEvent::Slice(slice) => status.apply(&slice),
+                SessionEvent::Slice(slice) => {
+                    status.apply(&slice);
+                    status.slice = Some(Arc::new(slice));
+                }
             }
         }
     };

@@ -120,7 +120,7 @@ impl Reconciler {
         // Each service's newest signed spec first: admitting it decides which older ones may
         // still run, in this slice and among the workloads running already.
         let mut wanted: Vec<(String, &LocalEndpoint)> = wanted.into_iter().collect();
-        wanted.sort_by_key(|(ns, e)| {
+        wanted.sort_by_cached_key(|(ns, e)| {
             let signed_at = e.signed.as_ref().and_then(|s| s.read().ok()).map_or(i64::MIN, |d| d.signed_at);
             (e.service.clone(), std::cmp::Reverse(signed_at), ns.clone())
         });

@@ -105,7 +105,6 @@ pub struct NetworkStatus {
 impl Status {
     /// Takes in a new slice.
     pub fn apply(&mut self, slice: &NodeSlice) {
-        self.slice = Some(Arc::new(slice.clone()));
         self.version = slice.version;
         self.policy_version = slice.policy.as_ref().map(|p| p.version);
         self.policy_rules = slice

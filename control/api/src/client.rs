@@ -87,10 +87,6 @@ pub struct Leader {
     pub clock_skew_ms: Option<i64>,
 }
 
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Finds the leader among `managers`, following the leader named by followers, and returns a
 /// channel to it (TLS with `config`). Keeps asking through an election, for [`FIND_LEADER_FOR`].
 pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Leader, ClientError> {
@@ -113,10 +109,10 @@ pub async fn leader(managers: &[String], config: Arc<ClientConfig>) -> Result<Le
                 }
             };
             let mut client = pb::managers_client::ManagersClient::new(channel.clone());
-            let asked = unix_millis();
+            let asked = crate::unix_millis();
             match client.leader(pb::LeaderRequest {}).await {
                 Ok(answer) => {
-                    let middle = asked + (unix_millis() - asked) / 2;
+                    let middle = asked + (crate::unix_millis() - asked) / 2;
                     let answer = answer.into_inner();
                     return Ok(Leader {
                         addr,

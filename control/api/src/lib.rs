@@ -25,3 +25,10 @@ pub mod specs;
 pub mod tls;
 pub mod tokens;
 pub mod unlock;
+
+/// The wall clock in Unix milliseconds (0 before 1970, the last there is past `i64`).
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -25,7 +25,7 @@ impl pb::managers_server::Managers for ManagersApi {
             leader: self.0.config.advertise.to_string(),
             managers: self.0.manager_addresses(),
             manager_ids: self.0.manager_ids(),
-            now_millis: unix_millis(),
+            now_millis: mesh_api::unix_millis(),
         }))
     }
 
@@ -66,8 +66,4 @@ impl pb::managers_server::Managers for ManagersApi {
         info!(node = %id, raft_id, %control, "manager added to the raft group as a voter");
         Ok(Response::new(pb::AddManagerResponse { demoted: false }))
     }
-}
-
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

@@ -491,9 +491,7 @@ async fn logs(
     tail: Option<u32>,
     since: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
-    let now_millis = || {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-    };
+    let now_millis = mesh_api::unix_millis;
     let mut since_millis = since.map_or(0, |d| now_millis() - d.as_millis() as i64);
     let mut tail = tail.unwrap_or(0);
     // Lines printed at the newest millisecond seen, per endpoint: the next poll asks from that

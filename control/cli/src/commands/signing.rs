@@ -158,9 +158,7 @@ impl Signer {
             };
             secrets.insert(secret.clone(), digest.clone());
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = mesh_api::unix_millis();
         // Later than what it updates, whatever this machine's clock says: nodes order a
         // service's documents by it.
         let signed_at = match base {
