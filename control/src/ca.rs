@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData,
     SanType, SerialNumber,
 };
 use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use mesh_api::ids::{self, ClusterId, NodeId};
 use mesh_api::pki::{
@@ -34,6 +35,8 @@ pub enum CaError {
     Sign(rcgen::Error),
     #[error("could not load the CA from its PEM files: {0}")]
     Load(rcgen::Error),
+    #[error("the root CA given cannot be used: {0}")]
+    Given(String),
     #[error(transparent)]
     Pki(#[from] PkiError),
 }
@@ -113,15 +116,24 @@ pub struct ClusterCa {
     cert_pem: String,
     cert_der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
+    /// Carried after every certificate issued: during a root rotation, this root cross-signed by
+    /// the old one (see [`mesh_api::trust`]); else empty.
+    chain_pem: String,
 }
 
 impl ClusterCa {
     /// A new root CA for `cluster`.
     pub fn generate(cluster: &ClusterId) -> Result<ClusterCa, CaError> {
+        ClusterCa::generate_named(cluster, "mesh root CA")
+    }
+
+    /// A new root CA for `cluster` named `common_name`: a rotation's new root is named apart from
+    /// the old one, so that chains never confuse the two.
+    pub fn generate_named(cluster: &ClusterId, common_name: &str) -> Result<ClusterCa, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "mesh root CA");
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationalUnitName, CA_OU);
         dn.push(DnType::OrganizationName, cluster.to_string());
         params.distinguished_name = dn;
@@ -141,7 +153,63 @@ impl ClusterCa {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::Load)?;
         let cert_der = pem_to_der(cert_pem)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(CaError::Load)?;
-        Ok(ClusterCa { cert_pem: cert_pem.to_owned(), cert_der, issuer })
+        Ok(ClusterCa { cert_pem: cert_pem.to_owned(), cert_der, issuer, chain_pem: String::new() })
+    }
+
+    /// A root the operator gives for `cluster` (`meshctl cluster ca --rotate --ca-cert --ca-key`):
+    /// a CA certificate of an ECDSA P-256 key, this key's, with the cluster ID as its O, valid now
+    /// and for at least a year.
+    pub fn given(cluster: &ClusterId, cert_pem: &str, key_pem: &str) -> Result<ClusterCa, CaError> {
+        let root = mesh_api::trust::Trust::from_pem(cert_pem)
+            .map_err(|e| CaError::Given(e.to_string()))?
+            .newest()
+            .clone();
+        let info = mesh_api::pki::CertInfo::from_der(&root.der)?;
+        if info.organization != cluster.as_str() {
+            return Err(CaError::Given(format!(
+                "its subject's O is `{}`, not this cluster's ID {cluster}",
+                info.organization.escape_default()
+            )));
+        }
+        let now = OffsetDateTime::now_utc();
+        if info.not_before > now || info.not_after < now + Duration::from_secs(365 * 24 * 3600) {
+            return Err(CaError::Given(format!(
+                "it is valid from {} to {}: a root must be valid now and for a year at least",
+                info.not_before, info.not_after
+            )));
+        }
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Given(format!("the key: {e}")))?;
+        if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::Given("the key is not an ECDSA P-256 key".into()));
+        }
+        let (_, cert) = X509Certificate::from_der(&root.der)
+            .map_err(|e| CaError::Given(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::Given("the key is not the certificate's".into()));
+        }
+        ClusterCa::load(&root.pem, key_pem)
+    }
+
+    /// This CA, carrying `chain_pem` after every certificate it issues.
+    pub fn with_chain(mut self, chain_pem: &str) -> ClusterCa {
+        self.chain_pem = chain_pem.to_owned();
+        self
+    }
+
+    /// `new`'s certificate (its subject and key) signed by this root: what lets holders of this
+    /// root trust `new` during a rotation.
+    pub fn cross_sign(&self, new: &ClusterCa) -> Result<String, CaError> {
+        let (_, cert) = X509Certificate::from_der(&new.cert_der).map_err(|e| CaError::Given(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(cert.subject())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = cert.validity().not_before.to_datetime();
+        params.not_after = cert.validity().not_after.to_datetime();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(new.issuer.key(), &self.issuer).map_err(CaError::Sign)?;
+        Ok(cert.pem())
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -172,7 +240,7 @@ impl ClusterCa {
         self.issue(&csr.public_key, subject)
     }
 
-    /// Signs a certificate for `public_key` with `subject`.
+    /// Signs a certificate for `public_key` with `subject`; the chain this CA carries follows it.
     pub fn issue(&self, public_key: &impl PublicKeyData, subject: &Subject) -> Result<String, CaError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -195,7 +263,7 @@ impl ClusterCa {
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(public_key, &self.issuer).map_err(CaError::Sign)?;
-        Ok(cert.pem())
+        Ok(format!("{}{}", cert.pem(), self.chain_pem))
     }
 
     /// Generates a key pair here and issues a certificate for it: for control's own identities
@@ -207,6 +275,30 @@ impl ClusterCa {
     }
 }
 
+/// `name` as rcgen builds it again, byte for byte: one attribute per RDN, in order, with its
+/// string type (UTF8String, PrintableString or IA5String; anything else is refused).
+fn distinguished_name(name: &x509_parser::x509::X509Name<'_>) -> Result<DistinguishedName, CaError> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let bad = |what: &str| CaError::Given(format!("the root's subject: {what}"));
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err(bad("an RDN of other than one attribute"));
+        };
+        let oid: Vec<u64> = attr.attr_type().iter().ok_or_else(|| bad("an unreadable OID"))?.collect();
+        let text = std::str::from_utf8(attr.attr_value().data).map_err(|_| bad("a value not UTF-8"))?;
+        let value = match attr.attr_value().header.tag() {
+            Tag::Utf8String => DnValue::Utf8String(text.to_owned()),
+            Tag::PrintableString => DnValue::PrintableString(text.try_into().map_err(CaError::Sign)?),
+            Tag::Ia5String => DnValue::Ia5String(text.try_into().map_err(CaError::Sign)?),
+            _ => return Err(bad("a value of a string type other than UTF8, Printable or IA5")),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
+}
+
 fn random_serial() -> SerialNumber {
     let mut bytes = ids::random_bytes::<16>();
     bytes[0] &= 0x7f; // a positive INTEGER
@@ -216,7 +308,6 @@ fn random_serial() -> SerialNumber {
 #[cfg(test)]
 mod tests {
     use mesh_api::pki::CertInfo;
-    use x509_parser::prelude::{FromDer, X509Certificate};
 
     use super::*;
 
@@ -245,6 +336,42 @@ mod tests {
         assert!(!format!("{:?}", sans.value).contains("evil.example"));
         // The public key is the CSR's.
         assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+    }
+
+    #[test]
+    fn a_new_root_cross_signed_by_the_old_is_let_in_by_holders_of_the_old() {
+        let cluster = ClusterId::random();
+        let old = ClusterCa::generate(&cluster).unwrap();
+        let new = ClusterCa::generate_named(&cluster, "mesh root CA 2").unwrap();
+        let cross = old.cross_sign(&new).unwrap();
+        let trust = mesh_api::trust::Trust::from_pem(old.cert_pem()).unwrap();
+        let offered = mesh_api::trust::Trust::from_pem(&format!("{}{}", new.cert_pem(), old.cert_pem())).unwrap();
+        let accepted = trust.accept(&offered, &cross).unwrap();
+        assert_eq!(accepted.newest().digest, new.digest());
+        // What the new root issues carries the cross-signature, and old holders verify it.
+        let new = new.with_chain(&cross);
+        let subject = Subject::node(&cluster, &NodeId::random(), Role::Worker, Duration::from_secs(3600));
+        let (chain, _) = new.issue_with_new_key(&subject).unwrap();
+        assert_eq!(trust.root_of(&chain).unwrap().digest, old.digest());
+        assert!(accepted.signed_by_newest(&chain));
+    }
+
+    #[test]
+    fn a_given_root_must_be_a_p256_ca_of_this_cluster_with_its_key() {
+        let cluster = ClusterId::random();
+        let ca = ClusterCa::generate(&cluster).unwrap();
+        assert!(ClusterCa::given(&cluster, ca.cert_pem(), &ca.key_pem()).is_ok());
+        let other = ClusterCa::generate(&ClusterId::random()).unwrap();
+        let err = ClusterCa::given(&cluster, other.cert_pem(), &other.key_pem()).unwrap_err();
+        assert!(err.to_string().contains("not this cluster's ID"), "{err}");
+        let err = ClusterCa::given(&cluster, ca.cert_pem(), &other.key_pem()).unwrap_err();
+        assert!(err.to_string().contains("not the certificate's"), "{err}");
+        let err = ClusterCa::given(&cluster, ca.cert_pem(), "garbage").unwrap_err();
+        assert!(err.to_string().contains("the key"), "{err}");
+        let (leaf, key) = ca
+            .issue_with_new_key(&Subject::node(&cluster, &NodeId::random(), Role::Worker, Duration::from_secs(3600)))
+            .unwrap();
+        assert!(ClusterCa::given(&cluster, &leaf, &key).is_err(), "a leaf is no root");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The running manager: the cluster state and CA, and the one path by which changes are made
 //! ([`Manager::change`]: a plan applied whole, under one lock). Its concerns each have a module:
 //! who is connected ([`presence`]), the connections that can be cut ([`connections`]), following
-//! leadership ([`leadership`]), autolock ([`autolock`]) and its own certificate ([`renewal`]).
+//! leadership ([`leadership`]), autolock ([`autolock`]), its own certificate ([`renewal`]) and
+//! the roots it trusts, rotated ([`rotation`]).
 //! It never builds the handlers: [`crate::serve`] does, and wires them to it.
 
 pub mod autolock;
@@ -11,6 +12,7 @@ pub mod presence;
 pub mod renewal;
 pub mod reports;
 pub mod requests;
+pub mod rotation;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::pki::CertInfo;
-use mesh_api::tls;
+use mesh_api::tls::{self, Identity};
+use mesh_api::trust::Trust;
 use mesh_api::tokens::Role;
 use rustls::ServerConfig;
 use time::OffsetDateTime;
@@ -88,11 +91,27 @@ pub(crate) fn not_leading(message: String, leader: Option<&str>) -> Status {
     status
 }
 
-/// The root CA certificate (the key is in the replicated state).
-pub(crate) struct CaCert {
-    pub(crate) pem: String,
-    pub(crate) der: Vec<u8>,
-    pub(crate) digest: String,
+/// The roots as this manager uses them now (the keys are in the replicated state): read from
+/// its `ca.crt` at start, then following the state ([`Manager::follow_trust`]).
+pub(crate) struct CaView {
+    pub(crate) trust: Trust,
+    /// During a rotation, the cross-signature that vouches for the new root; else empty.
+    pub(crate) cross_pem: String,
+}
+
+impl CaView {
+    /// The digest of the root that signs now: what join tokens pin.
+    pub(crate) fn digest(&self) -> &str {
+        &self.trust.newest().digest
+    }
+}
+
+/// A node certificate issued: the chain, its expiry (Unix seconds) and the digest of the root
+/// that signed it.
+pub(crate) struct Issued {
+    pub(crate) cert_pem: String,
+    pub(crate) not_after: i64,
+    pub(crate) root: String,
 }
 
 /// The running manager.
@@ -100,9 +119,9 @@ pub struct Manager {
     pub(crate) dir: ManagerDir,
     pub(crate) store: Store,
     pub(crate) cluster_id: ClusterId,
-    pub(crate) ca_cert: CaCert,
-    /// The CA with its key, loaded from the state when first needed.
-    signer: Mutex<Option<Arc<ClusterCa>>>,
+    ca_view: Mutex<Arc<CaView>>,
+    /// The CA with its key, loaded from the state when first needed (and again once it changed).
+    signer: Mutex<Option<(String, Arc<ClusterCa>)>>,
     pub(crate) peers: Peers,
     pub(crate) options: ManagerOptions,
     pub(crate) config: ManagerConfig,
@@ -133,9 +152,9 @@ pub struct Manager {
 }
 impl Manager {
     pub fn new(opened: Opened, options: ManagerOptions) -> Result<Arc<Manager>, tls::TlsError> {
-        let der = mesh_api::pki::pem_to_der(&opened.ca_pem)
+        let trust = Trust::from_pem(&opened.ca_pem)
             .map_err(|e| tls::TlsError::Pem { what: "CA certificate", detail: e.to_string() })?;
-        let server_tls = tls::server_config(&der, &opened.manager_identity)?;
+        let server_tls = tls::server_config(&trust, &opened.manager_identity)?;
         let node_id = CertInfo::from_pem(&opened.manager_identity.cert_pem)
             .ok()
             .and_then(|info| info.common_name.parse().ok())
@@ -143,12 +162,11 @@ impl Manager {
                 what: "manager certificate",
                 detail: "no node ID as its CN".into(),
             })?;
-        let digest = mesh_api::ids::digest_base36(&der);
         Ok(Arc::new(Manager {
             dir: opened.dir,
             store: opened.store,
             cluster_id: opened.cluster_id,
-            ca_cert: CaCert { pem: opened.ca_pem, der, digest },
+            ca_view: Mutex::new(Arc::new(CaView { trust, cross_pem: String::new() })),
             signer: Mutex::new(None),
             peers: opened.peers,
             options,
@@ -187,26 +205,40 @@ impl Manager {
         crate::statedir::open_identity(&self.dir, &self.data_key.lock().expect("lock"))
     }
 
-    /// The cluster CA, key included (from the replicated state).
+    /// The cluster CA that signs now, key included (from the replicated state), carrying the
+    /// cross-signature during a root rotation.
     pub fn ca(&self) -> Result<Arc<ClusterCa>, Status> {
+        let (record, chain) = self.store.read(|s| (s.ca.clone(), s.cross_pem().to_owned()));
+        let record =
+            record.ok_or_else(|| Status::unavailable("this manager has not received the cluster CA yet"))?;
+        let key = format!("{}{chain}", record.cert_pem);
         let mut signer = self.signer.lock().expect("lock");
-        if let Some(ca) = signer.as_ref() {
+        if let Some((k, ca)) = signer.as_ref()
+            && *k == key
+        {
             return Ok(ca.clone());
         }
-        let record = self
-            .store
-            .read(|s| s.ca.clone())
-            .ok_or_else(|| Status::unavailable("this manager has not received the cluster CA yet"))?;
         let ca = ClusterCa::load(&record.cert_pem, &record.key_pem.0)
-            .map_err(|e| Status::internal(format!("the cluster CA in the state is unusable: {e}")))?;
+            .map_err(|e| Status::internal(format!("the cluster CA in the state is unusable: {e}")))?
+            .with_chain(&chain);
         let ca = Arc::new(ca);
-        *signer = Some(ca.clone());
+        *signer = Some((key, ca.clone()));
         Ok(ca)
     }
 
-    /// The root CA certificate (DER).
-    pub fn ca_der(&self) -> &[u8] {
-        &self.ca_cert.der
+    /// The roots this manager trusts now.
+    pub(crate) fn ca_view(&self) -> Arc<CaView> {
+        self.ca_view.lock().expect("lock").clone()
+    }
+
+    /// Puts the roots of `view` in place: for the control port and raft from their next
+    /// connection on.
+    pub(crate) fn set_ca_view(&self, view: CaView, identity: &Identity) -> Result<(), tls::TlsError> {
+        let config = tls::server_config(&view.trust, identity)?;
+        self.peers.set_identity(&view.trust, identity)?;
+        *self.server_tls.lock().expect("lock") = config;
+        *self.ca_view.lock().expect("lock") = Arc::new(view);
+        Ok(())
     }
 
     /// Refuses unless this manager leads (and a majority acknowledged it lately); the refusal
@@ -377,10 +409,10 @@ impl Manager {
         csr_pem: &str,
         id: &NodeId,
         role: Role,
-    ) -> Result<(String, i64), Status> {
+    ) -> Result<Issued, Status> {
         let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
-        let cert_pem = self
-            .ca()?
+        let ca = self.ca()?;
+        let cert_pem = ca
             .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let kind = if role == Role::Manager { "manager" } else { "worker" };
@@ -389,6 +421,6 @@ impl Manager {
             .map_err(|e| Status::internal(e.to_string()))?
             .not_after
             .unix_timestamp();
-        Ok((cert_pem, not_after))
+        Ok(Issued { cert_pem, not_after, root: ca.digest() })
     }
 }

@@ -73,6 +73,7 @@ pub async fn serve(
     let _autolock = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_autolock(opened_with)));
     let _join = AbortOnDropHandle::new(tokio::spawn(manager.clone().join_raft_group()));
     let _removal = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_own_removal()));
+    let _trust = AbortOnDropHandle::new(tokio::spawn(manager.clone().follow_trust()));
     let closer = manager.clone();
     let removed = manager.removed.clone();
     let shutdown = async move {

@@ -237,6 +237,8 @@ pub fn slice_after(
         None => hosted.iter().map(|s| (s.clone(), Default::default())).collect(),
     };
     NodeSlice {
+        trust_pem: state.trust_pem(),
+        cross_pem: state.cross_pem().to_owned(),
         version: state.revision,
         node: node.clone(),
         endpoints,

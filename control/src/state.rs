@@ -26,7 +26,7 @@ mod records;
 pub use command::Command;
 pub use error::StateError;
 pub use records::{
-    AdminRecord, CaRecord, Definition, Endpoint, Network, NodeRecord, OnFailure, PolicyRecord, Rollout,
+    AdminRecord, CaRecord, CaRotation, Definition, Endpoint, Network, NodeRecord, OnFailure, PolicyRecord, Rollout,
     RolloutState, Secret, SecretRecord, Service, Settings,
 };
 
@@ -41,9 +41,12 @@ pub struct ClusterState {
     /// Each role's current join token, to show admins from any manager.
     #[serde(default)]
     pub join_tokens: BTreeMap<Role, Secret>,
-    /// The root CA, key included.
+    /// The root CA that signs, key included.
     #[serde(default)]
     pub ca: Option<CaRecord>,
+    /// A root rotation under way, if one is.
+    #[serde(default)]
+    pub ca_rotation: Option<CaRotation>,
     /// With autolock on, the unlock key (`MESHKEY-1-...`) that wraps every manager's data key.
     #[serde(default)]
     pub unlock_key: Option<Secret>,
@@ -81,6 +84,7 @@ impl ClusterState {
             tokens: BTreeMap::new(),
             join_tokens: BTreeMap::new(),
             ca: None,
+            ca_rotation: None,
             unlock_key: None,
             nodes: BTreeMap::new(),
             networks: BTreeMap::new(),
@@ -92,6 +96,21 @@ impl ClusterState {
             secrets: BTreeMap::new(),
             revision: 0,
         }
+    }
+
+    /// The roots trusted (PEM), the signing one first: during a rotation the new root, then the
+    /// old one.
+    pub fn trust_pem(&self) -> String {
+        let mut pem = self.ca.as_ref().map(|c| c.cert_pem.clone()).unwrap_or_default();
+        if let Some(r) = &self.ca_rotation {
+            pem.push_str(&r.previous_pem);
+        }
+        pem
+    }
+
+    /// During a rotation, the cross-signed new root that issued certificates carry; else empty.
+    pub fn cross_pem(&self) -> &str {
+        self.ca_rotation.as_ref().map_or("", |r| r.cross_pem.as_str())
     }
 
     pub fn cert_lifetime(&self) -> Duration {
@@ -254,7 +273,35 @@ impl ClusterState {
                 self.next_node_index = record.index + 1;
                 self.nodes.insert(record.id.clone(), record);
             }
-            Command::RecordCertificate { id, not_after } => self.node_mut(&id)?.cert_not_after = not_after,
+            Command::RecordCertificate { id, not_after, root } => {
+                let node = self.node_mut(&id)?;
+                node.cert_not_after = not_after;
+                node.cert_root = root;
+            }
+            Command::StartCaRotation { ca, cross_pem, started_at } => {
+                if self.ca_rotation.is_some() {
+                    return Err(StateError::CaRotating);
+                }
+                let previous = self.ca.replace(ca).ok_or(StateError::NoCa)?;
+                self.ca_rotation =
+                    Some(CaRotation { previous_pem: previous.cert_pem, cross_pem, started_at });
+            }
+            Command::FinishCaRotation => {
+                if self.ca_rotation.take().is_none() {
+                    return Err(StateError::NoCaRotation);
+                }
+                let ca = self.ca.as_ref().ok_or(StateError::NoCa)?;
+                let digest = mesh_api::trust::Trust::from_pem(&ca.cert_pem)
+                    .map_err(|e| StateError::BadCa(e.to_string()))?
+                    .newest()
+                    .digest
+                    .clone();
+                for token in self.join_tokens.values_mut() {
+                    if let Ok(t) = token.0.parse::<mesh_api::tokens::JoinToken>() {
+                        token.0 = t.repinned(&digest).to_string();
+                    }
+                }
+            }
             Command::RemoveNode { id, at } => {
                 let node = self.node_mut(&id)?;
                 node.state = NodeState::Removed;

@@ -244,6 +244,7 @@ pub async fn init_with_admin_dir(
             removed_at: None,
             boot: 0,
             demoted: false,
+            cert_root: ca.digest(),
         }),
         Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
         Command::AddAdmin {
@@ -257,7 +258,11 @@ pub async fn init_with_admin_dir(
     ];
     dir.write_data_key(&data_key, unlock_key.as_ref())?;
     let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
-    let peers = Peers::new(ca.cert_der(), &identity)?;
+    let trust = mesh_api::trust::Trust::from_pem(ca.cert_pem()).map_err(|e| ClusterError::Corrupt {
+        path: dir.ca_cert(),
+        error: e.to_string(),
+    })?;
+    let peers = Peers::new(&trust, &identity)?;
     let store = Store::open(
         &dir.state(),
         data_key,
@@ -314,7 +319,8 @@ pub async fn join(
         return Err(ClusterError::WorkerToken(format!("node {} joined as a worker: the token", joined.id)));
     }
     files::create_private_dir(root)?;
-    files::write_atomic(&dir.ca_cert(), joined.ca_pem.as_bytes(), PUBLIC)?;
+    let ca_pem = joined.trust.to_pem();
+    files::write_atomic(&dir.ca_cert(), ca_pem.as_bytes(), PUBLIC)?;
     // Into an autolocked cluster no key is written in the clear: this one stays in memory until
     // the manager learns the unlock key from the log and writes it wrapped.
     let data_key = DataKey::generate();
@@ -325,7 +331,7 @@ pub async fn join(
     config.raft_id = u64::from(joined.node_index);
     config.join = managers.to_vec();
     files::write_atomic(&dir.config(), &serde_json::to_vec_pretty(&config).expect("serializes"), SECRET)?;
-    let cluster_id = cluster_of(&dir, &joined.ca_pem)?;
+    let cluster_id = cluster_of(&dir, &ca_pem)?;
     Ok(JoinedManager {
         node_id: joined.id,
         raft_id: config.raft_id,
@@ -411,7 +417,8 @@ async fn open_inner(
     let config = read_config(root)?;
     let ca_pem = files::read_string(&dir.ca_cert())?;
     let cluster_id = cluster_of(&dir, &ca_pem)?;
-    let ca_der = mesh_api::pki::pem_to_der(&ca_pem)?;
+    let trust = mesh_api::trust::Trust::from_pem(&ca_pem)
+        .map_err(|e| ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() })?;
     // The data key file, or (after a crash in the middle of putting a fresh data key in place)
     // the one beside it that the store was sealed under.
     let (key_path, next) = (dir.data_key(), dir.data_key_next());
@@ -452,7 +459,7 @@ async fn open_inner(
                 continue;
             }
         };
-        let peers = Peers::new(&ca_der, &manager_identity)?;
+        let peers = Peers::new(&trust, &manager_identity)?;
         // The state comes from the store's snapshot and log; this is only the empty shape.
         let initial = ClusterState::new(cluster_id.clone(), DEFAULT_CERT_LIFETIME);
         let opened = Store::open(

@@ -166,23 +166,25 @@ pub async fn channel(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, C
         .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })
 }
 
-/// A channel that trusts only the cluster CA and presents `identity` when given.
+/// A channel that trusts only the cluster's roots and presents `identity` when given.
 pub async fn authenticated_channel(
     addr: &str,
-    ca_der: &[u8],
+    trust: &crate::trust::Trust,
     identity: Option<&Identity>,
 ) -> Result<Channel, ClientError> {
-    channel(addr, tls::client_config(ServerTrust::Ca(ca_der), identity)?).await
+    channel(addr, tls::client_config(ServerTrust::Ca(trust), identity)?).await
 }
 
-/// Fetches the root CA (PEM) from the manager at `addr` without trusting it yet: the caller must
-/// check it against the digest in its join token before using it.
-pub async fn fetch_root_ca(addr: &str) -> Result<String, ClientError> {
+/// Fetches the root CA bundle (PEM) and the cross-signatures that vouch for a new root during a
+/// rotation, from the manager at `addr`, without trusting them yet: the caller must find the
+/// root its join token pins among them before using any.
+pub async fn fetch_root_ca(addr: &str) -> Result<(String, String), ClientError> {
     let config = tls::client_config(ServerTrust::FetchCaOnly, None)?;
     let mut client = pb::identity_client::IdentityClient::new(channel(addr, config).await?);
     let response =
         client.get_root_ca(pb::GetRootCaRequest {}).await.map_err(|s| ClientError::refused(addr, s))?;
-    Ok(response.into_inner().ca_pem)
+    let response = response.into_inner();
+    Ok((response.ca_pem, response.cross_pem))
 }
 
 /// The admin API, as `meshctl` uses it.
@@ -329,6 +331,22 @@ impl AdminClient {
         let response =
             self.inner.unlock_key(pb::UnlockKeyRequest { rotate }).await.map_err(|s| self.refused(s))?;
         Ok(response.into_inner().key)
+    }
+
+    /// The roots, and how far a root rotation is.
+    pub async fn ca_status(&mut self) -> Result<pb::CaStatusResponse, ClientError> {
+        let status = self.inner.ca_status(pb::CaStatusRequest {}).await.map_err(|s| self.refused(s))?;
+        Ok(status.into_inner())
+    }
+
+    /// Starts a root rotation, to `given` (certificate and key, PEM) or to a root control makes.
+    pub async fn rotate_ca(
+        &mut self,
+        given: Option<(String, String)>,
+    ) -> Result<pb::CaStatusResponse, ClientError> {
+        let (cert_pem, key_pem) = given.unwrap_or_default();
+        let request = pb::RotateCaRequest { cert_pem, key_pem };
+        Ok(self.inner.rotate_ca(request).await.map_err(|s| self.refused(s))?.into_inner())
     }
 
     pub async fn join_token(&mut self, role: Role, rotate: bool) -> Result<String, ClientError> {
@@ -503,12 +521,12 @@ impl AdminClient {
     }
 }
 
-/// TLS as the admin of `bundle`, trusting only its CA.
+/// TLS as the admin of `bundle`, trusting only its roots.
 fn admin_tls(bundle: &crate::bundle::AdminBundle) -> Result<Arc<ClientConfig>, ClientError> {
-    let ca_der = crate::pki::pem_to_der(&bundle.ca_pem).map_err(|e| {
+    let roots = crate::trust::Trust::from_pem(&bundle.ca_pem).map_err(|e| {
         ClientError::Tls(tls::TlsError::Pem { what: "admin bundle CA", detail: e.to_string() })
     })?;
-    let trust = ServerTrust::Managers { ca: &ca_der, ids: &bundle.manager_ids };
+    let trust = ServerTrust::Managers { ca: &roots, ids: &bundle.manager_ids };
     Ok(tls::client_config(trust, Some(&bundle.identity))?)
 }
 

@@ -7,11 +7,12 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::client::{self, ClientError};
-use crate::ids::{self, NodeId};
+use crate::ids::NodeId;
 use crate::pki::{self, CertInfo, PkiError};
 use crate::proto::pb;
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::{JoinToken, TokenError};
+use crate::trust::{Trust, TrustError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -28,6 +29,8 @@ pub enum JoinError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error("the root CA bundle served is unusable: {0}")]
+    Trust(#[from] TrustError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("making a key pair or CSR: {0}")]
@@ -40,7 +43,8 @@ pub enum JoinError {
 pub struct Joined {
     pub id: NodeId,
     pub node_index: u32,
-    pub ca_pem: String,
+    /// The roots trusted: the one the token pinned, and a successor it cross-signed.
+    pub trust: Trust,
     pub identity: Identity,
     /// Every manager's control address.
     pub managers: Vec<String>,
@@ -57,19 +61,18 @@ pub fn key_and_csr() -> Result<(KeyPair, String), JoinError> {
     Ok((key, csr))
 }
 
-/// Checks that `cert_pem` was signed by the CA, is for `key`, and (when given) names `expected`.
+/// Checks that `cert_pem` (a chain, leaf first) chains to a root of `trust`, is for `key`, and
+/// (when given) names `expected`.
 pub fn check_issued(
     cert_pem: &str,
-    ca_pem: &str,
+    trust: &Trust,
     key: &KeyPair,
     expected: Option<&NodeId>,
 ) -> Result<NodeId, JoinError> {
     let bad = |what: &str| JoinError::BadCertificate(what.to_owned());
-    let ca_der = pki::pem_to_der(ca_pem)?;
-    let (_, ca_cert) = X509Certificate::from_der(&ca_der).map_err(|e| bad(&e.to_string()))?;
     let der = pki::pem_to_der(cert_pem)?;
     let (_, cert) = X509Certificate::from_der(&der).map_err(|e| bad(&e.to_string()))?;
-    cert.verify_signature(Some(ca_cert.public_key())).map_err(|_| bad("is not signed by the cluster CA"))?;
+    trust.root_of(cert_pem).map_err(|e| bad(&format!("is not signed by the cluster CA: {e}")))?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(bad("is not for the key this node generated"));
     }
@@ -95,25 +98,29 @@ pub async fn join(
 ) -> Result<Joined, JoinError> {
     let token: JoinToken = token.parse()?;
     let first = managers.first().ok_or(JoinError::NoManager)?;
-    // Pin the CA before trusting or sending anything.
-    let ca_pem = client::fetch_root_ca(first).await?;
-    let ca_der = pki::pem_to_der(&ca_pem)?;
-    let served = ids::digest_base36(&ca_der);
-    if served != token.ca_digest() {
-        return Err(JoinError::CaMismatch {
+    // Pin the CA before trusting or sending anything: the root the token names, and during a
+    // root rotation its successor, if the old one cross-signed it.
+    let (bundle_pem, cross_pem) = client::fetch_root_ca(first).await?;
+    let served = Trust::from_pem(&bundle_pem)?;
+    let pinned = served.roots().iter().find(|r| r.digest == token.ca_digest()).ok_or_else(|| {
+        JoinError::CaMismatch {
             control: first.clone(),
-            served,
+            served: served.digests(),
             pinned: token.ca_digest().to_owned(),
-        });
-    }
-    let leader = client::leader(managers, tls::client_config(ServerTrust::Ca(&ca_der), None)?).await?;
+        }
+    })?;
+    let trust = Trust::from_pem(&pinned.pem)?.accept(&served, &cross_pem).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the served root CA bundle is trusted only as far as the token pins it");
+        Trust::from_pem(&pinned.pem).expect("parsed once already")
+    });
+    let leader = client::leader(managers, tls::client_config(ServerTrust::Ca(&trust), None)?).await?;
     let (key, csr_pem) = key_and_csr()?;
     let response = pb::identity_client::IdentityClient::new(leader.channel)
         .join(pb::JoinRequest { token: token.to_string(), csr_pem, hostname: hostname.to_owned(), manager })
         .await
         .map_err(|s| ClientError::refused(&leader.addr, s))?
         .into_inner();
-    let id = check_issued(&response.cert_pem, &ca_pem, &key, None)?;
+    let id = check_issued(&response.cert_pem, &trust, &key, None)?;
     if response.node_id != id.as_str() {
         return Err(JoinError::BadCertificate(format!(
             "names node {id}, but control said {}",
@@ -123,7 +130,7 @@ pub async fn join(
     Ok(Joined {
         id,
         node_index: response.node_index,
-        ca_pem,
+        trust,
         identity: Identity { cert_pem: response.cert_pem, key_pem: key.serialize_pem() },
         managers: if leader.managers.is_empty() { managers.to_vec() } else { leader.managers },
         manager_ids: leader.manager_ids,

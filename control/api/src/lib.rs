@@ -24,6 +24,7 @@ pub mod slice;
 pub mod specs;
 pub mod tls;
 pub mod tokens;
+pub mod trust;
 pub mod unlock;
 
 /// The wall clock in Unix milliseconds (0 before 1970, the last there is past `i64`).

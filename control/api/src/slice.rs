@@ -152,6 +152,11 @@ pub struct NodeSlice {
     pub managers: Vec<String>,
     /// Every manager's node ID: the certificates the node accepts as control.
     pub manager_ids: Vec<String>,
+    /// The cluster's roots (PEM, the signing one first) and, during a root rotation, the
+    /// cross-signature that vouches for the new one ([`crate::trust`]); empty from a manager that
+    /// sends none.
+    pub trust_pem: String,
+    pub cross_pem: String,
 }
 
 impl NodeSlice {
@@ -179,6 +184,8 @@ impl NodeSlice {
             },
             managers: self.managers.clone(),
             manager_ids: self.manager_ids.clone(),
+            trust_pem: self.trust_pem.clone(),
+            cross_pem: self.cross_pem.clone(),
             removed_nodes_unchanged,
             policy_unchanged,
             policy_version: if policy_unchanged { 0 } else { self.policy.as_ref().map_or(0, |p| p.version) },
@@ -292,6 +299,8 @@ impl NodeSlice {
             && self.removed_nodes == other.removed_nodes
             && self.managers == other.managers
             && self.manager_ids == other.manager_ids
+            && self.trust_pem == other.trust_pem
+            && self.cross_pem == other.cross_pem
     }
 }
 
@@ -745,6 +754,8 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             removed_nodes: s.removed_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
             managers: s.managers,
             manager_ids: s.manager_ids,
+            trust_pem: s.trust_pem,
+            cross_pem: s.cross_pem,
         })
     }
 }
@@ -805,6 +816,8 @@ mod tests {
             removed_nodes: vec![NodeId::random()],
             managers: vec!["10.0.0.1:7400".into()],
             manager_ids: vec!["m1".into()],
+            trust_pem: "roots".into(),
+            cross_pem: String::new(),
         }
     }
 

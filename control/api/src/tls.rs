@@ -14,6 +14,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
+use crate::trust::Trust;
+
 /// ALPN for gRPC over HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -23,7 +25,7 @@ pub enum TlsError {
     Pem { what: &'static str, detail: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
-    #[error("the CA certificate cannot be used as a trust anchor: {0}")]
+    #[error("a root CA certificate cannot be used as a trust anchor: {0}")]
     Anchor(String),
     #[error("client verifier: {0}")]
     Verifier(String),
@@ -62,18 +64,17 @@ impl Identity {
     }
 }
 
-/// A root store holding only the cluster CA (DER).
-pub fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_der.to_vec())).map_err(|e| TlsError::Anchor(e.to_string()))?;
-    Ok(Arc::new(roots))
+/// A root store holding the roots of `trust`: the cluster CA (and its successor during a root
+/// rotation).
+pub fn roots(trust: &Trust) -> Result<Arc<RootCertStore>, TlsError> {
+    Ok(Arc::new(trust.store().map_err(|e| TlsError::Anchor(e.to_string()))?))
 }
 
 /// The control API's server configuration: `identity` is the manager's certificate; client
-/// certificates, when offered, must chain to `ca_der`.
-pub fn server_config(ca_der: &[u8], identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
+/// certificates, when offered, must chain to a root of `trust`.
+pub fn server_config(trust: &Trust, identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(trust)?, provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -88,14 +89,14 @@ pub fn server_config(ca_der: &[u8], identity: &Identity) -> Result<Arc<ServerCon
 
 /// How a client trusts the server it connects to.
 pub enum ServerTrust<'a> {
-    /// The server's certificate must chain to this CA (DER) and name
+    /// The server's certificate must chain to a root of this trust and name
     /// [`crate::pki::CONTROL_SERVER_NAME`].
-    Ca(&'a [u8]),
+    Ca(&'a Trust),
     /// As [`ServerTrust::Ca`], and the certificate must be a manager certificate of one of these
     /// node IDs: the managers the client was last told of (by a session's slice, a leader's
     /// answer). A certificate of a removed or demoted manager, valid as it may still be, is
     /// refused. With no IDs known yet (a state written before they were kept), as `Ca`.
-    Managers { ca: &'a [u8], ids: &'a [String] },
+    Managers { ca: &'a Trust, ids: &'a [String] },
     /// Any certificate, for one purpose only: fetching the root CA during a join, which the
     /// joining node then checks against the digest in its token before trusting or sending
     /// anything. The handshake signature is still verified.
@@ -111,7 +112,7 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match trust {
-        ServerTrust::Ca(ca_der) => builder.with_root_certificates(roots(ca_der)?),
+        ServerTrust::Ca(trust) => builder.with_root_certificates(roots(trust)?),
         ServerTrust::Managers { ca, ids: [] } => builder.with_root_certificates(roots(ca)?),
         ServerTrust::Managers { ca, ids } => {
             let chain =

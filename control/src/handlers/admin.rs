@@ -394,6 +394,29 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(self.node(&id)?))
     }
 
+    async fn ca_status(
+        &self,
+        request: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(ca_status_pb(self.0.ca_progress()?)))
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.admin(&request)?;
+        let req = request.into_inner();
+        let given = match (req.cert_pem.is_empty(), req.key_pem.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((req.cert_pem, req.key_pem)),
+            _ => return Err(Status::invalid_argument("a root given needs both its certificate and its key")),
+        };
+        self.0.rotate_ca(given).await?;
+        Ok(Response::new(ca_status_pb(self.0.ca_progress()?)))
+    }
+
     async fn join_token(
         &self,
         request: Request<pb::JoinTokenRequest>,
@@ -405,7 +428,7 @@ impl pb::admin_server::Admin for AdminApi {
             .map_err(|e| Status::invalid_argument(format!("{e}")))?;
         let manager = &self.0;
         if request.get_ref().rotate {
-            let token = JoinToken::generate(&manager.ca_cert.digest);
+            let token = JoinToken::generate(manager.ca_view().digest());
             // From the moment this is committed the old token is refused.
             let set = Command::set_token(role, &token);
             manager.change(move |_, _| Ok(vec![set])).await?;
@@ -532,7 +555,7 @@ impl pb::admin_server::Admin for AdminApi {
         info!(serial = %info.serial, label = %record.label, "admin credential issued");
         Ok(Response::new(pb::IssueAdminResponse {
             cert_pem,
-            ca_pem: self.0.ca_cert.pem.clone(),
+            ca_pem: self.0.ca_view().trust.to_pem(),
             managers: self.0.manager_addresses(),
             credential: Some(admin_pb(&info.serial, &record)),
             manager_ids: self.0.manager_ids(),
@@ -952,6 +975,38 @@ impl AdminApi {
                 }
             })
         })
+    }
+}
+
+fn ca_status_pb(progress: crate::manager::rotation::CaProgress) -> pb::CaStatusResponse {
+    let roots = progress
+        .roots
+        .iter()
+        .map(|r| pb::CaRoot {
+            digest: r.digest.clone(),
+            subject: r.subject.clone(),
+            not_after: r.not_after.unix_timestamp(),
+        })
+        .collect();
+    let Some(rotation) = progress.rotation else {
+        return pb::CaStatusResponse { roots, ..Default::default() };
+    };
+    pb::CaStatusResponse {
+        roots,
+        rotating: true,
+        started_at: rotation.started_at,
+        total: rotation.total as u32,
+        done: rotation.done as u32,
+        late: rotation
+            .late
+            .into_iter()
+            .map(|l| pb::CaLateNode {
+                id: l.id.to_string(),
+                hostname: l.hostname,
+                role: pb::Role::from(l.role).into(),
+                offline: l.offline,
+            })
+            .collect(),
     }
 }
 

@@ -40,7 +40,11 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         _request: Request<pb::GetRootCaRequest>,
     ) -> Result<Response<pb::GetRootCaResponse>, Status> {
-        Ok(Response::new(pb::GetRootCaResponse { ca_pem: self.0.ca_cert.pem.clone() }))
+        let view = self.0.ca_view();
+        Ok(Response::new(pb::GetRootCaResponse {
+            ca_pem: view.trust.to_pem(),
+            cross_pem: view.cross_pem.clone(),
+        }))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
@@ -50,11 +54,13 @@ impl pb::identity_server::Identity for IdentityApi {
         let req = request.into_inner();
         let token: JoinToken =
             req.token.parse().map_err(|e| Status::invalid_argument(format!("malformed join token: {e}")))?;
-        if token.ca_digest() != manager.ca_cert.digest {
+        let view = manager.ca_view();
+        if !view.trust.has(token.ca_digest()) {
             return Err(Status::permission_denied(format!(
-                "the join token pins CA digest {}, but this cluster's CA digest is {}",
+                "the join token pins CA digest {}, but this cluster's root CA digest is {} \
+                 (if its root was rotated, get the current token with `meshctl join-token`)",
                 token.ca_digest(),
-                manager.ca_cert.digest
+                view.digest()
             )));
         }
         let role = manager.store.read(|s| s.role_for_token(&token.secret_hash())).ok_or_else(|| {
@@ -71,7 +77,7 @@ impl pb::identity_server::Identity for IdentityApi {
         let hostname = req.hostname.trim();
         check_hostname(hostname).map_err(Status::invalid_argument)?;
         let id = NodeId::random();
-        let (cert_pem, not_after) = manager.issue_node_certificate(&req.csr_pem, &id, role)?;
+        let issued = manager.issue_node_certificate(&req.csr_pem, &id, role)?;
         manager
             .store
             .apply(Command::AddNode(NodeRecord {
@@ -80,7 +86,8 @@ impl pb::identity_server::Identity for IdentityApi {
                 role,
                 state: NodeState::Active,
                 joined_at: OffsetDateTime::now_utc().unix_timestamp(),
-                cert_not_after: not_after,
+                cert_not_after: issued.not_after,
+                cert_root: issued.root,
                 labels: Default::default(),
                 underlay: None,
                 index: 0,
@@ -95,8 +102,8 @@ impl pb::identity_server::Identity for IdentityApi {
         info!(node = %id, %role, hostname, "node joined");
         Ok(Response::new(pb::JoinResponse {
             node_id: id.to_string(),
-            cert_pem,
-            ca_pem: manager.ca_cert.pem.clone(),
+            cert_pem: issued.cert_pem,
+            ca_pem: view.trust.to_pem(),
             node_index,
             autolock: role == mesh_api::tokens::Role::Manager
                 && manager.store.read(|s| s.unlock_key.is_some()),
@@ -112,14 +119,14 @@ impl pb::identity_server::Identity for IdentityApi {
             }
         };
         manager.allow_renewal(&id)?;
-        let (cert_pem, not_after) = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role)?;
+        let issued = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role)?;
         manager
             .store
-            .apply(Command::RecordCertificate { id: id.clone(), not_after })
+            .apply(Command::RecordCertificate { id: id.clone(), not_after: issued.not_after, root: issued.root })
             .await
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         info!(node = %id, "renewed a node certificate");
-        Ok(Response::new(pb::RenewResponse { cert_pem }))
+        Ok(Response::new(pb::RenewResponse { cert_pem: issued.cert_pem }))
     }
 
     async fn issue_workload_cert(

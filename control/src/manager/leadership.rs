@@ -117,7 +117,7 @@ impl Manager {
         identity: &Identity,
         managers: &[String],
     ) -> Result<client::Leader, client::ClientError> {
-        let config = tls::client_config(ServerTrust::Ca(&self.ca_cert.der), Some(identity))?;
+        let config = tls::client_config(ServerTrust::Ca(&self.ca_view().trust), Some(identity))?;
         client::leader(managers, config).await
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use mesh_api::ids::ClusterId;
 use mesh_api::pki::{CertInfo, Holder};
 use mesh_api::tokens::Role;
+use mesh_api::trust::Trust;
 use openraft::BasicNode;
 use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -48,14 +49,14 @@ struct Inner {
 
 impl Peers {
     /// Peers reached with this manager's `identity`, trusting only the cluster CA.
-    pub fn new(ca_der: &[u8], identity: &Identity) -> Result<Peers, TlsError> {
-        let tls = tls::client_config(ServerTrust::Ca(ca_der), Some(identity))?;
+    pub fn new(trust: &Trust, identity: &Identity) -> Result<Peers, TlsError> {
+        let tls = tls::client_config(ServerTrust::Ca(trust), Some(identity))?;
         Ok(Peers(Arc::new(Inner { tls: Mutex::new(tls), last_answer: Mutex::new(HashMap::new()) })))
     }
 
     /// Uses a renewed identity for connections made from now on.
-    pub fn set_identity(&self, ca_der: &[u8], identity: &Identity) -> Result<(), TlsError> {
-        *self.0.tls.lock().expect("lock") = tls::client_config(ServerTrust::Ca(ca_der), Some(identity))?;
+    pub fn set_identity(&self, trust: &Trust, identity: &Identity) -> Result<(), TlsError> {
+        *self.0.tls.lock().expect("lock") = tls::client_config(ServerTrust::Ca(trust), Some(identity))?;
         Ok(())
     }
 

@@ -51,7 +51,19 @@ pub enum Command {
     RecordCertificate {
         id: NodeId,
         not_after: i64,
+        /// The digest of the root whose key signed it.
+        #[serde(default)]
+        root: String,
     },
+    /// A root rotation starts: `ca` (the new root) signs from now on; the current root stays
+    /// trusted beside it, vouching for it with `cross_pem`.
+    StartCaRotation {
+        ca: CaRecord,
+        cross_pem: String,
+        started_at: i64,
+    },
+    /// The rotation ends: the old root is trusted no more, and the join tokens pin the new one.
+    FinishCaRotation,
     RemoveNode {
         id: NodeId,
         /// Unix seconds, when the removal was planned.

@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 pub enum StateError {
     #[error("no node with ID {0}")]
     UnknownNode(NodeId),
+    #[error("a root CA rotation is under way already; `meshctl cluster ca` shows its progress")]
+    CaRotating,
+    #[error("no root CA rotation is under way")]
+    NoCaRotation,
+    #[error("the cluster has no root CA yet")]
+    NoCa,
+    #[error("the root CA in the state is unusable: {0}")]
+    BadCa(String),
     #[error("node {0} has been removed from the cluster")]
     NodeRemoved(NodeId),
     #[error("a node with ID {0} already exists")]

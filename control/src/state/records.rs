@@ -49,6 +49,10 @@ pub struct NodeRecord {
     /// promoted, whatever it asks.
     #[serde(default)]
     pub demoted: bool,
+    /// The digest of the root whose key signed the node's newest certificate (empty for
+    /// certificates recorded before this was kept): what a root rotation waits on.
+    #[serde(default)]
+    pub cert_root: String,
 }
 
 impl NodeRecord {
@@ -87,6 +91,19 @@ pub struct SecretRecord {
 pub struct CaRecord {
     pub cert_pem: String,
     pub key_pem: Secret,
+}
+
+/// A root rotation under way: [`CaRecord`] holds the new root, which signs from its start; the
+/// old one is still trusted, and vouches for the new one, until every node renewed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotation {
+    /// The root being replaced.
+    pub previous_pem: String,
+    /// The new root's certificate signed by the old root: carried after every certificate
+    /// issued during the rotation, and sent to nodes as the proof that lets the new root in.
+    pub cross_pem: String,
+    /// Unix seconds.
+    pub started_at: i64,
 }
 
 /// An overlay network.

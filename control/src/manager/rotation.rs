@@ -1,0 +1,178 @@
+//! Root CA rotation (`meshctl cluster ca --rotate`), as docker swarm does it:
+//!
+//! 1. **Start** (an admin asks): a new root (generated, or the operator's) is cross-signed by the
+//!    current one and signs every certificate from then on, the cross-signature carried after
+//!    each. Nodes are sent both roots with the cross-signature ([`mesh_api::trust`]): a node takes
+//!    the new root only with that proof, then renews at once (its workload certificates first,
+//!    then its node certificate). A peer that still trusts only the old root verifies the new
+//!    certificates through the cross-signature, so nothing breaks in between.
+//! 2. **Progress**: a node is done once the certificate control last issued it is the new root's
+//!    ([`crate::state::NodeRecord::cert_root`]). Managers renew their own at once.
+//! 3. **Finish** (the leader, once every manager and every worker not down is done): the old root
+//!    is trusted no more anywhere, and the join tokens pin the new one. A worker that was down
+//!    throughout holds a certificate nobody trusts: it is told to join again.
+
+use std::sync::Arc;
+
+use mesh_api::files::{self, PUBLIC};
+use mesh_api::ids::NodeId;
+use mesh_api::tokens::Role;
+use mesh_api::trust::{Root, Trust};
+use time::OffsetDateTime;
+use tonic::Status;
+use tracing::{info, warn};
+
+use super::{CaView, Manager};
+use crate::ca::ClusterCa;
+use crate::state::{CaRecord, Command, NodeState, Secret};
+
+/// The roots, and how far a rotation under way is.
+#[derive(Clone, Debug)]
+pub struct CaProgress {
+    pub roots: Vec<Root>,
+    pub rotation: Option<RotationProgress>,
+}
+
+/// A rotation under way.
+#[derive(Clone, Debug)]
+pub struct RotationProgress {
+    /// Unix seconds.
+    pub started_at: i64,
+    /// Active nodes, managers included.
+    pub total: usize,
+    /// Those whose certificate is the new root's.
+    pub done: usize,
+    /// Those whose certificate is not yet.
+    pub late: Vec<Late>,
+}
+
+/// A node that has not renewed from the new root yet.
+#[derive(Clone, Debug)]
+pub struct Late {
+    pub id: NodeId,
+    pub hostname: String,
+    pub role: Role,
+    /// A worker that is down: the rotation does not wait for it, and it must join again.
+    pub offline: bool,
+}
+
+impl RotationProgress {
+    /// Whether nothing is left to wait for.
+    pub fn finished(&self) -> bool {
+        self.late.iter().all(|l| l.offline)
+    }
+}
+
+impl Manager {
+    /// The roots and a rotation's progress, as the state has them now.
+    pub fn ca_progress(&self) -> Result<CaProgress, Status> {
+        let live = self.liveness();
+        let (trust_pem, rotation, nodes) = self.store.read(|s| {
+            let nodes: Vec<_> = s.nodes.values().filter(|n| n.state == NodeState::Active).cloned().collect();
+            (s.trust_pem(), s.ca_rotation.clone(), nodes)
+        });
+        let trust = Trust::from_pem(&trust_pem)
+            .map_err(|e| Status::internal(format!("the roots in the state are unusable: {e}")))?;
+        let newest = trust.newest().digest.clone();
+        let rotation = rotation.map(|r| {
+            let late: Vec<Late> = nodes
+                .iter()
+                .filter(|n| n.cert_root != newest)
+                .map(|n| Late {
+                    id: n.id.clone(),
+                    hostname: n.hostname.clone(),
+                    role: n.role,
+                    offline: n.role == Role::Worker && !live.not_down.contains(&n.id),
+                })
+                .collect();
+            RotationProgress { started_at: r.started_at, total: nodes.len(), done: nodes.len() - late.len(), late }
+        });
+        Ok(CaProgress { roots: trust.roots().to_vec(), rotation })
+    }
+
+    /// Starts a root rotation: to `given` (certificate and key, PEM) or to a root made here.
+    pub async fn rotate_ca(&self, given: Option<(String, String)>) -> Result<(), Status> {
+        self.lead()?;
+        if self.store.read(|s| s.ca_rotation.is_some()) {
+            return Err(Status::failed_precondition(
+                "a root CA rotation is under way already; `meshctl cluster ca` shows its progress",
+            ));
+        }
+        let old = self.ca()?;
+        let now = OffsetDateTime::now_utc();
+        let new = match given {
+            Some((cert, key)) => ClusterCa::given(&self.cluster_id, &cert, &key)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            None => {
+                let name = format!("mesh root CA {}", now.unix_timestamp());
+                ClusterCa::generate_named(&self.cluster_id, &name).map_err(|e| Status::internal(e.to_string()))?
+            }
+        };
+        if new.digest() == old.digest() {
+            return Err(Status::invalid_argument("the root given is the current root"));
+        }
+        let cross_pem = old.cross_sign(&new).map_err(|e| Status::internal(e.to_string()))?;
+        let start = Command::StartCaRotation {
+            ca: CaRecord { cert_pem: new.cert_pem().to_owned(), key_pem: Secret(new.key_pem()) },
+            cross_pem,
+            started_at: now.unix_timestamp(),
+        };
+        self.change(move |_, _| Ok(vec![start])).await?;
+        info!(old = %old.digest(), new = %new.digest(), "root CA rotation started");
+        Ok(())
+    }
+
+    /// Follows the roots in the state until this manager stops: puts each change in place (its
+    /// `ca.crt`, the control port, raft), renews its own certificate at once when the signing
+    /// root is not the one that signed it, and on the leader ends a rotation once it is done.
+    pub(crate) async fn follow_trust(self: Arc<Self>) {
+        let mut revisions = self.store.subscribe();
+        loop {
+            if let Err(e) = self.refresh_trust().await {
+                warn!(error = %e, "following the cluster's roots failed; will retry");
+            }
+            if self.store.leadership().leading
+                && let Err(e) = self.finish_rotation_if_done().await
+            {
+                warn!(error = %e, "ending the root CA rotation failed; will retry");
+            }
+            // A change, or a moment later (nodes' renewals arrive as state changes too; a node
+            // going down does not).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), revisions.changed()).await;
+        }
+    }
+
+    async fn refresh_trust(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (pem, cross_pem) = self.store.read(|s| (s.trust_pem(), s.cross_pem().to_owned()));
+        if pem.is_empty() {
+            return Ok(()); // no state received yet
+        }
+        let current = self.ca_view();
+        if current.trust.to_pem() != pem || current.cross_pem != cross_pem {
+            let trust = Trust::from_pem(&pem)?;
+            files::write_atomic(&self.dir.ca_cert(), pem.as_bytes(), PUBLIC)?;
+            let identity = self.identity()?;
+            info!(roots = %trust.digests(), "the cluster's roots changed; now trusted");
+            self.set_ca_view(CaView { trust, cross_pem }, &identity)?;
+        }
+        let view = self.ca_view();
+        if !view.trust.signed_by_newest(&self.identity()?.cert_pem) {
+            self.renew_own_certificate().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_rotation_if_done(&self) -> Result<(), Status> {
+        let Some(rotation) = self.ca_progress()?.rotation else { return Ok(()) };
+        if !rotation.finished() {
+            return Ok(());
+        }
+        let offline: Vec<String> = rotation.late.iter().map(|l| format!("{} ({})", l.id, l.hostname)).collect();
+        self.change(move |state, _| {
+            Ok(if state.ca_rotation.is_some() { vec![Command::FinishCaRotation] } else { vec![] })
+        })
+        .await?;
+        info!(nodes = rotation.total, ?offline, "root CA rotation finished: the old root is trusted no more");
+        Ok(())
+    }
+}
