@@ -121,6 +121,12 @@ pub struct ClusterCa {
     chain_pem: String,
 }
 
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa").field("digest", &self.digest()).finish_non_exhaustive()
+    }
+}
+
 impl ClusterCa {
     /// A new root CA for `cluster`.
     pub fn generate(cluster: &ClusterId) -> Result<ClusterCa, CaError> {
@@ -182,8 +188,7 @@ impl ClusterCa {
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::Given("the key is not an ECDSA P-256 key".into()));
         }
-        let (_, cert) = X509Certificate::from_der(&root.der)
-            .map_err(|e| CaError::Given(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(&root.der).map_err(|e| CaError::Given(e.to_string()))?;
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(CaError::Given("the key is not the certificate's".into()));
         }
@@ -199,7 +204,8 @@ impl ClusterCa {
     /// `new`'s certificate (its subject and key) signed by this root: what lets holders of this
     /// root trust `new` during a rotation.
     pub fn cross_sign(&self, new: &ClusterCa) -> Result<String, CaError> {
-        let (_, cert) = X509Certificate::from_der(&new.cert_der).map_err(|e| CaError::Given(e.to_string()))?;
+        let (_, cert) =
+            X509Certificate::from_der(&new.cert_der).map_err(|e| CaError::Given(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(cert.subject())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -345,7 +351,8 @@ mod tests {
         let new = ClusterCa::generate_named(&cluster, "mesh root CA 2").unwrap();
         let cross = old.cross_sign(&new).unwrap();
         let trust = mesh_api::trust::Trust::from_pem(old.cert_pem()).unwrap();
-        let offered = mesh_api::trust::Trust::from_pem(&format!("{}{}", new.cert_pem(), old.cert_pem())).unwrap();
+        let offered =
+            mesh_api::trust::Trust::from_pem(&format!("{}{}", new.cert_pem(), old.cert_pem())).unwrap();
         let accepted = trust.accept(&offered, &cross).unwrap();
         assert_eq!(accepted.newest().digest, new.digest());
         // What the new root issues carries the cross-signature, and old holders verify it.
@@ -369,7 +376,12 @@ mod tests {
         let err = ClusterCa::given(&cluster, ca.cert_pem(), "garbage").unwrap_err();
         assert!(err.to_string().contains("the key"), "{err}");
         let (leaf, key) = ca
-            .issue_with_new_key(&Subject::node(&cluster, &NodeId::random(), Role::Worker, Duration::from_secs(3600)))
+            .issue_with_new_key(&Subject::node(
+                &cluster,
+                &NodeId::random(),
+                Role::Worker,
+                Duration::from_secs(3600),
+            ))
             .unwrap();
         assert!(ClusterCa::given(&cluster, &leaf, &key).is_err(), "a leaf is no root");
     }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::pki::CertInfo;
 use mesh_api::tls::{self, Identity};
-use mesh_api::trust::Trust;
 use mesh_api::tokens::Role;
+use mesh_api::trust::Trust;
 use rustls::ServerConfig;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -227,6 +227,11 @@ impl Manager {
     }
 
     /// The roots this manager trusts now.
+    pub fn roots(&self) -> Trust {
+        self.ca_view().trust.clone()
+    }
+
+    /// The roots this manager trusts now, with the cross-signature of a rotation.
     pub(crate) fn ca_view(&self) -> Arc<CaView> {
         self.ca_view.lock().expect("lock").clone()
     }

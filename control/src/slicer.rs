@@ -323,6 +323,7 @@ mod tests {
             removed_at: None,
             boot: 0,
             demoted: false,
+            cert_root: String::new(),
         }
     }
 

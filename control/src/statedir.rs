@@ -258,10 +258,8 @@ pub async fn init_with_admin_dir(
     ];
     dir.write_data_key(&data_key, unlock_key.as_ref())?;
     let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
-    let trust = mesh_api::trust::Trust::from_pem(ca.cert_pem()).map_err(|e| ClusterError::Corrupt {
-        path: dir.ca_cert(),
-        error: e.to_string(),
-    })?;
+    let trust = mesh_api::trust::Trust::from_pem(ca.cert_pem())
+        .map_err(|e| ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() })?;
     let peers = Peers::new(&trust, &identity)?;
     let store = Store::open(
         &dir.state(),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::dns::Upstream;
@@ -68,6 +68,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         "configuration"
     );
     let (node_published, node_certificate) = watch::channel(node.clone());
+    let node_certificate_now = node_certificate.clone();
     let (renew_now, renew_requests) = mpsc::channel(RENEWALS_QUEUED);
     let status = Arc::new(Mutex::new(Status {
         node: node.id.to_string(),
@@ -110,8 +111,25 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let holder = status.clone();
     let reconciler = dataplane.as_ref().map(|dp| dp.reconciler.clone());
+    let (roots_published, roots) = watch::channel(Arc::new(node.trust.clone()));
+    let roots_dir = NodeDir::new(&dir);
     let follow = async move {
+        let mut refused = String::new();
         while let Some(event) = events.recv().await {
+            if let SessionEvent::Slice(slice) = &event {
+                match roots_dir.accept_trust(&slice.trust_pem, &slice.cross_pem) {
+                    Ok(Some(accepted)) => {
+                        info!(roots = %accepted.digests(), "the cluster's roots changed; now trusted");
+                        roots_published.send_replace(Arc::new(accepted));
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.to_string() != refused => {
+                        refused = e.to_string();
+                        warn!(error = %e, "roots offered by control refused; the roots trusted stay as they are");
+                    }
+                    Err(_) => {}
+                }
+            }
             if let (SessionEvent::Slice(slice), Some(r)) = (&event, &reconciler) {
                 r.apply(slice).await;
             }
@@ -140,8 +158,15 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
             }
         }
     };
+    let rotating = follow_roots(
+        roots,
+        dataplane.as_ref().map(|dp| (dp.mesh.clone(), dp.certificates.clone())),
+        node_certificate_now,
+        renew_now.clone(),
+    );
     let result = tokio::select! {
         renewing = identity::keep_renewed(&dir, node_published, renew_requests) => renewing.map_err(AgentError::from),
+        _ = rotating => Ok(()),
         refused = session::run(config.session.clone(), events_tx, endpoints.clone()) => Err(AgentError::Session(refused)),
         served = status::serve(&dir, status.clone(), renew_now) => Err(AgentError::Status(served.err().map_or_else(|| "stopped".into(), |e| e.to_string()))),
         _ = follow => Ok(()),
@@ -163,6 +188,7 @@ struct Dataplane {
     reconciler: Arc<Reconciler>,
     counters: Arc<tun::core::Counters>,
     certificates: Arc<WorkloadCertificates>,
+    mesh: Arc<Mesh>,
     /// The mesh port, the node certificate's follower, the metrics server.
     _tasks: Vec<AbortOnDropHandle<()>>,
 }
@@ -181,10 +207,12 @@ impl Dataplane {
     ) -> std::io::Result<Dataplane> {
         let listen = overlay::listen_address(config.session.underlay);
         let cluster = node.info.organization.parse().map_err(std::io::Error::other)?;
-        let ca_der = mesh_api::pki::pem_to_der(&node.ca_pem).map_err(std::io::Error::other)?;
         let served = Arc::new(tls::NodeCertificate::new(&node.identity).map_err(std::io::Error::other)?);
         let metrics = Arc::new(Metrics::default());
-        let mesh = Arc::new(Mesh::new(cluster, ca_der.clone(), served.clone(), metrics.clone()));
+        let mesh = Arc::new(
+            Mesh::new(cluster, node.trust.clone(), served.clone(), metrics.clone())
+                .map_err(std::io::Error::other)?,
+        );
         let overlay = overlay::bind(listen, boot, mesh.view.clone())?;
         let counters = overlay.counters().clone();
         metrics.with_overlay(counters.clone());
@@ -196,7 +224,8 @@ impl Dataplane {
             None => None,
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(
-            tls::server_config(&mesh.ca_der, served.clone()).map_err(std::io::Error::other)?,
+            tls::server_config(mesh.client_verifier.clone(), served.clone())
+                .map_err(std::io::Error::other)?,
         );
         let mut tasks = vec![
             spawn(crate::mesh::inbound::serve(mesh.clone(), mesh_listener, acceptor)),
@@ -213,6 +242,7 @@ impl Dataplane {
         let certificates = Arc::new(WorkloadCertificates::new(&config.session.state_dir, metrics));
         let seen = identity::NodeDir::new(&config.session.state_dir).spec_seen();
         let spec_seen = mesh_api::specs::Seen::open(&seen).map_err(std::io::Error::other)?;
+        let mesh_handle = mesh.clone();
         let reconciler = Reconciler::start(
             &config.netns_prefix,
             overlay,
@@ -230,9 +260,63 @@ impl Dataplane {
         )
         .await;
         info!(bind = %listen, prefix = %config.netns_prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");
-        Ok(Dataplane { reconciler: Arc::new(reconciler), counters, certificates, _tasks: tasks })
+        Ok(Dataplane {
+            reconciler: Arc::new(reconciler),
+            counters,
+            certificates,
+            mesh: mesh_handle,
+            _tasks: tasks,
+        })
     }
 }
+
+/// Follows the cluster's roots as slices change them (a root rotation): the mesh verifies peers
+/// against each from its next connection on; then, when another root signs now, the workload
+/// certificates are renewed first and the node certificate after them (control counts the node
+/// done on its node certificate, so that comes last).
+async fn follow_roots(
+    mut roots: watch::Receiver<Arc<mesh_api::trust::Trust>>,
+    dataplane: Option<(Arc<Mesh>, Arc<WorkloadCertificates>)>,
+    node_certificate: watch::Receiver<Arc<NodeIdentity>>,
+    renew_now: identity::RenewNow,
+) {
+    while roots.changed().await.is_ok() {
+        let trust = roots.borrow_and_update().clone();
+        let mut attempt = 0;
+        loop {
+            if let Some((mesh, certificates)) = &dataplane {
+                if let Err(e) = mesh.set_roots((*trust).clone()) {
+                    warn!(error = %e, "the mesh cannot use the new roots");
+                }
+                if !certificates.renew_from(&trust, ROOTS_PATIENCE).await {
+                    warn!("some workload certificates are not renewed from the new root yet; will retry");
+                    tokio::time::sleep(crate::backoff::delay(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            }
+            if trust.signed_by_newest(&node_certificate.borrow().identity.cert_pem) {
+                break;
+            }
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            let renewed = renew_now.send(reply).await.is_ok() && matches!(outcome.await, Ok(Ok(_)));
+            if renewed {
+                info!(root = %trust.newest().digest, "renewed from the new root");
+                break;
+            }
+            tokio::time::sleep(crate::backoff::delay(attempt)).await;
+            attempt += 1;
+            if roots.has_changed().unwrap_or(false) {
+                break;
+            }
+        }
+    }
+    // The publisher is gone with the session follower: nothing more to follow.
+    std::future::pending::<()>().await
+}
+
+/// How long the workload certificates are waited for after the roots changed, before trying again.
+const ROOTS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn spawn(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(task))

@@ -7,7 +7,8 @@
 //! `SecretManager`). Nothing reads a renewed certificate back from disk to find out about it.
 //!
 //! ```text
-//! DIR/ca.crt     the cluster's root CA, checked against the token's digest at join
+//! DIR/ca.crt     the cluster's roots: its root CA, checked against the token's digest at join,
+//!                and during a root rotation the new root its cross-signature let in
 //! DIR/node.crt   this node's certificate (CN = node ID, OU = role, O = cluster ID)
 //! DIR/node.key   its private key, never sent anywhere (0600)
 //! DIR/control    the managers' control addresses, one per line (kept current from the session)
@@ -36,6 +37,8 @@ pub use workload::{WorkloadCertificate, WorkloadCertificates, WorkloadIdentity, 
 pub enum IdentityError {
     #[error("the pinned spec-signing key cannot be read: {0}")]
     SpecKey(String),
+    #[error("the cluster's roots: {0}")]
+    Trust(String),
     #[error("{0} already holds a joined node ({1} exists); refusing to join again")]
     AlreadyJoined(PathBuf, PathBuf),
     #[error("{0} holds no node identity; run `meshd join` first")]
@@ -75,9 +78,20 @@ impl From<JoinError> for IdentityError {
             JoinError::BadCertificate(what) => IdentityError::BadCertificate(what),
             JoinError::Client(e) => IdentityError::Client(e),
             JoinError::Pki(e) => IdentityError::Pki(e),
+            JoinError::Trust(e) => IdentityError::Trust(e.to_string()),
             JoinError::Tls(e) => IdentityError::Client(ClientError::Tls(e)),
             JoinError::Key(e) => IdentityError::Key(e),
             JoinError::NoManager => IdentityError::NoManager,
         }
     }
+}
+
+/// A root CA of its own, for tests that need some roots to hold.
+#[cfg(test)]
+pub(crate) fn test_roots() -> mesh_api::trust::Trust {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    let pem = params.self_signed(&key).expect("self-signed").pem();
+    mesh_api::trust::Trust::from_pem(&pem).expect("a root")
 }

@@ -213,7 +213,11 @@ impl Admission for View {
 pub struct Mesh {
     /// The cluster ID (the O of every certificate).
     pub cluster: ClusterId,
-    pub ca_der: Vec<u8>,
+    /// The cluster's roots: swapped whole when they change (a root rotation); each new
+    /// connection, in or out, is verified against those of its moment.
+    pub roots: ArcSwap<mesh_api::trust::Trust>,
+    /// The mesh port's verifier of client certificates, following `roots`.
+    pub client_verifier: Arc<tls::ClientVerifier>,
     /// Swapped whole per slice; shared with the overlay's filter.
     pub view: Arc<ArcSwap<View>>,
     pub metrics: Arc<Metrics>,
@@ -228,20 +232,28 @@ pub struct Mesh {
 impl Mesh {
     pub fn new(
         cluster: ClusterId,
-        ca_der: Vec<u8>,
+        roots: mesh_api::trust::Trust,
         node_certificate: Arc<tls::NodeCertificate>,
         metrics: Arc<Metrics>,
-    ) -> Mesh {
-        Mesh {
+    ) -> Result<Mesh, mesh_api::tls::TlsError> {
+        Ok(Mesh {
             cluster,
-            ca_der,
+            client_verifier: Arc::new(tls::ClientVerifier::new(&roots)?),
+            roots: ArcSwap::from_pointee(roots),
             view: Arc::new(ArcSwap::from_pointee(View::default())),
             metrics,
             node_certificate,
             pool: outbound::Pool::default(),
             failed: Mutex::new(HashMap::new()),
             engine: Mutex::new(None),
-        }
+        })
+    }
+
+    /// Verifies peers against `roots` from the next connection on.
+    pub fn set_roots(&self, roots: mesh_api::trust::Trust) -> Result<(), mesh_api::tls::TlsError> {
+        self.client_verifier.replace(&roots)?;
+        self.roots.store(Arc::new(roots));
+        Ok(())
     }
 
     /// The engine for `slice`'s policy, compiled when its version is new.
@@ -267,7 +279,7 @@ impl Mesh {
     }
 
     pub fn trust(&self) -> outbound::Trust<'_> {
-        outbound::Trust { ca_der: &self.ca_der, cluster: self.cluster.as_str() }
+        outbound::Trust { roots: self.roots.load_full(), cluster: self.cluster.as_str() }
     }
 
     /// Marks the endpoint at `address` as failed just now.

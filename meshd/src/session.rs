@@ -12,7 +12,7 @@ use mesh_api::proto::pb;
 use mesh_api::slice::NodeSlice;
 use tokio::sync::{mpsc, watch};
 use tracing::field::Empty;
-use tracing::{Span, info, instrument, warn};
+use tracing::{Span, error, info, instrument, warn};
 
 use std::sync::Arc;
 
@@ -65,7 +65,14 @@ pub async fn run(
                 return SessionError::Refused(e);
             }
             Err(e) => {
-                let _ = events.send(SessionEvent::Disconnected(e.to_string()));
+                let mut why = e.to_string();
+                if attempt >= 2
+                    && let Some(hint) = rotated_away(&config.state_dir).await
+                {
+                    error!("{hint}");
+                    why = hint;
+                }
+                let _ = events.send(SessionEvent::Disconnected(why));
                 let wait = backoff::delay(attempt);
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "session with control lost");
                 tokio::time::sleep(wait).await;
@@ -77,6 +84,25 @@ pub async fn run(
             }
         }
     }
+}
+
+/// When this node's certificate chains to no root the cluster trusts now (its root CA was
+/// rotated while the node was down), what the operator must do; `None` otherwise, or when that
+/// cannot be told. The roots come from an unauthenticated call: this is a hint, never acted on.
+async fn rotated_away(state_dir: &std::path::Path) -> Option<String> {
+    let node = NodeDir::new(state_dir).load().ok()?;
+    let (served, _) = mesh_api::client::fetch_root_ca(node.managers.first()?).await.ok()?;
+    let served = mesh_api::trust::Trust::from_pem(&served).ok()?;
+    if served.root_of(&node.identity.cert_pem).is_ok() {
+        return None;
+    }
+    Some(format!(
+        "this node's certificate is signed by no root the cluster trusts now ({}): the cluster's \
+         root CA was rotated while this node was away. Remove it (`meshctl node rm {}`) and join \
+         it again with a current token (`meshctl join-token worker`)",
+        served.digests(),
+        node.id
+    ))
 }
 
 /// One connection of the session, from finding the leader to the end of its stream.

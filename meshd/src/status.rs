@@ -414,7 +414,7 @@ mod tests {
                 not_before: OffsetDateTime::now_utc(),
                 not_after,
             },
-            ca_pem: String::new(),
+            trust: crate::identity::test_roots(),
             identity: Identity { cert_pem: String::new(), key_pem: String::new() },
             managers: vec![],
             manager_ids: vec![],

@@ -60,6 +60,8 @@ fn slice(api_endpoints: &[[u8; 4]]) -> NodeSlice {
         removed_nodes: vec![],
         managers: vec![],
         manager_ids: vec![],
+        trust_pem: String::new(),
+        cross_pem: String::new(),
     }
 }
 

@@ -119,7 +119,7 @@ impl TestCluster {
 
     /// A channel to control trusting the cluster CA, presenting `identity` when given.
     pub async fn channel_as(&self, identity: Option<&mesh_api::tls::Identity>) -> tonic::transport::Channel {
-        mesh_api::client::authenticated_channel(&self.control(), self.manager.ca_der(), identity)
+        mesh_api::client::authenticated_channel(&self.control(), &self.manager.roots(), identity)
             .await
             .expect("a channel to control")
     }

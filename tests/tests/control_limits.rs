@@ -37,7 +37,7 @@ fn vm_size_kib() -> u64 {
 
 /// A TLS connection to control, presenting `identity` if given, speaking HTTP/2.
 async fn h2(cluster: &TestCluster, identity: Option<&Identity>) -> Sender {
-    let config = tls::client_config(ServerTrust::Ca(cluster.manager.ca_der()), identity).unwrap();
+    let config = tls::client_config(ServerTrust::Ca(&cluster.manager.roots()), identity).unwrap();
     let tcp = TcpStream::connect(cluster.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(mesh_api::pki::CONTROL_SERVER_NAME).unwrap();
     let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
@@ -152,7 +152,7 @@ async fn floods_of_connections_that_prove_nothing_stay_bounded_and_the_cluster_k
 
     // 4. Without a certificate, one address holds at most 16 connections; the rest are closed
     // right after their handshake.
-    let config = tls::client_config(ServerTrust::Ca(cluster.manager.ca_der()), None).unwrap();
+    let config = tls::client_config(ServerTrust::Ca(&cluster.manager.roots()), None).unwrap();
     let mut closed = 0;
     let mut open = Vec::new();
     for _ in 0..40 {

@@ -37,8 +37,8 @@ async fn raw_join(
     token: &str,
     csr_pem: &str,
 ) -> Result<pb::JoinResponse, tonic::Status> {
-    let ca_der = cluster.manager.ca_der().to_vec();
-    let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
+    let roots = cluster.manager.roots();
+    let channel = client::authenticated_channel(&cluster.control(), &roots, None).await.unwrap();
     pb::identity_client::IdentityClient::new(channel)
         .join(pb::JoinRequest {
             token: token.into(),
@@ -81,7 +81,8 @@ async fn join_works_end_to_end_and_issues_the_documented_certificate() {
     let eku = cert.extended_key_usage().unwrap().expect("extended key usage").value;
     assert!(eku.client_auth);
     assert!(!cert.is_ca());
-    let (_, ca_cert) = X509Certificate::from_der(cluster.manager.ca_der()).unwrap();
+    let roots = cluster.manager.roots();
+    let (_, ca_cert) = X509Certificate::from_der(&roots.newest().der).unwrap();
     cert.verify_signature(Some(ca_cert.public_key())).expect("signed by the cluster CA");
     let lifetime = info.not_after - OffsetDateTime::now_utc();
     assert!(lifetime > time::Duration::hours(23) && lifetime <= time::Duration::hours(24), "{lifetime}");
@@ -193,7 +194,7 @@ async fn a_removed_node_is_refused_on_renewal_and_its_connections_are_cut() {
 
     // An open TLS connection authenticated as the node, idle.
     let config = mesh_api::tls::client_config(
-        mesh_api::tls::ServerTrust::Ca(cluster.manager.ca_der()),
+        mesh_api::tls::ServerTrust::Ca(&cluster.manager.roots()),
         Some(&node.identity),
     )
     .unwrap();
@@ -279,7 +280,7 @@ async fn a_certificate_from_another_cluster_is_refused() {
     let (dir, _) = other.join(Role::Worker).await;
     let foreign = NodeDir::new(&node_dir(&dir)).load().unwrap();
     let channel =
-        client::authenticated_channel(&cluster.control(), cluster.manager.ca_der(), Some(&foreign.identity))
+        client::authenticated_channel(&cluster.control(), &cluster.manager.roots(), Some(&foreign.identity))
             .await;
     // The handshake (or the first call on it) fails: the certificate does not chain to this CA.
     let refused = match channel {
@@ -357,8 +358,8 @@ async fn malformed_input_gets_clear_errors_and_the_server_keeps_serving() {
 
     // A bad hostname.
     let err = {
-        let ca_der = cluster.manager.ca_der().to_vec();
-        let channel = client::authenticated_channel(&cluster.control(), &ca_der, None).await.unwrap();
+        let roots = cluster.manager.roots();
+        let channel = client::authenticated_channel(&cluster.control(), &roots, None).await.unwrap();
         pb::identity_client::IdentityClient::new(channel)
             .join(pb::JoinRequest {
                 token: token.clone(),
@@ -438,8 +439,8 @@ async fn joining_an_already_joined_state_dir_is_refused() {
 }
 
 /// Serves TLS handshakes (and nothing more) on loopback as `identity`; its address.
-async fn tls_server(ca_der: &[u8], identity: mesh_api::tls::Identity) -> String {
-    let config = mesh_api::tls::server_config(ca_der, &identity).unwrap();
+async fn tls_server(roots: &mesh_api::trust::Trust, identity: mesh_api::tls::Identity) -> String {
+    let config = mesh_api::tls::server_config(roots, &identity).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -471,7 +472,7 @@ async fn a_node_accepts_as_control_only_the_managers_it_was_told_of() {
     let node = NodeDir::new(&node_dir(&dir)).load().unwrap();
     let manager_id = cluster.manager.manager_ids();
     assert_eq!(node.manager_ids, manager_id, "the join recorded the managers' node IDs");
-    let ca = cluster.manager.ca_der().to_vec();
+    let ca = cluster.manager.roots();
     let ca_signer = cluster.manager.ca().unwrap();
     let cluster_id: ids::ClusterId = node.info.organization.parse().unwrap();
     // What a removed (or stolen-from, decommissioned) manager holds: a manager certificate of

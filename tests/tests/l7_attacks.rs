@@ -369,7 +369,7 @@ fn identities_and_decisions_are_checked_again_on_open_connections() {
     let lab = &s.lab;
     let ca_pem = std::fs::read_to_string(lab.manager_dir(1).join("ca.crt")).unwrap();
     let ca = ClusterCa::load(&ca_pem, &lab.ca_key).unwrap();
-    let ca_der = ca.cert_der().to_vec();
+    let ca_der = mesh_api::trust::Trust::from_pem(ca.cert_pem()).unwrap();
     let cluster: mesh_api::ids::ClusterId = lab.cluster_id().parse().unwrap();
     let (h2, h3): (mesh_api::ids::NodeId, mesh_api::ids::NodeId) =
         (lab.node_id(2).parse().unwrap(), lab.node_id(3).parse().unwrap());
@@ -468,7 +468,10 @@ fn identities_and_decisions_are_checked_again_on_open_connections() {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let trust = meshd::mesh::outbound::Trust { ca_der: &ca_der, cluster: cluster.as_str() };
+                let trust = meshd::mesh::outbound::Trust {
+                    roots: std::sync::Arc::new(ca_der.clone()),
+                    cluster: cluster.as_str(),
+                };
                 let identity = meshd::identity::WorkloadIdentity {
                     identity: web.clone(),
                     not_after: time::OffsetDateTime::now_utc() + time::Duration::hours(1),

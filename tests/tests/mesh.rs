@@ -313,12 +313,12 @@ fn the_mesh_port_refuses_callers_without_a_valid_workload_identity() {
     };
     let mesh: SocketAddr = format!("{}:4800", lab.addr(3)).parse().unwrap();
     let target: SocketAddrV4 = format!("{}:80", s.api_address).parse().unwrap();
-    let ca_der = ca.cert_der().to_vec();
+    let roots = std::sync::Arc::new(mesh_api::trust::Trust::from_pem(ca.cert_pem()).unwrap());
     let cluster_text = cluster.to_string();
     let get = |identity: WorkloadIdentity| -> Result<String, OpenError> {
         in_namespace(&lab.host(2), || {
             tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-                let trust = Trust { ca_der: &ca_der, cluster: &cluster_text };
+                let trust = Trust { roots: roots.clone(), cluster: &cluster_text };
                 let mut tunnel = meshd::mesh::outbound::connect(trust, &identity, &h3, mesh, target).await?;
                 tunnel
                     .write_all(b"GET /v1/items HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")

@@ -266,7 +266,7 @@ async fn node_certificates_cannot_manage_networks_and_sessions_carry_only_their_
 
     // The admin certificate has no session.
     let bundle = cluster.admin_bundle();
-    let ca_der = mesh_api::pki::pem_to_der(&bundle.ca_pem).unwrap();
+    let ca_der = mesh_api::trust::Trust::from_pem(&bundle.ca_pem).unwrap();
     let channel =
         mesh_api::client::authenticated_channel(&cluster.control(), &ca_der, Some(&bundle.identity))
             .await

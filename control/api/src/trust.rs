@@ -36,7 +36,9 @@ pub enum TrustError {
          names its subject and key"
     )]
     Unvouched { digest: String, trusted: String },
-    #[error("the certificate is not signed by a root trusted here ({trusted}) nor through a cross-signature it carries")]
+    #[error(
+        "the certificate is not signed by a root trusted here ({trusted}) nor through a cross-signature it carries"
+    )]
     Unsigned { trusted: String },
 }
 
@@ -217,7 +219,10 @@ mod tests {
     }
 
     /// `new`'s subject and key, signed by `old`.
-    fn cross(new: &(String, CertificateParams, KeyPair), old: &(String, CertificateParams, KeyPair)) -> String {
+    fn cross(
+        new: &(String, CertificateParams, KeyPair),
+        old: &(String, CertificateParams, KeyPair),
+    ) -> String {
         let issuer = Issuer::from_ca_cert_pem(&old.0, &old.2).unwrap();
         new.1.clone().signed_by(&new.2, &issuer).unwrap().pem()
     }
@@ -284,7 +289,9 @@ mod tests {
         assert_eq!(Trust::from_pem(""), Err(TrustError::Empty));
         let old = root_ca("old");
         assert!(matches!(Trust::from_pem(&leaf(&old)), Err(TrustError::NotCa { .. })));
-        assert!(Trust::from_pem("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n").is_err());
+        assert!(
+            Trust::from_pem("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n").is_err()
+        );
         let trust = Trust::from_pem(&old.0).unwrap();
         assert_eq!(Trust::from_pem(&trust.to_pem()).unwrap(), trust);
     }

@@ -52,7 +52,7 @@ enum Cmd {
     /// A local cluster in network namespaces, as root: up, exec, status, down.
     #[command(subcommand)]
     Lab(LabCmd),
-    /// Cluster-wide settings: autolock and its unlock key.
+    /// Cluster-wide settings, autolock and its unlock key, admin credentials, the root CA.
     #[command(subcommand)]
     Cluster(ClusterCmd),
     /// Unlock a manager that restarted locked (autolock), on its host: the unlock key is read
@@ -241,6 +241,7 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Service(cmd) => service::run(cmd, &mut client, signer.as_ref()).await,
         Cmd::Secret(cmd) => secret::run(cmd, &mut client, signer.as_ref()).await,
         Cmd::Policy(cmd) => policy::run(cmd, &mut client).await,
+        Cmd::Cluster(cmd @ ClusterCmd::Ca { .. }) => cluster::ca(cmd, &mut client, &admin_dir).await,
         Cmd::Cluster(cmd) => cluster::run(cmd, &mut client).await,
         Cmd::Check => commands::check::run(&mut client).await,
         Cmd::Version => {

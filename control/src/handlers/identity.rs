@@ -122,7 +122,11 @@ impl pb::identity_server::Identity for IdentityApi {
         let issued = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role)?;
         manager
             .store
-            .apply(Command::RecordCertificate { id: id.clone(), not_after: issued.not_after, root: issued.root })
+            .apply(Command::RecordCertificate {
+                id: id.clone(),
+                not_after: issued.not_after,
+                root: issued.root,
+            })
             .await
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         info!(node = %id, "renewed a node certificate");

@@ -43,7 +43,9 @@ impl Manager {
                 ca.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime))?;
             self.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind: "manager" }).inc();
             let not_after = CertInfo::from_pem(&cert_pem)?.not_after.unix_timestamp();
-            self.store.apply(Command::RecordCertificate { id: id.clone(), not_after, root: ca.digest() }).await?;
+            self.store
+                .apply(Command::RecordCertificate { id: id.clone(), not_after, root: ca.digest() })
+                .await?;
             Identity { cert_pem, key_pem }
         } else {
             let (key, csr_pem) = join::key_and_csr()?;

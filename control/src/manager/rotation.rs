@@ -85,7 +85,12 @@ impl Manager {
                     offline: n.role == Role::Worker && !live.not_down.contains(&n.id),
                 })
                 .collect();
-            RotationProgress { started_at: r.started_at, total: nodes.len(), done: nodes.len() - late.len(), late }
+            RotationProgress {
+                started_at: r.started_at,
+                total: nodes.len(),
+                done: nodes.len() - late.len(),
+                late,
+            }
         });
         Ok(CaProgress { roots: trust.roots().to_vec(), rotation })
     }
@@ -105,7 +110,8 @@ impl Manager {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
             None => {
                 let name = format!("mesh root CA {}", now.unix_timestamp());
-                ClusterCa::generate_named(&self.cluster_id, &name).map_err(|e| Status::internal(e.to_string()))?
+                ClusterCa::generate_named(&self.cluster_id, &name)
+                    .map_err(|e| Status::internal(e.to_string()))?
             }
         };
         if new.digest() == old.digest() {
@@ -167,7 +173,8 @@ impl Manager {
         if !rotation.finished() {
             return Ok(());
         }
-        let offline: Vec<String> = rotation.late.iter().map(|l| format!("{} ({})", l.id, l.hostname)).collect();
+        let offline: Vec<String> =
+            rotation.late.iter().map(|l| format!("{} ({})", l.id, l.hostname)).collect();
         self.change(move |state, _| {
             Ok(if state.ca_rotation.is_some() { vec![Command::FinishCaRotation] } else { vec![] })
         })

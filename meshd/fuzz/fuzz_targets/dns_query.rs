@@ -39,6 +39,8 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         removed_nodes: vec![],
         managers: vec![],
         manager_ids: vec![],
+        trust_pem: String::new(),
+        cross_pem: String::new(),
     };
     Zone::for_workload(&slice, &BTreeSet::from(["front".to_owned()]))
 });

@@ -15,6 +15,7 @@ use mesh_api::pki::{self, CertInfo};
 use mesh_api::proto::pb;
 use mesh_api::specs::PinnedKey;
 use mesh_api::tls::{Identity, ServerTrust};
+use mesh_api::trust::Trust;
 use rand::Rng;
 use rcgen::KeyPair;
 use time::OffsetDateTime;
@@ -102,7 +103,7 @@ impl NodeDir {
                 key_pem = next;
             }
         }
-        let ca_pem = files::read_string(&self.ca())?;
+        let trust = self.trust()?;
         let managers = addresses(&files::read_string(&self.control())?);
         let manager_ids = read_ids(&self.manager_ids())?;
         let info = CertInfo::from_pem(&cert_pem)?;
@@ -111,12 +112,34 @@ impl NodeDir {
         Ok(NodeIdentity {
             id,
             info,
-            ca_pem,
+            trust,
             identity: Identity { cert_pem, key_pem },
             managers,
             manager_ids,
             spec_key,
         })
+    }
+
+    /// The roots this node trusts (`ca.crt`).
+    pub fn trust(&self) -> Result<Trust, IdentityError> {
+        let pem = files::read_string(&self.ca())?;
+        Trust::from_pem(&pem).map_err(|e| IdentityError::Trust(format!("{}: {e}", self.ca().display())))
+    }
+
+    /// Takes the roots a slice offers (`offered`, with the cross-signatures in `cross_pem`) as far
+    /// as the roots trusted now vouch for them ([`Trust::accept`]), and records them; `Some` with
+    /// the new roots when they changed. Roots vouched for by nothing are refused whole.
+    pub fn accept_trust(&self, offered: &str, cross_pem: &str) -> Result<Option<Trust>, IdentityError> {
+        let current = self.trust()?;
+        if offered.is_empty() || offered == current.to_pem() {
+            return Ok(None);
+        }
+        let offered =
+            Trust::from_pem(offered).map_err(|e| IdentityError::Trust(format!("offered by control: {e}")))?;
+        let accepted =
+            current.accept(&offered, cross_pem).map_err(|e| IdentityError::Trust(e.to_string()))?;
+        files::write_atomic(&self.ca(), accepted.to_pem().as_bytes(), PUBLIC)?;
+        Ok(Some(accepted))
     }
 
     /// Records the managers' addresses and node IDs, when they changed.
@@ -137,7 +160,8 @@ impl NodeDir {
 pub struct NodeIdentity {
     pub id: NodeId,
     pub info: CertInfo,
-    pub ca_pem: String,
+    /// The roots trusted: the cluster's root CA, and its successor during a root rotation.
+    pub trust: Trust,
     pub identity: Identity,
     /// The managers' control addresses.
     pub managers: Vec<String>,
@@ -152,8 +176,7 @@ pub struct NodeIdentity {
 impl NodeIdentity {
     /// A channel to the leading manager, over mTLS with the node certificate.
     pub async fn leader(&self) -> Result<client::Leader, IdentityError> {
-        let ca_der = pki::pem_to_der(&self.ca_pem)?;
-        let trust = ServerTrust::Managers { ca: &ca_der, ids: &self.manager_ids };
+        let trust = ServerTrust::Managers { ca: &self.trust, ids: &self.manager_ids };
         let config = mesh_api::tls::client_config(trust, Some(&self.identity))
             .map_err(|e| IdentityError::Client(ClientError::Tls(e)))?;
         Ok(client::leader(&self.managers, config).await?)
@@ -179,7 +202,7 @@ pub async fn join(control: &str, token: &str, dir: &Path, hostname: &str) -> Res
     }
     let joined = join::join(&addresses(control), token, hostname, false).await?;
     files::create_private_dir(dir)?;
-    files::write_atomic(&node_dir.ca(), joined.ca_pem.as_bytes(), PUBLIC)?;
+    files::write_atomic(&node_dir.ca(), joined.trust.to_pem().as_bytes(), PUBLIC)?;
     write_addresses(&node_dir.control(), &joined.managers)?;
     write_addresses(&node_dir.manager_ids(), &joined.manager_ids)?;
     files::write_atomic(&node_dir.key(), joined.identity.key_pem.as_bytes(), SECRET)?;
@@ -201,7 +224,7 @@ pub async fn renew(dir: &Path) -> Result<NodeIdentity, IdentityError> {
         .await
         .map_err(|s| ClientError::refused(&leader.addr, s))?
         .into_inner();
-    check_issued(&response.cert_pem, &current.ca_pem, &key, Some(&current.id))?;
+    check_issued(&response.cert_pem, &current.trust, &key, Some(&current.id))?;
     files::write_atomic(&node_dir.next_key(), key.serialize_pem().as_bytes(), SECRET)?;
     files::write_atomic(&node_dir.cert(), response.cert_pem.as_bytes(), PUBLIC)?;
     std::fs::rename(node_dir.next_key(), node_dir.key())

@@ -12,6 +12,7 @@ use mesh_api::join::key_and_csr;
 use mesh_api::pki::{self, CertInfo, Holder};
 use mesh_api::proto::pb;
 use mesh_api::tls::Identity;
+use mesh_api::trust::Trust;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
@@ -43,7 +44,6 @@ pub async fn workload_certificate(
     slot: u32,
 ) -> Result<WorkloadIdentity, IdentityError> {
     let node = NodeDir::new(dir).load()?;
-    let ca_der = pki::pem_to_der(&node.ca_pem)?;
     let (key, csr_pem) = key_and_csr()?;
     let leader = node.leader().await?;
     let response = pb::identity_client::IdentityClient::new(leader.channel)
@@ -54,10 +54,9 @@ pub async fn workload_certificate(
     let der = pki::pem_to_der(&response.cert_pem)?;
     let (_, cert) =
         X509Certificate::from_der(&der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
-    let (_, ca_cert) =
-        X509Certificate::from_der(&ca_der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
-    cert.verify_signature(Some(ca_cert.public_key()))
-        .map_err(|_| IdentityError::BadCertificate("is not signed by the cluster CA".into()))?;
+    node.trust
+        .root_of(&response.cert_pem)
+        .map_err(|e| IdentityError::BadCertificate(format!("is not signed by the cluster CA: {e}")))?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(IdentityError::BadCertificate("is not for the key this node generated".into()));
     }
@@ -84,6 +83,9 @@ pub struct WorkloadCertificates {
     state_dir: PathBuf,
     metrics: Arc<Metrics>,
     kept: Mutex<BTreeMap<String, Kept>>,
+    /// Bumped when the cluster's roots change: each endpoint whose certificate another root
+    /// signed renews it at once.
+    roots_changed: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for WorkloadCertificates {
@@ -102,7 +104,12 @@ impl WorkloadCertificates {
     /// Certificates asked for with the node identity in `state_dir`, their expiry exported on
     /// `metrics`.
     pub fn new(state_dir: &Path, metrics: Arc<Metrics>) -> WorkloadCertificates {
-        WorkloadCertificates { state_dir: state_dir.to_owned(), metrics, kept: Mutex::default() }
+        WorkloadCertificates {
+            state_dir: state_dir.to_owned(),
+            metrics,
+            kept: Mutex::default(),
+            roots_changed: watch::Sender::new(0),
+        }
     }
 
     /// Endpoint `service.slot`'s certificate from now on, kept (from this call on, if it was not
@@ -120,6 +127,7 @@ impl WorkloadCertificates {
             slot,
             publish,
             self.metrics.clone(),
+            self.roots_changed.subscribe(),
         ));
         kept.insert(endpoint, Kept { current: current.clone(), _renewing: AbortOnDropHandle::new(renewing) });
         current
@@ -128,6 +136,26 @@ impl WorkloadCertificates {
     /// Stops keeping the certificates of the endpoints `wanted` says no to.
     pub fn retain(&self, wanted: impl Fn(&str) -> bool) {
         self.kept.lock().expect("lock").retain(|endpoint, _| wanted(endpoint));
+    }
+
+    /// Renews at once every certificate that is not `roots`' signing root's (the roots changed),
+    /// and waits until each is, for `patience` at most; whether all are.
+    pub async fn renew_from(&self, roots: &Trust, patience: std::time::Duration) -> bool {
+        self.roots_changed.send_modify(|generation| *generation += 1);
+        let all_renewed = || {
+            let kept = self.kept.lock().expect("lock");
+            kept.values().all(|k| {
+                k.current.borrow().as_ref().is_none_or(|c| roots.signed_by_newest(&c.identity.cert_pem))
+            })
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        while !all_renewed() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        true
     }
 
     /// Each endpoint whose certificate is in place, and when that certificate expires.
@@ -148,6 +176,7 @@ async fn keep(
     slot: u32,
     publish: watch::Sender<Option<Arc<WorkloadIdentity>>>,
     metrics: Arc<Metrics>,
+    mut roots_changed: watch::Receiver<u64>,
 ) {
     let key = format!("{service}.{slot}");
     let gauge = Endpoint { endpoint: key.clone() };
@@ -167,9 +196,28 @@ async fn keep(
                 let left = (cert.not_after - OffsetDateTime::now_utc()).unsigned_abs();
                 info!(endpoint = %key, expires = %cert.not_after, "workload certificate in place");
                 metrics.certificate_expiry.get_or_create(&gauge).set(cert.not_after.unix_timestamp());
+                let pem = cert.identity.cert_pem.clone();
                 publish.send_replace(Some(Arc::new(cert)));
                 let jitter = rand::random_range(0.9..1.0);
-                tokio::time::sleep(left.mul_f64(0.5 * jitter)).await;
+                let due = tokio::time::sleep(left.mul_f64(0.5 * jitter));
+                tokio::pin!(due);
+                // Until it is due, or the roots changed and another root signs now.
+                loop {
+                    tokio::select! {
+                        _ = &mut due => break,
+                        changed = roots_changed.changed() => {
+                            if changed.is_err() {
+                                (&mut due).await;
+                                break;
+                            }
+                            let newest = NodeDir::new(&state_dir).trust().is_ok_and(|t| t.signed_by_newest(&pem));
+                            if !newest {
+                                info!(endpoint = %key, "another root signs now: renewing the workload certificate");
+                                break;
+                            }
+                        }
+                    }
+                }
             }
             Err(e) => {
                 let wait = backoff::delay(attempt);

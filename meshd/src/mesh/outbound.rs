@@ -39,10 +39,10 @@ pub enum OpenError {
     Unreachable(String),
 }
 
-/// What a node trusts: the cluster CA, and the cluster ID in SPIFFE IDs.
-#[derive(Clone, Copy)]
+/// What a node trusts: the cluster's roots of the moment, and the cluster ID in SPIFFE IDs.
+#[derive(Clone)]
 pub struct Trust<'a> {
-    pub ca_der: &'a [u8],
+    pub roots: Arc<mesh_api::trust::Trust>,
     pub cluster: &'a str,
 }
 
@@ -77,7 +77,7 @@ impl Pool {
         }
         let unreachable =
             |e: String| OpenError::Unreachable(format!("{} ({}): {e}", target.mesh, target.node));
-        let config = tls::client_config(trust.ca_der, trust.cluster, &target.node, &identity.identity)
+        let config = tls::client_config(&trust.roots, trust.cluster, &target.node, &identity.identity)
             .map_err(|e| unreachable(e.to_string()))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.mesh))
             .await

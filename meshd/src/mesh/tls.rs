@@ -3,7 +3,7 @@
 //!
 //! * The server side (each meshd's mesh port) presents the node certificate, following each one
 //!   identity publishes ([`NodeCertificate::follow`]), and requires a client certificate
-//!   chaining to the cluster CA; [`Peer::from_certificate`] then requires it to be a workload's
+//!   chaining to the cluster's roots of the moment ([`ClientVerifier`]); [`Peer::from_certificate`] then requires it to be a workload's
 //!   and reads the caller's service, endpoint and node from it.
 //! * The client side presents the calling workload's certificate and accepts only the node it
 //!   meant to reach: chain to the cluster CA, and that node's certificate (its SPIFFE ID
@@ -15,9 +15,12 @@ use arc_swap::ArcSwap;
 use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::pki::{CertInfo, Holder, NotOurs, SpiffeId};
 use mesh_api::tls::{Identity, TlsError, provider, roots};
+use mesh_api::trust::Trust;
+use rustls::DistinguishedName;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
@@ -77,15 +80,74 @@ impl ResolvesServerCert for NodeCertificate {
     }
 }
 
-/// The mesh port's server configuration: a client certificate from the cluster CA is required.
+/// The mesh port's verifier of client certificates: they must chain to a root of the cluster's
+/// roots of the moment, swapped whole when those change (a root rotation).
+#[derive(Debug)]
+pub struct ClientVerifier(ArcSwap<Arc<dyn ClientCertVerifier>>);
+
+impl ClientVerifier {
+    pub fn new(trust: &Trust) -> Result<ClientVerifier, TlsError> {
+        Ok(ClientVerifier(ArcSwap::from_pointee(webpki_verifier(trust)?)))
+    }
+
+    /// Verifies against `trust` from the next handshake on.
+    pub fn replace(&self, trust: &Trust) -> Result<(), TlsError> {
+        self.0.store(Arc::new(webpki_verifier(trust)?));
+        Ok(())
+    }
+}
+
+fn webpki_verifier(trust: &Trust) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(roots(trust)?, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: clients have one certificate to offer.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0.load().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.load().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.load().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.load().supported_verify_schemes()
+    }
+}
+
+/// The mesh port's server configuration: a client certificate chaining to the cluster's roots
+/// (as `verifier` has them at each handshake) is required.
 pub fn server_config(
-    ca_der: &[u8],
+    verifier: Arc<ClientVerifier>,
     certificate: Arc<NodeCertificate>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -100,14 +162,14 @@ pub fn server_config(
 
 /// A client configuration presenting `workload`'s certificate to node `node` of `cluster`.
 pub fn client_config(
-    ca_der: &[u8],
+    trust: &Trust,
     cluster: &str,
     node: &NodeId,
     workload: &Identity,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(NodeVerifier {
-        roots: roots(ca_der)?,
+        roots: roots(trust)?,
         cluster: cluster.to_owned(),
         node: node.clone(),
         provider: provider.clone(),
@@ -299,7 +361,7 @@ mod tests {
         let node = |identity: Identity| NodeIdentity {
             id: id.clone(),
             info: CertInfo::from_pem(&identity.cert_pem).unwrap(),
-            ca_pem: String::new(),
+            trust: crate::identity::test_roots(),
             identity,
             managers: vec![],
             manager_ids: vec![],

@@ -53,6 +53,29 @@ pub enum ClusterCmd {
         #[arg(long)]
         rotate: bool,
     },
+    /// Show the root CA (digest, expiry) and a rotation's progress; --rotate starts a rotation.
+    ///
+    /// A rotation makes a new root (or takes --ca-cert/--ca-key), cross-signed by the current
+    /// one, and every node renews from it at once; traffic keeps flowing throughout. Once every
+    /// manager and every worker not down has renewed, the old root is trusted no more and the
+    /// join tokens pin the new one. This admin bundle is renewed from the new root at the start;
+    /// other admin bundles must be issued again (`meshctl cluster admin issue`).
+    Ca {
+        /// Start a rotation, and follow it until it ends (unless --detach).
+        #[arg(long)]
+        rotate: bool,
+        /// Start the rotation and return at once; `meshctl cluster ca` follows it.
+        #[arg(long, requires = "rotate")]
+        detach: bool,
+        /// The new root's certificate (PEM): a CA certificate whose O is the cluster ID.
+        #[arg(long, requires_all = ["rotate", "ca_key"])]
+        ca_cert: Option<PathBuf>,
+        /// The new root's ECDSA P-256 private key (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,6 +201,9 @@ pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()
                 Format::Table => print!("{}", settings(&cluster)),
             }
         }
+        ClusterCmd::Ca { .. } => {
+            unreachable!("`cluster ca` runs with the admin bundle's directory: see `ca`")
+        }
         ClusterCmd::UnlockKey { rotate } => {
             let key = client.unlock_key(rotate).await?;
             if rotate {
@@ -187,6 +213,201 @@ pub async fn run(cmd: ClusterCmd, client: &mut AdminClient) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// A root, as `cluster ca` shows it.
+#[derive(serde::Serialize)]
+struct RootView {
+    digest: String,
+    subject: String,
+    expires: String,
+    /// `signing`, or `previous` (trusted until the rotation ends).
+    state: &'static str,
+}
+
+/// `cluster ca` as data.
+#[derive(serde::Serialize)]
+struct CaView {
+    roots: Vec<RootView>,
+    rotating: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started: Option<String>,
+    nodes: u32,
+    renewed: u32,
+    late: Vec<LateView>,
+}
+
+#[derive(serde::Serialize)]
+struct LateView {
+    id: String,
+    hostname: String,
+    role: String,
+    offline: bool,
+}
+
+fn ca_view(status: &pb::CaStatusResponse) -> CaView {
+    let rfc = |secs: i64| {
+        time::OffsetDateTime::from_unix_timestamp(secs)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| secs.to_string())
+    };
+    CaView {
+        roots: status
+            .roots
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RootView {
+                digest: r.digest.clone(),
+                subject: r.subject.clone(),
+                expires: rfc(r.not_after),
+                state: if i == 0 { "signing" } else { "previous" },
+            })
+            .collect(),
+        rotating: status.rotating,
+        started: status.rotating.then(|| rfc(status.started_at)),
+        nodes: status.total,
+        renewed: status.done,
+        late: status
+            .late
+            .iter()
+            .map(|l| LateView {
+                id: l.id.clone(),
+                hostname: l.hostname.clone(),
+                role: Role::try_from(pb::Role::try_from(l.role).unwrap_or(pb::Role::Unspecified))
+                    .map_or_else(|_| "?".to_owned(), |r| r.to_string()),
+                offline: l.offline,
+            })
+            .collect(),
+    }
+}
+
+/// The rotation's progress in one line: nodes renewed out of all, and who is late.
+fn progress_line(view: &CaView) -> String {
+    let waiting: Vec<String> = view
+        .late
+        .iter()
+        .filter(|l| !l.offline)
+        .map(|l| format!("{} ({})", l.hostname, short(&l.id)))
+        .collect();
+    let offline: Vec<String> = view
+        .late
+        .iter()
+        .filter(|l| l.offline)
+        .map(|l| format!("{} ({})", l.hostname, short(&l.id)))
+        .collect();
+    let mut line = format!("renewed from the new root: {}/{} nodes", view.renewed, view.nodes);
+    if !waiting.is_empty() {
+        line.push_str(&format!("; waiting for {}", waiting.join(", ")));
+    }
+    if !offline.is_empty() {
+        line.push_str(&format!("; down, not waited for (they must join again): {}", offline.join(", ")));
+    }
+    line
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn show_ca(status: &pb::CaStatusResponse, format: Format) -> anyhow::Result<()> {
+    let view = ca_view(status);
+    match format {
+        Format::Json | Format::Yaml => print!("{}", data(format, &view)?),
+        Format::Table => {
+            print!(
+                "{}",
+                render(
+                    &["ROOT", "STATE", "EXPIRES", "SUBJECT"],
+                    view.roots.iter().map(|r| vec![
+                        r.digest.clone(),
+                        r.state.to_owned(),
+                        r.expires.clone(),
+                        r.subject.clone()
+                    ])
+                )
+            );
+            match &view.started {
+                Some(started) => println!("rotation started {started}: {}", progress_line(&view)),
+                None => println!("no rotation under way"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `meshctl cluster ca [--rotate [--detach] [--ca-cert F --ca-key F]]`. A rotation renews the
+/// admin bundle in `admin_dir` from the new root first (the old root's certificates stop working
+/// when it ends), then follows the rotation until it ends, unless detached.
+pub async fn ca(
+    cmd: ClusterCmd,
+    client: &mut AdminClient,
+    admin_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let ClusterCmd::Ca { rotate, detach, ca_cert, ca_key, format } = cmd else {
+        unreachable!("only `cluster ca` comes here")
+    };
+    if !rotate {
+        return show_ca(&client.ca_status().await?, format);
+    }
+    let given = match (ca_cert, ca_key) {
+        (Some(cert), Some(key)) => Some((
+            std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?,
+            std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
+        )),
+        _ => None,
+    };
+    let started = client.rotate_ca(given).await?;
+    let new_root = started.roots.first().map(|r| r.digest.clone()).unwrap_or_default();
+    eprintln!("root CA rotation started: the new root is {new_root}");
+    // This bundle's certificate is the old root's: renewed now, it keeps working after the end.
+    let bundle = AdminBundle::load(admin_dir)?;
+    let (key, csr_pem) = mesh_api::join::key_and_csr()?;
+    let issued = client.issue_admin(csr_pem, None, "renewed by meshctl cluster ca --rotate").await?;
+    let renewed = AdminBundle {
+        managers: bundle.managers,
+        manager_ids: bundle.manager_ids,
+        ca_pem: issued.ca_pem,
+        identity: mesh_api::tls::Identity { cert_pem: issued.cert_pem, key_pem: key.serialize_pem() },
+    };
+    renewed.write(admin_dir)?;
+    eprintln!(
+        "admin bundle {} renewed from the new root; other admin bundles must be issued again \
+         (meshctl cluster admin issue) before the rotation ends",
+        admin_dir.display()
+    );
+    *client = AdminClient::connect(&renewed).await?;
+    if detach {
+        eprintln!("detached: `meshctl cluster ca` shows the rotation's progress");
+        return show_ca(&client.ca_status().await?, format);
+    }
+    let mut last = String::new();
+    let status = loop {
+        let status = client.ca_status().await?;
+        if !status.rotating {
+            break status;
+        }
+        let line = progress_line(&ca_view(&status));
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    // The bundle trusts the new root alone from now on.
+    let mut bundle = AdminBundle::load(admin_dir)?;
+    if let Some(root) = status.roots.first()
+        && let Ok(trust) = mesh_api::trust::Trust::from_pem(&bundle.ca_pem)
+        && let Some(new) = trust.roots().iter().find(|r| r.digest == root.digest)
+    {
+        bundle.ca_pem = new.pem.clone();
+        bundle.write(admin_dir)?;
+    }
+    eprintln!(
+        "root CA rotation done: only {new_root} is trusted now, and the join tokens pin it \
+         (meshctl join-token worker|manager shows them)"
+    );
+    show_ca(&status, format)
 }
 
 /// `meshctl unlock --state-dir DIR`: gives the unlock key (from stdin) to the locked manager
