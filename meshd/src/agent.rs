@@ -153,7 +153,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
                 }
                 SessionEvent::Slice(slice) => {
                     status.apply(&slice);
-                    status.slice = Some(Arc::new(slice));
+                    status.slice = Some(Arc::new(*slice));
                 }
             }
         }

@@ -42,7 +42,7 @@ pub struct SessionConfig {
 #[derive(Clone, Debug)]
 pub enum SessionEvent {
     Connected,
-    Slice(NodeSlice),
+    Slice(Box<NodeSlice>),
     Disconnected(String),
 }
 
@@ -197,7 +197,7 @@ async fn connect_and_follow(
             networks = ?slice.networks.iter().map(|n| (&n.name, n.epochs())).collect::<Vec<_>>(),
             "slice applied"
         );
-        let _ = events.send(SessionEvent::Slice(slice));
+        let _ = events.send(SessionEvent::Slice(Box::new(slice)));
     }
     Ok(())
 }

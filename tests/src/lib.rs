@@ -204,7 +204,7 @@ impl SimNode {
             .lock()
             .expect("lock")
             .iter()
-            .filter_map(|e| if let SessionEvent::Slice(s) = e { Some(s.clone()) } else { None })
+            .filter_map(|e| if let SessionEvent::Slice(s) = e { Some((**s).clone()) } else { None })
             .collect()
     }
 
