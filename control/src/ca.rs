@@ -170,29 +170,35 @@ impl ClusterCa {
             .map_err(|e| CaError::Given(e.to_string()))?
             .newest()
             .clone();
-        let info = mesh_api::pki::CertInfo::from_der(&root.der)?;
-        if info.organization != cluster.as_str() {
+        let (_, cert) = X509Certificate::from_der(&root.der).map_err(|e| CaError::Given(e.to_string()))?;
+        let organization = cert.subject().iter_organization().next().and_then(|o| o.as_str().ok());
+        if organization != Some(cluster.as_str()) {
             return Err(CaError::Given(format!(
                 "its subject's O is `{}`, not this cluster's ID {cluster}",
-                info.organization.escape_default()
+                organization.unwrap_or("").escape_default()
             )));
         }
         let now = OffsetDateTime::now_utc();
-        if info.not_before > now || info.not_after < now + Duration::from_secs(365 * 24 * 3600) {
+        let (not_before, not_after) =
+            (cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime());
+        if not_before > now || not_after < now + Duration::from_secs(365 * 24 * 3600) {
             return Err(CaError::Given(format!(
-                "it is valid from {} to {}: a root must be valid now and for a year at least",
-                info.not_before, info.not_after
+                "it is valid from {not_before} to {not_after}: a root must be valid now and for a year at least"
             )));
         }
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Given(format!("the key: {e}")))?;
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::Given("the key is not an ECDSA P-256 key".into()));
         }
-        let (_, cert) = X509Certificate::from_der(&root.der).map_err(|e| CaError::Given(e.to_string()))?;
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(CaError::Given("the key is not the certificate's".into()));
         }
         ClusterCa::load(&root.pem, key_pem)
+    }
+
+    /// Whether `other` has this CA's key (a root re-issued for the same key replaces nothing).
+    pub fn same_key(&self, other: &ClusterCa) -> bool {
+        self.issuer.key().public_key_raw() == other.issuer.key().public_key_raw()
     }
 
     /// This CA, carrying `chain_pem` after every certificate it issues.

@@ -149,6 +149,8 @@ pub struct Manager {
     pub(crate) requests: requests::Requests,
     /// Serializes changes: a plan is made and applied with no other change in between.
     writer: tokio::sync::Mutex<()>,
+    /// Held while this manager renews its own certificate (on schedule, or for a new root).
+    pub(crate) own_renewal: tokio::sync::Mutex<()>,
 }
 impl Manager {
     pub fn new(opened: Opened, options: ManagerOptions) -> Result<Arc<Manager>, tls::TlsError> {
@@ -187,6 +189,7 @@ impl Manager {
             reports: Default::default(),
             requests: Default::default(),
             writer: tokio::sync::Mutex::new(()),
+            own_renewal: tokio::sync::Mutex::new(()),
         }))
     }
 

@@ -238,7 +238,7 @@ pub fn slice_after(
     };
     NodeSlice {
         trust_pem: state.trust_pem(),
-        cross_pem: state.cross_pem().to_owned(),
+        cross_pem: state.slice_cross_pem().to_owned(),
         version: state.revision,
         node: node.clone(),
         endpoints,

@@ -47,6 +47,10 @@ pub struct ClusterState {
     /// A root rotation under way, if one is.
     #[serde(default)]
     pub ca_rotation: Option<CaRotation>,
+    /// The last rotation's cross-signature, still sent to nodes after it ended: a node that
+    /// missed the rotation's slices (its session was down) takes the new root with it later.
+    #[serde(default)]
+    pub last_cross_pem: String,
     /// With autolock on, the unlock key (`MESHKEY-1-...`) that wraps every manager's data key.
     #[serde(default)]
     pub unlock_key: Option<Secret>,
@@ -85,6 +89,7 @@ impl ClusterState {
             join_tokens: BTreeMap::new(),
             ca: None,
             ca_rotation: None,
+            last_cross_pem: String::new(),
             unlock_key: None,
             nodes: BTreeMap::new(),
             networks: BTreeMap::new(),
@@ -111,6 +116,11 @@ impl ClusterState {
     /// During a rotation, the cross-signed new root that issued certificates carry; else empty.
     pub fn cross_pem(&self) -> &str {
         self.ca_rotation.as_ref().map_or("", |r| r.cross_pem.as_str())
+    }
+
+    /// The cross-signature sent to nodes: the rotation's, or after it the last one's.
+    pub fn slice_cross_pem(&self) -> &str {
+        self.ca_rotation.as_ref().map_or(self.last_cross_pem.as_str(), |r| r.cross_pem.as_str())
     }
 
     pub fn cert_lifetime(&self) -> Duration {
@@ -287,20 +297,8 @@ impl ClusterState {
                     Some(CaRotation { previous_pem: previous.cert_pem, cross_pem, started_at });
             }
             Command::FinishCaRotation => {
-                if self.ca_rotation.take().is_none() {
-                    return Err(StateError::NoCaRotation);
-                }
-                let ca = self.ca.as_ref().ok_or(StateError::NoCa)?;
-                let digest = mesh_api::trust::Trust::from_pem(&ca.cert_pem)
-                    .map_err(|e| StateError::BadCa(e.to_string()))?
-                    .newest()
-                    .digest
-                    .clone();
-                for token in self.join_tokens.values_mut() {
-                    if let Ok(t) = token.0.parse::<mesh_api::tokens::JoinToken>() {
-                        token.0 = t.repinned(&digest).to_string();
-                    }
-                }
+                let rotation = self.ca_rotation.take().ok_or(StateError::NoCaRotation)?;
+                self.last_cross_pem = rotation.cross_pem;
             }
             Command::RemoveNode { id, at } => {
                 let node = self.node_mut(&id)?;

@@ -280,35 +280,39 @@ async fn follow_roots(
     node_certificate: watch::Receiver<Arc<NodeIdentity>>,
     renew_now: identity::RenewNow,
 ) {
+    // A restart in the middle (the roots on disk, the node certificate not renewed yet) picks
+    // up where it was.
+    if !roots.borrow().signed_by_newest(&node_certificate.borrow().identity.cert_pem) {
+        roots.mark_changed();
+    }
     while roots.changed().await.is_ok() {
         let trust = roots.borrow_and_update().clone();
+        if let Some((mesh, _)) = &dataplane
+            && let Err(e) = mesh.set_roots((*trust).clone())
+        {
+            warn!(error = %e, "the mesh cannot use the new roots");
+        }
         let mut attempt = 0;
-        loop {
-            if let Some((mesh, certificates)) = &dataplane {
-                if let Err(e) = mesh.set_roots((*trust).clone()) {
-                    warn!(error = %e, "the mesh cannot use the new roots");
-                }
-                if !certificates.renew_from(&trust, ROOTS_PATIENCE).await {
-                    warn!("some workload certificates are not renewed from the new root yet; will retry");
-                    tokio::time::sleep(crate::backoff::delay(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
+        // Until renewed from the signing root, or the roots change again (then from those).
+        while !roots.has_changed().unwrap_or(true) {
+            if let Some((_, certificates)) = &dataplane
+                && !certificates.renew_from(&trust, ROOTS_PATIENCE).await
+            {
+                warn!("some workload certificates are not renewed from the new root yet; will retry");
+                tokio::time::sleep(crate::backoff::delay(attempt)).await;
+                attempt += 1;
+                continue;
             }
             if trust.signed_by_newest(&node_certificate.borrow().identity.cert_pem) {
                 break;
             }
             let (reply, outcome) = tokio::sync::oneshot::channel();
-            let renewed = renew_now.send(reply).await.is_ok() && matches!(outcome.await, Ok(Ok(_)));
-            if renewed {
+            if renew_now.send(reply).await.is_ok() && matches!(outcome.await, Ok(Ok(_))) {
                 info!(root = %trust.newest().digest, "renewed from the new root");
                 break;
             }
             tokio::time::sleep(crate::backoff::delay(attempt)).await;
             attempt += 1;
-            if roots.has_changed().unwrap_or(false) {
-                break;
-            }
         }
     }
     // The publisher is gone with the session follower: nothing more to follow.

@@ -39,6 +39,7 @@ use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::model::PortSpec;
 use mesh_api::slice::NodeSlice;
 use policy::{Action, Decision, Engine, Request};
+use tokio::sync::watch;
 use tracing::error;
 use tun::filter::Admission;
 
@@ -213,9 +214,10 @@ impl Admission for View {
 pub struct Mesh {
     /// The cluster ID (the O of every certificate).
     pub cluster: ClusterId,
-    /// The cluster's roots: swapped whole when they change (a root rotation); each new
-    /// connection, in or out, is verified against those of its moment.
-    pub roots: ArcSwap<mesh_api::trust::Trust>,
+    /// The cluster's roots: replaced whole when they change (a root rotation); each new
+    /// connection, in or out, is verified against those of its moment, and an open one whose
+    /// peer chains to a root dropped is cut.
+    pub roots: watch::Sender<Arc<mesh_api::trust::Trust>>,
     /// The mesh port's verifier of client certificates, following `roots`.
     pub client_verifier: Arc<tls::ClientVerifier>,
     /// Swapped whole per slice; shared with the overlay's filter.
@@ -239,7 +241,7 @@ impl Mesh {
         Ok(Mesh {
             cluster,
             client_verifier: Arc::new(tls::ClientVerifier::new(&roots)?),
-            roots: ArcSwap::from_pointee(roots),
+            roots: watch::Sender::new(Arc::new(roots)),
             view: Arc::new(ArcSwap::from_pointee(View::default())),
             metrics,
             node_certificate,
@@ -251,8 +253,16 @@ impl Mesh {
 
     /// Verifies peers against `roots` from the next connection on.
     pub fn set_roots(&self, roots: mesh_api::trust::Trust) -> Result<(), mesh_api::tls::TlsError> {
+        if *self.roots.borrow().as_ref() == roots {
+            return Ok(());
+        }
         self.client_verifier.replace(&roots)?;
-        self.roots.store(Arc::new(roots));
+        let dropped = self.roots.borrow().drops_any(&roots);
+        self.roots.send_replace(Arc::new(roots));
+        if dropped {
+            // Pooled connections were verified against a root trusted no more: open new ones.
+            self.pool.clear();
+        }
         Ok(())
     }
 
@@ -279,7 +289,7 @@ impl Mesh {
     }
 
     pub fn trust(&self) -> outbound::Trust<'_> {
-        outbound::Trust { roots: self.roots.load_full(), cluster: self.cluster.as_str() }
+        outbound::Trust { roots: self.roots.borrow().clone(), cluster: self.cluster.as_str() }
     }
 
     /// Marks the endpoint at `address` as failed just now.

@@ -97,9 +97,10 @@ async fn rotated_away(state_dir: &std::path::Path) -> Option<String> {
         return None;
     }
     Some(format!(
-        "this node's certificate is signed by no root the cluster trusts now ({}): the cluster's \
-         root CA was rotated while this node was away. Remove it (`meshctl node rm {}`) and join \
-         it again with a current token (`meshctl join-token worker`)",
+        "this node's certificate is signed by no root the cluster trusts now ({}, as an \
+         unauthenticated answer says; `meshctl cluster ca` tells for sure): the cluster's root CA \
+         was rotated while this node was away. Remove it (`meshctl node rm {}`) and join it again \
+         with a current token (`meshctl join-token worker`)",
         served.digests(),
         node.id
     ))

@@ -98,10 +98,32 @@ fn a_root_rotation_renews_every_node_under_traffic_and_the_old_root_is_trusted_n
     let answer = get(forged(), old_trust.clone()).expect("the old root's certificate before the rotation");
     assert!(answer.starts_with("HTTP/1.0 200") && answer.ends_with("served"), "{answer}");
 
-    // Traffic all along: web reads api as fast as it can until the rotation is done.
+    // Traffic all along: web reads api as fast as it can until the rotation is done. And a
+    // connection opened before with what the old root's key signs, held open through it.
     let done = Arc::new(AtomicBool::new(false));
     let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let traffic = std::thread::scope(|scope| {
+    let (opened_tx, opened) = std::sync::mpsc::channel::<()>();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let (traffic, held) = std::thread::scope(|scope| {
+        let holder = scope.spawn(|| {
+            in_namespace(&lab.host(web_host), || {
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                    let trust =
+                        outbound::Trust { roots: Arc::new(old_trust.clone()), cluster: cluster.as_str() };
+                    let mut tunnel =
+                        outbound::connect(trust, &forged(), &api_node, mesh, target).await.unwrap();
+                    opened_tx.send(()).unwrap();
+                    tokio::task::spawn_blocking(move || go_rx.recv()).await.unwrap().unwrap();
+                    let request = b"GET / HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n";
+                    let mut answer = String::new();
+                    match tunnel.write_all(request).await {
+                        Ok(()) => tunnel.read_to_string(&mut answer).await.map(|_| answer),
+                        Err(e) => Err(e),
+                    }
+                })
+            })
+        });
+        opened.recv().expect("the held connection opened");
         let reader = scope.spawn(|| {
             while !done.load(Ordering::Relaxed) {
                 let counter = if read(&lab) { &served } else { &failed };
@@ -111,8 +133,15 @@ fn a_root_rotation_renews_every_node_under_traffic_and_the_old_root_is_trusted_n
         let rotated = lab.meshctl_output(&["cluster", "ca", "--rotate"]);
         done.store(true, Ordering::Relaxed);
         reader.join().unwrap();
-        rotated
+        // The api host cuts connections whose certificate's root it dropped, as it drops it.
+        std::thread::sleep(Duration::from_millis(500));
+        go.send(()).unwrap();
+        (rotated, holder.join().unwrap())
     });
+    assert!(
+        !held.as_ref().is_ok_and(|a| a.contains("served")),
+        "a connection opened with the old root's certificate outlived the rotation: {held:?}"
+    );
     let stderr = String::from_utf8_lossy(&traffic.stderr);
     assert!(traffic.status.success(), "meshctl cluster ca --rotate: {stderr}");
     assert!(stderr.contains("renewed from the new root:"), "progress is shown: {stderr}");
@@ -150,7 +179,10 @@ fn a_root_rotation_renews_every_node_under_traffic_and_the_old_root_is_trusted_n
 
     // The join tokens pin the new root; one pinning the old root is refused, saying why.
     let new_token = lab.meshctl(&["join-token", "worker", "-q"]).trim().to_owned();
-    assert!(new_token.contains(&new_root) && new_token != old_token, "{new_token}");
+    assert!(
+        new_token.contains(&new_root) && new_token != old_token,
+        "{new_token} (was {old_token}; roots {old_root} -> {new_root})"
+    );
     let managers = vec![format!("{}:7400", lab.addr(1))];
     let join = |token: &str| {
         in_namespace(&lab.host(web_host), || {
@@ -164,6 +196,10 @@ fn a_root_rotation_renews_every_node_under_traffic_and_the_old_root_is_trusted_n
     };
     let refused = join(&old_token).err().expect("a token pinning the old root is refused").to_string();
     assert!(refused.contains(&old_root) && refused.contains("join token"), "{refused}");
+    // Its secret is no good either: the tokens' secrets were made again.
+    let repinned = old_token.replace(&old_root, &new_root);
+    let refused = join(&repinned).err().expect("the old secret is refused").to_string();
+    assert!(refused.contains("secret matches no current token"), "{refused}");
     let joined = join(&new_token).expect("the new token joins");
     assert_eq!(joined.trust.roots().len(), 1);
     assert_eq!(joined.trust.newest().digest, new_root);
@@ -221,6 +257,28 @@ fn a_node_down_through_a_rotation_is_told_to_join_again_and_a_given_root_is_used
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not this cluster's ID"), "{err}");
+    // Nor is a root made again for the current root's key (the key is what a rotation replaces).
+    let old_key = rcgen::KeyPair::from_pem(&lab.ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "same key");
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, cluster.as_str());
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(800);
+    let same_key = dir.path().join("same-key.crt");
+    let old_key_file = dir.path().join("old.key");
+    std::fs::write(&same_key, params.self_signed(&old_key).unwrap().pem()).unwrap();
+    std::fs::write(&old_key_file, &lab.ca_key).unwrap();
+    let out = lab.meshctl_output(&[
+        "cluster",
+        "ca",
+        "--rotate",
+        "--ca-cert",
+        same_key.to_str().unwrap(),
+        "--ca-key",
+        old_key_file.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("current root's key"), "{err}");
     assert_eq!(ca_status(&lab)["rotating"], false, "nothing started");
 
     lab.stop_meshd(3);

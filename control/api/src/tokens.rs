@@ -100,11 +100,6 @@ impl JoinToken {
         JoinToken { ca_digest: ca_digest.to_owned(), secret: ids::random_base36_128() }
     }
 
-    /// The same secret pinning another root: what a token becomes once a root rotation ends.
-    pub fn repinned(&self, ca_digest: &str) -> JoinToken {
-        JoinToken { ca_digest: ca_digest.to_owned(), secret: self.secret.clone() }
-    }
-
     /// The base36 SHA-256 digest of the root CA certificate (DER) this token pins.
     pub fn ca_digest(&self) -> &str {
         &self.ca_digest

@@ -11,7 +11,9 @@
 //! still trusting only the old root verifies it through the cross-signature, and a peer already
 //! trusting the new root verifies it directly. A holder takes a new root only when a
 //! cross-signature by a root it already trusts vouches for it ([`Trust::accept`]): a manager
-//! cannot hand nodes a root of its own choosing. Dropping a root needs no proof.
+//! that lacks the signing key cannot hand nodes a root of its own choosing (one that holds it,
+//! the managers' CA being in their replicated state, can rotate to a root it chose, as the
+//! operator can). Dropping a root needs no proof.
 
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
@@ -126,6 +128,18 @@ impl Trust {
             }
         }
         Err(TrustError::Unsigned { trusted: self.digests() })
+    }
+
+    /// Whether `chain` (DER, leaf first, as a TLS peer presented it) chains to one of these roots.
+    pub fn chains(&self, chain: &[impl AsRef<[u8]>]) -> bool {
+        let pem: String = chain.iter().map(|c| pem(c.as_ref())).collect();
+        self.root_of(&pem).is_ok()
+    }
+
+    /// Whether any root of `self` is missing from `other`: the roots went from `self` to
+    /// `other` by dropping one, and what only it vouched for is trusted no more.
+    pub fn drops_any(&self, other: &Trust) -> bool {
+        self.roots.iter().any(|r| !other.has(&r.digest))
     }
 
     /// Whether the leaf of `chain_pem` is signed with the newest root's key (a holder of any

@@ -555,7 +555,7 @@ impl pb::admin_server::Admin for AdminApi {
         info!(serial = %info.serial, label = %record.label, "admin credential issued");
         Ok(Response::new(pb::IssueAdminResponse {
             cert_pem,
-            ca_pem: self.0.ca_view().trust.to_pem(),
+            ca_pem: self.0.store.read(|s| s.trust_pem()),
             managers: self.0.manager_addresses(),
             credential: Some(admin_pb(&info.serial, &record)),
             manager_ids: self.0.manager_ids(),

@@ -33,7 +33,14 @@ impl Manager {
 
     /// Re-issues this manager's own certificate now, from the root that signs now.
     pub(crate) async fn renew_own_certificate(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let _one = self.own_renewal.lock().await;
         let current = self.identity()?;
+        if self.ca_view().trust.signed_by_newest(&current.cert_pem)
+            && CertInfo::from_pem(&current.cert_pem)
+                .is_ok_and(|i| OffsetDateTime::now_utc() < i.not_before + (i.not_after - i.not_before) / 2)
+        {
+            return Ok(()); // renewed meanwhile, by the other caller
+        }
         let info = CertInfo::from_pem(&current.cert_pem)?;
         let id: NodeId = info.common_name.parse()?;
         let identity = if self.store.leadership().leading {

@@ -117,13 +117,26 @@ impl Manager {
         if new.digest() == old.digest() {
             return Err(Status::invalid_argument("the root given is the current root"));
         }
+        if new.same_key(&old) {
+            return Err(Status::invalid_argument(
+                "the root given has the current root's key: a rotation must replace the key",
+            ));
+        }
         let cross_pem = old.cross_sign(&new).map_err(|e| Status::internal(e.to_string()))?;
+        let old_pem = old.cert_pem().to_owned();
         let start = Command::StartCaRotation {
             ca: CaRecord { cert_pem: new.cert_pem().to_owned(), key_pem: Secret(new.key_pem()) },
             cross_pem,
             started_at: now.unix_timestamp(),
         };
-        self.change(move |_, _| Ok(vec![start])).await?;
+        self.change(move |state, _| {
+            // Cross-signed by the root that signs now, or by none.
+            if state.ca_rotation.is_some() || state.ca.as_ref().is_none_or(|c| c.cert_pem != old_pem) {
+                return Err(crate::plans::PlanError::State(crate::state::StateError::CaRotating));
+            }
+            Ok(vec![start])
+        })
+        .await?;
         info!(old = %old.digest(), new = %new.digest(), "root CA rotation started");
         Ok(())
     }
@@ -159,7 +172,15 @@ impl Manager {
             files::write_atomic(&self.dir.ca_cert(), pem.as_bytes(), PUBLIC)?;
             let identity = self.identity()?;
             info!(roots = %trust.digests(), "the cluster's roots changed; now trusted");
+            let dropped = current.trust.drops_any(&trust);
             self.set_ca_view(CaView { trust, cross_pem }, &identity)?;
+            if dropped {
+                // A connection's certificate is checked at its handshake only: one opened with a
+                // certificate of the root dropped (its key stolen, say) would outlive the root.
+                // Every client reconnects, with what the roots of now accept.
+                warn!("a root is trusted no more: cutting every open connection (clients reconnect)");
+                self.close_all();
+            }
         }
         let view = self.ca_view();
         if !view.trust.signed_by_newest(&self.identity()?.cert_pem) {
@@ -175,8 +196,18 @@ impl Manager {
         }
         let offline: Vec<String> =
             rotation.late.iter().map(|l| format!("{} ({})", l.id, l.hostname)).collect();
+        let digest = self.ca()?.digest();
         self.change(move |state, _| {
-            Ok(if state.ca_rotation.is_some() { vec![Command::FinishCaRotation] } else { vec![] })
+            if state.ca_rotation.is_none() {
+                return Ok(vec![]);
+            }
+            // New tokens: the old ones' secrets may have left with whatever the old root's key
+            // left with (a stolen disk, a compromised manager).
+            let mut commands = vec![Command::FinishCaRotation];
+            for role in [Role::Worker, Role::Manager] {
+                commands.push(Command::set_token(role, &mesh_api::tokens::JoinToken::generate(&digest)));
+            }
+            Ok(commands)
         })
         .await?;
         info!(nodes = rotation.total, ?offline, "root CA rotation finished: the old root is trusted no more");

@@ -17,8 +17,6 @@ pub enum StateError {
     NoCaRotation,
     #[error("the cluster has no root CA yet")]
     NoCa,
-    #[error("the root CA in the state is unusable: {0}")]
-    BadCa(String),
     #[error("node {0} has been removed from the cluster")]
     NodeRemoved(NodeId),
     #[error("a node with ID {0} already exists")]

@@ -355,8 +355,8 @@ mod tests {
         assert_eq!(renewal_delay(start, end, end, &mut rng), Duration::ZERO);
     }
 
-    /// A state directory holding a node certificate (self-signed, valid for 100 days) and its key,
-    /// whose only manager does not answer.
+    /// A state directory holding a node certificate (self-signed, valid for 100 days), its key and
+    /// a root of its own, whose only manager does not answer.
     fn state_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let cluster = mesh_api::ids::ClusterId::random();
@@ -371,7 +371,7 @@ mod tests {
         let cert = params.self_signed(&key).unwrap().pem();
         let node = NodeDir::new(dir.path());
         files::write_atomic(&node.cert(), cert.as_bytes(), PUBLIC).unwrap();
-        files::write_atomic(&node.ca(), cert.as_bytes(), PUBLIC).unwrap();
+        files::write_atomic(&node.ca(), crate::identity::test_roots().to_pem().as_bytes(), PUBLIC).unwrap();
         files::write_atomic(&node.key(), key.serialize_pem().as_bytes(), SECRET).unwrap();
         write_addresses(&node.control(), &["127.0.0.1:1".to_owned()]).unwrap();
         dir

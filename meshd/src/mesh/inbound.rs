@@ -131,6 +131,14 @@ async fn connection(
         }
         Err(e) => warn!(%remote, error = %e, "mesh peer refused"),
     }
+    // The chain as presented: checked again whenever the roots change.
+    let chain: Vec<Vec<u8>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.to_vec()).collect())
+        .unwrap_or_default();
+    let mut roots = mesh.roots.subscribe();
     let expires = match peer.as_ref() {
         Ok(p) => p.not_after,
         // Refused callers get their answers; their connection lasts no longer than that takes.
@@ -148,11 +156,21 @@ async fn connection(
         .serve_connection(TokioIo::new(tls), service);
     // A connection lives no longer than the certificate it was opened with.
     let left = (expires - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
+    // Nor longer than a root its certificate chains to (a root rotation ended).
+    let untrusted = async {
+        while roots.changed().await.is_ok() {
+            if !roots.borrow_and_update().chains(&chain) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         served = served => if let Err(e) = served {
             debug!(%remote, error = %e, "a mesh connection ended");
         },
         _ = tokio::time::sleep(left) => debug!(%remote, "a mesh connection's certificate expired: closed"),
+        _ = untrusted => info!(%remote, "a mesh connection's certificate chains to a root trusted no more: closed"),
     }
 }
 

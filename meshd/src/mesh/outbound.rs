@@ -59,6 +59,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Forgets every connection: the next stream of each caller opens a new one.
+    pub fn clear(&self) {
+        self.connections.lock().expect("lock").clear();
+    }
+
     /// A live connection for `caller` to `target`'s node, made when there is none (or the
     /// caller's certificate changed since).
     async fn sender(

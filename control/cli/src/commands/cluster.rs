@@ -336,6 +336,25 @@ fn show_ca(status: &pb::CaStatusResponse, format: Format) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Once no rotation is under way, the bundle in `admin_dir` trusts only the roots the cluster
+/// does (a rotation left it trusting the old root too).
+fn narrow_bundle(admin_dir: &std::path::Path, status: &pb::CaStatusResponse) -> anyhow::Result<()> {
+    let mut bundle = AdminBundle::load(admin_dir)?;
+    let Ok(trust) = mesh_api::trust::Trust::from_pem(&bundle.ca_pem) else { return Ok(()) };
+    let kept: String = trust
+        .roots()
+        .iter()
+        .filter(|r| status.roots.iter().any(|s| s.digest == r.digest))
+        .map(|r| r.pem.as_str())
+        .collect();
+    if !kept.is_empty() && kept != bundle.ca_pem {
+        bundle.ca_pem = kept;
+        bundle.write(admin_dir)?;
+        eprintln!("admin bundle {} trusts the cluster's current root alone now", admin_dir.display());
+    }
+    Ok(())
+}
+
 /// `meshctl cluster ca [--rotate [--detach] [--ca-cert F --ca-key F]]`. A rotation renews the
 /// admin bundle in `admin_dir` from the new root first (the old root's certificates stop working
 /// when it ends), then follows the rotation until it ends, unless detached.
@@ -348,7 +367,11 @@ pub async fn ca(
         unreachable!("only `cluster ca` comes here")
     };
     if !rotate {
-        return show_ca(&client.ca_status().await?, format);
+        let status = client.ca_status().await?;
+        if !status.rotating {
+            narrow_bundle(admin_dir, &status)?;
+        }
+        return show_ca(&status, format);
     }
     let given = match (ca_cert, ca_key) {
         (Some(cert), Some(key)) => Some((
@@ -382,8 +405,20 @@ pub async fn ca(
         return show_ca(&client.ca_status().await?, format);
     }
     let mut last = String::new();
+    let mut failures = 0;
     let status = loop {
-        let status = client.ca_status().await?;
+        // The end of the rotation cuts every connection to the managers: reconnect.
+        let status = match client.ca_status().await {
+            Ok(status) => status,
+            Err(_) if failures < 10 => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                *client = AdminClient::connect(&AdminBundle::load(admin_dir)?).await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        failures = 0;
         if !status.rotating {
             break status;
         }
@@ -394,15 +429,7 @@ pub async fn ca(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    // The bundle trusts the new root alone from now on.
-    let mut bundle = AdminBundle::load(admin_dir)?;
-    if let Some(root) = status.roots.first()
-        && let Ok(trust) = mesh_api::trust::Trust::from_pem(&bundle.ca_pem)
-        && let Some(new) = trust.roots().iter().find(|r| r.digest == root.digest)
-    {
-        bundle.ca_pem = new.pem.clone();
-        bundle.write(admin_dir)?;
-    }
+    narrow_bundle(admin_dir, &status)?;
     eprintln!(
         "root CA rotation done: only {new_root} is trusted now, and the join tokens pin it \
          (meshctl join-token worker|manager shows them)"
