@@ -75,6 +75,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         control: node.managers.join(","),
         underlay: config.session.underlay.to_string(),
         netns_prefix: config.netns_prefix.clone(),
+        roots: node.trust.roots().iter().map(|r| r.digest.clone()).collect(),
         ..Status::default()
     }));
     let endpoints = crate::endpoints::Endpoints::new();
@@ -120,6 +121,8 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
                 match roots_dir.accept_trust(&slice.trust_pem, &slice.cross_pem) {
                     Ok(Some(accepted)) => {
                         info!(roots = %accepted.digests(), "the cluster's roots changed; now trusted");
+                        holder.lock().expect("lock").roots =
+                            accepted.roots().iter().map(|r| r.digest.clone()).collect();
                         roots_published.send_replace(Arc::new(accepted));
                     }
                     Ok(None) => {}

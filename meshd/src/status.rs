@@ -35,6 +35,10 @@ pub struct Status {
     pub underlay: String,
     pub connected: bool,
     pub last_error: Option<String>,
+    /// The digests of the roots this node trusts, the signing one first (two during a root
+    /// rotation).
+    #[serde(default)]
+    pub roots: Vec<String>,
     pub version: u64,
     pub endpoints: Vec<EndpointStatus>,
     pub networks: Vec<NetworkStatus>,
@@ -171,6 +175,7 @@ impl Status {
             self.underlay,
             self.version
         );
+        out.push_str(&format!("roots     {}\n", self.roots.join(", ")));
         out.push_str(&format!("endpoints ({})\n", self.endpoints.len()));
         for e in &self.endpoints {
             let state = match (&e.state, &e.reason) {

@@ -172,6 +172,7 @@ fn a_root_rotation_renews_every_node_under_traffic_and_the_old_root_is_trusted_n
         lab.wait(&format!("host {h} to trust the new root alone"), || {
             roots_in(&lab.node_dir(h).join("ca.crt")) == [new_root.clone()]
         });
+        assert_eq!(lab.status(h)["roots"], serde_json::json!([new_root]), "meshd status shows the roots");
         let cert = std::fs::read_to_string(lab.node_dir(h).join("node.crt")).unwrap();
         assert!(new_trust.signed_by_newest(&cert), "host {h}'s node certificate is the new root's");
         assert!(CertInfo::from_pem(&cert).is_ok());

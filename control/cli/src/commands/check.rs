@@ -1,7 +1,8 @@
 //! `meshctl check`: the cluster as an admin sees it, each problem with the command that fixes
 //! it: managers and quorum, nodes down, certificates close to expiry, endpoints not running,
-//! rolling updates paused, network keys whose rotation is overdue, and policy rules that can
-//! never match (a port no service declares, an HTTP rule on a TCP port).
+//! rolling updates paused, network keys whose rotation is overdue, policy rules that can never
+//! match (a port no service declares, an HTTP rule on a TCP port), a root CA rotation held up
+//! and a root close to its end.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,7 +32,12 @@ pub struct Cluster {
     pub services: Vec<(ServiceView, Vec<EndpointPsView>)>,
     /// The policy in force, if one was applied.
     pub policy: Option<::policy::Policy>,
+    /// The roots, and a root rotation under way.
+    pub ca: mesh_api::proto::pb::CaStatusResponse,
 }
+
+/// A root this close to its expiry is due for a rotation.
+const ROOT_LEFT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A certificate this close to its expiry (of the cluster's lifetime) has missed its renewal,
 /// which comes between 50 % and 80 % of it.
@@ -71,6 +77,34 @@ pub fn diagnose(c: &Cluster, now: OffsetDateTime) -> Vec<Problem> {
         out.push(problem(
             format!("{up} of {} voting managers answer: losing one more stops the cluster", voters.len()),
             "bring the unreachable managers back, or add one: meshctl join-token manager",
+        ));
+    }
+
+    // The root CA: a rotation under way, and who holds it up; a root close to its end.
+    if c.ca.rotating {
+        let since = OffsetDateTime::from_unix_timestamp(c.ca.started_at).ok();
+        let since = since.map_or_else(|| "-".to_owned(), |t| ago(now, t));
+        for late in &c.ca.late {
+            if late.offline {
+                out.push(problem(
+                    format!("node {} ({}) is down through the root CA rotation (started {since}): its certificate is the old root's", late.hostname, late.id),
+                    format!("remove it and join it again: meshctl node rm {} && meshctl join-token worker", late.id),
+                ));
+            } else {
+                out.push(problem(
+                    format!("node {} ({}) has not renewed from the new root yet (rotation started {since}); the rotation waits for it", late.hostname, late.id),
+                    format!("look at meshd on {} (meshd status), or remove it: meshctl node rm {}", late.hostname, late.id),
+                ));
+            }
+        }
+    }
+    if let Some(root) = c.ca.roots.first()
+        && let Ok(expires) = OffsetDateTime::from_unix_timestamp(root.not_after)
+        && expires - now < ROOT_LEFT
+    {
+        out.push(problem(
+            format!("the root CA {} expires in {}", root.digest, span((expires - now).as_seconds_f64())),
+            "rotate it: meshctl cluster ca --rotate",
         ));
     }
 
@@ -238,7 +272,8 @@ pub async fn read(client: &mut AdminClient) -> anyhow::Result<Cluster> {
         Err(e) if e.to_string().contains("no policy has been applied") => None,
         Err(e) => return Err(e.into()),
     };
-    Ok(Cluster { info, nodes, networks, services, policy })
+    let ca = client.ca_status().await?;
+    Ok(Cluster { info, nodes, networks, services, policy, ca })
 }
 
 /// `meshctl check`: prints each problem with its fix; an error (exit status 1) when there is one.
@@ -314,7 +349,45 @@ mod tests {
         };
         let services = vec![(service("api", &["80/tcp", "443/http"]), vec![]), (service("web", &[]), vec![])];
         let policy = policy.map(|text| ::policy::Policy::parse("p.toml", text).unwrap());
-        Cluster { info, nodes, networks: vec![], services, policy }
+        let ca = mesh_api::proto::pb::CaStatusResponse {
+            roots: vec![mesh_api::proto::pb::CaRoot {
+                digest: "root".into(),
+                subject: "CN=mesh root CA".into(),
+                not_after: (OffsetDateTime::now_utc() + time::Duration::days(3650)).unix_timestamp(),
+            }],
+            ..Default::default()
+        };
+        Cluster { info, nodes, networks: vec![], services, policy, ca }
+    }
+
+    #[test]
+    fn a_rotation_held_up_and_a_root_near_its_end_are_named() {
+        let now = OffsetDateTime::now_utc();
+        let nodes = vec![node("m1", Some("leader"), false, now), node("h2", None, true, now)];
+        let mut c = cluster(nodes, None);
+        c.ca.rotating = true;
+        c.ca.started_at = (now - time::Duration::minutes(5)).unix_timestamp();
+        let late = |id: &str, offline| mesh_api::proto::pb::CaLateNode {
+            id: id.into(),
+            hostname: format!("host-{id}"),
+            role: 0,
+            offline,
+        };
+        c.ca.late = vec![late("n1", false), late("n2", true)];
+        let problems = diagnose(&c, now);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].what.contains("has not renewed from the new root") && problems[0].what.contains("5m")
+        );
+        assert!(problems[0].fix.contains("meshctl node rm n1"));
+        assert!(problems[1].what.contains("down through the root CA rotation"));
+        assert!(problems[1].fix.contains("meshctl node rm n2 && meshctl join-token worker"));
+        c.ca.rotating = false;
+        c.ca.late.clear();
+        c.ca.roots[0].not_after = (now + time::Duration::days(100)).unix_timestamp();
+        let problems = diagnose(&c, now);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].what.contains("expires in") && problems[0].fix.contains("cluster ca --rotate"));
     }
 
     #[test]
