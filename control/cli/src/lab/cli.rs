@@ -259,6 +259,28 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             rolled && passing,
         );
     }
+    // A root CA rotation under traffic: every node renews from a new root, the old one is then
+    // trusted nowhere, no ping is lost and every check passes after it.
+    {
+        let pinger = pair.as_ref().map(|(ns, to, _)| ping(&lab, ns, to, 300)).transpose()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let before = ca_roots(&lab)?;
+        let rotated = lab.meshctl(&["cluster", "ca", "--rotate"]).is_ok();
+        let after = ca_roots(&lab)?;
+        let lossless = match pinger {
+            Some(p) => lossless(p)?,
+            None => true,
+        };
+        let passing = spec.checks.iter().all(|c| answer(c) == Some(c.expect));
+        let replaced = after.len() == 1 && !before.contains(&after[0]);
+        check(
+            &format!(
+                "a root CA rotation under traffic: every node renews from the new root {}, the old one is trusted no more, no ping lost, every check passes after it",
+                after.first().map_or("-", |d| &d[..12.min(d.len())])
+            ),
+            rotated && replaced && lossless && passing,
+        );
+    }
     if managers > 1 {
         match failover(&mut lab, pair.as_ref()) {
             Ok(seen) => check(&seen, true),
@@ -276,6 +298,17 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     println!("  stop:  meshctl lab down");
     ensure!(failed == 0, "{failed} check(s) failed");
     Ok(())
+}
+
+/// The digests of the roots the cluster trusts, the signing one first.
+fn ca_roots(lab: &Lab) -> anyhow::Result<Vec<String>> {
+    let ca: serde_json::Value = serde_json::from_str(&lab.meshctl(&["cluster", "ca", "--format", "json"])?)?;
+    Ok(ca["roots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some(r["digest"].as_str()?.to_owned()))
+        .collect())
 }
 
 /// The namespace of `service`'s first endpoint.
