@@ -17,9 +17,20 @@ pub fn bind(bind: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     socket.set_nonblocking(true)?;
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // With CAP_NET_ADMIN (meshd runs as root) past net.core.{r,w}mem_max, which would silently
+    // cap a plain request (4 MiB on a stock kernel); without it, as far as those allow.
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    }
+    debug!(
+        receive = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "underlay socket buffers"
+    );
     socket.bind(&bind.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -79,6 +90,20 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As root the buffers are what was asked for, whatever net.core.{r,w}mem_max caps a plain
+    /// request at (the kernel reports twice the size set, its bookkeeping included).
+    #[tokio::test]
+    async fn as_root_the_socket_buffers_are_not_capped_by_the_sysctls() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (CAP_NET_ADMIN forces the buffer sizes); run it as root"
+        );
+        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = socket2::SockRef::from(&socket);
+        assert!(socket.recv_buffer_size().unwrap() >= 2 * SOCKET_BUFFER, "{:?}", socket.recv_buffer_size());
+        assert!(socket.send_buffer_size().unwrap() >= 2 * SOCKET_BUFFER, "{:?}", socket.send_buffer_size());
+    }
 
     #[test]
     fn a_batch_takes_equal_segments_for_one_peer_and_a_shorter_last_one() {
