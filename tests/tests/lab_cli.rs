@@ -42,7 +42,8 @@ fn lab_up_exec_status_down() {
     }
     let _down = Down(down);
     assert!(up.status.success(), "lab up failed:\n{text}");
-    assert!(text.contains("checks: 11 passed, 0 failed"), "{text}");
+    assert!(text.contains("checks: 12 passed, 0 failed"), "{text}");
+    assert!(text.contains("ok    a root CA rotation under traffic"), "{text}");
     assert!(text.contains("a key rotation of `front` under traffic loses nothing"), "{text}");
     assert!(text.contains("ok    a rolling update of `api`"), "{text}");
     // Three hosts: three managers, and the leader's loss is survived.
