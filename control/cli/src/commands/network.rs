@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use mesh_api::client::AdminClient;
 
-use super::output::{DataFormat, Format, data, render};
+use super::output::{Format, InspectArgs, ListArgs, data, render};
 
 #[derive(Subcommand)]
 pub enum NetworkCmd {
@@ -17,19 +17,9 @@ pub enum NetworkCmd {
         unencrypted: bool,
     },
     /// List networks.
-    Ls {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        /// Only the names, one per line.
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(ListArgs),
     /// Show one network (never its key bytes).
-    Inspect {
-        name: String,
-        #[arg(long, value_enum, default_value_t = DataFormat::Json)]
-        format: DataFormat,
-    },
+    Inspect(InspectArgs),
     /// Remove a network (refused while services are attached).
     Rm { name: String },
     /// Rotate a network's key now.
@@ -49,7 +39,7 @@ pub async fn run(cmd: NetworkCmd, client: &mut AdminClient) -> anyhow::Result<()
                 if n.encrypted { "encrypted" } else { "unencrypted" }
             );
         }
-        NetworkCmd::Ls { format, quiet } => {
+        NetworkCmd::Ls(ListArgs { format, quiet }) => {
             let networks = client.list_networks().await?;
             if quiet {
                 networks.iter().for_each(|n| println!("{}", n.name));
@@ -74,7 +64,7 @@ pub async fn run(cmd: NetworkCmd, client: &mut AdminClient) -> anyhow::Result<()
                 ),
             }
         }
-        NetworkCmd::Inspect { name, format } => {
+        NetworkCmd::Inspect(InspectArgs { name, format }) => {
             print!("{}", data(format.into(), &client.inspect_network(&name).await?)?)
         }
         NetworkCmd::Rm { name } => {

@@ -17,6 +17,24 @@ pub enum DataFormat {
     Yaml,
 }
 
+/// What `ls` of networks, services and secrets takes.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Only the names, one per line.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// What `inspect` of a network, a service or a secret takes.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    pub name: String,
+    #[arg(long, value_enum, default_value_t = DataFormat::Json)]
+    pub format: DataFormat,
+}
+
 impl From<DataFormat> for Format {
     fn from(f: DataFormat) -> Format {
         match f {

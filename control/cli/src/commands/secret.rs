@@ -7,7 +7,7 @@ use clap::Subcommand;
 use mesh_api::client::AdminClient;
 use mesh_api::model::MAX_SECRET_BYTES;
 
-use super::output::{DataFormat, Format, data, render};
+use super::output::{Format, InspectArgs, ListArgs, data, render};
 
 #[derive(Subcommand)]
 pub enum SecretCmd {
@@ -20,19 +20,9 @@ pub enum SecretCmd {
         file: String,
     },
     /// List secrets: names, digests, sizes and the services that read them (never the bytes).
-    Ls {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        /// Only the names, one per line.
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(ListArgs),
     /// Show one secret (never its bytes).
-    Inspect {
-        name: String,
-        #[arg(long, value_enum, default_value_t = DataFormat::Json)]
-        format: DataFormat,
-    },
+    Inspect(InspectArgs),
     /// Remove a secret; refused while a service reads it.
     Rm { name: String },
 }
@@ -71,7 +61,7 @@ pub async fn run(
             }
             println!("secret {} created ({} bytes, sha256 {})", s.name, s.size, s.digest);
         }
-        SecretCmd::Ls { format, quiet } => {
+        SecretCmd::Ls(ListArgs { format, quiet }) => {
             let secrets = client.list_secrets().await?;
             if quiet {
                 secrets.iter().for_each(|n| println!("{}", n.name));
@@ -93,7 +83,7 @@ pub async fn run(
                 ),
             }
         }
-        SecretCmd::Inspect { name, format } => {
+        SecretCmd::Inspect(InspectArgs { name, format }) => {
             let secrets = client.list_secrets().await?;
             let s = secrets
                 .iter()

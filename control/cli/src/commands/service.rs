@@ -6,7 +6,7 @@ use clap::Subcommand;
 use mesh_api::client::AdminClient;
 use mesh_api::proto::pb;
 
-use super::output::{DataFormat, Format, data, render};
+use super::output::{Format, InspectArgs, ListArgs, data, render};
 
 #[derive(Subcommand)]
 pub enum ServiceCmd {
@@ -34,19 +34,9 @@ pub enum ServiceCmd {
         run: Box<RunArgs>,
     },
     /// List services.
-    Ls {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        /// Only the names, one per line.
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(ListArgs),
     /// Show one service with its endpoints.
-    Inspect {
-        name: String,
-        #[arg(long, value_enum, default_value_t = DataFormat::Json)]
-        format: DataFormat,
-    },
+    Inspect(InspectArgs),
     /// Each endpoint of a service: its node, addresses and state as its node reports it
     /// (starting, running, restarting, failed, ready; pending until it reports), restarts,
     /// since when, and how its command last ended.
@@ -259,7 +249,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 println!("  {network}: virtual IP {vip}");
             }
         }
-        ServiceCmd::Ls { format, quiet } => {
+        ServiceCmd::Ls(ListArgs { format, quiet }) => {
             let services = client.list_services().await?;
             if quiet {
                 services.iter().for_each(|n| println!("{}", n.name));
@@ -282,7 +272,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 ),
             }
         }
-        ServiceCmd::Inspect { name, format } => {
+        ServiceCmd::Inspect(InspectArgs { name, format }) => {
             print!("{}", data(format.into(), &client.inspect_service(&name).await?)?)
         }
         ServiceCmd::Ps { name, format, quiet } => {
