@@ -117,7 +117,10 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     let follow = async move {
         let mut refused = String::new();
         while let Some(event) = events.recv().await {
-            if let SessionEvent::Slice(slice) = &event {
+            // The roots held are compared in memory first: most slices carry the same ones.
+            if let SessionEvent::Slice(slice) = &event
+                && slice.trust_pem != roots_published.borrow().to_pem()
+            {
                 match roots_dir.accept_trust(&slice.trust_pem, &slice.cross_pem) {
                     Ok(Some(accepted)) => {
                         info!(roots = %accepted.digests(), "the cluster's roots changed; now trusted");
