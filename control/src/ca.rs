@@ -19,6 +19,8 @@ use mesh_api::pki::{
 };
 use mesh_api::tokens::Role;
 
+pub mod cfssl;
+
 /// Lifetime of the root CA.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this much in the past, to tolerate small clock differences between hosts.
@@ -39,6 +41,93 @@ pub enum CaError {
     Given(String),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error("the external CA at {url} cannot be reached ({error}); it was tried 3 times, try again later")]
+    Unreachable { url: String, error: String },
+    #[error("the external CA at {url} refused: {error}")]
+    Signer { url: String, error: String },
+    #[error("the external CA at {url} answered a certificate that is not taken: {why}")]
+    Untrusted { url: String, why: String },
+    #[error("this cluster's CA is external ({url}): its managers hold no CA key to {what}")]
+    External { url: String, what: &'static str },
+}
+
+impl CaError {
+    /// The gRPC status a request that needed this certificate fails with: the caller's fault for
+    /// a bad CSR, worth retrying while the external CA is away.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            CaError::BadCsr(_) | CaError::CsrAlgorithm { .. } => {
+                tonic::Status::invalid_argument(self.to_string())
+            }
+            CaError::Unreachable { .. } => tonic::Status::unavailable(self.to_string()),
+            CaError::Signer { .. } | CaError::Untrusted { .. } | CaError::External { .. } => {
+                tonic::Status::failed_precondition(self.to_string())
+            }
+            _ => tonic::Status::internal(self.to_string()),
+        }
+    }
+}
+
+/// What signs the cluster's certificates: its own root, whose key the managers hold, or an
+/// external CA they forward checked CSRs to.
+#[derive(Debug)]
+pub enum Signer {
+    Own(ClusterCa),
+    External(cfssl::Cfssl),
+}
+
+impl Signer {
+    /// The digest of the root that signs.
+    pub fn digest(&self) -> String {
+        match self {
+            Signer::Own(ca) => ca.digest(),
+            Signer::External(external) => external.root_digest(),
+        }
+    }
+
+    /// The cluster's own root, or why there is none to `what`.
+    pub fn own(&self, what: &'static str) -> Result<&ClusterCa, CaError> {
+        match self {
+            Signer::Own(ca) => Ok(ca),
+            Signer::External(external) => Err(CaError::External { url: external.url().to_owned(), what }),
+        }
+    }
+
+    /// [`ClusterCa::issue_for_csr`], by whichever CA signs.
+    pub async fn issue_for_csr(&self, csr_pem: &str, subject: &Subject) -> Result<String, CaError> {
+        match self {
+            Signer::Own(ca) => ca.issue_for_csr(csr_pem, subject),
+            Signer::External(external) => {
+                let key = csr_key(csr_pem)?;
+                external.sign(csr_pem, key.der_bytes(), subject).await
+            }
+        }
+    }
+
+    /// [`ClusterCa::issue_with_new_key`], by whichever CA signs.
+    pub async fn issue_with_new_key(&self, subject: &Subject) -> Result<(String, String), CaError> {
+        match self {
+            Signer::Own(ca) => ca.issue_with_new_key(subject),
+            Signer::External(external) => {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+                let csr = CertificateParams::default()
+                    .serialize_request(&key)
+                    .and_then(|c| c.pem())
+                    .map_err(CaError::Sign)?;
+                let cert = external.sign(&csr, key.public_key_raw(), subject).await?;
+                Ok((cert, key.serialize_pem()))
+            }
+        }
+    }
+}
+
+/// The public key of `csr_pem`, once its signature and algorithm are checked.
+fn csr_key(csr_pem: &str) -> Result<rcgen::PublicKey, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+    if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        return Err(CaError::CsrAlgorithm { found: format!("{:?}", csr.public_key.algorithm()) });
+    }
+    Ok(csr.public_key)
 }
 
 /// The subject and lifetime of a certificate this CA issues.
@@ -245,11 +334,7 @@ impl ClusterCa {
     /// Signs a certificate for the public key in `csr_pem` with `subject`. Nothing of the CSR but
     /// its public key (and the proof that its sender holds the private key) is used.
     pub fn issue_for_csr(&self, csr_pem: &str, subject: &Subject) -> Result<String, CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
-        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::CsrAlgorithm { found: format!("{:?}", csr.public_key.algorithm()) });
-        }
-        self.issue(&csr.public_key, subject)
+        self.issue(&csr_key(csr_pem)?, subject)
     }
 
     /// Signs a certificate for `public_key` with `subject`; the chain this CA carries follows it.
@@ -284,6 +369,14 @@ impl ClusterCa {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
         let cert = self.issue(&key, subject)?;
         Ok((cert, key.serialize_pem()))
+    }
+}
+
+#[cfg(test)]
+impl ClusterCa {
+    /// A certificate of `params` for `key`, signed by this root: what a signer could answer.
+    pub(crate) fn sign_params(&self, params: CertificateParams, key: &KeyPair) -> Result<String, CaError> {
+        Ok(params.signed_by(key, &self.issuer).map_err(CaError::Sign)?.pem())
     }
 }
 

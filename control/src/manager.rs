@@ -31,7 +31,7 @@ use tonic::{Request, Status};
 use tracing::warn;
 
 use crate::auth::{self, Caller};
-use crate::ca::{ClusterCa, Subject};
+use crate::ca::{CaError, ClusterCa, Signer, Subject};
 use crate::config::ManagerOptions;
 use crate::plans::{self, Liveness, PlanError};
 use crate::raft::network::Peers;
@@ -121,7 +121,7 @@ pub struct Manager {
     pub(crate) cluster_id: ClusterId,
     ca_view: Mutex<Arc<CaView>>,
     /// The CA with its key, loaded from the state when first needed (and again once it changed).
-    signer: Mutex<Option<(String, Arc<ClusterCa>)>>,
+    signer: Mutex<Option<(String, Arc<Signer>)>>,
     pub(crate) peers: Peers,
     pub(crate) options: ManagerOptions,
     pub(crate) config: ManagerConfig,
@@ -208,9 +208,9 @@ impl Manager {
         crate::statedir::open_identity(&self.dir, &self.data_key.lock().expect("lock"))
     }
 
-    /// The cluster CA that signs now, key included (from the replicated state), carrying the
-    /// cross-signature during a root rotation.
-    pub fn ca(&self) -> Result<Arc<ClusterCa>, Status> {
+    /// What signs the cluster's certificates now (from the replicated state): its own root, key
+    /// included and carrying the cross-signature during a root rotation, or the external CA.
+    pub fn ca(&self) -> Result<Arc<Signer>, Status> {
         let (record, chain) = self.store.read(|s| (s.ca.clone(), s.cross_pem().to_owned()));
         let record =
             record.ok_or_else(|| Status::unavailable("this manager has not received the cluster CA yet"))?;
@@ -221,9 +221,24 @@ impl Manager {
         {
             return Ok(ca.clone());
         }
-        let ca = ClusterCa::load(&record.cert_pem, &record.key_pem.0)
-            .map_err(|e| Status::internal(format!("the cluster CA in the state is unusable: {e}")))?
-            .with_chain(&chain);
+        let unusable = |e: CaError| Status::internal(format!("the cluster CA in the state is unusable: {e}"));
+        let ca = match &record.external {
+            None => Signer::Own(
+                ClusterCa::load(&record.cert_pem, &record.key_pem.0).map_err(unusable)?.with_chain(&chain),
+            ),
+            Some(external) => {
+                let auth_key = external
+                    .auth_key
+                    .as_ref()
+                    .map(|k| crate::ca::cfssl::parse_auth_key(&k.0))
+                    .transpose()
+                    .map_err(|e| unusable(CaError::Given(e)))?;
+                Signer::External(
+                    crate::ca::cfssl::Cfssl::new(&external.url, auth_key.as_deref(), &record.cert_pem)
+                        .map_err(unusable)?,
+                )
+            }
+        };
         let ca = Arc::new(ca);
         *signer = Some((key, ca.clone()));
         Ok(ca)
@@ -412,7 +427,7 @@ impl Manager {
     }
 
     /// Issues a node certificate for `csr_pem`.
-    pub(crate) fn issue_node_certificate(
+    pub(crate) async fn issue_node_certificate(
         &self,
         csr_pem: &str,
         id: &NodeId,
@@ -422,7 +437,8 @@ impl Manager {
         let ca = self.ca()?;
         let cert_pem = ca
             .issue_for_csr(csr_pem, &Subject::node(&cluster_id, id, role, lifetime))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .await
+            .map_err(|e| e.status())?;
         let kind = if role == Role::Manager { "manager" } else { "worker" };
         self.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind }).inc();
         let not_after = CertInfo::from_pem(&cert_pem)

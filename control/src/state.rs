@@ -26,8 +26,8 @@ mod records;
 pub use command::Command;
 pub use error::StateError;
 pub use records::{
-    AdminRecord, CaRecord, CaRotation, Definition, Endpoint, Network, NodeRecord, OnFailure, PolicyRecord,
-    Rollout, RolloutState, Secret, SecretRecord, Service, Settings,
+    AdminRecord, CaRecord, CaRotation, Definition, Endpoint, ExternalCa, Network, NodeRecord, OnFailure,
+    PolicyRecord, Rollout, RolloutState, Secret, SecretRecord, Service, Settings,
 };
 
 /// The whole replicated cluster state.

@@ -29,12 +29,13 @@ use mesh_api::pki::{CertInfo, PkiError};
 use mesh_api::tls::{Identity, TlsError};
 use mesh_api::tokens::{JoinToken, Role};
 
-use crate::ca::{CaError, ClusterCa, Subject};
+use crate::ca::cfssl::{self, Cfssl};
+use crate::ca::{CaError, ClusterCa, Signer, Subject};
 use crate::config::{DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME};
 use crate::raft::network::Peers;
 use crate::raft::seal::{DataKey, KeyFile, SealError, UnlockKey};
 use crate::raft::store::{Store, StoreError};
-use crate::state::{AdminRecord, CaRecord, ClusterState, Command, NodeRecord, NodeState, Secret};
+use crate::state::{AdminRecord, CaRecord, ClusterState, Command, ExternalCa, NodeRecord, NodeState, Secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -181,16 +182,75 @@ pub async fn init(
     cert_lifetime: Duration,
     autolock: bool,
 ) -> Result<Created, ClusterError> {
-    init_with_admin_dir(root, config, cert_lifetime, autolock, &ManagerDir::new(root).admin()).await
+    init_with_admin_dir(root, config, cert_lifetime, autolock, &ManagerDir::new(root).admin(), CaChoice::Own)
+        .await
 }
 
-/// [`init`], writing the admin bundle to `admin_dir`.
+/// Which CA a new cluster's certificates come from.
+#[derive(Clone, Debug)]
+pub enum CaChoice {
+    /// A root made here, whose key the managers hold.
+    Own,
+    /// A CFSSL server at `url`, with its auth key (hex), signing with `root_pem` (when none is
+    /// given, the one the server names, shown to be checked).
+    External { url: String, auth_key: Option<String>, root_pem: Option<String> },
+}
+
+/// The CA a cluster is made with: its signer, the record the state keeps, and its cluster ID
+/// (an external root's O, which must be one).
+async fn make_ca(choice: CaChoice) -> Result<(Signer, CaRecord, ClusterId), ClusterError> {
+    match choice {
+        CaChoice::Own => {
+            let cluster_id = ClusterId::random();
+            let ca = ClusterCa::generate(&cluster_id)?;
+            let record = CaRecord {
+                cert_pem: ca.cert_pem().to_owned(),
+                key_pem: Secret(ca.key_pem()),
+                external: None,
+            };
+            Ok((Signer::Own(ca), record, cluster_id))
+        }
+        CaChoice::External { url, auth_key, root_pem } => {
+            let key = auth_key.as_deref().map(cfssl::parse_auth_key).transpose().map_err(CaError::Given)?;
+            let root_pem = match root_pem {
+                Some(pem) => pem,
+                None => Cfssl::fetch_root(&url).await?,
+            };
+            let cluster_id = external_cluster_id(&root_pem)?;
+            let signer = Cfssl::new(&url, key.as_deref(), &root_pem)?;
+            let record = CaRecord {
+                cert_pem: mesh_api::trust::Trust::from_pem(&root_pem)
+                    .map_err(|e| CaError::Given(e.to_string()))?
+                    .to_pem(),
+                key_pem: Secret(String::new()),
+                external: Some(ExternalCa { url, auth_key: auth_key.map(Secret) }),
+            };
+            Ok((Signer::External(signer), record, cluster_id))
+        }
+    }
+}
+
+/// The cluster ID an external root names as its O: every certificate of the cluster carries it.
+fn external_cluster_id(root_pem: &str) -> Result<ClusterId, ClusterError> {
+    let organization = CertInfo::from_pem(root_pem).map(|i| i.organization).unwrap_or_default();
+    organization.parse().map_err(|_| {
+        ClusterError::Ca(CaError::Given(format!(
+            "the external root's O is `{}`: it must be the cluster's ID, 25 characters of 0-9a-z, \
+             such as {} (make the root with that O)",
+            organization.escape_default(),
+            ClusterId::random()
+        )))
+    })
+}
+
+/// [`init`], writing the admin bundle to `admin_dir`, with the CA `ca`.
 pub async fn init_with_admin_dir(
     root: &Path,
     config: ManagerConfig,
     cert_lifetime: Duration,
     autolock: bool,
     admin_dir: &Path,
+    ca: CaChoice,
 ) -> Result<Created, ClusterError> {
     if cert_lifetime < MIN_CERT_LIFETIME {
         return Err(ClusterError::LifetimeTooShort {
@@ -201,25 +261,26 @@ pub async fn init_with_admin_dir(
     dir.check_empty()?;
     files::create_private_dir(root)?;
 
-    let cluster_id = ClusterId::random();
-    let ca = ClusterCa::generate(&cluster_id)?;
+    let (ca, ca_record, cluster_id) = make_ca(ca).await?;
     let worker_token = JoinToken::generate(&ca.digest());
     let manager_token = JoinToken::generate(&ca.digest());
     let manager_id = NodeId::random();
     let (manager_cert, manager_key) =
-        ca.issue_with_new_key(&Subject::node(&cluster_id, &manager_id, Role::Manager, cert_lifetime))?;
-    let (admin_cert, admin_key) =
-        ca.issue_with_new_key(&Subject::admin(&cluster_id, crate::config::DEFAULT_ADMIN_CERT_LIFETIME))?;
+        ca.issue_with_new_key(&Subject::node(&cluster_id, &manager_id, Role::Manager, cert_lifetime)).await?;
+    let (admin_cert, admin_key) = ca
+        .issue_with_new_key(&Subject::admin(&cluster_id, crate::config::DEFAULT_ADMIN_CERT_LIFETIME))
+        .await?;
+    let root_pem = ca_record.cert_pem.clone();
     let admin_info = CertInfo::from_pem(&admin_cert)?;
     let identity = Identity { cert_pem: manager_cert.clone(), key_pem: manager_key };
     let data_key = DataKey::generate();
 
-    files::write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), PUBLIC)?;
+    files::write_atomic(&dir.ca_cert(), root_pem.as_bytes(), PUBLIC)?;
     dir.write_manager_identity(&identity, &data_key)?;
     AdminBundle {
         managers: vec![config.advertise.to_string()],
         manager_ids: vec![manager_id.to_string()],
-        ca_pem: ca.cert_pem().to_owned(),
+        ca_pem: root_pem.clone(),
         identity: Identity { cert_pem: admin_cert, key_pem: admin_key },
     }
     .write(admin_dir)?;
@@ -227,7 +288,7 @@ pub async fn init_with_admin_dir(
     let unlock_key = autolock.then(UnlockKey::generate);
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let commands = vec![
-        Command::SetCa(CaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: Secret(ca.key_pem()) }),
+        Command::SetCa(ca_record),
         Command::set_token(Role::Worker, &worker_token),
         Command::set_token(Role::Manager, &manager_token),
         Command::AddNode(NodeRecord {
@@ -258,7 +319,7 @@ pub async fn init_with_admin_dir(
     ];
     dir.write_data_key(&data_key, unlock_key.as_ref())?;
     let initial = ClusterState::new(cluster_id.clone(), cert_lifetime);
-    let trust = mesh_api::trust::Trust::from_pem(ca.cert_pem())
+    let trust = mesh_api::trust::Trust::from_pem(&root_pem)
         .map_err(|e| ClusterError::Corrupt { path: dir.ca_cert(), error: e.to_string() })?;
     let peers = Peers::new(&trust, &identity)?;
     let store = Store::open(

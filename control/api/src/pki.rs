@@ -8,7 +8,8 @@
 //! | node     | node ID                   | `mesh-worker` / `mesh-manager` | `spiffe://<cluster>/node/<id>` |
 //! | workload | `<service>.<slot>@<node>` | `mesh-workload`| `spiffe://<cluster>/svc/<service>` |
 //!
-//! The O of every one of them is the cluster ID.
+//! The O of every one of them is the cluster ID. The subject names the holder; the URI SAN, when
+//! present, must agree with it (an external CA may issue certificates without one).
 
 use std::fmt;
 use std::str::FromStr;
@@ -156,26 +157,31 @@ impl CertInfo {
         let cluster_id: ClusterId =
             cluster.parse().map_err(|_| NotOurs::OtherCluster(self.organization.clone()))?;
         let bad_subject = || NotOurs::Subject(self.common_name.clone());
+        // The subject names the holder. A SPIFFE ID, when the certificate carries one, must be
+        // the one the subject calls for, and the only URI: an external CA that can set no URI
+        // SAN (CFSSL 1.2) issues certificates without it.
+        let uris_say = |expected: Option<&SpiffeId>| match (&self.uris[..], expected) {
+            ([], _) => Ok(()),
+            ([uri], Some(expected)) if *uri == expected.to_string() => Ok(()),
+            _ => Err(NotOurs::Spiffe(self.uris.clone())),
+        };
         match self.unit.as_str() {
-            ADMIN_OU if self.common_name == ADMIN_CN => Ok(Holder::Admin),
+            ADMIN_OU if self.common_name == ADMIN_CN => {
+                uris_say(None)?;
+                Ok(Holder::Admin)
+            }
             WORKLOAD_OU => {
                 let (endpoint, node) = self.common_name.split_once('@').ok_or_else(bad_subject)?;
                 let node: NodeId = node.parse().map_err(|_| bad_subject())?;
                 let (service, slot) = endpoint.rsplit_once('.').ok_or_else(bad_subject)?;
                 slot.parse::<u32>().map_err(|_| bad_subject())?;
-                let expected = SpiffeId::Service { cluster: cluster_id, service: service.to_owned() };
-                if self.uris != [expected.to_string()] {
-                    return Err(NotOurs::Spiffe(self.uris.clone()));
-                }
+                uris_say(Some(&SpiffeId::Service { cluster: cluster_id, service: service.to_owned() }))?;
                 Ok(Holder::Workload { service: service.to_owned(), endpoint: endpoint.to_owned(), node })
             }
             unit => {
                 let role = Role::from_ou(unit).ok_or_else(|| NotOurs::Unit(unit.to_owned()))?;
                 let id: NodeId = self.common_name.parse().map_err(|_| bad_subject())?;
-                let expected = SpiffeId::Node { cluster: cluster_id, node: id.clone() }.to_string();
-                if !self.uris.contains(&expected) {
-                    return Err(NotOurs::Spiffe(self.uris.clone()));
-                }
+                uris_say(Some(&SpiffeId::Node { cluster: cluster_id, node: id.clone() }))?;
                 Ok(Holder::Node { id, role })
             }
         }
@@ -208,7 +214,7 @@ pub enum NotOurs {
     Unit(String),
     #[error("certificate subject `{0}` is not one this cluster issues")]
     Subject(String),
-    #[error("certificate without the SPIFFE ID its subject calls for (has {0:?})")]
+    #[error("certificate with URIs other than the SPIFFE ID its subject calls for: {0:?}")]
     Spiffe(Vec<String>),
 }
 
@@ -268,14 +274,27 @@ mod tests {
             info(&workload_cn, WORKLOAD_OU, c, std::slice::from_ref(&svc_uri)).holder(c),
             Ok(Holder::Workload { service: "api".into(), endpoint: "api.1".into(), node: node.clone() })
         );
+        // Without a URI SAN (an external CA's), the subject alone names the holder.
+        assert_eq!(
+            info(node.as_str(), "mesh-worker", c, &[]).holder(c),
+            Ok(Holder::Node { id: node.clone(), role: Role::Worker })
+        );
+        assert_eq!(
+            info(&workload_cn, WORKLOAD_OU, c, &[]).holder(c),
+            Ok(Holder::Workload { service: "api".into(), endpoint: "api.1".into(), node: node.clone() })
+        );
         let other = ClusterId::random();
+        let other_node_uri = SpiffeId::Node { cluster: cluster.clone(), node: NodeId::random() }.to_string();
         let refused = [
             info("admin", ADMIN_OU, other.as_str(), &[]),
             info("root", ADMIN_OU, c, &[]),
             info(node.as_str(), "mesh-root", c, std::slice::from_ref(&node_uri)),
-            info(node.as_str(), "mesh-worker", c, &[]),
+            info("admin", ADMIN_OU, c, std::slice::from_ref(&node_uri)),
             info(NodeId::random().as_str(), "mesh-worker", c, std::slice::from_ref(&node_uri)),
-            info(&workload_cn, WORKLOAD_OU, c, &[]),
+            info(node.as_str(), "mesh-worker", c, &[node_uri.clone(), other_node_uri.clone()]),
+            info(node.as_str(), "mesh-worker", c, &[other_node_uri]),
+            info(node.as_str(), "mesh-worker", c, std::slice::from_ref(&svc_uri)),
+            info(&workload_cn, WORKLOAD_OU, c, std::slice::from_ref(&node_uri)),
             info(&workload_cn, WORKLOAD_OU, c, &[svc_uri.clone(), node_uri.clone()]),
             info(&format!("web.1@{node}"), WORKLOAD_OU, c, std::slice::from_ref(&svc_uri)),
             info("api.1", WORKLOAD_OU, c, std::slice::from_ref(&svc_uri)),

@@ -57,6 +57,8 @@ enum Cmd {
         #[arg(long)]
         run: bool,
         #[command(flatten)]
+        external: ExternalCaArgs,
+        #[command(flatten)]
         serve: ServeArgs,
     },
     /// Join an existing cluster as another manager (a voter of the replicated store), then serve.
@@ -83,6 +85,45 @@ enum Cmd {
         #[arg(long)]
         print_config: bool,
     },
+}
+
+/// An external CA: the managers hold no CA key and forward the CSRs they checked to it.
+#[derive(clap::Args)]
+struct ExternalCaArgs {
+    /// Sign every certificate with a CFSSL server (`cfssl serve`), e.g. `cfssl=http://10.0.0.5:8888`.
+    /// Its profiles `node`, `workload` and `admin` sign each kind (usages `server auth` and
+    /// `client auth`; an expiry no longer than the cluster asks: 24h for workloads). The
+    /// root's subject O must be the cluster ID (25 characters of 0-9a-z). The managers check
+    /// every certificate it answers against the root before using or handing it out.
+    #[arg(long, value_name = "cfssl=URL", value_parser = control::ca::cfssl::parse_external_ca)]
+    external_ca: Option<String>,
+    /// The file holding the CFSSL auth key (hex, as in its `auth_keys`): requests go to
+    /// `/api/v1/cfssl/authsign`, HMAC-signed. Without it, to the unauthenticated `sign`.
+    #[arg(long, value_name = "FILE", requires = "external_ca")]
+    external_ca_key: Option<PathBuf>,
+    /// The external CA's root certificate, pinned: every certificate must chain to it. Without
+    /// it, the one the CFSSL server names (`/api/v1/cfssl/info`) is taken and its digest shown.
+    #[arg(long, value_name = "FILE", requires = "external_ca")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl ExternalCaArgs {
+    fn choice(self) -> anyhow::Result<statedir::CaChoice> {
+        let Some(url) = self.external_ca else { return Ok(statedir::CaChoice::Own) };
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the {what} {}", path.display()))
+        };
+        let auth_key =
+            self.external_ca_key.as_ref().map(|p| read(p, "external CA's auth key")).transpose()?;
+        if let Some(key) = &auth_key {
+            control::ca::cfssl::parse_auth_key(key)
+                .map_err(anyhow::Error::msg)
+                .context("--external-ca-key")?;
+        }
+        let root_pem = self.ca_cert.as_ref().map(|p| read(p, "root certificate")).transpose()?;
+        Ok(statedir::CaChoice::External { url, auth_key, root_pem })
+    }
 }
 
 /// Where a new manager keeps its state and listens.
@@ -226,7 +267,8 @@ async fn run() -> anyhow::Result<()> {
             let (name, sub) = matches.subcommand().expect("a subcommand");
             print!("{}", layered.render(Cli::command().find_subcommand(name).expect("run"), sub, &[]));
         }
-        Cmd::Init { place, cert_expiry, autolock, admin_dir, run, serve: args } => {
+        Cmd::Init { place, cert_expiry, autolock, admin_dir, run, external, serve: args } => {
+            let ca_choice = external.choice()?;
             let (state_dir, config) = place.config(&[])?;
             let lifetime = cert_expiry.map_or(config::DEFAULT_CERT_LIFETIME, Into::into);
             let admin_dir = match admin_dir {
@@ -242,9 +284,20 @@ async fn run() -> anyhow::Result<()> {
                 "{} already holds an admin bundle (of another cluster?): give --admin-dir",
                 admin_dir.display()
             );
+            let external = match &ca_choice {
+                statedir::CaChoice::External { url, .. } => Some(url.clone()),
+                statedir::CaChoice::Own => None,
+            };
             let created =
-                statedir::init_with_admin_dir(&state_dir, config, lifetime, autolock, &admin_dir).await?;
+                statedir::init_with_admin_dir(&state_dir, config, lifetime, autolock, &admin_dir, ca_choice)
+                    .await?;
             println!("Cluster {} created in {}.", created.cluster_id, state_dir.display());
+            if let Some(url) = external {
+                println!(
+                    "Root CA: external, signing at {url}; digest {} (the join tokens pin it). No manager holds its key.",
+                    created.worker_token.ca_digest()
+                );
+            }
             println!("Manager node ID: {}", created.manager_id);
             println!(
                 "Admin bundle: {} (export MESHCTL_ADMIN={})",

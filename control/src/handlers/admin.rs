@@ -546,7 +546,8 @@ impl pb::admin_server::Admin for AdminApi {
             .0
             .ca()?
             .issue_for_csr(&req.csr_pem, &Subject::admin(&cluster, lifetime))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .await
+            .map_err(|e| e.status())?;
         let info = CertInfo::from_pem(&cert_pem).map_err(super::internal)?;
         let record =
             AdminRecord { label: req.label, issued_at: now(), not_after: info.not_after.unix_timestamp() };

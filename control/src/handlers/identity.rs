@@ -12,6 +12,7 @@ use crate::auth::Caller;
 use crate::manager::Manager;
 use crate::state::{Command, NodeRecord, NodeState};
 use mesh_api::ids::NodeId;
+use mesh_api::pki::CertInfo;
 use mesh_api::proto::pb;
 use mesh_api::tokens::JoinToken;
 
@@ -77,7 +78,7 @@ impl pb::identity_server::Identity for IdentityApi {
         let hostname = req.hostname.trim();
         check_hostname(hostname).map_err(Status::invalid_argument)?;
         let id = NodeId::random();
-        let issued = manager.issue_node_certificate(&req.csr_pem, &id, role)?;
+        let issued = manager.issue_node_certificate(&req.csr_pem, &id, role).await?;
         manager
             .store
             .apply(Command::AddNode(NodeRecord {
@@ -119,7 +120,7 @@ impl pb::identity_server::Identity for IdentityApi {
             }
         };
         manager.allow_renewal(&id)?;
-        let issued = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role)?;
+        let issued = manager.issue_node_certificate(&request.get_ref().csr_pem, &id, role).await?;
         manager
             .store
             .apply(Command::RecordCertificate {
@@ -167,15 +168,11 @@ impl pb::identity_server::Identity for IdentityApi {
             &node,
             manager.settings().workload_cert_lifetime,
         );
-        let cert_pem = manager
-            .ca()?
-            .issue_for_csr(&req.csr_pem, &subject)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cert_pem = manager.ca()?.issue_for_csr(&req.csr_pem, &subject).await.map_err(|e| e.status())?;
+        // An external CA's certificate may end before the one asked for.
+        let not_after = CertInfo::from_pem(&cert_pem).map_err(internal)?.not_after;
         manager.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind: "workload" }).inc();
         info!(node = %node, service = %req.service, slot = req.slot, "workload certificate issued");
-        Ok(Response::new(pb::WorkloadCertResponse {
-            cert_pem,
-            not_after: subject.not_after.unix_timestamp(),
-        }))
+        Ok(Response::new(pb::WorkloadCertResponse { cert_pem, not_after: not_after.unix_timestamp() }))
     }
 }

@@ -47,7 +47,7 @@ impl Manager {
             let (cluster_id, lifetime) = self.store.read(|s| (s.cluster_id.clone(), s.cert_lifetime()));
             let ca = self.ca()?;
             let (cert_pem, key_pem) =
-                ca.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime))?;
+                ca.issue_with_new_key(&Subject::node(&cluster_id, &id, Role::Manager, lifetime)).await?;
             self.metrics.certificates.get_or_create(&crate::metrics::CertKind { kind: "manager" }).inc();
             let not_after = CertInfo::from_pem(&cert_pem)?.not_after.unix_timestamp();
             self.store

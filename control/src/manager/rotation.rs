@@ -103,7 +103,8 @@ impl Manager {
                 "a root CA rotation is under way already; `meshctl cluster ca` shows its progress",
             ));
         }
-        let old = self.ca()?;
+        let signer = self.ca()?;
+        let old = signer.own("cross-sign a new root").map_err(|e| e.status())?;
         let now = OffsetDateTime::now_utc();
         let new = match given {
             Some((cert, key)) => ClusterCa::given(&self.cluster_id, &cert, &key)
@@ -117,7 +118,7 @@ impl Manager {
         if new.digest() == old.digest() {
             return Err(Status::invalid_argument("the root given is the current root"));
         }
-        if new.same_key(&old) {
+        if new.same_key(old) {
             return Err(Status::invalid_argument(
                 "the root given has the current root's key: a rotation must replace the key",
             ));
@@ -125,7 +126,11 @@ impl Manager {
         let cross_pem = old.cross_sign(&new).map_err(|e| Status::internal(e.to_string()))?;
         let old_pem = old.cert_pem().to_owned();
         let start = Command::StartCaRotation {
-            ca: CaRecord { cert_pem: new.cert_pem().to_owned(), key_pem: Secret(new.key_pem()) },
+            ca: CaRecord {
+                cert_pem: new.cert_pem().to_owned(),
+                key_pem: Secret(new.key_pem()),
+                external: None,
+            },
             cross_pem,
             started_at: now.unix_timestamp(),
         };

@@ -90,7 +90,19 @@ pub struct SecretRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaRecord {
     pub cert_pem: String,
+    /// Empty when the CA is external.
     pub key_pem: Secret,
+    /// The external CA that signs, when the managers hold no CA key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalCa>,
+}
+
+/// An external CA (`mesh-control init --external-ca cfssl=URL`): the CFSSL server the managers
+/// forward checked CSRs to, and its auth key (hex; none: unauthenticated `sign`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalCa {
+    pub url: String,
+    pub auth_key: Option<Secret>,
 }
 
 /// A root rotation under way: [`CaRecord`] holds the new root, which signs from its start; the
