@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux python3:python3 dig:bind9-dnsutils curl:curl nft:nftables systemd-analyze:systemd; do
+for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux python3:python3 dig:bind9-dnsutils curl:curl nft:nftables systemd-analyze:systemd cfssl:golang-cfssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

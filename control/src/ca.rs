@@ -71,6 +71,7 @@ impl CaError {
 /// What signs the cluster's certificates: its own root, whose key the managers hold, or an
 /// external CA they forward checked CSRs to.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per manager, behind an Arc
 pub enum Signer {
     Own(ClusterCa),
     External(cfssl::Cfssl),

@@ -115,6 +115,18 @@ impl Lab {
 
     /// As [`Lab::start_with`], each meshd joined with `join_args` too.
     pub fn start_joining(hosts: usize, managers: usize, manager_args: &[&str], join_args: &[&str]) -> Lab {
+        Lab::start_prepared(hosts, managers, manager_args, join_args, |_| Vec::new())
+    }
+
+    /// As [`Lab::start_joining`], `prepare` run once the hosts are up and before `mesh-control
+    /// init`, which it gives arguments to (an external CA it started in a host, say).
+    pub fn start_prepared(
+        hosts: usize,
+        managers: usize,
+        manager_args: &[&str],
+        join_args: &[&str],
+        prepare: impl FnOnce(&meshctl::lab::Lab) -> Vec<String>,
+    ) -> Lab {
         require_root();
         let work = tempfile::tempdir().expect("temp dir");
         let prefix = meshctl::lab::unique_prefix("t");
@@ -130,11 +142,13 @@ impl Lab {
                 panic!("{step}: {e}\n{}", lab.logs());
             }
         };
-        let init = lab.init_cluster().map(drop);
+        let init_args = prepare(&lab);
+        let init = lab.init_cluster_with(&init_args).map(drop);
         built(&lab, "mesh-control init", init);
         let state = lab.manager_dir(1);
         let read = control::statedir::read_state(&state, None);
         let offline = tokio::runtime::Runtime::new().expect("runtime").block_on(read).expect("the state");
+        // Empty for an external CA: no manager holds its key.
         let ca_key = offline.ca.expect("the CA in the state").key_pem.0;
         let managers = lab.start_managers();
         built(&lab, "starting the managers", managers);

@@ -261,7 +261,7 @@ async fn an_expired_certificate_is_refused() {
     let mut subject = Subject::node(&cluster_id, &id, Role::Worker, HOUR);
     subject.not_before = OffsetDateTime::now_utc() - time::Duration::hours(2);
     subject.not_after = OffsetDateTime::now_utc() - time::Duration::minutes(1);
-    let (cert_pem, key_pem) = cluster.manager.ca().unwrap().issue_with_new_key(&subject).unwrap();
+    let (cert_pem, key_pem) = cluster.manager.ca().unwrap().issue_with_new_key(&subject).await.unwrap();
     let paths = NodeDir::new(&node_dir(&dir));
     mesh_api::files::write_atomic(&paths.key(), key_pem.as_bytes(), 0o600).unwrap();
     mesh_api::files::write_atomic(&paths.cert(), cert_pem.as_bytes(), 0o644).unwrap();
@@ -307,7 +307,7 @@ async fn state_files_holding_secrets_are_0600() {
     assert_eq!(mode(&node_dir(&dir)), 0o700);
     // The CA key and the join tokens are only in the sealed store: in no file in the clear.
     let token = cluster.token(Role::Worker);
-    let key = cluster.manager.ca().unwrap().key_pem();
+    let key = cluster.manager.ca().unwrap().own("test").unwrap().key_pem();
     let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     for entry in walk(&m.root) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
@@ -478,8 +478,10 @@ async fn a_node_accepts_as_control_only_the_managers_it_was_told_of() {
     // What a removed (or stolen-from, decommissioned) manager holds: a manager certificate of
     // this CA, still valid, for a node that is not a manager any more.
     let rogue_id = ids::NodeId::random();
-    let (cert_pem, key_pem) =
-        ca_signer.issue_with_new_key(&Subject::node(&cluster_id, &rogue_id, Role::Manager, HOUR)).unwrap();
+    let (cert_pem, key_pem) = ca_signer
+        .issue_with_new_key(&Subject::node(&cluster_id, &rogue_id, Role::Manager, HOUR))
+        .await
+        .unwrap();
     let rogue = tls_server(&ca, mesh_api::tls::Identity { cert_pem, key_pem }).await;
     let pinned = mesh_api::tls::ServerTrust::Managers { ca: &ca, ids: &node.manager_ids };
     let err = handshake(&rogue, pinned).await.unwrap_err();

@@ -71,7 +71,7 @@ pub fn parse_auth_key(text: &str) -> Result<Vec<u8>, String> {
         .step_by(2)
         .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
         .collect::<Option<Vec<u8>>>()
-        .filter(|_| text.len() % 2 == 0)
+        .filter(|_| text.len().is_multiple_of(2))
         .ok_or("the auth key is not hex (CFSSL's `auth_keys` entry holds it as hex)")?;
     if bytes.len() < 16 {
         return Err(format!("the auth key is {} bytes; 16 at least", bytes.len()));

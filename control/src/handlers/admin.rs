@@ -399,7 +399,13 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::CaStatusRequest>,
     ) -> Result<Response<pb::CaStatusResponse>, Status> {
         self.admin(&request)?;
-        Ok(Response::new(ca_status_pb(self.0.ca_progress()?)))
+        let mut status = ca_status_pb(self.0.ca_progress()?);
+        status.external = self
+            .0
+            .store
+            .read(|s| s.ca.as_ref().and_then(|c| c.external.as_ref()).map(|e| e.url.clone()))
+            .unwrap_or_default();
+        Ok(Response::new(status))
     }
 
     async fn rotate_ca(
@@ -1008,6 +1014,7 @@ fn ca_status_pb(progress: crate::manager::rotation::CaProgress) -> pb::CaStatusR
                 offline: l.offline,
             })
             .collect(),
+        external: String::new(),
     }
 }
 

@@ -229,6 +229,9 @@ struct RootView {
 #[derive(serde::Serialize)]
 struct CaView {
     roots: Vec<RootView>,
+    /// The external CA's URL, when the managers hold no CA key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external: Option<String>,
     rotating: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     started: Option<String>,
@@ -264,6 +267,7 @@ fn ca_view(status: &pb::CaStatusResponse) -> CaView {
                 state: if i == 0 { "signing" } else { "previous" },
             })
             .collect(),
+        external: (!status.external.is_empty()).then(|| status.external.clone()),
         rotating: status.rotating,
         started: status.rotating.then(|| rfc(status.started_at)),
         nodes: status.total,
@@ -327,6 +331,9 @@ fn show_ca(status: &pb::CaStatusResponse, format: Format) -> anyhow::Result<()> 
                     ])
                 )
             );
+            if let Some(url) = &view.external {
+                println!("signed by the external CA at {url}: no manager holds the root's key");
+            }
             match &view.started {
                 Some(started) => println!("rotation started {started}: {}", progress_line(&view)),
                 None => println!("no rotation under way"),

@@ -102,21 +102,29 @@ impl Lab {
     /// `mesh-control init` on host 1 (the cluster, its CA, tokens and admin bundle); what it
     /// printed.
     pub fn init_cluster(&mut self) -> Result<String, LabError> {
+        self.init_cluster_with(&[])
+    }
+
+    /// [`Self::init_cluster`], `mesh-control init` given `extra` too (e.g. `--external-ca`).
+    pub fn init_cluster_with(&mut self, extra: &[String]) -> Result<String, LabError> {
         let t = self.topology();
         let dir = t.manager_dir(1).to_string_lossy().into_owned();
         let admin = t.admin_dir().to_string_lossy().into_owned();
         let (control, host) = (t.control(1), t.host(1));
-        run(self.in_host(1, "mesh-control").args([
-            "init",
-            "--admin-dir",
-            &admin,
-            "--state-dir",
-            &dir,
-            "--listen",
-            &control,
-            "--hostname",
-            &host,
-        ]))
+        run(self
+            .in_host(1, "mesh-control")
+            .args([
+                "init",
+                "--admin-dir",
+                &admin,
+                "--state-dir",
+                &dir,
+                "--listen",
+                &control,
+                "--hostname",
+                &host,
+            ])
+            .args(extra))
     }
 
     /// Serves the cluster from host 1's manager and joins the others (h2..hM) to it with the

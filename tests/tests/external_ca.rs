@@ -1,0 +1,394 @@
+//! An external CA, as root in a lab: a real `cfssl serve` (Debian's golang-cfssl) in host 1
+//! signs every certificate of a cluster of two managers and two meshd hosts. Joins, renewals,
+//! workload certificates and admin credentials all come from it; no manager file or state holds
+//! a CA key; a signer that is away is said so, and nothing is lost; a signer that lies (another
+//! root's certificate, a wrong auth key) is refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use mesh_api::ids::ClusterId;
+use mesh_api::pki::CertInfo;
+use mesh_api::trust::Trust;
+use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API};
+
+const PORT: &str = "8888";
+const AUTH_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// A CFSSL root named for `cluster` (its O), made with `cfssl gencert -initca` in `dir`:
+/// (certificate, key) files.
+fn make_root(dir: &Path, name: &str, organization: &str) -> (PathBuf, PathBuf) {
+    let csr = dir.join(format!("{name}-csr.json"));
+    let request = serde_json::json!({
+        "CN": format!("{name} external root"),
+        "key": {"algo": "ecdsa", "size": 256},
+        "names": [{"O": organization, "OU": "mesh-ca"}],
+    });
+    std::fs::write(&csr, request.to_string()).unwrap();
+    let out = Command::new("cfssl")
+        .args(["gencert", "-initca"])
+        .arg(&csr)
+        .output()
+        .unwrap_or_else(|e| panic!("cfssl: {e} (install Debian's golang-cfssl; scripts/test.sh does)"));
+    assert!(out.status.success(), "cfssl gencert: {}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+    std::fs::write(&cert, made["cert"].as_str().unwrap()).unwrap();
+    std::fs::write(&key, made["key"].as_str().unwrap()).unwrap();
+    (cert, key)
+}
+
+/// A CFSSL signing config: the profiles the managers ask for, each authenticated with `key`.
+fn config(dir: &Path, name: &str, key: &str) -> PathBuf {
+    let profile = |expiry: &str| {
+        serde_json::json!({
+            "auth_key": "mesh",
+            "expiry": expiry,
+            "usages": ["digital signature", "server auth", "client auth"],
+        })
+    };
+    let config = serde_json::json!({
+        "signing": {
+            "default": profile("1h"),
+            "profiles": {"node": profile("24h"), "workload": profile("1h"), "admin": profile("720h")},
+        },
+        "auth_keys": {"mesh": {"type": "standard", "key": key}},
+    });
+    let path = dir.join(format!("{name}-config.json"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// `cfssl serve` in host 1, signing with `root` under `config`; killed when dropped.
+struct Signer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Signer {
+    /// `cfssl serve` on this machine's loopback, at a free port: (signer, URL).
+    fn on_loopback(root: &(PathBuf, PathBuf), config: &Path, log: PathBuf) -> (Signer, String) {
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("cfssl")
+            .args(["serve", "-address", "127.0.0.1", "-port", &port, "-ca"])
+            .arg(&root.0)
+            .arg("-ca-key")
+            .arg(&root.1)
+            .arg("-config")
+            .arg(config)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("cfssl serve (install Debian's golang-cfssl; scripts/test.sh does)");
+        let signer = Signer { child, log };
+        let url = format!("http://127.0.0.1:{port}");
+        let up = meshctl::lab::wait(std::time::Duration::from_secs(20), || {
+            std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
+        });
+        assert!(
+            up,
+            "cfssl serve did not come up: {}",
+            std::fs::read_to_string(&signer.log).unwrap_or_default()
+        );
+        (signer, url)
+    }
+
+    fn start(lab: &meshctl::lab::Lab, root: &(PathBuf, PathBuf), config: &Path, log: PathBuf) -> Signer {
+        let out = std::fs::File::create(&log).unwrap();
+        let (cert, key) = (root.0.to_str().unwrap(), root.1.to_str().unwrap());
+        let address = lab.addr(1);
+        let child = lab
+            .exec(
+                &lab.host(1),
+                &["cfssl", "serve", "-address", &address, "-port", PORT, "-ca", cert, "-ca-key", key],
+            )
+            .arg("-config")
+            .arg(config)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("cfssl serve");
+        let signer = Signer { child, log };
+        let url = format!("http://{address}:{PORT}/api/v1/cfssl/info");
+        let up = meshctl::lab::wait(std::time::Duration::from_secs(20), || {
+            lab.exec(&lab.host(1), &["curl", "-sS", "-f", "-m", "2", "-d", "{}", &url])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        assert!(
+            up,
+            "cfssl serve did not come up: {}",
+            std::fs::read_to_string(&signer.log).unwrap_or_default()
+        );
+        signer
+    }
+
+    /// How many certificates it signed so far, as its log tells.
+    fn signed(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("signed certificate with serial number")
+            .count()
+    }
+}
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() { out.extend(files(&path)) } else { out.push(path) }
+    }
+    out
+}
+
+#[test]
+fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cluster = ClusterId::random();
+    let root = make_root(scratch.path(), "root", cluster.as_str());
+    let good = config(scratch.path(), "good", AUTH_KEY);
+    let key_file = scratch.path().join("auth.key");
+    std::fs::write(&key_file, AUTH_KEY).unwrap();
+    let mut signer = None;
+    let mut lab = Lab::start_prepared(4, 2, &[], &[], |lab| {
+        signer = Some(Signer::start(lab, &root, &good, scratch.path().join("cfssl-1.log")));
+        vec![
+            "--external-ca".into(),
+            format!("cfssl=http://{}:{PORT}", lab.addr(1)),
+            "--external-ca-key".into(),
+            key_file.to_str().unwrap().into(),
+            "--ca-cert".into(),
+            root.0.to_str().unwrap().into(),
+        ]
+    });
+    let signer = signer.expect("the signer started");
+    let root_pem = std::fs::read_to_string(&root.0).unwrap();
+    let trust = Trust::from_pem(&root_pem).unwrap();
+    assert_eq!(lab.cluster_id(), cluster.as_str(), "the cluster's ID is the external root's O");
+
+    // Both managers, both meshd hosts and the admin hold certificates of the external root,
+    // named by their subject alone (CFSSL 1.2 sets no URI SAN).
+    let (web_host, api_host) = (3, 4);
+    let mut certificates = vec![std::fs::read_to_string(lab.admin_dir().join("admin.crt")).unwrap()];
+    for i in [web_host, api_host] {
+        certificates.push(std::fs::read_to_string(lab.node_dir(i).join("node.crt")).unwrap());
+        assert_eq!(std::fs::read_to_string(lab.node_dir(i).join("ca.crt")).unwrap(), trust.to_pem());
+    }
+    for i in 1..=2 {
+        let dir = control::statedir::ManagerDir::new(&lab.manager_dir(i));
+        certificates.push(std::fs::read_to_string(dir.manager_cert()).unwrap());
+    }
+    for pem in &certificates {
+        trust.root_of(pem).expect("signed by the external root");
+        let info = CertInfo::from_pem(pem).unwrap();
+        assert!(info.uris.is_empty(), "CFSSL 1.2 sets no URI: {info:?}");
+        info.holder(cluster.as_str()).expect("a holder of this cluster");
+    }
+    let after_joins = signer.signed();
+    assert!(after_joins >= certificates.len(), "cfssl signed {after_joins} certificates");
+
+    // Workload certificates: web reads api through the mesh, with the external root's.
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.51.0.0/24"]);
+    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
+    lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(web_host)]);
+    lab.meshctl(&[
+        "service",
+        "create",
+        "api",
+        "--network",
+        "front",
+        "--port",
+        "80/http",
+        "--command",
+        SERVE_V,
+        "--env",
+        "V=served",
+        "--constraint",
+        &on(api_host),
+    ]);
+    lab.apply_policy(WEB_READS_API);
+    let web = lab.workload(web_host, "web", 1);
+    let read = |lab: &Lab| {
+        lab.exec(&web, &["curl", "-sS", "-f", "-m", "3", "http://api/"])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout == b"served")
+    };
+    lab.wait("web to read api through the mesh", || read(&lab));
+    assert!(signer.signed() >= after_joins + 2, "the two workload certificates came from cfssl");
+
+    // A renewal: a new certificate, from the signer.
+    let before =
+        CertInfo::from_pem(&std::fs::read_to_string(lab.node_dir(web_host).join("node.crt")).unwrap())
+            .unwrap()
+            .serial;
+    let signed = signer.signed();
+    let dir = lab.node_dir(web_host);
+    let out = lab
+        .in_host(web_host, "meshd")
+        .args(["renew", "--state-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "meshd renew: {}", String::from_utf8_lossy(&out.stderr));
+    let after = std::fs::read_to_string(dir.join("node.crt")).unwrap();
+    trust.root_of(&after).unwrap();
+    assert_ne!(CertInfo::from_pem(&after).unwrap().serial, before, "a new certificate");
+    assert_eq!(signer.signed(), signed + 1, "signed by cfssl");
+
+    let ca: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["cluster", "ca", "--format", "json"])).unwrap();
+    assert_eq!(ca["external"], format!("http://{}:{PORT}", lab.addr(1)));
+    assert_eq!(ca["roots"][0]["digest"], trust.newest().digest.as_str());
+    assert!(lab.meshctl(&["join-token", "worker", "-q"]).contains(&trust.newest().digest), "tokens pin it");
+
+    // No rotation of a root whose key no manager holds.
+    let rotate = lab.meshctl_output(&["cluster", "ca", "--rotate"]);
+    assert!(!rotate.status.success());
+    let said = String::from_utf8_lossy(&rotate.stderr);
+    assert!(said.contains("external") && said.contains("no CA key"), "{said}");
+
+    // The signer away: an admin credential cannot be had, and the error says why; a new endpoint
+    // waits for its certificate and serves once the signer is back. What runs keeps running.
+    drop(signer);
+    let issue = |lab: &Lab, name: &str| {
+        let dir = lab.work.path().join(name);
+        lab.meshctl_output(&["cluster", "admin", "issue", "--dir", dir.to_str().unwrap()])
+    };
+    let away = issue(&lab, "admin-away");
+    assert!(!away.status.success());
+    let said = String::from_utf8_lossy(&away.stderr);
+    assert!(said.contains("cannot be reached") && said.contains(&lab.addr(1)), "{said}");
+    lab.meshctl(&[
+        "service",
+        "create",
+        "late",
+        "--network",
+        "front",
+        "--command",
+        "exec sleep 3600",
+        "--constraint",
+        &on(web_host),
+    ]);
+    // Its workload runs (the mesh alone needs the certificate) and its certificate is retried.
+    let certified = |lab: &Lab| {
+        lab.status(web_host)["workload_certificates"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c.as_str().is_some_and(|c| c.starts_with("late.1 "))))
+    };
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert!(!certified(&lab), "a certificate while the signer is away");
+    assert!(read(&lab), "the running endpoints still serve while the signer is away");
+    let signer = Signer::start(&lab, &root, &good, scratch.path().join("cfssl-2.log"));
+    lab.wait("the waiting endpoint to get its certificate", || certified(&lab));
+    assert!(signer.signed() >= 1, "its certificate came from cfssl once it was back");
+    assert!(issue(&lab, "admin-back").status.success());
+    drop(signer);
+
+    // A signer that lies: one with another root at the same address, and one with another auth key.
+    let impostor = make_root(scratch.path(), "impostor", cluster.as_str());
+    let lying = Signer::start(&lab, &impostor, &good, scratch.path().join("cfssl-3.log"));
+    let out = issue(&lab, "admin-impostor");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("not taken") && said.contains("pinned root"), "{said}");
+    assert!(!lab.work.path().join("admin-impostor/admin.crt").exists());
+    drop(lying);
+    let other_key = config(scratch.path(), "other-key", &AUTH_KEY.replace('0', "1"));
+    let wrong = Signer::start(&lab, &root, &other_key, scratch.path().join("cfssl-4.log"));
+    let out = issue(&lab, "admin-wrong-key");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("refused") && said.contains("invalid token"), "{said}");
+    assert_eq!(wrong.signed(), 0);
+    drop(wrong);
+
+    // No manager file or state holds a CA key: the state, decrypted with the data key, names
+    // the signer and holds no key; no file holds the root's key.
+    let root_key = std::fs::read_to_string(&root.1).unwrap();
+    let key_body: String = root_key.lines().filter(|l| !l.starts_with("-----")).collect();
+    for i in 1..=2 {
+        lab.stop_manager(i, false);
+    }
+    for i in 1..=2 {
+        let dir = lab.manager_dir(i);
+        let read = control::statedir::read_state(&dir, None);
+        let state = tokio::runtime::Runtime::new().unwrap().block_on(read).expect("the state");
+        let ca = state.ca.clone().expect("the CA record");
+        assert!(ca.key_pem.0.is_empty(), "manager {i}'s state holds a CA key");
+        assert_eq!(ca.external.expect("external").url, format!("http://{}:{PORT}", lab.addr(1)));
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(!json.contains("PRIVATE KEY"), "manager {i}'s state holds a private key");
+        for file in files(&lab.manager_dir(i)) {
+            let bytes = std::fs::read(&file).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(&key_body[..40]), "{} holds the root's key", file.display());
+        }
+    }
+}
+
+/// `mesh-control init --external-ca` against a real `cfssl serve` on loopback: what it pins, and
+/// what it says of each thing that is wrong.
+#[tokio::test]
+async fn init_pins_the_signers_root_and_says_what_is_wrong() {
+    use control::statedir::{CaChoice, ManagerConfig, init_with_admin_dir};
+    let scratch = tempfile::tempdir().unwrap();
+    let cluster = ClusterId::random();
+    let root = make_root(scratch.path(), "root", cluster.as_str());
+    let good = config(scratch.path(), "good", AUTH_KEY);
+    let (_signer, url) = Signer::on_loopback(&root, &good, scratch.path().join("cfssl.log"));
+    let mut n = 0;
+    let lifetime = std::cell::Cell::new(DAY);
+    let mut init = |url: &str, auth_key: Option<&str>, root_pem: Option<String>| {
+        n += 1;
+        let dir = scratch.path().join(format!("cluster-{n}"));
+        let config = ManagerConfig::new("127.0.0.1:7400".parse().unwrap(), None);
+        let choice =
+            CaChoice::External { url: url.to_owned(), auth_key: auth_key.map(str::to_owned), root_pem };
+        let (admin, lifetime) = (dir.join("admin"), lifetime.get());
+        async move { init_with_admin_dir(&dir.join("state"), config, lifetime, false, &admin, choice).await }
+    };
+
+    // Given no root, the one the signer names is pinned: the tokens carry its digest.
+    let root_pem = std::fs::read_to_string(&root.0).unwrap();
+    let digest = Trust::from_pem(&root_pem).unwrap().newest().digest.clone();
+    let created = init(&url, Some(AUTH_KEY), None).await.expect("init with the signer's root");
+    assert_eq!(created.cluster_id, cluster);
+    assert_eq!(created.worker_token.ca_digest(), digest);
+    init(&url, Some(AUTH_KEY), Some(root_pem.clone())).await.expect("init with the root pinned");
+
+    let refused = |r: Result<control::statedir::Created, control::statedir::ClusterError>| {
+        r.map(|_| ()).expect_err("refused").to_string()
+    };
+    // A pinned root other than the signer's: its first certificate is not taken.
+    let impostor = make_root(scratch.path(), "impostor", cluster.as_str());
+    let said = refused(init(&url, Some(AUTH_KEY), Some(std::fs::read_to_string(&impostor.0).unwrap())).await);
+    assert!(said.contains("not taken") && said.contains("pinned root"), "{said}");
+    // Another auth key: the signer refuses, and says so.
+    let said = refused(init(&url, Some(&AUTH_KEY.replace('0', "1")), None).await);
+    assert!(said.contains("refused") && said.contains("invalid token"), "{said}");
+    // No auth key where the profiles want one.
+    let said = refused(init(&url, None, None).await);
+    assert!(said.contains("refused"), "{said}");
+    // A root whose O is no cluster ID.
+    let acme = make_root(scratch.path(), "acme", "acme");
+    let said = refused(init(&url, Some(AUTH_KEY), Some(std::fs::read_to_string(&acme.0).unwrap())).await);
+    assert!(said.contains("must be the cluster's ID"), "{said}");
+    // Nobody at the address: said so, after three tries.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let said = refused(init(&format!("http://{closed}"), Some(AUTH_KEY), None).await);
+    assert!(said.contains("cannot be reached") && said.contains("tried 3 times"), "{said}");
+    // Node certificates of an hour asked for, the signer's `node` profile giving a day.
+    lifetime.set(std::time::Duration::from_secs(3600));
+    let said = refused(init(&url, Some(AUTH_KEY), None).await);
+    assert!(said.contains("later than") && said.contains("`node` profile"), "{said}");
+}
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
