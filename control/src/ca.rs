@@ -86,6 +86,14 @@ impl Signer {
         }
     }
 
+    /// The certificate (PEM) of the root that signs.
+    pub fn cert_pem(&self) -> &str {
+        match self {
+            Signer::Own(ca) => ca.cert_pem(),
+            Signer::External(external) => external.root_pem(),
+        }
+    }
+
     /// The cluster's own root, or why there is none to `what`.
     pub fn own(&self, what: &'static str) -> Result<&ClusterCa, CaError> {
         match self {
@@ -120,6 +128,33 @@ impl Signer {
             }
         }
     }
+}
+
+/// A root `cert_pem` to rotate `cluster` to, given by the operator: one CA certificate with the
+/// cluster ID as its O, valid now and for a year at least.
+pub fn check_new_root(cluster: &ClusterId, cert_pem: &str) -> Result<mesh_api::trust::Root, CaError> {
+    let trust = mesh_api::trust::Trust::from_pem(cert_pem).map_err(|e| CaError::Given(e.to_string()))?;
+    if trust.roots().len() != 1 {
+        return Err(CaError::Given("give the one root certificate".into()));
+    }
+    let root = trust.newest().clone();
+    let (_, cert) = X509Certificate::from_der(&root.der).map_err(|e| CaError::Given(e.to_string()))?;
+    let organization = cert.subject().iter_organization().next().and_then(|o| o.as_str().ok());
+    if organization != Some(cluster.as_str()) {
+        return Err(CaError::Given(format!(
+            "its subject's O is `{}`, not this cluster's ID {cluster}",
+            organization.unwrap_or("").escape_default()
+        )));
+    }
+    let now = OffsetDateTime::now_utc();
+    let (not_before, not_after) =
+        (cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime());
+    if not_before > now || not_after < now + Duration::from_secs(365 * 24 * 3600) {
+        return Err(CaError::Given(format!(
+            "it is valid from {not_before} to {not_after}: a root must be valid now and for a year at least"
+        )));
+    }
+    Ok(root)
 }
 
 /// The public key of `csr_pem`, once its signature and algorithm are checked.
@@ -256,26 +291,8 @@ impl ClusterCa {
     /// a CA certificate of an ECDSA P-256 key, this key's, with the cluster ID as its O, valid now
     /// and for at least a year.
     pub fn given(cluster: &ClusterId, cert_pem: &str, key_pem: &str) -> Result<ClusterCa, CaError> {
-        let root = mesh_api::trust::Trust::from_pem(cert_pem)
-            .map_err(|e| CaError::Given(e.to_string()))?
-            .newest()
-            .clone();
+        let root = check_new_root(cluster, cert_pem)?;
         let (_, cert) = X509Certificate::from_der(&root.der).map_err(|e| CaError::Given(e.to_string()))?;
-        let organization = cert.subject().iter_organization().next().and_then(|o| o.as_str().ok());
-        if organization != Some(cluster.as_str()) {
-            return Err(CaError::Given(format!(
-                "its subject's O is `{}`, not this cluster's ID {cluster}",
-                organization.unwrap_or("").escape_default()
-            )));
-        }
-        let now = OffsetDateTime::now_utc();
-        let (not_before, not_after) =
-            (cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime());
-        if not_before > now || not_after < now + Duration::from_secs(365 * 24 * 3600) {
-            return Err(CaError::Given(format!(
-                "it is valid from {not_before} to {not_after}: a root must be valid now and for a year at least"
-            )));
-        }
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Given(format!("the key: {e}")))?;
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::Given("the key is not an ECDSA P-256 key".into()));
@@ -297,11 +314,11 @@ impl ClusterCa {
         self
     }
 
-    /// `new`'s certificate (its subject and key) signed by this root: what lets holders of this
-    /// root trust `new` during a rotation.
-    pub fn cross_sign(&self, new: &ClusterCa) -> Result<String, CaError> {
-        let (_, cert) =
-            X509Certificate::from_der(&new.cert_der).map_err(|e| CaError::Given(e.to_string()))?;
+    /// The root certificate `new_der` (its subject and key) signed by this root: what lets
+    /// holders of this root trust the new one during a rotation.
+    pub fn cross_sign(&self, new_der: &[u8]) -> Result<String, CaError> {
+        let (_, cert) = X509Certificate::from_der(new_der).map_err(|e| CaError::Given(e.to_string()))?;
+        let key = rcgen::SubjectPublicKeyInfo::from_der(cert.public_key().raw).map_err(CaError::Sign)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(cert.subject())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -310,7 +327,7 @@ impl ClusterCa {
         params.not_after = cert.validity().not_after.to_datetime();
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(new.issuer.key(), &self.issuer).map_err(CaError::Sign)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(CaError::Sign)?;
         Ok(cert.pem())
     }
 
@@ -449,7 +466,7 @@ mod tests {
         let cluster = ClusterId::random();
         let old = ClusterCa::generate(&cluster).unwrap();
         let new = ClusterCa::generate_named(&cluster, "mesh root CA 2").unwrap();
-        let cross = old.cross_sign(&new).unwrap();
+        let cross = old.cross_sign(new.cert_der()).unwrap();
         let trust = mesh_api::trust::Trust::from_pem(old.cert_pem()).unwrap();
         let offered =
             mesh_api::trust::Trust::from_pem(&format!("{}{}", new.cert_pem(), old.cert_pem())).unwrap();

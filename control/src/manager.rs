@@ -235,7 +235,8 @@ impl Manager {
                     .map_err(|e| unusable(CaError::Given(e)))?;
                 Signer::External(
                     crate::ca::cfssl::Cfssl::new(&external.url, auth_key.as_deref(), &record.cert_pem)
-                        .map_err(unusable)?,
+                        .map_err(unusable)?
+                        .with_chain(&chain),
                 )
             }
         };

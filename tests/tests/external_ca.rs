@@ -35,6 +35,7 @@ fn make_root(dir: &Path, name: &str, organization: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
     std::fs::write(&cert, made["cert"].as_str().unwrap()).unwrap();
     std::fs::write(&key, made["key"].as_str().unwrap()).unwrap();
+    std::fs::write(dir.join(format!("{name}.csr")), made["csr"].as_str().unwrap()).unwrap();
     (cert, key)
 }
 
@@ -56,6 +57,35 @@ fn config(dir: &Path, name: &str, key: &str) -> PathBuf {
     });
     let path = dir.join(format!("{name}-config.json"));
     std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// The root `name` (made by [`make_root`] in `dir`) cross-signed by `by`, with `cfssl sign`
+/// as an operator would: what lets nodes that trust `by` take it.
+fn cross_sign(dir: &Path, name: &str, by: &(PathBuf, PathBuf)) -> PathBuf {
+    let config = dir.join("cross-config.json");
+    let profile = serde_json::json!({"signing": {"default": {
+        "expiry": "87600h",
+        "usages": ["cert sign", "crl sign"],
+        "ca_constraint": {"is_ca": true, "max_path_len": 0, "max_path_len_zero": true},
+    }}});
+    std::fs::write(&config, profile.to_string()).unwrap();
+    let out = Command::new("cfssl")
+        .arg("sign")
+        .arg("-ca")
+        .arg(&by.0)
+        .arg("-ca-key")
+        .arg(&by.1)
+        .arg("-config")
+        .arg(&config)
+        .arg(dir.join(format!("{name}.csr")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cfssl sign: {}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = by.0.file_stem().unwrap().to_str().unwrap();
+    let path = dir.join(format!("{name}-by-{by_name}.pem"));
+    std::fs::write(&path, made["cert"].as_str().unwrap()).unwrap();
     path
 }
 
@@ -96,13 +126,23 @@ impl Signer {
     }
 
     fn start(lab: &meshctl::lab::Lab, root: &(PathBuf, PathBuf), config: &Path, log: PathBuf) -> Signer {
+        Signer::start_at(lab, PORT, root, config, log)
+    }
+
+    fn start_at(
+        lab: &meshctl::lab::Lab,
+        port: &str,
+        root: &(PathBuf, PathBuf),
+        config: &Path,
+        log: PathBuf,
+    ) -> Signer {
         let out = std::fs::File::create(&log).unwrap();
         let (cert, key) = (root.0.to_str().unwrap(), root.1.to_str().unwrap());
         let address = lab.addr(1);
         let child = lab
             .exec(
                 &lab.host(1),
-                &["cfssl", "serve", "-address", &address, "-port", PORT, "-ca", cert, "-ca-key", key],
+                &["cfssl", "serve", "-address", &address, "-port", port, "-ca", cert, "-ca-key", key],
             )
             .arg("-config")
             .arg(config)
@@ -111,7 +151,7 @@ impl Signer {
             .spawn()
             .expect("cfssl serve");
         let signer = Signer { child, log };
-        let url = format!("http://{address}:{PORT}/api/v1/cfssl/info");
+        let url = format!("http://{address}:{port}/api/v1/cfssl/info");
         let up = meshctl::lab::wait(std::time::Duration::from_secs(20), || {
             lab.exec(&lab.host(1), &["curl", "-sS", "-f", "-m", "2", "-d", "{}", &url])
                 .output()
@@ -250,11 +290,11 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
     assert_eq!(ca["roots"][0]["digest"], trust.newest().digest.as_str());
     assert!(lab.meshctl(&["join-token", "worker", "-q"]).contains(&trust.newest().digest), "tokens pin it");
 
-    // No rotation of a root whose key no manager holds.
+    // No rotation without a cross-signature: no manager holds the root's key to make one.
     let rotate = lab.meshctl_output(&["cluster", "ca", "--rotate"]);
     assert!(!rotate.status.success());
     let said = String::from_utf8_lossy(&rotate.stderr);
-    assert!(said.contains("external") && said.contains("no CA key"), "{said}");
+    assert!(said.contains("no CA key") && said.contains("--cross-cert"), "{said}");
 
     // The signer away: an admin credential cannot be had, and the error says why; a new endpoint
     // waits for its certificate and serves once the signer is back. What runs keeps running.
@@ -310,10 +350,63 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
     assert_eq!(wrong.signed(), 0);
     drop(wrong);
 
+    // A rotation to another external CA (another root, another server), cross-signed by the
+    // operator with the current root's key: a cross-signature by another root is refused; the
+    // right one lets every node renew from the new signer under traffic.
+    let next = make_root(scratch.path(), "next", cluster.as_str());
+    let forged = cross_sign(scratch.path(), "next", &impostor);
+    let cross = cross_sign(scratch.path(), "next", &root);
+    let next_signer = Signer::start_at(&lab, "8889", &next, &good, scratch.path().join("cfssl-next.log"));
+    let next_url = format!("cfssl=http://{}:8889", lab.addr(1));
+    let rotate = |lab: &Lab, cross: &Path| {
+        let args = [
+            "cluster",
+            "ca",
+            "--rotate",
+            "--ca-cert",
+            next.0.to_str().unwrap(),
+            "--external-ca",
+            &next_url,
+            "--external-ca-key",
+            key_file.to_str().unwrap(),
+            "--cross-cert",
+            cross.to_str().unwrap(),
+        ];
+        lab.meshctl_output(&args)
+    };
+    let out = rotate(&lab, &forged);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("does not vouch"), "{said}");
+    let out = rotate(&lab, &cross);
+    assert!(out.status.success(), "the rotation: {}", String::from_utf8_lossy(&out.stderr));
+    let next_trust = Trust::from_pem(&std::fs::read_to_string(&next.0).unwrap()).unwrap();
+    let ca: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["cluster", "ca", "--format", "json"])).unwrap();
+    assert_eq!(ca["roots"].as_array().unwrap().len(), 1, "{ca}");
+    assert_eq!(ca["roots"][0]["digest"], next_trust.newest().digest.as_str());
+    assert_eq!(ca["external"], format!("http://{}:8889", lab.addr(1)));
+    lab.wait("every ca.crt to hold the new root alone", || {
+        [web_host, api_host].iter().all(|&i| {
+            std::fs::read_to_string(lab.node_dir(i).join("ca.crt"))
+                .is_ok_and(|pem| pem == next_trust.to_pem())
+        })
+    });
+    for i in [web_host, api_host] {
+        next_trust.root_of(&std::fs::read_to_string(lab.node_dir(i).join("node.crt")).unwrap()).unwrap();
+    }
+    assert!(lab.meshctl(&["join-token", "worker", "-q"]).contains(&next_trust.newest().digest));
+    lab.wait("web to read api after the rotation", || read(&lab));
+    assert!(next_signer.signed() >= 4, "the new signer signed the renewals: {}", next_signer.signed());
+    drop(next_signer);
+
     // No manager file or state holds a CA key: the state, decrypted with the data key, names
-    // the signer and holds no key; no file holds the root's key.
-    let root_key = std::fs::read_to_string(&root.1).unwrap();
-    let key_body: String = root_key.lines().filter(|l| !l.starts_with("-----")).collect();
+    // the signer and holds no key; no file holds either root's key.
+    let root_key = std::fs::read_to_string(&root.1).unwrap() + &std::fs::read_to_string(&next.1).unwrap();
+    let key_bodies: Vec<String> = root_key
+        .split("-----END")
+        .map(|k| k.lines().filter(|l| !l.starts_with("-----")).collect::<String>())
+        .filter(|k| k.len() > 40)
+        .collect();
     for i in 1..=2 {
         lab.stop_manager(i, false);
     }
@@ -323,13 +416,15 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
         let state = tokio::runtime::Runtime::new().unwrap().block_on(read).expect("the state");
         let ca = state.ca.clone().expect("the CA record");
         assert!(ca.key_pem.0.is_empty(), "manager {i}'s state holds a CA key");
-        assert_eq!(ca.external.expect("external").url, format!("http://{}:{PORT}", lab.addr(1)));
+        assert_eq!(ca.external.expect("external").url, format!("http://{}:8889", lab.addr(1)));
         let json = serde_json::to_string(&state).unwrap();
         assert!(!json.contains("PRIVATE KEY"), "manager {i}'s state holds a private key");
         for file in files(&lab.manager_dir(i)) {
             let bytes = std::fs::read(&file).unwrap();
             let text = String::from_utf8_lossy(&bytes);
-            assert!(!text.contains(&key_body[..40]), "{} holds the root's key", file.display());
+            for body in &key_bodies {
+                assert!(!text.contains(&body[..40]), "{} holds a root's key", file.display());
+            }
         }
     }
 }
@@ -392,3 +487,49 @@ async fn init_pins_the_signers_root_and_says_what_is_wrong() {
 }
 
 const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A cluster of its own CA moves to an external one with a rotation: the leader cross-signs the
+/// external root with its own, every node renews from the external CA, and the managers' state
+/// holds no CA key afterwards.
+#[test]
+fn a_cluster_rotates_from_its_own_ca_to_an_external_one_and_drops_the_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut lab = Lab::start_with(2, 1, &[]);
+    assert!(!lab.ca_key.is_empty(), "the cluster starts with its own CA");
+    let external = make_root(scratch.path(), "external", &lab.cluster_id());
+    let good = config(scratch.path(), "good", AUTH_KEY);
+    let key_file = scratch.path().join("auth.key");
+    std::fs::write(&key_file, AUTH_KEY).unwrap();
+    let signer = Signer::start(&lab, &external, &good, scratch.path().join("cfssl.log"));
+    let url = format!("cfssl=http://{}:{PORT}", lab.addr(1));
+    let args = [
+        "cluster",
+        "ca",
+        "--rotate",
+        "--ca-cert",
+        external.0.to_str().unwrap(),
+        "--external-ca",
+        &url,
+        "--external-ca-key",
+        key_file.to_str().unwrap(),
+    ];
+    let out = lab.meshctl_output(&args);
+    assert!(out.status.success(), "the rotation: {}", String::from_utf8_lossy(&out.stderr));
+    let trust = Trust::from_pem(&std::fs::read_to_string(&external.0).unwrap()).unwrap();
+    lab.wait("meshd to trust the external root alone", || {
+        std::fs::read_to_string(lab.node_dir(2).join("ca.crt")).is_ok_and(|pem| pem == trust.to_pem())
+    });
+    trust.root_of(&std::fs::read_to_string(lab.node_dir(2).join("node.crt")).unwrap()).unwrap();
+    assert!(
+        signer.signed() >= 3,
+        "the external CA signed the renewals (a probe, the manager, the node, the admin)"
+    );
+    lab.stop_manager(1, false);
+    let dir = lab.manager_dir(1);
+    let read = control::statedir::read_state(&dir, None);
+    let state = tokio::runtime::Runtime::new().unwrap().block_on(read).expect("the state");
+    let ca = state.ca.expect("the CA record");
+    assert!(ca.key_pem.0.is_empty(), "the old root's key is gone from the state");
+    assert!(ca.external.is_some());
+    assert!(!serde_json::to_string(&state.ca_rotation).unwrap().contains("PRIVATE KEY"));
+}

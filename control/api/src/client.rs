@@ -342,10 +342,8 @@ impl AdminClient {
     /// Starts a root rotation, to `given` (certificate and key, PEM) or to a root control makes.
     pub async fn rotate_ca(
         &mut self,
-        given: Option<(String, String)>,
+        request: pb::RotateCaRequest,
     ) -> Result<pb::CaStatusResponse, ClientError> {
-        let (cert_pem, key_pem) = given.unwrap_or_default();
-        let request = pb::RotateCaRequest { cert_pem, key_pem };
         Ok(self.inner.rotate_ca(request).await.map_err(|s| self.refused(s))?.into_inner())
     }
 

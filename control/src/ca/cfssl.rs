@@ -47,6 +47,9 @@ pub struct Cfssl {
     base: String,
     auth_key: Option<hmac::Key>,
     root: Trust,
+    /// Carried after every certificate it signs: during a root rotation, this root cross-signed
+    /// by the old one; else empty.
+    chain_pem: String,
 }
 
 impl std::fmt::Debug for Cfssl {
@@ -164,7 +167,19 @@ impl Cfssl {
             base,
             auth_key: auth_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k)),
             root,
+            chain_pem: String::new(),
         })
+    }
+
+    /// This signer, `chain_pem` carried after every certificate it signs.
+    pub fn with_chain(mut self, chain_pem: &str) -> Cfssl {
+        self.chain_pem = chain_pem.to_owned();
+        self
+    }
+
+    /// The root certificate (PEM) it signs with.
+    pub fn root_pem(&self) -> &str {
+        &self.root.newest().pem
     }
 
     pub fn url(&self) -> &str {
@@ -189,7 +204,8 @@ impl Cfssl {
     }
 
     /// Has the signer sign `csr_pem` (whose key is `public_key`) with `subject`, and checks what
-    /// it answers. Returns the certificate alone: nothing else the signer sends is passed on.
+    /// it answers. Returns the certificate, then the chain this signer carries: nothing else the
+    /// signer sends is passed on.
     pub async fn sign(&self, csr_pem: &str, public_key: &[u8], subject: &Subject) -> Result<String, CaError> {
         let organization = subject.cluster.to_string();
         let request = SignRequest {
@@ -219,8 +235,9 @@ impl Cfssl {
             url: self.url.clone(),
             error: "its answer holds no certificate".into(),
         })?;
-        check_answer(&self.root, cert_pem, public_key, subject, OffsetDateTime::now_utc())
-            .map_err(|why| CaError::Untrusted { url: self.url.clone(), why })
+        let leaf = check_answer(&self.root, cert_pem, public_key, subject, OffsetDateTime::now_utc())
+            .map_err(|why| CaError::Untrusted { url: self.url.clone(), why })?;
+        Ok(format!("{leaf}{}", self.chain_pem))
     }
 }
 

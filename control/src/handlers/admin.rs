@@ -12,6 +12,7 @@ use crate::ca::Subject;
 use crate::config;
 use crate::manager::Manager;
 use crate::manager::reports::Reports;
+use crate::manager::rotation::NewRoot;
 use crate::plans::{self, ServiceSpec, ServiceUpdate, UpdateOptions};
 use crate::raft::seal::UnlockKey;
 use crate::raft::store::Leadership;
@@ -414,12 +415,24 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::CaStatusResponse>, Status> {
         self.admin(&request)?;
         let req = request.into_inner();
-        let given = match (req.cert_pem.is_empty(), req.key_pem.is_empty()) {
-            (true, true) => None,
-            (false, false) => Some((req.cert_pem, req.key_pem)),
+        let present = |s: &str| !s.is_empty();
+        let new = match (present(&req.cert_pem), present(&req.key_pem), present(&req.external_url)) {
+            (false, false, false) => NewRoot::Made,
+            (true, true, false) => NewRoot::Given { cert_pem: req.cert_pem, key_pem: req.key_pem },
+            (true, false, true) => NewRoot::External {
+                cert_pem: req.cert_pem,
+                url: req.external_url,
+                auth_key: present(&req.external_auth_key).then_some(req.external_auth_key),
+            },
+            (_, true, true) => {
+                return Err(Status::invalid_argument("an external CA's root comes without its key"));
+            }
+            (false, _, true) => {
+                return Err(Status::invalid_argument("an external CA needs its root certificate"));
+            }
             _ => return Err(Status::invalid_argument("a root given needs both its certificate and its key")),
         };
-        self.0.rotate_ca(given).await?;
+        self.0.rotate_ca(new, present(&req.cross_pem).then_some(req.cross_pem)).await?;
         Ok(Response::new(ca_status_pb(self.0.ca_progress()?)))
     }
 

@@ -23,8 +23,28 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use super::{CaView, Manager};
-use crate::ca::ClusterCa;
-use crate::state::{CaRecord, Command, NodeState, Secret};
+use crate::ca::cfssl::{self, Cfssl};
+use crate::ca::{CaError, ClusterCa, Signer, Subject};
+use crate::state::{CaRecord, Command, ExternalCa, NodeState, Secret};
+
+/// The root a rotation goes to.
+#[derive(Clone, Debug)]
+pub enum NewRoot {
+    /// One the leader makes.
+    Made,
+    /// The operator's, with its key (PEM both).
+    Given { cert_pem: String, key_pem: String },
+    /// An external CA's root, and the CFSSL server at `url` (with its auth key, hex) that signs
+    /// with it: the managers hold no CA key from then on.
+    External { cert_pem: String, url: String, auth_key: Option<String> },
+}
+
+/// A root whose key the managers hold: its record, digest and certificate (DER).
+fn own_root(ca: ClusterCa) -> (CaRecord, String, Vec<u8>) {
+    let record =
+        CaRecord { cert_pem: ca.cert_pem().to_owned(), key_pem: Secret(ca.key_pem()), external: None };
+    (record, ca.digest(), ca.cert_der().to_vec())
+}
 
 /// The roots, and how far a rotation under way is.
 #[derive(Clone, Debug)]
@@ -95,45 +115,89 @@ impl Manager {
         Ok(CaProgress { roots: trust.roots().to_vec(), rotation })
     }
 
-    /// Starts a root rotation: to `given` (certificate and key, PEM) or to a root made here.
-    pub async fn rotate_ca(&self, given: Option<(String, String)>) -> Result<(), Status> {
+    /// Starts a root rotation to `new`. The current root cross-signs it, or, when no manager
+    /// holds the current root's key (an external CA), `cross_pem` is that cross-signature, made
+    /// by the operator.
+    pub async fn rotate_ca(&self, new: NewRoot, cross_pem: Option<String>) -> Result<(), Status> {
         self.lead()?;
         if self.store.read(|s| s.ca_rotation.is_some()) {
             return Err(Status::failed_precondition(
                 "a root CA rotation is under way already; `meshctl cluster ca` shows its progress",
             ));
         }
-        let signer = self.ca()?;
-        let old = signer.own("cross-sign a new root").map_err(|e| e.status())?;
+        let old = self.ca()?;
         let now = OffsetDateTime::now_utc();
-        let new = match given {
-            Some((cert, key)) => ClusterCa::given(&self.cluster_id, &cert, &key)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            None => {
+        let given = |e: CaError| Status::invalid_argument(e.to_string());
+        let (record, new_digest, new_der) = match new {
+            NewRoot::Made => {
                 let name = format!("mesh root CA {}", now.unix_timestamp());
-                ClusterCa::generate_named(&self.cluster_id, &name)
-                    .map_err(|e| Status::internal(e.to_string()))?
+                own_root(
+                    ClusterCa::generate_named(&self.cluster_id, &name)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                )
+            }
+            NewRoot::Given { cert_pem, key_pem } => {
+                own_root(ClusterCa::given(&self.cluster_id, &cert_pem, &key_pem).map_err(given)?)
+            }
+            NewRoot::External { cert_pem, url, auth_key } => {
+                let root = crate::ca::check_new_root(&self.cluster_id, &cert_pem).map_err(given)?;
+                let key = auth_key
+                    .as_deref()
+                    .map(cfssl::parse_auth_key)
+                    .transpose()
+                    .map_err(Status::invalid_argument)?;
+                let signer = Cfssl::new(&url, key.as_deref(), &root.pem).map_err(given)?;
+                // The new signer signs for a node that does not exist (its key thrown away)
+                // before anything depends on it.
+                let lifetime = self.store.read(|s| s.cert_lifetime());
+                Signer::External(signer)
+                    .issue_with_new_key(&Subject::node(
+                        &self.cluster_id,
+                        &NodeId::random(),
+                        Role::Worker,
+                        lifetime,
+                    ))
+                    .await
+                    .map_err(|e| {
+                        Status::failed_precondition(format!("the new external CA does not sign: {e}"))
+                    })?;
+                let record = CaRecord {
+                    cert_pem: root.pem.clone(),
+                    key_pem: Secret(String::new()),
+                    external: Some(ExternalCa { url, auth_key: auth_key.map(Secret) }),
+                };
+                (record, root.digest, root.der)
             }
         };
-        if new.digest() == old.digest() {
+        if new_digest == old.digest() {
             return Err(Status::invalid_argument("the root given is the current root"));
         }
-        if new.same_key(old) {
+        let old_trust = Trust::from_pem(old.cert_pem()).map_err(|e| Status::internal(e.to_string()))?;
+        let key_of = |der: &[u8]| {
+            x509_parser::parse_x509_certificate(der).map(|(_, c)| c.public_key().raw.to_vec()).ok()
+        };
+        if key_of(&new_der) == key_of(&old_trust.newest().der) {
             return Err(Status::invalid_argument(
                 "the root given has the current root's key: a rotation must replace the key",
             ));
         }
-        let cross_pem = old.cross_sign(&new).map_err(|e| Status::internal(e.to_string()))?;
-        let old_pem = old.cert_pem().to_owned();
-        let start = Command::StartCaRotation {
-            ca: CaRecord {
-                cert_pem: new.cert_pem().to_owned(),
-                key_pem: Secret(new.key_pem()),
-                external: None,
-            },
-            cross_pem,
-            started_at: now.unix_timestamp(),
+        let cross_pem = match (cross_pem, old.own("cross-sign the new root")) {
+            (Some(cross), _) => cross,
+            (None, Ok(own)) => own.cross_sign(&new_der).map_err(|e| Status::internal(e.to_string()))?,
+            (None, Err(e)) => {
+                return Err(Status::failed_precondition(format!(
+                    "{e}: give --cross-cert, the new root cross-signed by the current one (`cfssl sign` \
+                     with the current root's key and a profile of `ca_constraint` is_ca, usages `cert sign`)"
+                )));
+            }
         };
+        // What every node will check before it takes the new root: checked here first.
+        let offered = Trust::from_pem(&record.cert_pem).map_err(|e| Status::internal(e.to_string()))?;
+        old_trust.accept(&offered, &cross_pem).map_err(|e| {
+            Status::invalid_argument(format!("the cross-signature does not vouch for the new root: {e}"))
+        })?;
+        let old_pem = old.cert_pem().to_owned();
+        let start = Command::StartCaRotation { ca: record, cross_pem, started_at: now.unix_timestamp() };
         self.change(move |state, _| {
             // Cross-signed by the root that signs now, or by none.
             if state.ca_rotation.is_some() || state.ca.as_ref().is_none_or(|c| c.cert_pem != old_pem) {
@@ -142,7 +206,7 @@ impl Manager {
             Ok(vec![start])
         })
         .await?;
-        info!(old = %old.digest(), new = %new.digest(), "root CA rotation started");
+        info!(old = %old.digest(), new = %new_digest, "root CA rotation started");
         Ok(())
     }
 

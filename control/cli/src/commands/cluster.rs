@@ -55,8 +55,9 @@ pub enum ClusterCmd {
     },
     /// Show the root CA (digest, expiry) and a rotation's progress; --rotate starts a rotation.
     ///
-    /// A rotation makes a new root (or takes --ca-cert/--ca-key), cross-signed by the current
-    /// one, and every node renews from it at once; traffic keeps flowing throughout. Once every
+    /// A rotation makes a new root (or takes --ca-cert/--ca-key, or an external CA's
+    /// --ca-cert with --external-ca), cross-signed by the current one (--cross-cert when the
+    /// current root is an external CA's), and every node renews from it at once; traffic keeps flowing throughout. Once every
     /// manager and every worker not down has renewed, the old root is trusted no more and the
     /// join tokens pin the new one. This admin bundle is renewed from the new root at the start;
     /// other admin bundles must be issued again (`meshctl cluster admin issue`).
@@ -67,12 +68,26 @@ pub enum ClusterCmd {
         /// Start the rotation and return at once; `meshctl cluster ca` follows it.
         #[arg(long, requires = "rotate")]
         detach: bool,
-        /// The new root's certificate (PEM): a CA certificate whose O is the cluster ID.
-        #[arg(long, requires_all = ["rotate", "ca_key"])]
+        /// The new root's certificate (PEM): a CA certificate whose O is the cluster ID, valid
+        /// for a year at least. With --ca-key, or with --external-ca.
+        #[arg(long, requires = "rotate")]
         ca_cert: Option<PathBuf>,
         /// The new root's ECDSA P-256 private key (PEM).
-        #[arg(long, requires = "ca_cert")]
+        #[arg(long, requires = "ca_cert", conflicts_with = "external_ca")]
         ca_key: Option<PathBuf>,
+        /// Rotate to an external CA: the CFSSL server that signs with --ca-cert, e.g.
+        /// `cfssl=http://10.0.0.5:8888` (as `mesh-control init --external-ca`). It must sign
+        /// before the rotation starts; from then on no manager holds a CA key.
+        #[arg(long, value_name = "cfssl=URL", requires = "ca_cert", value_parser = parse_external_ca)]
+        external_ca: Option<String>,
+        /// The file holding the external CA's auth key (hex, as in CFSSL's `auth_keys`).
+        #[arg(long, value_name = "FILE", requires = "external_ca")]
+        external_ca_key: Option<PathBuf>,
+        /// The new root cross-signed by the current one (PEM): what lets nodes that trust the
+        /// current root take the new one. Needed when the current root is an external CA's (no
+        /// manager holds its key); else the leader makes it.
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        cross_cert: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -362,6 +377,15 @@ fn narrow_bundle(admin_dir: &std::path::Path, status: &pb::CaStatusResponse) -> 
     Ok(())
 }
 
+/// `--external-ca cfssl=URL`: the URL.
+fn parse_external_ca(value: &str) -> Result<String, String> {
+    value
+        .strip_prefix("cfssl=")
+        .filter(|url| url.starts_with("http://"))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("`{value}`: expected cfssl=http://HOST:PORT"))
+}
+
 /// `meshctl cluster ca [--rotate [--detach] [--ca-cert F --ca-key F]]`. A rotation renews the
 /// admin bundle in `admin_dir` from the new root first (the old root's certificates stop working
 /// when it ends), then follows the rotation until it ends, unless detached.
@@ -370,7 +394,9 @@ pub async fn ca(
     client: &mut AdminClient,
     admin_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let ClusterCmd::Ca { rotate, detach, ca_cert, ca_key, format } = cmd else {
+    let ClusterCmd::Ca { rotate, detach, ca_cert, ca_key, external_ca, external_ca_key, cross_cert, format } =
+        cmd
+    else {
         unreachable!("only `cluster ca` comes here")
     };
     if !rotate {
@@ -380,14 +406,23 @@ pub async fn ca(
         }
         return show_ca(&status, format);
     }
-    let given = match (ca_cert, ca_key) {
-        (Some(cert), Some(key)) => Some((
-            std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?,
-            std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
-        )),
-        _ => None,
+    anyhow::ensure!(
+        ca_cert.is_none() || ca_key.is_some() || external_ca.is_some(),
+        "--ca-cert goes with --ca-key (a root of the cluster's own) or with --external-ca"
+    );
+    let read = |path: Option<PathBuf>| -> anyhow::Result<String> {
+        path.map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+            .transpose()
+            .map(Option::unwrap_or_default)
     };
-    let started = client.rotate_ca(given).await?;
+    let request = pb::RotateCaRequest {
+        cert_pem: read(ca_cert)?,
+        key_pem: read(ca_key)?,
+        cross_pem: read(cross_cert)?,
+        external_url: external_ca.unwrap_or_default(),
+        external_auth_key: read(external_ca_key)?.trim().to_owned(),
+    };
+    let started = client.rotate_ca(request).await?;
     let new_root = started.roots.first().map(|r| r.digest.clone()).unwrap_or_default();
     eprintln!("root CA rotation started: the new root is {new_root}");
     // This bundle's certificate is the old root's: renewed now, it keeps working after the end.
