@@ -346,9 +346,17 @@ mod tests {
             Peer::from_certificate(Some(&der(&web)), &ClusterId::random()),
             Err(PeerError::NotOurs(NotOurs::OtherCluster(_)))
         ));
+        // Without a URI SAN (an external CA's certificate) the subject names the caller; a URI
+        // naming another service is refused.
         let no_id = certificate(&format!("web.1@{node}"), WORKLOAD_OU, cluster.as_str(), &[]);
+        assert_eq!(
+            Peer::from_certificate(Some(&der(&no_id)), &cluster).map(|p| p.service),
+            Ok("web".to_owned())
+        );
+        let api_id = SpiffeId::Service { cluster: cluster.clone(), service: "api".into() }.to_string();
+        let lying = certificate(&format!("web.1@{node}"), WORKLOAD_OU, cluster.as_str(), &[api_id]);
         assert!(matches!(
-            Peer::from_certificate(Some(&der(&no_id)), &cluster),
+            Peer::from_certificate(Some(&der(&lying)), &cluster),
             Err(PeerError::NotOurs(NotOurs::Spiffe(_)))
         ));
         assert_eq!(Peer::from_certificate(None, &cluster), Err(PeerError::Missing));
