@@ -211,9 +211,18 @@ impl Manager {
     /// What signs the cluster's certificates now (from the replicated state): its own root, key
     /// included and carrying the cross-signature during a root rotation, or the external CA.
     pub fn ca(&self) -> Result<Arc<Signer>, Status> {
-        let (record, chain) = self.store.read(|s| (s.ca.clone(), s.cross_pem().to_owned()));
+        let (record, chain, proof) =
+            self.store.read(|s| (s.ca.clone(), s.cross_pem().to_owned(), s.slice_cross_pem().to_owned()));
         let record =
             record.ok_or_else(|| Status::unavailable("this manager has not received the cluster CA yet"))?;
+        // Only a root the roots trusted here vouch for signs, whoever wrote it into the state.
+        let offered = Trust::from_pem(&record.cert_pem)
+            .map_err(|e| Status::internal(format!("the cluster CA in the state is unusable: {e}")))?;
+        self.ca_view().trust.accept(&offered, &proof).map_err(|e| {
+            Status::failed_precondition(format!(
+                "the cluster's signing root is not vouched for by a root this manager trusts: {e}"
+            ))
+        })?;
         let key = format!("{}{chain}", record.cert_pem);
         let mut signer = self.signer.lock().expect("lock");
         if let Some((k, ca)) = signer.as_ref()
@@ -227,14 +236,10 @@ impl Manager {
                 ClusterCa::load(&record.cert_pem, &record.key_pem.0).map_err(unusable)?.with_chain(&chain),
             ),
             Some(external) => {
-                let auth_key = external
-                    .auth_key
-                    .as_ref()
-                    .map(|k| crate::ca::cfssl::parse_auth_key(&k.0))
-                    .transpose()
+                let auth_key = crate::ca::cfssl::parse_auth_key(&external.auth_key.0)
                     .map_err(|e| unusable(CaError::Given(e)))?;
                 Signer::External(
-                    crate::ca::cfssl::Cfssl::new(&external.url, auth_key.as_deref(), &record.cert_pem)
+                    crate::ca::cfssl::Cfssl::new(&external.url, &auth_key, &record.cert_pem)
                         .map_err(unusable)?
                         .with_chain(&chain),
                 )

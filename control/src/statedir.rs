@@ -191,9 +191,8 @@ pub async fn init(
 pub enum CaChoice {
     /// A root made here, whose key the managers hold.
     Own,
-    /// A CFSSL server at `url`, with its auth key (hex), signing with `root_pem` (when none is
-    /// given, the one the server names, shown to be checked).
-    External { url: String, auth_key: Option<String>, root_pem: Option<String> },
+    /// A CFSSL server at `url`, with its auth key (hex), signing with `root_pem`.
+    External { url: String, auth_key: String, root_pem: String },
 }
 
 /// The CA a cluster is made with: its signer, the record the state keeps, and its cluster ID
@@ -211,19 +210,16 @@ async fn make_ca(choice: CaChoice) -> Result<(Signer, CaRecord, ClusterId), Clus
             Ok((Signer::Own(ca), record, cluster_id))
         }
         CaChoice::External { url, auth_key, root_pem } => {
-            let key = auth_key.as_deref().map(cfssl::parse_auth_key).transpose().map_err(CaError::Given)?;
-            let root_pem = match root_pem {
-                Some(pem) => pem,
-                None => Cfssl::fetch_root(&url).await?,
-            };
+            let key = cfssl::parse_auth_key(&auth_key).map_err(CaError::Given)?;
             let cluster_id = external_cluster_id(&root_pem)?;
-            let signer = Cfssl::new(&url, key.as_deref(), &root_pem)?;
+            let signer = Cfssl::new(&url, &key, &root_pem)?;
+            signer.check_signer().await?;
             let record = CaRecord {
                 cert_pem: mesh_api::trust::Trust::from_pem(&root_pem)
                     .map_err(|e| CaError::Given(e.to_string()))?
                     .to_pem(),
                 key_pem: Secret(String::new()),
-                external: Some(ExternalCa { url, auth_key: auth_key.map(Secret) }),
+                external: Some(ExternalCa { url, auth_key: Secret(auth_key) }),
             };
             Ok((Signer::External(signer), record, cluster_id))
         }

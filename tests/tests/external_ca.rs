@@ -41,17 +41,30 @@ fn make_root(dir: &Path, name: &str, organization: &str) -> (PathBuf, PathBuf) {
 
 /// A CFSSL signing config: the profiles the managers ask for, each authenticated with `key`.
 fn config(dir: &Path, name: &str, key: &str) -> PathBuf {
-    let profile = |expiry: &str| {
-        serde_json::json!({
+    config_open(dir, name, key, None)
+}
+
+/// As [`config`], the profile `open` (`default` for the default one) without an auth key.
+fn config_open(dir: &Path, name: &str, key: &str, open: Option<&str>) -> PathBuf {
+    let profile = |name: &str, expiry: &str| {
+        let mut p = serde_json::json!({
             "auth_key": "mesh",
             "expiry": expiry,
             "usages": ["digital signature", "server auth", "client auth"],
-        })
+        });
+        if open == Some(name) {
+            p.as_object_mut().unwrap().remove("auth_key");
+        }
+        p
     };
     let config = serde_json::json!({
         "signing": {
-            "default": profile("1h"),
-            "profiles": {"node": profile("24h"), "workload": profile("1h"), "admin": profile("720h")},
+            "default": profile("default", "1h"),
+            "profiles": {
+                "node": profile("node", "24h"),
+                "workload": profile("workload", "1h"),
+                "admin": profile("admin", "720h"),
+            },
         },
         "auth_keys": {"mesh": {"type": "standard", "key": key}},
     });
@@ -441,48 +454,52 @@ async fn init_pins_the_signers_root_and_says_what_is_wrong() {
     let (_signer, url) = Signer::on_loopback(&root, &good, scratch.path().join("cfssl.log"));
     let mut n = 0;
     let lifetime = std::cell::Cell::new(DAY);
-    let mut init = |url: &str, auth_key: Option<&str>, root_pem: Option<String>| {
+    let mut init = |url: &str, auth_key: &str, root: &(PathBuf, PathBuf)| {
         n += 1;
         let dir = scratch.path().join(format!("cluster-{n}"));
         let config = ManagerConfig::new("127.0.0.1:7400".parse().unwrap(), None);
-        let choice =
-            CaChoice::External { url: url.to_owned(), auth_key: auth_key.map(str::to_owned), root_pem };
+        let root_pem = std::fs::read_to_string(&root.0).unwrap();
+        let choice = CaChoice::External { url: url.to_owned(), auth_key: auth_key.to_owned(), root_pem };
         let (admin, lifetime) = (dir.join("admin"), lifetime.get());
         async move { init_with_admin_dir(&dir.join("state"), config, lifetime, false, &admin, choice).await }
     };
 
-    // Given no root, the one the signer names is pinned: the tokens carry its digest.
-    let root_pem = std::fs::read_to_string(&root.0).unwrap();
-    let digest = Trust::from_pem(&root_pem).unwrap().newest().digest.clone();
-    let created = init(&url, Some(AUTH_KEY), None).await.expect("init with the signer's root");
+    // The root pinned: the cluster is its O, and the tokens carry its digest.
+    let digest = Trust::from_pem(&std::fs::read_to_string(&root.0).unwrap()).unwrap().newest().digest.clone();
+    let created = init(&url, AUTH_KEY, &root).await.expect("init with the signer's root pinned");
     assert_eq!(created.cluster_id, cluster);
     assert_eq!(created.worker_token.ca_digest(), digest);
-    init(&url, Some(AUTH_KEY), Some(root_pem.clone())).await.expect("init with the root pinned");
 
     let refused = |r: Result<control::statedir::Created, control::statedir::ClusterError>| {
         r.map(|_| ()).expect_err("refused").to_string()
     };
     // A pinned root other than the signer's: its first certificate is not taken.
     let impostor = make_root(scratch.path(), "impostor", cluster.as_str());
-    let said = refused(init(&url, Some(AUTH_KEY), Some(std::fs::read_to_string(&impostor.0).unwrap())).await);
+    let said = refused(init(&url, AUTH_KEY, &impostor).await);
     assert!(said.contains("not taken") && said.contains("pinned root"), "{said}");
     // Another auth key: the signer refuses, and says so.
-    let said = refused(init(&url, Some(&AUTH_KEY.replace('0', "1")), None).await);
+    let said = refused(init(&url, &AUTH_KEY.replace('0', "1"), &root).await);
     assert!(said.contains("refused") && said.contains("invalid token"), "{said}");
-    // No auth key where the profiles want one.
-    let said = refused(init(&url, None, None).await);
-    assert!(said.contains("refused"), "{said}");
     // A root whose O is no cluster ID.
     let acme = make_root(scratch.path(), "acme", "acme");
-    let said = refused(init(&url, Some(AUTH_KEY), Some(std::fs::read_to_string(&acme.0).unwrap())).await);
+    let said = refused(init(&url, AUTH_KEY, &acme).await);
     assert!(said.contains("must be the cluster's ID"), "{said}");
     // Nobody at the address: said so, after three tries.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let said = refused(init(&format!("http://{closed}"), Some(AUTH_KEY), None).await);
+    let said = refused(init(&format!("http://{closed}"), AUTH_KEY, &root).await);
     assert!(said.contains("cannot be reached") && said.contains("tried 3 times"), "{said}");
+    // A signer that also signs without authentication, for whoever reaches it: refused, naming
+    // the open profile (the default one, or one the managers use).
+    for open in ["default", "workload"] {
+        let config = config_open(scratch.path(), &format!("open-{open}"), AUTH_KEY, Some(open));
+        let (_open, open_url) =
+            Signer::on_loopback(&root, &config, scratch.path().join(format!("open-{open}.log")));
+        let said = refused(init(&open_url, AUTH_KEY, &root).await);
+        assert!(said.contains("without authentication") && said.contains(&format!("`{open}`")), "{said}");
+    }
     // Node certificates of an hour asked for, the signer's `node` profile giving a day.
     lifetime.set(std::time::Duration::from_secs(3600));
-    let said = refused(init(&url, Some(AUTH_KEY), None).await);
+    let said = refused(init(&url, AUTH_KEY, &root).await);
     assert!(said.contains("later than") && said.contains("`node` profile"), "{said}");
 }
 

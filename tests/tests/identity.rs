@@ -500,3 +500,33 @@ async fn a_node_accepts_as_control_only_the_managers_it_was_told_of() {
     // A session's slice keeps the node's list current: the node's leader is found through it.
     assert!(node.leader().await.is_ok());
 }
+
+/// What a compromised manager could write into the replicated state: a root of its own, with its
+/// key and a "cross-signature" made by that same key. No honest manager signs with it or trusts
+/// it, as no node would: a new root needs a cross-signature by a root already trusted.
+#[tokio::test]
+async fn a_root_written_into_the_state_without_a_cross_signature_is_taken_by_no_manager() {
+    use control::ca::ClusterCa;
+    use control::state::{CaRecord, Command, Secret};
+    let cluster = TestCluster::start(HOUR).await;
+    let before = cluster.manager.roots().digests();
+    let cluster_id = cluster.manager.store().read(|s| s.cluster_id.clone());
+    let rogue = ClusterCa::generate_named(&cluster_id, "rogue root").unwrap();
+    let self_vouched = rogue.cross_sign(rogue.cert_der()).unwrap();
+    let record =
+        CaRecord { cert_pem: rogue.cert_pem().to_owned(), key_pem: Secret(rogue.key_pem()), external: None };
+    let started_at = OffsetDateTime::now_utc().unix_timestamp();
+    let write = Command::StartCaRotation { ca: record, cross_pem: self_vouched, started_at };
+    cluster.manager.store().apply(write).await.unwrap();
+
+    let refused = cluster.manager.ca().unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("not vouched for"), "{}", refused.message());
+    let mut admin = cluster.admin().await;
+    let (_, csr) = mesh_api::join::key_and_csr().unwrap();
+    let err = admin.issue_admin(csr, None, "rogue").await.unwrap_err().to_string();
+    assert!(err.contains("not vouched for"), "{err}");
+    // The manager keeps following the state, and keeps trusting what it trusted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cluster.manager.roots().digests(), before);
+}

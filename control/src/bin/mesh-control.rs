@@ -92,36 +92,42 @@ enum Cmd {
 struct ExternalCaArgs {
     /// Sign every certificate with a CFSSL server (`cfssl serve`), e.g. `cfssl=http://10.0.0.5:8888`.
     /// Its profiles `node`, `workload` and `admin` sign each kind (usages `server auth` and
-    /// `client auth`; an expiry no longer than the cluster asks: 24h for workloads). The
-    /// root's subject O must be the cluster ID (25 characters of 0-9a-z). The managers check
-    /// every certificate it answers against the root before using or handing it out.
-    #[arg(long, value_name = "cfssl=URL", value_parser = control::ca::cfssl::parse_external_ca)]
+    /// `client auth`; an expiry no longer than the cluster asks: 24h for workloads), every
+    /// profile with an `auth_key` (a signer that signs without one is refused). The root's
+    /// subject O must be the cluster ID (25 characters of 0-9a-z). The managers check every
+    /// certificate it answers against the root before using or handing it out.
+    #[arg(
+        long,
+        value_name = "cfssl=URL",
+        value_parser = control::ca::cfssl::parse_external_ca,
+        requires_all = ["external_ca_key", "ca_cert"]
+    )]
     external_ca: Option<String>,
     /// The file holding the CFSSL auth key (hex, as in its `auth_keys`): requests go to
-    /// `/api/v1/cfssl/authsign`, HMAC-signed. Without it, to the unauthenticated `sign`.
+    /// `/api/v1/cfssl/authsign`, HMAC-signed. Kept in the replicated state: use --autolock, so
+    /// that a stolen disk does not give it away.
     #[arg(long, value_name = "FILE", requires = "external_ca")]
     external_ca_key: Option<PathBuf>,
-    /// The external CA's root certificate, pinned: every certificate must chain to it. Without
-    /// it, the one the CFSSL server names (`/api/v1/cfssl/info`) is taken and its digest shown.
+    /// The external CA's root certificate, pinned: every certificate must chain to it.
     #[arg(long, value_name = "FILE", requires = "external_ca")]
     ca_cert: Option<PathBuf>,
 }
 
 impl ExternalCaArgs {
     fn choice(self) -> anyhow::Result<statedir::CaChoice> {
-        let Some(url) = self.external_ca else { return Ok(statedir::CaChoice::Own) };
+        let (Some(url), Some(key), Some(root)) = (self.external_ca, self.external_ca_key, self.ca_cert)
+        else {
+            return Ok(statedir::CaChoice::Own);
+        };
         let read = |path: &PathBuf, what: &str| {
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the {what} {}", path.display()))
         };
-        let auth_key =
-            self.external_ca_key.as_ref().map(|p| read(p, "external CA's auth key")).transpose()?;
-        if let Some(key) = &auth_key {
-            control::ca::cfssl::parse_auth_key(key)
-                .map_err(anyhow::Error::msg)
-                .context("--external-ca-key")?;
-        }
-        let root_pem = self.ca_cert.as_ref().map(|p| read(p, "root certificate")).transpose()?;
+        let auth_key = read(&key, "external CA's auth key")?.trim().to_owned();
+        control::ca::cfssl::parse_auth_key(&auth_key)
+            .map_err(anyhow::Error::msg)
+            .context("--external-ca-key")?;
+        let root_pem = read(&root, "root certificate")?;
         Ok(statedir::CaChoice::External { url, auth_key, root_pem })
     }
 }

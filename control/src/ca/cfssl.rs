@@ -1,7 +1,8 @@
 //! An external CA: a CFSSL server (`cfssl serve`) signs the CSRs that the managers checked, so no
 //! manager holds a CA key. Requests go to `/api/v1/cfssl/authsign`, authenticated with the
-//! signer's HMAC-SHA256 key (CFSSL's `standard` auth), or to `/api/v1/cfssl/sign` when the
-//! cluster was given no key.
+//! signer's HMAC-SHA256 key (CFSSL's `standard` auth). A signer that also signs without it (a
+//! profile without `auth_key`) would sign for anyone who reaches it: [`Cfssl::check_signer`]
+//! refuses one before a cluster is made with it or rotated to it.
 //!
 //! The subject is the manager's, sent in the request; the CSR gives only its key. The profile is
 //! named after the kind of certificate: `node`, `workload` or `admin`. What the signer answers is
@@ -33,8 +34,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRIES: [Duration; 2] = [Duration::from_millis(300), Duration::from_millis(1500)];
 /// The most of an answer that is read.
 const MAX_ANSWER: usize = 1 << 20;
-/// How much later than asked a certificate may end: the signer counts its expiry on its own clock.
-const CLOCK_SLACK: Duration = Duration::from_secs(3600);
+/// How far the signer's clock may be from this manager's: CFSSL backdates a certificate's start by
+/// 5 minutes and ends it that much before the expiry asked.
+const CLOCK_SLACK: Duration = Duration::from_secs(300);
+/// How many requests this manager has at the signer at once: a flood of certificate requests
+/// waits here rather than at the signer.
+const IN_FLIGHT: usize = 8;
 
 /// The external signer a cluster was made with (`--external-ca cfssl=URL`), as the replicated
 /// state holds it.
@@ -45,11 +50,12 @@ pub struct Cfssl {
     authority: String,
     /// The URL's path, without a trailing `/`.
     base: String,
-    auth_key: Option<hmac::Key>,
+    auth_key: hmac::Key,
     root: Trust,
     /// Carried after every certificate it signs: during a root rotation, this root cross-signed
     /// by the old one; else empty.
     chain_pem: String,
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Cfssl {
@@ -154,7 +160,7 @@ fn profile(subject: &Subject) -> &'static str {
 
 impl Cfssl {
     /// The signer at `url`, whose certificates must chain to `root_pem`.
-    pub fn new(url: &str, auth_key: Option<&[u8]>, root_pem: &str) -> Result<Cfssl, CaError> {
+    pub fn new(url: &str, auth_key: &[u8], root_pem: &str) -> Result<Cfssl, CaError> {
         let (authority, base) = split_url(url).map_err(CaError::Given)?;
         let root =
             Trust::from_pem(root_pem).map_err(|e| CaError::Given(format!("the external root: {e}")))?;
@@ -165,9 +171,10 @@ impl Cfssl {
             url: url.to_owned(),
             authority,
             base,
-            auth_key: auth_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k)),
+            auth_key: hmac::Key::new(hmac::HMAC_SHA256, auth_key),
             root,
             chain_pem: String::new(),
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         })
     }
 
@@ -191,22 +198,41 @@ impl Cfssl {
         self.root.newest().digest.clone()
     }
 
-    /// The certificate the signer at `url` signs with (`/api/v1/cfssl/info`): what init pins when
-    /// it is given no `--ca-cert`.
-    pub async fn fetch_root(url: &str) -> Result<String, CaError> {
-        let (authority, base) = split_url(url).map_err(CaError::Given)?;
-        let answer =
-            post_retrying(url, &authority, &format!("{base}/api/v1/cfssl/info"), b"{}".to_vec()).await?;
-        answer.get("certificate").and_then(|c| c.as_str()).map(str::to_owned).ok_or_else(|| CaError::Signer {
-            url: url.to_owned(),
-            error: "its info names no certificate".into(),
-        })
+    /// Refuses a signer that signs without authentication: a request to CFSSL's unauthenticated
+    /// `/api/v1/cfssl/sign`, for a key thrown away and a node that does not exist, with each
+    /// profile the managers use and the default, must be refused.
+    pub async fn check_signer(&self) -> Result<(), CaError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(CaError::Sign)?;
+        let cluster = mesh_api::ids::ClusterId::random();
+        let node = mesh_api::ids::NodeId::random();
+        let subject =
+            Subject::node(&cluster, &node, mesh_api::tokens::Role::Worker, Duration::from_secs(3600));
+        for profile in ["", "node", "workload", "admin"] {
+            let request = self.request(&csr, &subject, profile);
+            let path = format!("{}/api/v1/cfssl/sign", self.base);
+            match post_retrying(&self.url, &self.authority, &path, request).await {
+                Err(CaError::Signer { .. }) => {}
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    return Err(CaError::Signer {
+                        url: self.url.clone(),
+                        error: format!(
+                            "it signs without authentication (profile `{}`): give every profile of its \
+                             config, `default` included, an `auth_key`",
+                            if profile.is_empty() { "default" } else { profile }
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Has the signer sign `csr_pem` (whose key is `public_key`) with `subject`, and checks what
-    /// it answers. Returns the certificate, then the chain this signer carries: nothing else the
-    /// signer sends is passed on.
-    pub async fn sign(&self, csr_pem: &str, public_key: &[u8], subject: &Subject) -> Result<String, CaError> {
+    fn request(&self, csr_pem: &str, subject: &Subject, profile: &'static str) -> Vec<u8> {
         let organization = subject.cluster.to_string();
         let request = SignRequest {
             certificate_request: csr_pem,
@@ -215,21 +241,22 @@ impl Cfssl {
                 common_name: &subject.common_name,
                 names: [RequestName { organization: &organization, unit: &subject.unit }],
             },
-            profile: profile(subject),
+            profile,
         };
-        let request = serde_json::to_vec(&request).expect("a sign request serializes");
-        let (path, body) = match &self.auth_key {
-            Some(key) => {
-                let token = hmac::sign(key, &request);
-                let envelope = AuthenticatedRequest {
-                    token: BASE64.encode(token.as_ref()),
-                    request: BASE64.encode(&request),
-                };
-                ("authsign", serde_json::to_vec(&envelope).expect("an envelope serializes"))
-            }
-            None => ("sign", request),
-        };
-        let path = format!("{}/api/v1/cfssl/{path}", self.base);
+        serde_json::to_vec(&request).expect("a sign request serializes")
+    }
+
+    /// Has the signer sign `csr_pem` (whose key is `public_key`) with `subject`, and checks what
+    /// it answers. Returns the certificate, then the chain this signer carries: nothing else the
+    /// signer sends is passed on.
+    pub async fn sign(&self, csr_pem: &str, public_key: &[u8], subject: &Subject) -> Result<String, CaError> {
+        let request = self.request(csr_pem, subject, profile(subject));
+        let token = hmac::sign(&self.auth_key, &request);
+        let envelope =
+            AuthenticatedRequest { token: BASE64.encode(token.as_ref()), request: BASE64.encode(&request) };
+        let body = serde_json::to_vec(&envelope).expect("an envelope serializes");
+        let _turn = self.in_flight.acquire().await.expect("the semaphore is never closed");
+        let path = format!("{}/api/v1/cfssl/authsign", self.base);
         let answer = post_retrying(&self.url, &self.authority, &path, body).await?;
         let cert_pem = answer.get("certificate").and_then(|c| c.as_str()).ok_or_else(|| CaError::Signer {
             url: self.url.clone(),
@@ -349,8 +376,14 @@ pub fn check_answer(
         return Err(format!("the certificate's subject has {subject_fields} fields, not CN, OU and O alone"));
     }
     info.holder(&cluster).map_err(|e| e.to_string())?;
-    if cert.is_ca() {
-        return Err("the certificate is a CA's".into());
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => return Err("the certificate is a CA's".into()),
+        Err(e) => return Err(format!("the certificate's basic constraints: {e}")),
+        _ => {}
+    }
+    let (_, root_cert) = X509Certificate::from_der(&root.newest().der).map_err(|e| e.to_string())?;
+    if cert.issuer().as_raw() != root_cert.subject().as_raw() {
+        return Err("the certificate's issuer is not the root's subject".into());
     }
     let names = match cert.subject_alternative_name() {
         Ok(Some(san)) => san.value.general_names.clone(),
@@ -493,6 +526,16 @@ mod tests {
                 answer(&ca, &key, |p, s| p.not_after = s.not_after + Duration::from_secs(2 * 24 * 3600)),
             ),
             (
+                "an hour longer",
+                answer(&ca, &key, |p, s| p.not_after = s.not_after + Duration::from_secs(3600)),
+            ),
+            (
+                "not valid yet",
+                answer(&ca, &key, |p, _| {
+                    p.not_before = OffsetDateTime::now_utc() + Duration::from_secs(3600)
+                }),
+            ),
+            (
                 "expired",
                 answer(&ca, &key, |p, _| {
                     p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(7200);
@@ -508,6 +551,7 @@ mod tests {
 
     #[test]
     fn only_cfssl_over_http_with_a_port_and_hex_keys_of_16_bytes_are_accepted() {
+        assert!(Cfssl::new("http://10.0.0.1:8888", &[7; 16], "not a root").is_err());
         assert_eq!(parse_external_ca("cfssl=http://10.0.0.1:8888").unwrap(), "http://10.0.0.1:8888");
         assert_eq!(
             split_url("http://ca.example:8888/prefix/").unwrap(),

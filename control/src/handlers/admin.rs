@@ -419,11 +419,16 @@ impl pb::admin_server::Admin for AdminApi {
         let new = match (present(&req.cert_pem), present(&req.key_pem), present(&req.external_url)) {
             (false, false, false) => NewRoot::Made,
             (true, true, false) => NewRoot::Given { cert_pem: req.cert_pem, key_pem: req.key_pem },
-            (true, false, true) => NewRoot::External {
+            (true, false, true) if present(&req.external_auth_key) => NewRoot::External {
                 cert_pem: req.cert_pem,
                 url: req.external_url,
-                auth_key: present(&req.external_auth_key).then_some(req.external_auth_key),
+                auth_key: req.external_auth_key,
             },
+            (true, false, true) => {
+                return Err(Status::invalid_argument(
+                    "an external CA needs its auth key (--external-ca-key)",
+                ));
+            }
             (_, true, true) => {
                 return Err(Status::invalid_argument("an external CA's root comes without its key"));
             }

@@ -28,7 +28,7 @@ use crate::ca::{CaError, ClusterCa, Signer, Subject};
 use crate::state::{CaRecord, Command, ExternalCa, NodeState, Secret};
 
 /// The root a rotation goes to.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum NewRoot {
     /// One the leader makes.
     Made,
@@ -36,7 +36,47 @@ pub enum NewRoot {
     Given { cert_pem: String, key_pem: String },
     /// An external CA's root, and the CFSSL server at `url` (with its auth key, hex) that signs
     /// with it: the managers hold no CA key from then on.
-    External { cert_pem: String, url: String, auth_key: Option<String> },
+    External { cert_pem: String, url: String, auth_key: String },
+}
+
+impl std::fmt::Debug for NewRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NewRoot::Made => f.write_str("Made"),
+            NewRoot::Given { .. } => f.write_str("Given { <redacted> }"),
+            NewRoot::External { url, .. } => {
+                f.debug_struct("External").field("url", url).finish_non_exhaustive()
+            }
+        }
+    }
+}
+
+/// The certificate of `cross_pem` (an operator's file) that vouches for `new_pem` to holders of
+/// `current`, alone and re-encoded (nothing else of the file goes into the slices), valid now and
+/// for 30 days at least.
+fn vouching(current: &Trust, new_pem: &str, cross_pem: &str, now: OffsetDateTime) -> Result<String, Status> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let offered = Trust::from_pem(new_pem).map_err(|e| Status::internal(e.to_string()))?;
+    let mut why = String::from("the file holds no certificate");
+    for der in CertificateDer::pem_slice_iter(cross_pem.as_bytes()) {
+        let der = der.map_err(|e| Status::invalid_argument(format!("the cross-signature: {e}")))?;
+        let pem = mesh_api::trust::pem(&der);
+        if let Err(e) = current.accept(&offered, &pem) {
+            why = e.to_string();
+            continue;
+        }
+        let info =
+            mesh_api::pki::CertInfo::from_der(&der).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if info.not_before > now || info.not_after < now + std::time::Duration::from_secs(30 * 24 * 3600) {
+            return Err(Status::invalid_argument(format!(
+                "the cross-signature is valid from {} to {}: it must be valid now and for 30 days at least",
+                info.not_before, info.not_after
+            )));
+        }
+        return Ok(pem);
+    }
+    Err(Status::invalid_argument(format!("the cross-signature does not vouch for the new root: {why}")))
 }
 
 /// A root whose key the managers hold: its record, digest and certificate (DER).
@@ -126,6 +166,12 @@ impl Manager {
             ));
         }
         let old = self.ca()?;
+        if let (NewRoot::Made, Err(e)) = (&new, old.own("cross-sign a new root")) {
+            return Err(Status::failed_precondition(format!(
+                "{e}: rotate to a root given with --ca-cert (an external CA's, with --external-ca, or \
+                 one with its --ca-key), and --cross-cert, that root cross-signed by the current one"
+            )));
+        }
         let now = OffsetDateTime::now_utc();
         let given = |e: CaError| Status::invalid_argument(e.to_string());
         let (record, new_digest, new_der) = match new {
@@ -141,14 +187,11 @@ impl Manager {
             }
             NewRoot::External { cert_pem, url, auth_key } => {
                 let root = crate::ca::check_new_root(&self.cluster_id, &cert_pem).map_err(given)?;
-                let key = auth_key
-                    .as_deref()
-                    .map(cfssl::parse_auth_key)
-                    .transpose()
-                    .map_err(Status::invalid_argument)?;
-                let signer = Cfssl::new(&url, key.as_deref(), &root.pem).map_err(given)?;
-                // The new signer signs for a node that does not exist (its key thrown away)
-                // before anything depends on it.
+                let key = cfssl::parse_auth_key(&auth_key).map_err(Status::invalid_argument)?;
+                let signer = Cfssl::new(&url, &key, &root.pem).map_err(given)?;
+                // The new signer refuses to sign without authentication, and signs with it for a
+                // node that does not exist (its key thrown away), before anything depends on it.
+                signer.check_signer().await.map_err(|e| e.status())?;
                 let lifetime = self.store.read(|s| s.cert_lifetime());
                 Signer::External(signer)
                     .issue_with_new_key(&Subject::node(
@@ -164,7 +207,7 @@ impl Manager {
                 let record = CaRecord {
                     cert_pem: root.pem.clone(),
                     key_pem: Secret(String::new()),
-                    external: Some(ExternalCa { url, auth_key: auth_key.map(Secret) }),
+                    external: Some(ExternalCa { url, auth_key: Secret(auth_key) }),
                 };
                 (record, root.digest, root.der)
             }
@@ -182,7 +225,7 @@ impl Manager {
             ));
         }
         let cross_pem = match (cross_pem, old.own("cross-sign the new root")) {
-            (Some(cross), _) => cross,
+            (Some(cross), _) => vouching(&old_trust, &record.cert_pem, &cross, now)?,
             (None, Ok(own)) => own.cross_sign(&new_der).map_err(|e| Status::internal(e.to_string()))?,
             (None, Err(e)) => {
                 return Err(Status::failed_precondition(format!(
@@ -231,13 +274,16 @@ impl Manager {
     }
 
     async fn refresh_trust(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let (pem, cross_pem) = self.store.read(|s| (s.trust_pem(), s.cross_pem().to_owned()));
+        let (pem, cross_pem, proof) =
+            self.store.read(|s| (s.trust_pem(), s.cross_pem().to_owned(), s.slice_cross_pem().to_owned()));
         if pem.is_empty() {
             return Ok(()); // no state received yet
         }
         let current = self.ca_view();
         if current.trust.to_pem() != pem || current.cross_pem != cross_pem {
-            let trust = Trust::from_pem(&pem)?;
+            // As every node does: a new root only with a cross-signature by a root trusted here,
+            // whoever wrote the state.
+            let trust = current.trust.accept(&Trust::from_pem(&pem)?, &proof)?;
             files::write_atomic(&self.dir.ca_cert(), pem.as_bytes(), PUBLIC)?;
             let identity = self.identity()?;
             info!(roots = %trust.digests(), "the cluster's roots changed; now trusted");

@@ -98,11 +98,11 @@ pub struct CaRecord {
 }
 
 /// An external CA (`mesh-control init --external-ca cfssl=URL`): the CFSSL server the managers
-/// forward checked CSRs to, and its auth key (hex; none: unauthenticated `sign`).
+/// forward checked CSRs to, and its auth key (hex).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExternalCa {
     pub url: String,
-    pub auth_key: Option<Secret>,
+    pub auth_key: Secret,
 }
 
 /// A root rotation under way: [`CaRecord`] holds the new root, which signs from its start; the

@@ -78,7 +78,12 @@ pub enum ClusterCmd {
         /// Rotate to an external CA: the CFSSL server that signs with --ca-cert, e.g.
         /// `cfssl=http://10.0.0.5:8888` (as `mesh-control init --external-ca`). It must sign
         /// before the rotation starts; from then on no manager holds a CA key.
-        #[arg(long, value_name = "cfssl=URL", requires = "ca_cert", value_parser = parse_external_ca)]
+        #[arg(
+            long,
+            value_name = "cfssl=URL",
+            requires_all = ["ca_cert", "external_ca_key"],
+            value_parser = parse_external_ca
+        )]
         external_ca: Option<String>,
         /// The file holding the external CA's auth key (hex, as in CFSSL's `auth_keys`).
         #[arg(long, value_name = "FILE", requires = "external_ca")]
