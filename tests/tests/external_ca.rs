@@ -320,6 +320,9 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
     assert!(!away.status.success());
     let said = String::from_utf8_lossy(&away.stderr);
     assert!(said.contains("cannot be reached") && said.contains(&lab.addr(1)), "{said}");
+    let check = lab.meshctl_output(&["check"]);
+    let told = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success() && told.contains("failed its last request"), "meshctl check: {told}");
     lab.meshctl(&[
         "service",
         "create",
@@ -344,6 +347,9 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
     lab.wait("the waiting endpoint to get its certificate", || certified(&lab));
     assert!(signer.signed() >= 1, "its certificate came from cfssl once it was back");
     assert!(issue(&lab, "admin-back").status.success());
+    let ca: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["cluster", "ca", "--format", "json"])).unwrap();
+    assert!(ca.get("external_failed").is_none(), "a request went through since: {ca}");
     drop(signer);
 
     // A signer that lies: one with another root at the same address, and one with another auth key.

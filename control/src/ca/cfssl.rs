@@ -56,6 +56,8 @@ pub struct Cfssl {
     /// by the old one; else empty.
     chain_pem: String,
     in_flight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// When the last request failed and why; none once one succeeds (`meshctl check` says it).
+    last_failure: std::sync::Arc<std::sync::Mutex<Option<(OffsetDateTime, String)>>>,
 }
 
 impl std::fmt::Debug for Cfssl {
@@ -175,6 +177,7 @@ impl Cfssl {
             root,
             chain_pem: String::new(),
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            last_failure: Default::default(),
         })
     }
 
@@ -182,6 +185,11 @@ impl Cfssl {
     pub fn with_chain(mut self, chain_pem: &str) -> Cfssl {
         self.chain_pem = chain_pem.to_owned();
         self
+    }
+
+    /// When its last request failed, and why; none when it succeeded.
+    pub fn last_failure(&self) -> Option<(OffsetDateTime, String)> {
+        self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The root certificate (PEM) it signs with.
@@ -250,6 +258,18 @@ impl Cfssl {
     /// it answers. Returns the certificate, then the chain this signer carries: nothing else the
     /// signer sends is passed on.
     pub async fn sign(&self, csr_pem: &str, public_key: &[u8], subject: &Subject) -> Result<String, CaError> {
+        let signed = self.sign_checked(csr_pem, public_key, subject).await;
+        *self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            signed.as_ref().err().map(|e| (OffsetDateTime::now_utc(), e.to_string()));
+        signed
+    }
+
+    async fn sign_checked(
+        &self,
+        csr_pem: &str,
+        public_key: &[u8],
+        subject: &Subject,
+    ) -> Result<String, CaError> {
         let request = self.request(csr_pem, subject, profile(subject));
         let token = hmac::sign(&self.auth_key, &request);
         let envelope =

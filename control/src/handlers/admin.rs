@@ -406,6 +406,13 @@ impl pb::admin_server::Admin for AdminApi {
             .store
             .read(|s| s.ca.as_ref().and_then(|c| c.external.as_ref()).map(|e| e.url.clone()))
             .unwrap_or_default();
+        if let Ok(signer) = self.0.ca()
+            && let crate::ca::Signer::External(external) = &*signer
+            && let Some((at, error)) = external.last_failure()
+        {
+            status.external_error = error;
+            status.external_error_at = at.unix_timestamp();
+        }
         Ok(Response::new(status))
     }
 
@@ -1032,7 +1039,7 @@ fn ca_status_pb(progress: crate::manager::rotation::CaProgress) -> pb::CaStatusR
                 offline: l.offline,
             })
             .collect(),
-        external: String::new(),
+        ..Default::default()
     }
 }
 

@@ -98,6 +98,14 @@ pub fn diagnose(c: &Cluster, now: OffsetDateTime) -> Vec<Problem> {
             }
         }
     }
+    if !c.ca.external_error.is_empty() {
+        let at = OffsetDateTime::from_unix_timestamp(c.ca.external_error_at)
+            .map_or_else(|_| "-".to_owned(), |t| ago(now, t));
+        out.push(problem(
+            format!("the external CA at {} failed its last request ({at}): {}", c.ca.external, c.ca.external_error),
+            "check that cfssl serve runs and that the managers reach it, with the auth key and the profiles node, workload and admin (mesh-control init --help)",
+        ));
+    }
     if let Some(root) = c.ca.roots.first()
         && let Ok(expires) = OffsetDateTime::from_unix_timestamp(root.not_after)
         && expires - now < ROOT_LEFT
@@ -388,6 +396,24 @@ mod tests {
         let problems = diagnose(&c, now);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].what.contains("expires in") && problems[0].fix.contains("cluster ca --rotate"));
+    }
+
+    #[test]
+    fn an_external_ca_whose_last_request_failed_is_named() {
+        let now = OffsetDateTime::now_utc();
+        let nodes = vec![node("m1", Some("leader"), false, now), node("h2", None, true, now)];
+        let mut c = cluster(nodes, None);
+        c.ca.external = "http://10.0.0.5:8888".into();
+        assert_eq!(diagnose(&c, now), [], "a signer that answered is no problem");
+        c.ca.external_error = "the external CA at http://10.0.0.5:8888 cannot be reached".into();
+        c.ca.external_error_at = (now - time::Duration::minutes(2)).unix_timestamp();
+        let problems = diagnose(&c, now);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].what.contains("10.0.0.5:8888 failed its last request")
+                && problems[0].what.contains("2m")
+        );
+        assert!(problems[0].fix.contains("cfssl serve"));
     }
 
     #[test]

@@ -252,12 +252,21 @@ struct CaView {
     /// The external CA's URL, when the managers hold no CA key.
     #[serde(skip_serializing_if = "Option::is_none")]
     external: Option<String>,
+    /// The external CA's last request, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_failed: Option<SignerFailure>,
     rotating: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     started: Option<String>,
     nodes: u32,
     renewed: u32,
     late: Vec<LateView>,
+}
+
+#[derive(serde::Serialize)]
+struct SignerFailure {
+    at: String,
+    error: String,
 }
 
 #[derive(serde::Serialize)]
@@ -288,6 +297,10 @@ fn ca_view(status: &pb::CaStatusResponse) -> CaView {
             })
             .collect(),
         external: (!status.external.is_empty()).then(|| status.external.clone()),
+        external_failed: (!status.external_error.is_empty()).then(|| SignerFailure {
+            at: rfc(status.external_error_at),
+            error: status.external_error.clone(),
+        }),
         rotating: status.rotating,
         started: status.rotating.then(|| rfc(status.started_at)),
         nodes: status.total,
@@ -353,6 +366,9 @@ fn show_ca(status: &pb::CaStatusResponse, format: Format) -> anyhow::Result<()> 
             );
             if let Some(url) = &view.external {
                 println!("signed by the external CA at {url}: no manager holds the root's key");
+            }
+            if let Some(failed) = &view.external_failed {
+                println!("its last request failed ({}): {}", failed.at, failed.error);
             }
             match &view.started {
                 Some(started) => println!("rotation started {started}: {}", progress_line(&view)),
