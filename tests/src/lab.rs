@@ -157,6 +157,39 @@ impl Lab {
         Lab { lab, work, ca_key }
     }
 
+    /// On a new network `front` of `subnet`: `web` on host `web_host`, `api` serving `served`
+    /// over HTTP on port 80 on host `api_host`, and [`WEB_READS_API`] in force. Returns web's
+    /// workload namespace.
+    pub fn web_and_api(&self, subnet: &str, web_host: usize, api_host: usize) -> String {
+        self.meshctl(&["network", "create", "front", "--subnet", subnet]);
+        let on = |i: usize| format!("node.id=={}", self.node_id(i));
+        self.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(web_host)]);
+        self.meshctl(&[
+            "service",
+            "create",
+            "api",
+            "--network",
+            "front",
+            "--port",
+            "80/http",
+            "--command",
+            SERVE_V,
+            "--env",
+            "V=served",
+            "--constraint",
+            &on(api_host),
+        ]);
+        self.apply_policy(WEB_READS_API);
+        self.workload(web_host, "web", 1)
+    }
+
+    /// Whether the workload `web` reads `served` from `http://api/` through the mesh.
+    pub fn web_reads_api(&self, web: &str) -> bool {
+        self.exec(web, &["curl", "-sS", "-f", "-m", "3", "http://api/"])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout == b"served")
+    }
+
     /// The metrics served on host `i`'s loopback at `port` (meshd's 9480, a manager's 9481).
     pub fn metrics(&self, i: usize, port: u16) -> String {
         let url = format!("http://127.0.0.1:{port}/metrics");

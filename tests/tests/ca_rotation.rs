@@ -13,7 +13,7 @@ use mesh_api::ids::{ClusterId, NodeId};
 use mesh_api::pki::CertInfo;
 use mesh_api::tls::Identity;
 use mesh_api::trust::Trust;
-use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API, in_namespace};
+use mesh_tests::lab::{Lab, in_namespace};
 use meshd::identity::WorkloadIdentity;
 use meshd::mesh::outbound::{self, OpenError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,31 +31,8 @@ fn roots_in(path: &std::path::Path) -> Vec<String> {
 fn a_root_rotation_renews_every_node_under_traffic_and_the_old_root_is_trusted_nowhere() {
     let lab = Lab::start_with(4, 2, &[]);
     let (web_host, api_host) = (3, 4);
-    lab.meshctl(&["network", "create", "front", "--subnet", "10.49.0.0/24"]);
-    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
-    lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(web_host)]);
-    lab.meshctl(&[
-        "service",
-        "create",
-        "api",
-        "--network",
-        "front",
-        "--port",
-        "80/http",
-        "--command",
-        SERVE_V,
-        "--env",
-        "V=served",
-        "--constraint",
-        &on(api_host),
-    ]);
-    lab.apply_policy(WEB_READS_API);
-    let web = lab.workload(web_host, "web", 1);
-    let read = |lab: &Lab| {
-        lab.exec(&web, &["curl", "-sS", "-f", "-m", "3", "http://api/"])
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout == b"served")
-    };
+    let web = lab.web_and_api("10.49.0.0/24", web_host, api_host);
+    let read = |lab: &Lab| lab.web_reads_api(&web);
     lab.wait("web to read api through the mesh", || read(&lab));
 
     let before = ca_status(&lab);

@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use mesh_api::ids::ClusterId;
 use mesh_api::pki::CertInfo;
 use mesh_api::trust::Trust;
-use mesh_tests::lab::{Lab, SERVE_V, WEB_READS_API};
+use mesh_tests::lab::Lab;
 
 const PORT: &str = "8888";
 const AUTH_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -113,9 +113,47 @@ impl Signer {
     fn on_loopback(root: &(PathBuf, PathBuf), config: &Path, log: PathBuf) -> (Signer, String) {
         let port =
             std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let signer = Signer::spawn(Command::new("cfssl"), "127.0.0.1", &port, root, config, log);
+        signer.wait_up(|| std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok());
+        (signer, format!("http://127.0.0.1:{port}"))
+    }
+
+    fn start(lab: &meshctl::lab::Lab, root: &(PathBuf, PathBuf), config: &Path, log: PathBuf) -> Signer {
+        Signer::start_at(lab, PORT, root, config, log)
+    }
+
+    /// `cfssl serve` in host 1 on its lab address and `port`.
+    fn start_at(
+        lab: &meshctl::lab::Lab,
+        port: &str,
+        root: &(PathBuf, PathBuf),
+        config: &Path,
+        log: PathBuf,
+    ) -> Signer {
+        let address = lab.addr(1);
+        let signer = Signer::spawn(lab.exec(&lab.host(1), &["cfssl"]), &address, port, root, config, log);
+        let url = format!("http://{address}:{port}/api/v1/cfssl/info");
+        signer.wait_up(|| {
+            lab.exec(&lab.host(1), &["curl", "-sS", "-f", "-m", "2", "-d", "{}", &url])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        signer
+    }
+
+    /// `cfssl` (the command, maybe in a namespace) run as `serve` on `address:port`, its output
+    /// in `log`.
+    fn spawn(
+        mut cfssl: Command,
+        address: &str,
+        port: &str,
+        root: &(PathBuf, PathBuf),
+        config: &Path,
+        log: PathBuf,
+    ) -> Signer {
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("cfssl")
-            .args(["serve", "-address", "127.0.0.1", "-port", &port, "-ca"])
+        let child = cfssl
+            .args(["serve", "-address", address, "-port", port, "-ca"])
             .arg(&root.0)
             .arg("-ca-key")
             .arg(&root.1)
@@ -125,57 +163,17 @@ impl Signer {
             .stderr(out)
             .spawn()
             .expect("cfssl serve (install Debian's golang-cfssl; scripts/test.sh does)");
-        let signer = Signer { child, log };
-        let url = format!("http://127.0.0.1:{port}");
-        let up = meshctl::lab::wait(std::time::Duration::from_secs(20), || {
-            std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
-        });
+        Signer { child, log }
+    }
+
+    /// Waits up to 20 s for `up`; panics with the signer's log if it never holds.
+    fn wait_up(&self, up: impl FnMut() -> bool) {
+        let up = meshctl::lab::wait(std::time::Duration::from_secs(20), up);
         assert!(
             up,
             "cfssl serve did not come up: {}",
-            std::fs::read_to_string(&signer.log).unwrap_or_default()
+            std::fs::read_to_string(&self.log).unwrap_or_default()
         );
-        (signer, url)
-    }
-
-    fn start(lab: &meshctl::lab::Lab, root: &(PathBuf, PathBuf), config: &Path, log: PathBuf) -> Signer {
-        Signer::start_at(lab, PORT, root, config, log)
-    }
-
-    fn start_at(
-        lab: &meshctl::lab::Lab,
-        port: &str,
-        root: &(PathBuf, PathBuf),
-        config: &Path,
-        log: PathBuf,
-    ) -> Signer {
-        let out = std::fs::File::create(&log).unwrap();
-        let (cert, key) = (root.0.to_str().unwrap(), root.1.to_str().unwrap());
-        let address = lab.addr(1);
-        let child = lab
-            .exec(
-                &lab.host(1),
-                &["cfssl", "serve", "-address", &address, "-port", port, "-ca", cert, "-ca-key", key],
-            )
-            .arg("-config")
-            .arg(config)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("cfssl serve");
-        let signer = Signer { child, log };
-        let url = format!("http://{address}:{port}/api/v1/cfssl/info");
-        let up = meshctl::lab::wait(std::time::Duration::from_secs(20), || {
-            lab.exec(&lab.host(1), &["curl", "-sS", "-f", "-m", "2", "-d", "{}", &url])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        assert!(
-            up,
-            "cfssl serve did not come up: {}",
-            std::fs::read_to_string(&signer.log).unwrap_or_default()
-        );
-        signer
     }
 
     /// How many certificates it signed so far, as its log tells.
@@ -251,31 +249,8 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
     assert!(after_joins >= certificates.len(), "cfssl signed {after_joins} certificates");
 
     // Workload certificates: web reads api through the mesh, with the external root's.
-    lab.meshctl(&["network", "create", "front", "--subnet", "10.51.0.0/24"]);
-    let on = |i: usize| format!("node.id=={}", lab.node_id(i));
-    lab.meshctl(&["service", "create", "web", "--network", "front", "--constraint", &on(web_host)]);
-    lab.meshctl(&[
-        "service",
-        "create",
-        "api",
-        "--network",
-        "front",
-        "--port",
-        "80/http",
-        "--command",
-        SERVE_V,
-        "--env",
-        "V=served",
-        "--constraint",
-        &on(api_host),
-    ]);
-    lab.apply_policy(WEB_READS_API);
-    let web = lab.workload(web_host, "web", 1);
-    let read = |lab: &Lab| {
-        lab.exec(&web, &["curl", "-sS", "-f", "-m", "3", "http://api/"])
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout == b"served")
-    };
+    let web = lab.web_and_api("10.51.0.0/24", web_host, api_host);
+    let read = |lab: &Lab| lab.web_reads_api(&web);
     lab.wait("web to read api through the mesh", || read(&lab));
     assert!(signer.signed() >= after_joins + 2, "the two workload certificates came from cfssl");
 
@@ -332,7 +307,7 @@ fn an_external_ca_signs_every_certificate_and_no_manager_holds_its_key() {
         "--command",
         "exec sleep 3600",
         "--constraint",
-        &on(web_host),
+        &format!("node.id=={}", lab.node_id(web_host)),
     ]);
     // Its workload runs (the mesh alone needs the certificate) and its certificate is retried.
     let certified = |lab: &Lab| {
