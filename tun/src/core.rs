@@ -11,6 +11,7 @@ use crate::aead::{Aead, Backend};
 use crate::header::{HEADER_LEN, Header, PacketType};
 use crate::packet::Ipv4Header;
 use crate::replay::ReplayWindow;
+use crate::wireguard::{self, PeerStatus, StaticKey};
 
 /// Why a packet was dropped. Each has a counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,10 +34,13 @@ pub enum DropReason {
     CounterExhausted,
     /// Inbound: the UDP source is not the registered underlay address of the claimed sender.
     WrongSource,
+    /// Outbound on a WireGuard network: no session with the peer yet. The packet waits in the
+    /// peer's queue (boringtun keeps up to 256) and leaves once the handshake completes.
+    AwaitingHandshake,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::UnknownNetwork,
         DropReason::UnknownSender,
@@ -48,6 +52,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::CounterExhausted,
         DropReason::WrongSource,
+        DropReason::AwaitingHandshake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +68,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::CounterExhausted => "counter_exhausted",
             DropReason::WrongSource => "wrong_source",
+            DropReason::AwaitingHandshake => "awaiting_handshake",
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct PeerConfig {
     pub address: Ipv4Addr,
     pub node_index: u32,
     pub underlay: Option<SocketAddr>,
+    /// On a WireGuard network: the node's public key there (`None` until it reported one).
+    pub wireguard: Option<[u8; 32]>,
 }
 
 /// The key this node shares with the node of index `peer`, for one epoch of the ring.
@@ -137,6 +145,9 @@ pub struct NetworkConfig {
     pub keys: Vec<PeerKey>,
     /// Every endpoint on the network, local ones included.
     pub peers: Vec<PeerConfig>,
+    /// On a WireGuard network, this node's static key there: datagrams are WireGuard messages,
+    /// and `keys` is empty.
+    pub wireguard: Option<StaticKey>,
 }
 
 /// Everything the core needs: who this node is and what it holds.
@@ -160,6 +171,14 @@ struct Net {
     route: HashMap<Ipv4Addr, (u32, Option<SocketAddr>)>,
     /// Node index -> its underlay, for each node with an endpoint on the network.
     senders: HashMap<u32, Option<SocketAddr>>,
+    /// The WireGuard transport's peers, on a network that uses it.
+    wireguard: Option<WireguardNet>,
+}
+
+/// A WireGuard network's peers: a tunnel per peer node, and who speaks from each underlay.
+struct WireguardNet {
+    peers: HashMap<u32, Arc<wireguard::Peer>>,
+    by_underlay: HashMap<SocketAddr, u32>,
 }
 
 /// A fingerprint of a key: a replay window belongs to one key, and is dropped with it.
@@ -182,6 +201,13 @@ pub struct Tables {
 
 impl Tables {
     pub fn new(config: &Config, backend: Backend) -> Tables {
+        Tables::after(config, backend, None)
+    }
+
+    /// The tables of `config`, keeping from `previous` every WireGuard tunnel made for the same
+    /// two keys (its sessions go on); a tunnel for a changed key on either side is made anew, and
+    /// asks for a handshake at once when the one it replaces had a session.
+    pub fn after(config: &Config, backend: Backend, previous: Option<&Tables>) -> Tables {
         let networks = config
             .networks
             .iter()
@@ -199,10 +225,41 @@ impl Tables {
                     .collect();
                 let route = n.peers.iter().map(|p| (p.address, (p.node_index, p.underlay))).collect();
                 let senders = n.peers.iter().map(|p| (p.node_index, p.underlay.map(canonical))).collect();
-                (n.id, Net { id: n.id, encrypted: n.encrypted, send, receive, route, senders })
+                let before = previous.and_then(|t| t.networks.get(&n.id)).and_then(|n| n.wireguard.as_ref());
+                let wireguard =
+                    n.wireguard.as_ref().map(|own| wireguard_net(config.local_index, own, &n.peers, before));
+                (n.id, Net { id: n.id, encrypted: n.encrypted, send, receive, route, senders, wireguard })
             })
             .collect();
         Tables { local_index: config.local_index, networks }
+    }
+
+    /// Every WireGuard peer: its network, its tunnel and its underlay.
+    pub fn wireguard_peers(&self) -> impl Iterator<Item = (u32, &Arc<wireguard::Peer>, Option<SocketAddr>)> {
+        self.networks.values().filter_map(|n| Some((n, n.wireguard.as_ref()?))).flat_map(|(n, wg)| {
+            wg.peers.values().map(move |p| (n.id, p, n.senders.get(&p.node_index).copied().flatten()))
+        })
+    }
+
+    /// What `meshd status` shows of each WireGuard peer.
+    pub fn wireguard_status(&self) -> Vec<PeerStatus> {
+        let mut all: Vec<PeerStatus> = self
+            .wireguard_peers()
+            .map(|(network, peer, underlay)| {
+                let (last_handshake, tx_bytes, rx_bytes) = peer.stats();
+                PeerStatus {
+                    network,
+                    node_index: peer.node_index,
+                    public: peer.public,
+                    underlay,
+                    last_handshake,
+                    tx_bytes,
+                    rx_bytes,
+                }
+            })
+            .collect();
+        all.sort_by_key(|p| (p.network, p.node_index));
+        all
     }
 
     /// Whether `address` on network `id` is an endpoint of this node.
@@ -214,12 +271,49 @@ impl Tables {
     }
 }
 
+/// A WireGuard network's peers for `own` key: each other node with a public key, its tunnel kept
+/// from `before` when made for the same keys.
+fn wireguard_net(
+    local: u32,
+    own: &StaticKey,
+    peers: &[PeerConfig],
+    before: Option<&WireguardNet>,
+) -> WireguardNet {
+    let mut tunnels: HashMap<u32, Arc<wireguard::Peer>> = HashMap::default();
+    let mut by_underlay = HashMap::default();
+    for p in peers.iter().filter(|p| p.node_index != local) {
+        if let Some(underlay) = p.underlay {
+            by_underlay.insert(canonical(underlay), p.node_index);
+        }
+        let Some(public) = p.wireguard else { continue };
+        if tunnels.contains_key(&p.node_index) {
+            continue;
+        }
+        let held = before.and_then(|b| b.peers.get(&p.node_index));
+        let tunnel = match held {
+            Some(held) if held.is_for(own, &public) => held.clone(),
+            _ => {
+                let fresh = Arc::new(wireguard::Peer::new(own, p.node_index, public));
+                if held.is_some_and(|h| h.had_session()) {
+                    fresh.initiate_soon();
+                }
+                fresh
+            }
+        };
+        tunnels.insert(p.node_index, tunnel);
+    }
+    WireguardNet { peers: tunnels, by_underlay }
+}
+
 /// The send side: one per node (its counter is the nonce source), shared by every sending task.
 pub struct Sealer {
     counter: AtomicU64,
     limit: u64,
     pub counters: Arc<Counters>,
 }
+
+/// Room for a packet that waited for a handshake: one read from a device, at most its MTU.
+const QUEUED_ROOM: usize = 2048;
 
 /// Low bits of the counter that count packets within one boot.
 pub const BOOT_SHIFT: u32 = 48;
@@ -268,6 +362,21 @@ impl Sealer {
         }
         let (peer, underlay) = net.route.get(&dst).ok_or(DropReason::NoRoute)?;
         let underlay = underlay.ok_or(DropReason::NoRoute)?;
+        if let Some(wg) = &net.wireguard {
+            let tunnel = wg.peers.get(peer).ok_or(DropReason::NoRoute)?;
+            wireguard::prepared(out, inner.len());
+            let mut tunn = tunnel.lock();
+            return match tunn.encapsulate(inner, &mut out[wireguard::PREFIX_LEN..]) {
+                // A data message, or a handshake initiation with the packet queued behind it.
+                boringtun::noise::TunnResult::WriteToNetwork(message) => {
+                    let len = message.len();
+                    drop(tunn);
+                    wireguard::finish(net.id, out, len);
+                    Ok(underlay)
+                }
+                _ => Err(DropReason::AwaitingHandshake),
+            };
+        }
         let (kind, epoch, key) = match (net.send.get(peer), net.encrypted) {
             (Some((epoch, key)), true) => (PacketType::Sealed, *epoch, Some(key)),
             (None, true) => return Err(DropReason::UnknownEpoch),
@@ -298,6 +407,91 @@ pub struct Delivery {
     pub destination: Ipv4Addr,
     /// Where the inner packet lies in the datagram buffer.
     pub range: std::ops::Range<usize>,
+}
+
+/// Opens `datagram`, a WireGuard datagram (see [`wireguard::network_of`]) from the underlay
+/// address `source`, with the tunnel of the peer speaking from there. A data message's inner
+/// packet is written to `dst` (as long as the datagram, at least [`wireguard::MIN_MESSAGE_ROOM`])
+/// and checked as on the AES-GCM transport; a handshake message is answered through `replies`
+/// (with the packets that waited for it), and delivers nothing.
+pub fn open_wireguard(
+    tables: &Tables,
+    counters: &Counters,
+    source: SocketAddr,
+    datagram: &[u8],
+    dst: &mut [u8],
+    replies: &mut Vec<(SocketAddr, Vec<u8>)>,
+) -> Result<Option<Delivery>, DropReason> {
+    let result = open_wireguard_inner(tables, source, datagram, dst, replies);
+    match &result {
+        Ok(Some(d)) => {
+            counters.received.fetch_add(1, Ordering::Relaxed);
+            counters.bytes_received.fetch_add(d.range.len() as u64, Ordering::Relaxed);
+        }
+        Ok(None) => {}
+        Err(reason) => counters.count_drop(*reason),
+    }
+    result
+}
+
+fn open_wireguard_inner(
+    tables: &Tables,
+    source: SocketAddr,
+    datagram: &[u8],
+    dst: &mut [u8],
+    replies: &mut Vec<(SocketAddr, Vec<u8>)>,
+) -> Result<Option<Delivery>, DropReason> {
+    use boringtun::noise::TunnResult;
+    use boringtun::noise::errors::WireGuardError;
+    let network = wireguard::network_of(datagram).ok_or(DropReason::Malformed)?;
+    let net = tables.networks.get(&network).ok_or(DropReason::UnknownNetwork)?;
+    // A WireGuard datagram on an AES-GCM network is refused outright.
+    let wg = net.wireguard.as_ref().ok_or(DropReason::Malformed)?;
+    let source = canonical(source);
+    // Only a peer's attested underlay speaks for it, as on the AES-GCM transport.
+    let node = *wg.by_underlay.get(&source).ok_or(DropReason::WrongSource)?;
+    let peer = wg.peers.get(&node).ok_or(DropReason::UnknownSender)?;
+    let message = &datagram[wireguard::PREFIX_LEN..];
+    let mut tunn = peer.lock();
+    let len = match tunn.decapsulate(Some(source.ip()), message, dst) {
+        TunnResult::WriteToTunnelV4(packet, _) => packet.len(),
+        TunnResult::WriteToTunnelV6(..) => return Err(DropReason::Malformed),
+        TunnResult::Done => return Ok(None),
+        TunnResult::WriteToNetwork(answer) => {
+            let mut out = Vec::with_capacity(wireguard::PREFIX_LEN + answer.len());
+            out.extend_from_slice(&[0; wireguard::PREFIX_LEN]);
+            out.extend_from_slice(answer);
+            wireguard::write_prefix(network, &mut out);
+            replies.push((source, out));
+            // What waited for the handshake leaves now.
+            loop {
+                let mut out = Vec::new();
+                wireguard::prepared(&mut out, QUEUED_ROOM);
+                match tunn.decapsulate(None, &[], &mut out[wireguard::PREFIX_LEN..]) {
+                    TunnResult::WriteToNetwork(queued) => {
+                        let len = queued.len();
+                        wireguard::finish(network, &mut out, len);
+                        replies.push((source, out));
+                    }
+                    _ => break,
+                }
+            }
+            return Ok(None);
+        }
+        TunnResult::Err(WireGuardError::DuplicateCounter) => return Err(DropReason::Replay),
+        TunnResult::Err(_) => return Err(DropReason::BadTag),
+    };
+    drop(tunn);
+    let Ipv4Header { source: src, destination: dst_addr, .. } =
+        Ipv4Header::parse(&dst[..len]).ok_or(DropReason::Malformed)?;
+    match net.route.get(&src) {
+        Some((n, _)) if *n == node => {}
+        _ => return Err(DropReason::NotSenderEndpoint),
+    }
+    if !tables.is_local(network, dst_addr) {
+        return Err(DropReason::Filtered);
+    }
+    Ok(Some(Delivery { network, destination: dst_addr, range: 0..len }))
 }
 
 /// The receive side: owns the replay windows (one task receives, so no lock per packet), one

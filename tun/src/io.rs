@@ -28,6 +28,7 @@ mod device;
 mod receive;
 mod send;
 mod udp;
+mod wireguard;
 
 use crate::Map as HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -63,6 +64,7 @@ pub struct Overlay<V> {
     counters: Arc<Counters>,
     views: Arc<ArcSwap<V>>,
     _receiver: AbortOnDropHandle<()>,
+    _timers: AbortOnDropHandle<()>,
 }
 
 impl<V: Admission + Send + Sync + 'static> Overlay<V> {
@@ -81,7 +83,9 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
             counters: counters.clone(),
             views: views.clone(),
         };
+        let timers = wireguard::Timers { socket: socket.clone(), tables: tables.clone() };
         Ok(Overlay {
+            _timers: AbortOnDropHandle::new(tokio::spawn(timers.run())),
             socket,
             tables,
             devices,
@@ -99,7 +103,18 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
 
     /// Puts `config` in force for every packet from now on.
     pub fn configure(&self, config: &Config) {
-        self.tables.store(Arc::new(tables(config)));
+        let previous = self.tables.load_full();
+        self.tables.store(Arc::new(Tables::after(config, Backend::DEFAULT, Some(&previous))));
+    }
+
+    /// Each WireGuard peer's state: keys (public), endpoint, last handshake, bytes.
+    pub fn wireguard_status(&self) -> Vec<crate::wireguard::PeerStatus> {
+        self.tables.load().wireguard_status()
+    }
+
+    /// A handle that tells [`Overlay::wireguard_status`] from elsewhere (a status server).
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle(self.tables.clone())
     }
 
     /// Attaches `device`, a workload's interface with `address` on network `network`: its
@@ -130,6 +145,16 @@ impl<V: Admission + Send + Sync + 'static> Overlay<V> {
 
 fn tables(config: &Config) -> Tables {
     Tables::new(config, Backend::DEFAULT)
+}
+
+/// Tells the overlay's WireGuard peers' state, for as long as the overlay runs.
+#[derive(Clone)]
+pub struct StatusHandle(Arc<ArcSwap<Tables>>);
+
+impl StatusHandle {
+    pub fn wireguard(&self) -> Vec<crate::wireguard::PeerStatus> {
+        self.0.load().wireguard_status()
+    }
 }
 
 /// A workload's interface on one network, attached to the overlay: its packets move while this

@@ -55,3 +55,4 @@ pub mod header;
 pub mod io;
 pub mod packet;
 pub mod replay;
+pub mod wireguard;

@@ -74,8 +74,10 @@ fn network(keys: Vec<PeerKey>, members: &[u32], encrypted: bool) -> NetworkConfi
                 address,
                 node_index,
                 underlay: Some(underlay(node_index)),
+                wireguard: None,
             })
             .collect(),
+        wireguard: None,
     }
 }
 

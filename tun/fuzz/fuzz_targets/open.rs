@@ -7,7 +7,10 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use tun::aead::Backend;
-use tun::core::{Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, PeerKey, Tables};
+use tun::core::{
+    Config, Counters, KeyRole, NetworkConfig, Opener, PeerConfig, PeerKey, Tables, open_wireguard,
+};
+use tun::wireguard::StaticKey;
 
 static TABLES: LazyLock<Tables> = LazyLock::new(|| {
     let peers = [(2u8, 1u32), (3, 2)]
@@ -16,6 +19,7 @@ static TABLES: LazyLock<Tables> = LazyLock::new(|| {
             address: Ipv4Addr::new(10, 0, 0, last),
             node_index,
             underlay: Some(SocketAddr::from(([192, 168, 0, last], 4800))),
+            wireguard: Some(StaticKey::from_bytes([last; 32]).public()),
         })
         .collect::<Vec<_>>();
     let networks = vec![
@@ -25,8 +29,24 @@ static TABLES: LazyLock<Tables> = LazyLock::new(|| {
             encrypted: true,
             keys: vec![PeerKey { peer: 1, role: KeyRole::Current, epoch: 1, key: [1; 32] }],
             peers: peers.clone(),
+            wireguard: None,
         },
-        NetworkConfig { id: 8, name: "plain".into(), encrypted: false, keys: vec![], peers },
+        NetworkConfig {
+            id: 8,
+            name: "plain".into(),
+            encrypted: false,
+            keys: vec![],
+            peers: peers.clone(),
+            wireguard: None,
+        },
+        NetworkConfig {
+            id: 9,
+            name: "wg".into(),
+            encrypted: true,
+            keys: vec![],
+            peers,
+            wireguard: Some(StaticKey::from_bytes([3; 32])),
+        },
     ];
     Tables::new(&Config { local_index: 2, networks }, Backend::DEFAULT)
 });
@@ -41,4 +61,9 @@ fuzz_target!(|data: &[u8]| {
         // Only a plain-network packet can be forged without the key.
         assert_eq!(d.network, 8);
     }
+    // A WireGuard datagram from node 1's underlay: nothing is delivered without node 1's key.
+    let mut dst = vec![0u8; data.len().max(tun::wireguard::MIN_MESSAGE_ROOM)];
+    let mut replies = Vec::new();
+    let opened = open_wireguard(&TABLES, &counters, source, data, &mut dst, &mut replies);
+    assert!(!matches!(opened, Ok(Some(_))), "a forged WireGuard datagram was delivered");
 });

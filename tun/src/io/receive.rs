@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::Devices;
 use super::udp::MAX_DATAGRAM;
-use crate::core::{Counters, DropReason, Opener, Tables};
+use crate::core::{Counters, DropReason, Opener, Tables, open_wireguard};
 use crate::filter::{Admission, Incoming};
 
 /// Messages one receive call may bring (each may be a GRO train of many datagrams): under load
@@ -72,6 +72,8 @@ impl<V: Admission> Receiver<V> {
         // Kept from batch to batch (emptied, not dropped): no allocation per batch.
         let mut pending: HashMap<(u32, Ipv4Addr), Vec<Vec<u8>>> = HashMap::default();
         let mut spare: Vec<Vec<u8>> = Vec::new();
+        // WireGuard handshake answers (and the packets that waited for them), sent after a batch.
+        let mut replies: Vec<(std::net::SocketAddr, Vec<u8>)> = Vec::new();
         loop {
             let received = socket
                 .async_io(tokio::io::Interest::READABLE, || {
@@ -106,6 +108,39 @@ impl<V: Admission> Receiver<V> {
                     let end = (at + stride).min(m.len);
                     let datagram = &mut message[at..end];
                     at = end;
+                    if crate::wireguard::network_of(datagram).is_some() {
+                        let mut b = packet_buffer(&mut spare);
+                        b.resize(TUN_HEADROOM + datagram.len().max(crate::wireguard::MIN_MESSAGE_ROOM), 0);
+                        let opened = open_wireguard(
+                            &t,
+                            &counters,
+                            m.addr,
+                            datagram,
+                            &mut b[TUN_HEADROOM..],
+                            &mut replies,
+                        );
+                        match opened {
+                            Ok(Some(d)) => {
+                                b.truncate(TUN_HEADROOM + d.range.end);
+                                let Some(to) = devs.get(&(d.network, d.destination)) else {
+                                    spare.push(b);
+                                    continue;
+                                };
+                                if !incoming.admit(&*view, d.network, &to.filter, &b[TUN_HEADROOM..], now) {
+                                    counters.count_drop(DropReason::Filtered);
+                                    spare.push(b);
+                                    continue;
+                                }
+                                pending.entry((d.network, d.destination)).or_default().push(b);
+                            }
+                            Ok(None) => spare.push(b),
+                            Err(reason) => {
+                                debug!(from = %m.addr, reason = reason.name(), "WireGuard datagram dropped");
+                                spare.push(b);
+                            }
+                        }
+                        continue;
+                    }
                     match opener.open(&t, &counters, m.addr, datagram) {
                         Ok(d) => {
                             let Some(to) = devs.get(&(d.network, d.destination)) else {
@@ -133,6 +168,11 @@ impl<V: Admission> Receiver<V> {
                     debug!(error = %e, "writing to a workload failed");
                 }
                 spare.append(packets);
+            }
+            for (to, reply) in replies.drain(..) {
+                if let Err(e) = socket.send_to(&reply, to).await {
+                    debug!(error = %e, %to, "answering a WireGuard handshake failed");
+                }
             }
             // Devices come and go: the entries of those gone leave now and then.
             if pending.len() > devs.len() + 16 {
