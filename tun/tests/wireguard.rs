@@ -63,6 +63,9 @@ fn network(net: u32, own: StaticKey, members: &[(u32, Option<[u8; 32]>)]) -> Net
     }
 }
 
+/// What receiving a datagram gave: the inner packet delivered, if any, and the answers to send.
+type Received = (Result<Option<Vec<u8>>, DropReason>, Vec<(SocketAddr, Vec<u8>)>);
+
 struct Node {
     index: u32,
     tables: Tables,
@@ -104,11 +107,7 @@ impl Node {
     }
 
     /// Receives `datagram` from `source`: the inner packet delivered, if any, and the answers.
-    fn receive_at(
-        &self,
-        source: SocketAddr,
-        datagram: &[u8],
-    ) -> (Result<Option<Vec<u8>>, DropReason>, Vec<(SocketAddr, Vec<u8>)>) {
+    fn receive_at(&self, source: SocketAddr, datagram: &[u8]) -> Received {
         let mut dst = vec![0u8; datagram.len().max(tun::wireguard::MIN_MESSAGE_ROOM)];
         let mut replies = Vec::new();
         let opened = open_wireguard(&self.tables, &self.counters, source, datagram, &mut dst, &mut replies)
@@ -116,11 +115,7 @@ impl Node {
         (opened, replies)
     }
 
-    fn receive_from(
-        &self,
-        from: u32,
-        datagram: &[u8],
-    ) -> (Result<Option<Vec<u8>>, DropReason>, Vec<(SocketAddr, Vec<u8>)>) {
+    fn receive_from(&self, from: u32, datagram: &[u8]) -> Received {
         self.receive_at(underlay(from), datagram)
     }
 }
