@@ -11,11 +11,11 @@ use crate::planning::ipam::{self, IpamError};
 use crate::planning::keys::KeyRing;
 use crate::planning::placement::{self, Constraint, InvalidConstraint, valid_label_part};
 use crate::state::{
-    ClusterState, Command, Endpoint, Network, NodeState, PolicyRecord, PortSpec, Secret, SecretRecord,
-    Service, StateError,
+    ClusterState, Command, Endpoint, Generation, Network, NodeState, PolicyRecord, PortSpec, Secret,
+    SecretRecord, Service, StateError,
 };
 use mesh_api::ids::{self, NodeId};
-use mesh_api::model::RunSpec;
+use mesh_api::model::{RunSpec, Transport};
 
 mod rollout;
 
@@ -109,12 +109,13 @@ fn check_name(kind: &'static str, name: &str) -> Result<(), PlanError> {
     }
 }
 
-/// A network: name and subnet checked, a fresh unique 24-bit ID, a fresh key ring if encrypted.
+/// A network: name and subnet checked, a fresh unique 24-bit ID, and for the AES-GCM transport a
+/// fresh key ring (for WireGuard, a first generation of keys the nodes make themselves).
 pub fn create_network(
     state: &ClusterState,
     name: &str,
     subnet: &str,
-    encrypted: bool,
+    transport: Transport,
     now: i64,
 ) -> Result<Vec<Command>, PlanError> {
     check_name("network", name)?;
@@ -135,8 +136,10 @@ pub fn create_network(
             break id;
         }
     };
-    let keys = encrypted.then(|| KeyRing::new(now));
-    Ok(vec![Command::CreateNetwork(Network { name: name.to_owned(), id, subnet, keys })])
+    let keys = (transport == Transport::AesGcm).then(|| KeyRing::new(now));
+    let wireguard =
+        (transport == Transport::WireGuard).then_some(Generation { generation: 1, rotated_at: now });
+    Ok(vec![Command::CreateNetwork(Network { name: name.to_owned(), id, subnet, keys, wireguard })])
 }
 
 pub fn remove_network(state: &ClusterState, name: &str) -> Result<Vec<Command>, PlanError> {
@@ -148,6 +151,9 @@ pub fn remove_network(state: &ClusterState, name: &str) -> Result<Vec<Command>, 
 
 pub fn rotate_key(state: &ClusterState, name: &str, now: i64) -> Result<Vec<Command>, PlanError> {
     let network = state.networks.get(name).ok_or_else(|| PlanError::UnknownNetwork(name.to_owned()))?;
+    if let Some(g) = network.wireguard {
+        return Ok(vec![Command::SetGeneration { network: name.to_owned(), generation: g.next(now) }]);
+    }
     let ring = network.keys.as_ref().ok_or_else(|| PlanError::Unencrypted(name.to_owned()))?;
     Ok(vec![Command::SetKeyRing { network: name.to_owned(), ring: ring.rotate(now) }])
 }
@@ -158,6 +164,10 @@ pub fn due_rotations(state: &ClusterState, interval_secs: i64, now: i64) -> Vec<
         .networks
         .values()
         .filter_map(|n| {
+            if let Some(g) = n.wireguard {
+                return (now - g.rotated_at >= interval_secs)
+                    .then(|| Command::SetGeneration { network: n.name.clone(), generation: g.next(now) });
+            }
             let ring = n.keys.as_ref()?;
             (now - ring.rotated_at >= interval_secs)
                 .then(|| Command::SetKeyRing { network: n.name.clone(), ring: ring.rotate(now) })

@@ -77,10 +77,18 @@ impl Memberships {
 }
 
 fn membership(state: &ClusterState, name: &str) -> Membership {
+    // On a WireGuard network, each active node's public key there: a removed node's goes at once.
+    let wireguard = state.networks.get(name).filter(|n| n.wireguard.is_some()).map(|n| n.id);
+    let public = |node: &NodeId| {
+        let network = wireguard?;
+        state.active_node(node).ok()?;
+        Some(state.nodes.get(node)?.wireguard.get(&network)?.public)
+    };
     let mut peers: Vec<Peer> = state
         .endpoints()
         .filter_map(|(_, e)| {
             Some(Peer {
+                wireguard: public(&e.node),
                 address: *e.addresses.get(name)?,
                 node: e.node.clone(),
                 underlay: state.nodes.get(&e.node).and_then(|n| n.underlay),
@@ -218,7 +226,8 @@ pub fn slice_after(
                 name: name.clone(),
                 id: network.id,
                 subnet: network.subnet,
-                encrypted: network.keys.is_some(),
+                encrypted: network.transport() != mesh_api::model::Transport::None,
+                wireguard: network.wireguard.map(|g| g.generation),
                 ring,
                 pair_keys,
                 peers,
@@ -324,6 +333,7 @@ mod tests {
             boot: 0,
             demoted: false,
             cert_root: String::new(),
+            wireguard: Default::default(),
         }
     }
 
@@ -339,7 +349,9 @@ mod tests {
                 state.apply(c).unwrap();
             }
         };
-        let plan = plans::create_network(&state, "front", "10.9.0.0/24", true, 1).unwrap();
+        let plan =
+            plans::create_network(&state, "front", "10.9.0.0/24", mesh_api::model::Transport::AesGcm, 1)
+                .unwrap();
         apply(&mut state, plan);
         let spec = |name: &str| ServiceSpec {
             name: name.into(),
@@ -367,6 +379,116 @@ mod tests {
         let (_, services_now) = memberships.of(&state, "front");
         assert_eq!(services_now.len(), 2);
         assert!(!Arc::ptr_eq(&services, &services_now));
+    }
+
+    /// A WireGuard network's keys, as a node reports them and as the others are sent them.
+    #[test]
+    fn wireguard_public_keys_are_checked_then_sent_only_to_the_networks_peers() {
+        use crate::handlers::session::wireguard_commands;
+        use crate::plans::{self, Liveness, ServiceSpec};
+        use mesh_api::model::Transport;
+        use mesh_api::proto::pb;
+        let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
+        let [a, b, outsider] = ["a", "b", "outsider"].map(node);
+        for (i, n) in [&a, &b, &outsider].into_iter().enumerate() {
+            let mut n = n.clone();
+            n.index = i as u32 + 1;
+            state.apply(Command::AddNode(n)).unwrap();
+        }
+        let apply = |state: &mut ClusterState, commands: Vec<Command>| {
+            for c in commands {
+                state.apply(c).unwrap();
+            }
+        };
+        for (name, subnet, transport) in
+            [("wg", "10.9.0.0/24", Transport::WireGuard), ("aes", "10.10.0.0/24", Transport::AesGcm)]
+        {
+            let plan = plans::create_network(&state, name, subnet, transport, 1).unwrap();
+            apply(&mut state, plan);
+        }
+        let (wg, aes) = (state.networks["wg"].id, state.networks["aes"].id);
+        assert!(state.networks["wg"].keys.is_none(), "the managers hold no key of a WireGuard network");
+        // Two replicas of web on `wg`, one on `aes`, on a and b; none on the outsider.
+        let live = Liveness {
+            connected: [a.id.clone(), b.id.clone()].into(),
+            not_down: [a.id.clone(), b.id.clone()].into(),
+        };
+        let spec = |name: &str, network: &str| ServiceSpec {
+            name: name.into(),
+            networks: vec![network.into()],
+            ports: vec![],
+            replicas: 2,
+            constraints: vec![],
+            command: None,
+            run: Default::default(),
+            signed: None,
+        };
+        let plan = plans::create_service(&state, spec("web", "wg"), &live).unwrap();
+        apply(&mut state, plan);
+        let plan = plans::create_service(&state, spec("api", "aes"), &live).unwrap();
+        apply(&mut state, plan);
+        let key =
+            |network, generation, byte: u8| pb::WireguardKey { network, generation, public: vec![byte; 32] };
+        let refused = |state: &ClusterState, node: &NodeRecord, k: pb::WireguardKey| {
+            wireguard_commands(state, &node.id, vec![k]).unwrap_err().message().to_owned()
+        };
+        // The moves of a node lying about itself, or reaching past its networks:
+        assert!(
+            refused(&state, &outsider, key(wg, 1, 9))
+                .contains("no WireGuard network this node has an endpoint on")
+        );
+        assert!(refused(&state, &a, key(aes, 1, 9)).contains("no WireGuard network"), "an AES-GCM network");
+        assert!(refused(&state, &a, key(0x0777, 1, 9)).contains("no WireGuard network"), "no such network");
+        assert!(
+            refused(&state, &a, key(wg, 2, 9)).contains("at key generation 1, not 2"),
+            "a generation ahead"
+        );
+        assert!(
+            refused(&state, &a, key(wg, 0, 9)).contains("at key generation 1, not 0"),
+            "a stale generation"
+        );
+        assert!(refused(&state, &a, key(wg, 1, 0)).contains("all-zero"));
+        let short = pb::WireguardKey { network: wg, generation: 1, public: vec![9; 31] };
+        assert!(refused(&state, &a, short).contains("32 bytes"));
+        let many = (0..300).map(|_| key(wg, 1, 9)).collect();
+        assert!(wireguard_commands(&state, &a.id, many).is_err(), "a flood of keys in one report");
+        // a reports its key; b may not claim the same one.
+        let plan = wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xaa)]).unwrap();
+        assert_eq!(plan.len(), 1);
+        apply(&mut state, plan);
+        assert!(wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xaa)]).unwrap().is_empty(), "idempotent");
+        assert!(refused(&state, &b, key(wg, 1, 0xaa)).contains("another node reported this public key"));
+        let plan = wireguard_commands(&state, &b.id, vec![key(wg, 1, 0xbb)]).unwrap();
+        apply(&mut state, plan);
+        // What each is sent: the peers' public keys on `wg`, nothing on `aes`; the outsider nothing.
+        let slice = |state: &ClusterState, n: &NodeRecord| {
+            slice_for(state, &n.id, &PolicyCache::default(), &Memberships::default(), 2)
+        };
+        let at_a = slice(&state, &a);
+        let net = at_a.networks.iter().find(|n| n.id == wg).unwrap();
+        assert_eq!(net.wireguard, Some(1));
+        assert!(net.pair_keys.is_empty() && net.ring.is_empty());
+        let of = |n: &NodeRecord| {
+            let index = state.nodes[&n.id].index;
+            net.peers.iter().filter(|p| p.node_index == index).map(|p| p.wireguard).collect::<Vec<_>>()
+        };
+        assert!(of(&b).iter().all(|k| *k == Some([0xbb; 32])) && !of(&b).is_empty());
+        assert!(of(&a).iter().all(|k| *k == Some([0xaa; 32])));
+        let on_aes = at_a.networks.iter().find(|n| n.id == aes).unwrap();
+        assert!(on_aes.peers.iter().all(|p| p.wireguard.is_none()) && on_aes.wireguard.is_none());
+        assert!(slice(&state, &outsider).networks.is_empty());
+        // A rotation asks for new keys: the reported ones are still sent until replaced.
+        let plan = plans::rotate_key(&state, "wg", 3).unwrap();
+        apply(&mut state, plan);
+        assert!(refused(&state, &a, key(wg, 1, 0xab)).contains("at key generation 2, not 1"));
+        let at_b = slice(&state, &b);
+        assert_eq!(at_b.networks.iter().find(|n| n.id == wg).unwrap().wireguard, Some(2));
+        // b is removed: its key leaves every slice at once.
+        state.apply(Command::RemoveNode { id: b.id.clone(), at: Some(3) }).unwrap();
+        let at_a = slice(&state, &a);
+        let net = at_a.networks.iter().find(|n| n.id == wg).unwrap();
+        let b_index = state.nodes[&b.id].index;
+        assert!(net.peers.iter().filter(|p| p.node_index == b_index).all(|p| p.wireguard.is_none()));
     }
 
     #[test]

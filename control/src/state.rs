@@ -26,8 +26,8 @@ mod records;
 pub use command::Command;
 pub use error::StateError;
 pub use records::{
-    AdminRecord, CaRecord, CaRotation, Definition, Endpoint, ExternalCa, Network, NodeRecord, OnFailure,
-    PolicyRecord, Rollout, RolloutState, Secret, SecretRecord, Service, Settings,
+    AdminRecord, CaRecord, CaRotation, Definition, Endpoint, ExternalCa, Generation, Network, NodeRecord,
+    OnFailure, PolicyRecord, Rollout, RolloutState, Secret, SecretRecord, Service, Settings, WireguardPublic,
 };
 
 /// The whole replicated cluster state.
@@ -314,6 +314,32 @@ impl ClusterState {
                 }
                 node.boot = boot;
             }
+            Command::SetWireguardKey { id, network, key } => {
+                let net = self.networks.values().find(|n| n.id == network);
+                let current = net.and_then(|n| n.wireguard).map(|g| g.generation);
+                if current.is_none_or(|g| key.generation > g) {
+                    return Err(StateError::Wireguard(format!(
+                        "no WireGuard network {network} at generation {}",
+                        key.generation
+                    )));
+                }
+                let node = self.node_mut(&id)?;
+                if node.wireguard.get(&network).is_some_and(|held| held.generation > key.generation) {
+                    return Err(StateError::Wireguard(format!(
+                        "generation {} is older than the one recorded",
+                        key.generation
+                    )));
+                }
+                node.wireguard.insert(network, key);
+            }
+            Command::SetGeneration { network, generation } => {
+                let net =
+                    self.networks.get_mut(&network).ok_or(StateError::UnknownNetwork(network.clone()))?;
+                match &net.wireguard {
+                    Some(held) if generation.generation > held.generation => net.wireguard = Some(generation),
+                    _ => return Err(StateError::Wireguard(format!("{network}: not a newer generation"))),
+                }
+            }
             Command::CreateNetwork(network) => {
                 if self.networks.contains_key(&network.name) {
                     return Err(StateError::NetworkExists(network.name));
@@ -348,7 +374,11 @@ impl ClusterState {
                 if !users.is_empty() {
                     return Err(StateError::NetworkInUse { network: name, services: users.join(", ") });
                 }
-                self.networks.remove(&name);
+                if let Some(gone) = self.networks.remove(&name) {
+                    for node in self.nodes.values_mut() {
+                        node.wireguard.remove(&gone.id);
+                    }
+                }
             }
             Command::SetKeyRing { network, ring } => {
                 let net =

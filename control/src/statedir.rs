@@ -302,6 +302,7 @@ pub async fn init_with_admin_dir(
             boot: 0,
             demoted: false,
             cert_root: ca.digest(),
+            wireguard: Default::default(),
         }),
         Command::SetUnlockKey(unlock_key.as_ref().map(|k| Secret(k.to_string()))),
         Command::AddAdmin {

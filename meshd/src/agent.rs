@@ -82,6 +82,8 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     let dataplane = if config.dataplane {
         let boot = overlay::next_boot(&dir).map_err(|e| AgentError::Dataplane(e.to_string()))?;
         config.session.boot = boot;
+        let keys = crate::wireguard::Keys::open(&dir).map_err(|e| AgentError::Dataplane(e.to_string()))?;
+        config.session.wireguard = Some(Arc::new(keys));
         let holder = status.clone();
         let ready: mesh_api::metrics_http::Readiness = Arc::new(move || {
             let s = holder.lock().expect("lock");
@@ -103,6 +105,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         s.counters = Some(dp.counters.clone());
         s.certificates = Some(dp.certificates.clone());
         s.reports = Some(endpoints.subscribe());
+        s.overlay = Some(dp.overlay.clone());
         Some(dp)
     } else {
         None
@@ -195,6 +198,8 @@ struct Dataplane {
     counters: Arc<tun::core::Counters>,
     certificates: Arc<WorkloadCertificates>,
     mesh: Arc<Mesh>,
+    /// The overlay's WireGuard peers, for `meshd status`.
+    overlay: tun::io::StatusHandle,
     /// The mesh port, the node certificate's follower, the metrics server.
     _tasks: Vec<AbortOnDropHandle<()>>,
 }
@@ -220,6 +225,7 @@ impl Dataplane {
                 .map_err(std::io::Error::other)?,
         );
         let overlay = overlay::bind(listen, boot, mesh.view.clone())?;
+        let overlay_status = overlay.status_handle();
         let counters = overlay.counters().clone();
         metrics.with_overlay(counters.clone());
         let mesh_listener = tokio::net::TcpListener::bind(listen)
@@ -249,28 +255,33 @@ impl Dataplane {
         let seen = identity::NodeDir::new(&config.session.state_dir).spec_seen();
         let spec_seen = mesh_api::specs::Seen::open(&seen).map_err(std::io::Error::other)?;
         let mesh_handle = mesh.clone();
-        let reconciler = Reconciler::start(
-            &config.netns_prefix,
-            overlay,
-            mesh,
-            certificates.clone(),
-            crate::reconciler::Hosting {
-                upstream: Arc::new(Upstream::from_system()),
-                visibility: config.dns_visibility,
-                sandbox: crate::sandbox::Host::new(&config.session.state_dir),
-                endpoints,
-                spec_key: node.spec_key,
-                spec_seen,
-                cluster: node.info.organization.clone(),
-            },
-        )
-        .await;
+        let reconciler =
+            Reconciler::start(
+                &config.netns_prefix,
+                overlay,
+                mesh,
+                certificates.clone(),
+                crate::reconciler::Hosting {
+                    upstream: Arc::new(Upstream::from_system()),
+                    visibility: config.dns_visibility,
+                    sandbox: crate::sandbox::Host::new(&config.session.state_dir),
+                    endpoints,
+                    spec_key: node.spec_key,
+                    spec_seen,
+                    cluster: node.info.organization.clone(),
+                    wireguard: config.session.wireguard.clone().unwrap_or_else(|| {
+                        Arc::new(crate::wireguard::Keys::empty(&config.session.state_dir))
+                    }),
+                },
+            )
+            .await;
         info!(bind = %listen, prefix = %config.netns_prefix, boot, "data plane listening (overlay on UDP, mesh on TCP)");
         Ok(Dataplane {
             reconciler: Arc::new(reconciler),
             counters,
             certificates,
             mesh: mesh_handle,
+            overlay: overlay_status,
             _tasks: tasks,
         })
     }

@@ -31,4 +31,5 @@ pub mod reconciler;
 pub mod sandbox;
 pub mod session;
 pub mod status;
+pub mod wireguard;
 pub mod workload;

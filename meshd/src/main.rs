@@ -168,7 +168,7 @@ async fn run() {
             print_config: _,
         } => match config::underlay_address(underlay.as_deref(), &state_dir) {
             Ok(underlay) => agent::run(AgentConfig {
-                session: SessionConfig { state_dir, underlay, boot: 0 },
+                session: SessionConfig { state_dir, underlay, boot: 0, wireguard: None },
                 netns_prefix,
                 dataplane: !no_dataplane,
                 dns_visibility,

@@ -58,8 +58,8 @@ pub fn next_boot(dir: &Path) -> std::io::Result<u16> {
     Ok(next)
 }
 
-/// The core's view of a slice.
-pub fn config(slice: &NodeSlice) -> Config {
+/// The core's view of a slice, with this node's WireGuard keys from `wireguard`.
+pub fn config(slice: &NodeSlice, wireguard: &crate::wireguard::Keys) -> Config {
     Config {
         local_index: slice.node_index,
         networks: slice
@@ -69,6 +69,7 @@ pub fn config(slice: &NodeSlice) -> Config {
                 id: n.id,
                 name: n.name.clone(),
                 encrypted: n.encrypted,
+                wireguard: n.wireguard.and_then(|_| wireguard.get(n.id)),
                 keys: n
                     .pair_keys
                     .iter()
@@ -88,6 +89,7 @@ pub fn config(slice: &NodeSlice) -> Config {
                         address: p.address,
                         node_index: p.node_index,
                         underlay: p.underlay,
+                        wireguard: p.wireguard,
                     })
                     .collect(),
             })

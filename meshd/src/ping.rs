@@ -23,7 +23,7 @@ pub struct Probe {
     pub to: Ipv4Addr,
     /// The node that holds `to`, or none for this node.
     pub peer: Option<String>,
-    /// `aes-256-gcm` (with the key epoch in use) or `unencrypted`.
+    /// `aes-256-gcm` (with the key epoch in use), `wireguard` or `unencrypted`.
     pub transport: String,
     pub epoch: Option<u32>,
 }
@@ -78,8 +78,13 @@ pub fn plan(slice: &NodeSlice, prefix: &str, target: &str) -> Result<Vec<Probe>,
                 from,
                 to,
                 peer,
-                transport: if network.encrypted { "aes-256-gcm" } else { "unencrypted" }.into(),
-                epoch: epoch.filter(|_| network.encrypted),
+                transport: match (network.encrypted, network.wireguard) {
+                    (_, Some(_)) => "wireguard",
+                    (true, None) => "aes-256-gcm",
+                    (false, None) => "unencrypted",
+                }
+                .into(),
+                epoch: epoch.filter(|_| network.encrypted && network.wireguard.is_none()),
             });
         }
     }

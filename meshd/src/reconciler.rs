@@ -49,6 +49,7 @@ pub struct Reconciler {
     /// What bounds replays of what the key signed.
     spec_seen: std::sync::Mutex<Seen>,
     cluster: String,
+    wireguard: Arc<crate::wireguard::Keys>,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -65,6 +66,8 @@ pub struct Hosting {
     pub spec_key: Option<PinnedKey>,
     pub spec_seen: Seen,
     pub cluster: String,
+    /// The node's WireGuard keys, which the session makes as the slices ask.
+    pub wireguard: Arc<crate::wireguard::Keys>,
 }
 
 impl Reconciler {
@@ -77,7 +80,8 @@ impl Reconciler {
         certificates: Arc<WorkloadCertificates>,
         hosting: Hosting,
     ) -> Reconciler {
-        let Hosting { upstream, visibility, sandbox, endpoints, spec_key, spec_seen, cluster } = hosting;
+        let Hosting { upstream, visibility, sandbox, endpoints, spec_key, spec_seen, cluster, wireguard } =
+            hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = netns::delete(&ns).await;
@@ -94,13 +98,14 @@ impl Reconciler {
             spec_key,
             spec_seen: std::sync::Mutex::new(spec_seen),
             cluster,
+            wireguard,
             workloads: Mutex::new(HashMap::new()),
         }
     }
 
     /// Brings the overlay, the workloads, their names and the mesh in line with `slice`.
     pub async fn apply(&self, slice: &NodeSlice) {
-        self.overlay.configure(&overlay::config(slice));
+        self.overlay.configure(&overlay::config(slice, &self.wireguard));
         let mut workloads = self.workloads.lock().await;
         let wanted: HashMap<String, &LocalEndpoint> =
             slice.endpoints.iter().map(|e| (netns::namespace(&self.prefix, &e.service, e.slot), e)).collect();

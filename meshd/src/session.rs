@@ -36,6 +36,8 @@ pub struct SessionConfig {
     pub underlay: SocketAddr,
     /// This run's boot number, reported to control (0 without a data plane: none is used).
     pub boot: u16,
+    /// The node's WireGuard keys (with a data plane): made and reported as the slices ask.
+    pub wireguard: Option<Arc<crate::wireguard::Keys>>,
 }
 
 /// Events of a session, for whoever holds the node's state.
@@ -192,6 +194,9 @@ async fn connect_and_follow(
             warn!(error = %e, "cannot record the managers' addresses and IDs");
         }
         *held = slice.version;
+        if let Some(keys) = &config.wireguard {
+            sync_wireguard(keys, &slice, &mut reporter).await;
+        }
         info!(
             version = slice.version,
             endpoints = slice.endpoints.len(),
@@ -201,6 +206,30 @@ async fn connect_and_follow(
         let _ = events.send(SessionEvent::Slice(Box::new(slice)));
     }
     Ok(())
+}
+
+/// Makes the WireGuard keys `slice` asks for and reports their public halves to control. A failure
+/// is logged; the next slice, still without this node's key, tries again.
+async fn sync_wireguard(
+    keys: &crate::wireguard::Keys,
+    slice: &NodeSlice,
+    reporter: &mut pb::dispatcher_client::DispatcherClient<tonic::transport::Channel>,
+) {
+    let report = match keys.sync(slice) {
+        Ok(report) => report,
+        Err(e) => {
+            warn!(error = %e, "cannot keep this node's WireGuard keys");
+            return;
+        }
+    };
+    if report.is_empty() {
+        return;
+    }
+    let networks: Vec<u32> = report.iter().map(|k| k.network).collect();
+    match reporter.report_wireguard_keys(pb::WireguardKeys { keys: report }).await {
+        Ok(_) => info!(?networks, "WireGuard public keys reported"),
+        Err(e) => warn!(error = %e, "reporting this node's WireGuard public keys failed"),
+    }
 }
 
 /// Answers one of control's requests for an endpoint's output.

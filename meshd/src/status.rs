@@ -51,6 +51,8 @@ pub struct Status {
     pub drops: Vec<String>,
     #[serde(skip)]
     pub counters: Option<Arc<tun::core::Counters>>,
+    #[serde(skip)]
+    pub overlay: Option<tun::io::StatusHandle>,
     /// Each endpoint's workload certificate: `service.slot until <expiry>`.
     #[serde(default)]
     pub workload_certificates: Vec<String>,
@@ -98,12 +100,32 @@ pub struct NetworkStatus {
     pub id: u32,
     pub subnet: String,
     pub encrypted: bool,
-    /// use:epoch, e.g. `current:4`
+    /// `aes-gcm`, `wireguard` or `none`.
+    #[serde(default)]
+    pub transport: String,
+    /// use:epoch, e.g. `current:4`; on a WireGuard network `generation:N`.
     pub keys: Vec<String>,
+    /// On a WireGuard network: each peer node, as `wg show` would list it (never a private key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wireguard_peers: Vec<WireguardPeer>,
     /// address -> node (underlay)
     pub peers: Vec<String>,
     /// name vip -> endpoints
     pub services: Vec<String>,
+}
+
+/// A WireGuard peer as `meshd status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireguardPeer {
+    pub node: String,
+    /// Base64, as `wg` shows keys.
+    pub public_key: String,
+    /// Its underlay address.
+    pub endpoint: Option<String>,
+    /// Seconds since the last completed handshake; none before the first.
+    pub latest_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 impl Status {
@@ -136,11 +158,21 @@ impl Status {
                 id: n.id,
                 subnet: n.subnet.to_string(),
                 encrypted: n.encrypted,
-                keys: n
-                    .epochs()
-                    .iter()
-                    .map(|(u, e)| format!("{}:{e}", format!("{u:?}").to_lowercase()))
-                    .collect(),
+                transport: match (n.encrypted, n.wireguard) {
+                    (_, Some(_)) => "wireguard",
+                    (true, None) => "aes-gcm",
+                    (false, None) => "none",
+                }
+                .to_owned(),
+                keys: match n.wireguard {
+                    Some(generation) => vec![format!("generation:{generation}")],
+                    None => n
+                        .epochs()
+                        .iter()
+                        .map(|(u, e)| format!("{}:{e}", format!("{u:?}").to_lowercase()))
+                        .collect(),
+                },
+                wireguard_peers: Vec::new(),
                 peers: n
                     .peers
                     .iter()
@@ -213,7 +245,21 @@ impl Status {
         out.push_str(&format!("networks ({})\n", self.networks.len()));
         for n in &self.networks {
             let keys = if n.encrypted { n.keys.join(" ") } else { "unencrypted".to_owned() };
-            out.push_str(&format!("  {} (ID {}, {})  keys: {}\n", n.name, n.id, n.subnet, keys));
+            out.push_str(&format!(
+                "  {} (ID {}, {}, {})  keys: {}\n",
+                n.name, n.id, n.subnet, n.transport, keys
+            ));
+            for w in &n.wireguard_peers {
+                out.push_str(&format!(
+                    "    wireguard {} key {} endpoint {} handshake {} rx {} tx {}\n",
+                    w.node,
+                    w.public_key,
+                    w.endpoint.as_deref().unwrap_or("-"),
+                    w.latest_handshake_secs.map_or("never".to_owned(), |s| format!("{s}s ago")),
+                    w.rx_bytes,
+                    w.tx_bytes
+                ));
+            }
             for p in &n.peers {
                 out.push_str(&format!("    peer     {p}\n"));
             }
@@ -330,6 +376,31 @@ fn snapshot(status: &Mutex<Status>) -> Status {
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| format!("{}={n}", r.name()))
             .collect();
+    }
+    if let Some(overlay) = s.overlay.clone() {
+        let peers = overlay.wireguard();
+        let slice = s.slice.clone();
+        let node_of = |network: u32, index: u32| {
+            slice
+                .as_ref()
+                .and_then(|sl| sl.networks.iter().find(|n| n.id == network))
+                .and_then(|n| n.peers.iter().find(|p| p.node_index == index))
+                .map_or_else(|| format!("index {index}"), |p| p.node.to_string())
+        };
+        for n in &mut s.networks {
+            n.wireguard_peers = peers
+                .iter()
+                .filter(|p| p.network == n.id)
+                .map(|p| WireguardPeer {
+                    node: node_of(p.network, p.node_index),
+                    public_key: crate::wireguard::encode(&p.public),
+                    endpoint: p.underlay.map(|u| u.to_string()),
+                    latest_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                })
+                .collect();
+        }
     }
     s.clone()
 }

@@ -30,6 +30,7 @@ fn network(name: &str, id: u32, subnet: &str, services: Vec<ServiceRecord>) -> S
         id,
         subnet: subnet.parse().unwrap(),
         encrypted: true,
+        wireguard: None,
         ring: vec![],
         pair_keys: vec![],
         peers: Vec::<Peer>::new().into(),

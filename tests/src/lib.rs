@@ -178,7 +178,7 @@ impl SimNode {
     /// Joins `cluster` as a worker and opens the session, reporting `underlay`.
     pub async fn start(cluster: &TestCluster, underlay: SocketAddr) -> SimNode {
         let (dir, id) = cluster.join(Role::Worker).await;
-        let config = SessionConfig { state_dir: node_dir(&dir), underlay, boot: 1 };
+        let config = SessionConfig { state_dir: node_dir(&dir), underlay, boot: 1, wireguard: None };
         let events = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let sink = events.clone();

@@ -424,6 +424,7 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
             state_dir: state_dir.clone(),
             underlay: underlay(9),
             boot: 0,
+            wireguard: None,
         },
         netns_prefix: "unused".into(),
         dataplane: false,

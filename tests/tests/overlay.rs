@@ -415,6 +415,7 @@ fn a_session_announcing_another_nodes_underlay_is_refused() {
         state_dir: lab.node_dir(2),
         underlay: format!("{}:4800", lab.addr(3)).parse().unwrap(),
         boot: 99,
+        wireguard: None,
     };
     let ended = in_namespace(&lab.host(2), || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -151,6 +151,12 @@ fn tables(config: &Config) -> Tables {
 #[derive(Clone)]
 pub struct StatusHandle(Arc<ArcSwap<Tables>>);
 
+impl std::fmt::Debug for StatusHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusHandle")
+    }
+}
+
 impl StatusHandle {
     pub fn wireguard(&self) -> Vec<crate::wireguard::PeerStatus> {
         self.0.load().wireguard_status()

@@ -119,7 +119,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Measured> {
         // Control registers the IP a session comes from: every simulated node is on loopback,
         // told apart by its port.
         let underlay = SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
-        let config = SessionConfig { state_dir: dir.clone(), underlay, boot: 1 };
+        let config = SessionConfig { state_dir: dir.clone(), underlay, boot: 1, wireguard: None };
         tokio::spawn(meshd::session::run(config, tx, meshd::endpoints::Endpoints::new()));
         let epochs = epochs.clone();
         let peers = peers.clone();

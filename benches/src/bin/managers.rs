@@ -217,7 +217,7 @@ async fn open_sessions(
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let underlay = std::net::SocketAddr::from(([127, 0, 1, (i % 250) as u8 + 1], 4800));
         tokio::spawn(meshd::session::run(
-            SessionConfig { state_dir, underlay, boot: 1 },
+            SessionConfig { state_dir, underlay, boot: 1, wireguard: None },
             tx,
             meshd::endpoints::Endpoints::new(),
         ));

@@ -1,5 +1,6 @@
 //! Clients of the control API: a TLS channel to a manager, and the calls nodes and admins make.
 
+use crate::model::Transport;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -376,8 +377,26 @@ impl AdminClient {
         subnet: &str,
         encrypted: bool,
     ) -> Result<NetworkView, ClientError> {
-        let request =
-            pb::CreateNetworkRequest { name: name.into(), subnet: subnet.into(), unencrypted: !encrypted };
+        let transport = if encrypted { Transport::AesGcm } else { Transport::None };
+        self.create_network_with(name, subnet, transport).await
+    }
+
+    /// Creates a network carried by `transport`.
+    pub async fn create_network_with(
+        &mut self,
+        name: &str,
+        subnet: &str,
+        transport: Transport,
+    ) -> Result<NetworkView, ClientError> {
+        let request = pb::CreateNetworkRequest {
+            name: name.into(),
+            subnet: subnet.into(),
+            unencrypted: transport == Transport::None,
+            transport: match transport {
+                Transport::None => String::new(),
+                t => t.to_string(),
+            },
+        };
         let n = self.inner.create_network(request).await.map_err(|s| self.refused(s))?;
         self.convert(n.into_inner())
     }

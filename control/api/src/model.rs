@@ -382,3 +382,43 @@ mod tests {
         assert!(with(|s| s.secrets = vec!["a".into(), "a".into()]).is_err(), "a secret twice");
     }
 }
+
+/// How a network's datagrams are sealed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// AES-256-GCM with pair keys derived by control (the default).
+    #[default]
+    AesGcm,
+    /// WireGuard (boringtun's Noise sessions): keys made by the two nodes alone.
+    #[serde(rename = "wireguard")]
+    WireGuard,
+    /// Unencrypted (`--unencrypted`).
+    None,
+}
+
+impl Transport {
+    pub const NAMES: [&str; 2] = ["aes-gcm", "wireguard"];
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::AesGcm => "aes-gcm",
+            Transport::WireGuard => "wireguard",
+            Transport::None => "none",
+        })
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Transport, String> {
+        match s {
+            "aes-gcm" => Ok(Transport::AesGcm),
+            "wireguard" => Ok(Transport::WireGuard),
+            "none" => Ok(Transport::None),
+            other => Err(format!("unknown transport `{other}`: one of aes-gcm, wireguard")),
+        }
+    }
+}

@@ -115,6 +115,7 @@ pub struct NetworkView {
     pub id: u32,
     pub subnet: ipnet::Ipv4Net,
     pub encrypted: bool,
+    pub transport: crate::model::Transport,
     pub key_epoch: Option<u32>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub rotated_at: Option<OffsetDateTime>,
@@ -130,6 +131,11 @@ impl TryFrom<pb::Network> for NetworkView {
             id: n.id,
             subnet: n.subnet.parse().map_err(|_| InvalidMessage::Field("subnet"))?,
             encrypted: n.encrypted,
+            transport: if n.transport.is_empty() {
+                if n.encrypted { crate::model::Transport::AesGcm } else { crate::model::Transport::None }
+            } else {
+                n.transport.parse().map_err(|_| InvalidMessage::Field("transport"))?
+            },
             key_epoch: n.encrypted.then_some(n.current_epoch),
             rotated_at: unix(n.rotated_at),
             endpoints: n.endpoints,

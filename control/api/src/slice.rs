@@ -67,6 +67,18 @@ pub struct Peer {
     pub node_index: u32,
     /// The node's boot number (0 until it reported one): part of its pair keys.
     pub boot: u16,
+    /// On a WireGuard network: the node's public key there (`None` until it reported one).
+    #[serde(serialize_with = "public_key")]
+    pub wireguard: Option<[u8; 32]>,
+}
+
+/// A public key as base64, as `wg` shows them.
+fn public_key<S: serde::Serializer>(key: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine;
+    match key {
+        Some(k) => s.serialize_some(&base64::engine::general_purpose::STANDARD.encode(k)),
+        None => s.serialize_none(),
+    }
 }
 
 /// A service as seen from one network.
@@ -85,6 +97,9 @@ pub struct SliceNetwork {
     pub id: u32,
     pub subnet: Ipv4Net,
     pub encrypted: bool,
+    /// On a WireGuard network, the generation of static keys its nodes hold (see
+    /// `pb::SliceNetwork::wireguard_generation`); the ring and pair keys are then empty.
+    pub wireguard: Option<u32>,
     /// The epochs of the network's ring, by use, newest first (no key bytes).
     pub ring: Vec<(KeyUse, u32)>,
     /// The keys this node shares with each peer node on the network, per epoch of `ring`, in
@@ -103,6 +118,7 @@ impl std::fmt::Debug for SliceNetwork {
             .field("id", &self.id)
             .field("subnet", &self.subnet)
             .field("encrypted", &self.encrypted)
+            .field("wireguard", &self.wireguard)
             .field("ring", &self.ring)
             .field("pair_keys", &self.pair_keys.len())
             .field("peers", &self.peers)
@@ -472,6 +488,8 @@ impl SliceNetwork {
             id: self.id,
             subnet: self.subnet.to_string(),
             encrypted: self.encrypted,
+            wireguard: self.wireguard.is_some(),
+            wireguard_generation: self.wireguard.unwrap_or(0),
             epochs: self
                 .ring
                 .iter()
@@ -619,6 +637,7 @@ fn wire_peer(p: &Peer) -> pb::Peer {
         underlay: p.underlay.map(|u| u.to_string()).unwrap_or_default(),
         node_index: p.node_index,
         boot: p.boot.into(),
+        wireguard: p.wireguard.map(|k| k.to_vec()).unwrap_or_default(),
     }
 }
 
@@ -706,6 +725,14 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                             },
                             node_index: p.node_index,
                             boot: u16::try_from(p.boot).map_err(|_| InvalidMessage::Field("boot"))?,
+                            wireguard: match p.wireguard.len() {
+                                0 => None,
+                                _ => Some(
+                                    p.wireguard
+                                        .try_into()
+                                        .map_err(|_| InvalidMessage::Field("wireguard public key"))?,
+                                ),
+                            },
                         })
                     })
                     .collect::<Result<_, InvalidMessage>>()?;
@@ -730,6 +757,7 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
                     id: n.id,
                     subnet: n.subnet.parse().map_err(|_| InvalidMessage::Field("subnet"))?,
                     encrypted: n.encrypted,
+                    wireguard: n.wireguard.then_some(n.wireguard_generation),
                     ring,
                     pair_keys,
                     peers,
@@ -770,6 +798,7 @@ mod tests {
             id: 7,
             subnet: "10.9.0.0/16".parse().unwrap(),
             encrypted: true,
+            wireguard: None,
             ring: vec![(KeyUse::Next, epoch + 1), (KeyUse::Current, epoch)],
             pair_keys: pair_keys(peers as u32, epoch),
             peers: (0..peers)
@@ -779,6 +808,7 @@ mod tests {
                     underlay: Some(SocketAddr::from(([192, 0, 2, i as u8], 4789))),
                     node_index: i as u32,
                     boot: 1,
+                    wireguard: None,
                 })
                 .collect(),
             services: vec![ServiceRecord {
@@ -1018,6 +1048,7 @@ mod tests {
                             underlay: Some(SocketAddr::from(([192, 0, 2, *n], 4789))),
                             node_index: u32::from(*n),
                             boot: u16::from(*n),
+                            wireguard: None,
                         })
                         .collect();
                     net.services = services

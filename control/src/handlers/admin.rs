@@ -1,6 +1,7 @@
 //! The admin service: nodes, join tokens, networks and services, cluster settings and admin
 //! credentials. Admin certificate only (one the cluster has not revoked).
 
+use mesh_api::model::Transport;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
@@ -42,9 +43,18 @@ fn network_pb(state: &ClusterState, n: &Network) -> pb::Network {
         name: n.name.clone(),
         subnet: n.subnet.to_string(),
         id: n.id,
-        encrypted: n.keys.is_some(),
-        current_epoch: n.keys.as_ref().map_or(0, |k| k.current.epoch),
-        rotated_at: n.keys.as_ref().map_or(0, |k| k.rotated_at),
+        encrypted: n.transport() != Transport::None,
+        transport: n.transport().to_string(),
+        current_epoch: match (&n.keys, n.wireguard) {
+            (_, Some(g)) => g.generation,
+            (Some(k), None) => k.current.epoch,
+            (None, None) => 0,
+        },
+        rotated_at: match (&n.keys, n.wireguard) {
+            (_, Some(g)) => g.rotated_at,
+            (Some(k), None) => k.rotated_at,
+            (None, None) => 0,
+        },
         endpoints: state.endpoints().filter(|(_, e)| e.addresses.contains_key(&n.name)).count() as u32,
         nodes: state.nodes_on_network(&n.name).into_iter().map(|id| id.to_string()).collect(),
     }
@@ -666,10 +676,28 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Network>, Status> {
         self.admin(&request)?;
         let req = request.into_inner();
+        let transport = match (req.transport.as_str(), req.unencrypted) {
+            ("", true) => Transport::None,
+            ("", false) => Transport::AesGcm,
+            (_, true) => {
+                return Err(Status::invalid_argument(
+                    "an unencrypted network has no transport: give --unencrypted or --transport, not both",
+                ));
+            }
+            (name, false) => match name.parse::<Transport>() {
+                Ok(Transport::None) | Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown transport `{name}`: one of {}",
+                        Transport::NAMES.join(", ")
+                    )));
+                }
+                Ok(t) => t,
+            },
+        };
         self.0
-            .change(|state, _| plans::create_network(state, &req.name, &req.subnet, !req.unencrypted, now()))
+            .change(|state, _| plans::create_network(state, &req.name, &req.subnet, transport, now()))
             .await?;
-        info!(network = %req.name, subnet = %req.subnet, encrypted = !req.unencrypted, "network created");
+        info!(network = %req.name, subnet = %req.subnet, %transport, "network created");
         Ok(Response::new(self.network(&req.name)?))
     }
 

@@ -89,6 +89,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 joined_at: OffsetDateTime::now_utc().unix_timestamp(),
                 cert_not_after: issued.not_after,
                 cert_root: issued.root,
+                wireguard: Default::default(),
                 labels: Default::default(),
                 underlay: None,
                 index: 0,

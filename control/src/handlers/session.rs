@@ -56,6 +56,71 @@ pub(crate) fn attested_underlay(
     Ok(Some(underlay))
 }
 
+/// Most keys in one report: one per WireGuard network the node is on.
+const MAX_WIREGUARD_KEYS: usize = 256;
+
+/// What a node's report of its WireGuard public keys changes, once each key is checked: the
+/// network is a WireGuard one the node has an endpoint on (no node records a key, nor learns
+/// whether a network exists, elsewhere), the generation is the network's current one, the key is
+/// a 32-byte point that is not all zeros, and no other node on the network reported it (a node
+/// lying about itself, claiming another's key, gains no handshake by it, but is refused all the
+/// same).
+pub(crate) fn wireguard_commands(
+    state: &crate::state::ClusterState,
+    node: &mesh_api::ids::NodeId,
+    keys: Vec<pb::WireguardKey>,
+) -> Result<Vec<Command>, Status> {
+    use crate::state::WireguardPublic;
+    if keys.len() > MAX_WIREGUARD_KEYS {
+        return Err(Status::invalid_argument(format!("at most {MAX_WIREGUARD_KEYS} keys per report")));
+    }
+    let held = state.nodes.get(node).map(|n| n.wireguard.clone()).unwrap_or_default();
+    let mut commands = Vec::new();
+    for key in keys {
+        let network = state
+            .networks
+            .values()
+            .find(|n| n.id == key.network && n.wireguard.is_some())
+            .filter(|n| state.nodes_on_network(&n.name).contains(node))
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "network {} is no WireGuard network this node has an endpoint on",
+                    key.network
+                ))
+            })?;
+        let current = network.wireguard.map_or(0, |g| g.generation);
+        if key.generation != current {
+            return Err(Status::failed_precondition(format!(
+                "network `{}` is at key generation {current}, not {}",
+                network.name, key.generation
+            )));
+        }
+        let public: [u8; 32] = key
+            .public
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("a WireGuard public key is 32 bytes"))?;
+        if public == [0; 32] {
+            return Err(Status::invalid_argument("an all-zero WireGuard public key is refused"));
+        }
+        let taken = state
+            .nodes
+            .values()
+            .any(|n| &n.id != node && n.wireguard.get(&network.id).is_some_and(|k| k.public == public));
+        if taken {
+            return Err(Status::permission_denied(format!(
+                "another node reported this public key on network `{}`",
+                network.name
+            )));
+        }
+        let record = WireguardPublic { generation: key.generation, public };
+        if held.get(&network.id) != Some(&record) {
+            commands.push(Command::SetWireguardKey { id: node.clone(), network: network.id, key: record });
+        }
+    }
+    Ok(commands)
+}
+
 pub(crate) struct SessionApi(pub(crate) Arc<Manager>);
 
 #[tonic::async_trait]
@@ -178,6 +243,24 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
         debug!(node = %node, endpoints = reported.len(), "endpoints reported");
         self.0.store.read(|state| self.0.reports.put(state, &node, reported));
         Ok(Response::new(pb::ReportEndpointsResponse {}))
+    }
+
+    async fn report_wireguard_keys(
+        &self,
+        request: Request<pb::WireguardKeys>,
+    ) -> Result<Response<pb::ReportWireguardKeysResponse>, Status> {
+        let node = match self.0.caller(&request)? {
+            Caller::Node { id, .. } => id,
+            Caller::Admin => return Err(Status::permission_denied("WireGuard keys are for nodes")),
+        };
+        let keys = request.into_inner().keys;
+        let reported = keys.len();
+        let commands = self.0.store.read(|state| wireguard_commands(state, &node, keys))?;
+        if !commands.is_empty() {
+            self.0.change(move |_, _| Ok(commands)).await?;
+            info!(node = %node, keys = reported, "WireGuard public keys recorded");
+        }
+        Ok(Response::new(pb::ReportWireguardKeysResponse {}))
     }
 
     async fn requests(

@@ -8,7 +8,8 @@ use mesh_api::tokens::{Role, SecretHash};
 use serde::{Deserialize, Serialize};
 
 use super::records::{
-    AdminRecord, CaRecord, Network, NodeRecord, PolicyRecord, Secret, SecretRecord, Service, Settings,
+    AdminRecord, CaRecord, Generation, Network, NodeRecord, PolicyRecord, Secret, SecretRecord, Service,
+    Settings, WireguardPublic,
 };
 use crate::planning::keys::KeyRing;
 
@@ -82,6 +83,17 @@ pub enum Command {
     SetNodeBoot {
         id: NodeId,
         boot: u16,
+    },
+    /// The public key a node reported for a WireGuard network (see [`WireguardPublic`]).
+    SetWireguardKey {
+        id: NodeId,
+        network: u32,
+        key: WireguardPublic,
+    },
+    /// A WireGuard network's static keys move on to a new generation.
+    SetGeneration {
+        network: String,
+        generation: Generation,
     },
     CreateNetwork(Network),
     RemoveNetwork {

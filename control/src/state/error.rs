@@ -35,6 +35,8 @@ pub enum StateError {
     NetworkInUse { network: String, services: String },
     #[error("network `{0}` is unencrypted and has no keys")]
     Unencrypted(String),
+    #[error("WireGuard key refused: {0}")]
+    Wireguard(String),
     #[error(
         "node {id} reports boot number {boot}, but it already ran boot {recorded}: its state \
          directory was restored or copied, which would repeat nonces; join the node again"

@@ -53,6 +53,9 @@ pub struct NodeRecord {
     /// certificates recorded before this was kept): what a root rotation waits on.
     #[serde(default)]
     pub cert_root: String,
+    /// Network ID -> the public half of the node's static key on that WireGuard network.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wireguard: BTreeMap<u32, WireguardPublic>,
 }
 
 impl NodeRecord {
@@ -125,8 +128,46 @@ pub struct Network {
     /// Unique in the cluster, 24 bits, never 0.
     pub id: u32,
     pub subnet: Ipv4Net,
-    /// The key ring; `None` for an unencrypted network.
+    /// The key ring; `None` for an unencrypted network and for a WireGuard one.
     pub keys: Option<KeyRing>,
+    /// On a WireGuard network: the generation of static keys its nodes are to hold. The
+    /// managers hold no key of such a network, only the public halves its nodes report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<Generation>,
+}
+
+impl Network {
+    pub fn transport(&self) -> mesh_api::model::Transport {
+        use mesh_api::model::Transport;
+        match (&self.keys, &self.wireguard) {
+            (_, Some(_)) => Transport::WireGuard,
+            (Some(_), None) => Transport::AesGcm,
+            (None, None) => Transport::None,
+        }
+    }
+}
+
+/// The generation of a WireGuard network's static keys: it moves on at every rotation, and each
+/// node on the network then makes a new key pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    pub generation: u32,
+    /// Unix seconds.
+    pub rotated_at: i64,
+}
+
+impl Generation {
+    /// The generation after this one, from `now`.
+    pub fn next(self, now: i64) -> Generation {
+        Generation { generation: self.generation + 1, rotated_at: now }
+    }
+}
+
+/// The public half of a node's static key on a WireGuard network, as the node reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardPublic {
+    pub generation: u32,
+    pub public: [u8; 32],
 }
 
 /// One running instance of a service, on one node, with an address on each of its networks.

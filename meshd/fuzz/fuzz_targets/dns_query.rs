@@ -23,6 +23,7 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         id: 1,
         subnet: "10.1.0.0/24".parse().unwrap(),
         encrypted: true,
+        wireguard: None,
         ring: vec![],
         pair_keys: vec![],
         peers: Vec::<Peer>::new().into(),
