@@ -3,6 +3,7 @@
 //! of network namespaces running the real binaries.
 
 pub mod lab;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
