@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The overlay, measured: iperf3 between two workloads on two hosts through meshd (encrypted
+# The overlay, measured: iperf3 between two workloads on two hosts through meshd (an AES-GCM
 # network) — TCP with 1 and 4 streams, UDP unbounded and at fixed offered rates (UDP_RATES, in
-# Gbit/s; default 0.25 0.5 1 2) — with meshd's CPU seconds per gigabit, and ping
+# Gbit/s; default 0.25 0.5 1 2) — and the same TCP over a WireGuard network ("mesh wireguard"),
+# with meshd's CPU seconds per gigabit, and ping
 # latency; beside the plain underlay between the same hosts, and Nebula and boringtun measured in
 # the same run by the peers script. Prints a table and writes JSON (OUT, default
 # target/bench-overlay.json).
@@ -66,8 +67,10 @@ rows+=("$(iperf "mesh UDP" "$cli_ns" "$srv_ns" "$srv_ip" -u -b 0 -l 1300)")
 for rate in ${UDP_RATES:-0.25 0.5 1 2}; do
   rows+=("$(iperf "mesh UDP at $rate Gbit/s" "$cli_ns" "$srv_ns" "$srv_ip" -u -b "${rate}G" -l 1300)")
 done
+rows+=("$(iperf "mesh wireguard TCP, 1 stream" "$cli_ns" "$srv_ns" "$srv_wg_ip")")
+rows+=("$(iperf "mesh wireguard TCP, 4 streams" "$cli_ns" "$srv_ns" "$srv_wg_ip" -P 4)")
 rows+=("$(iperf "underlay TCP, 1 stream" "$(host 2)" "$(host 3)" "$(addr 3)")")
-mesh_ping=$(ping_ms "$cli_ns" "$srv_ip"); plain_ping=$(ping_ms "$(host 2)" "$(addr 3)")
+mesh_ping=$(ping_ms "$cli_ns" "$srv_ip"); wg_ping=$(ping_ms "$cli_ns" "$srv_wg_ip"); plain_ping=$(ping_ms "$(host 2)" "$(addr 3)")
 for i in 2 3; do ip netns exec "$(host "$i")" "$bin/meshd" status --state-dir "$(node_dir "$i")" | grep '^packets' | sed "s/^/  h$i /" >&2; done
 peer_lines=""
 if [ -x "$peers" ]; then
@@ -75,9 +78,9 @@ if [ -x "$peers" ]; then
 else
   echo "(peers script $peers not found: set PEERS=path/to/peers.sh to measure plain veth, Nebula and boringtun)" >&2
 fi
-python3 - "$out" "$secs" "$mesh_ping" "$plain_ping" "$peer_lines" "${rows[@]}" <<'PY'
+python3 - "$out" "$secs" "$mesh_ping" "$plain_ping" "$peer_lines" "$wg_ping" "${rows[@]}" <<'PY'
 import json, sys
-out, secs, mesh_ping, plain_ping, peer_lines, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+out, secs, mesh_ping, plain_ping, peer_lines, wg_ping, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
 rows = [json.loads(r) for r in rows]
 for line in peer_lines.splitlines():
     parts = line.split()
@@ -88,7 +91,11 @@ for r in rows:
     if underlay and not r["name"].startswith("underlay"):
         r["ratio_to_underlay"] = round(r["gbps"] / underlay, 3)
 data = {"seconds": secs, "throughput": rows,
-        "ping_ms": {"mesh": float(mesh_ping), "underlay": float(plain_ping)}}
+        "ping_ms": {"mesh": float(mesh_ping), "mesh wireguard": float(wg_ping), "underlay": float(plain_ping)}}
+boringtun = next((r["gbps"] for r in rows if r["name"] == "peer boringtun TCP, 1 stream"), None)
+wireguard = next((r["gbps"] for r in rows if r["name"] == "mesh wireguard TCP, 1 stream"), None)
+if boringtun and wireguard:
+    data["wireguard_vs_boringtun"] = round(wireguard / boringtun, 2)
 json.dump(data, open(out, "w"), indent=2)
 print(f"{'path':<28} {'Gbit/s':>7} {'x underlay':>10} {'meshd CPU s/Gbit':>17} {'UDP loss':>9}")
 for r in rows:
@@ -96,6 +103,8 @@ for r in rows:
     loss = r.get("lost_percent")
     ratio = r.get("ratio_to_underlay")
     print(f"{r['name']:<28} {r['gbps']:>7.2f} {'' if ratio is None else f'{ratio:.3f}':>10} {'' if cpu is None else cpu:>17} {'' if loss is None else str(loss) + ' %':>9}")
-print(f"ping (avg of 200): mesh {data['ping_ms']['mesh']:.3f} ms, underlay {data['ping_ms']['underlay']:.3f} ms")
+print(f"ping (avg of 200): mesh {data['ping_ms']['mesh']:.3f} ms, mesh wireguard {data['ping_ms']['mesh wireguard']:.3f} ms, underlay {data['ping_ms']['underlay']:.3f} ms")
+if "wireguard_vs_boringtun" in data:
+    print(f"mesh wireguard / boringtun-cli, TCP 1 stream: {data['wireguard_vs_boringtun']}x")
 print(f"JSON: {out}")
 PY

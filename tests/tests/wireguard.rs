@@ -104,6 +104,8 @@ fn a_wireguard_network_beside_an_aes_gcm_one_carries_traffic_privately_and_rotat
     lab.wait("web to reach api over AES-GCM", || ping(lab, &s.web, &s.api_aes));
     let server = serve(lab, &s.api, 5101);
     transfer(lab, server, &s.web, &s.api_wg, 5101, 4 << 20, None);
+    let server = serve(lab, &s.api, 5104);
+    transfer(lab, server, &s.web, &s.api_aes, 5104, 4 << 20, None);
 
     // An eavesdropper on the underlay sees WireGuard datagrams for the network, and no plaintext.
     let marker = "MESH-WG-SECRET-MARKER-91c2";

@@ -164,6 +164,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         if n.unencrypted {
             args.push("--unencrypted");
         }
+        if let Some(transport) = &n.transport {
+            args.extend(["--transport", transport]);
+        }
         print!("  {}", lab.meshctl(&args)?);
     }
     for svc in &spec.services {

@@ -25,6 +25,8 @@ pub(super) struct NetworkSpec {
     pub(super) subnet: String,
     #[serde(default)]
     pub(super) unencrypted: bool,
+    /// `aes-gcm` (the default) or `wireguard`, as `network create --transport`.
+    pub(super) transport: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
