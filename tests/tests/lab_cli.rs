@@ -42,7 +42,12 @@ fn lab_up_exec_status_down() {
     }
     let _down = Down(down);
     assert!(up.status.success(), "lab up failed:\n{text}");
-    assert!(text.contains("checks: 12 passed, 0 failed"), "{text}");
+    assert!(text.contains("checks: 14 passed, 0 failed"), "{text}");
+    assert!(
+        text.contains("network back created: 10.20.0.0/24") && text.contains("encrypted, wireguard"),
+        "{text}"
+    );
+    assert!(text.contains("ok    api reaches db's endpoint straight over the WireGuard overlay"), "{text}");
     assert!(text.contains("ok    a root CA rotation under traffic"), "{text}");
     assert!(text.contains("a key rotation of `front` under traffic loses nothing"), "{text}");
     assert!(text.contains("ok    a rolling update of `api`"), "{text}");
