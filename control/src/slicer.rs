@@ -430,7 +430,7 @@ mod tests {
         let key =
             |network, generation, byte: u8| pb::WireguardKey { network, generation, public: vec![byte; 32] };
         let refused = |state: &ClusterState, node: &NodeRecord, k: pb::WireguardKey| {
-            wireguard_commands(state, &node.id, vec![k]).unwrap_err().message().to_owned()
+            wireguard_commands(state, &node.id, vec![k], 100).unwrap_err().message().to_owned()
         };
         // The moves of a node lying about itself, or reaching past its networks:
         assert!(
@@ -447,18 +447,29 @@ mod tests {
             refused(&state, &a, key(wg, 0, 9)).contains("at key generation 1, not 0"),
             "a stale generation"
         );
-        assert!(refused(&state, &a, key(wg, 1, 0)).contains("all-zero"));
+        assert!(refused(&state, &a, key(wg, 1, 0)).contains("small-order"));
+        let twice = vec![key(wg, 1, 0x11), key(wg, 1, 0x12)];
+        let e = wireguard_commands(&state, &a.id, twice, 100).unwrap_err();
+        assert!(e.message().contains("two keys for network `wg` in one report"), "{}", e.message());
         let short = pb::WireguardKey { network: wg, generation: 1, public: vec![9; 31] };
         assert!(refused(&state, &a, short).contains("32 bytes"));
         let many = (0..300).map(|_| key(wg, 1, 9)).collect();
-        assert!(wireguard_commands(&state, &a.id, many).is_err(), "a flood of keys in one report");
+        assert!(wireguard_commands(&state, &a.id, many, 100).is_err(), "a flood of keys in one report");
         // a reports its key; b may not claim the same one.
-        let plan = wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xaa)]).unwrap();
+        let plan = wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xaa)], 100).unwrap();
         assert_eq!(plan.len(), 1);
         apply(&mut state, plan);
-        assert!(wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xaa)]).unwrap().is_empty(), "idempotent");
+        assert!(
+            wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xaa)], 100).unwrap().is_empty(),
+            "idempotent"
+        );
         assert!(refused(&state, &b, key(wg, 1, 0xaa)).contains("another node reported this public key"));
-        let plan = wireguard_commands(&state, &b.id, vec![key(wg, 1, 0xbb)]).unwrap();
+        // A new key at the same generation (a state directory made again): not within a minute
+        // of the last, so no worker churns its peers' slices; after it, taken.
+        let e = wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xac)], 130).unwrap_err();
+        assert!(e.message().contains("at most one a minute"), "{}", e.message());
+        assert_eq!(wireguard_commands(&state, &a.id, vec![key(wg, 1, 0xac)], 161).unwrap().len(), 1);
+        let plan = wireguard_commands(&state, &b.id, vec![key(wg, 1, 0xbb)], 100).unwrap();
         apply(&mut state, plan);
         // What each is sent: the peers' public keys on `wg`, nothing on `aes`; the outsider nothing.
         let slice = |state: &ClusterState, n: &NodeRecord| {

@@ -317,7 +317,9 @@ impl ClusterState {
             Command::SetWireguardKey { id, network, key } => {
                 let net = self.networks.values().find(|n| n.id == network);
                 let current = net.and_then(|n| n.wireguard).map(|g| g.generation);
-                if current.is_none_or(|g| key.generation > g) {
+                // Only the network's current generation: a report checked before a rotation
+                // that came first is refused, and sent again with a new key.
+                if current != Some(key.generation) {
                     return Err(StateError::Wireguard(format!(
                         "no WireGuard network {network} at generation {}",
                         key.generation

@@ -37,10 +37,13 @@ pub enum DropReason {
     /// Outbound on a WireGuard network: no session with the peer yet. The packet waits in the
     /// peer's queue (boringtun keeps up to 256) and leaves once the handshake completes.
     AwaitingHandshake,
+    /// Inbound on a WireGuard network: a peer's handshake messages beyond its rate (each costs
+    /// several X25519 operations on the receive path).
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::UnknownNetwork,
         DropReason::UnknownSender,
@@ -53,6 +56,7 @@ impl DropReason {
         DropReason::CounterExhausted,
         DropReason::WrongSource,
         DropReason::AwaitingHandshake,
+        DropReason::RateLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +73,7 @@ impl DropReason {
             DropReason::CounterExhausted => "counter_exhausted",
             DropReason::WrongSource => "wrong_source",
             DropReason::AwaitingHandshake => "awaiting_handshake",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -452,6 +457,14 @@ fn open_wireguard_inner(
     let node = *wg.by_underlay.get(&source).ok_or(DropReason::WrongSource)?;
     let peer = wg.peers.get(&node).ok_or(DropReason::UnknownSender)?;
     let message = &datagram[wireguard::PREFIX_LEN..];
+    // No WireGuard message is shorter (a keepalive is 32 bytes). An empty one would be boringtun's
+    // "send what is queued", before any authentication, into a buffer sized for this datagram.
+    if message.len() < wireguard::MESSAGE_OVERHEAD {
+        return Err(DropReason::Malformed);
+    }
+    if matches!(message[0], 1 | 2) && !peer.allow_handshake() {
+        return Err(DropReason::RateLimited);
+    }
     let mut tunn = peer.lock();
     let len = match tunn.decapsulate(Some(source.ip()), message, dst) {
         TunnResult::WriteToTunnelV4(packet, _) => packet.len(),
@@ -463,24 +476,21 @@ fn open_wireguard_inner(
             out.extend_from_slice(answer);
             wireguard::write_prefix(network, &mut out);
             replies.push((source, out));
-            // What waited for the handshake leaves now.
-            loop {
-                let mut out = Vec::new();
-                wireguard::prepared(&mut out, QUEUED_ROOM);
-                match tunn.decapsulate(None, &[], &mut out[wireguard::PREFIX_LEN..]) {
-                    TunnResult::WriteToNetwork(queued) => {
-                        let len = queued.len();
-                        wireguard::finish(network, &mut out, len);
-                        replies.push((source, out));
-                    }
-                    _ => break,
-                }
+            // After the peer's response our session is current: what waited leaves. Not after
+            // answering the peer's initiation: that session is current only once the peer's first
+            // data arrives, and flushing before would start a handshake of our own that voids the
+            // answer just sent.
+            if message[0] == 2 {
+                flush_queued(&mut tunn, network, source, replies);
             }
             return Ok(None);
         }
         TunnResult::Err(WireGuardError::DuplicateCounter) => return Err(DropReason::Replay),
         TunnResult::Err(_) => return Err(DropReason::BadTag),
     };
+    // A session the peer began may have become current with this packet: what waited for one
+    // leaves now, not after the next handshake.
+    flush_queued(&mut tunn, network, source, replies);
     drop(tunn);
     let Ipv4Header { source: src, destination: dst_addr, .. } =
         Ipv4Header::parse(&dst[..len]).ok_or(DropReason::Malformed)?;
@@ -492,6 +502,32 @@ fn open_wireguard_inner(
         return Err(DropReason::Filtered);
     }
     Ok(Some(Delivery { network, destination: dst_addr, range: 0..len }))
+}
+
+/// Sends, through `replies`, the packets `tunn` queued while it had no session, now that it may.
+fn flush_queued(
+    tunn: &mut boringtun::noise::Tunn,
+    network: u32,
+    to: SocketAddr,
+    replies: &mut Vec<(SocketAddr, Vec<u8>)>,
+) {
+    use boringtun::noise::TunnResult;
+    thread_local! {
+        /// Room for one queued packet's message, kept: this runs after every data packet.
+        static ROOM: std::cell::RefCell<Vec<u8>> =
+            std::cell::RefCell::new(vec![0; wireguard::PREFIX_LEN + QUEUED_ROOM]);
+    }
+    ROOM.with_borrow_mut(|room| {
+        // Bounded by boringtun's queue (256 packets), plus one initiation when no session is current.
+        while let TunnResult::WriteToNetwork(queued) =
+            tunn.decapsulate(None, &[], &mut room[wireguard::PREFIX_LEN..])
+        {
+            let len = queued.len();
+            let mut out = room[..wireguard::PREFIX_LEN + len].to_vec();
+            wireguard::write_prefix(network, &mut out);
+            replies.push((to, out));
+        }
+    });
 }
 
 /// The receive side: owns the replay windows (one task receives, so no lock per packet), one

@@ -21,7 +21,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -96,7 +96,15 @@ pub struct Peer {
     tunn: Mutex<Tunn>,
     /// A handshake is to be started at the next tick, not at the next packet.
     initiate: AtomicBool,
+    /// Tokens for the peer's handshake messages, and when they were last counted.
+    handshakes: Mutex<(f64, Instant)>,
 }
+
+/// Handshake messages a peer may send per second, sustained, and in a burst. Far above what
+/// WireGuard's timers make (one per peer every 5 s at worst), far below what would keep the
+/// receive path busy with X25519.
+const HANDSHAKES_PER_SECOND: f64 = 20.0;
+const HANDSHAKE_BURST: f64 = 10.0;
 
 impl Peer {
     /// A tunnel between `own` and the peer `node_index` holding `public`.
@@ -116,6 +124,7 @@ impl Peer {
             own_public: own.public(),
             tunn: Mutex::new(tunn),
             initiate: AtomicBool::new(false),
+            handshakes: Mutex::new((HANDSHAKE_BURST, Instant::now())),
         }
     }
 
@@ -137,6 +146,23 @@ impl Peer {
     pub fn stats(&self) -> (Option<Duration>, u64, u64) {
         let (since, tx, rx, _, _) = self.lock().stats();
         (since, tx as u64, rx as u64)
+    }
+
+    /// Whether one more handshake message from this peer may be looked at now (a token bucket:
+    /// boringtun's own limiter answers a flood with cookies, which a peer that holds its key
+    /// answers again).
+    pub fn allow_handshake(&self) -> bool {
+        let mut bucket = self.handshakes.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let (tokens, at) = *bucket;
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * HANDSHAKES_PER_SECOND).min(HANDSHAKE_BURST);
+        if tokens < 1.0 {
+            *bucket = (tokens, now);
+            return false;
+        }
+        *bucket = (tokens - 1.0, now);
+        true
     }
 
     /// Asks for a handshake at the next tick: this tunnel replaces one whose sessions were in use

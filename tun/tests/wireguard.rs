@@ -132,6 +132,17 @@ fn pair() -> (Node, Node) {
 /// Carries `first` from `from` to `to` and every answer back and forth until none is left;
 /// returns the inner packets each side had delivered, in order.
 fn exchange(from: &Node, to: &Node, first: Vec<u8>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    exchange_counting(from, to, first, &mut None)
+}
+
+/// [`exchange`], where each refused datagram is counted in `refused` instead of failing (when
+/// given).
+fn exchange_counting(
+    from: &Node,
+    to: &Node,
+    first: Vec<u8>,
+    refused: &mut Option<Vec<DropReason>>,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut delivered = (Vec::new(), Vec::new());
     let mut flight = vec![(from.index, first)];
     let mut rounds = 0;
@@ -141,8 +152,11 @@ fn exchange(from: &Node, to: &Node, first: Vec<u8>) -> (Vec<Vec<u8>>, Vec<Vec<u8
         let (receiver, into) =
             if sender == from.index { (to, &mut delivered.1) } else { (from, &mut delivered.0) };
         let (opened, replies) = receiver.receive_from(sender, &datagram);
-        if let Some(packet) = opened.expect("accepted") {
-            into.push(packet);
+        match (opened, refused.as_mut()) {
+            (Ok(Some(packet)), _) => into.push(packet),
+            (Ok(None), _) => {}
+            (Err(reason), Some(refused)) => refused.push(reason),
+            (Err(reason), None) => panic!("refused: {reason:?}"),
         }
         for (dest, reply) in replies.into_iter().rev() {
             assert_eq!(dest, underlay(sender), "answers go back to the sender's underlay");
@@ -378,4 +392,47 @@ fn a_peer_cannot_speak_for_another_nodes_endpoint() {
     liar.reconfigure(vec![forged]);
     let (_, datagram) = liar.send_from(NET, endpoint(C), endpoint(B), b"x").unwrap();
     assert_eq!(b.receive_from(A, &datagram).0, Err(DropReason::NotSenderEndpoint));
+}
+
+#[test]
+fn datagrams_shorter_than_any_message_are_refused_without_touching_the_tunnel() {
+    let (a, b) = connected();
+    // Something queued at B for A, and a session current: what an empty message would flush.
+    let (_, _) = b.send(NET, A, b"x").unwrap();
+    for len in [PREFIX_LEN, PREFIX_LEN + 1, PREFIX_LEN + 31] {
+        let mut short = vec![0u8; len];
+        tun::wireguard::write_prefix(NET, &mut short);
+        let (opened, replies) = b.receive_from(A, &short);
+        assert_eq!(opened, Err(DropReason::Malformed), "{len} bytes");
+        assert!(replies.is_empty());
+    }
+    let (_, datagram) = a.send(NET, B, b"still fine").unwrap();
+    assert!(b.receive_from(A, &datagram).0.unwrap().is_some());
+}
+
+#[test]
+fn a_flood_of_handshakes_is_cut_to_the_peers_rate() {
+    let (a, b) = pair();
+    let (_, init) = a.send(NET, B, b"hello").unwrap();
+    let refused = (0..40).filter(|_| b.receive_from(A, &init).0.is_err()).count();
+    assert!(refused >= 39, "all but the first are refused (replays, or over the rate)");
+    let limited = b.counters.drops(DropReason::RateLimited);
+    assert!((25..=31).contains(&limited), "{limited} of 40 refused before any X25519 work");
+}
+
+#[test]
+fn packets_queued_for_a_lost_handshake_leave_once_the_peers_own_session_is_current() {
+    let (a, b) = pair();
+    // A's first packet waits behind an initiation the network loses.
+    let (_, lost) = a.send(NET, B, b"queued at A").unwrap();
+    assert_eq!(lost.len(), PREFIX_LEN + 148);
+    // B starts its own handshake; A answers it; B's first data makes that session current at A.
+    let (_, init) = b.send(NET, A, b"from B").unwrap();
+    // A answers without starting a handshake of its own (which would void its answer): nothing
+    // is refused on the way.
+    let mut refused = Some(Vec::new());
+    let (at_b, at_a) = exchange_counting(&b, &a, init, &mut refused);
+    assert_eq!(refused, Some(vec![]));
+    assert_eq!(at_b, vec![ipv4(endpoint(A), endpoint(B), b"queued at A")]);
+    assert_eq!(at_a, vec![ipv4(endpoint(B), endpoint(A), b"from B")]);
 }

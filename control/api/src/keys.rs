@@ -77,3 +77,39 @@ mod hex_key {
         Ok(out)
     }
 }
+
+/// Whether `public` is a WireGuard (X25519) public key worth recording: not one of the curve's
+/// small-order points, with which every Diffie-Hellman result is the same (all zeros) whoever
+/// computes it, so that any on-path attacker could finish a handshake as that node's peer.
+pub fn usable_wireguard_public(public: &[u8; 32]) -> bool {
+    let probe = x25519_dalek::StaticSecret::from([0x5a; 32]);
+    probe.diffie_hellman(&x25519_dalek::PublicKey::from(*public)).was_contributory()
+}
+
+#[cfg(test)]
+mod wireguard_tests {
+    use super::*;
+
+    #[test]
+    fn small_order_points_are_not_usable_public_keys() {
+        let mut small_order = vec![[0u8; 32], {
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        }];
+        // A point of order 8 (from the curve's published small-order list), and p - 1.
+        small_order.push([
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a,
+            0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00,
+        ]);
+        let mut p_minus_1 = [0xff; 32];
+        p_minus_1[0] = 0xec;
+        p_minus_1[31] = 0x7f;
+        small_order.push(p_minus_1);
+        for point in &small_order {
+            assert!(!usable_wireguard_public(point), "{point:02x?}");
+        }
+        let real = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7; 32]));
+        assert!(usable_wireguard_public(real.as_bytes()));
+    }
+}

@@ -58,6 +58,8 @@ pub(crate) fn attested_underlay(
 
 /// Most keys in one report: one per WireGuard network the node is on.
 const MAX_WIREGUARD_KEYS: usize = 256;
+/// Seconds before a node may replace its key at the same generation.
+const SAME_GENERATION_AFTER: i64 = 60;
 
 /// What a node's report of its WireGuard public keys changes, once each key is checked: the
 /// network is a WireGuard one the node has an endpoint on (no node records a key, nor learns
@@ -69,12 +71,14 @@ pub(crate) fn wireguard_commands(
     state: &crate::state::ClusterState,
     node: &mesh_api::ids::NodeId,
     keys: Vec<pb::WireguardKey>,
+    now: i64,
 ) -> Result<Vec<Command>, Status> {
     use crate::state::WireguardPublic;
     if keys.len() > MAX_WIREGUARD_KEYS {
         return Err(Status::invalid_argument(format!("at most {MAX_WIREGUARD_KEYS} keys per report")));
     }
     let held = state.nodes.get(node).map(|n| n.wireguard.clone()).unwrap_or_default();
+    let mut keys_seen = std::collections::BTreeMap::new();
     let mut commands = Vec::new();
     for key in keys {
         let network = state
@@ -100,8 +104,30 @@ pub(crate) fn wireguard_commands(
             .as_slice()
             .try_into()
             .map_err(|_| Status::invalid_argument("a WireGuard public key is 32 bytes"))?;
-        if public == [0; 32] {
-            return Err(Status::invalid_argument("an all-zero WireGuard public key is refused"));
+        if !mesh_api::keys::usable_wireguard_public(&public) {
+            return Err(Status::invalid_argument(
+                "a small-order point (all zeros among them) is no WireGuard public key",
+            ));
+        }
+        if keys_seen.insert(network.id, ()).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "two keys for network `{}` in one report",
+                network.name
+            )));
+        }
+        // A node reports a new key at the same generation only when it lost its own (a state
+        // directory made again): at most once a minute, so no worker can churn its peers' slices.
+        let recorded = held.get(&network.id);
+        if let Some(r) = recorded
+            && r.generation == key.generation
+            && r.public != public
+            && now < r.reported_at + SAME_GENERATION_AFTER
+        {
+            return Err(Status::resource_exhausted(format!(
+                "a key for network `{}` was recorded {} s ago at this generation: at most one a minute",
+                network.name,
+                now - r.reported_at
+            )));
         }
         let taken = state
             .nodes
@@ -113,10 +139,11 @@ pub(crate) fn wireguard_commands(
                 network.name
             )));
         }
-        let record = WireguardPublic { generation: key.generation, public };
-        if held.get(&network.id) != Some(&record) {
-            commands.push(Command::SetWireguardKey { id: node.clone(), network: network.id, key: record });
+        if recorded.is_some_and(|r| (r.generation, r.public) == (key.generation, public)) {
+            continue;
         }
+        let record = WireguardPublic { generation: key.generation, public, reported_at: now };
+        commands.push(Command::SetWireguardKey { id: node.clone(), network: network.id, key: record });
     }
     Ok(commands)
 }
@@ -255,9 +282,25 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
         };
         let keys = request.into_inner().keys;
         let reported = keys.len();
-        let commands = self.0.store.read(|state| wireguard_commands(state, &node, keys))?;
-        if !commands.is_empty() {
-            self.0.change(move |_, _| Ok(commands)).await?;
+        // Checked and applied under the manager's one writer: no change slips in between.
+        let mut refused = None;
+        let mut recorded = 0;
+        self.0
+            .change(|state, _| match wireguard_commands(state, &node, keys, now()) {
+                Ok(commands) => {
+                    recorded = commands.len();
+                    Ok(commands)
+                }
+                Err(status) => {
+                    refused = Some(status);
+                    Ok(Vec::new())
+                }
+            })
+            .await?;
+        if let Some(status) = refused {
+            return Err(status);
+        }
+        if recorded > 0 {
             info!(node = %node, keys = reported, "WireGuard public keys recorded");
         }
         Ok(Response::new(pb::ReportWireguardKeysResponse {}))

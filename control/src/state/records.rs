@@ -168,6 +168,9 @@ impl Generation {
 pub struct WireguardPublic {
     pub generation: u32,
     pub public: [u8; 32],
+    /// Unix seconds: when it was recorded.
+    #[serde(default)]
+    pub reported_at: i64,
 }
 
 /// One running instance of a service, on one node, with an address on each of its networks.
