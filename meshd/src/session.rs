@@ -157,8 +157,19 @@ async fn connect_and_follow(
     reports.mark_changed();
     // Whoever writes the states may be gone (no data plane): then there is nothing to report.
     let mut watching = true;
+    // A WireGuard report that failed is sent again after a while, slice or no slice.
+    let mut report_again: Option<tokio::time::Instant> = None;
     loop {
         let message = tokio::select! {
+            _ = tokio::time::sleep_until(report_again.unwrap_or_else(tokio::time::Instant::now)), if report_again.is_some() => {
+                report_again = None;
+                if let (Some(keys), Some(slice)) = (&config.wireguard, previous.as_ref())
+                    && !sync_wireguard(keys, slice, &mut reporter).await
+                {
+                    report_again = Some(tokio::time::Instant::now() + REPORT_AGAIN);
+                }
+                continue;
+            }
             message = stream.message() => message.map_err(|s| ClientError::refused(&addr, s))?,
             changed = reports.changed(), if watching => {
                 match changed {
@@ -195,7 +206,8 @@ async fn connect_and_follow(
         }
         *held = slice.version;
         if let Some(keys) = &config.wireguard {
-            sync_wireguard(keys, &slice, &mut reporter).await;
+            report_again = (!sync_wireguard(keys, &slice, &mut reporter).await)
+                .then(|| tokio::time::Instant::now() + REPORT_AGAIN);
         }
         info!(
             version = slice.version,
@@ -208,27 +220,36 @@ async fn connect_and_follow(
     Ok(())
 }
 
-/// Makes the WireGuard keys `slice` asks for and reports their public halves to control. A failure
-/// is logged; the next slice, still without this node's key, tries again.
+/// How long after a failed WireGuard report it is sent again.
+const REPORT_AGAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Makes the WireGuard keys `slice` asks for and reports their public halves to control. Whether
+/// all is done: a failure is logged, and the caller tries again (so does the next slice).
 async fn sync_wireguard(
     keys: &crate::wireguard::Keys,
     slice: &NodeSlice,
     reporter: &mut pb::dispatcher_client::DispatcherClient<tonic::transport::Channel>,
-) {
+) -> bool {
     let report = match keys.sync(slice) {
         Ok(report) => report,
         Err(e) => {
             warn!(error = %e, "cannot keep this node's WireGuard keys");
-            return;
+            return false;
         }
     };
     if report.is_empty() {
-        return;
+        return true;
     }
     let networks: Vec<u32> = report.iter().map(|k| k.network).collect();
     match reporter.report_wireguard_keys(pb::WireguardKeys { keys: report }).await {
-        Ok(_) => info!(?networks, "WireGuard public keys reported"),
-        Err(e) => warn!(error = %e, "reporting this node's WireGuard public keys failed"),
+        Ok(_) => {
+            info!(?networks, "WireGuard public keys reported");
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "reporting this node's WireGuard public keys failed; trying again");
+            false
+        }
     }
 }
 
