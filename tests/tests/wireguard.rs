@@ -241,3 +241,36 @@ fn a_removed_peer_is_refused_within_seconds_and_its_recorded_handshake_gets_no_a
     assert!(datagrams(&answers, &s.lab.addr(3), &s.lab.addr(2)).is_empty(), "host 3 answered a removed peer");
     assert_eq!(s.lab.received(3), received);
 }
+
+#[test]
+fn a_node_that_lost_its_key_makes_a_new_one_which_control_takes_a_minute_after_the_last() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    s.lab.wait("web to reach api over WireGuard", || ping(&s.lab, &s.web, &s.api_wg));
+    let (_, lost) = key_file(&s.lab, 2, s.wg_id);
+    // Host 2's state directory loses its key (restored from a backup without it, say).
+    s.lab.stop_meshd(2);
+    std::fs::remove_file(s.lab.node_dir(2).join(format!("wireguard/{}.key", s.wg_id))).unwrap();
+    let restarted = Instant::now();
+    s.lab.start_meshd(2);
+    s.lab.wait("host 2 to make a new key", || {
+        s.lab.node_dir(2).join(format!("wireguard/{}.key", s.wg_id)).exists()
+    });
+    let (generation, made) = key_file(&s.lab, 2, s.wg_id);
+    assert_eq!(generation, 1, "the same generation");
+    assert_ne!(made, lost);
+    let held_by_3 = |lab: &Lab| {
+        wireguard_peers(lab, 3, "wg").first().and_then(|p| p["public_key"].as_str().map(str::to_owned))
+    };
+    // Within a minute of its last key, control refuses the new one (no worker churns its peers'
+    // slices); host 2 reports it again until it is taken, and traffic resumes.
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(held_by_3(&s.lab), Some(public_of(&lost)), "taken before a minute had passed");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while held_by_3(&s.lab) != Some(public_of(&made)) {
+        assert!(Instant::now() < deadline, "host 2's new key was never taken");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(restarted.elapsed() > Duration::from_secs(30), "taken after {:?}", restarted.elapsed());
+    s.lab.wait("web to reach api again", || ping(&s.lab, &s.web, &s.api_wg));
+}
