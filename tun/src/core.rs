@@ -286,6 +286,8 @@ fn wireguard_net(
 ) -> WireguardNet {
     let mut tunnels: HashMap<u32, Arc<wireguard::Peer>> = HashMap::default();
     let mut by_underlay = HashMap::default();
+    // One X25519 multiplication per network and config, not one per peer.
+    let own_public = own.public();
     for p in peers.iter().filter(|p| p.node_index != local) {
         if let Some(underlay) = p.underlay {
             by_underlay.insert(canonical(underlay), p.node_index);
@@ -296,7 +298,7 @@ fn wireguard_net(
         }
         let held = before.and_then(|b| b.peers.get(&p.node_index));
         let tunnel = match held {
-            Some(held) if held.is_for(own, &public) => held.clone(),
+            Some(held) if held.is_for(&own_public, &public) => held.clone(),
             _ => {
                 let fresh = Arc::new(wireguard::Peer::new(own, p.node_index, public));
                 if held.is_some_and(|h| h.had_session()) {

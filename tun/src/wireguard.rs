@@ -128,9 +128,10 @@ impl Peer {
         }
     }
 
-    /// Whether this tunnel was made for these two keys (so it is kept across a new config).
-    pub fn is_for(&self, own: &StaticKey, public: &[u8; 32]) -> bool {
-        self.public == *public && self.own_public == own.public()
+    /// Whether this tunnel was made for this node's public key `own_public` and the peer's
+    /// `public` (so it is kept across a new config).
+    pub fn is_for(&self, own_public: &[u8; 32], public: &[u8; 32]) -> bool {
+        self.public == *public && self.own_public == *own_public
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Tunn> {

@@ -1,5 +1,8 @@
 //! The packet core between two (and three) nodes, as an attacker on the underlay would try it.
 
+mod common;
+
+use common::ipv4;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -94,18 +97,6 @@ const MEMBERS: [u32; 3] = [A, B, C];
 fn tables_for(local: u32, ring: &Ring, members: &[u32], boots: &Boots, backend: Backend) -> Tables {
     let net = network(keys_of(local, ring, members, boots), members, true);
     Tables::new(&Config { local_index: local, networks: vec![net] }, backend)
-}
-
-/// A minimal IPv4 packet from `src` to `dst` carrying `payload`.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(payload);
-    let len = (p.len() as u16).to_be_bytes();
-    p[2] = len[0];
-    p[3] = len[1];
-    p
 }
 
 struct Node {

@@ -1,6 +1,9 @@
 //! The WireGuard transport between nodes, as an attacker on the underlay (or a peer lying about
 //! itself) would try it: every datagram goes through the same functions the I/O calls.
 
+mod common;
+
+use common::ipv4;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -28,18 +31,6 @@ fn key(index: u32, net: u32, generation: u8) -> StaticKey {
     k[1..4].copy_from_slice(&net.to_be_bytes()[1..]);
     k[4] = generation;
     StaticKey::from_bytes(k)
-}
-
-/// A minimal IPv4 packet from `src` to `dst` carrying `payload`.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(payload);
-    let len = (p.len() as u16).to_be_bytes();
-    p[2] = len[0];
-    p[3] = len[1];
-    p
 }
 
 /// What a node knows of network `net`: its own key, and each member's public key as control sent
