@@ -17,6 +17,7 @@ use crate::state::{
 use mesh_api::ids::{self, NodeId};
 use mesh_api::model::{RunSpec, Transport};
 
+pub mod publish;
 mod rollout;
 
 pub use mesh_api::model::MAX_NAME;
@@ -99,6 +100,8 @@ pub struct ServiceSpec {
     pub run: RunSpec,
     /// The operator's signature of the spec.
     pub signed: Option<mesh_api::specs::SignedSpec>,
+    /// Published ports, as given (`[MODE:]PUBLISHED:TARGET[/PROTO]`).
+    pub publish: Vec<String>,
 }
 
 fn check_name(kind: &'static str, name: &str) -> Result<(), PlanError> {
@@ -181,6 +184,12 @@ pub fn create_service(
     live: &Liveness,
 ) -> Result<Vec<Command>, PlanError> {
     check_name("service", &spec.name)?;
+    if spec.name == policy::INGRESS {
+        return Err(PlanError::Run(format!(
+            "`{}` is reserved: the policy's name for published ports' clients",
+            policy::INGRESS
+        )));
+    }
     if state.services.contains_key(&spec.name) {
         return Err(PlanError::ServiceExists(spec.name));
     }
@@ -207,6 +216,8 @@ pub fn create_service(
     if spec.replicas > MAX_REPLICAS {
         return Err(PlanError::Replicas(spec.replicas));
     }
+    let published = publish::resolve(&spec.publish, &spec.ports)?;
+    publish::check_free(state, &spec.name, &published)?;
     let constraints = spec.constraints.iter().map(|c| c.parse()).collect::<Result<Vec<Constraint>, _>>()?;
     let mut vips = BTreeMap::new();
     for n in &spec.networks {
@@ -223,6 +234,7 @@ pub fn create_service(
         name: spec.name,
         networks: spec.networks,
         ports: spec.ports,
+        publish: published,
         replicas: spec.replicas,
         constraints,
         command: spec.command.filter(|c| !c.trim().is_empty()),

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use mesh_api::ids::NodeId;
 use mesh_api::keys::{KeyUse, NetworkKey, PairKey};
 use mesh_api::pki::MAX_WORKLOAD_CERT_LIFETIME;
-use mesh_api::slice::{LocalEndpoint, NodePolicy, NodeSlice, Peer, SecretFile, ServiceRecord, SliceNetwork};
+use mesh_api::slice::{
+    IngressAdmission, IngressTarget, LocalEndpoint, NodePolicy, NodeSlice, Peer, PublishedPort, SecretFile,
+    ServiceRecord, SliceNetwork,
+};
 
 use crate::planning::keys::PairKeys;
 use crate::state::ClusterState;
@@ -245,7 +248,10 @@ pub fn slice_after(
         Some((_, p)) => hosted.iter().map(|s| (s.clone(), reachable(&p, s, &all))).collect(),
         None => hosted.iter().map(|s| (s.clone(), Default::default())).collect(),
     };
+    let (published, ingress) = publishing(state, node, &hosted);
     NodeSlice {
+        published,
+        ingress,
         trust_pem: state.trust_pem(),
         cross_pem: state.slice_cross_pem().to_owned(),
         version: state.revision,
@@ -265,6 +271,49 @@ pub fn slice_after(
         managers: state.managers().filter_map(|m| m.control.map(|c| c.to_string())).collect(),
         manager_ids: state.managers().map(|m| m.id.to_string()).collect(),
     }
+}
+
+/// The ports `node` publishes, each with the endpoints it leads to; and for the services it
+/// hosts, which nodes may call their published ports as `ingress`.
+fn publishing(
+    state: &ClusterState,
+    node: &NodeId,
+    hosted: &std::collections::BTreeSet<String>,
+) -> (Vec<PublishedPort>, Vec<IngressAdmission>) {
+    let mut published = Vec::new();
+    let mut ingress = Vec::new();
+    for service in state.services.values().filter(|s| !s.publish.is_empty()) {
+        for p in &service.publish {
+            let nodes = crate::plans::publish::nodes(state, service, p);
+            if nodes.contains(node) {
+                let endpoints = service
+                    .endpoints
+                    .values()
+                    .filter_map(|e| {
+                        let mesh = state.active_node(&e.node).ok()?.underlay?;
+                        let address = service.networks.iter().find_map(|n| e.addresses.get(n))?;
+                        Some(IngressTarget { address: *address, node: e.node.clone(), mesh })
+                    })
+                    .collect();
+                published.push(PublishedPort {
+                    service: service.name.clone(),
+                    port: p.published,
+                    target: p.target,
+                    protocol: p.protocol,
+                    endpoints,
+                });
+            }
+            if hosted.contains(&service.name) {
+                ingress.push(IngressAdmission {
+                    service: service.name.clone(),
+                    target: p.target,
+                    protocol: p.protocol,
+                    nodes,
+                });
+            }
+        }
+    }
+    (published, ingress)
 }
 
 /// The services `source` may reach under `policy`, coarsely: those some enforced allow rule
@@ -337,6 +386,114 @@ mod tests {
         }
     }
 
+    /// Who publishes what, who may call as `ingress`, and what a published port may be.
+    #[test]
+    fn published_ports_go_to_the_nodes_their_mode_picks_and_only_those_are_admitted_as_ingress() {
+        use crate::plans::{self, Liveness, PlanError, ServiceSpec, ServiceUpdate};
+        use mesh_api::model::{PortSpec, Protocol};
+        let mut state = ClusterState::new(ClusterId::random(), Duration::from_secs(86_400));
+        let [mut a, mut b, mut c, mut idle] = ["a", "b", "c", "idle"].map(node);
+        for (i, n) in [&mut a, &mut b, &mut c, &mut idle].into_iter().enumerate() {
+            n.index = i as u32 + 1;
+            // `idle` runs no data plane: it never reported an underlay address.
+            if n.hostname != "idle" {
+                n.underlay = Some(std::net::SocketAddr::from(([192, 0, 2, i as u8 + 1], 4800)));
+            }
+            state.apply(Command::AddNode(n.clone())).unwrap();
+        }
+        let apply = |state: &mut ClusterState, commands: Vec<Command>| {
+            for c in commands {
+                state.apply(c).unwrap();
+            }
+        };
+        let plan =
+            plans::create_network(&state, "front", "10.9.0.0/24", mesh_api::model::Transport::AesGcm, 1)
+                .unwrap();
+        apply(&mut state, plan);
+        // web runs on a only.
+        let live = Liveness { connected: [a.id.clone()].into(), not_down: [a.id.clone()].into() };
+        let spec = |name: &str, publish: &[&str]| ServiceSpec {
+            name: name.into(),
+            networks: vec!["front".into()],
+            ports: vec![PortSpec { port: 80, protocol: Protocol::Http }],
+            replicas: 1,
+            constraints: vec![],
+            command: None,
+            run: Default::default(),
+            signed: None,
+            publish: publish.iter().map(|p| p.to_string()).collect(),
+        };
+        let plan = plans::create_service(&state, spec("web", &["8080:80"]), &live).unwrap();
+        apply(&mut state, plan);
+        let plan = plans::create_service(&state, spec("api", &[]), &live).unwrap();
+        apply(&mut state, plan);
+        let slice = |state: &ClusterState, n: &NodeRecord| {
+            slice_for(state, &n.id, &PolicyCache::default(), &Memberships::default(), 0)
+        };
+        // No node labelled: every node with a data plane publishes 8080, leading to web's endpoint.
+        let web_endpoint = *state.services["web"].endpoints[&1].addresses.get("front").unwrap();
+        for n in [&a, &b, &c] {
+            let s = slice(&state, n);
+            assert_eq!(s.published.len(), 1, "{}", n.hostname);
+            let p = &s.published[0];
+            assert_eq!((p.service.as_str(), p.port, p.target, p.protocol), ("web", 8080, 80, Protocol::Http));
+            assert_eq!(p.endpoints.len(), 1);
+            assert_eq!((p.endpoints[0].address, &p.endpoints[0].node), (web_endpoint, &a.id));
+            assert_eq!(p.endpoints[0].mesh, a.underlay.unwrap());
+        }
+        assert!(slice(&state, &idle).published.is_empty());
+        // Only the node hosting web is told who may call it as ingress: the three publishers.
+        let admitted = |state: &ClusterState| slice(state, &a).ingress;
+        assert_eq!(admitted(&state).len(), 1);
+        assert_eq!(admitted(&state)[0].nodes, [a.id.clone(), b.id.clone(), c.id.clone()].into());
+        assert!(slice(&state, &b).ingress.is_empty());
+        // Once b is labelled ingress=true, only b publishes, and only b is admitted.
+        let labels = [("ingress".to_owned(), "true".to_owned())].into();
+        state.apply(Command::SetNodeLabels { id: b.id.clone(), labels }).unwrap();
+        assert!(slice(&state, &a).published.is_empty());
+        assert!(slice(&state, &c).published.is_empty());
+        assert_eq!(slice(&state, &b).published.len(), 1);
+        assert_eq!(admitted(&state)[0].nodes, [b.id.clone()].into());
+        // A removed node is admitted no more.
+        state.apply(Command::RemoveNode { id: b.id.clone(), at: Some(1) }).unwrap();
+        assert_eq!(admitted(&state)[0].nodes, [a.id.clone(), c.id.clone()].into());
+        // Host mode: only the node running an endpoint.
+        let report = |_: &NodeId, _: &str, _: u32| None;
+        let update = |add: &[&str], rm: &[u16]| ServiceUpdate {
+            publish_add: add.iter().map(|p| p.to_string()).collect(),
+            publish_rm: rm.to_vec(),
+            ..Default::default()
+        };
+        let plan =
+            plans::update_service(&state, "web", &update(&["host:9090:80"], &[8080]), &live, &report, 0);
+        apply(&mut state, plan.unwrap());
+        assert_eq!(state.services["web"].publish.len(), 1);
+        assert_eq!(slice(&state, &a).published[0].port, 9090);
+        assert!(slice(&state, &c).published.is_empty());
+        assert_eq!(admitted(&state)[0].nodes, [a.id.clone()].into());
+        // A port published by another service, twice, to no port of the service, or the reserved
+        // name: each refused with the reason.
+        let refused = |r: Result<Vec<Command>, PlanError>| r.unwrap_err().to_string();
+        let taken =
+            refused(plans::update_service(&state, "api", &update(&["9090:80"], &[]), &live, &report, 0));
+        assert!(taken.contains("port 9090 is published by service `web` already"), "{taken}");
+        let taken = refused(plans::create_service(&state, spec("shop", &["9090:80"]), &live));
+        assert!(taken.contains("port 9090 is published by service `web` already"), "{taken}");
+        let twice =
+            refused(plans::update_service(&state, "web", &update(&["9090:80"], &[]), &live, &report, 0));
+        assert!(twice.contains("published port 9090 is listed twice"), "{twice}");
+        let none = refused(plans::update_service(&state, "web", &update(&[], &[7]), &live, &report, 0));
+        assert!(none.contains("publishes no port 7"), "{none}");
+        let target_gone = ServiceUpdate {
+            port_rm: vec![PortSpec { port: 80, protocol: Protocol::Http }],
+            ..Default::default()
+        };
+        let target_gone = refused(plans::update_service(&state, "web", &target_gone, &live, &report, 0));
+        assert!(target_gone.contains("remove it with --publish-rm 9090 first"), "{target_gone}");
+        let reserved = refused(plans::create_service(&state, spec("ingress", &[]), &live));
+        assert!(reserved.contains("`ingress` is reserved"), "{reserved}");
+    }
+
     #[test]
     fn a_membership_left_alone_by_a_change_is_the_same_shared_one() {
         use crate::plans::{self, Liveness, ServiceSpec};
@@ -362,6 +519,7 @@ mod tests {
             command: None,
             run: Default::default(),
             signed: None,
+            publish: vec![],
         };
         let plan = plans::create_service(&state, spec("web"), &live).unwrap();
         apply(&mut state, plan);
@@ -422,6 +580,7 @@ mod tests {
             command: None,
             run: Default::default(),
             signed: None,
+            publish: vec![],
         };
         let plan = plans::create_service(&state, spec("web", "wg"), &live).unwrap();
         apply(&mut state, plan);

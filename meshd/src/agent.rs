@@ -105,6 +105,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         s.counters = Some(dp.counters.clone());
         s.certificates = Some(dp.certificates.clone());
         s.reports = Some(endpoints.subscribe());
+        s.endpoints_hub = Some(endpoints.clone());
         s.overlay = Some(dp.overlay.clone());
         Some(dp)
     } else {
@@ -239,9 +240,16 @@ impl Dataplane {
             tls::server_config(mesh.client_verifier.clone(), served.clone())
                 .map_err(std::io::Error::other)?,
         );
+        let ingress = crate::mesh::ingress::Ingress::new(
+            mesh.clone(),
+            node_certificate.clone(),
+            endpoints.clone(),
+            config.publish_address,
+        );
         let mut tasks = vec![
             spawn(crate::mesh::inbound::serve(mesh.clone(), mesh_listener, acceptor)),
             spawn(async move { served.follow(node_certificate).await }),
+            spawn(ingress.clone().keep_trying()),
         ];
         if let Some(listener) = metrics_listener {
             let registry = metrics.clone();
@@ -272,6 +280,7 @@ impl Dataplane {
                     wireguard: config.session.wireguard.clone().unwrap_or_else(|| {
                         Arc::new(crate::wireguard::Keys::empty(&config.session.state_dir))
                     }),
+                    ingress: ingress.clone(),
                 },
             )
             .await;

@@ -21,6 +21,9 @@ pub const DEFAULT_DNS_VISIBILITY: Visibility = Visibility::All;
 /// Where Prometheus metrics are served (`off` for nowhere).
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9480";
 
+/// Where published ports listen: every IPv4 address of the host.
+pub const DEFAULT_PUBLISH_ADDRESS: &str = "0.0.0.0";
+
 /// How `meshd run` runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -33,6 +36,8 @@ pub struct AgentConfig {
     pub dns_visibility: Visibility,
     /// Where to serve Prometheus metrics, if anywhere (with the data plane only).
     pub metrics: Option<SocketAddr>,
+    /// Where published ports listen in the host's namespace.
+    pub publish_address: std::net::Ipv4Addr,
 }
 
 /// The underlay address: `given` (IP or IP:PORT, the port [`DEFAULT_OVERLAY_PORT`] unless

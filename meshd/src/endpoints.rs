@@ -19,14 +19,31 @@ fn now() -> i64 {
 type Key = (String, u32);
 
 /// The states of this node's endpoints, and their output, by endpoint.
+#[derive(Debug)]
 pub struct Endpoints {
     states: watch::Sender<BTreeMap<Key, EndpointState>>,
     output: Mutex<HashMap<Key, Arc<Mutex<Ring>>>>,
+    /// The ports this node was told to publish and whether it listens on each, reported with
+    /// the states (a change wakes the same watchers).
+    published: Mutex<Vec<Published>>,
+}
+
+/// A port this node publishes, as reported.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Published {
+    pub port: u16,
+    pub service: String,
+    /// `None`: listening; else why not.
+    pub error: Option<String>,
 }
 
 impl Endpoints {
     pub fn new() -> Arc<Endpoints> {
-        Arc::new(Endpoints { states: watch::channel(BTreeMap::new()).0, output: Mutex::new(HashMap::new()) })
+        Arc::new(Endpoints {
+            states: watch::channel(BTreeMap::new()).0,
+            output: Mutex::new(HashMap::new()),
+            published: Mutex::new(Vec::new()),
+        })
     }
 
     /// The last `tail` lines (0: all) of what endpoint `service`.`slot` wrote, at or after
@@ -42,6 +59,21 @@ impl Endpoints {
         let lines: Vec<&LogLine> = ring.lines.iter().filter(|l| l.at_millis >= since_millis).collect();
         let skip = if tail == 0 { 0 } else { lines.len().saturating_sub(tail) };
         Some(lines[skip..].iter().map(|l| (*l).clone()).collect())
+    }
+
+    /// Records the published ports' states; a change is reported.
+    pub fn set_published(&self, now: Vec<Published>) {
+        let mut held = self.published.lock().unwrap_or_else(PoisonError::into_inner);
+        if *held != now {
+            *held = now;
+            drop(held);
+            self.states.send_modify(|_| {});
+        }
+    }
+
+    /// The published ports' states.
+    pub fn published(&self) -> Vec<Published> {
+        self.published.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Told of every change.
@@ -161,7 +193,7 @@ pub const RING_LINES: usize = 2000;
 pub const RING_BYTES: usize = 1 << 20;
 
 /// One endpoint's last lines.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Ring {
     lines: VecDeque<LogLine>,
     bytes: usize,

@@ -66,6 +66,10 @@ enum Cmd {
         /// Where to serve Prometheus metrics (`GET /metrics`); `off` for nowhere.
         #[arg(long, default_value = config::DEFAULT_METRICS, value_parser = metrics_http::parse_addr)]
         metrics: MetricsAddr,
+        /// The address published ports (`meshctl service create --publish`) listen on in this
+        /// host's namespace (all of its IPv4 addresses by default).
+        #[arg(long, default_value = config::DEFAULT_PUBLISH_ADDRESS)]
+        publish_address: std::net::Ipv4Addr,
         /// Show the effective configuration (each value with where it came from: the command
         /// line, the environment, the file and line, or the default) and exit.
         #[arg(long)]
@@ -165,6 +169,7 @@ async fn run() {
             no_dataplane,
             dns_visibility,
             metrics,
+            publish_address,
             print_config: _,
         } => match config::underlay_address(underlay.as_deref(), &state_dir) {
             Ok(underlay) => agent::run(AgentConfig {
@@ -173,6 +178,7 @@ async fn run() {
                 dataplane: !no_dataplane,
                 dns_visibility,
                 metrics: metrics.0,
+                publish_address,
             })
             .await
             .map_err(anyhow::Error::from),

@@ -25,6 +25,7 @@
 //! filter in `tun` asks it through [`Admission`]).
 
 pub mod inbound;
+pub mod ingress;
 pub mod outbound;
 pub mod tls;
 
@@ -73,6 +74,10 @@ pub struct Route {
 }
 
 impl Route {
+    pub fn new(targets: Vec<Target>) -> Route {
+        Route { targets, next: AtomicUsize::new(0) }
+    }
+
     /// The next endpoint in turn that has not failed lately (or, when all have, the next one).
     pub fn pick(&self, failed: &Mutex<HashMap<Ipv4Addr, Instant>>) -> Option<&Target> {
         if self.targets.is_empty() {
@@ -107,6 +112,9 @@ pub struct View {
     pub removed: HashSet<NodeId>,
     /// (service, node) for every endpoint the slice shows: who hosts what, now.
     hosts: HashSet<(String, NodeId)>,
+    /// (local service, target port) -> the nodes that publish it: the only ones admitted as
+    /// `ingress` there.
+    ingress: HashMap<(String, u16), HashSet<NodeId>>,
 }
 
 impl View {
@@ -151,6 +159,11 @@ impl View {
             networks_of,
             removed: slice.removed_nodes.iter().cloned().collect(),
             hosts,
+            ingress: slice
+                .ingress
+                .iter()
+                .map(|a| ((a.service.clone(), a.target), a.nodes.iter().cloned().collect()))
+                .collect(),
         }
     }
 
@@ -168,6 +181,15 @@ impl View {
         if self.removed.contains(&peer.node) {
             return Some(format!("{} holds a certificate of removed node {}", peer.endpoint, peer.node));
         }
+        if peer.ingress {
+            if !self.ingress.values().any(|nodes| nodes.contains(&peer.node)) {
+                return Some(format!(
+                    "node {} publishes no port of a service here (a node's certificate is not a workload's)",
+                    peer.node
+                ));
+            }
+            return None;
+        }
         if !self.hosts.contains(&(peer.service.clone(), peer.node.clone())) {
             return Some(format!(
                 "node {} no longer hosts an endpoint of `{}` ({} is not one any more)",
@@ -175,6 +197,13 @@ impl View {
             ));
         }
         None
+    }
+
+    /// Whether `peer`, a node carrying published ports' clients, may reach `service`'s `port`:
+    /// only if it publishes a port leading there. `None`: it may; else why not.
+    pub fn admits_ingress(&self, peer: &tls::Peer, service: &str, port: u16) -> Option<String> {
+        let admitted = self.ingress.get(&(service.to_owned(), port)).is_some_and(|n| n.contains(&peer.node));
+        (!admitted).then(|| format!("node {} publishes no port leading to `{service}`:{port}", peer.node))
     }
 
     /// Whether `service` is on `network`.

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub certificate_expiry: Family<Endpoint, Gauge>,
     /// Outbound connections from local workloads, by outcome.
     pub outbound: Family<Outcome, Counter>,
+    /// Connections taken on published ports, by outcome (as `outbound`).
+    pub ingress: Family<Outcome, Counter>,
     /// The overlay's counters, read at each scrape.
     overlay: std::sync::OnceLock<Arc<tun::core::Counters>>,
 }
@@ -92,7 +94,14 @@ impl Default for Metrics {
             "Connections from local workloads, by outcome",
             outbound.clone(),
         );
+        let ingress = Family::<Outcome, Counter>::default();
+        registry.register(
+            "ingress_connections",
+            "Connections taken on published ports, by outcome",
+            ingress.clone(),
+        );
         Metrics {
+            ingress,
             registry,
             verdicts,
             bytes,

@@ -50,6 +50,8 @@ pub struct Reconciler {
     spec_seen: std::sync::Mutex<Seen>,
     cluster: String,
     wireguard: Arc<crate::wireguard::Keys>,
+    /// The ports this node publishes.
+    ingress: Arc<crate::mesh::ingress::Ingress>,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -68,6 +70,8 @@ pub struct Hosting {
     pub cluster: String,
     /// The node's WireGuard keys, which the session makes as the slices ask.
     pub wireguard: Arc<crate::wireguard::Keys>,
+    /// The ports this node publishes, as the slices list them.
+    pub ingress: Arc<crate::mesh::ingress::Ingress>,
 }
 
 impl Reconciler {
@@ -80,8 +84,17 @@ impl Reconciler {
         certificates: Arc<WorkloadCertificates>,
         hosting: Hosting,
     ) -> Reconciler {
-        let Hosting { upstream, visibility, sandbox, endpoints, spec_key, spec_seen, cluster, wireguard } =
-            hosting;
+        let Hosting {
+            upstream,
+            visibility,
+            sandbox,
+            endpoints,
+            spec_key,
+            spec_seen,
+            cluster,
+            wireguard,
+            ingress,
+        } = hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
             let _ = netns::delete(&ns).await;
@@ -99,6 +112,7 @@ impl Reconciler {
             spec_seen: std::sync::Mutex::new(spec_seen),
             cluster,
             wireguard,
+            ingress,
             workloads: Mutex::new(HashMap::new()),
         }
     }
@@ -276,6 +290,7 @@ impl Reconciler {
             }
         }
         self.mesh.view.store(Arc::new(View::build(slice, local, self.mesh.engine(slice))));
+        self.ingress.update(&slice.published);
         for w in workloads.values_mut() {
             let mut wanted = BTreeMap::new();
             for network in slice.networks.iter().filter(|n| w.networks.contains(&n.name)) {

@@ -173,7 +173,7 @@ async fn connect_and_follow(
             message = stream.message() => message.map_err(|s| ClientError::refused(&addr, s))?,
             changed = reports.changed(), if watching => {
                 match changed {
-                    Ok(()) => report(&mut reporter, reports).await,
+                    Ok(()) => report(&mut reporter, reports, endpoints).await,
                     Err(_) => watching = false,
                 }
                 continue;
@@ -295,10 +295,21 @@ pub type Reports = watch::Receiver<std::collections::BTreeMap<(String, u32), mes
 async fn report(
     client: &mut pb::dispatcher_client::DispatcherClient<tonic::transport::Channel>,
     reports: &mut Reports,
+    hub: &Endpoints,
 ) {
     let endpoints: Vec<pb::EndpointReport> =
         reports.borrow_and_update().values().cloned().map(Into::into).collect();
-    if let Err(e) = client.report_endpoints(pb::EndpointReports { endpoints }).await {
+    let published = hub
+        .published()
+        .into_iter()
+        .map(|p| pb::PublishedReport {
+            port: p.port.into(),
+            service: p.service,
+            listening: p.error.is_none(),
+            error: p.error.unwrap_or_default(),
+        })
+        .collect();
+    if let Err(e) = client.report_endpoints(pb::EndpointReports { endpoints, published }).await {
         warn!(error = %e, "reporting the endpoints' states to control failed");
     }
 }

@@ -64,6 +64,11 @@ pub struct Status {
     pub slice: Option<Arc<NodeSlice>>,
     #[serde(skip)]
     pub netns_prefix: String,
+    /// The ports this node publishes, each listening or why not.
+    #[serde(default)]
+    pub published: Vec<crate::endpoints::Published>,
+    #[serde(skip)]
+    pub endpoints_hub: Option<Arc<crate::endpoints::Endpoints>>,
     #[serde(skip)]
     pub reports: Option<
         tokio::sync::watch::Receiver<
@@ -242,6 +247,14 @@ impl Status {
                 if self.drops.is_empty() { "none".to_owned() } else { self.drops.join(" ") }
             ));
         }
+        for p in &self.published {
+            match &p.error {
+                None => out.push_str(&format!("published {} -> {} listening\n", p.port, p.service)),
+                Some(e) => {
+                    out.push_str(&format!("published {} -> {} NOT LISTENING: {e}\n", p.port, p.service))
+                }
+            }
+        }
         out.push_str(&format!("networks ({})\n", self.networks.len()));
         for n in &self.networks {
             let keys = if n.encrypted { n.keys.join(" ") } else { "unencrypted".to_owned() };
@@ -361,6 +374,9 @@ fn snapshot(status: &Mutex<Status>) -> Status {
             e.state = report.map(|r| r.state.name().to_owned());
             e.reason = report.and_then(|r| r.last_exit.clone());
         }
+    }
+    if let Some(hub) = s.endpoints_hub.clone() {
+        s.published = hub.published();
     }
     if let Some(certs) = s.certificates.clone() {
         s.workload_certificates =

@@ -212,6 +212,8 @@ mod tests {
             manager_ids: vec![],
             trust_pem: String::new(),
             cross_pem: String::new(),
+            published: vec![],
+            ingress: vec![],
         }
     }
 

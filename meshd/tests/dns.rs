@@ -63,6 +63,8 @@ fn slice(api_endpoints: &[[u8; 4]]) -> NodeSlice {
         manager_ids: vec![],
         trust_pem: String::new(),
         cross_pem: String::new(),
+        published: vec![],
+        ingress: vec![],
     }
 }
 

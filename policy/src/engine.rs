@@ -179,10 +179,12 @@ fn holds(m: &HeaderMatch, v: &[u8]) -> bool {
 
 impl Compiled {
     fn matches(&self, req: &Request<'_>) -> bool {
-        if let Some(from) = &self.from
-            && !from.contains(req.from)
-        {
-            return false;
+        match &self.from {
+            Some(from) if !from.contains(req.from) => return false,
+            // `*` is every service: an allow rule names `ingress` to let published ports' clients
+            // in, where a deny rule's `*` shuts them out too.
+            None if req.from == crate::INGRESS && self.action == Action::Allow => return false,
+            _ => {}
         }
         if !self.ports.is_empty() && !self.ports.contains(&req.port) {
             return false;
@@ -315,6 +317,8 @@ impl Engine {
         let (verdict, rule) = match (deny, allow) {
             (Some(d), _) => (Action::Deny, Some(d.clone())),
             (None, Some(a)) => (Action::Allow, Some(a.clone())),
+            // Published ports are reachable only where a rule names `ingress`, whatever the default.
+            (None, None) if req.from == crate::INGRESS => (Action::Deny, None),
             (None, None) => (self.default, None),
         };
         Decision { verdict, rule, dry_run }

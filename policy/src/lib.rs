@@ -76,6 +76,11 @@
 //! See `policy/README.md` for the language and for what each spelling of a path means.
 #![forbid(unsafe_code)]
 
+/// The source of every connection a published port takes in (`meshctl service create
+/// --publish`): a reserved name, never a service's. Only allow rules that name it admit those
+/// clients: `*` does not, and neither does `default = "allow"`.
+pub const INGRESS: &str = "ingress";
+
 mod canonical;
 mod engine;
 mod parse;

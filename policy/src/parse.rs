@@ -367,6 +367,12 @@ impl Policy {
                     loc.at(star.span(), "`to` names destination services; `*` is allowed only in `from`")
                 );
             }
+            if let Some(ingress) = r.to.get_ref().iter().find(|s| s.get_ref() == crate::INGRESS) {
+                return Err(loc.at(
+                    ingress.span(),
+                    "`ingress` stands for published ports' clients; it is a source, never a destination",
+                ));
+            }
             let to = services(&loc, r.to.get_ref())?;
             let protocol = match &r.protocol {
                 None => Protocol::Http,
@@ -506,7 +512,7 @@ impl Policy {
         }
         for s in named {
             let name = s.get_ref();
-            if !known.contains(name) {
+            if !known.contains(name) && name != crate::INGRESS {
                 let closest =
                     known.iter().map(|k| (strsim::levenshtein(k, name), k)).filter(|(d, _)| *d <= 2).min();
                 let hint = match closest {

@@ -276,3 +276,55 @@ fn a_restricted_policy_round_trips_through_toml() {
     }
     assert_eq!(again.default, p.default);
 }
+
+/// Published ports' clients (`ingress`) get in only where an allow rule names them: not by `*`,
+/// not by `default = "allow"`, not by a rule for another service; a deny rule's `*` shuts them out.
+#[test]
+fn ingress_is_admitted_only_by_rules_that_name_it() {
+    let open = r#"
+default = "allow"
+
+[[rule]]
+name = "anyone-reads"
+action = "allow"
+from = ["*"]
+to = ["web", "api"]
+methods = ["GET"]
+"#;
+    let engine = Engine::compile(&Policy::parse("p.toml", open).unwrap());
+    let get = canonicalize("GET", "/").unwrap();
+    let post = canonicalize("POST", "/").unwrap();
+    for (http, port) in [(&get, 80), (&post, 80)] {
+        let decision = engine.evaluate(&Request::http("ingress", "web", port, http, &[]));
+        assert_eq!(decision.verdict, Action::Deny, "{http}");
+        // Any service still gets what the policy gives it.
+        assert!(engine.evaluate(&Request::http("web", "api", port, http, &[])).allowed(), "{http}");
+    }
+    assert!(!engine.evaluate(&Request::tcp("ingress", "db", 5432)).allowed());
+
+    let named = format!(
+        "{open}\n[[rule]]\nname = \"published-web\"\naction = \"allow\"\nfrom = [\"ingress\"]\nto = [\"web\"]\nports = [80]\npaths = [\"/public/*\"]\n\n[[rule]]\nname = \"no-secrets\"\naction = \"deny\"\nfrom = [\"*\"]\nto = [\"web\"]\npaths = [\"/public/secret\"]\n"
+    );
+    let policy = Policy::parse("p.toml", &named).unwrap();
+    let engine = Engine::compile(&policy);
+    let public = canonicalize("GET", "/public/a").unwrap();
+    let decision = engine.evaluate(&Request::http("ingress", "web", 80, &public, &[]));
+    assert_eq!(decision.reason(), "allow by rule `published-web` (line 11)");
+    // Encoded and dot-segment spellings reach the same canonical request.
+    for spelled in ["/public/%73ecret", "/public/./x/../secret", "/public//secret"] {
+        let http = canonicalize("GET", spelled).unwrap();
+        let decision = engine.evaluate(&Request::http("ingress", "web", 80, &http, &[]));
+        assert_eq!(decision.reason(), "deny by rule `no-secrets` (line 19)", "{spelled}");
+    }
+    // Another port, another path, another service: the rule does not reach them.
+    assert!(!engine.evaluate(&Request::http("ingress", "web", 81, &public, &[])).allowed());
+    assert!(!engine.evaluate(&Request::http("ingress", "web", 80, &get, &[])).allowed());
+    assert!(!engine.evaluate(&Request::http("ingress", "api", 80, &public, &[])).allowed());
+
+    // `ingress` is a known source and never a destination.
+    let known: BTreeSet<String> = ["web", "api", "db"].iter().map(|s| s.to_string()).collect();
+    policy.validate_services(&named, &known).unwrap();
+    let bad = "[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [\"ingress\"]\n";
+    let err = Policy::parse("p.toml", bad).unwrap_err();
+    assert!(err.message.contains("`ingress` stands for published ports' clients"), "{err}");
+}

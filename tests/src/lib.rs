@@ -275,5 +275,6 @@ pub fn pinned_service(
         command: "sleep 1000".into(),
         run,
         signed: None,
+        publish: vec![],
     }
 }

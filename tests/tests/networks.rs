@@ -38,6 +38,7 @@ fn service(name: &str, networks: &[&str], replicas: u32, constraints: &[&str]) -
         command: String::new(),
         run: None,
         signed: None,
+        publish: vec![],
     }
 }
 
@@ -430,6 +431,7 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
         dataplane: false,
         dns_visibility: meshd::dns::Visibility::All,
         metrics: None,
+        publish_address: std::net::Ipv4Addr::UNSPECIFIED,
     };
     let agent = tokio::spawn(meshd::agent::run(config));
     let mut admin = cluster.admin().await;

@@ -22,6 +22,7 @@ fn service(name: &str, node: &mesh_api::ids::NodeId) -> pb::CreateServiceRequest
         command: String::new(),
         run: None,
         signed: None,
+        publish: vec![],
     }
 }
 

@@ -37,6 +37,7 @@ async fn a_node_gets_certificates_only_for_endpoints_placed_on_it() {
             command: String::new(),
             run: None,
             signed: None,
+            publish: vec![],
         })
         .await
         .unwrap();

@@ -212,6 +212,7 @@ fn bench_service(name: &str, replicas: usize) -> pb::CreateServiceRequest {
         command: String::new(),
         run: None,
         signed: None,
+        publish: vec![],
     }
 }
 

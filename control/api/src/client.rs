@@ -14,8 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::pki::CONTROL_SERVER_NAME;
 use crate::proto::{
-    ClusterView, EndpointLogsView, EndpointPsView, NetworkView, NodeView, PolicyView, SecretView,
-    ServiceView, pb,
+    ClusterView, EndpointLogsView, EndpointPsView, NetworkView, NodeView, PolicyView, PublishedPsView,
+    SecretView, ServiceView, pb,
 };
 use crate::tls::{self, Identity, ServerTrust};
 use crate::tokens::Role;
@@ -467,8 +467,18 @@ impl AdminClient {
     }
 
     pub async fn service_ps(&mut self, name: &str) -> Result<Vec<EndpointPsView>, ClientError> {
-        let ps = self.inner.service_ps(name_request(name)).await.map_err(|s| self.refused(s))?;
-        ps.into_inner().endpoints.into_iter().map(|e| self.convert(e)).collect()
+        Ok(self.service_ps_published(name).await?.0)
+    }
+
+    /// `service ps`: the endpoints, and the published ports on each node that publishes them.
+    pub async fn service_ps_published(
+        &mut self,
+        name: &str,
+    ) -> Result<(Vec<EndpointPsView>, Vec<PublishedPsView>), ClientError> {
+        let ps = self.inner.service_ps(name_request(name)).await.map_err(|s| self.refused(s))?.into_inner();
+        let endpoints = ps.endpoints.into_iter().map(|e| self.convert(e)).collect::<Result<_, _>>()?;
+        let published = ps.published.into_iter().map(|p| self.convert(p)).collect::<Result<_, _>>()?;
+        Ok((endpoints, published))
     }
 
     pub async fn service_logs(

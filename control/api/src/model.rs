@@ -422,3 +422,101 @@ impl std::str::FromStr for Transport {
         }
     }
 }
+
+/// Which nodes listen on a published port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Every node labelled `ingress=true`, or every node when none is.
+    #[default]
+    Ingress,
+    /// Only the nodes running an endpoint of the service.
+    Host,
+}
+
+/// The label that picks the nodes `ingress`-mode ports are published on.
+pub const INGRESS_LABEL: (&str, &str) = ("ingress", "true");
+
+/// A port a service is reached at from outside the mesh (`--publish [MODE:]PUBLISHED:TARGET[/PROTO]`):
+/// meshd listens on `published` in the host's namespace of the nodes `mode` picks and carries
+/// each connection through the mesh to an endpoint's `target` port, as the source `ingress`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Publish {
+    pub mode: PublishMode,
+    pub published: u16,
+    pub target: u16,
+    /// `tcp` or `http`: the protocol of the target port (HTTP is decided per request).
+    pub protocol: Protocol,
+}
+
+impl Publish {
+    /// Parses `[MODE:]PUBLISHED:TARGET[/tcp|/http]`; the protocol, when left out, is `None` (the
+    /// target port's).
+    pub fn parse(text: &str) -> Result<(PublishMode, u16, u16, Option<Protocol>), String> {
+        let usage = "expected [ingress:|host:]PUBLISHED:TARGET[/tcp|/http], e.g. 8080:80/http";
+        let (ports, protocol) = match text.split_once('/') {
+            Some((ports, "tcp")) => (ports, Some(Protocol::Tcp)),
+            Some((ports, "http")) => (ports, Some(Protocol::Http)),
+            Some((_, "udp")) => return Err(format!("`{text}`: UDP ports cannot be published")),
+            Some((_, other)) => return Err(format!("`{text}`: unknown protocol `{other}`; {usage}")),
+            None => (text, None),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (mode, published, target) = match parts.as_slice() {
+            [published, target] => (PublishMode::Ingress, *published, *target),
+            ["ingress", published, target] => (PublishMode::Ingress, *published, *target),
+            ["host", published, target] => (PublishMode::Host, *published, *target),
+            [mode, _, _] => return Err(format!("`{text}`: unknown mode `{mode}`: ingress or host")),
+            _ => return Err(format!("`{text}`: {usage}")),
+        };
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{text}`: `{p}` is not a port (1-65535); {usage}"))
+        };
+        Ok((mode, port(published)?, port(target)?, protocol))
+    }
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.mode {
+            PublishMode::Ingress => "ingress",
+            PublishMode::Host => "host",
+        };
+        let protocol = if self.protocol == Protocol::Http { "http" } else { "tcp" };
+        write!(f, "{mode}:{}:{}/{protocol}", self.published, self.target)
+    }
+}
+
+#[cfg(test)]
+mod publish_tests {
+    use super::*;
+
+    #[test]
+    fn published_ports_parse_with_their_mode_and_protocol_and_bad_ones_say_why() {
+        assert_eq!(Publish::parse("8080:80"), Ok((PublishMode::Ingress, 8080, 80, None)));
+        assert_eq!(
+            Publish::parse("ingress:443:8443/tcp"),
+            Ok((PublishMode::Ingress, 443, 8443, Some(Protocol::Tcp)))
+        );
+        assert_eq!(Publish::parse("host:80:80/http"), Ok((PublishMode::Host, 80, 80, Some(Protocol::Http))));
+        for (bad, why) in [
+            ("80", "expected [ingress:|host:]PUBLISHED:TARGET"),
+            ("0:80", "`0` is not a port"),
+            ("70000:80", "`70000` is not a port"),
+            ("80:", "`` is not a port"),
+            ("edge:80:80", "unknown mode `edge`"),
+            ("80:80/udp", "UDP ports cannot be published"),
+            ("80:80/HTTP", "unknown protocol `HTTP`"),
+            ("host:1:2:3", "expected"),
+            ("-1:80", "is not a port"),
+        ] {
+            let err = Publish::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let p = Publish { mode: PublishMode::Host, published: 8080, target: 80, protocol: Protocol::Http };
+        assert_eq!(p.to_string(), "host:8080:80/http");
+    }
+}

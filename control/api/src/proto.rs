@@ -211,6 +211,9 @@ pub struct ServiceView {
     pub name: String,
     pub networks: Vec<String>,
     pub ports: Vec<String>,
+    /// Its published ports (MODE:PUBLISHED:TARGET/PROTOCOL) and the nodes that publish them.
+    pub publish: Vec<String>,
+    pub publish_nodes: Vec<crate::ids::NodeId>,
     pub replicas: u32,
     pub constraints: Vec<String>,
     pub command: Option<String>,
@@ -292,6 +295,34 @@ impl TryFrom<pb::EndpointPs> for EndpointPsView {
     }
 }
 
+/// A published port on one node, as `service ps` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PublishedPsView {
+    /// MODE:PUBLISHED:TARGET/PROTOCOL.
+    pub publish: String,
+    pub port: u16,
+    pub node: crate::ids::NodeId,
+    pub hostname: String,
+    /// listening, failed, or pending (the node has not reported it yet).
+    pub state: String,
+    /// Why it is not listening.
+    pub error: Option<String>,
+}
+
+impl TryFrom<pb::PublishedPs> for PublishedPsView {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::PublishedPs) -> Result<PublishedPsView, InvalidMessage> {
+        Ok(PublishedPsView {
+            publish: p.publish,
+            port: u16::try_from(p.port).map_err(|_| InvalidMessage::Field("published port"))?,
+            node: p.node.parse()?,
+            hostname: p.hostname,
+            state: p.state,
+            error: Some(p.error).filter(|e| !e.is_empty()),
+        })
+    }
+}
+
 /// A secret as an admin sees it: never its bytes.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SecretView {
@@ -330,6 +361,8 @@ impl TryFrom<pb::Service> for ServiceView {
             name: s.name,
             networks: s.networks,
             ports: s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect(),
+            publish: s.publish,
+            publish_nodes: s.publish_nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
             replicas: s.replicas,
             constraints: s.constraints,
             command: Some(s.command).filter(|c| !c.is_empty()),

@@ -150,6 +150,37 @@ pub struct NodePolicy {
     pub text: String,
 }
 
+/// An endpoint a published port leads to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IngressTarget {
+    /// One of its overlay addresses.
+    pub address: Ipv4Addr,
+    pub node: NodeId,
+    /// Its node's mesh port.
+    pub mesh: SocketAddr,
+}
+
+/// A port this node publishes: it listens on `port` in its own namespace and carries each
+/// connection, as the source `ingress`, to an endpoint's `target` port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PublishedPort {
+    pub service: String,
+    pub port: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+    pub endpoints: Vec<IngressTarget>,
+}
+
+/// The nodes that may call a hosted service's `target` port as the source `ingress`: those
+/// that publish it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IngressAdmission {
+    pub service: String,
+    pub target: u16,
+    pub protocol: Protocol,
+    pub nodes: std::collections::BTreeSet<NodeId>,
+}
+
 /// The whole slice.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodeSlice {
@@ -173,6 +204,10 @@ pub struct NodeSlice {
     /// sends none.
     pub trust_pem: String,
     pub cross_pem: String,
+    /// The ports this node publishes.
+    pub published: Vec<PublishedPort>,
+    /// Who may call the published ports of the services hosted here.
+    pub ingress: Vec<IngressAdmission>,
 }
 
 impl NodeSlice {
@@ -202,6 +237,35 @@ impl NodeSlice {
             manager_ids: self.manager_ids.clone(),
             trust_pem: self.trust_pem.clone(),
             cross_pem: self.cross_pem.clone(),
+            published: self
+                .published
+                .iter()
+                .map(|p| pb::PublishedPort {
+                    service: p.service.clone(),
+                    port: p.port.into(),
+                    target: p.target.into(),
+                    protocol: proto_str(p.protocol).to_owned(),
+                    endpoints: p
+                        .endpoints
+                        .iter()
+                        .map(|t| pb::IngressTarget {
+                            address: t.address.to_string(),
+                            node: t.node.to_string(),
+                            mesh: t.mesh.to_string(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            ingress: self
+                .ingress
+                .iter()
+                .map(|a| pb::IngressAdmission {
+                    service: a.service.clone(),
+                    target: a.target.into(),
+                    protocol: proto_str(a.protocol).to_owned(),
+                    nodes: a.nodes.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
             removed_nodes_unchanged,
             policy_unchanged,
             policy_version: if policy_unchanged { 0 } else { self.policy.as_ref().map_or(0, |p| p.version) },
@@ -317,6 +381,8 @@ impl NodeSlice {
             && self.manager_ids == other.manager_ids
             && self.trust_pem == other.trust_pem
             && self.cross_pem == other.cross_pem
+            && self.published == other.published
+            && self.ingress == other.ingress
     }
 }
 
@@ -767,6 +833,51 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             .collect::<Result<_, InvalidMessage>>()?;
         let policy =
             (s.policy_version > 0).then_some(NodePolicy { version: s.policy_version, text: s.policy });
+        let port =
+            |p: u32, what| u16::try_from(p).ok().filter(|p| *p != 0).ok_or(InvalidMessage::Field(what));
+        let tcp_or_http = |p: &str| match p {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            _ => Err(InvalidMessage::Field("published protocol")),
+        };
+        let published = s
+            .published
+            .into_iter()
+            .map(|p| {
+                Ok(PublishedPort {
+                    port: port(p.port, "published port")?,
+                    target: port(p.target, "published target")?,
+                    protocol: tcp_or_http(&p.protocol)?,
+                    endpoints: p
+                        .endpoints
+                        .iter()
+                        .map(|t| {
+                            Ok(IngressTarget {
+                                address: ipv4(&t.address, "ingress target")?,
+                                node: t.node.parse()?,
+                                mesh: t
+                                    .mesh
+                                    .parse()
+                                    .map_err(|_| InvalidMessage::Field("ingress mesh port"))?,
+                            })
+                        })
+                        .collect::<Result<_, InvalidMessage>>()?,
+                    service: p.service,
+                })
+            })
+            .collect::<Result<_, InvalidMessage>>()?;
+        let ingress = s
+            .ingress
+            .into_iter()
+            .map(|a| {
+                Ok(IngressAdmission {
+                    target: port(a.target, "ingress target port")?,
+                    protocol: tcp_or_http(&a.protocol)?,
+                    nodes: a.nodes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?,
+                    service: a.service,
+                })
+            })
+            .collect::<Result<_, InvalidMessage>>()?;
         Ok(NodeSlice {
             version: s.version,
             node: s.node_id.parse()?,
@@ -784,6 +895,8 @@ impl TryFrom<pb::NodeSlice> for NodeSlice {
             manager_ids: s.manager_ids,
             trust_pem: s.trust_pem,
             cross_pem: s.cross_pem,
+            published,
+            ingress,
         })
     }
 }
@@ -848,6 +961,23 @@ mod tests {
             manager_ids: vec!["m1".into()],
             trust_pem: "roots".into(),
             cross_pem: String::new(),
+            published: vec![PublishedPort {
+                service: "web".into(),
+                port: 8080,
+                target: 80,
+                protocol: Protocol::Http,
+                endpoints: vec![IngressTarget {
+                    address: Ipv4Addr::new(10, 9, 0, 2),
+                    node: NodeId::random(),
+                    mesh: SocketAddr::from(([192, 0, 2, 1], 4800)),
+                }],
+            }],
+            ingress: vec![IngressAdmission {
+                service: "web".into(),
+                target: 80,
+                protocol: Protocol::Http,
+                nodes: [NodeId::random()].into(),
+            }],
         }
     }
 

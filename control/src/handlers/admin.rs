@@ -73,7 +73,7 @@ fn secret_pb(state: &ClusterState, name: &str) -> pb::SecretInfo {
 }
 
 /// A service as admins see it; `reports` tells how many of its endpoints run.
-fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
+fn service_pb(state: &ClusterState, s: &Service, reports: &Reports) -> pb::Service {
     let running = s
         .endpoints
         .values()
@@ -111,6 +111,15 @@ fn service_pb(s: &Service, reports: &Reports) -> pb::Service {
         name: s.name.clone(),
         networks: s.networks.clone(),
         ports: s.ports.iter().copied().map(pb::Port::from).collect(),
+        publish: s.publish.iter().map(ToString::to_string).collect(),
+        publish_nodes: s
+            .publish
+            .iter()
+            .flat_map(|p| plans::publish::nodes(state, s, p))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|n| n.to_string())
+            .collect(),
         replicas: s.replicas,
         constraints: s.constraints.iter().map(|c| c.to_string()).collect(),
         command: s.command.clone().unwrap_or_default(),
@@ -304,7 +313,7 @@ impl AdminApi {
         self.0.store.read(|s| {
             s.services
                 .get(name)
-                .map(|s| service_pb(s, &self.0.reports))
+                .map(|service| service_pb(s, service, &self.0.reports))
                 .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))
         })
     }
@@ -758,6 +767,7 @@ impl pb::admin_server::Admin for AdminApi {
             command: Some(req.command).filter(|c| !c.is_empty()),
             run: req.run.map(RunSpec::from).unwrap_or_default(),
             signed: req.signed.map(signed_spec),
+            publish: req.publish,
         };
         self.0.change(|state, live| plans::create_service(state, spec, live)).await?;
         info!(service = %req.name, "service created");
@@ -770,7 +780,7 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         self.admin(&request)?;
         let services =
-            self.0.store.read(|s| s.services.values().map(|s| service_pb(s, &self.0.reports)).collect());
+            self.0.store.read(|s| s.services.values().map(|x| service_pb(s, x, &self.0.reports)).collect());
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
@@ -806,6 +816,14 @@ impl pb::admin_server::Admin for AdminApi {
             constraint_rm: req.constraint_rm,
             port_add: req.port_add.iter().map(port).collect::<Result<_, _>>()?,
             port_rm: req.port_rm.iter().map(port).collect::<Result<_, _>>()?,
+            publish_add: req.publish_add,
+            publish_rm: req
+                .publish_rm
+                .iter()
+                .map(|p| {
+                    u16::try_from(*p).map_err(|_| Status::invalid_argument(format!("{p} is not a port")))
+                })
+                .collect::<Result<_, _>>()?,
             force: req.force,
             signed: req.signed.map(signed_spec),
             unsigned: req.unsigned,
@@ -854,12 +872,37 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ServicePsResponse>, Status> {
         self.admin(&request)?;
         let name = &request.get_ref().name;
-        let endpoints = self.0.store.read(|state| {
+        let (endpoints, published) = self.0.store.read(|state| {
             let service = state
                 .services
                 .get(name)
                 .ok_or_else(|| Status::not_found(format!("no service named `{name}`")))?;
-            Ok::<_, Status>(
+            let hostname =
+                |node: &NodeId| state.nodes.get(node).map(|n| n.hostname.clone()).unwrap_or_default();
+            let published = service
+                .publish
+                .iter()
+                .flat_map(|p| plans::publish::nodes(state, service, p).into_iter().map(move |n| (p, n)))
+                .map(|(p, node)| {
+                    let report = self.0.reports.published(&node, p.published);
+                    let (state, error) = match report {
+                        None => ("pending", String::new()),
+                        Some(r) => match r.error {
+                            None => ("listening", String::new()),
+                            Some(e) => ("failed", e),
+                        },
+                    };
+                    pb::PublishedPs {
+                        port: p.published.into(),
+                        hostname: hostname(&node),
+                        node: node.to_string(),
+                        state: state.to_owned(),
+                        error,
+                        publish: p.to_string(),
+                    }
+                })
+                .collect();
+            Ok::<_, Status>((
                 service
                     .endpoints
                     .values()
@@ -890,9 +933,10 @@ impl pb::admin_server::Admin for AdminApi {
                         }
                     })
                     .collect(),
-            )
+                published,
+            ))
         })?;
-        Ok(Response::new(pb::ServicePsResponse { endpoints }))
+        Ok(Response::new(pb::ServicePsResponse { endpoints, published }))
     }
 
     async fn service_logs(

@@ -258,17 +258,35 @@ impl pb::dispatcher_server::Dispatcher for SessionApi {
             Caller::Node { id, .. } => id,
             Caller::Admin => return Err(Status::permission_denied("reports are for nodes")),
         };
-        let reports = request.into_inner().endpoints;
-        if reports.len() > MAX_REPORTED {
-            return Err(Status::invalid_argument(format!("at most {MAX_REPORTED} endpoints per report")));
+        let pb::EndpointReports { endpoints: reports, published } = request.into_inner();
+        if reports.len() > MAX_REPORTED || published.len() > MAX_REPORTED {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPORTED} endpoints and published ports per report"
+            )));
         }
+        let published = published
+            .into_iter()
+            .map(|p| {
+                if p.service.len() > MAX_REPORT_TEXT || p.error.len() > MAX_REPORT_TEXT {
+                    return Err(Status::invalid_argument("malformed report: report text"));
+                }
+                let port = u16::try_from(p.port)
+                    .map_err(|_| Status::invalid_argument("malformed report: published port"))?;
+                let error = (!p.listening)
+                    .then(|| if p.error.is_empty() { "not listening".to_owned() } else { p.error });
+                Ok(crate::manager::reports::PublishedState { port, service: p.service, error })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let reported = reports
             .into_iter()
             .map(EndpointState::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(format!("malformed report: {e}")))?;
         debug!(node = %node, endpoints = reported.len(), "endpoints reported");
-        self.0.store.read(|state| self.0.reports.put(state, &node, reported));
+        self.0.store.read(|state| {
+            self.0.reports.put(state, &node, reported);
+            self.0.reports.put_published(state, &node, published);
+        });
         Ok(Response::new(pb::ReportEndpointsResponse {}))
     }
 

@@ -12,7 +12,16 @@ use mesh_api::model::EndpointState;
 use crate::state::ClusterState;
 
 #[derive(Default)]
-pub struct Reports(Mutex<HashMap<NodeId, Vec<EndpointState>>>);
+pub struct Reports(Mutex<HashMap<NodeId, Vec<EndpointState>>>, Mutex<HashMap<NodeId, Vec<PublishedState>>>);
+
+/// What a node reports of one port it was told to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedState {
+    pub port: u16,
+    pub service: String,
+    /// `None`: it listens; else why not (it tries again).
+    pub error: Option<String>,
+}
 
 impl Reports {
     /// Keeps `reported` as what `node` runs now, less whatever the state does not place on it:
@@ -38,6 +47,24 @@ impl Reports {
             r.since = held.and_then(|h| h.iter().find(same)).map_or(now, |h| h.since);
         }
         reports.insert(node.clone(), reported);
+    }
+
+    /// Keeps `reported` as the state of the ports `node` publishes, less those it was not told to
+    /// publish.
+    pub fn put_published(&self, state: &ClusterState, node: &NodeId, mut reported: Vec<PublishedState>) {
+        reported.retain(|r| {
+            state.services.get(&r.service).is_some_and(|s| {
+                s.publish.iter().any(|p| {
+                    p.published == r.port && crate::plans::publish::nodes(state, s, p).contains(node)
+                })
+            })
+        });
+        self.1.lock().expect("lock").insert(node.clone(), reported);
+    }
+
+    /// What `node` last reported of its published port `port`.
+    pub fn published(&self, node: &NodeId, port: u16) -> Option<PublishedState> {
+        self.1.lock().expect("lock").get(node)?.iter().find(|r| r.port == port).cloned()
     }
 
     /// What `node` last reported of endpoint `service`.`slot`.

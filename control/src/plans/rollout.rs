@@ -65,6 +65,9 @@ pub struct ServiceUpdate {
     pub constraint_rm: Vec<String>,
     pub port_add: Vec<PortSpec>,
     pub port_rm: Vec<PortSpec>,
+    /// Published ports added (`[MODE:]PUBLISHED:TARGET[/PROTO]`) and removed (by published port).
+    pub publish_add: Vec<String>,
+    pub publish_rm: Vec<u16>,
     /// A new version even when the definition is the same: every endpoint is restarted.
     pub force: bool,
     /// The operator's signature of the new definition (it must say what the update makes).
@@ -128,6 +131,28 @@ fn reshape(service: &mut Service, update: &ServiceUpdate) -> Result<(), PlanErro
             return Err(PlanError::DuplicatePort(port_text(port)));
         }
         service.ports.push(*port);
+    }
+    for published in &update.publish_rm {
+        if !service.publish.iter().any(|p| p.published == *published) {
+            return Err(PlanError::Run(format!("the service publishes no port {published}")));
+        }
+        service.publish.retain(|p| p.published != *published);
+    }
+    let added = super::publish::resolve(&update.publish_add, &service.ports)?;
+    for p in added {
+        if service.publish.iter().any(|q| q.published == p.published) {
+            return Err(PlanError::Run(format!("published port {} is listed twice", p.published)));
+        }
+        service.publish.push(p);
+    }
+    // What is published still leads to a port of the service, with the same protocol.
+    for p in &service.publish {
+        if !service.ports.iter().any(|q| q.port == p.target && q.protocol == p.protocol) {
+            return Err(PlanError::Run(format!(
+                "port {} is published ({p}): remove it with --publish-rm {} first",
+                p.target, p.published
+            )));
+        }
     }
     for text in &update.constraint_rm {
         let gone: Constraint = text.parse()?;
@@ -220,6 +245,7 @@ pub fn update_service(
     let current = service.definition(service.version);
     let mut definition = changed(&current, update)?;
     reshape(&mut service, update)?;
+    super::publish::check_free(state, name, &service.publish)?;
     let differs = (&definition.command, &definition.run) != (&current.command, &current.run);
     match &update.signed {
         Some(signed) => {
@@ -437,6 +463,7 @@ mod tests {
             name: "api".into(),
             networks: vec![],
             ports: vec![],
+            publish: vec![],
             replicas,
             constraints: vec![],
             command: Some("v0".into()),

@@ -248,6 +248,9 @@ pub struct Service {
     pub name: String,
     pub networks: Vec<String>,
     pub ports: Vec<PortSpec>,
+    /// Its published ports (state written before this field has none).
+    #[serde(default)]
+    pub publish: Vec<mesh_api::model::Publish>,
     pub replicas: u32,
     pub constraints: Vec<Constraint>,
     pub command: Option<String>,

@@ -42,6 +42,8 @@ static ZONE: LazyLock<Zone> = LazyLock::new(|| {
         manager_ids: vec![],
         trust_pem: String::new(),
         cross_pem: String::new(),
+        published: vec![],
+        ingress: vec![],
     };
     Zone::for_workload(&slice, &BTreeSet::from(["front".to_owned()]))
 });

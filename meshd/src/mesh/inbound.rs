@@ -208,13 +208,32 @@ async fn stream(
     else {
         return refuse(StatusCode::NOT_FOUND, format!("service `{}` has no TCP port {port}", local.service));
     };
-    if !view.on_network(&peer.service, &local.network) {
+    if peer.ingress {
+        if let Some(why) = view.admits_ingress(&peer, &local.service, port) {
+            return refuse(StatusCode::FORBIDDEN, format!("refused: {why}"));
+        }
+    } else if !view.on_network(&peer.service, &local.network) {
         return refuse(
             StatusCode::FORBIDDEN,
             format!("refused: `{}` is not on network `{}`", peer.service, local.network),
         );
     }
-    let client_id = hyper::header::HeaderValue::from_str(&peer.spiffe_id.to_string()).ok();
+    // A published port's client: its address, as the publishing node saw it (read from nobody
+    // else).
+    let forwarded_for = match peer.ingress {
+        true => req
+            .headers()
+            .get(super::ingress::INGRESS_CLIENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok())
+            .and_then(|a| hyper::header::HeaderValue::from_str(&a.ip().to_string()).ok()),
+        false => None,
+    };
+    let client_id = if peer.ingress {
+        Some(hyper::header::HeaderValue::from_static(policy::INGRESS))
+    } else {
+        hyper::header::HeaderValue::from_str(&peer.spiffe_id.to_string()).ok()
+    };
     let tunnel = Arc::new(Tunnel {
         mesh: mesh.clone(),
         peer,
@@ -228,6 +247,7 @@ async fn stream(
             .get_or_create(&Destination { destination: local.service.clone() })
             .clone(),
         client_id,
+        forwarded_for,
         upstream: tokio::sync::Mutex::new(None),
     });
     let upgrade = hyper::upgrade::on(&mut req);
@@ -358,6 +378,8 @@ struct Tunnel {
     latency: Histogram,
     /// The caller's [`CLIENT_ID`] value, made once per tunnel.
     client_id: Option<hyper::header::HeaderValue>,
+    /// For a published port's client: its address, the workload's `x-forwarded-for`.
+    forwarded_for: Option<hyper::header::HeaderValue>,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
@@ -369,8 +391,8 @@ impl Tunnel {
         let mut seen: Option<Arc<super::View>> = None;
         loop {
             let view = self.mesh.view.load_full();
-            if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &view)) || view.refuses(&self.peer).is_some() {
-                if let Some(why) = view.refuses(&self.peer) {
+            if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &view)) || self.refused(&view).is_some() {
+                if let Some(why) = self.refused(&view) {
                     return why;
                 }
                 let request = policy::Request::tcp(&self.peer.service, &self.service, port);
@@ -382,6 +404,14 @@ impl Tunnel {
             }
             tokio::time::sleep(TUNNEL_RECHECK).await;
         }
+    }
+
+    /// Why the caller may not use this tunnel under `view` any more, if it may not.
+    fn refused(&self, view: &super::View) -> Option<String> {
+        view.refuses(&self.peer).or_else(|| match self.peer.ingress {
+            true => view.admits_ingress(&self.peer, &self.service, self.port),
+            false => None,
+        })
     }
 
     fn count(&self, decision: &policy::Decision, kind: &'static str) {
@@ -427,7 +457,7 @@ impl Tunnel {
         let started = Instant::now();
         let view = self.mesh.view.load_full();
         let latency = || self.latency.observe(started.elapsed().as_secs_f64());
-        if let Some(why) = view.refuses(&self.peer) {
+        if let Some(why) = self.refused(&view) {
             latency();
             let why = format!("refused: {why}");
             let (id, response) = answer(StatusCode::FORBIDDEN, &why);
@@ -435,6 +465,12 @@ impl Tunnel {
             return response;
         }
         req.headers_mut().remove(CLIENT_ID);
+        if let Some(client) = &self.forwarded_for {
+            // At the edge, what the client says of its own path is not kept: the workload (and
+            // the policy) see the address the publishing node took the connection from.
+            req.headers_mut().remove("forwarded");
+            req.headers_mut().insert("x-forwarded-for", client.clone());
+        }
         // The one canonical request the policy decides on and the workload is sent; a request
         // that cannot be made canonical is refused, never forwarded as it came.
         let target = match req.uri().path_and_query() {

@@ -118,7 +118,8 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Opens a tunnel for `caller` to `target`'s `port`: one CONNECT stream.
+    /// Opens a tunnel for `caller` to `target`'s `port`: one CONNECT stream. `client`: the
+    /// address of a published port's client, for the destination's `x-forwarded-for`.
     pub async fn open(
         &self,
         trust: Trust<'_>,
@@ -126,11 +127,14 @@ impl Pool {
         identity: &WorkloadIdentity,
         target: &Target,
         port: u16,
+        client: Option<SocketAddr>,
     ) -> Result<Upgraded, OpenError> {
         let mut sender = self.sender(trust, caller, identity, target).await?;
-        let request = hyper::Request::connect(format!("{}:{port}", target.address))
-            .body(Empty::new())
-            .expect("a valid request");
+        let mut request = hyper::Request::connect(format!("{}:{port}", target.address));
+        if let Some(client) = client {
+            request = request.header(super::ingress::INGRESS_CLIENT, client.to_string());
+        }
+        let request = request.body(Empty::new()).expect("a valid request");
         let response = sender
             .send_request(request)
             .await
@@ -159,7 +163,7 @@ pub async fn connect(
     target: SocketAddrV4,
 ) -> Result<TokioIo<Upgraded>, OpenError> {
     let t = Target { address: *target.ip(), node: node.clone(), mesh };
-    Pool::default().open(trust, "client", identity, &t, target.port()).await.map(TokioIo::new)
+    Pool::default().open(trust, "client", identity, &t, target.port(), None).await.map(TokioIo::new)
 }
 
 /// A workload, as the outbound side knows it.
@@ -298,7 +302,7 @@ async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, service: Service, port: u
     };
     for _ in 0..route.targets.len().min(3) {
         let Some(target) = route.pick(&mesh.failed) else { break };
-        match mesh.pool.open(mesh.trust(), &caller.endpoint, &identity, target, port).await {
+        match mesh.pool.open(mesh.trust(), &caller.endpoint, &identity, target, port, None).await {
             Ok(tunnel) => {
                 outcome("ok");
                 let mut tunnel = TokioIo::new(tunnel);

@@ -253,6 +253,9 @@ pub struct Peer {
     pub spiffe_id: SpiffeId,
     /// When the certificate expires: the connection ends then, and no request is taken after.
     pub not_after: time::OffsetDateTime,
+    /// A node's certificate: the node carries a published port's clients, as the source
+    /// `ingress` (admitted only where the slice names it as publishing that port).
+    pub ingress: bool,
 }
 
 /// Why a client certificate is not a workload of this cluster.
@@ -278,11 +281,21 @@ impl Peer {
         let der = der.ok_or(PeerError::Missing)?;
         let info = CertInfo::from_der(der).map_err(|e| PeerError::Unreadable(e.to_string()))?;
         match info.holder(cluster.as_str())? {
+            Holder::Workload { service, .. } if service == policy::INGRESS => {
+                Err(PeerError::NotWorkload(format!("`{service}`, a name no service may have")))
+            }
             Holder::Workload { service, endpoint, node } => {
                 let spiffe_id = SpiffeId::Service { cluster: cluster.clone(), service: service.clone() };
-                Ok(Peer { service, endpoint, node, spiffe_id, not_after: info.not_after })
+                Ok(Peer { service, endpoint, node, spiffe_id, not_after: info.not_after, ingress: false })
             }
-            Holder::Node { id, role } => Err(PeerError::NotWorkload(format!("{role} node {id}"))),
+            Holder::Node { id, .. } => Ok(Peer {
+                service: policy::INGRESS.to_owned(),
+                endpoint: format!("ingress@{id}"),
+                spiffe_id: SpiffeId::Node { cluster: cluster.clone(), node: id.clone() },
+                node: id,
+                not_after: info.not_after,
+                ingress: true,
+            }),
             Holder::Admin => Err(PeerError::NotWorkload("an admin".into())),
         }
     }
@@ -336,12 +349,21 @@ mod tests {
                 endpoint: "web.1".into(),
                 node: node.clone(),
                 spiffe_id,
-                not_after
+                not_after,
+                ingress: false,
             }
         );
-        let refused = Peer::from_certificate(Some(&der(&node_certificate(&cluster, &node))), &cluster);
+        // A node's certificate speaks for published ports' clients, never for a service.
+        let carrier =
+            Peer::from_certificate(Some(&der(&node_certificate(&cluster, &node))), &cluster).unwrap();
+        assert_eq!((carrier.service.as_str(), carrier.ingress, &carrier.node), ("ingress", true, &node));
+        // A workload certificate for a service named `ingress` (which control never creates) is
+        // refused: only a node's certificate is the source `ingress`.
+        let named = SpiffeId::Service { cluster: cluster.clone(), service: "ingress".into() };
+        let posing =
+            certificate(&format!("ingress.1@{node}"), WORKLOAD_OU, cluster.as_str(), &[named.to_string()]);
+        let refused = Peer::from_certificate(Some(&der(&posing)), &cluster);
         assert!(matches!(refused, Err(PeerError::NotWorkload(_))), "{refused:?}");
-        assert!(refused.unwrap_err().to_string().contains("not of a workload"));
         assert!(matches!(
             Peer::from_certificate(Some(&der(&web)), &ClusterId::random()),
             Err(PeerError::NotOurs(NotOurs::OtherCluster(_)))

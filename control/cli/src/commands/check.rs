@@ -329,6 +329,8 @@ mod tests {
             name: name.into(),
             networks: vec!["front".into()],
             ports: ports.iter().map(|p| p.to_string()).collect(),
+            publish: vec![],
+            publish_nodes: vec![],
             replicas: 0,
             constraints: vec![],
             command: None,

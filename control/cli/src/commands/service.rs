@@ -30,6 +30,14 @@ pub enum ServiceCmd {
         /// private /tmp, the node's state hidden.
         #[arg(long)]
         command: Option<String>,
+        /// [ingress:|host:]PUBLISHED:TARGET[/tcp|/http] (repeat for several): meshd listens on
+        /// PUBLISHED in the host's namespace (ingress mode: on every node labelled
+        /// ingress=true, or every node when none is; host mode: on the nodes running an
+        /// endpoint) and carries each connection through the mesh to an endpoint's TARGET port,
+        /// as the source `ingress`. Reachable only where a policy rule allows `from =
+        /// ["ingress"]`; `/http` ports are decided per request.
+        #[arg(long = "publish", value_name = "[MODE:]PUBLISHED:TARGET")]
+        publish: Vec<String>,
         #[command(flatten)]
         run: Box<RunArgs>,
     },
@@ -47,6 +55,10 @@ pub enum ServiceCmd {
         /// Only the endpoints' names (SERVICE.SLOT), one per line.
         #[arg(short, long)]
         quiet: bool,
+        /// Only the published ports, on each node that publishes them: listening, failed (and
+        /// why: the port is taken, say; the node tries again) or pending.
+        #[arg(long = "published")]
+        only_published: bool,
     },
     /// What the service's workloads wrote (stdout and stderr, each line prefixed by its
     /// endpoint), fetched through control from the nodes that run them.
@@ -129,6 +141,12 @@ pub struct UpdateArgs {
     /// PORT[/tcp|/udp|/http] removed (repeat).
     #[arg(long = "port-rm", value_name = "PORT")]
     port_rm: Vec<String>,
+    /// [ingress:|host:]PUBLISHED:TARGET[/tcp|/http] published (repeat), as for `service create`.
+    #[arg(long = "publish-add", value_name = "[MODE:]PUBLISHED:TARGET")]
+    publish_add: Vec<String>,
+    /// A published port no longer published, by its PUBLISHED number (repeat).
+    #[arg(long = "publish-rm", value_name = "PUBLISHED")]
+    publish_rm: Vec<u16>,
     /// A new version even if nothing of it changed: every endpoint restarted, in batches.
     #[arg(long)]
     force: bool,
@@ -221,7 +239,7 @@ impl RunArgs {
 /// Runs `meshctl service ...` against the leader.
 pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Signer>) -> anyhow::Result<()> {
     match cmd {
-        ServiceCmd::Create { name, networks, ports, replicas, constraints, command, run } => {
+        ServiceCmd::Create { name, networks, ports, replicas, constraints, command, publish, run } => {
             let ports = ports.iter().map(|p| parse_port(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let run = run.into_wire();
             // Signed as control will read it.
@@ -237,6 +255,7 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 command: command.unwrap_or_default(),
                 run: Some(run),
                 signed,
+                publish,
             };
             let signed_spec = request.signed.clone();
             let s = client.create_service(request).await?;
@@ -247,6 +266,9 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
             println!("service {} created with {} endpoint(s){signed}", s.name, s.endpoints.len());
             for (network, vip) in &s.vips {
                 println!("  {network}: virtual IP {vip}");
+            }
+            for p in &s.publish {
+                println!("  published: {p} (reachable where a policy rule allows from = [\"ingress\"])");
             }
         }
         ServiceCmd::Ls(ListArgs { format, quiet }) => {
@@ -260,11 +282,12 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 Format::Table => print!(
                     "{}",
                     render(
-                        &["NAME", "NETWORKS", "PORTS", "REPLICAS", "VIRTUAL IPS"],
+                        &["NAME", "NETWORKS", "PORTS", "PUBLISHED", "REPLICAS", "VIRTUAL IPS"],
                         services.iter().map(|s| vec![
                             s.name.clone(),
                             s.networks.join(","),
                             if s.ports.is_empty() { "-".to_owned() } else { s.ports.join(",") },
+                            if s.publish.is_empty() { "-".to_owned() } else { s.publish.join(",") },
                             format!("{}/{}", s.running, s.replicas),
                             s.vips.values().map(|v| v.to_string()).collect::<Vec<_>>().join(","),
                         ])
@@ -275,14 +298,16 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
         ServiceCmd::Inspect(InspectArgs { name, format }) => {
             print!("{}", data(format.into(), &client.inspect_service(&name).await?)?)
         }
-        ServiceCmd::Ps { name, format, quiet } => {
-            let endpoints = client.service_ps(&name).await?;
+        ServiceCmd::Ps { name, format, quiet, only_published } => {
+            let (endpoints, published) = client.service_ps_published(&name).await?;
             if quiet {
                 endpoints.iter().for_each(|e| println!("{name}.{}", e.slot));
                 return Ok(());
             }
             match format {
+                Format::Json | Format::Yaml if only_published => print!("{}", data(format, &published)?),
                 Format::Json | Format::Yaml => print!("{}", data(format, &endpoints)?),
+                Format::Table if only_published => print!("{}", published_table(&published)),
                 Format::Table => {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -323,7 +348,10 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                                 e.last_exit.clone().unwrap_or_else(|| "-".into()),
                             ])
                         )
-                    )
+                    );
+                    if !published.is_empty() {
+                        print!("\n{}", published_table(&published));
+                    }
                 }
             }
         }
@@ -347,6 +375,8 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 constraint_rm,
                 port_add,
                 port_rm,
+                publish_add,
+                publish_rm,
                 force,
                 unsigned,
                 rollout,
@@ -373,6 +403,8 @@ pub async fn run(cmd: ServiceCmd, client: &mut AdminClient, signer: Option<&Sign
                 memory_bytes: limit_memory,
                 signed: None,
                 unsigned,
+                publish_add,
+                publish_rm: publish_rm.into_iter().map(u32::from).collect(),
             };
             // The change applied to the current version as this key signed it (never to what a
             // manager says it is), signed when it changes or is restarted.
@@ -521,6 +553,22 @@ async fn logs(
         tail = 0;
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
+}
+
+/// The published ports on each node that publishes them.
+fn published_table(published: &[mesh_api::proto::PublishedPsView]) -> String {
+    render(
+        &["PUBLISHED", "NODE", "HOST", "STATE", "ERROR"],
+        published.iter().map(|p| {
+            vec![
+                p.publish.clone(),
+                p.node.to_string(),
+                p.hostname.clone(),
+                p.state.clone(),
+                p.error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        }),
+    )
 }
 
 fn parse_port(text: &str) -> anyhow::Result<pb::Port> {
