@@ -162,8 +162,21 @@ pub async fn connect(
     mesh: SocketAddr,
     target: SocketAddrV4,
 ) -> Result<TokioIo<Upgraded>, OpenError> {
+    connect_for(trust, identity, node, mesh, target, None).await
+}
+
+/// [`connect`], saying the stream carries a published port's `client` (as a publishing node
+/// does: the destination believes it only from one).
+pub async fn connect_for(
+    trust: Trust<'_>,
+    identity: &WorkloadIdentity,
+    node: &mesh_api::ids::NodeId,
+    mesh: SocketAddr,
+    target: SocketAddrV4,
+    client: Option<SocketAddr>,
+) -> Result<TokioIo<Upgraded>, OpenError> {
     let t = Target { address: *target.ip(), node: node.clone(), mesh };
-    Pool::default().open(trust, "client", identity, &t, target.port(), None).await.map(TokioIo::new)
+    Pool::default().open(trust, "client", identity, &t, target.port(), client).await.map(TokioIo::new)
 }
 
 /// A workload, as the outbound side knows it.

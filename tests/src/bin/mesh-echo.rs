@@ -6,7 +6,9 @@
 //!                                  # call (content-type application/grpc) gets its message back,
 //!                                  # with trailers grpc-status 0 and x-echo-name NAME; a path
 //!                                  # ending in /whoami gets the x-mesh-client-id values, one a line
-//!                                  # (those that came as trailers marked `trailer`)
+//!                                  # (those that came as trailers marked `trailer`); one ending
+//!                                  # in /client gets `NAME: VALUE` lines of x-mesh-client-id,
+//!                                  # x-forwarded-for and forwarded
 //!     mesh-echo tcp PORT           # echoes every byte back
 
 use std::collections::VecDeque;
@@ -102,6 +104,19 @@ async fn answer(name: &str, mut req: Request<Incoming>) -> Response<Frames> {
             ids.push_str(&format!("trailer {}\n", String::from_utf8_lossy(v.as_bytes())));
         }
         return Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(ids))])));
+    }
+    if req.uri().path().ends_with("/client") {
+        // Who the mesh says calls, and from where: every value of each header, one a line.
+        let lines: String = ["x-mesh-client-id", "x-forwarded-for", "forwarded"]
+            .iter()
+            .flat_map(|name| {
+                req.headers()
+                    .get_all(*name)
+                    .iter()
+                    .map(move |v| format!("{name}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+            })
+            .collect();
+        return Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(lines))])));
     }
     let target = req.uri().path_and_query().map_or("", |p| p.as_str());
     let line = format!("{name} {} {target} {:?}\n", req.method(), req.version());

@@ -99,6 +99,22 @@ impl Lab {
         Ok(())
     }
 
+    /// A namespace outside the cluster, on the underlay bridge: a client of published ports, or
+    /// a server on the internet. Named `PREFIX-NAME`, at the `index`-th address from the top of
+    /// the underlay subnet; removed with the lab. Returns its name and address.
+    pub fn add_outside(&self, name: &str, index: u32) -> Result<(String, std::net::Ipv4Addr), LabError> {
+        let t = self.topology();
+        let (ns, br, veth) = (format!("{}-{name}", t.prefix), t.bridge(), format!("o{index}"));
+        let address = std::net::Ipv4Addr::from(u32::from(t.subnet.broadcast()) - 1 - index);
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &veth, "netns", &br])?;
+        ip(&["-n", &br, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{address}/{}", t.subnet.prefix_len()), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok((ns, address))
+    }
+
     /// `mesh-control init` on host 1 (the cluster, its CA, tokens and admin bundle); what it
     /// printed.
     pub fn init_cluster(&mut self) -> Result<String, LabError> {
