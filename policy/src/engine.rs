@@ -12,7 +12,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::canonical::{CanonicalError, CanonicalRequest, Compare, Method, canonicalize};
-use crate::parse::{Action, HeaderMatch, HeaderRule, PathMatch, Policy, Protocol, TestCase};
+use crate::parse::{Action, External, HeaderMatch, HeaderRule, PathMatch, Policy, Protocol, TestCase};
+use std::net::Ipv4Addr;
 
 /// A request, or a TCP connection, to decide on.
 #[derive(Clone, Copy, Debug)]
@@ -246,6 +247,42 @@ impl Compiled {
 pub struct Engine {
     default: Action,
     by_destination: HashMap<Box<str>, Vec<Compiled>>,
+    /// The rules naming destinations outside the mesh.
+    egress: Vec<CompiledEgress>,
+}
+
+struct CompiledEgress {
+    rule: RuleRef,
+    action: Action,
+    /// `None`: any service.
+    from: Option<HashSet<Box<str>>>,
+    /// Empty: any port.
+    ports: Vec<u16>,
+    to: Vec<External>,
+    dry_run: bool,
+}
+
+/// A connection leaving the mesh, to decide on.
+#[derive(Clone, Copy, Debug)]
+pub struct EgressRequest<'a> {
+    /// The calling workload's service.
+    pub from: &'a str,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    /// The names (of `dns:` rules) whose current answers hold `address`.
+    pub names: &'a [&'a str],
+}
+
+impl EgressRequest<'_> {
+    /// "web -> 203.0.113.7:443 (egress)".
+    pub fn describe(&self) -> String {
+        match self.names {
+            [] => format!("{} -> {}:{} (egress)", self.from, self.address, self.port),
+            names => {
+                format!("{} -> {}:{} ({}, egress)", self.from, self.address, self.port, names.join(", "))
+            }
+        }
+    }
 }
 
 /// A policy test that did not get its expected verdict.
@@ -273,8 +310,20 @@ impl fmt::Display for TestFailure {
 impl Engine {
     pub fn compile(policy: &Policy) -> Engine {
         let mut by_destination: HashMap<Box<str>, Vec<Compiled>> = HashMap::new();
+        let mut egress = Vec::new();
         for r in &policy.rules {
             let rule = RuleRef { name: Arc::from(r.name.as_str()), line: r.line };
+            if r.is_egress() {
+                egress.push(CompiledEgress {
+                    rule,
+                    action: r.action,
+                    from: r.from.as_ref().map(|f| f.iter().map(|s| Box::from(s.as_str())).collect()),
+                    ports: r.ports.iter().copied().collect(),
+                    to: r.external(),
+                    dry_run: r.dry_run,
+                });
+                continue;
+            }
             let deny = r.action == Action::Deny;
             for to in &r.to {
                 by_destination.entry(Box::from(to.as_str())).or_default().push(Compiled {
@@ -291,7 +340,7 @@ impl Engine {
                 });
             }
         }
-        Engine { default: policy.default, by_destination }
+        Engine { default: policy.default, by_destination, egress }
     }
 
     /// Decides on `req`: an enforced deny that matches wins; else an enforced allow; else the
@@ -324,6 +373,67 @@ impl Engine {
         Decision { verdict, rule, dry_run }
     }
 
+    /// Decides on a connection leaving the mesh: an enforced deny that matches wins; else an
+    /// enforced allow; else deny, whatever the default (every way out is named by a rule).
+    pub fn evaluate_egress(&self, req: &EgressRequest<'_>) -> Decision {
+        let mut deny: Option<&RuleRef> = None;
+        let mut allow: Option<&RuleRef> = None;
+        let mut dry_run = Vec::new();
+        for r in &self.egress {
+            let from = r.from.as_ref().is_none_or(|f| f.contains(req.from));
+            let port = r.ports.is_empty() || r.ports.contains(&req.port);
+            if !(from && port && r.to.iter().any(|t| t.holds(req.address, req.names))) {
+                continue;
+            }
+            if r.dry_run {
+                dry_run.push((r.rule.clone(), r.action));
+            } else if r.action == Action::Deny {
+                deny = deny.or(Some(&r.rule));
+            } else {
+                allow = allow.or(Some(&r.rule));
+            }
+        }
+        let (verdict, rule) = match (deny, allow) {
+            (Some(d), _) => (Action::Deny, Some(d.clone())),
+            (None, Some(a)) => (Action::Allow, Some(a.clone())),
+            (None, None) => (Action::Deny, None),
+        };
+        Decision { verdict, rule, dry_run }
+    }
+
+    /// What `source` may reach outside the mesh, coarsely: the names of enforced allow rules for
+    /// it, and whether one names a network (then any name may resolve into it). For its DNS.
+    pub fn egress_reach(&self, source: &str) -> (BTreeSet<String>, bool) {
+        let mut names = BTreeSet::new();
+        let mut networks = false;
+        for r in self.egress.iter().filter(|r| r.action == Action::Allow && !r.dry_run) {
+            if r.from.as_ref().is_some_and(|f| !f.contains(source)) {
+                continue;
+            }
+            for t in &r.to {
+                match t {
+                    External::Name(n) => {
+                        names.insert(n.clone());
+                    }
+                    External::Net { .. } => networks = true,
+                }
+            }
+        }
+        (names, networks)
+    }
+
+    /// Every `dns:` name a rule names: what meshd keeps resolved.
+    pub fn egress_names(&self) -> BTreeSet<String> {
+        self.egress
+            .iter()
+            .flat_map(|r| r.to.iter())
+            .filter_map(|t| match t {
+                External::Name(n) => Some(n.clone()),
+                External::Net { .. } => None,
+            })
+            .collect()
+    }
+
     /// Runs the policy's own tests; returns those that failed. A test whose request would be
     /// refused (400) counts as denied.
     pub fn run_tests(&self, tests: &[TestCase]) -> Vec<TestFailure> {
@@ -332,6 +442,22 @@ impl Engine {
             .filter_map(|t| {
                 let headers: Vec<(&str, &[u8])> =
                     t.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+                if let Some(Ok((address, name))) = crate::parse::egress_test_target(&t.to) {
+                    let names: Vec<&str> = name.as_deref().into_iter().collect();
+                    let req = EgressRequest { from: &t.from, address, port: t.port, names: &names };
+                    let got = self.evaluate_egress(&req);
+                    let request = match &name {
+                        Some(n) => format!("{} -> dns:{n}:{} (egress)", t.from, t.port),
+                        None => req.describe(),
+                    };
+                    return (got.verdict != t.expect).then_some(TestFailure {
+                        line: t.line,
+                        request,
+                        expected: t.expect,
+                        got,
+                        refused: None,
+                    });
+                }
                 let canonical = t.method.as_ref().map(|m| canonicalize(m.as_str(), &t.path));
                 let (got, refused, request) = match &canonical {
                     Some(Err(e)) => {

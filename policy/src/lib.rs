@@ -86,5 +86,7 @@ mod engine;
 mod parse;
 
 pub use canonical::{CanonicalError, CanonicalRequest, Method, TargetForm, canonical_path, canonicalize};
-pub use engine::{Decision, Engine, Request, RuleRef, TestFailure, describe};
-pub use parse::{Action, HeaderMatch, HeaderRule, PathMatch, Policy, PolicyError, Protocol, Rule, TestCase};
+pub use engine::{Decision, EgressRequest, Engine, Request, RuleRef, TestFailure, describe};
+pub use parse::{
+    Action, External, HeaderMatch, HeaderRule, PathMatch, Policy, PolicyError, Protocol, Rule, TestCase,
+};

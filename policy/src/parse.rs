@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
@@ -101,6 +102,80 @@ pub struct HeaderRule {
     pub matches: HeaderMatch,
 }
 
+/// A destination outside the mesh, as a rule's `to` names it: `cidr:A.B.C.D/N` (the addresses of
+/// a network) or `dns:NAME` (the addresses NAME resolves to now, as meshd resolves it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum External {
+    Net { network: Ipv4Addr, prefix_len: u8 },
+    Name(String),
+}
+
+impl External {
+    /// Reads `cidr:...` or `dns:...`; `None` for anything else (a service's name); an error for
+    /// a malformed one.
+    pub fn parse(text: &str) -> Option<Result<External, String>> {
+        if let Some(cidr) = text.strip_prefix("cidr:") {
+            return Some(parse_cidr(cidr));
+        }
+        let name = text.strip_prefix("dns:")?;
+        Some(if valid_dns_name(name) {
+            Ok(External::Name(name.to_owned()))
+        } else {
+            Err(format!(
+                "`{text}`: a DNS name is lower-case labels of a-z, 0-9 and `-`, at least two, without a trailing dot"
+            ))
+        })
+    }
+
+    /// Whether `address` is one this destination names: in the network, or among `names` (the
+    /// names whose current answers hold `address`).
+    pub fn holds(&self, address: Ipv4Addr, names: &[&str]) -> bool {
+        match self {
+            External::Net { network, prefix_len } => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*prefix_len)).unwrap_or(0);
+                u32::from(address) & mask == u32::from(*network)
+            }
+            External::Name(n) => names.contains(&n.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for External {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            External::Net { network, prefix_len } => write!(f, "cidr:{network}/{prefix_len}"),
+            External::Name(n) => write!(f, "dns:{n}"),
+        }
+    }
+}
+
+fn parse_cidr(text: &str) -> Result<External, String> {
+    let bad = || format!("`cidr:{text}` is not an IPv4 network A.B.C.D/N");
+    let (address, len) = text.split_once('/').ok_or_else(bad)?;
+    let network: Ipv4Addr = address.parse().map_err(|_| bad())?;
+    let prefix_len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(bad)?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    if u32::from(network) & !mask != 0 {
+        let base = Ipv4Addr::from(u32::from(network) & mask);
+        return Err(format!("`cidr:{text}` has host bits set: did you mean `cidr:{base}/{prefix_len}`?"));
+    }
+    Ok(External::Net { network, prefix_len })
+}
+
+/// A DNS name a rule may name: lower case, at least two labels, no trailing dot.
+fn valid_dns_name(name: &str) -> bool {
+    let labels: Vec<&str> = name.split('.').collect();
+    name.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
 /// A validated rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -122,6 +197,18 @@ pub struct Rule {
     pub paths_ignore_case: bool,
     pub headers: Vec<HeaderRule>,
     pub dry_run: bool,
+}
+
+impl Rule {
+    /// The destinations outside the mesh this rule names (an egress rule names only those).
+    pub fn external(&self) -> Vec<External> {
+        self.to.iter().filter_map(|t| External::parse(t)?.ok()).collect()
+    }
+
+    /// Whether this rule is about traffic leaving the mesh.
+    pub fn is_egress(&self) -> bool {
+        self.to.iter().any(|t| External::parse(t).is_some())
+    }
 }
 
 /// A test carried in the policy: a request and the verdict it must get.
@@ -238,6 +325,21 @@ impl Locator<'_> {
 
     fn line(&self, span: &Range<usize>) -> usize {
         self.at(span.clone(), "").line
+    }
+}
+
+/// A test's destination outside the mesh: an IPv4 address, or `dns:NAME` (an address NAME resolves
+/// to); `None` for a service.
+pub(crate) fn egress_test_target(to: &str) -> Option<Result<(Ipv4Addr, Option<String>), String>> {
+    if let Ok(address) = to.parse::<Ipv4Addr>() {
+        return Some(Ok((address, None)));
+    }
+    match External::parse(to)? {
+        Ok(External::Name(n)) => Some(Ok((Ipv4Addr::UNSPECIFIED, Some(n)))),
+        Ok(External::Net { .. }) => {
+            Some(Err(format!("`{to}`: a test names one address (A.B.C.D) or `dns:NAME`, not a network")))
+        }
+        Err(e) => Some(Err(e)),
     }
 }
 
@@ -373,8 +475,41 @@ impl Policy {
                     "`ingress` stands for published ports' clients; it is a source, never a destination",
                 ));
             }
-            let to = services(&loc, r.to.get_ref())?;
+            let external: Vec<&Spanned<String>> =
+                r.to.get_ref().iter().filter(|t| External::parse(t.get_ref()).is_some()).collect();
+            let egress = !external.is_empty();
+            let to = if egress {
+                if external.len() != r.to.get_ref().len() {
+                    return Err(loc.at(
+                        r.to.span(),
+                        "`to` names services or destinations outside the mesh (`cidr:`, `dns:`), not both",
+                    ));
+                }
+                let mut to = BTreeSet::new();
+                for t in external {
+                    let parsed =
+                        External::parse(t.get_ref()).expect("external").map_err(|e| loc.at(t.span(), e))?;
+                    to.insert(parsed.to_string());
+                }
+                if from.as_ref().is_some_and(|f| f.contains(crate::INGRESS)) {
+                    return Err(loc.at(
+                        r.from.span(),
+                        "`ingress` cannot leave the mesh: egress rules are for services",
+                    ));
+                }
+                to
+            } else {
+                services(&loc, r.to.get_ref())?
+            };
             let protocol = match &r.protocol {
+                // What leaves the mesh is decided per connection: its HTTP (usually TLS) is not read.
+                None if egress => Protocol::Tcp,
+                Some(p) if egress && p.get_ref() != "tcp" => {
+                    return Err(loc.at(
+                        p.span(),
+                        "a rule for destinations outside the mesh is `protocol = \"tcp\"`: its connections are decided, not their requests",
+                    ));
+                }
                 None => Protocol::Http,
                 Some(p) => match p.get_ref().as_str() {
                     "http" => Protocol::Http,
@@ -460,7 +595,18 @@ impl Policy {
         let mut tests = Vec::new();
         for spanned in &raw.test {
             let t = spanned.get_ref();
-            for s in [&t.from, &t.to] {
+            let egress = egress_test_target(t.to.get_ref());
+            if let Some(Err(e)) = &egress {
+                return Err(loc.at(t.to.span(), e.clone()));
+            }
+            if egress.is_some() && t.method.is_some() {
+                return Err(loc.at(
+                    spanned.span(),
+                    "a test of a connection leaving the mesh has no `method`: connections are decided, not requests",
+                ));
+            }
+            let checked: &[&Spanned<String>] = if egress.is_some() { &[&t.from] } else { &[&t.from, &t.to] };
+            for s in checked.iter().copied() {
                 if !valid_service(s.get_ref()) {
                     return Err(loc.at(
                         s.span(),
@@ -504,11 +650,13 @@ impl Policy {
         let mut named: Vec<&Spanned<String>> = Vec::new();
         for r in &raw.rule {
             named.extend(r.get_ref().from.get_ref().iter().filter(|s| s.get_ref() != "*"));
-            named.extend(r.get_ref().to.get_ref().iter());
+            named.extend(r.get_ref().to.get_ref().iter().filter(|t| External::parse(t.get_ref()).is_none()));
         }
         for t in &raw.test {
             named.push(&t.get_ref().from);
-            named.push(&t.get_ref().to);
+            if egress_test_target(t.get_ref().to.get_ref()).is_none() {
+                named.push(&t.get_ref().to);
+            }
         }
         for s in named {
             let name = s.get_ref();
@@ -531,13 +679,18 @@ impl Policy {
         self.rules.iter().flat_map(|r| r.to.iter().map(String::as_str)).collect()
     }
 
-    /// The same policy with only the rules whose destinations include one of `services`, and no
-    /// tests: what a node hosting those services needs, and no more.
+    /// The same policy with only the rules whose destinations include one of `services`, and the
+    /// egress rules whose sources do, and no tests: what a node hosting those services needs, and
+    /// no more.
     pub fn restricted_to(&self, services: &BTreeSet<String>) -> Policy {
+        let needed = |r: &&Rule| {
+            r.to.iter().any(|t| services.contains(t))
+                || (r.is_egress() && r.from.as_ref().is_none_or(|f| f.iter().any(|s| services.contains(s))))
+        };
         Policy {
             file: self.file.clone(),
             default: self.default,
-            rules: self.rules.iter().filter(|r| r.to.iter().any(|t| services.contains(t))).cloned().collect(),
+            rules: self.rules.iter().filter(needed).cloned().collect(),
             tests: Vec::new(),
         }
     }

@@ -328,3 +328,127 @@ methods = ["GET"]
     let err = Policy::parse("p.toml", bad).unwrap_err();
     assert!(err.message.contains("`ingress` stands for published ports' clients"), "{err}");
 }
+
+/// Destinations outside the mesh: named only by allow rules (never by the default), by network
+/// or by DNS name (the addresses its answers hold), per port; deny wins; bad ones say why.
+#[test]
+fn egress_leaves_only_where_an_allow_rule_names_the_destination() {
+    use policy::EgressRequest;
+    let text = r#"
+default = "allow"
+
+[[rule]]
+name = "web-to-partner"
+action = "allow"
+from = ["web"]
+to = ["cidr:203.0.113.0/24"]
+ports = [443]
+
+[[rule]]
+name = "web-to-api"
+action = "allow"
+from = ["web"]
+to = ["dns:api.example.com"]
+ports = [443, 80]
+
+[[rule]]
+name = "not-that-one"
+action = "deny"
+from = ["*"]
+to = ["cidr:203.0.113.66/32"]
+
+[[test]]
+from = "web"
+to = "203.0.113.9"
+port = 443
+expect = "allow"
+
+[[test]]
+from = "web"
+to = "dns:api.example.com"
+port = 80
+expect = "allow"
+
+[[test]]
+from = "api"
+to = "203.0.113.9"
+port = 443
+expect = "deny"
+"#;
+    let policy = Policy::parse("p.toml", text).unwrap();
+    let engine = Engine::compile(&policy);
+    assert!(engine.run_tests(&policy.tests).is_empty());
+    let ask = |from: &str, address: &str, port: u16, names: &[&str]| {
+        engine
+            .evaluate_egress(&EgressRequest { from, address: address.parse().unwrap(), port, names })
+            .reason()
+    };
+    assert_eq!(ask("web", "203.0.113.9", 443, &[]), "allow by rule `web-to-partner` (line 4)");
+    assert_eq!(ask("web", "203.0.113.255", 443, &[]), "allow by rule `web-to-partner` (line 4)");
+    // Another port, another network's edge, another source, the denied host: deny, whatever
+    // `default = "allow"` says.
+    assert_eq!(ask("web", "203.0.113.9", 80, &[]), "deny by default");
+    assert_eq!(ask("web", "203.0.114.0", 443, &[]), "deny by default");
+    assert_eq!(ask("web", "203.0.112.255", 443, &[]), "deny by default");
+    assert_eq!(ask("db", "203.0.113.9", 443, &[]), "deny by default");
+    assert_eq!(ask("web", "203.0.113.66", 443, &[]), "deny by rule `not-that-one` (line 18)");
+    // A name's rule holds only the addresses its answers hold now (meshd says which).
+    assert_eq!(ask("web", "198.51.100.7", 80, &["api.example.com"]), "allow by rule `web-to-api` (line 11)");
+    assert_eq!(ask("web", "198.51.100.7", 80, &[]), "deny by default");
+    assert_eq!(ask("web", "198.51.100.7", 80, &["evil.example.com"]), "deny by default");
+    // What the workloads' DNS may forward for each source.
+    let (names, networks) = engine.egress_reach("web");
+    assert_eq!((names.into_iter().collect::<Vec<_>>(), networks), (vec!["api.example.com".to_owned()], true));
+    assert_eq!(engine.egress_reach("db"), (BTreeSet::new(), false));
+    assert_eq!(engine.egress_names().into_iter().collect::<Vec<_>>(), ["api.example.com"]);
+    // The node hosting web gets the egress rules it enforces; one hosting only api, none of web's.
+    let web: BTreeSet<String> = ["web".to_owned()].into();
+    assert_eq!(policy.restricted_to(&web).rules.len(), 3);
+    let api: BTreeSet<String> = ["api".to_owned()].into();
+    assert_eq!(
+        policy.restricted_to(&api).rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["not-that-one"]
+    );
+    // Written back and read again, the same rules.
+    let again = Policy::parse("again", &policy.restricted_to(&web).to_toml()).unwrap();
+    assert_eq!(
+        again.rules.iter().map(|r| r.to.clone()).collect::<Vec<_>>(),
+        policy.rules.iter().map(|r| r.to.clone()).collect::<Vec<_>>()
+    );
+    // Services are checked; external destinations are not services.
+    let known: BTreeSet<String> = ["web", "api", "db"].iter().map(|s| s.to_string()).collect();
+    policy.validate_services(text, &known).unwrap();
+
+    let rule = |to: &str, extra: &str| {
+        format!("[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"web\"]\nto = [{to}]\n{extra}")
+    };
+    for (bad, why) in [
+        (rule("\"cidr:203.0.113.1/24\"", ""), "has host bits set: did you mean `cidr:203.0.113.0/24`?"),
+        (rule("\"cidr:203.0.113.0/33\"", ""), "is not an IPv4 network"),
+        (rule("\"cidr:example.com/24\"", ""), "is not an IPv4 network"),
+        (rule("\"dns:API.example.com\"", ""), "a DNS name is lower-case labels"),
+        (rule("\"dns:localhost\"", ""), "at least two"),
+        (rule("\"dns:api.example.com.\"", ""), "without a trailing dot"),
+        (rule("\"dns:api..com\"", ""), "a DNS name"),
+        (rule("\"cidr:10.0.0.0/8\", \"api\"", ""), "not both"),
+        (rule("\"dns:api.example.com\"", "methods = [\"GET\"]\n"), "cannot match methods, paths or headers"),
+        (rule("\"dns:api.example.com\"", "protocol = \"http\"\n"), "its connections are decided"),
+        (
+            "[[rule]]\nname = \"r\"\naction = \"allow\"\nfrom = [\"ingress\"]\nto = [\"cidr:10.0.0.0/8\"]\n"
+                .to_owned(),
+            "`ingress` cannot leave the mesh",
+        ),
+        (
+            "[[test]]\nfrom = \"web\"\nto = \"cidr:10.0.0.0/8\"\nport = 1\nexpect = \"deny\"\n".to_owned(),
+            "a test names one address",
+        ),
+        (
+            "[[test]]\nfrom = \"web\"\nto = \"10.0.0.1\"\nport = 1\nmethod = \"GET\"\nexpect = \"deny\"\n"
+                .to_owned(),
+            "has no `method`",
+        ),
+    ] {
+        let err = Policy::parse("p.toml", &bad).unwrap_err();
+        assert!(err.message.contains(why), "{bad}\n{err}");
+    }
+}

@@ -215,10 +215,19 @@ async fn run() -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Policy(PolicyCmd::Test { file }) => return policy::policy_test(file),
-        Cmd::Policy(PolicyCmd::Explain { from, to, port, method, path, headers, file: Some(file) }) => {
+        Cmd::Policy(PolicyCmd::Explain {
+            from,
+            to,
+            port,
+            method,
+            path,
+            headers,
+            names,
+            file: Some(file),
+        }) => {
             let (name, text) = policy::read_policy(file)?;
             let p = ::policy::Policy::parse(&name, &text)?;
-            return policy::explain(&p, from, to, *port, method.as_deref(), path.as_deref(), headers);
+            return policy::explain(&p, from, to, *port, method.as_deref(), path.as_deref(), headers, names);
         }
         _ => {}
     }

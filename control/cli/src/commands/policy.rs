@@ -31,10 +31,15 @@ pub enum PolicyCmd {
     Explain {
         #[arg(long)]
         from: String,
+        /// A service; or, for a connection leaving the mesh, an IPv4 address (with `--name` if
+        /// it is one of a `dns:` rule's answers).
         #[arg(long)]
         to: String,
         #[arg(long)]
         port: u16,
+        /// The DNS name the address of `--to` is an answer of (for `dns:` egress rules; repeat).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
         /// HTTP method; leave out METHOD and PATH to ask about a TCP connection.
         method: Option<String>,
         /// Request path.
@@ -85,10 +90,10 @@ pub async fn run(cmd: PolicyCmd, client: &mut AdminClient) -> anyhow::Result<()>
             let applied = client.rollback_policy(version).await?;
             println!("policy version {version} is back in force as version {}", applied.version);
         }
-        PolicyCmd::Explain { from, to, port, method, path, headers, .. } => {
+        PolicyCmd::Explain { from, to, port, method, path, headers, names, .. } => {
             let current = client.get_policy(None).await?;
             let p = policy::Policy::parse(&format!("policy version {}", current.version), &current.text)?;
-            explain(&p, &from, &to, port, method.as_deref(), path.as_deref(), &headers)?;
+            explain(&p, &from, &to, port, method.as_deref(), path.as_deref(), &headers, &names)?;
         }
     }
     Ok(())
@@ -118,6 +123,30 @@ pub fn policy_test(file: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meshctl policy explain --to ADDRESS`: the verdict on a connection leaving the mesh.
+fn explain_egress(
+    policy: &policy::Policy,
+    from: &str,
+    address: std::net::Ipv4Addr,
+    port: u16,
+    names: &[String],
+) {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let request = policy::EgressRequest { from, address, port, names: &names };
+    let decision = policy::Engine::compile(policy).evaluate_egress(&request);
+    let reason = match decision.rule {
+        None => "deny: no rule lets it leave the mesh".to_owned(),
+        Some(_) => decision.reason(),
+    };
+    println!("{}: {reason}", request.describe());
+    for (rule, action) in &decision.dry_run {
+        println!("  dry run: {rule} would {action}");
+    }
+}
+
+/// `meshctl policy explain`: the verdict on a request or connection to a service, or (`to` an
+/// IPv4 address) on a connection leaving the mesh, and the rule behind it.
+#[allow(clippy::too_many_arguments)]
 pub fn explain(
     policy: &policy::Policy,
     from: &str,
@@ -126,7 +155,17 @@ pub fn explain(
     method: Option<&str>,
     path: Option<&str>,
     headers: &[String],
+    names: &[String],
 ) -> anyhow::Result<()> {
+    if let Ok(address) = to.parse::<std::net::Ipv4Addr>() {
+        anyhow::ensure!(
+            method.is_none() && headers.is_empty(),
+            "a connection leaving the mesh is decided as a connection: no METHOD, PATH or header"
+        );
+        explain_egress(policy, from, address, port, names);
+        return Ok(());
+    }
+    anyhow::ensure!(names.is_empty(), "--name is for an address outside the mesh (--to A.B.C.D)");
     let headers: Vec<(String, String)> = headers
         .iter()
         .map(|h| {
