@@ -606,7 +606,7 @@ impl Policy {
                 ));
             }
             let checked: &[&Spanned<String>] = if egress.is_some() { &[&t.from] } else { &[&t.from, &t.to] };
-            for s in checked.iter().copied() {
+            for s in checked {
                 if !valid_service(s.get_ref()) {
                     return Err(loc.at(
                         s.span(),
