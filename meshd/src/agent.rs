@@ -251,6 +251,8 @@ impl Dataplane {
             spawn(async move { served.follow(node_certificate).await }),
             spawn(ingress.clone().keep_trying()),
         ];
+        let upstream = Arc::new(Upstream::with_servers(&config.resolvers));
+        tasks.push(spawn(mesh.egress.clone().keep_resolved(upstream.clone())));
         if let Some(listener) = metrics_listener {
             let registry = metrics.clone();
             tasks.push(spawn(mesh_api::metrics_http::serve(
@@ -270,7 +272,7 @@ impl Dataplane {
                 mesh,
                 certificates.clone(),
                 crate::reconciler::Hosting {
-                    upstream: Arc::new(Upstream::from_system()),
+                    upstream,
                     visibility: config.dns_visibility,
                     sandbox: crate::sandbox::Host::new(&config.session.state_dir),
                     endpoints,
@@ -281,6 +283,7 @@ impl Dataplane {
                         Arc::new(crate::wireguard::Keys::empty(&config.session.state_dir))
                     }),
                     ingress: ingress.clone(),
+                    dns_upstream: config.dns_upstream,
                 },
             )
             .await;

@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
     /// Where published ports listen in the host's namespace.
     pub publish_address: std::net::Ipv4Addr,
+    /// Which names outside the mesh workloads' DNS looks up.
+    pub dns_upstream: crate::dns::DnsUpstream,
+    /// The name servers for names outside the mesh (empty: the host's resolv.conf).
+    pub resolvers: Vec<std::net::IpAddr>,
 }
 
 /// The underlay address: `given` (IP or IP:PORT, the port [`DEFAULT_OVERLAY_PORT`] unless

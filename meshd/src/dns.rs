@@ -36,6 +36,27 @@ pub enum Visibility {
     Policy,
 }
 
+/// Which names outside the mesh a workload's DNS looks up with the host's resolvers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DnsUpstream {
+    /// Only those some egress rule could let the workload reach: the names of its `dns:` rules,
+    /// or any name when one of its rules names a network (`cidr:`). Others are refused, so a
+    /// workload cannot use DNS as a way out either.
+    #[default]
+    Policy,
+    /// Every name.
+    Always,
+}
+
+/// The names outside the mesh one workload's DNS looks up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum External {
+    #[default]
+    Any,
+    /// Only these (lower case, no trailing dot); REFUSED for the others.
+    Only(BTreeSet<String>),
+}
+
 /// Where the server listens inside each workload namespace.
 pub const DNS_ADDRESS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11)), 53);
 /// TTL of the mesh's own answers: short, so moves are seen quickly even by caching clients.
@@ -56,6 +77,8 @@ pub struct Zone {
     ptr: BTreeMap<Ipv4Addr, String>,
     /// Subnets of the workload's networks: their reverse names are the mesh's to answer.
     subnets: Vec<ipnet::Ipv4Net>,
+    /// Which other names are looked up upstream.
+    pub external: External,
 }
 
 fn key(name: &str) -> String {
@@ -187,6 +210,14 @@ pub async fn respond(zone: &Zone, upstream: &Upstream, request: &[u8]) -> Option
                     Message::error_msg(query.metadata.id, query.metadata.op_code, ResponseCode::NXDomain);
                 r.add_query(q.clone());
                 r
+            } else if let External::Only(names) = &zone.external
+                && !names.contains(&key(&name))
+            {
+                debug!(%name, "a name no egress rule names: refused");
+                let mut r =
+                    Message::error_msg(query.metadata.id, query.metadata.op_code, ResponseCode::Refused);
+                r.add_query(q.clone());
+                r
             } else {
                 upstream.forward(&query).await
             }
@@ -222,9 +253,47 @@ impl Upstream {
         Upstream { resolver, permits: Semaphore::new(MAX_UPSTREAM) }
     }
 
+    /// The name servers at `servers` (port 53, UDP then TCP); the host's (`/etc/resolv.conf`)
+    /// when none is given.
+    pub fn with_servers(servers: &[std::net::IpAddr]) -> Upstream {
+        if servers.is_empty() {
+            return Upstream::from_system();
+        }
+        use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+        let config = ResolverConfig::from_name_servers(
+            servers.iter().map(|ip| NameServerConfig::udp_and_tcp(*ip)).collect(),
+        );
+        let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+            config,
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        );
+        builder.options_mut().timeout = UPSTREAM_TIMEOUT;
+        builder.options_mut().attempts = 1;
+        Upstream { resolver: builder.build().ok(), permits: Semaphore::new(MAX_UPSTREAM) }
+    }
+
     /// No upstream at all: everything that is not the mesh's is SERVFAIL.
     pub fn none() -> Upstream {
         Upstream { resolver: None, permits: Semaphore::new(MAX_UPSTREAM) }
+    }
+
+    /// The IPv4 addresses `name` resolves to, and until when they hold.
+    pub async fn resolve_v4(&self, name: &str) -> Result<(Vec<Ipv4Addr>, std::time::Instant), String> {
+        let resolver =
+            self.resolver.as_ref().ok_or("no upstream resolver (the host's resolv.conf names none)")?;
+        let fqdn = format!("{name}.");
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, resolver.lookup(fqdn.as_str(), RecordType::A)).await {
+            Ok(Ok(lookup)) => {
+                let addresses = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| if let RData::A(a) = &r.data { Some(a.0) } else { None })
+                    .collect();
+                Ok((addresses, lookup.valid_until()))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {UPSTREAM_TIMEOUT:?}")),
+        }
     }
 
     async fn forward(&self, query: &Message) -> Message {

@@ -70,6 +70,15 @@ enum Cmd {
         /// host's namespace (all of its IPv4 addresses by default).
         #[arg(long, default_value = config::DEFAULT_PUBLISH_ADDRESS)]
         publish_address: std::net::Ipv4Addr,
+        /// Which names outside the mesh a workload's DNS looks up: `policy`, only those an
+        /// egress rule of its service could let it reach (any, if one names a network; the
+        /// others are REFUSED); `always`, every name.
+        #[arg(long, value_enum, default_value_t = meshd::dns::DnsUpstream::Policy)]
+        dns_upstream: meshd::dns::DnsUpstream,
+        /// A name server (IP, port 53) for names outside the mesh: workloads' lookups and the
+        /// names of egress rules (repeat for several; default: the host's /etc/resolv.conf).
+        #[arg(long = "resolver", value_name = "IP")]
+        resolvers: Vec<std::net::IpAddr>,
         /// Show the effective configuration (each value with where it came from: the command
         /// line, the environment, the file and line, or the default) and exit.
         #[arg(long)]
@@ -170,6 +179,8 @@ async fn run() {
             dns_visibility,
             metrics,
             publish_address,
+            dns_upstream,
+            resolvers,
             print_config: _,
         } => match config::underlay_address(underlay.as_deref(), &state_dir) {
             Ok(underlay) => agent::run(AgentConfig {
@@ -179,6 +190,8 @@ async fn run() {
                 dns_visibility,
                 metrics: metrics.0,
                 publish_address,
+                dns_upstream,
+                resolvers,
             })
             .await
             .map_err(anyhow::Error::from),

@@ -24,6 +24,7 @@
 //! The same [`View`] is the overlay's word on new flows into local workloads (the no-bypass
 //! filter in `tun` asks it through [`Admission`]).
 
+pub mod egress;
 pub mod inbound;
 pub mod ingress;
 pub mod outbound;
@@ -211,6 +212,20 @@ impl View {
         self.networks_of.get(service).is_some_and(|n| n.contains(network))
     }
 
+    /// The policy's decision on a connection leaving the mesh; with no policy in force, deny.
+    pub fn decide_egress(&self, request: &policy::EgressRequest<'_>) -> Decision {
+        match &self.engine {
+            Some(engine) => engine.evaluate_egress(request),
+            None => Decision { verdict: Action::Deny, rule: None, dry_run: Vec::new() },
+        }
+    }
+
+    /// What `source` may reach outside the mesh (see [`Engine::egress_reach`]); nothing with no
+    /// policy in force.
+    pub fn egress_reach(&self, source: &str) -> (std::collections::BTreeSet<String>, bool) {
+        self.engine.as_ref().map(|e| e.egress_reach(source)).unwrap_or_default()
+    }
+
     /// The policy's decision; with no policy in force, deny.
     pub fn decide(&self, request: &Request<'_>) -> Decision {
         match &self.engine {
@@ -256,6 +271,8 @@ pub struct Mesh {
     pub pool: outbound::Pool,
     /// Endpoint address -> when reaching it last failed.
     pub failed: Mutex<HashMap<Ipv4Addr, Instant>>,
+    /// The current answers of the names egress rules name.
+    pub egress: Arc<egress::Names>,
     /// The compiled policy, by version: compiled once per version.
     engine: Mutex<Option<(u64, Arc<Engine>)>>,
 }
@@ -276,6 +293,7 @@ impl Mesh {
             node_certificate,
             pool: outbound::Pool::default(),
             failed: Mutex::new(HashMap::new()),
+            egress: Arc::new(egress::Names::default()),
             engine: Mutex::new(None),
         })
     }

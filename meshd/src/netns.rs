@@ -194,6 +194,22 @@ impl Netns {
     }
 }
 
+/// Routes everything namespace `ns` has no other route for to its interface `ifname`.
+pub async fn default_route(ns: &str, ifname: &str) -> io::Result<()> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", ns, "route", "replace", "default", "dev", ifname])
+        .output()
+        .await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "default route in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 /// Creates the overlay's tun interface `ifname` inside namespace `ns` with `address/prefix_len`
 /// (which also routes the subnet to it).
 pub fn open_tun(ns: &str, ifname: &str, address: Ipv4Addr, prefix_len: u8) -> io::Result<tun::io::Device> {

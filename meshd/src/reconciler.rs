@@ -20,7 +20,7 @@ use mesh_api::specs::{self, PinnedKey, Seen, SpecDocument};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::dns::{Upstream, Visibility, Zone};
+use crate::dns::{DnsUpstream, External, Upstream, Visibility, Zone};
 use crate::endpoints::Endpoints;
 use crate::identity::WorkloadCertificates;
 use crate::mesh::outbound::Service;
@@ -52,6 +52,8 @@ pub struct Reconciler {
     wireguard: Arc<crate::wireguard::Keys>,
     /// The ports this node publishes.
     ingress: Arc<crate::mesh::ingress::Ingress>,
+    /// Which names outside the mesh the workloads' DNS looks up.
+    dns_upstream: DnsUpstream,
     /// Namespace -> its workload.
     workloads: Mutex<HashMap<String, Workload>>,
 }
@@ -72,6 +74,8 @@ pub struct Hosting {
     pub wireguard: Arc<crate::wireguard::Keys>,
     /// The ports this node publishes, as the slices list them.
     pub ingress: Arc<crate::mesh::ingress::Ingress>,
+    /// Which names outside the mesh the workloads' DNS looks up.
+    pub dns_upstream: DnsUpstream,
 }
 
 impl Reconciler {
@@ -94,6 +98,7 @@ impl Reconciler {
             cluster,
             wireguard,
             ingress,
+            dns_upstream,
         } = hosting;
         for ns in netns::list(prefix).await.unwrap_or_default() {
             info!(namespace = %ns, "removing a namespace left by an earlier run");
@@ -113,6 +118,7 @@ impl Reconciler {
             cluster,
             wireguard,
             ingress,
+            dns_upstream,
             workloads: Mutex::new(HashMap::new()),
         }
     }
@@ -221,14 +227,25 @@ impl Reconciler {
                 }
             }
         }
-        // Every workload's names follow the slice at once.
+        // Every workload's names follow the slice at once; names outside the mesh are looked up
+        // only where an egress rule could let the workload reach them (unless always).
+        let engine = self.mesh.engine(slice);
         for w in workloads.values() {
             let visible = (self.visibility == Visibility::Policy).then(|| {
                 let mut v = slice.visibility.get(&w.service).cloned().unwrap_or_default();
                 v.insert(w.service.clone());
                 v
             });
-            w.zone.store(Arc::new(Zone::visible_to(slice, &w.networks, visible.as_ref())));
+            let mut zone = Zone::visible_to(slice, &w.networks, visible.as_ref());
+            zone.external = match self.dns_upstream {
+                DnsUpstream::Always => External::Any,
+                DnsUpstream::Policy => match engine.as_ref().map(|e| e.egress_reach(&w.service)) {
+                    Some((_, true)) => External::Any,
+                    Some((names, false)) => External::Only(names),
+                    None => External::Only(Default::default()),
+                },
+            };
+            w.zone.store(Arc::new(zone));
         }
         self.apply_mesh(slice, &mut workloads).await;
     }
@@ -289,7 +306,9 @@ impl Reconciler {
                 );
             }
         }
-        self.mesh.view.store(Arc::new(View::build(slice, local, self.mesh.engine(slice))));
+        let engine = self.mesh.engine(slice);
+        self.mesh.egress.want(engine.as_ref().map(|e| e.egress_names()).unwrap_or_default());
+        self.mesh.view.store(Arc::new(View::build(slice, local, engine)));
         self.ingress.update(&slice.published);
         for w in workloads.values_mut() {
             let mut wanted = BTreeMap::new();
@@ -307,7 +326,9 @@ impl Reconciler {
                     }
                 }
             }
-            if let Err(e) = w.interception.update(&self.mesh, &w.caller, wanted).await {
+            let subnets: Vec<ipnet::Ipv4Net> =
+                slice.networks.iter().filter(|n| w.networks.contains(&n.name)).map(|n| n.subnet).collect();
+            if let Err(e) = w.interception.update(&self.mesh, &w.caller, wanted, subnets).await {
                 warn!(endpoint = %w.caller.endpoint, error = %e, "cannot intercept the workload's connections to services");
             }
         }

@@ -104,6 +104,11 @@ impl Workload {
             let device = netns::open_tun(ns, &format!("{}{i}", netns::INTERFACE), *address, *prefix_len)?;
             interfaces.push(overlay.attach(*id, *address, device)?);
         }
+        if !interfaces.is_empty() {
+            // Whatever has no overlay route goes to meshd too (TCP redirected to its egress
+            // listener, the rest dropped and counted by the overlay): nothing leaves unseen.
+            netns::default_route(ns, &format!("{}0", netns::INTERFACE)).await?;
+        }
         let mut secrets = None;
         let mut ready = None;
         let command = match plan {
@@ -119,8 +124,12 @@ impl Workload {
                 None
             }
         };
-        let caller =
-            Arc::new(Caller { endpoint: format!("{}.{}", spec.service, spec.slot), netns, certificate });
+        let caller = Arc::new(Caller {
+            endpoint: format!("{}.{}", spec.service, spec.slot),
+            service: spec.service.clone(),
+            netns,
+            certificate,
+        });
         Ok(Workload {
             namespace: ns.to_owned(),
             interfaces,

@@ -127,6 +127,18 @@ impl Lab {
         join_args: &[&str],
         prepare: impl FnOnce(&meshctl::lab::Lab) -> Vec<String>,
     ) -> Lab {
+        Lab::start_configured(hosts, managers, manager_args, join_args, &[], prepare)
+    }
+
+    /// As [`Lab::start_prepared`], every `meshd run` given `meshd_args` too.
+    pub fn start_configured(
+        hosts: usize,
+        managers: usize,
+        manager_args: &[&str],
+        join_args: &[&str],
+        meshd_args: &[&str],
+        prepare: impl FnOnce(&meshctl::lab::Lab) -> Vec<String>,
+    ) -> Lab {
         require_root();
         let work = tempfile::tempdir().expect("temp dir");
         let prefix = meshctl::lab::unique_prefix("t");
@@ -136,6 +148,7 @@ impl Lab {
         topology.meshd = MeshdOn::Workers;
         topology.manager_args = manager_args.iter().map(|a| a.to_string()).collect();
         topology.join_args = join_args.iter().map(|a| a.to_string()).collect();
+        topology.meshd_args = meshd_args.iter().map(|a| a.to_string()).collect();
         let mut lab = meshctl::lab::Lab::create(topology).unwrap_or_else(|e| panic!("building the lab: {e}"));
         let built = |lab: &meshctl::lab::Lab, step: &str, r: Result<(), meshctl::lab::LabError>| {
             if let Err(e) = r {

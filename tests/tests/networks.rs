@@ -432,6 +432,8 @@ async fn meshd_status_shows_networks_epochs_endpoints_and_peers_but_never_key_by
         dns_visibility: meshd::dns::Visibility::All,
         metrics: None,
         publish_address: std::net::Ipv4Addr::UNSPECIFIED,
+        dns_upstream: meshd::dns::DnsUpstream::Policy,
+        resolvers: vec![],
     };
     let agent = tokio::spawn(meshd::agent::run(config));
     let mut admin = cluster.admin().await;

@@ -183,6 +183,7 @@ pub async fn connect_for(
 pub struct Caller {
     /// `<service>.<slot>`.
     pub endpoint: String,
+    pub service: String,
     pub netns: Arc<Netns>,
     /// Its workload certificate, as identity publishes it.
     pub certificate: WorkloadCertificate,
@@ -199,7 +200,11 @@ pub const REDIRECT_PORT: u16 = 15001;
 #[derive(Default)]
 pub struct Interception {
     accepting: Option<AbortOnDropHandle<()>>,
+    /// The connections leaving the mesh ([`super::egress`]).
+    leaving: Option<AbortOnDropHandle<()>>,
     services: Arc<arc_swap::ArcSwap<BTreeMap<SocketAddrV4, Service>>>,
+    /// The subnets of the workload's networks, as the rules hold them.
+    subnets: Vec<ipnet::Ipv4Net>,
 }
 
 /// What one (virtual IP, port) leads to.
@@ -210,12 +215,14 @@ pub struct Service {
 }
 
 impl Interception {
-    /// Brings the interception in line with `wanted` ((VIP, port) -> service).
+    /// Brings the interception in line with `wanted` ((VIP, port) -> service) on networks of
+    /// `subnets`: every other TCP connection not to loopback leaves the mesh through meshd.
     pub async fn update(
         &mut self,
         mesh: &Arc<Mesh>,
         caller: &Arc<Caller>,
         wanted: BTreeMap<SocketAddrV4, Service>,
+        subnets: Vec<ipnet::Ipv4Net>,
     ) -> std::io::Result<()> {
         if self.accepting.as_ref().is_none_or(|t| t.is_finished()) {
             let address = SocketAddr::from((Ipv4Addr::LOCALHOST, REDIRECT_PORT));
@@ -224,20 +231,37 @@ impl Interception {
                 tokio::spawn(accept(mesh.clone(), caller.clone(), listener, self.services.clone()));
             self.accepting = Some(AbortOnDropHandle::new(accepting));
         }
-        if **self.services.load() != wanted {
-            redirect(caller.netns.name(), wanted.keys()).await?;
+        if self.leaving.as_ref().is_none_or(|t| t.is_finished()) {
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, super::egress::EGRESS_PORT));
+            let listener = caller.netns.listen(address).await?;
+            let leaving = tokio::spawn(super::egress::accept(mesh.clone(), caller.clone(), listener));
+            self.leaving = Some(AbortOnDropHandle::new(leaving));
+        }
+        if **self.services.load() != wanted || self.subnets != subnets {
+            redirect(caller.netns.name(), wanted.keys(), &subnets).await?;
             self.services.store(Arc::new(wanted));
+            self.subnets = subnets;
         }
         Ok(())
     }
 }
 
-/// Replaces namespace `ns`'s redirect rules (one nftables transaction).
-async fn redirect(ns: &str, services: impl Iterator<Item = &SocketAddrV4>) -> std::io::Result<()> {
+/// Replaces namespace `ns`'s redirect rules (one nftables transaction): connections to
+/// `services` go to the mesh's listener; every other TCP connection except to loopback and to
+/// `subnets` (the workload's networks) to the egress listener.
+async fn redirect(
+    ns: &str,
+    services: impl Iterator<Item = &SocketAddrV4>,
+    subnets: &[ipnet::Ipv4Net],
+) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     let elements: Vec<String> = services.map(|a| format!("{} . {}", a.ip(), a.port())).collect();
     let elements =
         if elements.is_empty() { String::new() } else { format!("elements = {{ {} }}", elements.join(", ")) };
+    let inside: Vec<String> =
+        std::iter::once("127.0.0.0/8".to_owned()).chain(subnets.iter().map(|n| n.to_string())).collect();
+    let inside = inside.join(", ");
+    let egress = super::egress::EGRESS_PORT;
     let script = format!(
         "table ip mesh {{}}\ndelete table ip mesh\n\
          table ip mesh {{\n\
@@ -245,6 +269,8 @@ async fn redirect(ns: &str, services: impl Iterator<Item = &SocketAddrV4>) -> st
            chain intercept {{\n\
              type nat hook output priority -100; policy accept;\n\
              ip daddr . tcp dport @services redirect to :{REDIRECT_PORT}\n\
+             ip daddr {{ {inside} }} return\n\
+             meta l4proto tcp redirect to :{egress}\n\
            }}\n\
          }}\n"
     );
@@ -265,7 +291,7 @@ async fn redirect(ns: &str, services: impl Iterator<Item = &SocketAddrV4>) -> st
 }
 
 /// The destination a redirected connection was for.
-fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddrV4> {
+pub(super) fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddrV4> {
     let addr = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst)?;
     Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), u16::from_be(addr.sin_port)))
 }

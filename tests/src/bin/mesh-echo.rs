@@ -8,7 +8,8 @@
 //!                                  # ending in /whoami gets the x-mesh-client-id values, one a line
 //!                                  # (those that came as trailers marked `trailer`); one ending
 //!                                  # in /client gets `NAME: VALUE` lines of x-mesh-client-id,
-//!                                  # x-forwarded-for and forwarded
+//!                                  # x-forwarded-for and forwarded; one ending in /peer the
+//!                                  # address the connection came from
 //!     mesh-echo tcp PORT           # echoes every byte back
 
 use std::collections::VecDeque;
@@ -36,14 +37,23 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port)).await?;
     let name = args.get(3).cloned().unwrap_or_default();
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
         let name = name.clone();
         match mode {
             "http" => {
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(answer(&name, req).await) }
+                        async move {
+                            if req.uri().path().ends_with("/peer") {
+                                // Who connected, as this server sees it.
+                                let body = Bytes::from(format!("{}\n", peer.ip()));
+                                return Ok::<_, Infallible>(Response::new(Frames(VecDeque::from([
+                                    Frame::data(body),
+                                ]))));
+                            }
+                            Ok::<_, Infallible>(answer(&name, req).await)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)

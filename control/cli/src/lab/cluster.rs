@@ -429,6 +429,7 @@ impl Lab {
             "--netns-prefix".into(),
             t.host(i),
         ];
+        let args: Vec<String> = args.into_iter().chain(t.meshd_args.iter().cloned()).collect();
         self.spawn(Program::Meshd, i, &args)
     }
 

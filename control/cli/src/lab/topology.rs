@@ -52,6 +52,9 @@ pub struct Topology {
     /// Appended to every `meshd join` (e.g. `--spec-key FILE`).
     #[serde(default)]
     pub join_args: Vec<String>,
+    /// Arguments every `meshd run` is given besides the lab's own.
+    #[serde(default)]
+    pub meshd_args: Vec<String>,
     /// The lab's state directories, logs and record; made by the lab, removed with it.
     pub dir: PathBuf,
     pub bin: PathBuf,
@@ -79,6 +82,7 @@ impl Topology {
             meshd: MeshdOn::Every,
             manager_args: Vec::new(),
             join_args: Vec::new(),
+            meshd_args: Vec::new(),
             dir: dir.into(),
             bin: bin.into(),
             persistent: false,
