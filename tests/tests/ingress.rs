@@ -437,3 +437,62 @@ fn only_a_node_that_publishes_a_port_is_admitted_as_ingress_and_only_where_it_le
     lab.wait("the remaining nodes to publish 8080", || curl(&s, 3, HTTP, &[], "/public/a").0 == 200);
     assert_eq!(curl(&s, 2, HTTP, &[], "/public/a").0, 200);
 }
+
+/// Connections through a published port spread over the service's endpoints as mesh
+/// connections do, and skip an endpoint whose node stops answering.
+#[test]
+fn published_connections_spread_over_endpoints_and_skip_a_failed_one() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::start(4);
+    for i in [3, 4] {
+        lab.meshctl(&["node", "update", &lab.node_id(i), "--label-add", "zone=b"]);
+    }
+    let (outside, _) = lab.add_outside("out", 1).expect("the outside namespace");
+    lab.meshctl(&["network", "create", "front", "--subnet", "10.45.0.0/24"]);
+    // Each endpoint answers with its host name (its namespace's: PREFIX-hN-web-SLOT).
+    let serve =
+        "cat /proc/sys/kernel/hostname > /tmp/index.html && cd /tmp && exec python3 -m http.server 80";
+    lab.meshctl(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "front",
+        "--port",
+        "80/http",
+        "--replicas",
+        "2",
+        "--constraint",
+        "node.labels.zone==b",
+        "--publish",
+        "9090:80",
+        "--command",
+        serve,
+    ]);
+    lab.apply_policy(
+        "[[rule]]\nname = \"public\"\naction = \"allow\"\nfrom = [\"ingress\"]\nto = [\"web\"]\nports = [80]\n",
+    );
+    // From outside, through host 2 (no endpoint there): who answered each of 12 connections.
+    let answers = |lab: &Lab| -> Vec<String> {
+        (0..12)
+            .map(|_| {
+                let url = format!("http://{}:9090/", lab.addr(2));
+                let out = lab.exec(&outside, &["curl", "-sS", "-f", "-m", "3", &url]).output().unwrap();
+                String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            })
+            .collect()
+    };
+    let (h3, h4) = (format!("{}-web-", lab.host(3)), format!("{}-web-", lab.host(4)));
+    lab.wait("both endpoints to answer through the published port", || {
+        let seen = answers(&lab);
+        seen.iter().any(|a| a.starts_with(&h3)) && seen.iter().any(|a| a.starts_with(&h4))
+    });
+    let seen = answers(&lab);
+    assert!(seen.iter().all(|a| a.starts_with(&h3) || a.starts_with(&h4)), "{seen:?}");
+    assert!(seen.iter().filter(|a| a.starts_with(&h3)).count() >= 3, "not spread: {seen:?}");
+    assert!(seen.iter().filter(|a| a.starts_with(&h4)).count() >= 3, "not spread: {seen:?}");
+    // Host 4 goes away: every connection is still answered, by host 3's endpoint.
+    lab.stop_meshd(4);
+    let seen = answers(&lab);
+    assert!(seen.iter().all(|a| a.starts_with(&h3)), "a failed endpoint was not skipped: {seen:?}");
+}

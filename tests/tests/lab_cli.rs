@@ -42,7 +42,13 @@ fn lab_up_exec_status_down() {
     }
     let _down = Down(down);
     assert!(up.status.success(), "lab up failed:\n{text}");
-    assert!(text.contains("checks: 14 passed, 0 failed"), "{text}");
+    assert!(text.contains("checks: 19 passed, 0 failed"), "{text}");
+    // The way in and the way out, from and to a namespace outside the cluster.
+    assert!(text.contains("outside `internet` at 10.77.0.250"), "{text}");
+    assert!(text.contains("ok    the outside reads web's published page"), "{text}");
+    assert!(text.contains("ok    the outside may not read what no ingress rule names"), "{text}");
+    assert!(text.contains("ok    web reaches the partner outside the mesh"), "{text}");
+    assert!(text.contains("ok    api may not leave the mesh"), "{text}");
     assert!(
         text.contains("network back created: 10.20.0.0/24") && text.contains("encrypted, wireguard"),
         "{text}"

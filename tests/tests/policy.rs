@@ -49,7 +49,7 @@ async fn each_node_receives_only_the_rules_for_the_services_it_hosts() {
     let (cluster, nodes) = cluster_with_services().await;
     let mut admin = cluster.admin().await;
     let applied = admin.apply_policy("examples/policy.toml", EXAMPLE).await.unwrap();
-    assert_eq!((applied.version, applied.rules), (1, 5));
+    assert_eq!((applied.version, applied.rules), (1, 7));
 
     let api_node = nodes[0].wait_for("the policy", |s| s.policy.is_some()).await;
     let mut api_rules = rule_names(&api_node.policy.unwrap().text);
@@ -61,8 +61,8 @@ async fn each_node_receives_only_the_rules_for_the_services_it_hosts() {
     let web_node = nodes[1].wait_for("the policy", |s| s.policy.is_some()).await;
     assert_eq!(
         rule_names(&web_node.policy.unwrap().text),
-        ["api-uses-db"],
-        "db is on this node, web has no rules"
+        ["api-uses-db", "public-reads-web", "web-calls-partner"],
+        "db and web are on this node: the rules to them, and web's way out"
     );
     // For DNS that shows only what the policy may let a workload reach.
     let reach = |slice: &mesh_api::slice::NodeSlice, service: &str| -> Vec<String> {
@@ -77,7 +77,14 @@ async fn each_node_receives_only_the_rules_for_the_services_it_hosts() {
     assert!(rule_names(&empty.policy.unwrap().text).is_empty());
     for slice in nodes[2].slices() {
         let text = slice.policy.map(|p| p.text).unwrap_or_default();
-        for name in ["web-reads-items", "admins-change-items", "api-uses-db", "x-role", "/v1/items"] {
+        for name in [
+            "web-reads-items",
+            "admins-change-items",
+            "api-uses-db",
+            "web-calls-partner",
+            "x-role",
+            "/v1/items",
+        ] {
             assert!(!text.contains(name), "{name} reached a node without endpoints: {text}");
         }
     }

@@ -20,7 +20,7 @@ fn example() -> String {
 fn policy_test_runs_the_files_tests_without_a_cluster() {
     let (ok, out) = meshctl(&["policy", "test", &example()]);
     assert!(ok, "{out}");
-    assert!(out.contains("5 rule(s), 5 test(s), 5 passed, 0 failed"), "{out}");
+    assert!(out.contains("7 rule(s), 9 test(s), 9 passed, 0 failed"), "{out}");
 
     let dir = tempfile::tempdir().unwrap();
     let failing = dir.path().join("bad.toml");

@@ -159,6 +159,19 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let s = |p: &Path| p.to_string_lossy().into_owned();
 
     step(&format!("Applying {}", options.spec.display()));
+    // Outside namespaces first: their servers are up when the checks start.
+    let mut outside = BTreeMap::new();
+    for (index, o) in (0u32..).zip(&spec.outside) {
+        let ns = lab.add_outside_at(&o.name, index, o.address)?;
+        if let Some(c) = &o.command {
+            lab.start_outside(&ns, &c.replace("{spec_dir}", &spec_dir.to_string_lossy()))?;
+        }
+        println!(
+            "  outside `{}` at {} (namespace {ns}), on the underlay bridge, in no cluster",
+            o.name, o.address
+        );
+        outside.insert(o.name.clone(), ns);
+    }
     for n in &spec.networks {
         let mut args = vec!["network", "create", &n.name, "--subnet", &n.subnet];
         if n.unencrypted {
@@ -178,6 +191,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         }
         for p in &svc.ports {
             args.extend(["--port".into(), p.clone()]);
+        }
+        for p in &svc.publish {
+            args.extend(["--publish".into(), p.clone()]);
         }
         if let Some(c) = &svc.command {
             args.extend(["--command".into(), c.replace("{spec_dir}", &spec_dir.to_string_lossy())]);
@@ -216,11 +232,18 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     }
     // The answer to check `c`: the first requests may race the workloads' start, so a few tries
     // for an expected answer.
+    let url = |c: &CheckSpec| {
+        (1..=hosts).fold(c.url.clone(), |u, i| u.replace(&format!("{{h{i}}}"), &t.addr(i).to_string()))
+    };
     let answer = |c: &CheckSpec| {
-        workload(&lab, &c.from).ok().map(|ns| {
+        let from = match outside.get(&c.from) {
+            Some(ns) => Ok(ns.clone()),
+            None => workload(&lab, &c.from),
+        };
+        from.ok().map(|ns| {
             let mut last = 0;
             wait(Duration::from_secs(if c.expect == 0 { 1 } else { 10 }), || {
-                last = http(&lab, &ns, c);
+                last = http(&lab, &ns, c, &url(c));
                 last == c.expect
             });
             last
@@ -234,7 +257,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             None => "no workload".to_owned(),
         };
         check(
-            &format!("{}: {} {} from {} -> {shown}", c.name, c.method, c.url, c.from),
+            &format!("{}: {} {} from {} -> {shown}", c.name, c.method, url(c), c.from),
             got == Some(c.expect),
         );
     }
@@ -393,13 +416,13 @@ fn failover(lab: &mut Lab, pair: Option<&(String, String, String)>) -> anyhow::R
 }
 
 /// Runs `check`'s request with curl in `ns`; the status, 0 for no answer.
-fn http(lab: &Lab, ns: &str, check: &CheckSpec) -> u16 {
+fn http(lab: &Lab, ns: &str, check: &CheckSpec, url: &str) -> u16 {
     let mut cmd = lab
         .exec(ns, &["curl", "-s", "-o", "/dev/null", "-m", "3", "-w", "%{http_code}", "-X", &check.method]);
     for h in &check.headers {
         cmd.args(["-H", h]);
     }
-    cmd.arg(&check.url);
+    cmd.arg(url);
     cmd.output().ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(0)
 }
 

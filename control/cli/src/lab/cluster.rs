@@ -103,16 +103,53 @@ impl Lab {
     /// a server on the internet. Named `PREFIX-NAME`, at the `index`-th address from the top of
     /// the underlay subnet; removed with the lab. Returns its name and address.
     pub fn add_outside(&self, name: &str, index: u32) -> Result<(String, std::net::Ipv4Addr), LabError> {
+        let address = std::net::Ipv4Addr::from(u32::from(self.topology().subnet.broadcast()) - 1 - index);
+        let ns = self.add_outside_at(name, index, address)?;
+        Ok((ns, address))
+    }
+
+    /// [`Self::add_outside`] at `address`, which must be one of the underlay subnet's that no
+    /// host holds; `index` names its link on the bridge (one per outside namespace). Returns its
+    /// name.
+    pub fn add_outside_at(
+        &self,
+        name: &str,
+        index: u32,
+        address: std::net::Ipv4Addr,
+    ) -> Result<String, LabError> {
         let t = self.topology();
         let (ns, br, veth) = (format!("{}-{name}", t.prefix), t.bridge(), format!("o{index}"));
-        let address = std::net::Ipv4Addr::from(u32::from(t.subnet.broadcast()) - 1 - index);
+        let subnet = t.subnet;
+        if !subnet.contains(&address) || address == subnet.network() || address == subnet.broadcast() {
+            return Err(LabError::Topology(format!(
+                "outside `{name}`: {address} is not a host address of the lab's underlay {subnet}"
+            )));
+        }
+        if let Some(i) = (1..=t.hosts).find(|i| t.addr(*i) == address) {
+            return Err(LabError::Topology(format!(
+                "outside `{name}`: {address} is {}'s address",
+                t.host(i)
+            )));
+        }
         ip(&["netns", "add", &ns])?;
         ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &veth, "netns", &br])?;
         ip(&["-n", &br, "link", "set", &veth, "master", "br0", "up"])?;
         ip(&["-n", &ns, "addr", "add", &format!("{address}/{}", t.subnet.prefix_len()), "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        Ok((ns, address))
+        Ok(ns)
+    }
+
+    /// Starts `sh -c COMMAND` in outside namespace `ns` (made by [`Self::add_outside`]), logging
+    /// to `outside-NAME.log` in the lab's directory; it goes with the namespace.
+    pub fn start_outside(&self, ns: &str, command: &str) -> Result<(), LabError> {
+        let t = self.topology();
+        let log = t.dir.join(format!("outside-{}.log", ns.trim_start_matches(&format!("{}-", t.prefix))));
+        let args = ["-c".to_owned(), command.to_owned()];
+        let child = spawn(ns, Path::new("/bin/sh"), &args, &log, t.persistent)?;
+        // Not a recorded process: removing the namespace kills it.
+        drop(child);
+        Ok(())
     }
 
     /// `mesh-control init` on host 1 (the cluster, its CA, tokens and admin bundle); what it

@@ -14,8 +14,23 @@ pub(super) struct Spec {
     pub(super) services: Vec<ServiceSpec>,
     /// A policy file, relative to the spec.
     pub(super) policy: Option<PathBuf>,
+    #[serde(default, rename = "outside")]
+    pub(super) outside: Vec<OutsideSpec>,
     #[serde(default, rename = "check")]
     pub(super) checks: Vec<CheckSpec>,
+}
+
+/// A namespace on the underlay bridge outside the cluster: a client of published ports, or a
+/// server on "the internet" for egress rules to name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OutsideSpec {
+    /// `PREFIX-NAME`; a check's `from` may name it.
+    pub(super) name: String,
+    /// One of the underlay subnet's addresses that no host holds (the policy may name it).
+    pub(super) address: std::net::Ipv4Addr,
+    /// Run there with `sh -c` (`{spec_dir}` is the spec's directory).
+    pub(super) command: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +55,9 @@ pub(super) struct ServiceSpec {
     pub(super) replicas: u32,
     /// `{spec_dir}` is replaced by the spec's directory.
     pub(super) command: Option<String>,
+    /// As `service create --publish`: `[ingress:|host:]PUBLISHED:TARGET[/tcp|/http]`.
+    #[serde(default)]
+    pub(super) publish: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -51,8 +69,9 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 pub(super) struct CheckSpec {
     pub(super) name: String,
-    /// The calling service (its first endpoint's namespace).
+    /// The calling service (its first endpoint's namespace), or an outside namespace.
     pub(super) from: String,
+    /// `{h1}`, `{h2}`, ... are the hosts' underlay addresses (for published ports).
     pub(super) url: String,
     #[serde(default = "get")]
     pub(super) method: String,
@@ -77,6 +96,8 @@ mod tests {
         assert!(spec.networks.iter().any(|n| n.name == "front"));
         assert!(spec.services.iter().any(|s| s.name == "api" && s.command.is_some()));
         assert!(spec.checks.iter().any(|c| c.expect == 403));
+        assert!(spec.services.iter().any(|s| s.name == "web" && !s.publish.is_empty()));
+        assert!(spec.outside.iter().any(|o| spec.checks.iter().any(|c| c.from == o.name)));
     }
 
     #[test]
