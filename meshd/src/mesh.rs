@@ -116,6 +116,10 @@ pub struct View {
     /// (local service, target port) -> the nodes that publish it: the only ones admitted as
     /// `ingress` there.
     ingress: HashMap<(String, u16), HashSet<NodeId>>,
+    /// The cluster's own addresses outside the overlay (every node's underlay address this node
+    /// knows, and the managers') and the subnets of its networks: never a way out of the mesh.
+    cluster_addresses: HashSet<Ipv4Addr>,
+    subnets: Vec<ipnet::Ipv4Net>,
 }
 
 impl View {
@@ -129,7 +133,21 @@ impl View {
         let mut routes = HashMap::new();
         let mut hosts = HashSet::new();
         let mut networks_of: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut cluster_addresses: HashSet<Ipv4Addr> = slice
+            .managers
+            .iter()
+            .filter_map(|m| m.parse::<SocketAddr>().ok())
+            .filter_map(|m| match m.ip() {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
         for network in &slice.networks {
+            for peer in network.peers.iter() {
+                if let Some(SocketAddr::V4(underlay)) = peer.underlay {
+                    cluster_addresses.insert(*underlay.ip());
+                }
+            }
             let nodes: HashMap<Ipv4Addr, (&NodeId, Option<SocketAddr>)> =
                 network.peers.iter().map(|p| (p.address, (&p.node, p.underlay))).collect();
             for record in network.services.iter() {
@@ -165,6 +183,8 @@ impl View {
                 .iter()
                 .map(|a| ((a.service.clone(), a.target), a.nodes.iter().cloned().collect()))
                 .collect(),
+            cluster_addresses,
+            subnets: slice.networks.iter().map(|n| n.subnet).collect(),
         }
     }
 
@@ -217,6 +237,27 @@ impl View {
         match &self.engine {
             Some(engine) => engine.evaluate_egress(request),
             None => Decision { verdict: Action::Deny, rule: None, dry_run: Vec::new() },
+        }
+    }
+
+    /// Why `address` is never a destination outside the mesh, whatever the policy says: this
+    /// host, the cluster's nodes and managers, the mesh's own subnets, and addresses that are
+    /// nobody's on the internet (loopback, `0/8`, link-local with the clouds' metadata services,
+    /// multicast, `240/4` and broadcast). `None` for any other.
+    pub fn reserved(&self, address: Ipv4Addr) -> Option<&'static str> {
+        let [first, ..] = address.octets();
+        if address.is_loopback() || first == 0 {
+            Some("a loopback or unspecified address")
+        } else if address.is_link_local() {
+            Some("a link-local address (169.254/16: the clouds' metadata services)")
+        } else if address.is_multicast() || first >= 240 {
+            Some("a multicast, reserved or broadcast address")
+        } else if self.cluster_addresses.contains(&address) {
+            Some("an address of the cluster's own nodes or managers")
+        } else if self.subnets.iter().any(|n| n.contains(&address)) {
+            Some("an address of the mesh's own networks")
+        } else {
+            None
         }
     }
 

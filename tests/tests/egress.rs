@@ -49,6 +49,15 @@ from = ["web"]
 to = ["dns:api.example.test"]
 ports = [80]
 
+# The whole underlay, to meshd's and control's ports: its nodes' and managers' addresses are
+# never a way out all the same.
+[[rule]]
+name = "web-to-underlay"
+action = "allow"
+from = ["web"]
+to = ["cidr:10.99.0.0/24"]
+ports = [4800, 7400, 9480]
+
 [[rule]]
 name = "db-to-api"
 action = "allow"
@@ -235,4 +244,64 @@ fn only_what_a_rule_names_leaves_the_mesh_and_everything_else_is_dropped_and_cou
         "api.example.test",
     ]);
     assert!(named.contains("allow by rule `web-to-api`"), "{named}");
+
+    // The cluster's own addresses, this host's included, are never a way out, whatever a rule
+    // says: the mesh port, the control port, meshd's metrics on the host's address.
+    let reserved = || -> u64 {
+        lab.metrics(2, 9480)
+            .lines()
+            .filter(|l| {
+                l.starts_with("mesh_verdicts_total{")
+                    && l.contains("kind=\"egress\"")
+                    && l.contains("rule=\"reserved\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = reserved();
+    for (host, port) in [(2, 4800), (1, 7400), (2, 9480)] {
+        let probe = format!(
+            "import socket\ntry:\n  s=socket.create_connection(('{}',{port}),timeout=3)\n  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  print(s.recv(10) or b'closed')\nexcept Exception as e: print('error', e)\n",
+            lab.addr(host)
+        );
+        let out = lab.exec(&s.web, &["python3", "-c", &probe]).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("error") || said.contains("closed"), "host {host} port {port}: {said}");
+    }
+    assert!(reserved() >= before + 3, "the cluster's addresses were not refused as reserved");
+
+    // An open connection is cut once the policy no longer allows it.
+    let hold = format!(
+        "import socket,sys\ns=socket.create_connection(('{}',80),timeout=5)\nq=b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'\n\
+         s.sendall(q); print('open' if s.recv(4096) else 'closed', flush=True)\nsys.stdin.readline()\n\
+         try:\n  s.sendall(q); print('answered' if s.recv(4096) else 'closed', flush=True)\n\
+         except Exception as e: print('closed', e, flush=True)\n",
+        s.partner
+    );
+    let mut held = lab
+        .exec(&s.web, &["python3", "-c", &hold])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    let denying = policy(&s)
+        .replace(
+            "name = \"web-to-partner\"\naction = \"allow\"",
+            "name = \"web-to-partner\"\naction = \"deny\"",
+        )
+        .replace("expect = \"allow\"", "expect = \"deny\"");
+    lab.apply_policy(&denying);
+    lab.wait("a new connection to the partner to be denied", || {
+        get(&s, &s.web, &format!("http://{}/", s.partner)).is_none()
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert!(line.starts_with("closed"), "the open connection was not cut: {line}");
+    held.wait().unwrap();
 }

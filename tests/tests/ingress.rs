@@ -295,6 +295,16 @@ fn a_published_port_answers_from_outside_only_as_the_policy_allows_ingress() {
         "x-mesh-client-id: spiffe://forged/svc/admin",
         "-H",
         "x-mesh-ingress-client: 203.0.113.69:1",
+        // Spellings a CGI or WSGI server reads as the real ones (`_` as `-`), a header of its
+        // own, and a `Connection` that would have a proxy behind the workload drop the mesh's.
+        "-H",
+        "x_forwarded_for: 203.0.113.70",
+        "-H",
+        "x_mesh_client_id: spiffe://forged/svc/admin",
+        "-H",
+        "x-real-ip: 203.0.113.71",
+        "-H",
+        "connection: keep-alive, x-forwarded-for, X_Mesh_Client_Id",
     ];
     for i in [2, 4] {
         let (status, body) = curl(&s, i, HTTP, &forged, "/public/client");
@@ -339,6 +349,42 @@ fn a_published_port_answers_from_outside_only_as_the_policy_allows_ingress() {
     let refused = lab.meshctl_output(&["service", "update", "api", "--publish-add", "9000:80/tcp"]);
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && why.contains("port 80 is `http`"), "{why}");
+
+    // A flood from one client: 256 connections held, the next one closed at once; the others'
+    // clients are served meanwhile, and the flood's own once it lets go.
+    let flood = format!(
+        "import socket,sys\nheld=[socket.create_connection(('{a}',{TCP}),timeout=5) for _ in range(256)]\n\
+         for h in held: h.sendall(b'x'); h.recv(1)\n\
+         s=socket.create_connection(('{a}',{TCP}),timeout=5)\n\
+         try: print(s.recv(10).decode() or 'closed', flush=True)\nexcept Exception as e: print('error', e, flush=True)\n\
+         sys.stdin.readline()\n",
+        a = lab.addr(2)
+    );
+    let mut flooding = lab
+        .exec(&s.outside, &["python3", "-c", &flood])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(flooding.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "closed", "the 257th connection from one client");
+    let (other, _) = lab.add_outside("other", 3).expect("a second client");
+    let other_tcp = format!(
+        "import socket\ns=socket.create_connection(('{}',{TCP}),timeout=3)\ns.sendall(b'hi')\nprint(s.recv(10).decode())\n",
+        lab.addr(2)
+    );
+    let out = lab.exec(&other, &["python3", "-c", &other_tcp]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi", "another client during the flood");
+    drop(flooding.stdin.take());
+    flooding.wait().unwrap();
+    lab.wait("the flooding client to be served again", || tcp(&s, 2, TCP, "back") == "back");
+    let counted = lab.metrics(2, 9480);
+    assert!(
+        counted.lines().any(|l| l.starts_with("mesh_ingress_connections_total{outcome=\"over_quota\"}")),
+        "{counted}"
+    );
 }
 
 #[test]

@@ -17,7 +17,10 @@
 //! source: a source NAT) and carries the bytes. Denied connections are closed and counted; other
 //! packets to outside addresses reach the tun device, where the overlay drops and counts them
 //! (`no_route`). Names are resolved here with the host's resolvers and again when their answers
-//! expire, so a changed answer is followed.
+//! expire, so a changed answer is followed. An open connection is decided again twice a second
+//! and cut when no longer allowed. Some destinations never are, whatever a rule or a name's
+//! answer says: this host's addresses, the cluster's nodes and managers, the mesh's subnets,
+//! loopback, link-local (the clouds' metadata services), multicast and reserved addresses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -41,6 +44,8 @@ const MIN_REFRESH: Duration = Duration::from_secs(2);
 const MAX_REFRESH: Duration = Duration::from_secs(300);
 /// Longest wait for a connection to an outside destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an open connection is decided again (a new policy, a name's new answers).
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// The current answers of every name a `dns:` rule in force names.
 #[derive(Default)]
@@ -100,6 +105,8 @@ impl Names {
                     }
                 };
                 due.insert(name.clone(), now + next);
+                // In force at once: an expired answer does not wait for the other names' lookups.
+                self.answers.store(Arc::new(answers.clone()));
             }
             self.answers.store(Arc::new(answers));
             let soonest = due.values().min().copied().unwrap_or(now + MAX_REFRESH);
@@ -132,25 +139,49 @@ pub async fn accept(mesh: Arc<Mesh>, caller: Arc<Caller>, listener: TcpListener)
     }
 }
 
-/// Decides on one connection to `to`; if allowed, opens it from the host and carries its bytes.
-async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, to: SocketAddrV4, mut stream: TcpStream) {
+/// Whether a connection from `caller` to `to` may leave the mesh now: `Ok` with the rule that
+/// lets it, or `Err` with the rule (or `reserved`, `default`) and why not. A reserved destination
+/// never may; else the policy decides, with the names whose current answers hold the address.
+fn decide(mesh: &Mesh, caller: &Caller, to: SocketAddrV4) -> Result<String, (String, String)> {
+    let view = mesh.view.load();
+    let reserved =
+        view.reserved(*to.ip()).or_else(|| this_host(*to.ip()).then_some("an address of this host"));
+    if let Some(why) = reserved {
+        return Err(("reserved".to_owned(), format!("{to} is {why}: never a way out of the mesh")));
+    }
     let names = mesh.egress.of(*to.ip());
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let request =
         policy::EgressRequest { from: &caller.service, address: *to.ip(), port: to.port(), names: &names };
-    let decision = mesh.view.load().decide_egress(&request);
-    let verdict = if decision.allowed() { "allow" } else { "deny" };
+    let decision = view.decide_egress(&request);
+    let rule = decision.rule.as_ref().map_or_else(|| "default".to_owned(), |r| r.name.to_string());
+    if decision.allowed() { Ok(rule) } else { Err((rule, decision.reason())) }
+}
+
+/// Whether `address` is one of this host's own (its namespace's interfaces).
+fn this_host(address: Ipv4Addr) -> bool {
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut all| {
+        all.any(|i| i.address.and_then(|a| a.as_sockaddr_in().map(|a| a.ip())) == Some(address))
+    })
+}
+
+/// Decides on one connection to `to`; if allowed, opens it from the host and carries its bytes
+/// for as long as it stays allowed (a new policy or a name's new answers cut it).
+async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, to: SocketAddrV4, mut stream: TcpStream) {
+    let decided = decide(&mesh, &caller, to);
     let labels = Verdict {
         source: caller.service.clone(),
         destination: "egress".to_owned(),
         port: to.port(),
         kind: "egress",
-        verdict,
-        rule: decision.rule.as_ref().map_or_else(|| "default".to_owned(), |r| r.name.to_string()),
+        verdict: if decided.is_ok() { "allow" } else { "deny" },
+        rule: match &decided {
+            Ok(rule) | Err((rule, _)) => rule.clone(),
+        },
     };
     mesh.metrics.verdicts.get_or_create(&labels).inc();
-    if !decision.allowed() {
-        info!(caller = %caller.endpoint, destination = %to, reason = %decision.reason(), "connection leaving the mesh denied");
+    if let Err((_, reason)) = decided {
+        info!(caller = %caller.endpoint, destination = %to, %reason, "connection leaving the mesh denied");
         // Reset, not closed: the workload learns at once that nothing is there for it.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         return;
@@ -168,7 +199,23 @@ async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, to: SocketAddrV4, mut str
         }
     };
     let _ = upstream.set_nodelay(true);
-    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-        mesh.metrics.bytes.get_or_create(&Direction { direction: "egress" }).inc_by(up + down);
+    let until_refused = async {
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            if let Err((_, reason)) = decide(&mesh, &caller, to) {
+                return reason;
+            }
+        }
+    };
+    tokio::select! {
+        relayed = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => {
+            if let Ok((up, down)) = relayed {
+                mesh.metrics.bytes.get_or_create(&Direction { direction: "egress" }).inc_by(up + down);
+            }
+        }
+        reason = until_refused => {
+            warn!(caller = %caller.endpoint, destination = %to, %reason, "an open connection leaving the mesh is no longer allowed: cut");
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
     }
 }

@@ -40,6 +40,42 @@ pub const REQUEST_ID: &str = "x-mesh-request-id";
 /// The header telling the workload who calls: the SPIFFE ID of the caller's certificate, as the
 /// mesh verified it. One sent by the caller is removed before the policy reads the request.
 pub const CLIENT_ID: &str = "x-mesh-client-id";
+/// What a published port's client may say of its own path: never passed on (the mesh sets
+/// `x-forwarded-for` itself).
+const EDGE_HEADERS: [&str; 4] = ["x-forwarded-for", "forwarded", "x-real-ip", super::ingress::INGRESS_CLIENT];
+
+/// Removes the headers a server could read as one of `names` (CGI and WSGI servers read `_` as
+/// `-`: `x_mesh_client_id` becomes `HTTP_X_MESH_CLIENT_ID` like the real one), and drops
+/// `names` from `Connection` (a proxy behind the workload would remove a header it names).
+fn strip_spellings(headers: &mut hyper::HeaderMap, names: &[&str]) {
+    let alike: Vec<hyper::header::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_') && names.contains(&k.as_str().replace('_', "-").as_str()))
+        .cloned()
+        .collect();
+    for name in alike {
+        headers.remove(name);
+    }
+    let connection = hyper::header::CONNECTION;
+    let named = |t: &str| names.iter().any(|n| t.trim().replace('_', "-").eq_ignore_ascii_case(n));
+    if headers.get_all(&connection).iter().any(|v| v.to_str().map_or(true, |v| v.split(',').any(named))) {
+        let kept: Vec<String> = headers
+            .get_all(&connection)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !named(t))
+            .map(str::to_owned)
+            .collect();
+        headers.remove(&connection);
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&kept.join(", "))
+            && !kept.is_empty()
+        {
+            headers.insert(connection, value);
+        }
+    }
+}
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -465,10 +501,14 @@ impl Tunnel {
             return response;
         }
         req.headers_mut().remove(CLIENT_ID);
+        strip_spellings(req.headers_mut(), &[CLIENT_ID]);
         if let Some(client) = &self.forwarded_for {
             // At the edge, what the client says of its own path is not kept: the workload (and
             // the policy) see the address the publishing node took the connection from.
-            req.headers_mut().remove("forwarded");
+            for name in EDGE_HEADERS {
+                req.headers_mut().remove(name);
+            }
+            strip_spellings(req.headers_mut(), &EDGE_HEADERS);
             req.headers_mut().insert("x-forwarded-for", client.clone());
         }
         // The one canonical request the policy decides on and the workload is sent; a request

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
+use mesh_api::accept::{Admission, Permit, Quota};
 use mesh_api::slice::PublishedPort;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -49,7 +50,13 @@ pub struct Ingress {
     /// Where published ports are bound (all of the host's addresses, in production).
     address: Ipv4Addr,
     ports: Mutex<BTreeMap<u16, Port>>,
+    /// The connections every published port of this node holds, in all and per client address.
+    admission: Arc<Admission>,
 }
+
+/// Connections held through published ports: in all (each is a file descriptor here and a
+/// stream to an endpoint), and from one client address.
+const CONNECTIONS: Quota = Quota { total: 4096, per_source: 256 };
 
 struct Port {
     service: String,
@@ -71,7 +78,14 @@ impl Ingress {
         endpoints: Arc<Endpoints>,
         address: Ipv4Addr,
     ) -> Arc<Ingress> {
-        Arc::new(Ingress { mesh, node, endpoints, address, ports: Mutex::new(BTreeMap::new()) })
+        Arc::new(Ingress {
+            mesh,
+            node,
+            endpoints,
+            address,
+            ports: Mutex::new(BTreeMap::new()),
+            admission: Admission::new(CONNECTIONS),
+        })
     }
 
     /// Publishes exactly `wanted`: new ports are bound, gone ones closed (their open
@@ -132,6 +146,7 @@ impl Ingress {
                     }
                     let accepting = accept(
                         self.mesh.clone(),
+                        self.admission.clone(),
                         self.node.clone(),
                         listener,
                         held.service.clone(),
@@ -173,6 +188,7 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept(
     mesh: Arc<Mesh>,
+    admission: Arc<Admission>,
     node: watch::Receiver<Arc<NodeIdentity>>,
     listener: TcpListener,
     service: String,
@@ -183,6 +199,11 @@ async fn accept(
         match listener.accept().await {
             Ok((stream, client)) => {
                 backoff.reset();
+                let Some(permit) = admission.admit(client.ip()) else {
+                    mesh_api::accept::refused("too many connections through published ports", client);
+                    mesh.metrics.ingress.get_or_create(&Outcome { outcome: "over_quota" }).inc();
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let identity = {
                     let node = node.borrow();
@@ -195,6 +216,7 @@ async fn accept(
                     route.load_full(),
                     client,
                     stream,
+                    permit,
                 ));
             }
             Err(e) => backoff.wait("a published port", &e).await,
@@ -211,6 +233,7 @@ async fn forward(
     published: Arc<Leads>,
     client: SocketAddr,
     mut stream: TcpStream,
+    _permit: Permit,
 ) {
     let outcome = |o: &'static str| mesh.metrics.ingress.get_or_create(&Outcome { outcome: o }).inc();
     let route = &published.route;

@@ -117,7 +117,9 @@ async fn answer(name: &str, mut req: Request<Incoming>) -> Response<Frames> {
     }
     if req.uri().path().ends_with("/client") {
         // Who the mesh says calls, and from where: every value of each header, one a line.
-        let lines: String = ["x-mesh-client-id", "x-forwarded-for", "forwarded"]
+        // And any header a CGI server would read as one of those (`_` as `-`), `x-real-ip`,
+        // and a `Connection` naming them.
+        let mut lines: String = ["x-mesh-client-id", "x-forwarded-for", "forwarded"]
             .iter()
             .flat_map(|name| {
                 req.headers()
@@ -126,6 +128,14 @@ async fn answer(name: &str, mut req: Request<Incoming>) -> Response<Frames> {
                     .map(move |v| format!("{name}: {}\n", String::from_utf8_lossy(v.as_bytes())))
             })
             .collect();
+        for (name, v) in req.headers() {
+            let alike = name.as_str().contains('_') || name == "x-real-ip";
+            let connection = name == "connection"
+                && v.to_str().is_ok_and(|v| v.contains("forward") || v.to_ascii_lowercase().contains("mesh"));
+            if alike || connection {
+                lines.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+        }
         return Response::new(Frames(VecDeque::from([Frame::data(Bytes::from(lines))])));
     }
     let target = req.uri().path_and_query().map_or("", |p| p.as_str());
