@@ -109,6 +109,12 @@ fn lab_up_exec_status_down() {
         .unwrap();
     assert!(String::from_utf8_lossy(&piped.stdout).starts_with("lab in "), "{piped:?}");
     assert!(!String::from_utf8_lossy(&piped.stderr).contains("panicked"), "{piped:?}");
+    // From the outside namespace, by its name: web's published page.
+    let outside = meshctl()
+        .args(["lab", "exec", "--dir", state, "internet", "--", "curl", "-s", "http://10.77.0.12:8080/"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&outside.stdout), "web GET /\n", "{outside:?}");
     let status = meshctl().args(["lab", "exec", "--dir", state, "h1", "--", "false"]).status().unwrap();
     assert_eq!(status.code(), Some(1), "exec passes the command's exit status on");
 

@@ -47,11 +47,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an open connection is decided again (a new policy, a name's new answers).
 const RECHECK: Duration = Duration::from_millis(500);
 
-/// The current answers of every name a `dns:` rule in force names.
+/// The current answers of every name a `dns:` rule in force names (and this host's own
+/// addresses, never a way out).
 #[derive(Default)]
 pub struct Names {
     answers: ArcSwap<BTreeMap<String, Vec<Ipv4Addr>>>,
     wanted: watch::Sender<BTreeSet<String>>,
+    /// This host's addresses, and when they were read: again at most once a second.
+    host: std::sync::Mutex<Option<(Instant, Vec<Ipv4Addr>)>>,
 }
 
 impl Names {
@@ -67,6 +70,19 @@ impl Names {
     /// The names whose current answers hold `address`.
     pub fn of(&self, address: Ipv4Addr) -> Vec<String> {
         self.answers.load().iter().filter(|(_, a)| a.contains(&address)).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Whether `address` is one of this host's (its namespace's interfaces'), as read within
+    /// the last second.
+    fn is_this_host(&self, address: Ipv4Addr) -> bool {
+        let mut host = self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if host.as_ref().is_none_or(|(read, _)| read.elapsed() >= Duration::from_secs(1)) {
+            let addresses = nix::ifaddrs::getifaddrs()
+                .map(|all| all.filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip())).collect())
+                .unwrap_or_default();
+            *host = Some((Instant::now(), addresses));
+        }
+        host.as_ref().is_some_and(|(_, addresses)| addresses.contains(&address))
     }
 
     /// The current answers of `name`.
@@ -144,8 +160,9 @@ pub async fn accept(mesh: Arc<Mesh>, caller: Arc<Caller>, listener: TcpListener)
 /// never may; else the policy decides, with the names whose current answers hold the address.
 fn decide(mesh: &Mesh, caller: &Caller, to: SocketAddrV4) -> Result<String, (String, String)> {
     let view = mesh.view.load();
-    let reserved =
-        view.reserved(*to.ip()).or_else(|| this_host(*to.ip()).then_some("an address of this host"));
+    let reserved = view
+        .reserved(*to.ip())
+        .or_else(|| mesh.egress.is_this_host(*to.ip()).then_some("an address of this host"));
     if let Some(why) = reserved {
         return Err(("reserved".to_owned(), format!("{to} is {why}: never a way out of the mesh")));
     }
@@ -156,13 +173,6 @@ fn decide(mesh: &Mesh, caller: &Caller, to: SocketAddrV4) -> Result<String, (Str
     let decision = view.decide_egress(&request);
     let rule = decision.rule.as_ref().map_or_else(|| "default".to_owned(), |r| r.name.to_string());
     if decision.allowed() { Ok(rule) } else { Err((rule, decision.reason())) }
-}
-
-/// Whether `address` is one of this host's own (its namespace's interfaces).
-fn this_host(address: Ipv4Addr) -> bool {
-    nix::ifaddrs::getifaddrs().is_ok_and(|mut all| {
-        all.any(|i| i.address.and_then(|a| a.as_sockaddr_in().map(|a| a.ip())) == Some(address))
-    })
 }
 
 /// Decides on one connection to `to`; if allowed, opens it from the host and carries its bytes

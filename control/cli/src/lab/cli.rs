@@ -321,6 +321,13 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     println!("  the lab is running; state in {}", dir.display());
     println!("  try:   meshctl lab exec h1 -- meshctl node ls");
     println!("         meshctl lab exec h2/<service> -- curl -s http://<service>/");
+    for o in &spec.outside {
+        println!(
+            "         meshctl lab exec {} -- curl -s http://{}:PORT/   # a published port, from outside",
+            o.name,
+            t.addr(2)
+        );
+    }
     println!("  stop:  meshctl lab down");
     ensure!(failed == 0, "{failed} check(s) failed");
     Ok(())
@@ -477,11 +484,15 @@ pub fn exec(dir: &Path, target: &str, command: &[String]) -> anyhow::Result<i32>
         Some((h, s)) => (h, Some(s)),
         None => (target, None),
     };
-    let i: usize = h
-        .strip_prefix('h')
-        .and_then(|n| n.parse().ok())
-        .filter(|i| (1..=lab.hosts()).contains(i))
-        .with_context(|| format!("`{h}` is not a host of the lab (h1..h{})", lab.hosts()))?;
+    // An outside namespace of the spec (`internet`), by its name.
+    let outside = format!("{}-{h}", lab.prefix());
+    let host = h.strip_prefix('h').and_then(|n| n.parse().ok()).filter(|i| (1..=lab.hosts()).contains(i));
+    if host.is_none() && service.is_none() && lab.namespaces().contains(&outside) {
+        return run_in(&lab, &outside, command);
+    }
+    let i: usize = host.with_context(|| {
+        format!("`{h}` is not a host of the lab (h1..h{}) nor one of its outside namespaces", lab.hosts())
+    })?;
     let ns = match service {
         None => lab.host(i),
         Some(s) => {
@@ -492,8 +503,13 @@ pub fn exec(dir: &Path, target: &str, command: &[String]) -> anyhow::Result<i32>
                 .with_context(|| format!("no endpoint of `{s}` on {h}"))?
         }
     };
+    run_in(&lab, &ns, command)
+}
+
+/// Runs `command` in namespace `ns`, with the lab's binaries first on its path; its exit code.
+fn run_in(lab: &Lab, ns: &str, command: &[String]) -> anyhow::Result<i32> {
     let status = Command::new("ip")
-        .args(["netns", "exec", &ns])
+        .args(["netns", "exec", ns])
         .args(command)
         .env("MESHCTL_ADMIN", lab.admin_dir())
         .env("PATH", format!("{}:{}", lab.bin().display(), std::env::var("PATH").unwrap_or_default()))
