@@ -43,6 +43,20 @@ pub enum AgentError {
 const RENEWALS_QUEUED: usize = 4;
 
 /// Runs the agent until an unrecoverable error: renewal, the session, the data plane, status.
+/// Raises this process's limit of open files to the most it may have: each proxied connection
+/// holds two (the workload's side and the mesh's, or the outside's), and a default soft limit
+/// of 1,024 would be reached long before the quotas of the mesh port and published ports.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "open files limit raised"),
+            Err(e) => warn!(limit = soft, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) | Err(_) => {}
+    }
+}
+
 pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
     // Caught from here on: a stop while it starts is kept for when it waits for one (and the
     // workloads are removed), never a kill.
@@ -67,6 +81,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), AgentError> {
         spec_key = %node.spec_key.map_or("none pinned: any command control sends runs".to_owned(), |k| k.to_string()),
         "configuration"
     );
+    raise_open_files();
     let (node_published, node_certificate) = watch::channel(node.clone());
     let node_certificate_now = node_certificate.clone();
     let (renew_now, renew_requests) = mpsc::channel(RENEWALS_QUEUED);

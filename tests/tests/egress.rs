@@ -270,6 +270,33 @@ fn only_what_a_rule_names_leaves_the_mesh_and_everything_else_is_dropped_and_cou
     }
     assert!(reserved() >= before + 3, "the cluster's addresses were not refused as reserved");
 
+    // A workload holds at most 1,024 connections leaving the mesh: the next one is closed at
+    // once, and counted.
+    let flood = format!(
+        "import resource,socket\nsoft,hard=resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE,(hard,hard))\nq=b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'\n\
+         held=[]\nfor _ in range(1024):\n  c=socket.create_connection(('{}',80),timeout=5); c.sendall(q); assert c.recv(4096); held.append(c)\n\
+         s=socket.create_connection(('{}',80),timeout=5)\n\
+         try: print(s.recv(10).decode() or 'closed', flush=True)\nexcept Exception as e: print('error', e, flush=True)\n",
+        s.partner, s.partner
+    );
+    let out = lab.exec(&s.web, &["python3", "-c", &flood]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "closed",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lab.metrics(2, 9480).lines().any(|l| l.starts_with("mesh_verdicts_total{")
+            && l.contains("rule=\"over_quota\"")
+            && l.contains("source=\"web\"")),
+        "the 1,025th connection was not counted"
+    );
+    lab.wait("web's connections to be let go", || {
+        get(&s, &s.web, &format!("http://{}/", s.partner)).is_some()
+    });
+
     // An open connection is cut once the policy no longer allows it.
     let hold = format!(
         "import socket,sys\ns=socket.create_connection(('{}',80),timeout=5)\nq=b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'\n\

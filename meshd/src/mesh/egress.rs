@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use mesh_api::accept::{Admission, Permit, Quota};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -44,6 +45,8 @@ const MIN_REFRESH: Duration = Duration::from_secs(2);
 const MAX_REFRESH: Duration = Duration::from_secs(300);
 /// Longest wait for a connection to an outside destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections leaving the mesh that one workload may hold open at once.
+const OPEN_PER_WORKLOAD: Quota = Quota { total: 1024, per_source: 1024 };
 /// How often an open connection is decided again (a new policy, a name's new answers).
 const RECHECK: Duration = Duration::from_millis(500);
 
@@ -137,13 +140,27 @@ impl Names {
 /// Takes a workload's connections leaving the mesh, until the task is aborted.
 pub async fn accept(mesh: Arc<Mesh>, caller: Arc<Caller>, listener: TcpListener) {
     let mut backoff = mesh_api::accept::AcceptBackoff::default();
+    let admission = Admission::new(OPEN_PER_WORKLOAD);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, from)) => {
                 backoff.reset();
+                let Some(permit) = admission.admit(from.ip()) else {
+                    mesh_api::accept::refused("a workload holds too many connections leaving the mesh", from);
+                    let labels = Verdict {
+                        source: caller.service.clone(),
+                        destination: "egress".to_owned(),
+                        port: 0,
+                        kind: "egress",
+                        verdict: "deny",
+                        rule: "over_quota".to_owned(),
+                    };
+                    mesh.metrics.verdicts.get_or_create(&labels).inc();
+                    continue;
+                };
                 match super::outbound::original_destination(&stream) {
                     Ok(to) => {
-                        tokio::spawn(forward(mesh.clone(), caller.clone(), to, stream));
+                        tokio::spawn(forward(mesh.clone(), caller.clone(), to, stream, permit));
                     }
                     Err(e) => {
                         debug!(caller = %caller.endpoint, error = %e, "a connection without its destination; closed")
@@ -177,7 +194,13 @@ fn decide(mesh: &Mesh, caller: &Caller, to: SocketAddrV4) -> Result<String, (Str
 
 /// Decides on one connection to `to`; if allowed, opens it from the host and carries its bytes
 /// for as long as it stays allowed (a new policy or a name's new answers cut it).
-async fn forward(mesh: Arc<Mesh>, caller: Arc<Caller>, to: SocketAddrV4, mut stream: TcpStream) {
+async fn forward(
+    mesh: Arc<Mesh>,
+    caller: Arc<Caller>,
+    to: SocketAddrV4,
+    mut stream: TcpStream,
+    _permit: Permit,
+) {
     let decided = decide(&mesh, &caller, to);
     let labels = Verdict {
         source: caller.service.clone(),

@@ -34,6 +34,11 @@ async fn main() -> anyhow::Result<()> {
         (Some(m), Some(p)) => (m.as_str(), p),
         _ => anyhow::bail!(usage),
     };
+    // Floods of connections are tests' to make: as many open files as this process may have.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let listener = TcpListener::bind(("0.0.0.0", port)).await?;
     let name = args.get(3).cloned().unwrap_or_default();
     loop {
