@@ -101,7 +101,43 @@ impl Deref for Lab {
     }
 }
 
+/// A process in a namespace, talked to line by line: its stdin and its stdout, piped.
+pub struct Talker {
+    pub child: std::process::Child,
+    said: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// Starts `cmd` with its stdin and stdout piped.
+pub fn talk(mut cmd: std::process::Command) -> Talker {
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawned");
+    let said = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    Talker { child, said }
+}
+
+impl Talker {
+    /// Its next line, trimmed.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.said, &mut line).expect("a line");
+        line.trim().to_owned()
+    }
+
+    /// Writes `line` (and a newline) to it.
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, format!("{line}\n").as_bytes()).expect("written");
+    }
+}
+
 impl Lab {
+    /// Starts `args` in namespace `ns` with its stdin and stdout piped.
+    pub fn talk(&self, ns: &str, args: &[&str]) -> Talker {
+        talk(self.exec(ns, args))
+    }
     /// Starts a lab of `hosts` hosts: control in host 1, meshd joined and running in the others.
     pub fn start(hosts: usize) -> Lab {
         Lab::start_with(hosts, 1, &[])

@@ -12,7 +12,7 @@
 
 use std::sync::Mutex;
 
-use mesh_tests::lab::{Lab, script};
+use mesh_tests::lab::{Lab, script, talk};
 
 static ONE_LAB: Mutex<()> = Mutex::new(());
 
@@ -97,16 +97,11 @@ fn setup() -> Setup {
         }
         let zone = lab.dir().join("zone");
         std::fs::write(&zone, format!("api.example.test {}\n", extra[1])).unwrap();
-        let mut dns = lab
-            .exec(&ns, &["python3", &script("dns_server.py"), &own.to_string(), zone.to_str().unwrap()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(dns.stdout.take().unwrap()), &mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "listening");
-        servers.push(dns);
+        let mut dns = talk(
+            lab.exec(&ns, &["python3", &script("dns_server.py"), &own.to_string(), zone.to_str().unwrap()]),
+        );
+        assert_eq!(dns.line(), "listening");
+        servers.push(dns.child);
         for (port, name) in [("80", "inet"), ("81", "inet81")] {
             servers
                 .push(lab.exec(&ns, &[env!("CARGO_BIN_EXE_mesh-echo"), "http", port, name]).spawn().unwrap());
@@ -305,16 +300,8 @@ fn only_what_a_rule_names_leaves_the_mesh_and_everything_else_is_dropped_and_cou
          except Exception as e: print('closed', e, flush=True)\n",
         s.partner
     );
-    let mut held = lab
-        .exec(&s.web, &["python3", "-c", &hold])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
-    assert_eq!(line.trim(), "open");
+    let mut held = lab.talk(&s.web, &["python3", "-c", &hold]);
+    assert_eq!(held.line(), "open");
     let denying = policy(&s)
         .replace(
             "name = \"web-to-partner\"\naction = \"allow\"",
@@ -326,9 +313,8 @@ fn only_what_a_rule_names_leaves_the_mesh_and_everything_else_is_dropped_and_cou
         get(&s, &s.web, &format!("http://{}/", s.partner)).is_none()
     });
     std::thread::sleep(std::time::Duration::from_secs(1));
-    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"go\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    held.say("go");
+    let line = held.line();
     assert!(line.starts_with("closed"), "the open connection was not cut: {line}");
-    held.wait().unwrap();
+    held.child.wait().unwrap();
 }

@@ -99,16 +99,9 @@ fn setup(label: &[usize], block: Option<u16>) -> (Setup, Option<std::process::Ch
         let code = format!(
             "import socket,time\ns=socket.socket()\ns.bind(('0.0.0.0',{port}))\ns.listen()\nprint('bound',flush=True)\ntime.sleep(120)\n"
         );
-        let mut child = lab
-            .exec(&lab.host(4), &["python3", "-c", &code])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "bound");
-        child
+        let mut blocker = lab.talk(&lab.host(4), &["python3", "-c", &code]);
+        assert_eq!(blocker.line(), "bound");
+        blocker.child
     });
     lab.meshctl(&["network", "create", "front", "--subnet", "10.46.0.0/24"]);
     let web = format!("{e} tcp 7000 & exec {e} http 80 web", e = env!("CARGO_BIN_EXE_mesh-echo"));
@@ -360,16 +353,8 @@ fn a_published_port_answers_from_outside_only_as_the_policy_allows_ingress() {
          sys.stdin.readline()\n",
         a = lab.addr(2)
     );
-    let mut flooding = lab
-        .exec(&s.outside, &["python3", "-c", &flood])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(flooding.stdout.take().unwrap()), &mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "closed", "the 257th connection from one client");
+    let mut flooding = lab.talk(&s.outside, &["python3", "-c", &flood]);
+    assert_eq!(flooding.line(), "closed", "the 257th connection from one client");
     let (other, _) = lab.add_outside("other", 3).expect("a second client");
     let other_tcp = format!(
         "import socket\ns=socket.create_connection(('{}',{TCP}),timeout=3)\ns.sendall(b'hi')\nprint(s.recv(10).decode())\n",
@@ -377,8 +362,8 @@ fn a_published_port_answers_from_outside_only_as_the_policy_allows_ingress() {
     );
     let out = lab.exec(&other, &["python3", "-c", &other_tcp]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi", "another client during the flood");
-    drop(flooding.stdin.take());
-    flooding.wait().unwrap();
+    drop(flooding.child.stdin.take());
+    flooding.child.wait().unwrap();
     lab.wait("the flooding client to be served again", || tcp(&s, 2, TCP, "back") == "back");
     let counted = lab.metrics(2, 9480);
     assert!(
