@@ -398,6 +398,29 @@ fn narrow_bundle(admin_dir: &std::path::Path, status: &pb::CaStatusResponse) -> 
     Ok(())
 }
 
+/// The rotation's status, asked again on a new connection when the managers cut the one in use:
+/// the end of a rotation cuts every connection to them, so whoever watches it sees that cut.
+async fn ca_status_through_cuts(
+    client: &mut AdminClient,
+    admin_dir: &std::path::Path,
+) -> anyhow::Result<pb::CaStatusResponse> {
+    let mut failures = 0;
+    loop {
+        match client.ca_status().await {
+            Ok(status) => return Ok(status),
+            Err(e)
+                if failures < 10
+                    && matches!(e.code(), Some(tonic::Code::Unknown | tonic::Code::Unavailable)) =>
+            {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                *client = AdminClient::connect(&AdminBundle::load(admin_dir)?).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// `--external-ca cfssl=URL`: the URL.
 fn parse_external_ca(value: &str) -> Result<String, String> {
     value
@@ -421,7 +444,7 @@ pub async fn ca(
         unreachable!("only `cluster ca` comes here")
     };
     if !rotate {
-        let status = client.ca_status().await?;
+        let status = ca_status_through_cuts(client, admin_dir).await?;
         if !status.rotating {
             narrow_bundle(admin_dir, &status)?;
         }
@@ -468,20 +491,8 @@ pub async fn ca(
         return show_ca(&client.ca_status().await?, format);
     }
     let mut last = String::new();
-    let mut failures = 0;
     let status = loop {
-        // The end of the rotation cuts every connection to the managers: reconnect.
-        let status = match client.ca_status().await {
-            Ok(status) => status,
-            Err(_) if failures < 10 => {
-                failures += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                *client = AdminClient::connect(&AdminBundle::load(admin_dir)?).await?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        failures = 0;
+        let status = ca_status_through_cuts(client, admin_dir).await?;
         if !status.rotating {
             break status;
         }
